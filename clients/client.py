@@ -1,0 +1,130 @@
+"""A thin, typed client over the generated stubs. It never imports the server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from steering.v1 import steering_pb2 as pb
+from steering.v1 import steering_pb2_grpc as pb_grpc
+
+ScopeName = Literal["all", "generation_only"]
+_SCOPES = {"all": pb.SCOPE_ALL, "generation_only": pb.SCOPE_GENERATION_ONLY}
+FINISH_NAMES = {
+    pb.FINISH_REASON_UNSPECIFIED: None,
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_ABORT: "abort",
+}
+
+
+def _iv(sae: str, feature: int, mode: int, value: float, scope: ScopeName) -> pb.Intervention:
+    return pb.Intervention(sae=sae, feature=feature, mode=mode, value=value, scope=_SCOPES[scope])
+
+
+def clamp(sae: str, feature: int, value: float, scope: ScopeName = "all") -> pb.Intervention:
+    """Set feature ``feature`` of ``sae`` to ``value``."""
+    return _iv(sae, feature, pb.INTERVENTION_MODE_CLAMP, value, scope)
+
+
+def ablate(sae: str, feature: int, scope: ScopeName = "all") -> pb.Intervention:
+    """Set the feature to 0."""
+    return _iv(sae, feature, pb.INTERVENTION_MODE_ABLATE, 0.0, scope)
+
+
+def scale(sae: str, feature: int, factor: float, scope: ScopeName = "all") -> pb.Intervention:
+    """Multiply the feature by ``factor``."""
+    return _iv(sae, feature, pb.INTERVENTION_MODE_SCALE, factor, scope)
+
+
+def add(sae: str, feature: int, strength: float, scope: ScopeName = "all") -> pb.Intervention:
+    """Add ``strength`` times the feature's decoder direction."""
+    return _iv(sae, feature, pb.INTERVENTION_MODE_ADD, strength, scope)
+
+
+@dataclass
+class GenerationResult:
+    """A whole Generate stream, collected."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)  # generated ids only
+    prompt_token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    request_id: str = ""
+    usage: pb.Usage | None = None
+
+
+class SteeringClient:
+    """Blocking client. ``with SteeringClient("localhost:50051") as c: c.generate_text("hi")``."""
+
+    def __init__(self, target: str, *, timeout: float | None = None,
+                 channel: grpc.Channel | None = None) -> None:
+        self.channel = channel or grpc.insecure_channel(target)
+        self.stub = pb_grpc.SteeringServiceStub(self.channel)
+        self.timeout = timeout
+
+    def __enter__(self) -> SteeringClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    @staticmethod
+    def build_request(
+        prompt: str | Sequence[int], *, max_tokens: int | None = None,
+        temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+        seed: int | None = None, stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False, interventions: Sequence[pb.Intervention] = (),
+        request_id: str = "",
+    ) -> pb.GenerateRequest:
+        p = pb.Prompt(text=prompt) if isinstance(prompt, str) else pb.Prompt(
+            token_ids=pb.TokenIds(ids=list(prompt)))
+        s = pb.SamplingParams(stop=list(stop), stop_token_ids=list(stop_token_ids),
+                              ignore_eos=ignore_eos)
+        for name, v in (("max_tokens", max_tokens), ("temperature", temperature),
+                        ("top_p", top_p), ("top_k", top_k), ("seed", seed)):
+            if v is not None:
+                setattr(s, name, v)
+        return pb.GenerateRequest(prompt=p, sampling=s, interventions=list(interventions),
+                                  request_id=request_id)
+
+    def generate(self, prompt: str | Sequence[int], **kw) -> Iterator[pb.GenerateResponse]:
+        """Stream responses; cancel by calling ``.cancel()`` on the returned iterator."""
+        return self.stub.Generate(self.build_request(prompt, **kw), timeout=self.timeout)
+
+    def generate_text(self, prompt: str | Sequence[int], **kw) -> GenerationResult:
+        """Run a whole generation and collect it."""
+        return collect(self.generate(prompt, **kw))
+
+    def list_saes(self) -> list[pb.SAEInfo]:
+        return list(self.stub.ListSAEs(pb.ListSAEsRequest(), timeout=self.timeout).saes)
+
+    def model_info(self) -> pb.GetModelInfoResponse:
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
+
+    def health(self, service: str = "") -> str:
+        """``SERVING``, ``NOT_SERVING``, ... for ``service`` ("" = the whole server)."""
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
+def collect(stream: Iterator[pb.GenerateResponse]) -> GenerationResult:
+    out = GenerationResult()
+    for msg in stream:
+        out.request_id = msg.request_id
+        out.text += msg.text
+        out.token_ids.extend(msg.token_ids)
+        if msg.prompt_token_ids:
+            out.prompt_token_ids = list(msg.prompt_token_ids)
+        if msg.finish_reason:
+            out.finish_reason = FINISH_NAMES[msg.finish_reason]
+            out.usage = msg.usage
+    return out

@@ -1,0 +1,41 @@
+"""Domain errors. The server maps each class to one gRPC status code."""
+
+from __future__ import annotations
+
+
+class SteeringError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class InvalidRequestError(SteeringError, ValueError):
+    """A request field is malformed or out of range (gRPC INVALID_ARGUMENT).
+
+    ``field`` is the dotted path of the offending field, e.g. ``interventions[2].feature``.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.description = message
+
+
+class UnknownSAEError(SteeringError, LookupError):
+    """A request names an SAE the server does not serve (gRPC NOT_FOUND)."""
+
+    def __init__(self, field: str, sae_id: str, known: list[str]) -> None:
+        listed = ", ".join(sorted(known)) or "(none loaded)"
+        super().__init__(f"{field}: unknown SAE {sae_id!r}; loaded SAEs: {listed}")
+        self.field = field
+        self.sae_id = sae_id
+
+
+class ResourceLimitError(SteeringError):
+    """A server-side cap was hit (gRPC RESOURCE_EXHAUSTED)."""
+
+
+class SAEFormatError(SteeringError):
+    """An SAE directory cannot be loaded. The message names the file and the problem."""
+
+
+class UnsupportedModelError(SteeringError):
+    """The served model's architecture has no hook support (startup error)."""

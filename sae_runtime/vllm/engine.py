@@ -1,0 +1,79 @@
+"""Server-side engine construction: ``AsyncLLM`` with the worker extension, and requests."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from sae_runtime.interventions import EXTRA_ARGS_KEY, SteeringSpec
+from sae_runtime.vllm import compat
+
+log = logging.getLogger(__name__)
+
+WORKER_EXTENSION = "sae_runtime.vllm.worker.SteeringWorkerExtension"
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What the server passes to vLLM."""
+
+    model: str
+    saes: list[dict[str, Any]]  # [{"id", "path", "hook_name"}], in server order
+    max_interventions: int
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int | None = None
+    enforce_eager: bool = False
+    enable_prefix_caching: bool = True
+    seed: int = 0
+
+
+def build_engine(s: EngineSettings) -> Any:
+    """Start an AsyncLLM (engine core in its own process) with the SAE worker extension."""
+    args = compat.AsyncEngineArgs(
+        model=s.model,
+        tokenizer=s.model,
+        dtype=s.dtype,
+        max_model_len=s.max_model_len,
+        max_num_seqs=s.max_num_seqs,
+        max_num_batched_tokens=s.max_num_batched_tokens,
+        enforce_eager=s.enforce_eager,
+        enable_prefix_caching=s.enable_prefix_caching,
+        seed=s.seed,
+        worker_extension_cls=WORKER_EXTENSION,
+        additional_config={
+            "sae_steering": {"saes": s.saes, "max_interventions": s.max_interventions}
+        },
+        disable_log_stats=True,
+    )
+    return compat.AsyncLLM.from_engine_args(args)
+
+
+def make_prompt(token_ids: list[int], spec: SteeringSpec) -> Any:
+    """A token prompt; steered requests get a cache salt so their KV is never shared."""
+    salt = spec.cache_salt()
+    if salt is None:
+        return compat.TokensPrompt(prompt_token_ids=token_ids)
+    return compat.TokensPrompt(prompt_token_ids=token_ids, cache_salt=salt)
+
+
+def make_sampling_params(
+    *, max_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None,
+    stop: list[str], stop_token_ids: list[int], ignore_eos: bool,
+    spec: SteeringSpec, sae_index: dict[str, int],
+) -> Any:
+    extra = {EXTRA_ARGS_KEY: spec.to_wire(sae_index)} if spec.interventions else None
+    return compat.SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k if top_k > 0 else 0,
+        seed=seed,
+        stop=stop or None,
+        stop_token_ids=stop_token_ids or None,
+        ignore_eos=ignore_eos,
+        output_kind=compat.RequestOutputKind.DELTA,
+        extra_args=extra,
+    )

@@ -1,0 +1,328 @@
+"""Worker-side glue: runs inside vLLM's worker process.
+
+vLLM imports this module in the worker (``worker_extension_cls``) before it builds the
+model, so the patches below are in place before ``torch.compile`` traces anything:
+
+1. ``sae_steer::sae_hook`` is a registered custom op (with a fake impl), so compiled
+   graphs keep it as an opaque call that runs every step. Python forward hooks would be
+   frozen into the trace or ignored.
+2. Supported decoder layer classes get a forward that, for layers carrying
+   ``_sae_hook_ids`` (a static Python tuple at trace time), passes the layer output
+   through the op once per SAE hooked after that block.
+3. The model runner's ``load_model`` is wrapped to load the SAEs and mark the layers, and
+   its ``_model_forward`` to fill the per-step tables (token row -> slot, slot ->
+   features/modes/values) in place before each forward and clear them after.
+
+Tables are preallocated once (fixed addresses, sized by the engine's token and sequence
+budgets). The CPU kernel reads the host-side row count to skip unsteered work; the
+reference kernel reads only the fixed-shape tables and is safe under CUDA graph capture.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sae_runtime.errors import SAEFormatError, UnsupportedModelError
+from sae_runtime.interventions import EXTRA_ARGS_KEY, Scope, from_wire
+from sae_runtime.kernels import backend_for, splice_compact, splice_reference
+from sae_runtime.loading import load_sae
+from sae_runtime.saes.base import SAE
+from sae_runtime.vllm import compat
+
+log = logging.getLogger("sae_runtime.worker")
+
+CONFIG_KEY = "sae_steering"  # key in VllmConfig.additional_config
+
+
+# --------------------------------------------------------------------------- state
+
+
+class HookTables:
+    """Preallocated per-step tables of one hooked SAE."""
+
+    def __init__(self, sae: SAE, max_tokens: int, max_slots: int, max_feats: int) -> None:
+        dev = sae.W_enc.device
+        self.sae = sae
+        self.max_slots = max_slots
+        # Host staging (numpy views) and device tensors; identical objects on CPU.
+        self.tok_slot = torch.full((max_tokens,), -1, dtype=torch.int64, device=dev)
+        self.rows = torch.zeros(max_tokens, dtype=torch.int64, device=dev)
+        self.row_slot = torch.zeros(max_tokens, dtype=torch.int64, device=dev)
+        self.slot_feat = torch.zeros(max_slots, max_feats, dtype=torch.int64, device=dev)
+        self.slot_mode = torch.zeros(max_slots, max_feats, dtype=torch.int32, device=dev)
+        self.slot_val = torch.zeros(max_slots, max_feats, dtype=torch.float32, device=dev)
+        if dev.type != "cpu":
+            raise NotImplementedError("SAE tables on non-CPU devices are not wired yet")
+        self._np = {n: getattr(self, n).numpy() for n in
+                    ("tok_slot", "rows", "row_slot", "slot_feat", "slot_mode", "slot_val")}
+        self.n_rows = 0
+        self.n_slots = 0
+        self._dirty_until = 0  # tok_slot entries [0, _dirty_until) may be != -1
+
+    def clear(self) -> None:
+        if self._dirty_until:
+            self._np["tok_slot"][: self._dirty_until] = -1
+        self.n_rows = self.n_slots = self._dirty_until = 0
+
+    def add_rows(self, a: int, b: int, feat: np.ndarray, mode: np.ndarray, val: np.ndarray) -> None:
+        """Token rows [a, b) apply edits (feat, mode, val) in a fresh slot."""
+        s = self.n_slots
+        if s >= self.max_slots:  # cannot happen: 2 slots per scheduled request at most
+            raise RuntimeError("SAE slot table overflow")
+        n = len(feat)
+        t = self._np
+        t["slot_feat"][s, :n], t["slot_mode"][s, :n], t["slot_val"][s, :n] = feat, mode, val
+        t["slot_mode"][s, n:] = 0
+        t["slot_feat"][s, n:] = 0
+        t["tok_slot"][a:b] = s
+        r = self.n_rows
+        t["rows"][r : r + b - a] = np.arange(a, b)
+        t["row_slot"][r : r + b - a] = s
+        self.n_rows, self.n_slots = r + b - a, s + 1
+        self._dirty_until = max(self._dirty_until, b)
+
+    def apply(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        n = self.n_rows
+        if backend_for(h.device) == "reference":
+            return splice_reference(h, h + residual, self.sae, self.tok_slot,
+                                    self.slot_feat, self.slot_mode, self.slot_val)
+        if n == 0:
+            return h.clone()
+        return splice_compact(h, h + residual, self.sae, self.rows[:n], self.row_slot[:n],
+                              self.slot_feat, self.slot_mode, self.slot_val)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One request's edits on one hook, scope-ALL edits first."""
+
+    feat: np.ndarray
+    mode: np.ndarray
+    val: np.ndarray
+    n_all: int  # edits [0, n_all) apply at prompt positions too
+
+
+class SteeringState:
+    """All hooks of this worker, and the per-step table filling."""
+
+    def __init__(self, hooks: list[HookTables], sae_to_hook: list[int]) -> None:
+        self.hooks = hooks
+        self.sae_to_hook = sae_to_hook  # server SAE index -> hook id
+        self.steps_with_edits = 0
+
+    def _plans(self, req) -> dict[int, _Plan]:
+        cached = getattr(req, "_sae_plans", None)
+        if cached is not None:
+            return cached
+        extra = req.sampling_params.extra_args if req.sampling_params else None
+        ivs = from_wire((extra or {}).get(EXTRA_ARGS_KEY))
+        by_hook: dict[int, list] = {}
+        for iv in ivs:
+            by_hook.setdefault(self.sae_to_hook[iv.sae_index], []).append(iv)
+        plans = {}
+        for hook_id, items in by_hook.items():
+            items.sort(key=lambda iv: iv.scope != Scope.ALL)
+            plans[hook_id] = _Plan(
+                feat=np.array([iv.feature for iv in items], dtype=np.int64),
+                mode=np.array([iv.mode for iv in items], dtype=np.int32),
+                val=np.array([iv.value for iv in items], dtype=np.float32),
+                n_all=sum(iv.scope == Scope.ALL for iv in items),
+            )
+        req._sae_plans = plans
+        return plans
+
+    def prepare_step(self, runner) -> None:
+        """Fill every hook's tables for the batch the runner is about to run."""
+        batch = runner.input_batch
+        num_reqs = batch.num_reqs
+        qsl = runner.query_start_loc.np
+        computed = batch.num_computed_tokens_cpu
+        any_edit = False
+        for i, req_id in enumerate(batch.req_ids[:num_reqs]):
+            req = runner.requests.get(req_id)
+            if req is None:
+                continue
+            plans = self._plans(req)
+            if not plans:
+                continue
+            start, end = int(qsl[i]), int(qsl[i + 1])
+            if end <= start:
+                continue
+            # Positions of rows start..end-1 are computed..computed+(end-start)-1; rows at
+            # positions < prompt_len are prompt tokens.
+            split = start + min(max(req.num_prompt_tokens - int(computed[i]), 0), end - start)
+            for hook_id, plan in plans.items():
+                hook = self.hooks[hook_id]
+                if split > start and plan.n_all:
+                    k = plan.n_all
+                    hook.add_rows(start, split, plan.feat[:k], plan.mode[:k], plan.val[:k])
+                if end > split:
+                    hook.add_rows(split, end, plan.feat, plan.mode, plan.val)
+                any_edit = True
+        if any_edit:
+            self.steps_with_edits += 1
+
+    def end_step(self) -> None:
+        for hook in self.hooks:
+            hook.clear()
+
+
+_STATE: SteeringState | None = None
+
+
+# --------------------------------------------------------------------------- custom op
+
+
+def _sae_hook(hidden_states: torch.Tensor, residual: torch.Tensor, hook_id: int) -> torch.Tensor:
+    assert _STATE is not None, "sae_hook ran before SAEs were installed"
+    return _STATE.hooks[hook_id].apply(hidden_states, residual)
+
+
+def _sae_hook_fake(hidden_states: torch.Tensor, residual: torch.Tensor, hook_id: int) -> torch.Tensor:
+    return torch.empty_like(hidden_states)
+
+
+_LIB = torch.library.Library("sae_steer", "FRAGMENT")  # kept alive for the op's lifetime
+
+
+def _register_op() -> None:
+    if hasattr(torch.ops.sae_steer, "sae_hook"):
+        return  # idempotent: the module may be imported twice (e.g. reloads)
+    compat.direct_register_custom_op(
+        "sae_hook", _sae_hook, mutates_args=[], fake_impl=_sae_hook_fake, target_lib=_LIB
+    )
+
+
+# --------------------------------------------------------------------------- patches
+
+
+def _patch_layer_class(cls: type) -> None:
+    # Patch only classes that define forward themselves: a subclass inheriting a patched
+    # forward must not be wrapped a second time.
+    if "_sae_patched" in cls.__dict__ or "forward" not in cls.__dict__:
+        return
+    orig = cls.forward
+
+    @functools.wraps(orig)
+    def forward(self, positions, hidden_states, residual, *args, **kwargs):
+        hidden_states, residual = orig(self, positions, hidden_states, residual, *args, **kwargs)
+        # A static tuple: dynamo specialises on it, so unhooked layers trace no op at all.
+        for hook_id in getattr(self, "_sae_hook_ids", ()):
+            hidden_states = torch.ops.sae_steer.sae_hook(hidden_states, residual, hook_id)
+        return hidden_states, residual
+
+    cls.forward = forward
+    cls._sae_patched = True
+
+
+def _patch_runner_class(cls: type) -> None:
+    if "_sae_patched" in cls.__dict__:
+        return
+    if "load_model" in cls.__dict__:
+        orig_load = cls.load_model
+
+        @functools.wraps(orig_load)
+        def load_model(self, *args, **kwargs):
+            orig_load(self, *args, **kwargs)
+            install(self)
+
+        cls.load_model = load_model
+    if "_model_forward" in cls.__dict__:
+        orig_fwd = cls._model_forward
+
+        @functools.wraps(orig_fwd)
+        def _model_forward(self, *args, **kwargs):
+            if _STATE is None:
+                return orig_fwd(self, *args, **kwargs)
+            _STATE.prepare_step(self)
+            try:
+                return orig_fwd(self, *args, **kwargs)
+            finally:
+                _STATE.end_step()
+
+        cls._model_forward = _model_forward
+    cls._sae_patched = True
+
+
+def install(runner) -> None:
+    """Load the configured SAEs onto the runner's model and mark the hooked layers."""
+    global _STATE
+    cfg = (runner.vllm_config.additional_config or {}).get(CONFIG_KEY)
+    if not cfg:
+        return
+    model = runner.model
+    if getattr(model, "_sae_installed", False):
+        return  # a runner whose load_model calls its parent's: install once
+    model._sae_installed = True
+    layer_classes = tuple(compat.residual_tuple_layer_classes())
+    layers: dict[int, torch.nn.Module] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, layer_classes):
+            layers[compat.extract_layer_index(name)] = mod
+    if not layers:
+        archs = sorted({a for v in compat.RESIDUAL_TUPLE_LAYERS.values() for a in v})
+        raise UnsupportedModelError(
+            f"model {type(model).__name__} has no decoder layers SAE hooks support; "
+            f"supported architectures: {', '.join(archs)}"
+        )
+    hidden = runner.model_config.get_hidden_size()
+    sched = runner.scheduler_config
+    max_tokens = int(sched.max_num_batched_tokens)
+    max_slots = 2 * int(sched.max_num_seqs)
+    max_feats = int(cfg["max_interventions"])
+    device = next(model.parameters()).device
+    hooks: list[HookTables] = []
+    sae_to_hook: list[int] = []
+    for entry in cfg["saes"]:
+        sae = load_sae(entry["path"], hook_name=entry.get("hook_name")).to(device, torch.float32)
+        c = sae.cfg
+        if c.d_in != hidden:
+            raise SAEFormatError(
+                f"{entry['path']}: SAE {entry['id']!r} has d_in={c.d_in} but the model's "
+                f"hidden size is {hidden}"
+            )
+        block = c.layer if c.site == "resid_post" else c.layer - 1
+        if block not in layers:
+            raise SAEFormatError(
+                f"{entry['path']}: SAE {entry['id']!r} hooks {c.hook_name} but the model has "
+                f"blocks 0..{max(layers)}"
+            )
+        hook_id = len(hooks)
+        hooks.append(HookTables(sae, max_tokens, max_slots, max_feats))
+        sae_to_hook.append(hook_id)
+        mod = layers[block]
+        mod._sae_hook_ids = (*getattr(mod, "_sae_hook_ids", ()), hook_id)
+        log.info("SAE %s (%s, d_sae=%d) hooked after block %d", entry["id"], c.architecture,
+                 c.d_sae, block)
+    _STATE = SteeringState(hooks, sae_to_hook)
+
+
+class SteeringWorkerExtension:
+    """Mixed into vLLM's worker class; methods are callable through ``collective_rpc``."""
+
+    def sae_hooked_layers(self) -> dict[int, list[int]]:
+        """Block index -> hook ids on it (for the smoke test that hooks landed)."""
+        out: dict[int, list[int]] = {}
+        for name, mod in self.model_runner.model.named_modules():
+            ids = getattr(mod, "_sae_hook_ids", None)
+            if ids:
+                out[compat.extract_layer_index(name)] = list(ids)
+        return out
+
+    def sae_stats(self) -> dict[str, int]:
+        """Counters for tests and metrics."""
+        if _STATE is None:
+            return {"hooks": 0, "steps_with_edits": 0}
+        return {"hooks": len(_STATE.hooks), "steps_with_edits": _STATE.steps_with_edits}
+
+
+_register_op()
+for _cls in compat.residual_tuple_layer_classes():
+    _patch_layer_class(_cls)
+for _cls in compat.model_runner_classes():
+    _patch_runner_class(_cls)

@@ -1,0 +1,145 @@
+"""Server assembly: engine start, gRPC server with health and reflection, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from sae_runtime.loading import load_sae_config
+from sae_runtime.saes.base import SAEConfig
+from server.config import ServerConfig
+from server.service import SteeringServicer
+from steering.v1 import steering_pb2 as pb
+from steering.v1 import steering_pb2_grpc as pb_grpc
+
+log = logging.getLogger("steerd")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SteeringService"].full_name
+
+
+def load_sae_configs(cfg: ServerConfig) -> dict[str, SAEConfig]:
+    """Read and check every SAE's config before the engine starts (fails fast)."""
+    return {s.id: load_sae_config(s.path, s.hook_name) for s in cfg.saes}
+
+
+def start_engine(cfg: ServerConfig) -> Any:
+    from sae_runtime.vllm.engine import EngineSettings, build_engine
+
+    return build_engine(EngineSettings(
+        model=cfg.model,
+        saes=[{"id": s.id, "path": str(s.path), "hook_name": s.hook_name} for s in cfg.saes],
+        max_interventions=cfg.max_interventions,
+        dtype=cfg.dtype,
+        max_model_len=cfg.max_model_len,
+        max_num_seqs=cfg.max_num_seqs,
+        max_num_batched_tokens=cfg.max_num_batched_tokens,
+        enforce_eager=cfg.enforce_eager,
+        enable_prefix_caching=cfg.enable_prefix_caching,
+        seed=cfg.seed,
+    ))
+
+
+@dataclass
+class Running:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    servicer: SteeringServicer
+    dead: asyncio.Event
+
+
+async def build_server(cfg: ServerConfig, engine: Any, saes: dict[str, SAEConfig]) -> Running:
+    """Create and start the gRPC server around a running engine; returns the bound port."""
+    server = grpc.aio.server()
+    dead = asyncio.Event()
+    health_servicer = health.aio.HealthServicer()
+
+    def on_engine_dead() -> None:
+        dead.set()
+
+    servicer = SteeringServicer(
+        engine, model=cfg.model, saes=saes, max_interventions=cfg.max_interventions,
+        compiled=not cfg.enforce_eager, on_engine_dead=on_engine_dead,
+    )
+    pb_grpc.add_SteeringServiceServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    if port == 0:
+        raise OSError(f"cannot bind {cfg.host}:{cfg.port}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return Running(server, port, health_servicer, servicer, dead)
+
+
+async def _watch_engine(engine: Any, dead: asyncio.Event) -> None:
+    while not dead.is_set():
+        if getattr(engine, "errored", False):
+            dead.set()
+            return
+        await asyncio.sleep(1.0)
+
+
+async def serve(cfg: ServerConfig) -> int:
+    """Run until SIGTERM/SIGINT (exit 0) or until the engine dies (exit 1)."""
+    saes = load_sae_configs(cfg)
+    t0 = time.monotonic()
+    engine = start_engine(cfg)
+    started = time.monotonic() - t0
+    run = await build_server(cfg, engine, saes)
+    _log_startup(cfg, engine, saes, run.port, started)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    watcher = asyncio.create_task(_watch_engine(engine, run.dead))
+    dead_wait = asyncio.create_task(run.dead.wait())
+    stop_wait = asyncio.create_task(stop.wait())
+    await asyncio.wait({dead_wait, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+    engine_died = run.dead.is_set()
+    for t in (watcher, dead_wait, stop_wait):
+        t.cancel()
+
+    await run.health.enter_graceful_shutdown()
+    grace = 0.0 if engine_died else cfg.grace_period_s
+    log.info("shutting down: draining streams for up to %.1fs", grace)
+    await run.server.stop(grace)
+    engine.shutdown()
+    if engine_died:
+        log.error("the vLLM engine died; exiting with status 1")
+        return 1
+    log.info("stopped")
+    return 0
+
+
+def _same_model(sae_model: str, served: str) -> bool:
+    """Loose match: the last path component of both names, case-insensitively."""
+    last = lambda s: s.rstrip("/").rsplit("/", 1)[-1].lower()  # noqa: E731
+    return last(sae_model) == last(served)
+
+
+def _log_startup(cfg, engine, saes, port, started_s) -> None:
+    mc = engine.model_config
+    print(f"steerd: model {cfg.model} ({(mc.hf_config.architectures or ['?'])[0]}, "
+          f"dtype {str(mc.dtype).removeprefix('torch.')}, max_model_len {mc.max_model_len}, "
+          f"{'eager' if cfg.enforce_eager else 'compiled'}, device cpu); engine started in "
+          f"{started_s:.1f}s", flush=True)
+    for sid, c in saes.items():
+        print(f"steerd: SAE {sid}: format {c.format}, architecture {c.architecture}, "
+              f"site {c.site}, layer {c.layer}, width {c.d_sae}, d_model {c.d_in}, "
+              f"dtype float32" + (f", k {c.k}" if c.k else ""), flush=True)
+        if c.model_name and not _same_model(c.model_name, cfg.model):
+            log.warning("SAE %s was trained on %r, which differs from the served model %s",
+                        sid, c.model_name, cfg.model)
+    print(f"steerd: listening on {cfg.host}:{port}", flush=True)

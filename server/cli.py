@@ -1,0 +1,69 @@
+"""``steerd``: the server command line. Options are generated from ``ServerConfig``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import get_args
+
+from pydantic import ValidationError
+
+from sae_runtime.errors import SteeringError
+from server.config import SAESource, ServerConfig
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    for name, field in ServerConfig.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = field.default
+        if name == "saes":
+            p.add_argument("--sae", dest="saes", action="append", default=[],
+                           metavar="[NAME=]PATH[@HOOK]", help=field.description)
+        elif field.annotation is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                           help=f"{field.description} (default: {default})")
+        else:
+            types = [t for t in get_args(field.annotation) or (field.annotation,) if t is not type(None)]
+            kind = types[0] if types and types[0] in (int, float) else str
+            required = field.is_required()
+            p.add_argument(flag, type=kind, required=required, default=None if required else default,
+                           help=field.description + ("" if required else f" (default: {default})"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="steerd", description="SAE steering server: vLLM with per-request SAE interventions over gRPC."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve a model with SAEs hooked",
+                           description="Start the engine and serve steering.v1.SteeringService.")
+    _add_config_options(serve)
+    serve.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    values = {k: v for k, v in vars(args).items() if k in ServerConfig.model_fields}
+    try:
+        values["saes"] = tuple(SAESource.parse(s) for s in values.get("saes", []))
+        cfg = ServerConfig(**values)
+        code = asyncio.run(_serve(cfg))
+    except (ValidationError, ValueError, SteeringError) as e:
+        print(f"steerd: error: {e}", file=sys.stderr)
+        return 2
+    return code
+
+
+async def _serve(cfg: ServerConfig) -> int:
+    from server.app import serve
+
+    return await serve(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

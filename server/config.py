@@ -1,0 +1,72 @@
+"""Server configuration: one frozen, documented model; the CLI is generated from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class SAESource(BaseModel):
+    """One ``--sae [NAME=]PATH[@HOOK]`` entry."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str = Field(description="Id used in requests; defaults to the directory name.")
+    path: Path = Field(description="SAE directory (SAELens layout).")
+    hook_name: str | None = Field(
+        default=None, description="Override the hook, e.g. blocks.3.hook_resid_post."
+    )
+
+    @classmethod
+    def parse(cls, text: str) -> SAESource:
+        """Parse ``[NAME=]PATH[@HOOK]``."""
+        name, sep, rest = text.partition("=")
+        if not sep:
+            name, rest = "", text
+        path, at, hook = rest.partition("@")
+        if not path:
+            raise ValueError(f"--sae {text!r}: missing PATH (format: [NAME=]PATH[@HOOK])")
+        p = Path(path)
+        return cls(id=name or p.resolve().name, path=p, hook_name=hook if at else None)
+
+
+class ServerConfig(BaseModel):
+    """Everything ``steerd serve`` can be told. Field descriptions are the CLI help."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str = Field(description="Hugging Face model directory served by vLLM.")
+    saes: tuple[SAESource, ...] = Field(
+        default=(), description="SAEs to hook: [NAME=]PATH[@HOOK]; repeat for several."
+    )
+    host: str = Field(default="127.0.0.1", description="Address to bind.")
+    port: int = Field(default=50051, ge=0, le=65535, description="Port (0 picks a free one).")
+    max_interventions: int = Field(
+        default=32, ge=1, le=4096, description="Most interventions one request may carry."
+    )
+    max_model_len: int | None = Field(
+        default=None, ge=16, description="Longest prompt+generation in tokens (model default)."
+    )
+    max_num_seqs: int = Field(default=64, ge=1, description="Most sequences in one batch.")
+    max_num_batched_tokens: int | None = Field(
+        default=None, ge=16, description="Token budget of one engine step (vLLM default)."
+    )
+    dtype: str = Field(default="auto", description="Model dtype: auto, float32, bfloat16, ...")
+    enforce_eager: bool = Field(
+        default=False, description="Run the model eagerly instead of compiled (debugging)."
+    )
+    enable_prefix_caching: bool = Field(default=True, description="vLLM prefix caching.")
+    grace_period_s: float = Field(
+        default=10.0, ge=0, description="Seconds in-flight streams get to finish on shutdown."
+    )
+    seed: int = Field(default=0, description="Engine seed.")
+
+    @field_validator("saes")
+    @classmethod
+    def _unique_ids(cls, v: tuple[SAESource, ...]) -> tuple[SAESource, ...]:
+        ids = [s.id for s in v]
+        dup = {i for i in ids if ids.count(i) > 1}
+        if dup:
+            raise ValueError(f"duplicate SAE ids {sorted(dup)}; name them with NAME=PATH")
+        return v

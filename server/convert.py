@@ -1,0 +1,157 @@
+"""Pure conversions between protobuf messages and runtime types, with validation.
+
+No network, no engine: every function here is testable on its own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from sae_runtime.errors import InvalidRequestError
+from sae_runtime.interventions import Intervention, Scope, SteeringSpec
+from sae_runtime.ops import Mode
+from sae_runtime.saes.base import SAEConfig
+from steering.v1 import steering_pb2 as pb
+
+DEFAULT_MAX_TOKENS = 16
+MAX_REQUEST_ID_LEN = 128
+
+_FINISH = {
+    "length": pb.FINISH_REASON_LENGTH,
+    "stop": pb.FINISH_REASON_STOP,
+    "abort": pb.FINISH_REASON_ABORT,
+}
+_SITE = {"resid_post": pb.HOOK_SITE_RESID_POST, "resid_pre": pb.HOOK_SITE_RESID_PRE}
+
+
+@dataclass(frozen=True)
+class GenerateInputs:
+    """A validated GenerateRequest."""
+
+    prompt_text: str | None  # exactly one of prompt_text / prompt_ids is set
+    prompt_ids: tuple[int, ...] | None
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop: tuple[str, ...]
+    stop_token_ids: tuple[int, ...]
+    ignore_eos: bool
+    spec: SteeringSpec
+    request_id: str
+
+
+def _finite(field: str, v: float) -> float:
+    if not math.isfinite(v):
+        raise InvalidRequestError(field, f"must be finite, got {v}")
+    return v
+
+
+def generate_inputs_from_pb(
+    req: pb.GenerateRequest,
+    *,
+    saes: Mapping[str, SAEConfig],
+    max_interventions: int,
+    vocab_size: int,
+) -> GenerateInputs:
+    """Validate a GenerateRequest; errors name the offending field."""
+    if len(req.request_id) > MAX_REQUEST_ID_LEN:
+        raise InvalidRequestError(
+            "request_id", f"at most {MAX_REQUEST_ID_LEN} characters, got {len(req.request_id)}"
+        )
+    kind = req.prompt.WhichOneof("kind") if req.HasField("prompt") else None
+    text, ids = None, None
+    if kind is None:
+        raise InvalidRequestError("prompt", "required: set prompt.text or prompt.token_ids")
+    if kind == "text":
+        if not req.prompt.text:
+            raise InvalidRequestError("prompt.text", "must not be empty")
+        text = req.prompt.text
+    else:
+        ids = tuple(req.prompt.token_ids.ids)
+        if not ids:
+            raise InvalidRequestError("prompt.token_ids.ids", "must hold at least one token id")
+        for j, t in enumerate(ids):
+            if t >= vocab_size:
+                raise InvalidRequestError(
+                    f"prompt.token_ids.ids[{j}]",
+                    f"token id {t} is out of range (vocab_size={vocab_size})",
+                )
+
+    s = req.sampling
+    max_tokens = s.max_tokens if s.HasField("max_tokens") else DEFAULT_MAX_TOKENS
+    if max_tokens <= 0:
+        raise InvalidRequestError("sampling.max_tokens", f"must be >= 1, got {max_tokens}")
+    temperature = _finite("sampling.temperature", s.temperature) if s.HasField("temperature") else 1.0
+    if temperature < 0:
+        raise InvalidRequestError("sampling.temperature", f"must be >= 0, got {temperature}")
+    top_p = _finite("sampling.top_p", s.top_p) if s.HasField("top_p") else 1.0
+    if not 0 < top_p <= 1:
+        raise InvalidRequestError("sampling.top_p", f"must be in (0, 1], got {top_p}")
+    top_k = s.top_k if s.HasField("top_k") else 0
+    if top_k > vocab_size:
+        raise InvalidRequestError("sampling.top_k", f"must be <= vocab_size={vocab_size}")
+    for j, st in enumerate(s.stop):
+        if not st:
+            raise InvalidRequestError(f"sampling.stop[{j}]", "stop strings must not be empty")
+    for j, t in enumerate(s.stop_token_ids):
+        if t >= vocab_size:
+            raise InvalidRequestError(
+                f"sampling.stop_token_ids[{j}]", f"token id {t} is out of range (vocab_size={vocab_size})"
+            )
+
+    spec = spec_from_pb(req.interventions)
+    spec.validate(saes, max_interventions)
+    return GenerateInputs(
+        prompt_text=text, prompt_ids=ids, max_tokens=max_tokens, temperature=temperature,
+        top_p=top_p, top_k=top_k, seed=s.seed if s.HasField("seed") else None,
+        stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos,
+        spec=spec, request_id=req.request_id,
+    )
+
+
+def spec_from_pb(items) -> SteeringSpec:
+    """Interventions from protobuf; range checks happen in SteeringSpec.validate."""
+    out = []
+    for j, iv in enumerate(items):
+        if iv.mode == pb.INTERVENTION_MODE_UNSPECIFIED:
+            raise InvalidRequestError(
+                f"interventions[{j}].mode", "must be set (CLAMP, ABLATE, SCALE or ADD)"
+            )
+        if iv.mode not in (m.value for m in Mode):
+            raise InvalidRequestError(f"interventions[{j}].mode", f"unknown mode {iv.mode}")
+        scope = Scope.ALL if iv.scope == pb.SCOPE_UNSPECIFIED else iv.scope
+        if scope not in (s.value for s in Scope):
+            raise InvalidRequestError(f"interventions[{j}].scope", f"unknown scope {iv.scope}")
+        out.append(Intervention(iv.sae, iv.feature, Mode(iv.mode), float(iv.value), Scope(scope)))
+    return SteeringSpec(tuple(out))
+
+
+def check_lengths(prompt_len: int, max_tokens: int, max_model_len: int) -> None:
+    """Prompt and requested generation must fit the model's context."""
+    if prompt_len >= max_model_len:
+        raise InvalidRequestError(
+            "prompt", f"prompt is {prompt_len} tokens; the model allows at most "
+            f"{max_model_len - 1} so that one token can be generated"
+        )
+    if prompt_len + max_tokens > max_model_len:
+        raise InvalidRequestError(
+            "sampling.max_tokens",
+            f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the model "
+            f"length {max_model_len}; ask for at most {max_model_len - prompt_len}",
+        )
+
+
+def finish_reason_to_pb(reason: str | None) -> int:
+    return _FINISH.get(reason or "", pb.FINISH_REASON_UNSPECIFIED)
+
+
+def sae_info_to_pb(sae_id: str, cfg: SAEConfig) -> pb.SAEInfo:
+    return pb.SAEInfo(
+        id=sae_id, format=cfg.format, architecture=cfg.architecture, hook_name=cfg.hook_name,
+        site=_SITE[cfg.site], layer=cfg.layer, d_sae=cfg.d_sae, d_in=cfg.d_in,
+        dtype="float32", model_name=cfg.model_name, k=cfg.k or 0,
+    )

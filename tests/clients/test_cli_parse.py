@@ -1,0 +1,43 @@
+"""The steer CLI's argument parsing (no server)."""
+
+from __future__ import annotations
+
+import pytest
+
+from clients.cli import _interventions, build_parser
+from steering.v1 import steering_pb2 as pb
+
+
+def parse(*argv):
+    return build_parser().parse_args(["generate", *argv])
+
+
+def test_edits_in_order_with_modes_and_scope():
+    a = parse("--prompt", "hi", "--clamp", "res:l1:3=2.5", "--ablate", "s:4", "--scale", "s:5=0.5",
+              "--add", "s:6=-3")
+    ivs = _interventions(a.edits, "generation_only")
+    assert [(i.sae, i.feature, i.mode, i.value) for i in ivs] == [
+        ("res:l1", 3, pb.INTERVENTION_MODE_CLAMP, 2.5), ("s", 4, pb.INTERVENTION_MODE_ABLATE, 0.0),
+        ("s", 5, pb.INTERVENTION_MODE_SCALE, 0.5), ("s", 6, pb.INTERVENTION_MODE_ADD, -3.0)]
+    assert all(i.scope == pb.SCOPE_GENERATION_ONLY for i in ivs)
+
+
+def test_prompt_ids_and_nan_passes_through_for_the_server_to_judge():
+    a = parse("--prompt-ids", "1,2,3", "--clamp", "s:1=nan")
+    assert a.prompt_ids == [1, 2, 3]
+    assert a.edits[0][3] != a.edits[0][3]  # NaN reaches the server, which rejects it
+
+
+@pytest.mark.parametrize("bad", [["--clamp", "s:1"], ["--ablate", "s:1=2"], ["--clamp", "s=1"],
+                                 ["--clamp", "s:x=1"], ["--clamp", "s:-1=1"]])
+def test_malformed_edits_are_usage_errors(bad):
+    with pytest.raises(SystemExit) as ei:
+        parse("--prompt", "hi", *bad)
+    assert ei.value.code == 2
+
+
+def test_prompt_is_required_and_exclusive():
+    with pytest.raises(SystemExit):
+        parse("--max-tokens", "3")
+    with pytest.raises(SystemExit):
+        parse("--prompt", "a", "--prompt-ids", "1")

@@ -1,0 +1,63 @@
+"""Intervention spec validation, cache salts and the worker wire format."""
+
+from __future__ import annotations
+
+import pytest
+
+from sae_runtime.errors import InvalidRequestError, UnknownSAEError
+from sae_runtime.interventions import Intervention, Scope, SteeringSpec, from_wire
+from sae_runtime.ops import Mode
+from sae_runtime.saes.base import SAEConfig
+
+SAES = {"a": SAEConfig("standard", 8, 100, "blocks.1.hook_resid_post", 1, "resid_post"),
+        "b": SAEConfig("topk", 8, 50, "blocks.0.hook_resid_post", 0, "resid_post", k=4)}
+
+
+def spec(*ivs):
+    return SteeringSpec(tuple(ivs))
+
+
+@pytest.mark.parametrize(
+    "s, exc, field",
+    [
+        (spec(Intervention("zz", 1, Mode.CLAMP, 1.0)), UnknownSAEError, "interventions[0].sae"),
+        (spec(Intervention("", 1, Mode.CLAMP, 1.0)), InvalidRequestError, "interventions[0].sae"),
+        (spec(Intervention("a", 0, Mode.ADD, 1.0), Intervention("b", 50, Mode.CLAMP, 1.0)),
+         InvalidRequestError, "interventions[1].feature"),
+        (spec(Intervention("a", 3, Mode.CLAMP, float("inf"))), InvalidRequestError, "interventions[0].value"),
+        (spec(Intervention("a", 3, Mode.SCALE, float("nan"))), InvalidRequestError, "interventions[0].value"),
+        (spec(Intervention("a", 3, Mode.CLAMP, 1.0), Intervention("a", 3, Mode.ADD, 1.0)),
+         InvalidRequestError, "interventions[1].feature"),
+        (spec(*[Intervention("a", i, Mode.ADD, 1.0) for i in range(5)]), InvalidRequestError, "interventions"),
+    ],
+)
+def test_validation_names_the_field(s, exc, field):
+    with pytest.raises(exc) as ei:
+        s.validate(SAES, max_interventions=4)
+    assert ei.value.field == field
+
+
+def test_unknown_sae_message_lists_loaded():
+    with pytest.raises(UnknownSAEError, match="loaded SAEs: a, b"):
+        spec(Intervention("zz", 1, Mode.CLAMP, 1.0)).validate(SAES, 4)
+
+
+def test_cache_salt_is_order_free_and_distinguishes_specs():
+    x = Intervention("a", 1, Mode.CLAMP, 2.0)
+    y = Intervention("b", 2, Mode.ADD, -1.0, Scope.GENERATION_ONLY)
+    assert spec().cache_salt() is None
+    assert spec(x, y).cache_salt() == spec(y, x).cache_salt()
+    assert spec(x).cache_salt() != spec(x, y).cache_salt()
+    assert spec(x).cache_salt() != spec(Intervention("a", 1, Mode.CLAMP, 2.5)).cache_salt()
+    assert spec(Intervention("a", 1, Mode.CLAMP, 2.0, Scope.GENERATION_ONLY)).cache_salt() != spec(x).cache_salt()
+    # ablate ignores its value, so the value must not split the cache
+    assert spec(Intervention("a", 1, Mode.ABLATE, 5.0)).cache_salt() == spec(
+        Intervention("a", 1, Mode.ABLATE, 0.0)).cache_salt()
+
+
+def test_wire_round_trip():
+    s = spec(Intervention("b", 7, Mode.SCALE, 0.5, Scope.GENERATION_ONLY), Intervention("a", 1, Mode.ABLATE, 9.0))
+    wire = from_wire(s.to_wire({"a": 0, "b": 1}))
+    assert [(w.sae_index, w.feature, w.mode, w.value, w.scope) for w in wire] == [
+        (1, 7, int(Mode.SCALE), 0.5, int(Scope.GENERATION_ONLY)), (0, 1, int(Mode.ABLATE), 0.0, int(Scope.ALL))]
+    assert from_wire(None) == []

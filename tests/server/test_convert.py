@@ -1,0 +1,96 @@
+"""Proto -> runtime conversion and validation, without a network or engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from clients.client import SteeringClient, clamp
+from sae_runtime.errors import InvalidRequestError, UnknownSAEError
+from sae_runtime.ops import Mode
+from sae_runtime.saes.base import SAEConfig
+from server import convert
+from server.config import SAESource, ServerConfig
+from steering.v1 import steering_pb2 as pb
+
+SAES = {"s": SAEConfig("standard", 8, 100, "blocks.1.hook_resid_post", 1, "resid_post")}
+build = SteeringClient.build_request
+
+
+def conv(req):
+    return convert.generate_inputs_from_pb(req, saes=SAES, max_interventions=3, vocab_size=512)
+
+
+def test_defaults_and_round_trip():
+    got = conv(build("hello", interventions=[clamp("s", 4, 2.0, "generation_only")], request_id="r1"))
+    assert (got.prompt_text, got.prompt_ids, got.max_tokens, got.temperature, got.top_p) == (
+        "hello", None, convert.DEFAULT_MAX_TOKENS, 1.0, 1.0)
+    (iv,) = got.spec.interventions
+    assert (iv.sae, iv.feature, iv.mode, iv.value, int(iv.scope)) == ("s", 4, Mode.CLAMP, 2.0, 2)
+    assert got.request_id == "r1"
+    ids = conv(build([1, 2, 3], max_tokens=5, temperature=0.0, seed=7))
+    assert (ids.prompt_ids, ids.max_tokens, ids.temperature, ids.seed) == ((1, 2, 3), 5, 0.0, 7)
+
+
+@pytest.mark.parametrize(
+    "req, field",
+    [
+        (pb.GenerateRequest(), "prompt"),
+        (build(""), "prompt.text"),
+        (build([]), "prompt.token_ids.ids"),
+        (build([1, 512]), "prompt.token_ids.ids[1]"),
+        (build("x", max_tokens=0), "sampling.max_tokens"),
+        (build("x", temperature=-0.5), "sampling.temperature"),
+        (build("x", temperature=float("nan")), "sampling.temperature"),
+        (build("x", top_p=0.0), "sampling.top_p"),
+        (build("x", top_p=1.5), "sampling.top_p"),
+        (build("x", top_k=100000), "sampling.top_k"),
+        (build("x", stop=["ok", ""]), "sampling.stop[1]"),
+        (build("x", stop_token_ids=[9999]), "sampling.stop_token_ids[0]"),
+        (build("x", request_id="r" * 129), "request_id"),
+        (build("x", interventions=[pb.Intervention(sae="s", feature=1)]), "interventions[0].mode"),
+        (build("x", interventions=[pb.Intervention(sae="s", feature=1, mode=9)]), "interventions[0].mode"),
+        (build("x", interventions=[pb.Intervention(sae="s", feature=1, mode=1, scope=7)]),
+         "interventions[0].scope"),
+        (build("x", interventions=[clamp("s", 100, 1.0)]), "interventions[0].feature"),
+        (build("x", interventions=[clamp("s", 1, float("inf"))]), "interventions[0].value"),
+        (build("x", interventions=[clamp("s", i, 1.0) for i in range(4)]), "interventions"),
+    ],
+)
+def test_bad_requests_name_the_field(req, field):
+    with pytest.raises(InvalidRequestError) as ei:
+        conv(req)
+    assert ei.value.field == field
+
+
+def test_unknown_sae_is_not_found_error():
+    with pytest.raises(UnknownSAEError):
+        conv(build("x", interventions=[clamp("nope", 1, 1.0)]))
+
+
+def test_check_lengths():
+    convert.check_lengths(10, 6, 16)
+    with pytest.raises(InvalidRequestError, match="ask for at most 6") as ei:
+        convert.check_lengths(10, 7, 16)
+    assert ei.value.field == "sampling.max_tokens"
+    with pytest.raises(InvalidRequestError) as ei:
+        convert.check_lengths(16, 1, 16)
+    assert ei.value.field == "prompt"
+
+
+def test_sae_source_parsing_and_duplicate_ids(tmp_path):
+    s = SAESource.parse(f"x={tmp_path}@blocks.2.hook_resid_pre")
+    assert (s.id, s.path, s.hook_name) == ("x", tmp_path, "blocks.2.hook_resid_pre")
+    assert SAESource.parse(str(tmp_path)).id == tmp_path.name
+    with pytest.raises(ValueError, match="duplicate SAE ids"):
+        ServerConfig(model="m", saes=(SAESource.parse(f"a={tmp_path}"), SAESource.parse(f"a={tmp_path}")))
+
+
+def test_status_mapping():
+    import grpc
+
+    from sae_runtime.errors import ResourceLimitError
+    from server.errors import status_code_of
+
+    assert status_code_of(InvalidRequestError("f", "m")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert status_code_of(UnknownSAEError("f", "x", [])) == grpc.StatusCode.NOT_FOUND
+    assert status_code_of(ResourceLimitError("x")) == grpc.StatusCode.RESOURCE_EXHAUSTED
