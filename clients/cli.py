@@ -16,7 +16,7 @@ import sys
 
 import grpc
 
-from clients.client import SteeringClient, ablate, add, clamp, collect, scale, FINISH_NAMES
+from clients.client import FINISH_NAMES, SteeringClient, ablate, add, clamp, collect, read, scale
 
 
 def _edit(kind: str, with_value: bool):
@@ -42,6 +42,50 @@ def _edit(kind: str, with_value: bool):
         return (kind, sae, feat, val)
 
     return parse
+
+
+def _sae_int(flag: str):
+    """argparse type for ``SAE:N``."""
+
+    def parse(text: str):
+        sae, colon, n = text.rpartition(":")
+        if not colon or not sae:
+            raise argparse.ArgumentTypeError(f"--{flag} {text!r}: expected SAE:N")
+        try:
+            v = int(n)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--{flag} {text!r}: N must be an integer") from None
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"--{flag} {text!r}: N must be >= 0")
+        return sae, v
+
+    return parse
+
+
+def _reads(topks, watches, scope: str):
+    """Merge --read SAE:TOPK and --watch SAE:FEATURE into one FeatureRead per SAE (in order)."""
+    order: list[str] = []
+    k: dict[str, int] = {}
+    w: dict[str, list[int]] = {}
+    for sae, n in topks or ():
+        order += [sae] if sae not in order else []
+        k[sae] = n
+    for sae, f in watches or ():
+        order += [sae] if sae not in order else []
+        w.setdefault(sae, []).append(f)
+    return [read(sae, k.get(sae, 0), w.get(sae, ()), scope) for sae in order]
+
+
+def _feature_json(f) -> dict:
+    return {"position": f.position, "token_id": f.token_id, "sae": f.sae,
+            "indices": list(f.indices), "values": list(f.values),
+            "watch_values": list(f.watch_values)}
+
+
+def _feature_line(f) -> str:
+    tops = " ".join(f"{i}={v:.3g}" for i, v in zip(f.indices, f.values))
+    watch = (" watch " + " ".join(f"{v:.3g}" for v in f.watch_values)) if f.watch_values else ""
+    return f"pos {f.position:>4} tok {f.token_id:>6}  {f.sae}: {tops}{watch}"
 
 
 def _ids(text: str) -> list[int]:
@@ -78,7 +122,23 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         g.add_argument(f"--{kind}", dest="edits", action="append", default=None,
                        type=_edit(kind, with_value), metavar=meta, help=f"{helptext} (repeatable)")
+    g.add_argument("--read", dest="read_topk", action="append", type=_sae_int("read"),
+                   metavar="SAE:TOPK", help="stream the TOPK strongest features of SAE per position")
+    g.add_argument("--watch", dest="watch", action="append", type=_sae_int("watch"),
+                   metavar="SAE:FEATURE", help="always report this feature per position (repeatable)")
+    g.add_argument("--read-scope", choices=["all", "prompt", "generation"], default="all",
+                   help="positions to read (default: %(default)s)")
     g.add_argument("--json", action="store_true", help="print one JSON object when done")
+
+    e = sub.add_parser("encode", help="per-token and pooled feature activations of a prompt")
+    esrc = e.add_mutually_exclusive_group(required=True)
+    esrc.add_argument("--prompt", help="prompt text")
+    esrc.add_argument("--prompt-ids", type=_ids, help="prompt token ids, e.g. 1,2,3")
+    e.add_argument("--sae", required=True, help="SAE id")
+    e.add_argument("--top-k", type=int, default=0, help="strongest features per position")
+    e.add_argument("--watch", dest="watch_features", action="append", type=int, default=[],
+                   metavar="FEATURE", help="feature always reported (repeatable)")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
 
     sub.add_parser("saes", help="list the server's SAEs (JSON)")
     sub.add_parser("info", help="describe the served model (JSON)")
@@ -101,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         with SteeringClient(args.target, timeout=args.timeout) as client:
             if args.command == "generate":
                 return _generate(client, args)
+            if args.command == "encode":
+                return _encode(client, args)
             if args.command == "saes":
                 from google.protobuf.json_format import MessageToDict
 
@@ -122,21 +184,52 @@ def _generate(client: SteeringClient, args) -> int:
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed, stop=args.stop, request_id=args.request_id,
         interventions=_interventions(args.edits, "generation_only" if args.generation_only else "all"),
+        reads=_reads(args.read_topk, args.watch, args.read_scope),
     )
     if args.json:
         r = collect(stream)
-        print(json.dumps({
+        out = {
             "request_id": r.request_id, "text": r.text, "token_ids": r.token_ids,
             "prompt_token_ids": r.prompt_token_ids, "finish_reason": r.finish_reason,
-        }))
+        }
+        if r.features:
+            out["features"] = [_feature_json(f) for f in r.features]
+        print(json.dumps(out))
         return 0
     finish = None
+    text = []
     for msg in stream:
-        sys.stdout.write(msg.text)
-        sys.stdout.flush()
+        if msg.features:  # one line per position and SAE, then the text at the end
+            for f in msg.features:
+                print(_feature_line(f))
+            text.append(msg.text)
+        else:
+            sys.stdout.write(msg.text)
+            sys.stdout.flush()
+            text.append(msg.text)
         finish = FINISH_NAMES.get(msg.finish_reason) or finish
-    sys.stdout.write("\n")
+    if args.read_topk or args.watch:
+        print("text: " + "".join(text))
+    else:
+        sys.stdout.write("\n")
     print(f"[finish: {finish}]", file=sys.stderr)
+    return 0
+
+
+def _encode(client: SteeringClient, args) -> int:
+    prompt = args.prompt if args.prompt is not None else args.prompt_ids
+    (res,) = client.encode([prompt], [read(args.sae, args.top_k, args.watch_features, "prompt")])
+    pooled = [{"sae": p.sae, "features": [{"index": f.index, "max": f.max, "mean": f.mean}
+                                          for f in p.features]} for p in res.pooled]
+    if args.json:
+        print(json.dumps({"token_ids": list(res.token_ids),
+                          "features": [_feature_json(f) for f in res.features], "pooled": pooled}))
+        return 0
+    for f in res.features:
+        print(_feature_line(f))
+    for p in pooled:
+        print(f"pooled {p['sae']}: " + " ".join(
+            f"{f['index']}(max {f['max']:.3g}, mean {f['mean']:.3g})" for f in p["features"]))
     return 0
 
 

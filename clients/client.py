@@ -13,6 +13,9 @@ from steering.v1 import steering_pb2 as pb
 from steering.v1 import steering_pb2_grpc as pb_grpc
 
 ScopeName = Literal["all", "generation_only"]
+ReadScopeName = Literal["all", "prompt", "generation"]
+_READ_SCOPES = {"all": pb.READ_SCOPE_ALL, "prompt": pb.READ_SCOPE_PROMPT,
+                "generation": pb.READ_SCOPE_GENERATION}
 _SCOPES = {"all": pb.SCOPE_ALL, "generation_only": pb.SCOPE_GENERATION_ONLY}
 FINISH_NAMES = {
     pb.FINISH_REASON_UNSPECIFIED: None,
@@ -46,6 +49,12 @@ def add(sae: str, feature: int, strength: float, scope: ScopeName = "all") -> pb
     return _iv(sae, feature, pb.INTERVENTION_MODE_ADD, strength, scope)
 
 
+def read(sae: str, top_k: int = 0, watch: Sequence[int] = (),
+         scope: ReadScopeName = "all") -> pb.FeatureRead:
+    """Ask for ``sae``'s top_k features and/or a watch list at the positions of ``scope``."""
+    return pb.FeatureRead(sae=sae, top_k=top_k, watch=list(watch), scope=_READ_SCOPES[scope])
+
+
 @dataclass
 class GenerationResult:
     """A whole Generate stream, collected."""
@@ -56,6 +65,7 @@ class GenerationResult:
     finish_reason: str | None = None
     request_id: str = ""
     usage: pb.Usage | None = None
+    features: list[pb.FeatureActivations] = field(default_factory=list)
 
 
 class SteeringClient:
@@ -82,10 +92,9 @@ class SteeringClient:
         temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
         seed: int | None = None, stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (),
         ignore_eos: bool = False, interventions: Sequence[pb.Intervention] = (),
-        request_id: str = "",
+        reads: Sequence[pb.FeatureRead] = (), request_id: str = "",
     ) -> pb.GenerateRequest:
-        p = pb.Prompt(text=prompt) if isinstance(prompt, str) else pb.Prompt(
-            token_ids=pb.TokenIds(ids=list(prompt)))
+        p = _prompt(prompt)
         s = pb.SamplingParams(stop=list(stop), stop_token_ids=list(stop_token_ids),
                               ignore_eos=ignore_eos)
         for name, v in (("max_tokens", max_tokens), ("temperature", temperature),
@@ -93,7 +102,7 @@ class SteeringClient:
             if v is not None:
                 setattr(s, name, v)
         return pb.GenerateRequest(prompt=p, sampling=s, interventions=list(interventions),
-                                  request_id=request_id)
+                                  reads=list(reads), request_id=request_id)
 
     def generate(self, prompt: str | Sequence[int], **kw) -> Iterator[pb.GenerateResponse]:
         """Stream responses; cancel by calling ``.cancel()`` on the returned iterator."""
@@ -102,6 +111,12 @@ class SteeringClient:
     def generate_text(self, prompt: str | Sequence[int], **kw) -> GenerationResult:
         """Run a whole generation and collect it."""
         return collect(self.generate(prompt, **kw))
+
+    def encode(self, inputs: Sequence[str | Sequence[int]],
+               reads: Sequence[pb.FeatureRead]) -> list[pb.EncodeResult]:
+        """Per-token and pooled activations of each input (no generation)."""
+        req = pb.EncodeRequest(inputs=[_prompt(x) for x in inputs], reads=list(reads))
+        return list(self.stub.Encode(req, timeout=self.timeout).results)
 
     def list_saes(self) -> list[pb.SAEInfo]:
         return list(self.stub.ListSAEs(pb.ListSAEsRequest(), timeout=self.timeout).saes)
@@ -116,12 +131,19 @@ class SteeringClient:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
 
+def _prompt(prompt: str | Sequence[int]) -> pb.Prompt:
+    if isinstance(prompt, str):
+        return pb.Prompt(text=prompt)
+    return pb.Prompt(token_ids=pb.TokenIds(ids=list(prompt)))
+
+
 def collect(stream: Iterator[pb.GenerateResponse]) -> GenerationResult:
     out = GenerationResult()
     for msg in stream:
         out.request_id = msg.request_id
         out.text += msg.text
         out.token_ids.extend(msg.token_ids)
+        out.features.extend(msg.features)
         if msg.prompt_token_ids:
             out.prompt_token_ids = list(msg.prompt_token_ids)
         if msg.finish_reason:

@@ -94,3 +94,21 @@ def intervention_delta(
     act = feature_activations(sae, x, feat)  # [R, K]
     coef = edited_values(mode, value.to(act.dtype), act) - act  # [R, K]
     return torch.einsum("rk,rkd->rd", coef, sae.W_dec[feat])
+
+
+def read_latents(
+    sae: SAE, x: torch.Tensor, feat: torch.Tensor, mode: torch.Tensor, value: torch.Tensor
+) -> torch.Tensor:
+    """Dense latents ``[R, d_sae]`` of rows ``x [R, d_in]`` as the edits leave them.
+
+    ``feat/mode/value [R, K]`` are the row's edits at this SAE (Mode.NONE = no edit): an
+    edited feature reads as its edited value, every other feature as encoded from ``x``.
+    """
+    acts = encode(sae, x)
+    if feat.numel() == 0:
+        return acts
+    new = edited_values(mode, value.to(acts.dtype), acts.gather(1, feat))
+    real = mode != Mode.NONE
+    rows = torch.arange(acts.shape[0], device=acts.device)[:, None].expand_as(feat)
+    acts[rows[real], feat[real]] = new[real]
+    return acts

@@ -15,7 +15,9 @@ from grpc_reflection.v1alpha import reflection
 
 from sae_runtime.loading import load_sae_config
 from sae_runtime.saes.base import SAEConfig
+from server import convert
 from server.config import ServerConfig
+from server.reads import ReadRouter
 from server.service import SteeringServicer
 from steering.v1 import steering_pb2 as pb
 from steering.v1 import steering_pb2_grpc as pb_grpc
@@ -29,13 +31,15 @@ def load_sae_configs(cfg: ServerConfig) -> dict[str, SAEConfig]:
     return {s.id: load_sae_config(s.path, s.hook_name) for s in cfg.saes}
 
 
-def start_engine(cfg: ServerConfig) -> Any:
+def start_engine(cfg: ServerConfig, reads_addr: str | None) -> Any:
     from sae_runtime.vllm.engine import EngineSettings, build_engine
 
     return build_engine(EngineSettings(
         model=cfg.model,
         saes=[{"id": s.id, "path": str(s.path), "hook_name": s.hook_name} for s in cfg.saes],
         max_interventions=cfg.max_interventions,
+        max_watch=cfg.max_watch,
+        reads_addr=reads_addr,
         dtype=cfg.dtype,
         max_model_len=cfg.max_model_len,
         max_num_seqs=cfg.max_num_seqs,
@@ -55,7 +59,8 @@ class Running:
     dead: asyncio.Event
 
 
-async def build_server(cfg: ServerConfig, engine: Any, saes: dict[str, SAEConfig]) -> Running:
+async def build_server(cfg: ServerConfig, engine: Any, saes: dict[str, SAEConfig],
+                       router: ReadRouter | None = None) -> Running:
     """Create and start the gRPC server around a running engine; returns the bound port."""
     server = grpc.aio.server()
     dead = asyncio.Event()
@@ -64,9 +69,14 @@ async def build_server(cfg: ServerConfig, engine: Any, saes: dict[str, SAEConfig
     def on_engine_dead() -> None:
         dead.set()
 
+    limits = convert.Limits(
+        max_interventions=cfg.max_interventions, vocab_size=engine.model_config.get_vocab_size(),
+        max_read_top_k=cfg.max_read_top_k, max_watch=cfg.max_watch,
+        max_encode_inputs=cfg.max_encode_inputs,
+    )
     servicer = SteeringServicer(
-        engine, model=cfg.model, saes=saes, max_interventions=cfg.max_interventions,
-        compiled=not cfg.enforce_eager, on_engine_dead=on_engine_dead,
+        engine, model=cfg.model, saes=saes, limits=limits, compiled=not cfg.enforce_eager,
+        router=router, on_engine_dead=on_engine_dead,
     )
     pb_grpc.add_SteeringServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -93,10 +103,13 @@ async def _watch_engine(engine: Any, dead: asyncio.Event) -> None:
 async def serve(cfg: ServerConfig) -> int:
     """Run until SIGTERM/SIGINT (exit 0) or until the engine dies (exit 1)."""
     saes = load_sae_configs(cfg)
+    router = ReadRouter() if saes else None
+    if router is not None:
+        router.start()
     t0 = time.monotonic()
-    engine = start_engine(cfg)
+    engine = start_engine(cfg, router.addr if router else None)
     started = time.monotonic() - t0
-    run = await build_server(cfg, engine, saes)
+    run = await build_server(cfg, engine, saes, router)
     _log_startup(cfg, engine, saes, run.port, started)
 
     stop = asyncio.Event()
@@ -116,6 +129,8 @@ async def serve(cfg: ServerConfig) -> int:
     log.info("shutting down: draining streams for up to %.1fs", grace)
     await run.server.stop(grace)
     engine.shutdown()
+    if router is not None:
+        router.close()
     if engine_died:
         log.error("the vLLM engine died; exiting with status 1")
         return 1

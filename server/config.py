@@ -45,6 +45,9 @@ class ServerConfig(BaseModel):
     max_interventions: int = Field(
         default=32, ge=1, le=4096, description="Most interventions one request may carry."
     )
+    max_read_top_k: int = Field(default=64, ge=1, le=4096, description="Largest top_k one read may ask for.")
+    max_watch: int = Field(default=256, ge=0, le=65536, description="Longest watch list of one read.")
+    max_encode_inputs: int = Field(default=32, ge=1, le=1024, description="Most inputs in one Encode call.")
     max_model_len: int | None = Field(
         default=None, ge=16, description="Longest prompt+generation in tokens (model default)."
     )

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from sae_runtime.errors import InvalidRequestError
 from sae_runtime.interventions import Intervention, Scope, SteeringSpec
 from sae_runtime.ops import Mode
+from sae_runtime.reads import Read, ReadScope, ReadSpec
 from sae_runtime.saes.base import SAEConfig
 from steering.v1 import steering_pb2 as pb
 
@@ -42,6 +43,18 @@ class GenerateInputs:
     ignore_eos: bool
     spec: SteeringSpec
     request_id: str
+    reads: ReadSpec = ReadSpec()
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Server caps a request is validated against."""
+
+    max_interventions: int
+    vocab_size: int
+    max_read_top_k: int = 64
+    max_watch: int = 256
+    max_encode_inputs: int = 32
 
 
 def _finite(field: str, v: float) -> float:
@@ -51,35 +64,15 @@ def _finite(field: str, v: float) -> float:
 
 
 def generate_inputs_from_pb(
-    req: pb.GenerateRequest,
-    *,
-    saes: Mapping[str, SAEConfig],
-    max_interventions: int,
-    vocab_size: int,
+    req: pb.GenerateRequest, *, saes: Mapping[str, SAEConfig], limits: Limits
 ) -> GenerateInputs:
     """Validate a GenerateRequest; errors name the offending field."""
+    vocab_size = limits.vocab_size
     if len(req.request_id) > MAX_REQUEST_ID_LEN:
         raise InvalidRequestError(
             "request_id", f"at most {MAX_REQUEST_ID_LEN} characters, got {len(req.request_id)}"
         )
-    kind = req.prompt.WhichOneof("kind") if req.HasField("prompt") else None
-    text, ids = None, None
-    if kind is None:
-        raise InvalidRequestError("prompt", "required: set prompt.text or prompt.token_ids")
-    if kind == "text":
-        if not req.prompt.text:
-            raise InvalidRequestError("prompt.text", "must not be empty")
-        text = req.prompt.text
-    else:
-        ids = tuple(req.prompt.token_ids.ids)
-        if not ids:
-            raise InvalidRequestError("prompt.token_ids.ids", "must hold at least one token id")
-        for j, t in enumerate(ids):
-            if t >= vocab_size:
-                raise InvalidRequestError(
-                    f"prompt.token_ids.ids[{j}]",
-                    f"token id {t} is out of range (vocab_size={vocab_size})",
-                )
+    text, ids = prompt_from_pb(req.prompt if req.HasField("prompt") else None, "prompt", vocab_size)
 
     s = req.sampling
     max_tokens = s.max_tokens if s.HasField("max_tokens") else DEFAULT_MAX_TOKENS
@@ -104,12 +97,55 @@ def generate_inputs_from_pb(
             )
 
     spec = spec_from_pb(req.interventions)
-    spec.validate(saes, max_interventions)
+    spec.validate(saes, limits.max_interventions)
+    reads = reads_from_pb(req.reads, saes=saes, limits=limits)
     return GenerateInputs(
         prompt_text=text, prompt_ids=ids, max_tokens=max_tokens, temperature=temperature,
         top_p=top_p, top_k=top_k, seed=s.seed if s.HasField("seed") else None,
         stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos,
-        spec=spec, request_id=req.request_id,
+        spec=spec, request_id=req.request_id, reads=reads,
+    )
+
+
+def prompt_from_pb(prompt: pb.Prompt | None, field: str, vocab_size: int
+                   ) -> tuple[str | None, tuple[int, ...] | None]:
+    """(text, None) or (None, token ids) of a Prompt; errors name ``field``."""
+    kind = prompt.WhichOneof("kind") if prompt is not None else None
+    if kind is None:
+        raise InvalidRequestError(field, f"required: set {field}.text or {field}.token_ids")
+    if kind == "text":
+        if not prompt.text:
+            raise InvalidRequestError(f"{field}.text", "must not be empty")
+        return prompt.text, None
+    ids = tuple(prompt.token_ids.ids)
+    if not ids:
+        raise InvalidRequestError(f"{field}.token_ids.ids", "must hold at least one token id")
+    for j, t in enumerate(ids):
+        if t >= vocab_size:
+            raise InvalidRequestError(
+                f"{field}.token_ids.ids[{j}]", f"token id {t} is out of range (vocab_size={vocab_size})"
+            )
+    return None, ids
+
+
+def reads_from_pb(items, *, saes: Mapping[str, SAEConfig], limits: Limits, field: str = "reads",
+                  pooled: bool = False, force_scope: ReadScope | None = None) -> ReadSpec:
+    out = []
+    for j, r in enumerate(items):
+        scope = ReadScope.ALL if r.scope == pb.READ_SCOPE_UNSPECIFIED else r.scope
+        if scope not in (s.value for s in ReadScope):
+            raise InvalidRequestError(f"{field}[{j}].scope", f"unknown scope {r.scope}")
+        out.append(Read(r.sae, r.top_k, tuple(r.watch), force_scope or ReadScope(scope)))
+    spec = ReadSpec(tuple(out), pooled=pooled)
+    spec.validate(saes, max_top_k=limits.max_read_top_k, max_watch=limits.max_watch, prefix=field)
+    return spec
+
+
+def feature_activations_pb(position: int, token_id: int, sae: str, read) -> pb.FeatureActivations:
+    """One position's read (server.reads.PositionRead) as protobuf."""
+    return pb.FeatureActivations(
+        position=position, token_id=token_id, sae=sae, indices=read.indices.tolist(),
+        values=read.values.tolist(), watch_values=read.watch.tolist(),
     )
 
 

@@ -1,7 +1,7 @@
 """The gRPC servicer: validate, convert, call the engine, stream back.
 
 It holds no model math; conversions live in ``server.convert``, engine calls in
-``sae_runtime.vllm.engine``.
+``sae_runtime.vllm.engine``, read routing in ``server.reads``.
 """
 
 from __future__ import annotations
@@ -13,16 +13,26 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import grpc
+import numpy as np
 
-from sae_runtime.errors import SteeringError
+from sae_runtime.errors import InvalidRequestError, SteeringError
+from sae_runtime.interventions import SteeringSpec
+from sae_runtime.reads import ReadScope, ReadSpec
 from sae_runtime.saes.base import SAEConfig
 from sae_runtime.vllm import engine as eng
 from server import convert
 from server.errors import abort_with
+from server.reads import ReadRouter, RequestReads
 from steering.v1 import steering_pb2 as pb
 from steering.v1 import steering_pb2_grpc as pb_grpc
 
 log = logging.getLogger("steerd")
+
+READ_WAIT_S = 30.0  # how long a finished request waits for its last reads from the worker
+
+
+class EngineDead(Exception):
+    """The engine stopped; the RPC ends with UNAVAILABLE."""
 
 
 class SteeringServicer(pb_grpc.SteeringServiceServicer):
@@ -32,22 +42,49 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
         *,
         model: str,
         saes: Mapping[str, SAEConfig],
-        max_interventions: int,
+        limits: convert.Limits,
         compiled: bool,
+        router: ReadRouter | None = None,
         on_engine_dead: Any = None,
     ) -> None:
         self.engine = engine
         self.model = model
         self.saes = dict(saes)
+        self.sae_ids = list(self.saes)
         self.sae_index = {sid: i for i, sid in enumerate(self.saes)}
-        self.max_interventions = max_interventions
+        self.limits = limits
         self.compiled = compiled
+        self.router = router
         self.on_engine_dead = on_engine_dead or (lambda: None)
-        mc = engine.model_config
-        self.vocab_size = mc.get_vocab_size()
-        self.max_model_len = mc.max_model_len
+        self.max_model_len = engine.model_config.max_model_len
         self.tokenizer = engine.get_tokenizer()
         self.active_streams = 0
+
+    def _tokens(self, text: str | None, ids: tuple[int, ...] | None, field: str) -> list[int]:
+        out = list(ids) if ids is not None else list(self.tokenizer.encode(text))
+        if not out:
+            raise InvalidRequestError(f"{field}.text", "tokenizes to zero tokens")
+        return out
+
+    async def _run(self, ids: list[int], params: Any, spec: SteeringSpec, engine_id: str,
+                   context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        """Engine outputs of one request; maps engine death to UNAVAILABLE, aborts if left early."""
+        finished = False
+        try:
+            async for out in self.engine.generate(eng.make_prompt(ids, spec), params, engine_id):
+                finished = out.finished
+                yield out
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - mapped, never leaked
+            if type(e).__name__ == "EngineDeadError":
+                self.on_engine_dead()
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine stopped; retry later")
+            log.exception("request %s failed in the engine", engine_id)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request_id {engine_id})")
+        finally:
+            if not finished:
+                await self.engine.abort(engine_id)
 
     # ------------------------------------------------------------------ Generate
 
@@ -55,15 +92,8 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         try:
-            inputs = convert.generate_inputs_from_pb(
-                request, saes=self.saes, max_interventions=self.max_interventions,
-                vocab_size=self.vocab_size,
-            )
-            ids = list(inputs.prompt_ids or self.tokenizer.encode(inputs.prompt_text))
-            if not ids:
-                from sae_runtime.errors import InvalidRequestError
-
-                raise InvalidRequestError("prompt.text", "tokenizes to zero tokens")
+            inputs = convert.generate_inputs_from_pb(request, saes=self.saes, limits=self.limits)
+            ids = self._tokens(inputs.prompt_text, inputs.prompt_ids, "prompt")
             convert.check_lengths(len(ids), inputs.max_tokens, self.max_model_len)
         except SteeringError as e:
             await abort_with(context, e)
@@ -71,20 +101,23 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
 
         engine_id = uuid.uuid4().hex
         shown_id = inputs.request_id or engine_id
+        reads = inputs.reads if inputs.reads.reads else None
         params = eng.make_sampling_params(
             max_tokens=inputs.max_tokens, temperature=inputs.temperature, top_p=inputs.top_p,
             top_k=inputs.top_k, seed=inputs.seed, stop=list(inputs.stop),
             stop_token_ids=list(inputs.stop_token_ids), ignore_eos=inputs.ignore_eos,
-            spec=inputs.spec, sae_index=self.sae_index,
+            spec=inputs.spec, sae_index=self.sae_index, reads=reads, request_id=engine_id,
         )
-        log.info("generate request_id=%s prompt_tokens=%d max_tokens=%d interventions=%d",
-                 shown_id, len(ids), inputs.max_tokens, len(inputs.spec.interventions))
+        log.info("generate request_id=%s prompt_tokens=%d max_tokens=%d interventions=%d reads=%d",
+                 shown_id, len(ids), inputs.max_tokens, len(inputs.spec.interventions),
+                 len(inputs.reads.reads))
+        buf = self.router.register(engine_id) if reads and self.router else None
+        feed = _ReadFeed(buf, reads, ids, self.sae_index) if buf is not None else None
         self.active_streams += 1
-        finished = False
-        position = len(ids)
         try:
             first = True
-            async for out in self.engine.generate(eng.make_prompt(ids, inputs.spec), params, engine_id):
+            position = len(ids)
+            async for out in self._run(ids, params, inputs.spec, engine_id, context):
                 c = out.outputs[0]
                 msg = pb.GenerateResponse(
                     request_id=shown_id, token_ids=list(c.token_ids), text=c.text,
@@ -94,27 +127,70 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
                 if first:
                     msg.prompt_token_ids.extend(ids)
                     first = False
+                if feed is not None:
+                    feed.generated.extend(c.token_ids)
+                    if out.finished:
+                        await feed.wait_complete(shown_id)
+                    msg.features.extend(feed.take(final=out.finished))
                 if out.finished:
-                    finished = True
                     msg.finish_reason = convert.finish_reason_to_pb(c.finish_reason)
                     msg.usage.CopyFrom(pb.Usage(
                         prompt_tokens=len(ids), completion_tokens=position - len(ids),
                         cached_prompt_tokens=out.num_cached_tokens or 0,
                     ))
                 yield msg
-        except asyncio.CancelledError:
-            log.info("generate request_id=%s cancelled by client", shown_id)
-            raise
-        except Exception as e:  # noqa: BLE001 - mapped below, never leaked
-            if _engine_dead(e):
-                self.on_engine_dead()
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine stopped; retry later")
-            log.exception("generate request_id=%s failed", shown_id)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request_id {shown_id})")
         finally:
             self.active_streams -= 1
-            if not finished:
-                await self.engine.abort(engine_id)
+            if buf is not None:
+                self.router.unregister(engine_id)
+
+    # ------------------------------------------------------------------ Encode
+
+    async def Encode(self, request: pb.EncodeRequest, context) -> pb.EncodeResponse:
+        try:
+            if not request.inputs:
+                raise InvalidRequestError("inputs", "give at least one input")
+            if len(request.inputs) > self.limits.max_encode_inputs:
+                raise InvalidRequestError(
+                    "inputs", f"{len(request.inputs)} inputs given; the server allows at most "
+                    f"{self.limits.max_encode_inputs} per call")
+            if not request.reads:
+                raise InvalidRequestError("reads", "give at least one read")
+            reads = convert.reads_from_pb(request.reads, saes=self.saes, limits=self.limits,
+                                          pooled=True, force_scope=ReadScope.PROMPT)
+            all_ids = []
+            for j, p in enumerate(request.inputs):
+                text, ids = convert.prompt_from_pb(p, f"inputs[{j}]", self.limits.vocab_size)
+                toks = self._tokens(text, ids, f"inputs[{j}]")
+                convert.check_lengths(len(toks), 1, self.max_model_len)
+                all_ids.append(toks)
+        except SteeringError as e:
+            await abort_with(context, e)
+            return pb.EncodeResponse()
+        if self.router is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the server has no SAEs loaded")
+        results = await asyncio.gather(*(self._encode_one(ids, reads, context) for ids in all_ids))
+        return pb.EncodeResponse(results=results)
+
+    async def _encode_one(self, ids: list[int], reads: ReadSpec, context) -> pb.EncodeResult:
+        engine_id = uuid.uuid4().hex
+        params = eng.make_sampling_params(
+            max_tokens=1, temperature=0.0, top_p=1.0, top_k=0, seed=None, stop=[],
+            stop_token_ids=[], ignore_eos=True, spec=SteeringSpec(), sae_index=self.sae_index,
+            reads=reads, request_id=engine_id,
+        )
+        buf = self.router.register(engine_id)
+        try:
+            async for _ in self._run(ids, params, SteeringSpec(), engine_id, context):
+                pass
+            feed = _ReadFeed(buf, reads, ids, self.sae_index)
+            await feed.wait_complete(engine_id, fed=len(ids))
+            result = pb.EncodeResult(token_ids=ids, features=feed.take(final=True, fed=len(ids)))
+            for r in reads.reads:
+                result.pooled.append(_pooled(buf, r, self.sae_index[r.sae], len(ids)))
+            return result
+        finally:
+            self.router.unregister(engine_id)
 
     # ------------------------------------------------------------------ info
 
@@ -131,13 +207,74 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
             architecture=(getattr(hf, "architectures", None) or [""])[0],
             num_layers=mc.get_num_layers(self.engine.vllm_config.parallel_config),
             hidden_size=mc.get_hidden_size(),
-            vocab_size=self.vocab_size,
+            vocab_size=self.limits.vocab_size,
             max_model_len=self.max_model_len,
-            max_interventions=self.max_interventions,
+            max_interventions=self.limits.max_interventions,
             dtype=str(mc.dtype).removeprefix("torch."),
             compiled=self.compiled,
+            max_read_top_k=self.limits.max_read_top_k,
+            max_watch=self.limits.max_watch,
+            max_encode_inputs=self.limits.max_encode_inputs,
         )
 
 
-def _engine_dead(e: BaseException) -> bool:
-    return type(e).__name__ == "EngineDeadError"
+class _ReadFeed:
+    """Turns one request's buffered reads into FeatureActivations, each position once.
+
+    Position p's activation exists once token p has been fed to the model: prompt positions
+    right away, generated position p one step after token p was sampled. The newest token
+    has not been fed yet, so at any time positions < prompt_len + generated - 1 are fed.
+    """
+
+    def __init__(self, buf: RequestReads, reads: ReadSpec, prompt: list[int],
+                 sae_index: Mapping[str, int]) -> None:
+        self.buf = buf
+        self.reads = [(r, sae_index[r.sae]) for r in reads.reads]
+        self.prompt = prompt
+        self.generated: list[int] = []
+        self.next_pos = 0  # positions below this have been sent
+
+    def _fed(self) -> int:
+        return len(self.prompt) + max(len(self.generated) - 1, 0)
+
+    def _expected(self, upto: int) -> dict[int, set[int]]:
+        n = len(self.prompt)
+        return {p: {i for r, i in self.reads if r.covers(p, n)} for p in range(self.next_pos, upto)
+                if any(r.covers(p, n) for r, _ in self.reads)}
+
+    async def wait_complete(self, rid: str, fed: int | None = None) -> None:
+        upto = fed if fed is not None else self._fed()
+        if not await self.buf.wait_for(self._expected(upto), READ_WAIT_S):
+            log.error("request %s: feature reads incomplete after %.0fs", rid, READ_WAIT_S)
+
+    def take(self, final: bool = False, fed: int | None = None) -> list[pb.FeatureActivations]:
+        """Reads of consecutive positions that are complete, from the first unsent one."""
+        upto = fed if fed is not None else self._fed()
+        n = len(self.prompt)
+        out = []
+        while self.next_pos < upto:
+            p = self.next_pos
+            have = self.buf.by_pos.get(p, {})
+            wanted = [(r, i) for r, i in self.reads if r.covers(p, n)]
+            if any(i not in have for _, i in wanted) and not final:
+                break  # keep order: wait for this position
+            tok = self.prompt[p] if p < n else self.generated[p - n]
+            out.extend(convert.feature_activations_pb(p, tok, r.sae, have[i])
+                       for r, i in wanted if i in have)
+            self.next_pos += 1
+        return out
+
+
+def _pooled(buf: RequestReads, read, sae_i: int, n_pos: int) -> pb.PooledActivations:
+    """Watch list first, then the top_k features by max activation."""
+    out = pb.PooledActivations(sae=read.sae)
+    p = buf.pooled.get(sae_i)
+    if p is None:
+        return out
+    mean = p.total / max(n_pos, 1)
+    order = list(read.watch)
+    if read.top_k:
+        order += np.argsort(-p.maximum, kind="stable")[: read.top_k].tolist()
+    for f in order:
+        out.features.append(pb.PooledFeature(index=int(f), max=float(p.maximum[f]), mean=float(mean[f])))
+    return out

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sae_runtime.interventions import EXTRA_ARGS_KEY, SteeringSpec
+from sae_runtime.reads import ReadSpec
 from sae_runtime.vllm import compat
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,8 @@ class EngineSettings:
     model: str
     saes: list[dict[str, Any]]  # [{"id", "path", "hook_name"}], in server order
     max_interventions: int
+    max_watch: int = 0
+    reads_addr: str | None = None  # ZMQ address the worker pushes feature reads to
     dtype: str = "auto"
     max_model_len: int | None = None
     max_num_seqs: int = 64
@@ -44,7 +47,8 @@ def build_engine(s: EngineSettings) -> Any:
         seed=s.seed,
         worker_extension_cls=WORKER_EXTENSION,
         additional_config={
-            "sae_steering": {"saes": s.saes, "max_interventions": s.max_interventions}
+            "sae_steering": {"saes": s.saes, "max_interventions": s.max_interventions,
+                             "max_watch": s.max_watch, "reads_addr": s.reads_addr}
         },
         disable_log_stats=True,
     )
@@ -63,8 +67,20 @@ def make_sampling_params(
     *, max_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None,
     stop: list[str], stop_token_ids: list[int], ignore_eos: bool,
     spec: SteeringSpec, sae_index: dict[str, int],
+    reads: ReadSpec | None = None, request_id: str = "",
 ) -> Any:
-    extra = {EXTRA_ARGS_KEY: spec.to_wire(sae_index)} if spec.interventions else None
+    """SamplingParams carrying the request's edits and reads to the worker.
+
+    A request that reads prompt positions skips reading the prefix cache, so every prompt
+    position is computed (and reported); it still writes the cache for others.
+    """
+    payload: dict[str, Any] = {}
+    if spec.interventions:
+        payload.update(spec.to_wire(sae_index))
+    if reads is not None and reads.reads:
+        payload.update(reads.to_wire(sae_index))
+    if payload:
+        payload["rid"] = request_id
     return compat.SamplingParams(
         max_tokens=max_tokens,
         temperature=temperature,
@@ -75,5 +91,6 @@ def make_sampling_params(
         stop_token_ids=stop_token_ids or None,
         ignore_eos=ignore_eos,
         output_kind=compat.RequestOutputKind.DELTA,
-        extra_args=extra,
+        extra_args={EXTRA_ARGS_KEY: payload} if payload else None,
+        skip_reading_prefix_cache=True if reads is not None and reads.wants_prompt else None,
     )

@@ -27,12 +27,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sae_runtime import ops
 from sae_runtime.errors import SAEFormatError, UnsupportedModelError
 from sae_runtime.interventions import EXTRA_ARGS_KEY, Scope, from_wire
 from sae_runtime.kernels import backend_for, splice_compact, splice_reference
 from sae_runtime.loading import load_sae
+from sae_runtime.reads import ReadScope, reads_from_wire
 from sae_runtime.saes.base import SAE
 from sae_runtime.vllm import compat
+from sae_runtime.vllm.side_channel import ReadPublisher
 
 log = logging.getLogger("sae_runtime.worker")
 
@@ -45,7 +48,8 @@ CONFIG_KEY = "sae_steering"  # key in VllmConfig.additional_config
 class HookTables:
     """Preallocated per-step tables of one hooked SAE."""
 
-    def __init__(self, sae: SAE, max_tokens: int, max_slots: int, max_feats: int) -> None:
+    def __init__(self, sae: SAE, max_tokens: int, max_slots: int, max_feats: int,
+                 max_watch: int = 0) -> None:
         dev = sae.W_enc.device
         self.sae = sae
         self.max_slots = max_slots
@@ -56,18 +60,46 @@ class HookTables:
         self.slot_feat = torch.zeros(max_slots, max_feats, dtype=torch.int64, device=dev)
         self.slot_mode = torch.zeros(max_slots, max_feats, dtype=torch.int32, device=dev)
         self.slot_val = torch.zeros(max_slots, max_feats, dtype=torch.float32, device=dev)
+        # Reads: rows of reading requests, their read slot, and per slot the watch list.
+        self.read_rows = torch.zeros(max_tokens, dtype=torch.int64, device=dev)
+        self.read_slot = torch.zeros(max_tokens, dtype=torch.int64, device=dev)
+        self.rslot_watch = torch.zeros(max_slots, max(max_watch, 1), dtype=torch.int64, device=dev)
         if dev.type != "cpu":
             raise NotImplementedError("SAE tables on non-CPU devices are not wired yet")
         self._np = {n: getattr(self, n).numpy() for n in
-                    ("tok_slot", "rows", "row_slot", "slot_feat", "slot_mode", "slot_val")}
+                    ("tok_slot", "rows", "row_slot", "slot_feat", "slot_mode", "slot_val",
+                     "read_rows", "read_slot", "rslot_watch")}
         self.n_rows = 0
         self.n_slots = 0
+        self.n_read = 0
+        self.n_rslots = 0
+        self.read_k = 0  # largest top_k asked this step
+        self.read_w = 0  # longest watch list this step
+        self.read_pooled = False  # some read this step wants dense latents for pooling
+        self.read_out: tuple | None = None  # (topk values, topk indices, watch values, dense)
         self._dirty_until = 0  # tok_slot entries [0, _dirty_until) may be != -1
 
     def clear(self) -> None:
         if self._dirty_until:
             self._np["tok_slot"][: self._dirty_until] = -1
         self.n_rows = self.n_slots = self._dirty_until = 0
+        self.n_read = self.n_rslots = self.read_k = self.read_w = 0
+        self.read_pooled = False
+        self.read_out = None
+
+    def add_read_rows(self, a: int, b: int, top_k: int, watch: tuple[int, ...], pooled: bool) -> int:
+        """Token rows [a, b) are read; returns the offset of the first one in the read output."""
+        s = self.n_rslots
+        t = self._np
+        t["rslot_watch"][s, : len(watch)] = watch
+        r = self.n_read
+        t["read_rows"][r : r + b - a] = np.arange(a, b)
+        t["read_slot"][r : r + b - a] = s
+        self.n_read, self.n_rslots = r + b - a, s + 1
+        self.read_k = max(self.read_k, top_k)
+        self.read_w = max(self.read_w, len(watch))
+        self.read_pooled |= pooled
+        return r
 
     def add_rows(self, a: int, b: int, feat: np.ndarray, mode: np.ndarray, val: np.ndarray) -> None:
         """Token rows [a, b) apply edits (feat, mode, val) in a fresh slot."""
@@ -88,13 +120,32 @@ class HookTables:
 
     def apply(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         n = self.n_rows
+        if n == 0 and self.n_read == 0 and backend_for(h.device) != "reference":
+            return h.clone()
+        resid = h + residual  # the true residual stream at the hook
+        if self.n_read:
+            self._read(resid)
         if backend_for(h.device) == "reference":
-            return splice_reference(h, h + residual, self.sae, self.tok_slot,
+            return splice_reference(h, resid, self.sae, self.tok_slot,
                                     self.slot_feat, self.slot_mode, self.slot_val)
         if n == 0:
             return h.clone()
-        return splice_compact(h, h + residual, self.sae, self.rows[:n], self.row_slot[:n],
+        return splice_compact(h, resid, self.sae, self.rows[:n], self.row_slot[:n],
                               self.slot_feat, self.slot_mode, self.slot_val)
+
+    def _read(self, resid: torch.Tensor) -> None:
+        """Latents of the reading rows, edited as their request edits them (ops.read_latents)."""
+        n = self.n_read
+        rows = self.read_rows[:n]
+        edit_slot = self.tok_slot[rows]  # [n], -1 = the row has no edit here
+        s = edit_slot.clamp(min=0)
+        mode = torch.where((edit_slot >= 0)[:, None], self.slot_mode[s], torch.zeros_like(self.slot_mode[s]))
+        acts = ops.read_latents(self.sae, resid[rows].to(self.sae.W_enc.dtype),
+                                self.slot_feat[s], mode, self.slot_val[s])  # [n, d_sae]
+        k = self.read_k
+        vals, idx = acts.topk(k, dim=1) if k else (acts[:, :0], acts[:, :0].long())
+        watch = acts.gather(1, self.rslot_watch[self.read_slot[:n], : self.read_w])
+        self.read_out = (vals, idx, watch, acts if self.read_pooled else None)
 
 
 @dataclass(frozen=True)
@@ -107,13 +158,52 @@ class _Plan:
     n_all: int  # edits [0, n_all) apply at prompt positions too
 
 
+@dataclass(frozen=True)
+class _ReadPlan:
+    """One request's read of one SAE."""
+
+    sae_index: int
+    top_k: int
+    watch: tuple[int, ...]
+    scope: int
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """Consecutive read rows of one request at one hook in this step."""
+
+    rid: str
+    read: _ReadPlan
+    hook_id: int
+    offset: int  # first row in the hook's read output
+    n: int
+    pos0: int  # position of the first row
+    pooled: bool
+
+
 class SteeringState:
     """All hooks of this worker, and the per-step table filling."""
 
-    def __init__(self, hooks: list[HookTables], sae_to_hook: list[int]) -> None:
+    def __init__(self, hooks: list[HookTables], sae_to_hook: list[int],
+                 publisher: ReadPublisher | None) -> None:
         self.hooks = hooks
         self.sae_to_hook = sae_to_hook  # server SAE index -> hook id
+        self.publisher = publisher
         self.steps_with_edits = 0
+        self.steps_with_reads = 0
+        self.segments: list[_Segment] = []
+
+    def _reads(self, req) -> tuple[str, list[_ReadPlan], bool]:
+        cached = getattr(req, "_sae_reads", None)
+        if cached is not None:
+            return cached
+        extra = (req.sampling_params.extra_args if req.sampling_params else None) or {}
+        payload = extra.get(EXTRA_ARGS_KEY) or {}
+        reads, pooled = reads_from_wire(payload)
+        plan = (str(payload.get("rid", "")),
+                [_ReadPlan(r.sae_index, r.top_k, r.watch, r.scope) for r in reads], pooled)
+        req._sae_reads = plan
+        return plan
 
     def _plans(self, req) -> dict[int, _Plan]:
         cached = getattr(req, "_sae_plans", None)
@@ -148,14 +238,23 @@ class SteeringState:
             if req is None:
                 continue
             plans = self._plans(req)
-            if not plans:
+            rid, reads, pooled = self._reads(req)
+            if not plans and not reads:
                 continue
             start, end = int(qsl[i]), int(qsl[i + 1])
             if end <= start:
                 continue
             # Positions of rows start..end-1 are computed..computed+(end-start)-1; rows at
             # positions < prompt_len are prompt tokens.
-            split = start + min(max(req.num_prompt_tokens - int(computed[i]), 0), end - start)
+            pos0 = int(computed[i])
+            split = start + min(max(req.num_prompt_tokens - pos0, 0), end - start)
+            for rp in reads:
+                a, b = {ReadScope.PROMPT: (start, split),
+                        ReadScope.GENERATION: (split, end)}.get(rp.scope, (start, end))
+                if b > a:
+                    hook_id = self.sae_to_hook[rp.sae_index]
+                    off = self.hooks[hook_id].add_read_rows(a, b, rp.top_k, rp.watch, pooled)
+                    self.segments.append(_Segment(rid, rp, hook_id, off, b - a, pos0 + a - start, pooled))
             for hook_id, plan in plans.items():
                 hook = self.hooks[hook_id]
                 if split > start and plan.n_all:
@@ -167,7 +266,35 @@ class SteeringState:
         if any_edit:
             self.steps_with_edits += 1
 
+    def publish_reads(self) -> None:
+        """Send this step's reads to the server, one record per segment."""
+        if not self.segments:
+            return
+        self.steps_with_reads += 1
+        records = []
+        for seg in self.segments:
+            out = self.hooks[seg.hook_id].read_out
+            if out is None:  # the hooked layer did not run (cannot happen in a full forward)
+                continue
+            vals, idx, watch, dense = out
+            sl = slice(seg.offset, seg.offset + seg.n)
+            k, w = seg.read.top_k, len(seg.read.watch)
+            rec = {
+                "rid": seg.rid, "sae": seg.read.sae_index, "pos0": seg.pos0, "n": seg.n,
+                "k": k, "idx": idx[sl, :k].to(torch.int32).numpy().tobytes(),
+                "val": vals[sl, :k].to(torch.float32).numpy().tobytes(),
+                "w": w, "wv": watch[sl, :w].to(torch.float32).numpy().tobytes(),
+            }
+            if seg.pooled and dense is not None:
+                d = dense[sl].to(torch.float32)
+                rec["psum"] = d.sum(0).numpy().tobytes()
+                rec["pmax"] = d.max(0).values.numpy().tobytes()
+            records.append(rec)
+        if records and self.publisher is not None:
+            self.publisher.send(records)
+
     def end_step(self) -> None:
+        self.segments.clear()
         for hook in self.hooks:
             hook.clear()
 
@@ -241,7 +368,9 @@ def _patch_runner_class(cls: type) -> None:
                 return orig_fwd(self, *args, **kwargs)
             _STATE.prepare_step(self)
             try:
-                return orig_fwd(self, *args, **kwargs)
+                out = orig_fwd(self, *args, **kwargs)
+                _STATE.publish_reads()
+                return out
             finally:
                 _STATE.end_step()
 
@@ -275,6 +404,7 @@ def install(runner) -> None:
     max_tokens = int(sched.max_num_batched_tokens)
     max_slots = 2 * int(sched.max_num_seqs)
     max_feats = int(cfg["max_interventions"])
+    max_watch = int(cfg.get("max_watch", 0))
     device = next(model.parameters()).device
     hooks: list[HookTables] = []
     sae_to_hook: list[int] = []
@@ -293,13 +423,14 @@ def install(runner) -> None:
                 f"blocks 0..{max(layers)}"
             )
         hook_id = len(hooks)
-        hooks.append(HookTables(sae, max_tokens, max_slots, max_feats))
+        hooks.append(HookTables(sae, max_tokens, max_slots, max_feats, max_watch))
         sae_to_hook.append(hook_id)
         mod = layers[block]
         mod._sae_hook_ids = (*getattr(mod, "_sae_hook_ids", ()), hook_id)
         log.info("SAE %s (%s, d_sae=%d) hooked after block %d", entry["id"], c.architecture,
                  c.d_sae, block)
-    _STATE = SteeringState(hooks, sae_to_hook)
+    addr = cfg.get("reads_addr")
+    _STATE = SteeringState(hooks, sae_to_hook, ReadPublisher(addr) if addr else None)
 
 
 class SteeringWorkerExtension:
@@ -317,8 +448,9 @@ class SteeringWorkerExtension:
     def sae_stats(self) -> dict[str, int]:
         """Counters for tests and metrics."""
         if _STATE is None:
-            return {"hooks": 0, "steps_with_edits": 0}
-        return {"hooks": len(_STATE.hooks), "steps_with_edits": _STATE.steps_with_edits}
+            return {"hooks": 0, "steps_with_edits": 0, "steps_with_reads": 0}
+        return {"hooks": len(_STATE.hooks), "steps_with_edits": _STATE.steps_with_edits,
+                "steps_with_reads": _STATE.steps_with_reads}
 
 
 _register_op()

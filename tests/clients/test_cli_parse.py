@@ -41,3 +41,19 @@ def test_prompt_is_required_and_exclusive():
         parse("--max-tokens", "3")
     with pytest.raises(SystemExit):
         parse("--prompt", "a", "--prompt-ids", "1")
+
+
+def test_reads_merge_per_sae_in_order():
+    from clients.cli import _reads
+
+    a = parse("--prompt", "hi", "--read", "b:4", "--watch", "a:7", "--watch", "b:2", "--watch", "a:1",
+              "--read-scope", "generation")
+    reads = _reads(a.read_topk, a.watch, a.read_scope)
+    assert [(r.sae, r.top_k, list(r.watch), r.scope) for r in reads] == [
+        ("b", 4, [2], pb.READ_SCOPE_GENERATION), ("a", 0, [7, 1], pb.READ_SCOPE_GENERATION)]
+
+
+def test_encode_parses():
+    a = build_parser().parse_args(["encode", "--prompt-ids", "1,2", "--sae", "s", "--top-k", "3",
+                                   "--watch", "5", "--json"])
+    assert (a.prompt_ids, a.sae, a.top_k, a.watch_features, a.json) == ([1, 2], "s", 3, [5], True)

@@ -120,3 +120,21 @@ def test_registry_unknown_name_lists_known():
 
     with pytest.raises(SAEFormatError, match="supported: jumprelu, standard, topk"):
         registry.get("gatedx")
+
+
+@pytest.mark.parametrize("arch", registry.names())
+def test_read_latents_are_sae_lens_latents_with_the_edits_applied(arch, tmp_path):
+    ref, path = _saelens_sae(arch, tmp_path)
+    ours = load_sae(path)
+    x = torch.randn(6, D_IN)
+    with torch.no_grad():
+        want = ref.encode(x)
+    # rows 0-2: clamp 3 to 9, scale 5 by 2, ablate 8, add 1.5 to 9; rows 3-5: no edits
+    feat = torch.tensor([[3, 5, 8, 9]] * 3 + [[0, 0, 0, 0]] * 3)
+    mode = torch.tensor([[1, 3, 2, 4]] * 3 + [[0, 0, 0, 0]] * 3)
+    val = torch.tensor([[9.0, 2.0, 0.0, 1.5]] * 3 + [[0.0] * 4] * 3)
+    want[:3, 3] = 9.0
+    want[:3, 5] *= 2.0
+    want[:3, 8] = 0.0
+    want[:3, 9] += 1.5
+    torch.testing.assert_close(ops.read_latents(ours, x, feat, mode, val), want, atol=1e-5, rtol=0)

@@ -16,8 +16,17 @@ SAES = {"s": SAEConfig("standard", 8, 100, "blocks.1.hook_resid_post", 1, "resid
 build = SteeringClient.build_request
 
 
+LIMITS = convert.Limits(max_interventions=3, vocab_size=512, max_read_top_k=10, max_watch=4)
+
+
 def conv(req):
-    return convert.generate_inputs_from_pb(req, saes=SAES, max_interventions=3, vocab_size=512)
+    return convert.generate_inputs_from_pb(req, saes=SAES, limits=LIMITS)
+
+
+def with_reads(*reads):
+    req = build("x")
+    req.reads.extend(reads)
+    return req
 
 
 def test_defaults_and_round_trip():
@@ -54,6 +63,13 @@ def test_defaults_and_round_trip():
         (build("x", interventions=[clamp("s", 100, 1.0)]), "interventions[0].feature"),
         (build("x", interventions=[clamp("s", 1, float("inf"))]), "interventions[0].value"),
         (build("x", interventions=[clamp("s", i, 1.0) for i in range(4)]), "interventions"),
+        (with_reads(pb.FeatureRead(sae="s")), "reads[0]"),
+        (with_reads(pb.FeatureRead(sae="s", top_k=11)), "reads[0].top_k"),
+        (with_reads(pb.FeatureRead(sae="s", watch=[1, 2, 3, 4, 5])), "reads[0].watch"),
+        (with_reads(pb.FeatureRead(sae="s", watch=[1, 100])), "reads[0].watch[1]"),
+        (with_reads(pb.FeatureRead(sae="s", watch=[7, 7])), "reads[0].watch[1]"),
+        (with_reads(pb.FeatureRead(sae="s", top_k=1, scope=9)), "reads[0].scope"),
+        (with_reads(pb.FeatureRead(sae="s", top_k=1), pb.FeatureRead(sae="s", top_k=2)), "reads[1].sae"),
     ],
 )
 def test_bad_requests_name_the_field(req, field):
@@ -65,6 +81,18 @@ def test_bad_requests_name_the_field(req, field):
 def test_unknown_sae_is_not_found_error():
     with pytest.raises(UnknownSAEError):
         conv(build("x", interventions=[clamp("nope", 1, 1.0)]))
+    with pytest.raises(UnknownSAEError) as ei:
+        conv(with_reads(pb.FeatureRead(sae="nope", top_k=1)))
+    assert ei.value.field == "reads[0].sae"
+
+
+def test_reads_round_trip_and_default_scope():
+    got = conv(with_reads(pb.FeatureRead(sae="s", top_k=3, watch=[5, 1])))
+    (r,) = got.reads.reads
+    assert (r.sae, r.top_k, r.watch, int(r.scope)) == ("s", 3, (5, 1), 1)
+    assert got.reads.wants_prompt
+    gen = conv(with_reads(pb.FeatureRead(sae="s", top_k=3, scope=pb.READ_SCOPE_GENERATION)))
+    assert not gen.reads.wants_prompt
 
 
 def test_check_lengths():

@@ -24,21 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asteering/v1/steering.proto\x12\x0bsteering.v1\"L\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.steering.v1.TokenIdsH\x00\x42\x06\n\x04kind\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xf4\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\x8b\x01\n\x0cIntervention\x12\x0b\n\x03sae\x18\x01 \x01(\t\x12\x0f\n\x07\x66\x65\x61ture\x18\x02 \x01(\r\x12+\n\x04mode\x18\x03 \x01(\x0e\x32\x1d.steering.v1.InterventionMode\x12\r\n\x05value\x18\x04 \x01(\x02\x12!\n\x05scope\x18\x05 \x01(\x0e\x32\x12.steering.v1.Scope\"\xab\x01\n\x0fGenerateRequest\x12#\n\x06prompt\x18\x01 \x01(\x0b\x32\x13.steering.v1.Prompt\x12-\n\x08sampling\x18\x02 \x01(\x0b\x32\x1b.steering.v1.SamplingParams\x12\x30\n\rinterventions\x18\x03 \x03(\x0b\x32\x19.steering.v1.Intervention\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xce\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x16\n\x0e\x66irst_position\x18\x04 \x01(\r\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.steering.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.steering.v1.Usage\x12\x18\n\x10prompt_token_ids\x18\x07 \x03(\r\"\x11\n\x0fListSAEsRequest\"\xcd\x01\n\x07SAEInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x11\n\thook_name\x18\x04 \x01(\t\x12#\n\x04site\x18\x05 \x01(\x0e\x32\x15.steering.v1.HookSite\x12\r\n\x05layer\x18\x06 \x01(\r\x12\r\n\x05\x64_sae\x18\x07 \x01(\r\x12\x0c\n\x04\x64_in\x18\x08 \x01(\r\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x12\n\nmodel_name\x18\n \x01(\t\x12\t\n\x01k\x18\x0b \x01(\r\"6\n\x10ListSAEsResponse\x12\"\n\x04saes\x18\x01 \x03(\x0b\x32\x14.steering.v1.SAEInfo\"\x15\n\x13GetModelInfoRequest\"\xcb\x01\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12\x19\n\x11max_interventions\x18\x07 \x01(\r\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x10\n\x08\x63ompiled\x18\t \x01(\x08*\xa8\x01\n\x10InterventionMode\x12!\n\x1dINTERVENTION_MODE_UNSPECIFIED\x10\x00\x12\x1b\n\x17INTERVENTION_MODE_CLAMP\x10\x01\x12\x1c\n\x18INTERVENTION_MODE_ABLATE\x10\x02\x12\x1b\n\x17INTERVENTION_MODE_SCALE\x10\x03\x12\x19\n\x15INTERVENTION_MODE_ADD\x10\x04*H\n\x05Scope\x12\x15\n\x11SCOPE_UNSPECIFIED\x10\x00\x12\r\n\tSCOPE_ALL\x10\x01\x12\x19\n\x15SCOPE_GENERATION_ONLY\x10\x02*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*X\n\x08HookSite\x12\x19\n\x15HOOK_SITE_UNSPECIFIED\x10\x00\x12\x18\n\x14HOOK_SITE_RESID_POST\x10\x01\x12\x17\n\x13HOOK_SITE_RESID_PRE\x10\x02\x32\xfa\x01\n\x0fSteeringService\x12I\n\x08Generate\x12\x1c.steering.v1.GenerateRequest\x1a\x1d.steering.v1.GenerateResponse0\x01\x12G\n\x08ListSAEs\x12\x1c.steering.v1.ListSAEsRequest\x1a\x1d.steering.v1.ListSAEsResponse\x12S\n\x0cGetModelInfo\x12 .steering.v1.GetModelInfoRequest\x1a!.steering.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asteering/v1/steering.proto\x12\x0bsteering.v1\"L\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.steering.v1.TokenIdsH\x00\x42\x06\n\x04kind\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xf4\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\x8b\x01\n\x0cIntervention\x12\x0b\n\x03sae\x18\x01 \x01(\t\x12\x0f\n\x07\x66\x65\x61ture\x18\x02 \x01(\r\x12+\n\x04mode\x18\x03 \x01(\x0e\x32\x1d.steering.v1.InterventionMode\x12\r\n\x05value\x18\x04 \x01(\x02\x12!\n\x05scope\x18\x05 \x01(\x0e\x32\x12.steering.v1.Scope\"\xd4\x01\n\x0fGenerateRequest\x12#\n\x06prompt\x18\x01 \x01(\x0b\x32\x13.steering.v1.Prompt\x12-\n\x08sampling\x18\x02 \x01(\x0b\x32\x1b.steering.v1.SamplingParams\x12\x30\n\rinterventions\x18\x03 \x03(\x0b\x32\x19.steering.v1.Intervention\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\'\n\x05reads\x18\x05 \x03(\x0b\x32\x18.steering.v1.FeatureRead\"_\n\x0b\x46\x65\x61tureRead\x12\x0b\n\x03sae\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05watch\x18\x03 \x03(\r\x12%\n\x05scope\x18\x04 \x01(\x0e\x32\x16.steering.v1.ReadScope\"|\n\x12\x46\x65\x61tureActivations\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0b\n\x03sae\x18\x03 \x01(\t\x12\x0f\n\x07indices\x18\x04 \x03(\r\x12\x0e\n\x06values\x18\x05 \x03(\x02\x12\x14\n\x0cwatch_values\x18\x06 \x03(\x02\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\x81\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x16\n\x0e\x66irst_position\x18\x04 \x01(\r\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.steering.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.steering.v1.Usage\x12\x18\n\x10prompt_token_ids\x18\x07 \x03(\r\x12\x31\n\x08\x66\x65\x61tures\x18\x08 \x03(\x0b\x32\x1f.steering.v1.FeatureActivations\"]\n\rEncodeRequest\x12#\n\x06inputs\x18\x01 \x03(\x0b\x32\x13.steering.v1.Prompt\x12\'\n\x05reads\x18\x02 \x03(\x0b\x32\x18.steering.v1.FeatureRead\"9\n\rPooledFeature\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0b\n\x03max\x18\x02 \x01(\x02\x12\x0c\n\x04mean\x18\x03 \x01(\x02\"N\n\x11PooledActivations\x12\x0b\n\x03sae\x18\x01 \x01(\t\x12,\n\x08\x66\x65\x61tures\x18\x02 \x03(\x0b\x32\x1a.steering.v1.PooledFeature\"\x84\x01\n\x0c\x45ncodeResult\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x31\n\x08\x66\x65\x61tures\x18\x02 \x03(\x0b\x32\x1f.steering.v1.FeatureActivations\x12.\n\x06pooled\x18\x03 \x03(\x0b\x32\x1e.steering.v1.PooledActivations\"<\n\x0e\x45ncodeResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.steering.v1.EncodeResult\"\x11\n\x0fListSAEsRequest\"\xcd\x01\n\x07SAEInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x11\n\thook_name\x18\x04 \x01(\t\x12#\n\x04site\x18\x05 \x01(\x0e\x32\x15.steering.v1.HookSite\x12\r\n\x05layer\x18\x06 \x01(\r\x12\r\n\x05\x64_sae\x18\x07 \x01(\r\x12\x0c\n\x04\x64_in\x18\x08 \x01(\r\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x12\n\nmodel_name\x18\n \x01(\t\x12\t\n\x01k\x18\x0b \x01(\r\"6\n\x10ListSAEsResponse\x12\"\n\x04saes\x18\x01 \x03(\x0b\x32\x14.steering.v1.SAEInfo\"\x15\n\x13GetModelInfoRequest\"\x91\x02\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12\x19\n\x11max_interventions\x18\x07 \x01(\r\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x10\n\x08\x63ompiled\x18\t \x01(\x08\x12\x16\n\x0emax_read_top_k\x18\n \x01(\r\x12\x11\n\tmax_watch\x18\x0b \x01(\r\x12\x19\n\x11max_encode_inputs\x18\x0c \x01(\r*\xa8\x01\n\x10InterventionMode\x12!\n\x1dINTERVENTION_MODE_UNSPECIFIED\x10\x00\x12\x1b\n\x17INTERVENTION_MODE_CLAMP\x10\x01\x12\x1c\n\x18INTERVENTION_MODE_ABLATE\x10\x02\x12\x1b\n\x17INTERVENTION_MODE_SCALE\x10\x03\x12\x19\n\x15INTERVENTION_MODE_ADD\x10\x04*H\n\x05Scope\x12\x15\n\x11SCOPE_UNSPECIFIED\x10\x00\x12\r\n\tSCOPE_ALL\x10\x01\x12\x19\n\x15SCOPE_GENERATION_ONLY\x10\x02*m\n\tReadScope\x12\x1a\n\x16READ_SCOPE_UNSPECIFIED\x10\x00\x12\x12\n\x0eREAD_SCOPE_ALL\x10\x01\x12\x15\n\x11READ_SCOPE_PROMPT\x10\x02\x12\x19\n\x15READ_SCOPE_GENERATION\x10\x03*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*X\n\x08HookSite\x12\x19\n\x15HOOK_SITE_UNSPECIFIED\x10\x00\x12\x18\n\x14HOOK_SITE_RESID_POST\x10\x01\x12\x17\n\x13HOOK_SITE_RESID_PRE\x10\x02\x32\xbd\x02\n\x0fSteeringService\x12I\n\x08Generate\x12\x1c.steering.v1.GenerateRequest\x1a\x1d.steering.v1.GenerateResponse0\x01\x12G\n\x08ListSAEs\x12\x1c.steering.v1.ListSAEsRequest\x1a\x1d.steering.v1.ListSAEsResponse\x12S\n\x0cGetModelInfo\x12 .steering.v1.GetModelInfoRequest\x1a!.steering.v1.GetModelInfoResponse\x12\x41\n\x06\x45ncode\x12\x1a.steering.v1.EncodeRequest\x1a\x1b.steering.v1.EncodeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'steering.v1.steering_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INTERVENTIONMODE']._serialized_start=1520
-  _globals['_INTERVENTIONMODE']._serialized_end=1688
-  _globals['_SCOPE']._serialized_start=1690
-  _globals['_SCOPE']._serialized_end=1762
-  _globals['_FINISHREASON']._serialized_start=1764
-  _globals['_FINISHREASON']._serialized_end=1884
-  _globals['_HOOKSITE']._serialized_start=1886
-  _globals['_HOOKSITE']._serialized_end=1974
+  _globals['_INTERVENTIONMODE']._serialized_start=2336
+  _globals['_INTERVENTIONMODE']._serialized_end=2504
+  _globals['_SCOPE']._serialized_start=2506
+  _globals['_SCOPE']._serialized_end=2578
+  _globals['_READSCOPE']._serialized_start=2580
+  _globals['_READSCOPE']._serialized_end=2689
+  _globals['_FINISHREASON']._serialized_start=2691
+  _globals['_FINISHREASON']._serialized_end=2811
+  _globals['_HOOKSITE']._serialized_start=2813
+  _globals['_HOOKSITE']._serialized_end=2901
   _globals['_PROMPT']._serialized_start=43
   _globals['_PROMPT']._serialized_end=119
   _globals['_TOKENIDS']._serialized_start=121
@@ -48,21 +50,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INTERVENTION']._serialized_start=394
   _globals['_INTERVENTION']._serialized_end=533
   _globals['_GENERATEREQUEST']._serialized_start=536
-  _globals['_GENERATEREQUEST']._serialized_end=707
-  _globals['_USAGE']._serialized_start=709
-  _globals['_USAGE']._serialized_end=796
-  _globals['_GENERATERESPONSE']._serialized_start=799
-  _globals['_GENERATERESPONSE']._serialized_end=1005
-  _globals['_LISTSAESREQUEST']._serialized_start=1007
-  _globals['_LISTSAESREQUEST']._serialized_end=1024
-  _globals['_SAEINFO']._serialized_start=1027
-  _globals['_SAEINFO']._serialized_end=1232
-  _globals['_LISTSAESRESPONSE']._serialized_start=1234
-  _globals['_LISTSAESRESPONSE']._serialized_end=1288
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1290
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1311
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1314
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1517
-  _globals['_STEERINGSERVICE']._serialized_start=1977
-  _globals['_STEERINGSERVICE']._serialized_end=2227
+  _globals['_GENERATEREQUEST']._serialized_end=748
+  _globals['_FEATUREREAD']._serialized_start=750
+  _globals['_FEATUREREAD']._serialized_end=845
+  _globals['_FEATUREACTIVATIONS']._serialized_start=847
+  _globals['_FEATUREACTIVATIONS']._serialized_end=971
+  _globals['_USAGE']._serialized_start=973
+  _globals['_USAGE']._serialized_end=1060
+  _globals['_GENERATERESPONSE']._serialized_start=1063
+  _globals['_GENERATERESPONSE']._serialized_end=1320
+  _globals['_ENCODEREQUEST']._serialized_start=1322
+  _globals['_ENCODEREQUEST']._serialized_end=1415
+  _globals['_POOLEDFEATURE']._serialized_start=1417
+  _globals['_POOLEDFEATURE']._serialized_end=1474
+  _globals['_POOLEDACTIVATIONS']._serialized_start=1476
+  _globals['_POOLEDACTIVATIONS']._serialized_end=1554
+  _globals['_ENCODERESULT']._serialized_start=1557
+  _globals['_ENCODERESULT']._serialized_end=1689
+  _globals['_ENCODERESPONSE']._serialized_start=1691
+  _globals['_ENCODERESPONSE']._serialized_end=1751
+  _globals['_LISTSAESREQUEST']._serialized_start=1753
+  _globals['_LISTSAESREQUEST']._serialized_end=1770
+  _globals['_SAEINFO']._serialized_start=1773
+  _globals['_SAEINFO']._serialized_end=1978
+  _globals['_LISTSAESRESPONSE']._serialized_start=1980
+  _globals['_LISTSAESRESPONSE']._serialized_end=2034
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2036
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2057
+  _globals['_GETMODELINFORESPONSE']._serialized_start=2060
+  _globals['_GETMODELINFORESPONSE']._serialized_end=2333
+  _globals['_STEERINGSERVICE']._serialized_start=2904
+  _globals['_STEERINGSERVICE']._serialized_end=3221
 # @@protoc_insertion_point(module_scope)

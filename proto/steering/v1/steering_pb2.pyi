@@ -21,6 +21,13 @@ class Scope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SCOPE_ALL: _ClassVar[Scope]
     SCOPE_GENERATION_ONLY: _ClassVar[Scope]
 
+class ReadScope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    READ_SCOPE_UNSPECIFIED: _ClassVar[ReadScope]
+    READ_SCOPE_ALL: _ClassVar[ReadScope]
+    READ_SCOPE_PROMPT: _ClassVar[ReadScope]
+    READ_SCOPE_GENERATION: _ClassVar[ReadScope]
+
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
@@ -41,6 +48,10 @@ INTERVENTION_MODE_ADD: InterventionMode
 SCOPE_UNSPECIFIED: Scope
 SCOPE_ALL: Scope
 SCOPE_GENERATION_ONLY: Scope
+READ_SCOPE_UNSPECIFIED: ReadScope
+READ_SCOPE_ALL: ReadScope
+READ_SCOPE_PROMPT: ReadScope
+READ_SCOPE_GENERATION: ReadScope
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP: FinishReason
@@ -98,16 +109,46 @@ class Intervention(_message.Message):
     def __init__(self, sae: _Optional[str] = ..., feature: _Optional[int] = ..., mode: _Optional[_Union[InterventionMode, str]] = ..., value: _Optional[float] = ..., scope: _Optional[_Union[Scope, str]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "sampling", "interventions", "request_id")
+    __slots__ = ("prompt", "sampling", "interventions", "request_id", "reads")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     INTERVENTIONS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    READS_FIELD_NUMBER: _ClassVar[int]
     prompt: Prompt
     sampling: SamplingParams
     interventions: _containers.RepeatedCompositeFieldContainer[Intervention]
     request_id: str
-    def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., interventions: _Optional[_Iterable[_Union[Intervention, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    reads: _containers.RepeatedCompositeFieldContainer[FeatureRead]
+    def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., interventions: _Optional[_Iterable[_Union[Intervention, _Mapping]]] = ..., request_id: _Optional[str] = ..., reads: _Optional[_Iterable[_Union[FeatureRead, _Mapping]]] = ...) -> None: ...
+
+class FeatureRead(_message.Message):
+    __slots__ = ("sae", "top_k", "watch", "scope")
+    SAE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    WATCH_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    sae: str
+    top_k: int
+    watch: _containers.RepeatedScalarFieldContainer[int]
+    scope: ReadScope
+    def __init__(self, sae: _Optional[str] = ..., top_k: _Optional[int] = ..., watch: _Optional[_Iterable[int]] = ..., scope: _Optional[_Union[ReadScope, str]] = ...) -> None: ...
+
+class FeatureActivations(_message.Message):
+    __slots__ = ("position", "token_id", "sae", "indices", "values", "watch_values")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    SAE_FIELD_NUMBER: _ClassVar[int]
+    INDICES_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    WATCH_VALUES_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    token_id: int
+    sae: str
+    indices: _containers.RepeatedScalarFieldContainer[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    watch_values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, position: _Optional[int] = ..., token_id: _Optional[int] = ..., sae: _Optional[str] = ..., indices: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[float]] = ..., watch_values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "cached_prompt_tokens")
@@ -120,7 +161,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "token_ids", "text", "first_position", "finish_reason", "usage", "prompt_token_ids")
+    __slots__ = ("request_id", "token_ids", "text", "first_position", "finish_reason", "usage", "prompt_token_ids", "features")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +169,7 @@ class GenerateResponse(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
@@ -135,7 +177,50 @@ class GenerateResponse(_message.Message):
     finish_reason: FinishReason
     usage: Usage
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., first_position: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    features: _containers.RepeatedCompositeFieldContainer[FeatureActivations]
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., first_position: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., features: _Optional[_Iterable[_Union[FeatureActivations, _Mapping]]] = ...) -> None: ...
+
+class EncodeRequest(_message.Message):
+    __slots__ = ("inputs", "reads")
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    READS_FIELD_NUMBER: _ClassVar[int]
+    inputs: _containers.RepeatedCompositeFieldContainer[Prompt]
+    reads: _containers.RepeatedCompositeFieldContainer[FeatureRead]
+    def __init__(self, inputs: _Optional[_Iterable[_Union[Prompt, _Mapping]]] = ..., reads: _Optional[_Iterable[_Union[FeatureRead, _Mapping]]] = ...) -> None: ...
+
+class PooledFeature(_message.Message):
+    __slots__ = ("index", "max", "mean")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    max: float
+    mean: float
+    def __init__(self, index: _Optional[int] = ..., max: _Optional[float] = ..., mean: _Optional[float] = ...) -> None: ...
+
+class PooledActivations(_message.Message):
+    __slots__ = ("sae", "features")
+    SAE_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    sae: str
+    features: _containers.RepeatedCompositeFieldContainer[PooledFeature]
+    def __init__(self, sae: _Optional[str] = ..., features: _Optional[_Iterable[_Union[PooledFeature, _Mapping]]] = ...) -> None: ...
+
+class EncodeResult(_message.Message):
+    __slots__ = ("token_ids", "features", "pooled")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    POOLED_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    features: _containers.RepeatedCompositeFieldContainer[FeatureActivations]
+    pooled: _containers.RepeatedCompositeFieldContainer[PooledActivations]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., features: _Optional[_Iterable[_Union[FeatureActivations, _Mapping]]] = ..., pooled: _Optional[_Iterable[_Union[PooledActivations, _Mapping]]] = ...) -> None: ...
+
+class EncodeResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[EncodeResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[EncodeResult, _Mapping]]] = ...) -> None: ...
 
 class ListSAEsRequest(_message.Message):
     __slots__ = ()
@@ -178,7 +263,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model", "architecture", "num_layers", "hidden_size", "vocab_size", "max_model_len", "max_interventions", "dtype", "compiled")
+    __slots__ = ("model", "architecture", "num_layers", "hidden_size", "vocab_size", "max_model_len", "max_interventions", "dtype", "compiled", "max_read_top_k", "max_watch", "max_encode_inputs")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +273,9 @@ class GetModelInfoResponse(_message.Message):
     MAX_INTERVENTIONS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     COMPILED_FIELD_NUMBER: _ClassVar[int]
+    MAX_READ_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MAX_WATCH_FIELD_NUMBER: _ClassVar[int]
+    MAX_ENCODE_INPUTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     architecture: str
     num_layers: int
@@ -197,4 +285,7 @@ class GetModelInfoResponse(_message.Message):
     max_interventions: int
     dtype: str
     compiled: bool
-    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_interventions: _Optional[int] = ..., dtype: _Optional[str] = ..., compiled: _Optional[bool] = ...) -> None: ...
+    max_read_top_k: int
+    max_watch: int
+    max_encode_inputs: int
+    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_interventions: _Optional[int] = ..., dtype: _Optional[str] = ..., compiled: _Optional[bool] = ..., max_read_top_k: _Optional[int] = ..., max_watch: _Optional[int] = ..., max_encode_inputs: _Optional[int] = ...) -> None: ...

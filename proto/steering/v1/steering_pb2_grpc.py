@@ -50,6 +50,11 @@ class SteeringServiceStub:
                 request_serializer=steering_dot_v1_dot_steering__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=steering_dot_v1_dot_steering__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
+        self.Encode = channel.unary_unary(
+                '/steering.v1.SteeringService/Encode',
+                request_serializer=steering_dot_v1_dot_steering__pb2.EncodeRequest.SerializeToString,
+                response_deserializer=steering_dot_v1_dot_steering__pb2.EncodeResponse.FromString,
+                _registered_method=True)
 
 
 class SteeringServiceServicer:
@@ -79,6 +84,14 @@ class SteeringServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Encode(self, request, context):
+        """Encode runs prompts through the model (no generation) and returns their
+        per-token feature activations and pooled per-feature statistics.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SteeringServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +109,11 @@ def add_SteeringServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=steering_dot_v1_dot_steering__pb2.GetModelInfoRequest.FromString,
                     response_serializer=steering_dot_v1_dot_steering__pb2.GetModelInfoResponse.SerializeToString,
+            ),
+            'Encode': grpc.unary_unary_rpc_method_handler(
+                    servicer.Encode,
+                    request_deserializer=steering_dot_v1_dot_steering__pb2.EncodeRequest.FromString,
+                    response_serializer=steering_dot_v1_dot_steering__pb2.EncodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -180,6 +198,33 @@ class SteeringService:
             '/steering.v1.SteeringService/GetModelInfo',
             steering_dot_v1_dot_steering__pb2.GetModelInfoRequest.SerializeToString,
             steering_dot_v1_dot_steering__pb2.GetModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Encode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/steering.v1.SteeringService/Encode',
+            steering_dot_v1_dot_steering__pb2.EncodeRequest.SerializeToString,
+            steering_dot_v1_dot_steering__pb2.EncodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

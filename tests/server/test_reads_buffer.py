@@ -1,0 +1,52 @@
+"""The server-side read buffer: de-duplication, pooling, and ordered hand-out."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from sae_runtime.reads import Read, ReadScope, ReadSpec
+from server.reads import RequestReads
+from server.service import _ReadFeed
+
+
+def rec(pos0, n, k=2, sae=0, base=0.0, pooled=False):
+    idx = np.arange(n * k, dtype=np.int32).reshape(n, k)
+    val = (base + np.arange(n * k, dtype=np.float32)).reshape(n, k)
+    r = {"rid": "r", "sae": sae, "pos0": pos0, "n": n, "k": k, "idx": idx.tobytes(),
+         "val": val.tobytes(), "w": 1, "wv": val[:, :1].copy().tobytes()}
+    if pooled:
+        r["psum"] = np.full(4, float(n), dtype=np.float32).tobytes()
+        r["pmax"] = np.full(4, base, dtype=np.float32).tobytes()
+    return r
+
+
+def test_recomputed_positions_and_chunks_are_not_counted_twice():
+    async def go():
+        b = RequestReads()
+        b.add(rec(0, 3, pooled=True))
+        b.add(rec(0, 3, base=100.0, pooled=True))  # a preempted request recomputes positions 0-2
+        b.add(rec(3, 2, base=5.0, pooled=True))
+        assert float(b.by_pos[0][0].values[0]) == 0.0  # the first report wins
+        assert b.pooled[0].total.tolist() == [5.0] * 4 and b.pooled[0].maximum.tolist() == [5.0] * 4
+        assert await b.wait_for({4: {0}}, timeout=0.1)
+        assert not await b.wait_for({5: {0}}, timeout=0.05)
+    asyncio.run(go())
+
+
+def test_feed_hands_out_each_position_once_in_order_and_skips_unfed():
+    async def go():
+        b = RequestReads()
+        spec = ReadSpec((Read("a", 2, (), ReadScope.ALL),))
+        feed = _ReadFeed(b, spec, prompt=[7, 8, 9], sae_index={"a": 0})
+        b.add(rec(0, 2))
+        assert [f.position for f in feed.take()] == [0, 1]
+        b.add(rec(3, 1))  # position 2 missing: 3 must wait to keep order
+        feed.generated = [11, 12]  # positions 3 and 4 sampled; 4 not fed yet
+        assert feed.take() == []
+        b.add(rec(2, 1))
+        out = feed.take()
+        assert [(f.position, f.token_id) for f in out] == [(2, 9), (3, 11)]
+        assert feed.take() == []
+    asyncio.run(go())
