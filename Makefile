@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup serve test test-fast proto proto-check clean-venv default-artifacts
+.PHONY: setup serve test test-fast bench proto proto-check clean-venv default-artifacts
 
 setup: $(STAMP)/project
 
@@ -54,6 +54,12 @@ serve: default-artifacts
 
 test: setup
 	$(BIN)/python -m pytest -q -ra
+
+# Measured, not asserted: writes docs/benchmarks.{json,md} (about 10 minutes on 2 cores).
+bench: setup
+	$(BIN)/python -m loadtests.bench_e2e --out docs/benchmarks.json
+	$(BIN)/python -m loadtests.bench_kernels --quick --out docs/benchmarks_kernels.json
+	$(BIN)/python -m loadtests.report docs > docs/benchmarks.md
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -ra -m "not e2e"

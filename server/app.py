@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sae_runtime.loading import load_sae_config
+from sae_runtime.vllm.engine import resolve_sae_dtype
 from sae_runtime.saes.base import SAEConfig
 from server import convert
 from server.config import ServerConfig
@@ -32,13 +33,14 @@ def load_sae_configs(cfg: ServerConfig) -> dict[str, SAEConfig]:
 
 
 def start_engine(cfg: ServerConfig, reads_addr: str | None) -> Any:
-    from sae_runtime.vllm.engine import EngineSettings, build_engine
+    from sae_runtime.vllm.engine import EngineSettings, build_engine  # imports vLLM
 
     return build_engine(EngineSettings(
         model=cfg.model,
         saes=[{"id": s.id, "path": str(s.path), "hook_name": s.hook_name} for s in cfg.saes],
         max_interventions=cfg.max_interventions,
         max_watch=cfg.max_watch,
+        sae_dtype=cfg.sae_dtype,
         reads_addr=reads_addr,
         dtype=cfg.dtype,
         max_model_len=cfg.max_model_len,
@@ -77,6 +79,7 @@ async def build_server(cfg: ServerConfig, engine: Any, saes: dict[str, SAEConfig
     servicer = SteeringServicer(
         engine, model=cfg.model, saes=saes, limits=limits, compiled=not cfg.enforce_eager,
         router=router, on_engine_dead=on_engine_dead,
+        sae_dtype=resolve_sae_dtype(cfg.sae_dtype, engine.model_config.dtype),
     )
     pb_grpc.add_SteeringServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -153,7 +156,8 @@ def _log_startup(cfg, engine, saes, port, started_s) -> None:
     for sid, c in saes.items():
         print(f"steerd: SAE {sid}: format {c.format}, architecture {c.architecture}, "
               f"site {c.site}, layer {c.layer}, width {c.d_sae}, d_model {c.d_in}, "
-              f"dtype float32" + (f", k {c.k}" if c.k else ""), flush=True)
+              f"dtype {resolve_sae_dtype(cfg.sae_dtype, mc.dtype)}" + (f", k {c.k}" if c.k else ""),
+              flush=True)
         if c.model_name and not _same_model(c.model_name, cfg.model):
             log.warning("SAE %s was trained on %r, which differs from the served model %s",
                         sid, c.model_name, cfg.model)

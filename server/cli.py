@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
-from typing import get_args
+from typing import Literal, get_args, get_origin
 
 from pydantic import ValidationError
 
@@ -27,8 +27,10 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
         else:
             types = [t for t in get_args(field.annotation) or (field.annotation,) if t is not type(None)]
             kind = types[0] if types and types[0] in (int, float) else str
+            choices = list(get_args(field.annotation)) if get_origin(field.annotation) is Literal else None
             required = field.is_required()
-            p.add_argument(flag, type=kind, required=required, default=None if required else default,
+            p.add_argument(flag, type=str if choices else kind, choices=choices, required=required,
+                           default=None if required else default,
                            help=field.description + ("" if required else f" (default: {default})"))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -56,6 +57,9 @@ class ServerConfig(BaseModel):
         default=None, ge=16, description="Token budget of one engine step (vLLM default)."
     )
     dtype: str = Field(default="auto", description="Model dtype: auto, float32, bfloat16, ...")
+    sae_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="Dtype SAEs compute in; auto = the model's dtype."
+    )
     enforce_eager: bool = Field(
         default=False, description="Run the model eagerly instead of compiled (debugging)."
     )

@@ -185,9 +185,9 @@ def finish_reason_to_pb(reason: str | None) -> int:
     return _FINISH.get(reason or "", pb.FINISH_REASON_UNSPECIFIED)
 
 
-def sae_info_to_pb(sae_id: str, cfg: SAEConfig) -> pb.SAEInfo:
+def sae_info_to_pb(sae_id: str, cfg: SAEConfig, dtype: str = "float32") -> pb.SAEInfo:
     return pb.SAEInfo(
         id=sae_id, format=cfg.format, architecture=cfg.architecture, hook_name=cfg.hook_name,
         site=_SITE[cfg.site], layer=cfg.layer, d_sae=cfg.d_sae, d_in=cfg.d_in,
-        dtype="float32", model_name=cfg.model_name, k=cfg.k or 0,
+        dtype=dtype, model_name=cfg.model_name, k=cfg.k or 0,
     )

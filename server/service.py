@@ -46,6 +46,7 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
         compiled: bool,
         router: ReadRouter | None = None,
         on_engine_dead: Any = None,
+        sae_dtype: str = "float32",
     ) -> None:
         self.engine = engine
         self.model = model
@@ -55,6 +56,7 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
         self.limits = limits
         self.compiled = compiled
         self.router = router
+        self.sae_dtype = sae_dtype
         self.on_engine_dead = on_engine_dead or (lambda: None)
         self.max_model_len = engine.model_config.max_model_len
         self.tokenizer = engine.get_tokenizer()
@@ -196,7 +198,7 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
 
     async def ListSAEs(self, request, context) -> pb.ListSAEsResponse:
         return pb.ListSAEsResponse(
-            saes=[convert.sae_info_to_pb(sid, cfg) for sid, cfg in self.saes.items()]
+            saes=[convert.sae_info_to_pb(sid, cfg, self.sae_dtype) for sid, cfg in self.saes.items()]
         )
 
     async def GetModelInfo(self, request, context) -> pb.GetModelInfoResponse:

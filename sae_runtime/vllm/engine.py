@@ -23,6 +23,7 @@ class EngineSettings:
     saes: list[dict[str, Any]]  # [{"id", "path", "hook_name"}], in server order
     max_interventions: int
     max_watch: int = 0
+    sae_dtype: str = "auto"
     reads_addr: str | None = None  # ZMQ address the worker pushes feature reads to
     dtype: str = "auto"
     max_model_len: int | None = None
@@ -48,11 +49,17 @@ def build_engine(s: EngineSettings) -> Any:
         worker_extension_cls=WORKER_EXTENSION,
         additional_config={
             "sae_steering": {"saes": s.saes, "max_interventions": s.max_interventions,
-                             "max_watch": s.max_watch, "reads_addr": s.reads_addr}
+                             "max_watch": s.max_watch, "reads_addr": s.reads_addr,
+                             "sae_dtype": s.sae_dtype}
         },
         disable_log_stats=True,
     )
     return compat.AsyncLLM.from_engine_args(args)
+
+
+def resolve_sae_dtype(sae_dtype: str, model_dtype: Any) -> str:
+    """``auto`` -> the model's dtype name (e.g. ``bfloat16``); explicit names pass through."""
+    return str(model_dtype).removeprefix("torch.") if sae_dtype == "auto" else sae_dtype
 
 
 def make_prompt(token_ids: list[int], spec: SteeringSpec) -> Any:

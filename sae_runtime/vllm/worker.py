@@ -32,7 +32,7 @@ from sae_runtime.errors import SAEFormatError, UnsupportedModelError
 from sae_runtime.interventions import EXTRA_ARGS_KEY, Scope, from_wire
 from sae_runtime.kernels import backend_for, splice_compact, splice_reference
 from sae_runtime.loading import load_sae
-from sae_runtime.reads import ReadScope, reads_from_wire
+from sae_runtime.reads import ReadScope, WireRead, reads_from_wire
 from sae_runtime.saes.base import SAE
 from sae_runtime.vllm import compat
 from sae_runtime.vllm.side_channel import ReadPublisher
@@ -90,6 +90,8 @@ class HookTables:
     def add_read_rows(self, a: int, b: int, top_k: int, watch: tuple[int, ...], pooled: bool) -> int:
         """Token rows [a, b) are read; returns the offset of the first one in the read output."""
         s = self.n_rslots
+        if s >= self.max_slots:  # cannot happen: one read slot per scheduled request at most
+            raise RuntimeError("SAE read slot table overflow")
         t = self._np
         t["rslot_watch"][s, : len(watch)] = watch
         r = self.n_read
@@ -159,21 +161,11 @@ class _Plan:
 
 
 @dataclass(frozen=True)
-class _ReadPlan:
-    """One request's read of one SAE."""
-
-    sae_index: int
-    top_k: int
-    watch: tuple[int, ...]
-    scope: int
-
-
-@dataclass(frozen=True)
 class _Segment:
     """Consecutive read rows of one request at one hook in this step."""
 
     rid: str
-    read: _ReadPlan
+    read: WireRead
     hook_id: int
     offset: int  # first row in the hook's read output
     n: int
@@ -193,15 +185,14 @@ class SteeringState:
         self.steps_with_reads = 0
         self.segments: list[_Segment] = []
 
-    def _reads(self, req) -> tuple[str, list[_ReadPlan], bool]:
+    def _reads(self, req) -> tuple[str, list[WireRead], bool]:
         cached = getattr(req, "_sae_reads", None)
         if cached is not None:
             return cached
         extra = (req.sampling_params.extra_args if req.sampling_params else None) or {}
         payload = extra.get(EXTRA_ARGS_KEY) or {}
         reads, pooled = reads_from_wire(payload)
-        plan = (str(payload.get("rid", "")),
-                [_ReadPlan(r.sae_index, r.top_k, r.watch, r.scope) for r in reads], pooled)
+        plan = (str(payload.get("rid", "")), reads, pooled)
         req._sae_reads = plan
         return plan
 
@@ -406,10 +397,13 @@ def install(runner) -> None:
     max_feats = int(cfg["max_interventions"])
     max_watch = int(cfg.get("max_watch", 0))
     device = next(model.parameters()).device
+    from sae_runtime.vllm.engine import resolve_sae_dtype
+
+    sae_dtype = getattr(torch, resolve_sae_dtype(cfg.get("sae_dtype", "auto"), runner.model_config.dtype))
     hooks: list[HookTables] = []
     sae_to_hook: list[int] = []
     for entry in cfg["saes"]:
-        sae = load_sae(entry["path"], hook_name=entry.get("hook_name")).to(device, torch.float32)
+        sae = load_sae(entry["path"], hook_name=entry.get("hook_name")).to(device, sae_dtype)
         c = sae.cfg
         if c.d_in != hidden:
             raise SAEFormatError(
@@ -427,8 +421,8 @@ def install(runner) -> None:
         sae_to_hook.append(hook_id)
         mod = layers[block]
         mod._sae_hook_ids = (*getattr(mod, "_sae_hook_ids", ()), hook_id)
-        log.info("SAE %s (%s, d_sae=%d) hooked after block %d", entry["id"], c.architecture,
-                 c.d_sae, block)
+        log.info("SAE %s (%s, d_sae=%d, %s) hooked after block %d", entry["id"], c.architecture,
+                 c.d_sae, sae_dtype, block)
     addr = cfg.get("reads_addr")
     _STATE = SteeringState(hooks, sae_to_hook, ReadPublisher(addr) if addr else None)
 

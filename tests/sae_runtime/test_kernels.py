@@ -67,3 +67,17 @@ def test_reference_applies_the_documented_formula():
                            torch.tensor([[int(ops.Mode.CLAMP)]], dtype=torch.int32),
                            torch.tensor([[v]]))
     torch.testing.assert_close(out, h + (v - f_i) * sae.W_dec[i], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("arch", registry.names())
+def test_bf16_sae_close_to_fp32_reference(arch):
+    """SAEs compute in the model's dtype by default; bf16 stays close to the fp32 result."""
+    sae = _sae(arch, 64, 128)
+    sae_bf16 = sae.to("cpu", torch.bfloat16)
+    tok_slot, feat, mode, val = _tables(16, 3, 2, 128)
+    mode[mode == int(ops.Mode.CLAMP)] = int(ops.Mode.ADD)  # keep membership-independent edits
+    h = torch.randn(16, 64)
+    rows = torch.nonzero(tok_slot[:16] >= 0).flatten()
+    want = splice_reference(h, h, sae, tok_slot, feat, mode, val)
+    got = splice_compact(h.bfloat16(), h.bfloat16(), sae_bf16, rows, tok_slot[rows], feat, mode, val)
+    torch.testing.assert_close(got.float(), want, atol=0.15, rtol=0.05)
