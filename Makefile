@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup serve test test-fast bench proto proto-check clean-venv default-artifacts
+.PHONY: setup serve test test-fast lint bench proto proto-check clean-venv default-artifacts
 
 setup: $(STAMP)/project
 
@@ -52,7 +52,11 @@ serve: default-artifacts
 		--sae $(DEFAULT_DIR)/saes/resid_l1 --sae $(DEFAULT_DIR)/saes/jumprelu_l2pre \
 		--sae $(DEFAULT_DIR)/saes/topk_l0 --host $(HOST) --port $(PORT)
 
-test: setup
+# ruff also enforces that only sae_runtime/vllm/ imports vllm (banned-api).
+lint: setup
+	$(BIN)/ruff check .
+
+test: lint
 	$(BIN)/python -m pytest -q -ra
 
 # Measured, not asserted: writes docs/benchmarks.{json,md} (about 10 minutes on 2 cores).
@@ -61,7 +65,7 @@ bench: setup
 	$(BIN)/python -m loadtests.bench_kernels --quick --out docs/benchmarks_kernels.json
 	$(BIN)/python -m loadtests.report docs > docs/benchmarks.md
 
-test-fast: setup
+test-fast: lint
 	$(BIN)/python -m pytest -q -ra -m "not e2e"
 
 clean-venv:

@@ -83,7 +83,7 @@ def _feature_json(f) -> dict:
 
 
 def _feature_line(f) -> str:
-    tops = " ".join(f"{i}={v:.3g}" for i, v in zip(f.indices, f.values))
+    tops = " ".join(f"{i}={v:.3g}" for i, v in zip(f.indices, f.values, strict=True))
     watch = (" watch " + " ".join(f"{v:.3g}" for v in f.watch_values)) if f.watch_values else ""
     return f"pos {f.position:>4} tok {f.token_id:>6}  {f.sae}: {tops}{watch}"
 

@@ -130,8 +130,7 @@ async def main_async(args) -> dict:
     router.start()
     args.reads_addr = router.addr
     results = {}
-    for label, with_sae, mixes in (("plain", False, ["plain"]),
-                                   ("ours", True, ["idle", "clamp1", "clamp16", "reads16"])):
+    for with_sae, mixes in ((False, ["plain"]), (True, ["idle", "clamp1", "clamp16", "reads16"])):
         engine = build(model, sae if with_sae else None, args)
         try:
             for mix in mixes:

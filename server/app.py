@@ -14,8 +14,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sae_runtime.loading import load_sae_config
-from sae_runtime.vllm.engine import resolve_sae_dtype
 from sae_runtime.saes.base import SAEConfig
+from sae_runtime.vllm.engine import resolve_sae_dtype
 from server import convert
 from server.config import ServerConfig
 from server.reads import ReadRouter

@@ -8,7 +8,16 @@ import pytest
 
 from clients.client import GenerationResult, ablate, add, clamp, scale
 from tests.e2e.conftest import SAE_IDS
-from tests.e2e.reference import ABLATE, ADD, CLAMP, GENERATION_ONLY, SCALE, Edit, HFReference, check_teacher_forced
+from tests.e2e.reference import (
+    ABLATE,
+    ADD,
+    CLAMP,
+    GENERATION_ONLY,
+    SCALE,
+    Edit,
+    HFReference,
+    check_teacher_forced,
+)
 
 pytestmark = pytest.mark.e2e
 

@@ -12,10 +12,10 @@ import grpc
 import pytest
 import torch
 
-from clients.client import SteeringClient, clamp, read
+from clients.client import clamp, read
+from steering.v1 import steering_pb2 as pb
 from tests.e2e.conftest import SAE_IDS
 from tests.e2e.reference import HFReference
-from steering.v1 import steering_pb2 as pb
 
 pytestmark = pytest.mark.e2e
 PROMPT = [5, 100, 200, 300, 45, 67, 12, 400]
@@ -119,7 +119,7 @@ def test_concurrent_readers_and_non_readers_get_exactly_their_positions(server):
             assert t.features == []
             continue
         assert [f.position for f in t.features] == list(want[scopes[i % 3]]), f"request {i}"
-        for a, b in zip(t.features, s.features):
+        for a, b in zip(t.features, s.features, strict=True):
             assert list(a.indices) == list(b.indices)
             assert list(a.values) == pytest.approx(list(b.values), abs=1e-5)
 
