@@ -13,9 +13,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from sae_runtime.errors import SAEFormatError, UnsupportedModelError
 from sae_runtime.loading import load_sae_config
 from sae_runtime.saes.base import SAEConfig
 from sae_runtime.vllm.engine import resolve_sae_dtype
+from sae_runtime.vllm.families import block_of, family_of, supported
 from server import convert
 from server.config import ServerConfig
 from server.reads import ReadRouter
@@ -28,8 +30,42 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SteeringService"].full_name
 
 
 def load_sae_configs(cfg: ServerConfig) -> dict[str, SAEConfig]:
-    """Read and check every SAE's config before the engine starts (fails fast)."""
-    return {s.id: load_sae_config(s.path, s.hook_name) for s in cfg.saes}
+    """Read and check every SAE's config, and its fit to the model, before the engine starts."""
+    saes = {s.id: load_sae_config(s.path, s.hook_name) for s in cfg.saes}
+    if saes:
+        check_model_fit(cfg, saes)
+    return saes
+
+
+def check_model_fit(cfg: ServerConfig, saes: dict[str, SAEConfig]) -> None:
+    """The model family has hook support, and each SAE's layer and width fit the model."""
+    from transformers import AutoConfig
+
+    try:
+        hf = AutoConfig.from_pretrained(cfg.model, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UnsupportedModelError(f"{cfg.model}: cannot read the model config: {e}") from None
+    archs = getattr(hf, "architectures", None)
+    if family_of(archs) is None:
+        raise UnsupportedModelError(
+            f"{cfg.model}: architecture {archs} has no SAE hook support; supported: {supported()}")
+    hf = getattr(hf, "text_config", hf)
+    n_layers, hidden = hf.num_hidden_layers, hf.hidden_size
+    heads = hf.num_attention_heads
+    head_dim = getattr(hf, "head_dim", None) or hidden // heads
+    src = {s.id: s.path for s in cfg.saes}
+    for sid, c in saes.items():
+        block = block_of(c.layer, c.site)
+        if not 0 <= block < n_layers:
+            raise SAEFormatError(
+                f"{src[sid]}: SAE {sid!r} hooks {c.hook_name}, but the model has blocks "
+                f"0..{n_layers - 1}")
+        want = heads * head_dim if c.site == "z" else hidden
+        if c.d_in != want:
+            what = f"n_heads*head_dim ({heads}*{head_dim})" if c.site == "z" else "hidden size"
+            raise SAEFormatError(
+                f"{src[sid]}: SAE {sid!r} has d_in={c.d_in}, but the model's {what} at "
+                f"{c.hook_name} is {want}")
 
 
 def start_engine(cfg: ServerConfig, reads_addr: str | None) -> Any:

@@ -24,7 +24,8 @@ _FINISH = {
     "stop": pb.FINISH_REASON_STOP,
     "abort": pb.FINISH_REASON_ABORT,
 }
-_SITE = {"resid_post": pb.HOOK_SITE_RESID_POST, "resid_pre": pb.HOOK_SITE_RESID_PRE}
+_SITE = {"resid_post": pb.HOOK_SITE_RESID_POST, "resid_pre": pb.HOOK_SITE_RESID_PRE,
+         "attn_out": pb.HOOK_SITE_ATTN_OUT, "mlp_out": pb.HOOK_SITE_MLP_OUT, "z": pb.HOOK_SITE_Z}
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,6 @@ def finish_reason_to_pb(reason: str | None) -> int:
 def sae_info_to_pb(sae_id: str, cfg: SAEConfig, dtype: str = "float32") -> pb.SAEInfo:
     return pb.SAEInfo(
         id=sae_id, format=cfg.format, architecture=cfg.architecture, hook_name=cfg.hook_name,
-        site=_SITE[cfg.site], layer=cfg.layer, d_sae=cfg.d_sae, d_in=cfg.d_in,
+        site=_SITE.get(cfg.site, pb.HOOK_SITE_UNSPECIFIED), layer=cfg.layer, d_sae=cfg.d_sae, d_in=cfg.d_in,
         dtype=dtype, model_name=cfg.model_name, k=cfg.k or 0,
     )

@@ -87,17 +87,71 @@ def make_model(out: Path, seed: int = 0, layers: int = LAYERS, head_scale: float
     make_tokenizer(out, seed=seed)
 
 
-def residual_samples(model_dir: Path, hook_layer_out: int, n_seqs: int = 64, seed: int = 0):
-    """Residual stream after block ``hook_layer_out`` on random token sequences: [N, d]."""
-    from transformers import LlamaForCausalLM
+FAMILY_CONFIGS = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gpt2")
 
-    model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+
+def make_family_model(out: Path, family: str, seed: int = 0, layers: int = LAYERS,
+                      head_scale: float = 40.0) -> None:
+    """A random fp32 model of ``family`` (head_dim 64), saved with the tiny tokenizer.
+
+    Logits are sharpened for clear greedy margins: the output head is scaled, or, where it
+    is tied to the input embedding (Gemma), the final norm's gain (Gemma stores 1 + w).
+    """
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, torch_dtype="float32")
+    llama_like = dict(hidden_size=HIDDEN, intermediate_size=256, num_hidden_layers=layers,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=False, initializer_range=0.1, **common)
+    if family == "llama":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(rms_norm_eps=1e-5, **llama_like))
+    elif family == "qwen2":
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**llama_like))
+    elif family == "qwen3":
+        model = tf.Qwen3ForCausalLM(tf.Qwen3Config(head_dim=64, **llama_like))
+    elif family == "mistral":
+        model = tf.MistralForCausalLM(tf.MistralConfig(sliding_window=None, **llama_like))
+    elif family == "gemma2":
+        cfg = dict(llama_like, tie_word_embeddings=True, num_key_value_heads=1)
+        model = tf.Gemma2ForCausalLM(tf.Gemma2Config(
+            head_dim=64, query_pre_attn_scalar=64, sliding_window=256, final_logit_softcapping=None,
+            attn_logit_softcapping=None, layer_types=["full_attention"] * layers, **cfg))
+    elif family == "gpt2":
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(
+            n_embd=HIDDEN, n_layer=layers, n_head=2, n_positions=512, tie_word_embeddings=False,
+            initializer_range=0.1, **common))
+    else:
+        raise ValueError(f"unknown family {family!r}; known: {FAMILY_CONFIGS}")
+    model = model.to(torch.float32)
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        gain = head_scale / (HIDDEN ** 0.5 * float(head.std()))
+        if model.config.tie_word_embeddings:
+            norm = model.model.norm.weight  # Gemma RMSNorm scales by (1 + weight)
+            norm.copy_((1 + norm) * gain - 1)
+            # With a tied head the token's own embedding dominates the logits; louder
+            # post-norms let the layers (and so the SAE edits) matter.
+            for layer in model.model.layers:
+                layer.post_attention_layernorm.weight.fill_(4.0)
+                layer.post_feedforward_layernorm.weight.fill_(4.0)
+        else:
+            head.mul_(gain)
+    model.save_pretrained(out, safe_serialization=True)
+    make_tokenizer(out, seed=seed)
+
+
+def site_samples(model_dir: Path, layer: int, site: str, n_seqs: int = 64, seed: int = 0):
+    """Activations at (layer, site) on random token sequences: [N, d]."""
+    from transformers import AutoModelForCausalLM
+
+    from sae_runtime.testing.hf_sites import site_activations
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (n_seqs, 32), generator=g)
-    with torch.no_grad():
-        hs = model(ids, output_hidden_states=True).hidden_states
-    # hidden_states[0] is the embedding output, hidden_states[L+1] the output of block L
-    return hs[hook_layer_out + 1].reshape(-1, HIDDEN)
+    x = site_activations(model, ids, layer, site)
+    return x.reshape(-1, x.shape[-1])
 
 
 def make_sae(
@@ -110,27 +164,28 @@ def make_sae(
     from sae_runtime.loading import parse_hook_name
 
     layer, site = parse_hook_name(hook_name, "make_sae")
-    block_out = layer if site == "resid_post" else layer - 1
-    x = residual_samples(model_dir, block_out, seed=seed)
+    x = site_samples(model_dir, layer, site, seed=seed)
+    d_in = x.shape[1]
     g = torch.Generator().manual_seed(seed + 1)
-    W_dec = torch.randn(d_sae, HIDDEN, generator=g)
+    W_dec = torch.randn(d_sae, d_in, generator=g)
     W_dec /= W_dec.norm(dim=1, keepdim=True)
-    W_enc = W_dec.t().clone() * (1.0 + 0.1 * torch.randn(HIDDEN, d_sae, generator=g))
+    W_enc = W_dec.t().clone() * (1.0 + 0.1 * torch.randn(d_in, d_sae, generator=g))
     b_dec = x.mean(0) * 0.5
     pre = (x - b_dec) @ W_enc
     b_enc = -torch.quantile(pre, 1 - density, dim=0)
     tensors = {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec}
     cfg = {
-        "d_in": HIDDEN, "d_sae": d_sae, "dtype": "float32", "device": "cpu",
+        "d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu",
         "apply_b_dec_to_input": True, "normalize_activations": "none",
         "reshape_activations": "none", "architecture": architecture,
-        "metadata": {"hook_name": hook_name, "model_name": "tiny-llama"},
+        "metadata": {"hook_name": hook_name, "model_name": model_dir.name},
     }
     if architecture == "jumprelu":
         # Shift the bias up and put the threshold where the old zero was: same density,
         # but the jump matters (activations just above threshold are not near zero).
-        tensors["b_enc"] = b_enc + 0.5
-        tensors["threshold"] = torch.full((d_sae,), 0.5) + 0.1 * torch.rand(d_sae, generator=g)
+        scale = float(pre.std())
+        tensors["b_enc"] = b_enc + 0.5 * scale
+        tensors["threshold"] = (torch.full((d_sae,), 0.5) + 0.1 * torch.rand(d_sae, generator=g)) * scale
     if architecture == "topk":
         cfg["k"] = k or 8
         cfg["rescale_acts_by_decoder_norm"] = False
@@ -149,6 +204,24 @@ def make_all(out: Path, seed: int = 0) -> None:
     for name, (arch, hook, extra) in DEFAULT_SAES.items():
         make_sae(out / "saes" / name, out / MODEL_DIR, arch, hook, seed=seed, **extra)
     marker.write_text("ok\n")
+
+
+# Sites each family test hooks: name -> (architecture, hook_name, extra cfg)
+FAMILY_SAES: dict[str, tuple[str, str, dict]] = {
+    "resid": ("standard", "blocks.1.hook_resid_post", {}),
+    "attn": ("jumprelu", "blocks.1.hook_attn_out", {}),
+    "mlp": ("topk", "blocks.0.hook_mlp_out", {"k": 8}),
+    "z": ("standard", "blocks.2.attn.hook_z", {}),
+}
+
+
+def make_family_set(out: Path, family: str, seed: int = 0) -> Path:
+    """out/<family> model plus out/saes/<site name> SAEs at every supported site."""
+    model = out / family
+    make_family_model(model, family, seed=seed)
+    for name, (arch, hook, extra) in FAMILY_SAES.items():
+        make_sae(out / "saes" / name, model, arch, hook, seed=seed, **extra)
+    return model
 
 
 def main() -> None:

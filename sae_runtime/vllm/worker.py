@@ -1,17 +1,19 @@
 """Worker-side glue: runs inside vLLM's worker process.
 
 vLLM imports this module in the worker (``worker_extension_cls``) before it builds the
-model, so the patches below are in place before ``torch.compile`` traces anything:
+model. Importing it registers the custom op ``sae_steer::sae_hook`` (with a fake impl, so
+compiled graphs keep it as an opaque call that runs every step; Python forward hooks would
+be frozen into the trace or ignored) and wraps the model runner's ``load_model`` and
+``_model_forward``:
 
-1. ``sae_steer::sae_hook`` is a registered custom op (with a fake impl), so compiled
-   graphs keep it as an opaque call that runs every step. Python forward hooks would be
-   frozen into the trace or ignored.
-2. Supported decoder layer classes get a forward that, for layers carrying
-   ``_sae_hook_ids`` (a static Python tuple at trace time), passes the layer output
-   through the op once per SAE hooked after that block.
-3. The model runner's ``load_model`` is wrapped to load the SAEs and mark the layers, and
-   its ``_model_forward`` to fill the per-step tables (token row -> slot, slot ->
-   features/modes/values) in place before each forward and clear them after.
+- after ``load_model`` (and before the first forward, where ``torch.compile`` traces),
+  ``install`` loads the SAEs and replaces ``forward`` of each hooked module *instance* (the
+  decoder layer for residual sites, its attention/MLP/output-projection submodule for the
+  others; see ``families.py``) with one that passes the activation through the op once per
+  SAE hooked there. The hook ids are closure constants, so unhooked modules trace no op.
+- ``_model_forward`` fills the per-step tables (token row -> slot, slot ->
+  features/modes/values, reading rows) in place before each forward, publishes reads
+  after it, and clears the tables.
 
 Tables are preallocated once (fixed addresses, sized by the engine's token and sequence
 budgets). The CPU kernel reads the host-side row count to skip unsteered work; the
@@ -35,6 +37,7 @@ from sae_runtime.loading import load_sae
 from sae_runtime.reads import ReadScope, WireRead, reads_from_wire
 from sae_runtime.saes.base import SAE
 from sae_runtime.vllm import compat
+from sae_runtime.vllm.families import LAYER_NAME, block_of, family_of, supported
 from sae_runtime.vllm.side_channel import ReadPublisher
 
 log = logging.getLogger("sae_runtime.worker")
@@ -120,11 +123,12 @@ class HookTables:
         self.n_rows, self.n_slots = r + b - a, s + 1
         self._dirty_until = max(self._dirty_until, b)
 
-    def apply(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    def apply(self, h: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """``h`` plus this step's edits; the SAE encodes ``h + residual`` (or ``h``)."""
         n = self.n_rows
         if n == 0 and self.n_read == 0 and backend_for(h.device) != "reference":
             return h.clone()
-        resid = h + residual  # the true residual stream at the hook
+        resid = h if residual is None else h + residual  # the activation at the hook
         if self.n_read:
             self._read(resid)
         if backend_for(h.device) == "reference":
@@ -176,14 +180,13 @@ class _Segment:
 class SteeringState:
     """All hooks of this worker, and the per-step table filling."""
 
-    def __init__(self, hooks: list[HookTables], sae_to_hook: list[int],
-                 publisher: ReadPublisher | None) -> None:
-        self.hooks = hooks
-        self.sae_to_hook = sae_to_hook  # server SAE index -> hook id
+    def __init__(self, hooks: list[HookTables], publisher: ReadPublisher | None) -> None:
+        self.hooks = hooks  # indexed like the server's SAE list: hook id == SAE index
         self.publisher = publisher
         self.steps_with_edits = 0
         self.steps_with_reads = 0
         self.segments: list[_Segment] = []
+        self.placed: list[tuple[str, int, str]] = []
 
     def _reads(self, req) -> tuple[str, list[WireRead], bool]:
         cached = getattr(req, "_sae_reads", None)
@@ -204,7 +207,7 @@ class SteeringState:
         ivs = from_wire((extra or {}).get(EXTRA_ARGS_KEY))
         by_hook: dict[int, list] = {}
         for iv in ivs:
-            by_hook.setdefault(self.sae_to_hook[iv.sae_index], []).append(iv)
+            by_hook.setdefault(iv.sae_index, []).append(iv)
         plans = {}
         for hook_id, items in by_hook.items():
             items.sort(key=lambda iv: iv.scope != Scope.ALL)
@@ -243,7 +246,7 @@ class SteeringState:
                 a, b = {ReadScope.PROMPT: (start, split),
                         ReadScope.GENERATION: (split, end)}.get(rp.scope, (start, end))
                 if b > a:
-                    hook_id = self.sae_to_hook[rp.sae_index]
+                    hook_id = rp.sae_index
                     off = self.hooks[hook_id].add_read_rows(a, b, rp.top_k, rp.watch, pooled)
                     self.segments.append(_Segment(rid, rp, hook_id, off, b - a, pos0 + a - start, pooled))
             for hook_id, plan in plans.items():
@@ -296,12 +299,12 @@ _STATE: SteeringState | None = None
 # --------------------------------------------------------------------------- custom op
 
 
-def _sae_hook(hidden_states: torch.Tensor, residual: torch.Tensor, hook_id: int) -> torch.Tensor:
+def _sae_hook(hidden_states: torch.Tensor, residual: torch.Tensor | None, hook_id: int) -> torch.Tensor:
     assert _STATE is not None, "sae_hook ran before SAEs were installed"
     return _STATE.hooks[hook_id].apply(hidden_states, residual)
 
 
-def _sae_hook_fake(hidden_states: torch.Tensor, residual: torch.Tensor, hook_id: int) -> torch.Tensor:
+def _sae_hook_fake(hidden_states: torch.Tensor, residual: torch.Tensor | None, hook_id: int) -> torch.Tensor:
     return torch.empty_like(hidden_states)
 
 
@@ -319,23 +322,38 @@ def _register_op() -> None:
 # --------------------------------------------------------------------------- patches
 
 
-def _patch_layer_class(cls: type) -> None:
-    # Patch only classes that define forward themselves: a subclass inheriting a patched
-    # forward must not be wrapped a second time.
-    if "_sae_patched" in cls.__dict__ or "forward" not in cls.__dict__:
-        return
-    orig = cls.forward
+def _wrap_output(mod: torch.nn.Module, hook_ids: list[int], residual_tuple: bool) -> None:
+    """Pass ``mod``'s output through the op, once per hook id, in order."""
+    orig = mod.forward
+    ids = tuple(hook_ids)
 
-    @functools.wraps(orig)
-    def forward(self, positions, hidden_states, residual, *args, **kwargs):
-        hidden_states, residual = orig(self, positions, hidden_states, residual, *args, **kwargs)
-        # A static tuple: dynamo specialises on it, so unhooked layers trace no op at all.
-        for hook_id in getattr(self, "_sae_hook_ids", ()):
-            hidden_states = torch.ops.sae_steer.sae_hook(hidden_states, residual, hook_id)
-        return hidden_states, residual
+    if residual_tuple:
+        def forward(*args, **kwargs):
+            hidden_states, residual = orig(*args, **kwargs)
+            for hook_id in ids:
+                hidden_states = torch.ops.sae_steer.sae_hook(hidden_states, residual, hook_id)
+            return hidden_states, residual
+    else:
+        def forward(*args, **kwargs):
+            x = orig(*args, **kwargs)
+            for hook_id in ids:
+                x = torch.ops.sae_steer.sae_hook(x, None, hook_id)
+            return x
 
-    cls.forward = forward
-    cls._sae_patched = True
+    mod.forward = forward
+
+
+def _wrap_input(mod: torch.nn.Module, hook_ids: list[int]) -> None:
+    """Pass ``mod``'s first argument through the op before ``mod`` runs (hook_z)."""
+    orig = mod.forward
+    ids = tuple(hook_ids)
+
+    def forward(x, *args, **kwargs):
+        for hook_id in ids:
+            x = torch.ops.sae_steer.sae_hook(x, None, hook_id)
+        return orig(x, *args, **kwargs)
+
+    mod.forward = forward
 
 
 def _patch_runner_class(cls: type) -> None:
@@ -370,7 +388,7 @@ def _patch_runner_class(cls: type) -> None:
 
 
 def install(runner) -> None:
-    """Load the configured SAEs onto the runner's model and mark the hooked layers."""
+    """Load the configured SAEs onto the runner's model and wrap the hooked modules."""
     global _STATE
     cfg = (runner.vllm_config.additional_config or {}).get(CONFIG_KEY)
     if not cfg:
@@ -379,17 +397,14 @@ def install(runner) -> None:
     if getattr(model, "_sae_installed", False):
         return  # a runner whose load_model calls its parent's: install once
     model._sae_installed = True
-    layer_classes = tuple(compat.residual_tuple_layer_classes())
-    layers: dict[int, torch.nn.Module] = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, layer_classes):
-            layers[compat.extract_layer_index(name)] = mod
-    if not layers:
-        archs = sorted({a for v in compat.RESIDUAL_TUPLE_LAYERS.values() for a in v})
+    archs = getattr(runner.model_config.hf_config, "architectures", None)
+    family = family_of(archs)
+    if family is None:
         raise UnsupportedModelError(
-            f"model {type(model).__name__} has no decoder layers SAE hooks support; "
-            f"supported architectures: {', '.join(archs)}"
+            f"model architecture {archs} has no SAE hook support; supported: {supported()}"
         )
+    layers = {int(m.group(1)): mod for name, mod in model.named_modules()
+              if (m := LAYER_NAME.search(name))}
     hidden = runner.model_config.get_hidden_size()
     sched = runner.scheduler_config
     max_tokens = int(sched.max_num_batched_tokens)
@@ -401,43 +416,48 @@ def install(runner) -> None:
 
     sae_dtype = getattr(torch, resolve_sae_dtype(cfg.get("sae_dtype", "auto"), runner.model_config.dtype))
     hooks: list[HookTables] = []
-    sae_to_hook: list[int] = []
+    targets: dict[tuple[int, str], list[int]] = {}  # (block, site kind) -> hook ids, in order
+    placed: list[tuple[str, int, str]] = []
     for entry in cfg["saes"]:
         sae = load_sae(entry["path"], hook_name=entry.get("hook_name")).to(device, sae_dtype)
         c = sae.cfg
-        if c.d_in != hidden:
-            raise SAEFormatError(
-                f"{entry['path']}: SAE {entry['id']!r} has d_in={c.d_in} but the model's "
-                f"hidden size is {hidden}"
-            )
-        block = c.layer if c.site == "resid_post" else c.layer - 1
+        block = block_of(c.layer, c.site)
         if block not in layers:
             raise SAEFormatError(
                 f"{entry['path']}: SAE {entry['id']!r} hooks {c.hook_name} but the model has "
                 f"blocks 0..{max(layers)}"
             )
+        site = "out" if c.site in ("resid_post", "resid_pre") else c.site
+        if site != "z" and c.d_in != hidden:
+            raise SAEFormatError(
+                f"{entry['path']}: SAE {entry['id']!r} has d_in={c.d_in} but the model's "
+                f"hidden size is {hidden}"
+            )
         hook_id = len(hooks)
         hooks.append(HookTables(sae, max_tokens, max_slots, max_feats, max_watch))
-        sae_to_hook.append(hook_id)
-        mod = layers[block]
-        mod._sae_hook_ids = (*getattr(mod, "_sae_hook_ids", ()), hook_id)
-        log.info("SAE %s (%s, d_sae=%d, %s) hooked after block %d", entry["id"], c.architecture,
-                 c.d_sae, sae_dtype, block)
+        targets.setdefault((block, site), []).append(hook_id)
+        placed.append((entry["id"], block, c.site))
+        log.info("SAE %s (%s, d_sae=%d, %s) at block %d %s", entry["id"], c.architecture,
+                 c.d_sae, sae_dtype, block, c.site)
+    for (block, site), ids in targets.items():
+        layer = layers[block]
+        if site == "out":
+            _wrap_output(layer, ids, family.residual_tuple)
+        elif site == "z":
+            _wrap_input(layer.get_submodule(family.z), ids)
+        else:
+            _wrap_output(layer.get_submodule(getattr(family, site)), ids, residual_tuple=False)
     addr = cfg.get("reads_addr")
-    _STATE = SteeringState(hooks, sae_to_hook, ReadPublisher(addr) if addr else None)
+    _STATE = SteeringState(hooks, ReadPublisher(addr) if addr else None)
+    _STATE.placed = placed
 
 
 class SteeringWorkerExtension:
     """Mixed into vLLM's worker class; methods are callable through ``collective_rpc``."""
 
-    def sae_hooked_layers(self) -> dict[int, list[int]]:
-        """Block index -> hook ids on it (for the smoke test that hooks landed)."""
-        out: dict[int, list[int]] = {}
-        for name, mod in self.model_runner.model.named_modules():
-            ids = getattr(mod, "_sae_hook_ids", None)
-            if ids:
-                out[compat.extract_layer_index(name)] = list(ids)
-        return out
+    def sae_placements(self) -> list[tuple[str, int, str]]:
+        """(SAE id, decoder block, site) of every hooked SAE, in hook order."""
+        return list(getattr(_STATE, "placed", []))
 
     def sae_stats(self) -> dict[str, int]:
         """Counters for tests and metrics."""
@@ -448,7 +468,5 @@ class SteeringWorkerExtension:
 
 
 _register_op()
-for _cls in compat.residual_tuple_layer_classes():
-    _patch_layer_class(_cls)
 for _cls in compat.model_runner_classes():
     _patch_runner_class(_cls)

@@ -40,6 +40,9 @@ class HookSite(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     HOOK_SITE_UNSPECIFIED: _ClassVar[HookSite]
     HOOK_SITE_RESID_POST: _ClassVar[HookSite]
     HOOK_SITE_RESID_PRE: _ClassVar[HookSite]
+    HOOK_SITE_ATTN_OUT: _ClassVar[HookSite]
+    HOOK_SITE_MLP_OUT: _ClassVar[HookSite]
+    HOOK_SITE_Z: _ClassVar[HookSite]
 INTERVENTION_MODE_UNSPECIFIED: InterventionMode
 INTERVENTION_MODE_CLAMP: InterventionMode
 INTERVENTION_MODE_ABLATE: InterventionMode
@@ -59,6 +62,9 @@ FINISH_REASON_ABORT: FinishReason
 HOOK_SITE_UNSPECIFIED: HookSite
 HOOK_SITE_RESID_POST: HookSite
 HOOK_SITE_RESID_PRE: HookSite
+HOOK_SITE_ATTN_OUT: HookSite
+HOOK_SITE_MLP_OUT: HookSite
+HOOK_SITE_Z: HookSite
 
 class Prompt(_message.Message):
     __slots__ = ("text", "token_ids")

@@ -1,0 +1,79 @@
+"""Where TransformerLens/SAELens hook sites live in Hugging Face ``transformers`` models.
+
+Test support: the reference side of the end-to-end tests (and SAE calibration in
+``tiny.py``). It describes HF modules, independently of ``sae_runtime.vllm.families``,
+which describes vLLM's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+
+# model_type -> (attn_out module, mlp_out module, module whose input is hook_z)
+_SITES = {
+    "llama": ("self_attn", "mlp", "self_attn.o_proj"),
+    "mistral": ("self_attn", "mlp", "self_attn.o_proj"),
+    "qwen2": ("self_attn", "mlp", "self_attn.o_proj"),
+    "qwen3": ("self_attn", "mlp", "self_attn.o_proj"),
+    "gemma2": ("post_attention_layernorm", "post_feedforward_layernorm", "self_attn.o_proj"),
+    "gpt2": ("attn", "mlp", "attn.c_proj"),
+}
+
+
+def layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    return model.transformer.h if hasattr(model, "transformer") else model.model.layers
+
+
+@contextmanager
+def edit_site(model: torch.nn.Module, layer: int, site: str,
+              fn: Callable[[torch.Tensor], torch.Tensor]):
+    """Replace the activation at (layer, site) by ``fn(activation)`` ([batch, T, d]) while active.
+
+    resid_pre of layer L is the output of layer L-1. Use ``fn`` that returns its input
+    unchanged to just observe.
+    """
+    attn, mlp, z = _SITES[model.config.model_type]
+    block = layer - 1 if site == "resid_pre" else layer
+    blk = layers(model)[block]
+
+    def out_hook(module, inputs, output):
+        if isinstance(output, tuple):
+            return (fn(output[0]), *output[1:])
+        return fn(output)
+
+    def in_hook(module, args, kwargs):
+        if args:
+            return (fn(args[0]), *args[1:]), kwargs
+        key = next(iter(kwargs))
+        return args, {**kwargs, key: fn(kwargs[key])}
+
+    if site in ("resid_post", "resid_pre"):
+        h = blk.register_forward_hook(out_hook)
+    elif site == "attn_out":
+        h = blk.get_submodule(attn).register_forward_hook(out_hook)
+    elif site == "mlp_out":
+        h = blk.get_submodule(mlp).register_forward_hook(out_hook)
+    elif site == "z":
+        h = blk.get_submodule(z).register_forward_pre_hook(in_hook, with_kwargs=True)
+    else:
+        raise ValueError(f"unknown site {site!r}")
+    try:
+        yield
+    finally:
+        h.remove()
+
+
+def site_activations(model: torch.nn.Module, ids: torch.Tensor, layer: int, site: str) -> torch.Tensor:
+    """Activation at (layer, site) for token ids [batch, T] -> [batch, T, d]."""
+    seen = {}
+
+    def grab(x):
+        seen["x"] = x.detach().clone()
+        return x
+
+    with edit_site(model, layer, site, grab), torch.no_grad():
+        model(ids)
+    return seen["x"]

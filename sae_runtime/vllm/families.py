@@ -1,0 +1,66 @@
+"""Where each SAE hook site lives inside a supported model family's decoder layer.
+
+Pure data (no vLLM import), so the server can validate a model before starting the engine.
+Paths are attribute paths relative to one decoder layer of vLLM's implementation; the
+SAELens / TransformerLens site each one implements:
+
+- ``resid_post`` (``blocks.L.hook_resid_post``): the decoder layer's output. For
+  ``residual_tuple`` layers (Llama-style) vLLM returns ``(hidden_states, residual)`` with
+  the add deferred to the next layer, so the stream is their sum.
+- ``resid_pre`` of block L: ``resid_post`` of block L-1.
+- ``attn_out`` (``hook_attn_out``): output of the module at ``attn_out``.
+- ``mlp_out`` (``hook_mlp_out``): output of the module at ``mlp_out``.
+- ``z`` (``attn.hook_z``): input of the attention output projection at ``z`` (heads
+  concatenated, ``[tokens, n_heads * head_dim]``).
+
+Gemma 2/3 normalise the attention and MLP outputs before adding them to the stream
+(``post_attention_layernorm``, ``post_feedforward_layernorm``); TransformerLens' hooks,
+and so Gemma Scope's SAEs, sit after those norms, and so do ours.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Family:
+    residual_tuple: bool  # layer returns (hidden_states, residual); else the full stream
+    attn_out: str
+    mlp_out: str
+    z: str
+
+
+_LLAMA = Family(residual_tuple=True, attn_out="self_attn", mlp_out="mlp", z="self_attn.o_proj")
+_GEMMA = Family(residual_tuple=True, attn_out="post_attention_layernorm",
+                mlp_out="post_feedforward_layernorm", z="self_attn.o_proj")
+
+FAMILIES: dict[str, Family] = {
+    "LlamaForCausalLM": _LLAMA,
+    "MistralForCausalLM": _LLAMA,
+    "Qwen2ForCausalLM": _LLAMA,
+    "Qwen3ForCausalLM": _LLAMA,
+    "Gemma2ForCausalLM": _GEMMA,
+    "Gemma3ForCausalLM": _GEMMA,
+    "GPT2LMHeadModel": Family(residual_tuple=False, attn_out="attn", mlp_out="mlp", z="attn.c_proj"),
+}
+
+# Module names of decoder layers: model.layers.N (most), transformer.h.N (GPT-2).
+LAYER_NAME = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)$")
+
+
+def family_of(architectures: list[str] | None) -> Family | None:
+    for a in architectures or ():
+        if a in FAMILIES:
+            return FAMILIES[a]
+    return None
+
+
+def block_of(layer: int, site: str) -> int:
+    """Decoder layer whose module hosts an SAE at (layer, site)."""
+    return layer - 1 if site == "resid_pre" else layer
+
+
+def supported() -> str:
+    return ", ".join(sorted(FAMILIES))
