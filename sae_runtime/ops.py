@@ -11,10 +11,19 @@ reconstruction error untouched:
 
 Several edits in one request sum their deltas; activations are all read from the same
 incoming ``x`` (edits do not see each other).
+
+Normalised SAEs (``SAEConfig.normalization``) encode ``x_n = N(x)`` and reconstruct in the
+normalised space; their output is mapped back with the inverse map of the same token,
+``x_hat = N_x^{-1}(acts @ W_dec + b_dec)``. Every inverse map used here is affine with a
+per-token scale ``c(x)`` (``output_scale``), so the edit that keeps the reconstruction error
+``x - x_hat`` unchanged in the *original* space is the decoder-space delta times ``c(x)``:
+
+    x + delta = x - x_hat(f) + x_hat(f'),   delta = c(x) * sum_i (f'_i - f_i) W_dec[i]
 """
 
 from __future__ import annotations
 
+import math
 from enum import IntEnum
 
 import torch
@@ -33,9 +42,45 @@ class Mode(IntEnum):
     ADD = 4
 
 
+def normalize(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(x_n, c)``: the normalised input and the per-token output scale ``c [..., 1]``.
+
+    ``c`` is None when the SAE does not normalise (scale 1). The inverse map of a
+    normalised-space vector ``y`` is ``y * c + mean(x)`` (the mean only for ``layer_norm``).
+    """
+    kind = sae.cfg.normalization
+    if kind == "none":
+        return x, None
+    if kind == "constant_scale":
+        return x * sae.cfg.norm_scale_in, x.new_full((1,), sae.cfg.norm_scale_out)
+    if kind == "token_norm":
+        norm = x.norm(dim=-1, keepdim=True)
+        # An all-zero row (padding) stays zero instead of becoming NaN.
+        safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+        coeff = math.sqrt(sae.cfg.d_in) / safe
+        return x * coeff, 1.0 / coeff
+    if kind == "layer_norm":
+        mu = x.mean(dim=-1, keepdim=True)
+        centred = x - mu
+        std = centred.std(dim=-1, keepdim=True)
+        return centred / (std + sae.cfg.norm_eps), std
+    raise ValueError(f"unknown normalization {kind!r}")
+
+
+def output_scale(sae: SAE, x: torch.Tensor) -> torch.Tensor | None:
+    """Per-token factor ``[..., 1]`` mapping a decoder-space delta back to ``x``'s space."""
+    return normalize(sae, x)[1]
+
+
+def encoder_input(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(sae_input(sae, x), output_scale(sae, x))`` from one normalisation pass."""
+    xn, scale = normalize(sae, x)
+    return (xn - sae.b_dec if sae.cfg.apply_b_dec_to_input else xn), scale
+
+
 def sae_input(sae: SAE, x: torch.Tensor) -> torch.Tensor:
-    """What the encoder sees: ``x - b_dec`` when ``apply_b_dec_to_input``, else ``x``."""
-    return x - sae.b_dec if sae.cfg.apply_b_dec_to_input else x
+    """What the encoder sees: ``N(x) - b_dec`` when ``apply_b_dec_to_input``, else ``N(x)``."""
+    return encoder_input(sae, x)[0]
 
 
 def pre_activations(sae: SAE, x: torch.Tensor) -> torch.Tensor:
@@ -45,12 +90,27 @@ def pre_activations(sae: SAE, x: torch.Tensor) -> torch.Tensor:
 
 def encode(sae: SAE, x: torch.Tensor) -> torch.Tensor:
     """Dense feature activations ``[..., d_sae]`` (reference; materialises every feature)."""
-    return registry.get(sae.cfg.architecture).activate(sae, pre_activations(sae, x))
+    xin = sae_input(sae, x)
+    return registry.get(sae.cfg.architecture).activate(sae, xin @ sae.W_enc + sae.b_enc, xin)
 
 
-def decode(sae: SAE, acts: torch.Tensor) -> torch.Tensor:
-    """Reconstruction ``acts @ W_dec + b_dec``."""
-    return acts @ sae.W_dec + sae.b_dec
+def decode(sae: SAE, acts: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+    """Reconstruction ``N_x^{-1}(acts @ W_dec + b_dec)`` in the input's space.
+
+    ``x`` (the activation that was encoded) is needed only by SAEs with a per-token
+    normalisation (``token_norm``, ``layer_norm``), whose inverse depends on it.
+    """
+    y = acts @ sae.W_dec + sae.b_dec
+    kind = sae.cfg.normalization
+    if kind == "none":
+        return y
+    if kind == "constant_scale":
+        return y * sae.cfg.norm_scale_out
+    if x is None:
+        raise ValueError(f"decode of a {kind!r}-normalised SAE needs the encoded input x")
+    _, scale = normalize(sae, x)
+    assert scale is not None
+    return y * scale + (x.mean(dim=-1, keepdim=True) if kind == "layer_norm" else 0.0)
 
 
 def feature_activations(sae: SAE, x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -59,16 +119,19 @@ def feature_activations(sae: SAE, x: torch.Tensor, cols: torch.Tensor) -> torch.
     Touches only the gathered encoder columns unless the architecture needs the full
     pre-activation (TopK), in which case it is computed for these rows only.
     """
+    return _column_activations(sae, sae_input(sae, x), cols)
+
+
+def _column_activations(sae: SAE, xin: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     arch = registry.get(sae.cfg.architecture)
-    xin = sae_input(sae, x)  # [R, d_in]
     if arch.needs_full_preactivation:
         # Gather from the one full computation: a separately rounded column could fall on
         # the other side of the k-th value and flip membership.
         pre_full = xin @ sae.W_enc + sae.b_enc  # [R, d_sae]
-        return arch.activate_columns(sae, pre_full.gather(1, cols), cols, pre_full)
+        return arch.activate_columns(sae, pre_full.gather(1, cols), cols, pre_full, xin)
     w = sae.W_enc.t()[cols]  # [R, n, d_in]
     pre_cols = torch.einsum("rd,rnd->rn", xin, w) + sae.b_enc[cols]
-    return arch.activate_columns(sae, pre_cols, cols, None)
+    return arch.activate_columns(sae, pre_cols, cols, None, xin)
 
 
 def edited_values(mode: torch.Tensor, value: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
@@ -90,10 +153,13 @@ def intervention_delta(
     """Additive edit ``[R, d_in]`` for rows ``x [R, d_in]``.
 
     ``feat``, ``mode``, ``value`` are ``[R, K]``: feature index, Mode and value per edit.
+    For a normalised SAE the decoder-space delta is mapped back to ``x``'s space.
     """
-    act = feature_activations(sae, x, feat)  # [R, K]
+    xin, scale = encoder_input(sae, x)
+    act = _column_activations(sae, xin, feat)  # [R, K]
     coef = edited_values(mode, value.to(act.dtype), act) - act  # [R, K]
-    return torch.einsum("rk,rkd->rd", coef, sae.W_dec[feat])
+    delta = torch.einsum("rk,rkd->rd", coef, sae.W_dec[feat])
+    return delta if scale is None else delta * scale
 
 
 def read_latents(

@@ -5,6 +5,8 @@ token rows with an intervention (``rows [R]``) and their slots (``row_slot [R]``
 of gathering ``[R, K, d_in]`` encoder columns, the union U of features used in this step is
 gathered once: ``pre = x @ W_enc[:, U]`` is ``[R, |U|]`` and the decode is one
 ``[R, |U|] @ [|U|, d_in]`` product. With R = 0 the output is an exact copy of ``h``.
+For a normalised SAE the delta is mapped back to the stream's space per row
+(``ops.encoder_input`` gives the encoder input and that scale from one pass).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def splice_compact(
     arch = registry.get(sae.cfg.architecture)
     feat = slot_feat[row_slot]  # [R, K]
     union, inv = torch.unique(feat, return_inverse=True)  # [U], [R, K]
-    x = ops.sae_input(sae, resid[rows].to(sae.W_enc.dtype))  # [R, d]
+    x, scale = ops.encoder_input(sae, resid[rows].to(sae.W_enc.dtype))  # [R, d], [R|1, 1]
     if arch.needs_full_preactivation:
         pre_full = x @ sae.W_enc + sae.b_enc  # [R, d_sae]
         pre_u = pre_full[:, union]
@@ -39,9 +41,11 @@ def splice_compact(
         pre_full = None
         pre_u = x @ sae.W_enc[:, union] + sae.b_enc[union]  # [R, U]
     pre = pre_u.gather(1, inv)  # [R, K]
-    act = arch.activate_columns(sae, pre, feat, pre_full)
+    act = arch.activate_columns(sae, pre, feat, pre_full, x)
     coef = ops.edited_values(slot_mode[row_slot], slot_val[row_slot].to(act.dtype), act) - act
     coef_u = torch.zeros_like(pre_u).scatter_add_(1, inv, coef)  # [R, U]
     delta = coef_u @ sae.W_dec[union]  # [R, d]
+    if scale is not None:
+        delta = delta * scale
     out.index_add_(0, rows, delta.to(h.dtype))
     return out

@@ -9,8 +9,10 @@ Semantics, for every token row t of ``h [T, d]`` (padding rows included):
         for k in range(K):
             i, m, v = slot_feat[s, k], slot_mode[s, k], slot_val[s, k]
             a = f_i(x)                   # the SAE's activation of feature i
-            out[t] += (edited(m, v, a) - a) * W_dec[i]
+            out[t] += (edited(m, v, a) - a) * W_dec[i] * c(x)
 
+``c(x)`` is 1 unless the SAE normalises its input (``ops.output_scale``): the edit is made
+in the SAE's feature space and mapped back to the stream's space.
 All shapes are fixed by the tables, nothing reads back to the host, so the computation is
 safe to capture in a CUDA graph. Cost is O(T * K * d_in) plus, for TopK SAEs,
 O(T * d_in * d_sae).

@@ -1,17 +1,54 @@
 """The SAE container and the architecture interface.
 
 Shapes follow SAELens: ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``, ``b_enc [d_sae]``,
-``b_dec [d_in]``, ``threshold [d_sae]`` (JumpReLU only).
+``b_dec [d_in]``, ``threshold [d_sae]`` (JumpReLU only). Loaders of other formats convert
+to this layout (transposing, expanding scalar thresholds, folding what can be folded
+exactly), so the math in ``sae_runtime.ops`` is the same for every format.
+
+How the SAE sees its input (``sae_runtime.ops``): the activation ``x`` is first normalised
+per ``SAEConfig.normalization`` (``x_n``), then ``b_dec`` is subtracted when
+``apply_b_dec_to_input``; that is the encoder input ``xin`` and
+``pre = xin @ W_enc + b_enc``. The reconstruction ``acts @ W_dec + b_dec`` lives in the
+normalised space and is mapped back with the inverse normalisation, so an edit's decoder
+delta is rescaled by the same per-token factor (see ``ops.output_scale``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal, Protocol
 
 import torch
 
-HookSite = Literal["resid_post", "resid_pre"]
+HookSite = Literal["resid_post", "resid_pre", "mlp_out", "attn_out", "z"]
+"""Where in block ``layer`` the SAE reads and writes.
+
+- ``resid_post``: residual stream after the block (SAELens ``blocks.L.hook_resid_post``);
+- ``resid_pre``: residual stream before the block (``blocks.L.hook_resid_pre``, L >= 1);
+- ``mlp_out`` / ``attn_out``: the MLP / attention output added to the stream
+  (``blocks.L.hook_mlp_out`` / ``blocks.L.hook_attn_out``);
+- ``z``: per-head attention outputs, concatenated, before the output projection
+  (``blocks.L.attn.hook_z``); ``d_in = n_heads * d_head``.
+"""
+
+HOOK_SITES: tuple[str, ...] = ("resid_post", "resid_pre", "mlp_out", "attn_out", "z")
+
+Normalization = Literal["none", "constant_scale", "token_norm", "layer_norm"]
+"""Input normalisation applied before encoding and inverted after decoding.
+
+- ``none``: ``x_n = x``.
+- ``constant_scale``: ``x_n = x * norm_scale_in``; outputs map back with
+  ``y * norm_scale_out`` (SAELens ``expected_average_only_in`` with a known scaling factor:
+  ``in = s, out = 1/s``; Llama Scope ``dataset-wise``: ``in = sqrt(d)/avg_norm_in``,
+  ``out = avg_norm_out/sqrt(d)``).
+- ``token_norm``: ``x_n = x * sqrt(d_in) / ||x||`` per token, outputs ``y / (sqrt(d_in)/||x||)``
+  (SAELens ``constant_norm_rescale``, Llama Scope ``token-wise``).
+- ``layer_norm``: ``x_n = (x - mean(x)) / (std(x) + eps)`` per token (unbiased std),
+  outputs ``y * std(x) + mean(x)`` (SAELens ``layer_norm``; no eps on the way out, as
+  SAELens does).
+"""
+
+NORMALIZATIONS: tuple[str, ...] = ("none", "constant_scale", "token_norm", "layer_norm")
 
 
 @dataclass(frozen=True)
@@ -21,31 +58,50 @@ class SAEConfig:
     architecture: str
     """Registered architecture name, e.g. ``standard``, ``jumprelu``, ``topk``."""
     d_in: int
-    """Width of the hooked activation (the model's hidden size)."""
+    """Width of the hooked activation (the model's hidden size; n_heads * d_head at ``z``)."""
     d_sae: int
     """Number of features."""
     hook_name: str
-    """SAELens hook name, e.g. ``blocks.3.hook_resid_post``."""
+    """Hook name as the SAE's files give it (or as overridden), e.g.
+    ``blocks.3.hook_resid_post`` or a sparsify hookpoint such as ``layers.3``."""
     layer: int
     """0-based block index parsed from ``hook_name``."""
     site: HookSite
     """Where in the block the SAE reads and writes."""
     apply_b_dec_to_input: bool = False
-    """Subtract ``b_dec`` from the input before encoding (SAELens convention)."""
+    """Subtract ``b_dec`` from the (normalised) input before encoding (SAELens convention)."""
     k: int | None = None
-    """Active features per token for TopK-family architectures; None otherwise."""
+    """Active features per token for TopK-family architectures (number of groups for
+    ``groupmax``); None otherwise."""
     model_name: str = ""
     """Model the SAE was trained on, as its config records it (may be empty)."""
     dtype: str = "float32"
     """Dtype the weights are stored in."""
     format: str = "saelens"
-    """On-disk format the SAE was loaded from."""
+    """On-disk format the SAE was loaded from: ``saelens``, ``gemma_scope``, ``llama_scope``
+    or ``sparsify``."""
+    normalization: str = "none"
+    """Input normalisation, one of ``NORMALIZATIONS`` (see ``Normalization``)."""
+    norm_scale_in: float = 1.0
+    """``constant_scale`` only: factor applied to the input before encoding."""
+    norm_scale_out: float = 1.0
+    """``constant_scale`` only: factor applied to decoder outputs (and edit deltas)."""
+    norm_eps: float = 1e-5
+    """``layer_norm`` only: epsilon added to the standard deviation on the way in."""
+    training_architecture: str = ""
+    """Architecture the SAE was trained as when it differs from the inference one, e.g.
+    ``batchtopk`` or ``matryoshka_batchtopk`` (served as ``jumprelu``)."""
 
     def __post_init__(self) -> None:
         if self.d_in <= 0 or self.d_sae <= 0:
             raise ValueError(f"d_in and d_sae must be positive, got {self.d_in}, {self.d_sae}")
         if self.k is not None and not 0 < self.k <= self.d_sae:
             raise ValueError(f"k must be in [1, d_sae={self.d_sae}], got {self.k}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"normalization must be one of {', '.join(NORMALIZATIONS)}, "
+                f"got {self.normalization!r}"
+            )
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,9 +111,16 @@ class SAE:
     cfg: SAEConfig
     W_enc: torch.Tensor  # [d_in, d_sae]
     W_dec: torch.Tensor  # [d_sae, d_in]
-    b_enc: torch.Tensor  # [d_sae]
+    b_enc: torch.Tensor  # [d_sae]  (gated: the gate bias b_gate)
     b_dec: torch.Tensor  # [d_in]
     threshold: torch.Tensor | None = field(default=None)  # [d_sae], JumpReLU
+    b_mag: torch.Tensor | None = field(default=None)  # [d_sae], gated: magnitude bias
+    r_mag: torch.Tensor | None = field(default=None)  # [d_sae], gated: log magnitude scale
+    rank_scale: torch.Tensor | None = field(default=None)
+    """[d_sae] positive per-feature factor applied to pre-activations where an architecture
+    *selects* features (JumpReLU threshold test, TopK ranking, top-AFA norm matching) but
+    not to the activation values: Llama Scope's ``sparsity_include_decoder_norm`` (decoder
+    column norms). None = 1 (top-AFA: the decoder row norms, computed on the fly)."""
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> SAE:
         """A copy with every tensor moved (and optionally cast)."""
@@ -65,30 +128,48 @@ class SAE:
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device=device, dtype=dtype or t.dtype).contiguous()
 
-        return SAE(
-            self.cfg, mv(self.W_enc), mv(self.W_dec), mv(self.b_enc), mv(self.b_dec),
-            mv(self.threshold),
-        )
+        return SAE(self.cfg, **{f.name: mv(getattr(self, f.name)) for f in fields(self)
+                                if f.name != "cfg"})
 
 
 class Architecture(Protocol):
-    """How an architecture turns pre-activations into feature activations."""
+    """How an architecture turns pre-activations into feature activations.
+
+    ``pre = xin @ W_enc + b_enc`` where ``xin`` is the encoder input (``ops.sae_input``).
+    Implementations are pure: they read the SAE's tensors and write nothing to it.
+    """
 
     name: str
     needs_full_preactivation: bool
     """True when a feature's activation depends on other features' pre-activations (TopK)."""
+    needs_k: bool
+    """True when ``SAEConfig.k`` is required."""
+    extra_tensors: tuple[str, ...]
+    """SAE tensor fields beyond the four basic ones this architecture requires."""
 
-    def activate(self, sae: SAE, pre: torch.Tensor) -> torch.Tensor:
-        """Dense activations ``[..., d_sae]`` from dense pre-activations ``[..., d_sae]``."""
+    def activate(
+        self, sae: SAE, pre: torch.Tensor, xin: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Dense activations ``[..., d_sae]`` from dense pre-activations ``[..., d_sae]``.
+
+        ``xin [..., d_in]`` is the encoder input; only architectures whose selection depends
+        on the input itself (top-AFA) read it.
+        """
         ...
 
     def activate_columns(
-        self, sae: SAE, pre_cols: torch.Tensor, cols: torch.Tensor, pre_full: torch.Tensor | None
+        self,
+        sae: SAE,
+        pre_cols: torch.Tensor,
+        cols: torch.Tensor,
+        pre_full: torch.Tensor | None,
+        xin: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Activations of selected features.
 
         ``pre_cols [..., n]`` are the pre-activations of features ``cols [..., n]`` (same
         leading shape). ``pre_full [..., d_sae]`` is given only when
-        ``needs_full_preactivation`` is true.
+        ``needs_full_preactivation`` is true. Must agree with ``activate`` gathered at
+        ``cols``.
         """
         ...

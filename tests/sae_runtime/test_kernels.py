@@ -7,17 +7,14 @@ import torch
 
 from sae_runtime import ops, registry
 from sae_runtime.kernels import splice_compact, splice_reference
-from sae_runtime.saes.base import SAE, SAEConfig
+from sae_runtime.saes.base import NORMALIZATIONS, SAE
+from tests.sae_runtime._factories import random_sae
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (3e-2, 3e-2), torch.float16: (5e-3, 5e-3)}
 
 
-def _sae(arch: str, d_in: int, d_sae: int) -> SAE:
-    cfg = SAEConfig(arch, d_in, d_sae, "blocks.1.hook_resid_post", 1, "resid_post",
-                    apply_b_dec_to_input=True, k=6 if arch == "topk" else None)
-    W_dec = torch.randn(d_sae, d_in)
-    return SAE(cfg, W_dec.t() * 0.5, W_dec, torch.randn(d_sae) * 0.1, torch.randn(d_in) * 0.1,
-               torch.rand(d_sae) * 0.3 if arch == "jumprelu" else None)
+def _sae(arch: str, d_in: int, d_sae: int, **kw) -> SAE:
+    return random_sae(arch, d_in, d_sae, **kw)
 
 
 def _tables(T: int, S: int, K: int, d_sae: int):
@@ -46,6 +43,24 @@ def test_compact_equals_reference(arch, dtype, T, d_in):
     # untouched rows are bit-identical to the input
     untouched = tok_slot[:T] < 0
     assert torch.equal(got[untouched], h[untouched])
+
+
+@pytest.mark.parametrize("arch", registry.names())
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+def test_compact_equals_reference_normalised(arch, normalization):
+    """Normalised SAEs (per-token output scale) and rank scales: both kernels still agree."""
+    sae = _sae(arch, 48, 120, normalization=normalization, rank_scale=True)
+    tok_slot, feat, mode, val = _tables(29, 4, 3, 120)
+    h = torch.randn(29, 48)
+    resid = h + torch.randn(29, 48)
+    resid[torch.nonzero(tok_slot[:29] < 0).flatten()[:1]] = 0.0  # an all-zero idle row
+    rows = torch.nonzero(tok_slot[:29] >= 0).flatten()
+    want = splice_reference(h, resid, sae, tok_slot, feat, mode, val)
+    got = splice_compact(h, resid, sae, rows, tok_slot[rows], feat, mode, val)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    untouched = tok_slot[:29] < 0
+    assert torch.equal(want[untouched], h[untouched])  # the reference leaves them exact too
+    assert not torch.equal(got[~untouched], h[~untouched]), "no row was edited"
 
 
 def test_no_rows_is_exact_copy_not_alias():
