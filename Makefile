@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup serve test test-fast lint bench proto proto-check clean-venv default-artifacts
+.PHONY: setup serve test test-fast lint bench loadtest proto proto-check clean-venv default-artifacts
 
 setup: $(STAMP)/project
 
@@ -58,6 +58,21 @@ lint: setup
 
 test: lint
 	$(BIN)/python -m pytest -q -ra
+
+# Starts the server on the embedded default, runs Locust headless for a bounded time on
+# loopback, writes loadtests/reports/run{.html,_stats.csv,...}, then stops the server.
+LOADTEST_USERS ?= 16
+LOADTEST_TIME ?= 2m
+loadtest: default-artifacts
+	@mkdir -p loadtests/reports
+	$(BIN)/steerd serve --model $(DEFAULT_DIR)/tiny-llama --dtype float32 \
+		--sae $(DEFAULT_DIR)/saes/resid_l1 --sae $(DEFAULT_DIR)/saes/jumprelu_l2pre \
+		--sae $(DEFAULT_DIR)/saes/topk_l0 --host 127.0.0.1 --port $(PORT) \
+		--metrics-port 0 > loadtests/reports/steerd.log 2>&1 & echo $$! > loadtests/reports/steerd.pid
+	@for i in $$(seq 1 300); do grep -q "listening" loadtests/reports/steerd.log && break; sleep 1; done
+	$(BIN)/locust -f loadtests/locustfile.py --headless -u $(LOADTEST_USERS) -r 4 -t $(LOADTEST_TIME) \
+		--stop-timeout 30 --host 127.0.0.1:$(PORT) --csv loadtests/reports/run \
+		--html loadtests/reports/run.html; rc=$$?; kill $$(cat loadtests/reports/steerd.pid); exit $$rc
 
 # Measured, not asserted: writes docs/benchmarks.{json,md} (about 10 minutes on 2 cores).
 bench: setup

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import grpc
@@ -99,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="steer", description="Client for the SAE steering server.")
     p.add_argument("--target", default="localhost:50051", help="server HOST:PORT (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=None, help="RPC deadline in seconds")
+    p.add_argument("--token", default=os.environ.get("STEER_TOKEN"),
+                   help="bearer token (default: $STEER_TOKEN)")
+    p.add_argument("--tls-ca", default=None, help="PEM CA that signed the server cert (enables TLS)")
+    p.add_argument("--tls-cert", default=None, help="PEM client certificate (mutual TLS)")
+    p.add_argument("--tls-key", default=None, help="PEM client key (mutual TLS)")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text, optionally steered")
@@ -158,7 +164,8 @@ def _interventions(edits, scope: str):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with SteeringClient(args.target, timeout=args.timeout) as client:
+        with SteeringClient(args.target, timeout=args.timeout, token=args.token, tls_ca=args.tls_ca,
+                            tls_cert=args.tls_cert, tls_key=args.tls_key) as client:
             if args.command == "generate":
                 return _generate(client, args)
             if args.command == "encode":

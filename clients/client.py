@@ -69,13 +69,28 @@ class GenerationResult:
 
 
 class SteeringClient:
-    """Blocking client. ``with SteeringClient("localhost:50051") as c: c.generate_text("hi")``."""
+    """Blocking client. ``with SteeringClient("localhost:50051") as c: c.generate_text("hi")``.
+
+    ``token`` is sent as ``authorization: Bearer <token>``. ``tls_ca`` (PEM bytes or a path)
+    switches to TLS; add ``tls_cert``/``tls_key`` for mutual TLS.
+    """
 
     def __init__(self, target: str, *, timeout: float | None = None,
-                 channel: grpc.Channel | None = None) -> None:
-        self.channel = channel or grpc.insecure_channel(target)
+                 channel: grpc.Channel | None = None, token: str | None = None,
+                 tls_ca: bytes | str | None = None, tls_cert: bytes | str | None = None,
+                 tls_key: bytes | str | None = None) -> None:
+        if channel is None:
+            if tls_ca is not None:
+                creds = grpc.ssl_channel_credentials(
+                    root_certificates=_pem(tls_ca), private_key=_pem(tls_key),
+                    certificate_chain=_pem(tls_cert))
+                channel = grpc.secure_channel(target, creds)
+            else:
+                channel = grpc.insecure_channel(target)
+        self.channel = channel
         self.stub = pb_grpc.SteeringServiceStub(self.channel)
         self.timeout = timeout
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
 
     def __enter__(self) -> SteeringClient:
         return self
@@ -106,7 +121,8 @@ class SteeringClient:
 
     def generate(self, prompt: str | Sequence[int], **kw) -> Iterator[pb.GenerateResponse]:
         """Stream responses; cancel by calling ``.cancel()`` on the returned iterator."""
-        return self.stub.Generate(self.build_request(prompt, **kw), timeout=self.timeout)
+        return self.stub.Generate(self.build_request(prompt, **kw), timeout=self.timeout,
+                                  metadata=self.metadata)
 
     def generate_text(self, prompt: str | Sequence[int], **kw) -> GenerationResult:
         """Run a whole generation and collect it."""
@@ -116,19 +132,28 @@ class SteeringClient:
                reads: Sequence[pb.FeatureRead]) -> list[pb.EncodeResult]:
         """Per-token and pooled activations of each input (no generation)."""
         req = pb.EncodeRequest(inputs=[_prompt(x) for x in inputs], reads=list(reads))
-        return list(self.stub.Encode(req, timeout=self.timeout).results)
+        return list(self.stub.Encode(req, timeout=self.timeout, metadata=self.metadata).results)
 
     def list_saes(self) -> list[pb.SAEInfo]:
-        return list(self.stub.ListSAEs(pb.ListSAEsRequest(), timeout=self.timeout).saes)
+        return list(self.stub.ListSAEs(pb.ListSAEsRequest(), timeout=self.timeout,
+                                       metadata=self.metadata).saes)
 
     def model_info(self) -> pb.GetModelInfoResponse:
-        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout,
+                                      metadata=self.metadata)
 
     def health(self, service: str = "") -> str:
         """``SERVING``, ``NOT_SERVING``, ... for ``service`` ("" = the whole server)."""
         stub = health_pb2_grpc.HealthStub(self.channel)
         resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
+def _pem(x: bytes | str | None) -> bytes | None:
+    if x is None or isinstance(x, bytes):
+        return x
+    with open(x, "rb") as fh:
+        return fh.read()
 
 
 def _prompt(prompt: str | Sequence[int]) -> pb.Prompt:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -19,11 +20,12 @@ from sae_runtime.saes.base import SAEConfig
 from sae_runtime.vllm.engine import resolve_sae_dtype
 from sae_runtime.vllm.families import block_of, family_of, supported
 from server import convert
+from server.auth import BearerAuth, load_tokens
 from server.config import ServerConfig
+from server.metrics import Metrics
 from server.reads import ReadRouter
 from server.service import SteeringServicer
 from steering.v1 import steering_pb2 as pb
-from steering.v1 import steering_pb2_grpc as pb_grpc
 
 log = logging.getLogger("steerd")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SteeringService"].full_name
@@ -98,9 +100,14 @@ class Running:
 
 
 async def build_server(cfg: ServerConfig, engine: Any, saes: dict[str, SAEConfig],
-                       router: ReadRouter | None = None) -> Running:
+                       router: ReadRouter | None = None, metrics: Metrics | None = None) -> Running:
     """Create and start the gRPC server around a running engine; returns the bound port."""
-    server = grpc.aio.server()
+    tokens = load_tokens(cfg.auth_tokens_file)
+    server = grpc.aio.server(
+        interceptors=[BearerAuth(tokens)] if tokens else [],
+        options=[("grpc.max_receive_message_length", cfg.max_message_bytes),
+                 ("grpc.max_send_message_length", max(cfg.max_message_bytes, 64 * 1024 * 1024))],
+    )
     dead = asyncio.Event()
     health_servicer = health.aio.HealthServicer()
 
@@ -110,25 +117,77 @@ async def build_server(cfg: ServerConfig, engine: Any, saes: dict[str, SAEConfig
     limits = convert.Limits(
         max_interventions=cfg.max_interventions, vocab_size=engine.model_config.get_vocab_size(),
         max_read_top_k=cfg.max_read_top_k, max_watch=cfg.max_watch,
-        max_encode_inputs=cfg.max_encode_inputs,
+        max_encode_inputs=cfg.max_encode_inputs, max_prompt_tokens=cfg.max_prompt_tokens,
+        max_new_tokens=cfg.max_new_tokens,
     )
     servicer = SteeringServicer(
         engine, model=cfg.model, saes=saes, limits=limits, compiled=not cfg.enforce_eager,
         router=router, on_engine_dead=on_engine_dead,
         sae_dtype=resolve_sae_dtype(cfg.sae_dtype, engine.model_config.dtype),
+        metrics=metrics, max_concurrent_streams=cfg.max_concurrent_streams,
+        max_distinct_configs=cfg.max_distinct_configs,
     )
-    pb_grpc.add_SteeringServiceServicer_to_server(servicer, server)
+    add_servicer(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    addr = f"{cfg.host}:{cfg.port}"
+    if cfg.tls_cert is not None:
+        creds = grpc.ssl_server_credentials(
+            [(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())],
+            root_certificates=cfg.tls_client_ca.read_bytes() if cfg.tls_client_ca else None,
+            require_client_auth=cfg.tls_client_ca is not None,
+        )
+        port = server.add_secure_port(addr, creds)
+    else:
+        port = server.add_insecure_port(addr)
     if port == 0:
         raise OSError(f"cannot bind {cfg.host}:{cfg.port}")
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return Running(server, port, health_servicer, servicer, dead)
+
+
+def add_servicer(servicer: SteeringServicer, server: grpc.aio.Server) -> None:
+    """Register the service like the generated ``add_..._to_server``, but parse requests here.
+
+    gRPC would answer a message it cannot parse (say, invalid UTF-8 in a string field) with
+    INTERNAL; parsing it ourselves makes that INVALID_ARGUMENT with the parser's reason.
+    """
+    handlers = {}
+    for m in pb.DESCRIPTOR.services_by_name["SteeringService"].methods:
+        req_cls, resp_cls = getattr(pb, m.input_type.name), getattr(pb, m.output_type.name)
+        impl = getattr(servicer, m.name)
+        make = grpc.unary_stream_rpc_method_handler if m.server_streaming else grpc.unary_unary_rpc_method_handler
+        wrapped = _parse_stream(impl, req_cls) if m.server_streaming else _parse_unary(impl, req_cls)
+        handlers[m.name] = make(wrapped, response_serializer=resp_cls.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+async def _parse(raw: bytes, cls, context):
+    try:
+        return cls.FromString(raw)
+    except DecodeError as e:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"request is not a valid {cls.DESCRIPTOR.full_name}: {e}")
+
+
+def _parse_unary(impl, cls):
+    async def handler(raw, context):
+        return await impl(await _parse(raw, cls, context), context)
+
+    return handler
+
+
+def _parse_stream(impl, cls):
+    async def handler(raw, context):
+        async for msg in impl(await _parse(raw, cls, context), context):
+            yield msg
+
+    return handler
 
 
 async def _watch_engine(engine: Any, dead: asyncio.Event) -> None:
@@ -148,8 +207,12 @@ async def serve(cfg: ServerConfig) -> int:
     t0 = time.monotonic()
     engine = start_engine(cfg, router.addr if router else None)
     started = time.monotonic() - t0
-    run = await build_server(cfg, engine, saes, router)
+    metrics = Metrics()
+    run = await build_server(cfg, engine, saes, router, metrics)
     _log_startup(cfg, engine, saes, run.port, started)
+    if cfg.metrics_port is not None:
+        mport = metrics.serve(cfg.metrics_port, cfg.host)
+        print(f"steerd: metrics on http://{cfg.host}:{mport}/metrics", flush=True)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -163,8 +226,13 @@ async def serve(cfg: ServerConfig) -> int:
     for t in (watcher, dead_wait, stop_wait):
         t.cancel()
 
+    if engine_died:
+        for name in ("", SERVICE_NAME):
+            await run.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await run.health.enter_graceful_shutdown()
-    grace = 0.0 if engine_died else cfg.grace_period_s
+    # After an engine death the in-flight streams have already been told UNAVAILABLE by
+    # their handlers; a short grace lets those statuses reach the clients.
+    grace = min(2.0, cfg.grace_period_s) if engine_died else cfg.grace_period_s
     log.info("shutting down: draining streams for up to %.1fs", grace)
     await run.server.stop(grace)
     engine.shutdown()
@@ -197,4 +265,6 @@ def _log_startup(cfg, engine, saes, port, started_s) -> None:
         if c.model_name and not _same_model(c.model_name, cfg.model):
             log.warning("SAE %s was trained on %r, which differs from the served model %s",
                         sid, c.model_name, cfg.model)
-    print(f"steerd: listening on {cfg.host}:{port}", flush=True)
+    security = ("mTLS" if cfg.tls_client_ca else "TLS") if cfg.tls_cert else "plaintext"
+    auth = "bearer-token auth" if load_tokens(cfg.auth_tokens_file) else "no auth"
+    print(f"steerd: listening on {cfg.host}:{port} ({security}, {auth})", flush=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class SAESource(BaseModel):
@@ -68,6 +68,48 @@ class ServerConfig(BaseModel):
         default=10.0, ge=0, description="Seconds in-flight streams get to finish on shutdown."
     )
     seed: int = Field(default=0, description="Engine seed.")
+    # ---- limits: a request over a cap gets RESOURCE_EXHAUSTED (the server never queues it)
+    max_concurrent_streams: int = Field(
+        default=256, ge=1, description="Most Generate/Encode calls in flight; more get RESOURCE_EXHAUSTED."
+    )
+    max_distinct_configs: int = Field(
+        default=64, ge=1,
+        description="Most distinct intervention sets in flight; a request bringing one more gets "
+                    "RESOURCE_EXHAUSTED.",
+    )
+    max_prompt_tokens: int | None = Field(
+        default=None, ge=1, description="Longest prompt in tokens (default: model length - 1)."
+    )
+    max_new_tokens: int | None = Field(
+        default=None, ge=1, description="Largest max_tokens (default: what the model length allows)."
+    )
+    max_message_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024, description="Largest request message in bytes."
+    )
+    # ---- security
+    auth_tokens_file: Path | None = Field(
+        default=None,
+        description="File with accepted bearer tokens, one per line; or set STEERD_AUTH_TOKENS "
+                    "(comma-separated). Clients send 'authorization: Bearer <token>'.",
+    )
+    tls_cert: Path | None = Field(default=None, description="PEM server certificate (enables TLS).")
+    tls_key: Path | None = Field(default=None, description="PEM private key of --tls-cert.")
+    tls_client_ca: Path | None = Field(
+        default=None, description="PEM CA bundle; when set, clients must present a certificate (mTLS)."
+    )
+    # ---- observability
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535, description="Serve Prometheus metrics on this port (off by default)."
+    )
+    log_format: Literal["text", "json"] = Field(default="text", description="Log line format.")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
+        return self
 
     @field_validator("saes")
     @classmethod

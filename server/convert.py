@@ -56,6 +56,8 @@ class Limits:
     max_read_top_k: int = 64
     max_watch: int = 256
     max_encode_inputs: int = 32
+    max_prompt_tokens: int | None = None  # None: the model length - 1
+    max_new_tokens: int | None = None  # None: whatever the model length allows
 
 
 def _finite(field: str, v: float) -> float:
@@ -167,11 +169,19 @@ def spec_from_pb(items) -> SteeringSpec:
     return SteeringSpec(tuple(out))
 
 
-def check_lengths(prompt_len: int, max_tokens: int, max_model_len: int) -> None:
-    """Prompt and requested generation must fit the model's context."""
+def check_lengths(prompt_len: int, max_tokens: int, max_model_len: int,
+                  limits: Limits | None = None, field: str = "prompt") -> None:
+    """Prompt and requested generation must fit the model's context and the server's caps."""
+    if limits is not None and limits.max_prompt_tokens and prompt_len > limits.max_prompt_tokens:
+        raise InvalidRequestError(
+            field, f"prompt is {prompt_len} tokens; the server accepts at most "
+            f"{limits.max_prompt_tokens}")
+    if limits is not None and limits.max_new_tokens and max_tokens > limits.max_new_tokens:
+        raise InvalidRequestError(
+            "sampling.max_tokens", f"{max_tokens} exceeds the server's cap of {limits.max_new_tokens}")
     if prompt_len >= max_model_len:
         raise InvalidRequestError(
-            "prompt", f"prompt is {prompt_len} tokens; the model allows at most "
+            field, f"prompt is {prompt_len} tokens; the model allows at most "
             f"{max_model_len - 1} so that one token can be generated"
         )
     if prompt_len + max_tokens > max_model_len:

@@ -7,21 +7,26 @@ It holds no model math; conversions live in ``server.convert``, engine calls in
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import logging
+import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import grpc
 import numpy as np
 
-from sae_runtime.errors import InvalidRequestError, SteeringError
+from sae_runtime.errors import InvalidRequestError, ResourceLimitError, SteeringError
 from sae_runtime.interventions import SteeringSpec
 from sae_runtime.reads import ReadScope, ReadSpec
 from sae_runtime.saes.base import SAEConfig
 from sae_runtime.vllm import engine as eng
 from server import convert
 from server.errors import abort_with
+from server.metrics import Metrics
 from server.reads import ReadRouter, RequestReads
 from steering.v1 import steering_pb2 as pb
 from steering.v1 import steering_pb2_grpc as pb_grpc
@@ -31,8 +36,57 @@ log = logging.getLogger("steerd")
 READ_WAIT_S = 30.0  # how long a finished request waits for its last reads from the worker
 
 
-class EngineDead(Exception):
-    """The engine stopped; the RPC ends with UNAVAILABLE."""
+def _accounted(method: str):
+    """Record the RPC's final status code in ``steerd_requests{method, code}``."""
+
+    def deco(fn):
+        if inspect.isasyncgenfunction(fn):
+
+            @functools.wraps(fn)
+            async def stream(self, request, context):
+                code = "OK"
+                try:
+                    async for msg in fn(self, request, context):
+                        yield msg
+                except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: closed at a yield
+                    code = "CANCELLED"
+                    raise
+                except BaseException:
+                    code = _code_name(context, "UNKNOWN")
+                    raise
+                finally:
+                    if code == "OK":
+                        code = _code_name(context, "OK")
+                    self.metrics.requests.labels(method, code).inc()
+
+            return stream
+
+        @functools.wraps(fn)
+        async def unary(self, request, context):
+            code = "OK"
+            try:
+                return await fn(self, request, context)
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except BaseException:
+                code = _code_name(context, "UNKNOWN")
+                raise
+            finally:
+                if code == "OK":
+                    code = _code_name(context, "OK")
+                self.metrics.requests.labels(method, code).inc()
+
+        return unary
+
+    return deco
+
+
+def _code_name(context, default: str) -> str:
+    code = context.code()
+    if code is None:
+        return default
+    return code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode(code).name
 
 
 class SteeringServicer(pb_grpc.SteeringServiceServicer):
@@ -47,6 +101,9 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
         router: ReadRouter | None = None,
         on_engine_dead: Any = None,
         sae_dtype: str = "float32",
+        metrics: Metrics | None = None,
+        max_concurrent_streams: int = 256,
+        max_distinct_configs: int = 64,
     ) -> None:
         self.engine = engine
         self.model = model
@@ -60,7 +117,45 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
         self.on_engine_dead = on_engine_dead or (lambda: None)
         self.max_model_len = engine.model_config.max_model_len
         self.tokenizer = engine.get_tokenizer()
+        self.metrics = metrics or Metrics()
+        self.max_concurrent_streams = max_concurrent_streams
+        self.max_distinct_configs = max_distinct_configs
         self.active_streams = 0
+        self.configs: Counter[str] = Counter()  # cache salt -> in-flight requests using it
+        m = self.metrics
+        m.active_streams.set_function(lambda: self.active_streams)
+        m.distinct_configs.set_function(lambda: len(self.configs))
+        m.read_buffers.set_function(lambda: self.router.in_flight if self.router else 0)
+        m.engine_requests.set_function(engine.get_num_unfinished_requests)
+
+    def _admit(self, spec: SteeringSpec) -> Callable[[], None]:
+        """Take a stream slot (and a distinct-config slot) or raise ResourceLimitError.
+
+        Returns the function that gives them back.
+        """
+        if self.active_streams >= self.max_concurrent_streams:
+            self.metrics.rejected.labels("concurrent_streams").inc()
+            raise ResourceLimitError(
+                f"the server is at its limit of {self.max_concurrent_streams} concurrent "
+                "streams; retry later")
+        salt = spec.cache_salt()
+        if salt is not None and salt not in self.configs and len(self.configs) >= self.max_distinct_configs:
+            self.metrics.rejected.labels("distinct_configs").inc()
+            raise ResourceLimitError(
+                f"{self.max_distinct_configs} distinct intervention sets are in flight (the "
+                "server's cap); retry later or reuse an in-flight set")
+        self.active_streams += 1
+        if salt is not None:
+            self.configs[salt] += 1
+
+        def release() -> None:
+            self.active_streams -= 1
+            if salt is not None:
+                self.configs[salt] -= 1
+                if not self.configs[salt]:
+                    del self.configs[salt]
+
+        return release
 
     def _tokens(self, text: str | None, ids: tuple[int, ...] | None, field: str) -> list[int]:
         out = list(ids) if ids is not None else list(self.tokenizer.encode(text))
@@ -82,7 +177,8 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
             if type(e).__name__ == "EngineDeadError":
                 self.on_engine_dead()
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine stopped; retry later")
-            log.exception("request %s failed in the engine", engine_id)
+            log.exception("request %s failed in the engine", engine_id,
+                          extra={"request_id": engine_id})
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request_id {engine_id})")
         finally:
             if not finished:
@@ -90,16 +186,26 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
 
     # ------------------------------------------------------------------ Generate
 
+    @_accounted("Generate")
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         try:
             inputs = convert.generate_inputs_from_pb(request, saes=self.saes, limits=self.limits)
             ids = self._tokens(inputs.prompt_text, inputs.prompt_ids, "prompt")
-            convert.check_lengths(len(ids), inputs.max_tokens, self.max_model_len)
+            convert.check_lengths(len(ids), inputs.max_tokens, self.max_model_len, self.limits)
+            release = self._admit(inputs.spec)
         except SteeringError as e:
             await abort_with(context, e)
             return
+        try:
+            async for msg in self._generate(inputs, ids, context):
+                yield msg
+        finally:
+            release()
+
+    async def _generate(self, inputs: convert.GenerateInputs, ids: list[int],
+                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
 
         engine_id = uuid.uuid4().hex
         shown_id = inputs.request_id or engine_id
@@ -112,15 +218,20 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
         )
         log.info("generate request_id=%s prompt_tokens=%d max_tokens=%d interventions=%d reads=%d",
                  shown_id, len(ids), inputs.max_tokens, len(inputs.spec.interventions),
-                 len(inputs.reads.reads))
+                 len(inputs.reads.reads), extra={"request_id": shown_id})
         buf = self.router.register(engine_id) if reads and self.router else None
         feed = _ReadFeed(buf, reads, ids, self.sae_index) if buf is not None else None
-        self.active_streams += 1
+        self.metrics.interventions.inc(len(inputs.spec.interventions))
+        t0 = time.perf_counter()
+        t_first = None
         try:
             first = True
             position = len(ids)
             async for out in self._run(ids, params, inputs.spec, engine_id, context):
                 c = out.outputs[0]
+                if t_first is None and c.token_ids:
+                    t_first = time.perf_counter()
+                    self.metrics.ttft.observe(t_first - t0)
                 msg = pb.GenerateResponse(
                     request_id=shown_id, token_ids=list(c.token_ids), text=c.text,
                     first_position=position,
@@ -140,14 +251,19 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
                         prompt_tokens=len(ids), completion_tokens=position - len(ids),
                         cached_prompt_tokens=out.num_cached_tokens or 0,
                     ))
+                    n_gen = position - len(ids)
+                    self.metrics.tokens.inc(n_gen)
+                    if t_first is not None and n_gen > 1:
+                        self.metrics.tpot.observe((time.perf_counter() - t_first) / (n_gen - 1))
+                self.metrics.read_positions.inc(len({f.position for f in msg.features}))
                 yield msg
         finally:
-            self.active_streams -= 1
             if buf is not None:
                 self.router.unregister(engine_id)
 
     # ------------------------------------------------------------------ Encode
 
+    @_accounted("Encode")
     async def Encode(self, request: pb.EncodeRequest, context) -> pb.EncodeResponse:
         try:
             if not request.inputs:
@@ -164,14 +280,16 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
             for j, p in enumerate(request.inputs):
                 text, ids = convert.prompt_from_pb(p, f"inputs[{j}]", self.limits.vocab_size)
                 toks = self._tokens(text, ids, f"inputs[{j}]")
-                convert.check_lengths(len(toks), 1, self.max_model_len)
+                convert.check_lengths(len(toks), 1, self.max_model_len, self.limits, f"inputs[{j}]")
                 all_ids.append(toks)
+            release = self._admit(SteeringSpec())
         except SteeringError as e:
             await abort_with(context, e)
             return pb.EncodeResponse()
-        if self.router is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the server has no SAEs loaded")
-        results = await asyncio.gather(*(self._encode_one(ids, reads, context) for ids in all_ids))
+        try:
+            results = await asyncio.gather(*(self._encode_one(ids, reads, context) for ids in all_ids))
+        finally:
+            release()
         return pb.EncodeResponse(results=results)
 
     async def _encode_one(self, ids: list[int], reads: ReadSpec, context) -> pb.EncodeResult:
@@ -196,11 +314,13 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
 
     # ------------------------------------------------------------------ info
 
+    @_accounted("ListSAEs")
     async def ListSAEs(self, request, context) -> pb.ListSAEsResponse:
         return pb.ListSAEsResponse(
             saes=[convert.sae_info_to_pb(sid, cfg, self.sae_dtype) for sid, cfg in self.saes.items()]
         )
 
+    @_accounted("GetModelInfo")
     async def GetModelInfo(self, request, context) -> pb.GetModelInfoResponse:
         mc = self.engine.model_config
         hf = mc.hf_config

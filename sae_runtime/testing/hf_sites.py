@@ -19,6 +19,7 @@ _SITES = {
     "qwen2": ("self_attn", "mlp", "self_attn.o_proj"),
     "qwen3": ("self_attn", "mlp", "self_attn.o_proj"),
     "gemma2": ("post_attention_layernorm", "post_feedforward_layernorm", "self_attn.o_proj"),
+    "gemma3_text": ("post_attention_layernorm", "post_feedforward_layernorm", "self_attn.o_proj"),
     "gpt2": ("attn", "mlp", "attn.c_proj"),
 }
 

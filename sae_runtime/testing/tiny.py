@@ -87,7 +87,7 @@ def make_model(out: Path, seed: int = 0, layers: int = LAYERS, head_scale: float
     make_tokenizer(out, seed=seed)
 
 
-FAMILY_CONFIGS = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gpt2")
+FAMILY_CONFIGS = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "gpt2")
 
 
 def make_family_model(out: Path, family: str, seed: int = 0, layers: int = LAYERS,
@@ -115,6 +115,11 @@ def make_family_model(out: Path, family: str, seed: int = 0, layers: int = LAYER
     elif family == "gemma2":
         cfg = dict(llama_like, tie_word_embeddings=True, num_key_value_heads=1)
         model = tf.Gemma2ForCausalLM(tf.Gemma2Config(
+            head_dim=64, query_pre_attn_scalar=64, sliding_window=256, final_logit_softcapping=None,
+            attn_logit_softcapping=None, layer_types=["full_attention"] * layers, **cfg))
+    elif family == "gemma3":
+        cfg = dict(llama_like, tie_word_embeddings=True, num_key_value_heads=1)
+        model = tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
             head_dim=64, query_pre_attn_scalar=64, sliding_window=256, final_logit_softcapping=None,
             attn_logit_softcapping=None, layer_types=["full_attention"] * layers, **cfg))
     elif family == "gpt2":

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -31,9 +31,25 @@ class Server:
     model_dir: Path
     sae_dirs: dict[str, Path]
     started_s: float
+    metrics_url: str | None = None
+    client_kwargs: dict = field(default_factory=dict)  # token / TLS settings for clients
 
-    def client(self, timeout: float = 120.0) -> SteeringClient:
-        return SteeringClient(self.target, timeout=timeout)
+    def client(self, timeout: float = 120.0, **kw) -> SteeringClient:
+        return SteeringClient(self.target, timeout=timeout, **{**self.client_kwargs, **kw})
+
+    def metrics(self) -> dict[str, float]:
+        """Current Prometheus samples: 'name{labels}' -> value."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
+        out = {}
+        for fam in text_string_to_metric_families(text):
+            for smp in fam.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(smp.labels.items()))
+                out[f"{smp.name}{{{labels}}}" if labels else smp.name] = smp.value
+        return out
 
 
 def _free_port() -> int:
@@ -46,37 +62,51 @@ def _steerd() -> str:
     return str(Path(sys.executable).with_name("steerd"))
 
 
-@pytest.fixture(scope="session")
-def server(tiny_dir, tmp_path_factory):
-    port = _free_port()
-    sae_dirs = {sid: tiny_dir / "saes" / d for sid, d in SAE_DIRS.items()}
-    cmd = [_steerd(), "serve", "--model", str(tiny_dir / "tiny-llama"), "--dtype", "float32",
+def start_server(model_dir: Path, sae_dirs: dict[str, Path], log_dir: Path, *extra: str,
+                 client_kwargs: dict | None = None, host: str = "127.0.0.1") -> Server:
+    """Start `steerd serve` (compiled mode, fp32, metrics on) and wait until it reports SERVING."""
+    port, mport = _free_port(), _free_port()
+    extra = ("--host", host, "--metrics-port", str(mport), *extra)
+    cmd = [_steerd(), "serve", "--model", str(model_dir), "--dtype", "float32",
            "--port", str(port), "--max-model-len", str(MAX_MODEL_LEN),
            "--max-num-batched-tokens", str(MAX_BATCHED_TOKENS), "--max-num-seqs", "32",
-           "--max-interventions", str(MAX_INTERVENTIONS), "--grace-period-s", "5"]
-    for sid in SAE_IDS:
-        cmd += ["--sae", f"{sid}={sae_dirs[sid]}"]
-    log = tmp_path_factory.mktemp("server") / "steerd.log"
+           "--max-interventions", str(MAX_INTERVENTIONS), "--grace-period-s", "5", *extra]
+    for sid, path in sae_dirs.items():
+        cmd += ["--sae", f"{sid}={path}"]
+    log = log_dir / "steerd.log"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     t0 = time.monotonic()
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
-    srv = Server(f"127.0.0.1:{port}", proc, log, tiny_dir / "tiny-llama", sae_dirs, 0.0)
+    srv = Server(f"{host}:{port}", proc, log, model_dir, dict(sae_dirs), 0.0,
+                 metrics_url=f"http://{host}:{mport}/metrics", client_kwargs=client_kwargs or {})
     try:
         _wait_healthy(srv, deadline=t0 + 400)
     except BaseException:
         proc.kill()
         raise
     srv.started_s = time.monotonic() - t0
-    print(f"\nsteerd ready in {srv.started_s:.1f}s", file=sys.stderr)
-    yield srv
-    proc.send_signal(signal.SIGTERM)
+    print(f"\nsteerd ready in {srv.started_s:.1f}s ({model_dir.name})", file=sys.stderr)
+    return srv
+
+
+def stop_server(srv: Server) -> None:
+    """SIGTERM, then the server must drain and exit 0."""
+    srv.proc.send_signal(signal.SIGTERM)
     try:
-        rc = proc.wait(timeout=90)
+        rc = srv.proc.wait(timeout=90)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        srv.proc.kill()
         raise AssertionError("steerd did not stop within 90s of SIGTERM") from None
-    assert rc == 0, f"steerd exited with {rc} after SIGTERM; log: {log}"
+    assert rc == 0, f"steerd exited with {rc} after SIGTERM; log: {srv.log}"
+
+
+@pytest.fixture(scope="session")
+def server(tiny_dir, tmp_path_factory):
+    sae_dirs = {sid: tiny_dir / "saes" / SAE_DIRS[sid] for sid in SAE_IDS}
+    srv = start_server(tiny_dir / "tiny-llama", sae_dirs, tmp_path_factory.mktemp("server"))
+    yield srv
+    stop_server(srv)
 
 
 def _wait_healthy(srv: Server, deadline: float) -> None:

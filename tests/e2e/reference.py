@@ -2,21 +2,28 @@
 
 The SAE math comes from the sae-lens package (``SAE.load_from_disk`` + ``encode``); the
 edit is the documented formula x <- x + sum_i (new_i - f_i(x)) W_dec[i], applied at the
-positions the intervention's scope selects. Nothing here imports our runtime.
+positions the intervention's scope selects, at the SAE's hook site in the HF model
+(``sae_runtime.testing.hf_sites``: TransformerLens' site definitions on HF modules).
+Nothing here touches the server or its vLLM glue.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from sae_lens import SAE
-from transformers import LlamaForCausalLM
+from transformers import AutoModelForCausalLM
+
+from sae_runtime.testing.hf_sites import edit_site, site_activations
 
 CLAMP, ABLATE, SCALE, ADD = 1, 2, 3, 4
 ALL, GENERATION_ONLY = 1, 2
+_HOOK = re.compile(r"^blocks\.(\d+)\.(?:attn\.)?hook_(resid_post|resid_pre|attn_out|mlp_out|z)$")
 
 
 @dataclass(frozen=True)
@@ -30,55 +37,49 @@ class Edit:
 
 class HFReference:
     def __init__(self, model_dir, sae_dirs: dict, sae_order: tuple[str, ...]) -> None:
-        self.model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.saes = {sid: SAE.load_from_disk(str(sae_dirs[sid]), device="cpu") for sid in sae_order}
         self.order = sae_order
-        self.hooks = {sid: json.loads((Path(sae_dirs[sid]) / "cfg.json").read_text())["metadata"]["hook_name"]
-                      for sid in sae_order}
+        self.sites = {}
+        for sid in sae_order:
+            hook = json.loads((Path(sae_dirs[sid]) / "cfg.json").read_text())["metadata"]["hook_name"]
+            m = _HOOK.match(hook)
+            self.sites[sid] = (int(m.group(1)), m.group(2))
 
-    def block_of(self, sid: str) -> int:
-        hook = self.hooks[sid]  # blocks.L.hook_resid_{post,pre}
-        layer = int(hook.split(".")[1])
-        return layer if hook.endswith("resid_post") else layer - 1
+    def activation(self, ids: list[int], sid: str) -> torch.Tensor:
+        """Unedited activation at the SAE's site: [T, d]."""
+        return site_activations(self.model, torch.tensor([ids]), *self.sites[sid])[0]
 
-    def residual(self, ids: list[int], block: int) -> torch.Tensor:
-        """Residual stream after ``block`` (no edits): [T, d]."""
+    def latents(self, ids: list[int], sid: str) -> torch.Tensor:
+        """sae-lens latents of the unedited activation at the SAE's site: [T, d_sae]."""
         with torch.no_grad():
-            hs = self.model(torch.tensor([ids]), output_hidden_states=True).hidden_states
-        return hs[block + 1][0]
+            return self.saes[sid].encode(self.activation(ids, sid))
 
     def logits(self, ids: list[int], edits: list[Edit], prompt_len: int) -> torch.Tensor:
-        """Logits [T, vocab] of the full sequence with the edits hooked in."""
-        handles = []
+        """Logits [T, vocab] of the full sequence with the edits hooked in (server SAE order)."""
         T = len(ids)
         pos = torch.arange(T)
-        for sid in self.order:
-            mine = [e for e in edits if e.sae == sid]
-            if not mine:
-                continue
-            sae = self.saes[sid]
+        with ExitStack() as stack:
+            for sid in self.order:
+                mine = [e for e in edits if e.sae == sid]
+                if not mine:
+                    continue
+                sae = self.saes[sid]
 
-            def hook(module, inputs, output, sae=sae, mine=mine):
-                h = output[0] if isinstance(output, tuple) else output  # [1, T, d]
-                f = sae.encode(h)
-                delta = torch.zeros_like(h)
-                for e in mine:
-                    a = f[..., e.feature]
-                    new = {CLAMP: torch.full_like(a, e.value), ABLATE: torch.zeros_like(a),
-                           SCALE: a * e.value, ADD: a + e.value}[e.mode]
-                    mask = (pos >= prompt_len) if e.scope == GENERATION_ONLY else torch.ones(T, dtype=torch.bool)
-                    coef = (new - a) * mask.to(a.dtype)
-                    delta = delta + coef[..., None] * sae.W_dec[e.feature]
-                h = h + delta
-                return (h, *output[1:]) if isinstance(output, tuple) else h
+                def fn(h, sae=sae, mine=mine):  # h: [1, T, d]
+                    f = sae.encode(h)
+                    delta = torch.zeros_like(h)
+                    for e in mine:
+                        a = f[..., e.feature]
+                        new = {CLAMP: torch.full_like(a, e.value), ABLATE: torch.zeros_like(a),
+                               SCALE: a * e.value, ADD: a + e.value}[e.mode]
+                        mask = (pos >= prompt_len) if e.scope == GENERATION_ONLY else torch.ones(T, dtype=torch.bool)
+                        delta = delta + ((new - a) * mask.to(a.dtype))[..., None] * sae.W_dec[e.feature]
+                    return h + delta
 
-            handles.append(self.model.model.layers[self.block_of(sid)].register_forward_hook(hook))
-        try:
+                stack.enter_context(edit_site(self.model, *self.sites[sid], fn))
             with torch.no_grad():
                 return self.model(torch.tensor([ids])).logits[0]
-        finally:
-            for hd in handles:
-                hd.remove()
 
 
 def check_teacher_forced(logits: torch.Tensor, prompt_len: int, generated: list[int],

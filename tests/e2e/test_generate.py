@@ -44,8 +44,7 @@ def greedy(server, edits=(), prompt=PROMPT, n=N_GEN) -> GenerationResult:
 
 
 def most_active_feature(ref: HFReference, sid: str, ids: list[int]) -> int:
-    acts = ref.saes[sid].encode(ref.residual(ids, ref.block_of(sid)))
-    return int(acts.sum(0).argmax())
+    return int(ref.latents(ids, sid).sum(0).argmax())
 
 
 def test_unsteered_matches_hf_reference(server, ref):

@@ -28,9 +28,8 @@ def ref(server):
 
 
 def ref_latents(ref: HFReference, sid: str, ids: list[int]) -> torch.Tensor:
-    """sae-lens latents of the plain HF residual at the SAE's site: [T, d_sae]."""
-    with torch.no_grad():
-        return ref.saes[sid].encode(ref.residual(ids, ref.block_of(sid)))
+    """sae-lens latents of the plain HF activation at the SAE's site: [T, d_sae]."""
+    return ref.latents(ids, sid)
 
 
 def check_against(dense: torch.Tensor, feats, k: int, watch: list[int]) -> None:

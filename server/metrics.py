@@ -1,0 +1,40 @@
+"""Prometheus metrics (served on --metrics-port) and the servicer's own counters.
+
+The same numbers back the tests' leak checks: after every stream ends, active streams,
+read buffers, distinct configs in flight and engine requests must all return to zero.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LAT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("steerd_requests", "RPCs by method and final status code",
+                                ["method", "code"], registry=r)
+        self.active_streams = Gauge("steerd_active_streams", "Generate/Encode calls in flight",
+                                    registry=r)
+        self.distinct_configs = Gauge("steerd_distinct_configs_in_flight",
+                                      "Distinct intervention sets among in-flight requests", registry=r)
+        self.read_buffers = Gauge("steerd_read_buffers", "Requests with a feature-read buffer",
+                                  registry=r)
+        self.engine_requests = Gauge("steerd_engine_unfinished_requests",
+                                     "Requests the engine has not finished (queued + running)",
+                                     registry=r)
+        self.ttft = Histogram("steerd_ttft_seconds", "Time to first token", buckets=_LAT, registry=r)
+        self.tpot = Histogram("steerd_tpot_seconds", "Time per output token after the first",
+                              buckets=_LAT, registry=r)
+        self.tokens = Counter("steerd_generated_tokens", "Tokens generated", registry=r)
+        self.interventions = Counter("steerd_interventions", "Interventions received", registry=r)
+        self.read_positions = Counter("steerd_read_positions", "Positions reported by feature reads",
+                                      registry=r)
+        self.rejected = Counter("steerd_rejected", "Requests refused by a server cap", ["cap"],
+                                registry=r)
+
+    def serve(self, port: int, addr: str) -> int:
+        server, _ = start_http_server(port, addr=addr, registry=self.registry)
+        return server.server_port

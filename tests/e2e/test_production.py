@@ -1,0 +1,178 @@
+"""Production behaviour on a second real server: auth, mutual TLS, caps, metrics, engine death.
+
+This server runs with bearer-token auth, mutual TLS (a self-signed certificate made here
+serves as CA, server and client certificate), and tight caps so the limits are reachable.
+Its last test kills the engine and checks the server fails loudly.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import datetime
+import ipaddress
+import time
+
+import grpc
+import psutil
+import pytest
+
+from clients.client import SteeringClient, clamp
+from tests.e2e.conftest import SAE_DIRS, SAE_IDS, start_server
+
+pytestmark = pytest.mark.e2e
+TOKEN = "s3cret-token-for-tests"
+
+
+def self_signed(tmp):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    (tmp / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                    serialization.NoEncryption()))
+    return tmp / "cert.pem", tmp / "key.pem"
+
+
+@pytest.fixture(scope="module")
+def secure(tiny_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("secure")
+    cert, key = self_signed(tmp)
+    (tmp / "tokens").write_text(f"# accepted tokens\n{TOKEN}\nother-token\n")
+    tls = {"tls_ca": str(cert), "tls_cert": str(cert), "tls_key": str(key)}
+    srv = start_server(
+        tiny_dir / "tiny-llama", {sid: tiny_dir / "saes" / SAE_DIRS[sid] for sid in SAE_IDS}, tmp,
+        "--auth-tokens-file", str(tmp / "tokens"), "--tls-cert", str(cert), "--tls-key", str(key),
+        "--tls-client-ca", str(cert), "--max-concurrent-streams", "3", "--max-distinct-configs", "2",
+        "--max-prompt-tokens", "100", "--max-new-tokens", "200", "--log-format", "json",
+        client_kwargs={"token": TOKEN, **tls}, host="localhost")
+    srv.tls = tls
+    yield srv
+    if srv.proc.poll() is None:  # the engine-death test normally ends it
+        srv.proc.kill()
+
+
+def test_auth_required_and_constant_message(secure):
+    for token in (None, "wrong", TOKEN + "x"):
+        with secure.client(token=token) as c, pytest.raises(grpc.RpcError) as ei:
+            c.list_saes()
+        assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "bearer token" in ei.value.details()
+    with secure.client(token=None) as c, pytest.raises(grpc.RpcError) as ei:
+        c.generate_text([1, 2], max_tokens=1)
+    assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with secure.client(token=None) as c:
+        assert c.health() == "SERVING"  # health stays open for probes
+    with secure.client(token="other-token") as c:
+        assert len(c.generate_text([1, 2, 3], max_tokens=3, temperature=0.0).token_ids) == 3
+
+
+def test_mutual_tls_round_trip_and_rejections(secure):
+    with secure.client() as c:
+        out = c.generate_text("the ocean", max_tokens=4, temperature=0.0,
+                              interventions=[clamp("resid_l1", 3, 9.0)])
+        assert len(out.token_ids) == 4
+    # TLS without a client certificate, and plaintext, are both refused
+    for kwargs in ({"tls_cert": None, "tls_key": None}, {"tls_ca": None, "tls_cert": None, "tls_key": None}):
+        with secure.client(timeout=10, **kwargs) as c, pytest.raises(grpc.RpcError) as ei:
+            c.list_saes()
+        assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_length_caps_are_invalid_argument(secure):
+    with secure.client() as c:
+        for kw, text in (({"max_tokens": 201}, "cap of 200"),):
+            with pytest.raises(grpc.RpcError) as ei:
+                c.generate_text([1, 2], **kw)
+            assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and text in ei.value.details()
+        with pytest.raises(grpc.RpcError) as ei:
+            c.generate_text([3] * 101, max_tokens=1)
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 100" in ei.value.details()
+
+
+def test_concurrency_and_distinct_config_caps_are_resource_exhausted(secure):
+    def long_stream(c, ivs=()):
+        s = c.generate([5, 6, 7], max_tokens=200, temperature=0.0, ignore_eos=True, interventions=list(ivs))
+        next(s)  # admitted and running
+        return s
+
+    with secure.client() as c:
+        held = [long_stream(c, [clamp("resid_l1", 1, 5.0)]), long_stream(c, [clamp("resid_l1", 2, 5.0)])]
+        # a third distinct intervention set is over the cap of 2 ...
+        with pytest.raises(grpc.RpcError) as ei:
+            next(c.generate([5, 6], max_tokens=5, interventions=[clamp("resid_l1", 3, 5.0)]))
+        assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "distinct intervention sets" in ei.value.details()
+        # ... but reusing an in-flight set is fine, and fills the third stream slot
+        held.append(long_stream(c, [clamp("resid_l1", 1, 5.0)]))
+        with pytest.raises(grpc.RpcError) as ei:
+            next(c.generate([5, 6], max_tokens=5))
+        assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "3 concurrent streams" in ei.value.details()
+        for s in held:
+            s.cancel()
+        _wait_idle(secure)
+        assert len(c.generate_text([5, 6], max_tokens=2).token_ids) == 2
+    m = secure.metrics()
+    assert m['steerd_rejected_total{cap="distinct_configs"}'] >= 1
+    assert m['steerd_rejected_total{cap="concurrent_streams"}'] >= 1
+
+
+def _wait_idle(srv, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    keys = ("steerd_active_streams", "steerd_read_buffers", "steerd_distinct_configs_in_flight",
+            "steerd_engine_unfinished_requests")
+    while True:
+        m = srv.metrics()
+        if all(m[k] == 0 for k in keys) or time.monotonic() > deadline:
+            return {k: m[k] for k in keys}
+        time.sleep(0.2)
+
+
+def test_metrics_report_requests_and_latencies(secure):
+    m = secure.metrics()
+    assert m['steerd_requests_total{code="OK",method="Generate"}'] >= 1
+    assert m['steerd_requests_total{code="INVALID_ARGUMENT",method="Generate"}'] >= 1
+    assert m["steerd_ttft_seconds_count"] >= 1 and m["steerd_tpot_seconds_count"] >= 1
+    assert m["steerd_generated_tokens_total"] >= 1 and m["steerd_interventions_total"] >= 1
+
+
+def test_json_logs_carry_request_ids(secure):
+    import json
+
+    with secure.client() as c:
+        c.generate_text([4, 4], max_tokens=1, request_id="trace-me-42")
+    lines = [ln for ln in secure.log.read_text().splitlines() if ln.startswith("{")]
+    recs = [json.loads(ln) for ln in lines]
+    assert any(r.get("request_id") == "trace-me-42" and r["level"] == "INFO" for r in recs)
+
+
+def test_engine_death_fails_streams_flips_health_and_exits_nonzero(secure):
+    with secure.client() as c:
+        stream = c.generate([5, 6, 7], max_tokens=200, temperature=0.0, ignore_eos=True)
+        next(stream)
+        for child in psutil.Process(secure.proc.pid).children(recursive=True):
+            child.kill()
+        with pytest.raises(grpc.RpcError) as ei:
+            for _ in stream:
+                pass
+        assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert secure.proc.wait(timeout=60) == 1, "steerd must exit non-zero when its engine dies"
+
+
+def test_server_is_gone_after_engine_death(secure):
+    with cf.ThreadPoolExecutor(1) as pool, SteeringClient(secure.target, timeout=5, **secure.tls) as c:
+        with pytest.raises(grpc.RpcError):
+            pool.submit(c.health).result()
