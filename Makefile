@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup serve test test-fast lint bench loadtest proto proto-check clean-venv default-artifacts
+.PHONY: setup serve test test-fast lint bench loadtest soak proto proto-check clean-venv default-artifacts
 
 setup: $(STAMP)/project
 
@@ -73,6 +73,10 @@ loadtest: default-artifacts
 	$(BIN)/locust -f loadtests/locustfile.py --headless -u $(LOADTEST_USERS) -r 4 -t $(LOADTEST_TIME) \
 		--stop-timeout 30 --host 127.0.0.1:$(PORT) --csv loadtests/reports/run \
 		--html loadtests/reports/run.html; rc=$$?; kill $$(cat loadtests/reports/steerd.pid); exit $$rc
+
+# 10-minute soak with 64 Locust users; writes docs/soak.md.
+soak: default-artifacts
+	$(BIN)/python -m loadtests.soak --users 64 --minutes 10
 
 # Measured, not asserted: writes docs/benchmarks.{json,md} (about 10 minutes on 2 cores).
 bench: setup

@@ -44,48 +44,41 @@ def _accounted(method: str):
 
             @functools.wraps(fn)
             async def stream(self, request, context):
-                code = "OK"
+                exc = None
                 try:
                     async for msg in fn(self, request, context):
                         yield msg
-                except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: closed at a yield
-                    code = "CANCELLED"
-                    raise
-                except BaseException:
-                    code = _code_name(context, "UNKNOWN")
+                except BaseException as e:
+                    exc = e
                     raise
                 finally:
-                    if code == "OK":
-                        code = _code_name(context, "OK")
-                    self.metrics.requests.labels(method, code).inc()
+                    self.metrics.requests.labels(method, _final_code(context, exc)).inc()
 
             return stream
 
         @functools.wraps(fn)
         async def unary(self, request, context):
-            code = "OK"
+            exc = None
             try:
                 return await fn(self, request, context)
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
-            except BaseException:
-                code = _code_name(context, "UNKNOWN")
+            except BaseException as e:
+                exc = e
                 raise
             finally:
-                if code == "OK":
-                    code = _code_name(context, "OK")
-                self.metrics.requests.labels(method, code).inc()
+                self.metrics.requests.labels(method, _final_code(context, exc)).inc()
 
         return unary
 
     return deco
 
 
-def _code_name(context, default: str) -> str:
+def _final_code(context, exc: BaseException | None) -> str:
+    """The status an RPC ended with: the client went away, an abort's code, or OK."""
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):  # GeneratorExit: closed at a yield
+        return "CANCELLED"
     code = context.code()
     if code is None:
-        return default
+        return "OK" if exc is None else "UNKNOWN"
     return code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode(code).name
 
 
@@ -108,7 +101,6 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
         self.engine = engine
         self.model = model
         self.saes = dict(saes)
-        self.sae_ids = list(self.saes)
         self.sae_index = {sid: i for i, sid in enumerate(self.saes)}
         self.limits = limits
         self.compiled = compiled
@@ -164,8 +156,12 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
         return out
 
     async def _run(self, ids: list[int], params: Any, spec: SteeringSpec, engine_id: str,
-                   context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        """Engine outputs of one request; maps engine death to UNAVAILABLE, aborts if left early."""
+                   context: grpc.aio.ServicerContext, shown_id: str = "") -> AsyncIterator[Any]:
+        """Engine outputs of one request; maps engine death to UNAVAILABLE, aborts if left early.
+
+        ``shown_id`` is the id the caller knows (their request_id), used in messages and logs.
+        """
+        shown_id = shown_id or engine_id
         finished = False
         try:
             async for out in self.engine.generate(eng.make_prompt(ids, spec), params, engine_id):
@@ -177,12 +173,15 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
             if type(e).__name__ == "EngineDeadError":
                 self.on_engine_dead()
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine stopped; retry later")
-            log.exception("request %s failed in the engine", engine_id,
-                          extra={"request_id": engine_id})
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request_id {engine_id})")
+            log.exception("request %s failed in the engine", shown_id,
+                          extra={"request_id": shown_id})
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request_id {shown_id})")
         finally:
             if not finished:
-                await self.engine.abort(engine_id)
+                try:
+                    await self.engine.abort(engine_id)
+                except Exception:  # noqa: BLE001 - a dead engine must not mask the status above
+                    log.debug("abort of %s failed", engine_id, exc_info=True)
 
     # ------------------------------------------------------------------ Generate
 
@@ -227,7 +226,7 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
         try:
             first = True
             position = len(ids)
-            async for out in self._run(ids, params, inputs.spec, engine_id, context):
+            async for out in self._run(ids, params, inputs.spec, engine_id, context, shown_id):
                 c = out.outputs[0]
                 if t_first is None and c.token_ids:
                     t_first = time.perf_counter()

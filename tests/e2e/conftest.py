@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,8 +91,27 @@ def start_server(model_dir: Path, sae_dirs: dict[str, Path], log_dir: Path, *ext
     return srv
 
 
-def stop_server(srv: Server) -> None:
-    """SIGTERM, then the server must drain and exit 0."""
+def stop_server(srv: Server, drain_check: bool = False) -> None:
+    """SIGTERM, then the server must drain and exit 0.
+
+    With ``drain_check``, a stream still running when the signal arrives must complete (the
+    grace period is 5 s; 150 tokens of the tiny model take about a second or two).
+    """
+    result: dict = {}
+    if drain_check:
+        client = srv.client()
+        stream = client.generate([5, 6, 7], max_tokens=150, temperature=0.0, ignore_eos=True)
+        first = next(stream)
+
+        def finish():
+            try:
+                result["msgs"] = [first, *stream]
+            except grpc.RpcError as e:
+                result["error"] = e
+
+        t = threading.Thread(target=finish)
+        t.start()
+        assert t.is_alive(), "the drain check's stream ended before SIGTERM; lengthen it"
     srv.proc.send_signal(signal.SIGTERM)
     try:
         rc = srv.proc.wait(timeout=90)
@@ -99,6 +119,12 @@ def stop_server(srv: Server) -> None:
         srv.proc.kill()
         raise AssertionError("steerd did not stop within 90s of SIGTERM") from None
     assert rc == 0, f"steerd exited with {rc} after SIGTERM; log: {srv.log}"
+    if drain_check:
+        t.join(30)
+        client.close()
+        assert "error" not in result, f"in-flight stream failed during shutdown: {result.get('error')}"
+        assert sum(len(m.token_ids) for m in result["msgs"]) == 150
+        assert result["msgs"][-1].finish_reason
 
 
 @pytest.fixture(scope="session")
@@ -106,7 +132,7 @@ def server(tiny_dir, tmp_path_factory):
     sae_dirs = {sid: tiny_dir / "saes" / SAE_DIRS[sid] for sid in SAE_IDS}
     srv = start_server(tiny_dir / "tiny-llama", sae_dirs, tmp_path_factory.mktemp("server"))
     yield srv
-    stop_server(srv)
+    stop_server(srv, drain_check=True)
 
 
 def _wait_healthy(srv: Server, deadline: float) -> None:

@@ -180,6 +180,20 @@ def test_hundred_cancelled_streams_leak_nothing(server):
     assert m[key] - before >= reached > 50
 
 
+def test_deadline_exceeded_aborts_the_engine_request(server):
+    before = server.metrics()
+    with server.client(timeout=0.25) as c, pytest.raises(grpc.RpcError) as ei:
+        c.generate_text([5, 6, 7], max_tokens=240, temperature=0.0, ignore_eos=True)
+    assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 30
+    while server.metrics()["steerd_engine_unfinished_requests"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    m = server.metrics()
+    assert m["steerd_engine_unfinished_requests"] == 0 and m["steerd_active_streams"] == 0
+    # 240 tokens take over a second here even alone, so the engine stopped early
+    assert m["steerd_generated_tokens_total"] - before["steerd_generated_tokens_total"] < 240
+
+
 def test_cancel_mid_stream_aborts_and_others_continue(server):
     with server.client() as c:
         other = {}
