@@ -97,7 +97,6 @@ class ReadRouter:
         self._dec = msgspec.msgpack.Decoder()
         self._requests: dict[str, RequestReads] = {}
         self._task: asyncio.Task | None = None
-        self.dropped_records = 0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -108,9 +107,7 @@ class ReadRouter:
                 raw = await self._sock.recv(copy=False)
                 for rec in self._dec.decode(raw.buffer):
                     buf = self._requests.get(rec["rid"])
-                    if buf is None:
-                        self.dropped_records += 1
-                    else:
+                    if buf is not None:  # else: a finished/cancelled request's late step
                         buf.add(rec)
             except asyncio.CancelledError:
                 raise

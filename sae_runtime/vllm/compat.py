@@ -14,7 +14,6 @@ from vllm.sampling_params import RequestOutputKind  # noqa: F401
 from vllm.utils.torch_utils import direct_register_custom_op  # noqa: F401
 from vllm.v1.engine.async_llm import AsyncLLM  # noqa: F401
 
-VLLM_VERSION_RANGE = (">=0.32.0", "<0.33")
 
 def model_runner_classes() -> list[type]:
     """Model runner classes whose ``load_model`` / ``_model_forward`` we wrap."""

@@ -183,10 +183,7 @@ class SteeringState:
     def __init__(self, hooks: list[HookTables], publisher: ReadPublisher | None) -> None:
         self.hooks = hooks  # indexed like the server's SAE list: hook id == SAE index
         self.publisher = publisher
-        self.steps_with_edits = 0
-        self.steps_with_reads = 0
         self.segments: list[_Segment] = []
-        self.placed: list[tuple[str, int, str]] = []
 
     def _reads(self, req) -> tuple[str, list[WireRead], bool]:
         cached = getattr(req, "_sae_reads", None)
@@ -226,7 +223,6 @@ class SteeringState:
         num_reqs = batch.num_reqs
         qsl = runner.query_start_loc.np
         computed = batch.num_computed_tokens_cpu
-        any_edit = False
         for i, req_id in enumerate(batch.req_ids[:num_reqs]):
             req = runner.requests.get(req_id)
             if req is None:
@@ -256,15 +252,11 @@ class SteeringState:
                     hook.add_rows(start, split, plan.feat[:k], plan.mode[:k], plan.val[:k])
                 if end > split:
                     hook.add_rows(split, end, plan.feat, plan.mode, plan.val)
-                any_edit = True
-        if any_edit:
-            self.steps_with_edits += 1
 
     def publish_reads(self) -> None:
         """Send this step's reads to the server, one record per segment."""
         if not self.segments:
             return
-        self.steps_with_reads += 1
         records = []
         for seg in self.segments:
             out = self.hooks[seg.hook_id].read_out
@@ -417,7 +409,6 @@ def install(runner) -> None:
     sae_dtype = getattr(torch, resolve_sae_dtype(cfg.get("sae_dtype", "auto"), runner.model_config.dtype))
     hooks: list[HookTables] = []
     targets: dict[tuple[int, str], list[int]] = {}  # (block, site kind) -> hook ids, in order
-    placed: list[tuple[str, int, str]] = []
     for entry in cfg["saes"]:
         sae = load_sae(entry["path"], hook_name=entry.get("hook_name")).to(device, sae_dtype)
         c = sae.cfg
@@ -436,7 +427,6 @@ def install(runner) -> None:
         hook_id = len(hooks)
         hooks.append(HookTables(sae, max_tokens, max_slots, max_feats, max_watch))
         targets.setdefault((block, site), []).append(hook_id)
-        placed.append((entry["id"], block, c.site))
         log.info("SAE %s (%s, d_sae=%d, %s) at block %d %s", entry["id"], c.architecture,
                  c.d_sae, sae_dtype, block, c.site)
     for (block, site), ids in targets.items():
@@ -449,22 +439,11 @@ def install(runner) -> None:
             _wrap_output(layer.get_submodule(getattr(family, site)), ids, residual_tuple=False)
     addr = cfg.get("reads_addr")
     _STATE = SteeringState(hooks, ReadPublisher(addr) if addr else None)
-    _STATE.placed = placed
 
 
 class SteeringWorkerExtension:
-    """Mixed into vLLM's worker class; methods are callable through ``collective_rpc``."""
-
-    def sae_placements(self) -> list[tuple[str, int, str]]:
-        """(SAE id, decoder block, site) of every hooked SAE, in hook order."""
-        return list(getattr(_STATE, "placed", []))
-
-    def sae_stats(self) -> dict[str, int]:
-        """Counters for tests and metrics."""
-        if _STATE is None:
-            return {"hooks": 0, "steps_with_edits": 0, "steps_with_reads": 0}
-        return {"hooks": len(_STATE.hooks), "steps_with_edits": _STATE.steps_with_edits,
-                "steps_with_reads": _STATE.steps_with_reads}
+    """Named in ``worker_extension_cls`` so vLLM imports this module in the worker before it
+    builds the model; the import registers the op and wraps the model runner."""
 
 
 _register_op()
