@@ -89,6 +89,58 @@ def _feature_line(f) -> str:
     return f"pos {f.position:>4} tok {f.token_id:>6}  {f.sae}: {tops}{watch}"
 
 
+def _sae_feature(text: str) -> tuple[str, int]:
+    sae, colon, n = text.rpartition(":")
+    try:
+        index = int(n)
+    except ValueError:
+        index = -1
+    if not colon or not sae or index < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected SAE:INDEX, e.g. topics_l1:12")
+    return sae, index
+
+
+def feature_json(f, *, full: bool = False) -> dict:
+    """A feature record: sae, index, label, density, max_activation (+ details if ``full``)."""
+    out = {"sae": f.sae, "index": f.index, "label": f.label, "density": f.density,
+           "max_activation": f.max_activation, "mean_activation": f.mean_activation,
+           "topic": f.topic, "score": f.score}
+    if full:
+        out.update(topic_selectivity=f.topic_selectivity, topic_coverage=f.topic_coverage,
+                   dead=f.dead, top_tokens=list(f.top_tokens), topic_means=dict(f.topic_means),
+                   examples=[{"context": e.context, "token": e.token, "activation": e.activation}
+                             for e in f.examples])
+    return out
+
+
+def _features(client: SteeringClient, args) -> int:
+    if args.features_command == "search":
+        found = client.search_features(args.text, sae=args.sae, limit=args.limit)
+        if args.json:
+            print(json.dumps([feature_json(f) for f in found], indent=1))
+            return 0
+        if not found:
+            print(f"no feature matches {args.text!r}", file=sys.stderr)
+        for f in found:
+            print(f"{f.sae}:{f.index:<6} {f.label:<48} density {f.density:.3g}  "
+                  f"max {f.max_activation:.3g}  score {f.score:.3g}")
+        return 0
+    sae, index = args.feature
+    f = client.get_feature(sae, index)
+    if args.json:
+        print(json.dumps(feature_json(f, full=True), indent=1))
+        return 0
+    print(f"{f.sae}:{f.index}  {f.label}")
+    print(f"  density {f.density:.4g}  max {f.max_activation:.4g}  mean {f.mean_activation:.4g}")
+    if f.topic:
+        print(f"  topic {f.topic} (selectivity {f.topic_selectivity:.2f}, coverage {f.topic_coverage:.2f})")
+    if f.top_tokens:
+        print("  top tokens: " + ", ".join(f.top_tokens))
+    for e in f.examples:
+        print(f"  {e.activation:7.3f}  ...{e.context}[[{e.token}]]")
+    return 0
+
+
 def _ids(text: str) -> list[int]:
     try:
         return [int(t) for t in text.split(",") if t.strip()]
@@ -146,6 +198,17 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="FEATURE", help="feature always reported (repeatable)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
 
+    fp = sub.add_parser("features", help="look up labelled features")
+    fsub = fp.add_subparsers(dest="features_command", required=True)
+    fs = fsub.add_parser("search", help="find features whose label contains every word of TEXT")
+    fs.add_argument("text", metavar="TEXT", help="words to search for, e.g. ocean")
+    fs.add_argument("--sae", default="", help="only this SAE (default: every labelled SAE)")
+    fs.add_argument("--limit", type=int, default=0, help="most results (server default 10, max 100)")
+    fs.add_argument("--json", action="store_true", help="print a JSON list, best match first")
+    fshow = fsub.add_parser("show", help="one feature's label, statistics and examples")
+    fshow.add_argument("feature", type=_sae_feature, metavar="SAE:INDEX", help="e.g. topics_l1:12")
+    fshow.add_argument("--json", action="store_true", help="print one JSON object")
+
     sub.add_parser("saes", help="list the server's SAEs (JSON)")
     sub.add_parser("info", help="describe the served model (JSON)")
     return p
@@ -170,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                 return _generate(client, args)
             if args.command == "encode":
                 return _encode(client, args)
+            if args.command == "features":
+                return _features(client, args)
             if args.command == "saes":
                 from google.protobuf.json_format import MessageToDict
 

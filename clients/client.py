@@ -134,6 +134,16 @@ class SteeringClient:
         req = pb.EncodeRequest(inputs=[_prompt(x) for x in inputs], reads=list(reads))
         return list(self.stub.Encode(req, timeout=self.timeout, metadata=self.metadata).results)
 
+    def get_feature(self, sae: str, index: int) -> pb.Feature:
+        """A labelled feature's label and statistics."""
+        return self.stub.GetFeature(pb.GetFeatureRequest(sae=sae, index=index),
+                                    timeout=self.timeout, metadata=self.metadata)
+
+    def search_features(self, query: str, *, sae: str = "", limit: int = 0) -> list[pb.Feature]:
+        """Features whose label, topic or top tokens contain every word of ``query``, best first."""
+        req = pb.SearchFeaturesRequest(query=query, sae=sae, limit=limit)
+        return list(self.stub.SearchFeatures(req, timeout=self.timeout, metadata=self.metadata).features)
+
     def list_saes(self) -> list[pb.SAEInfo]:
         return list(self.stub.ListSAEs(pb.ListSAEsRequest(), timeout=self.timeout,
                                        metadata=self.metadata).saes)

@@ -29,6 +29,10 @@ class UnknownSAEError(SteeringError, LookupError):
         self.sae_id = sae_id
 
 
+class NotLabelledError(SteeringError):
+    """Feature labels were asked of an SAE that has none (gRPC FAILED_PRECONDITION)."""
+
+
 class ResourceLimitError(SteeringError):
     """A server-side cap was hit (gRPC RESOURCE_EXHAUSTED)."""
 

@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sae_runtime.errors import SAEFormatError, UnsupportedModelError
+from sae_runtime.features import FeatureLabels, load_beside
 from sae_runtime.loading import load_sae_config
 from sae_runtime.saes.base import SAEConfig
 from sae_runtime.vllm.engine import resolve_sae_dtype
@@ -37,6 +38,16 @@ def load_sae_configs(cfg: ServerConfig) -> dict[str, SAEConfig]:
     if saes:
         check_model_fit(cfg, saes)
     return saes
+
+
+def load_labels(cfg: ServerConfig, saes: dict[str, SAEConfig]) -> dict[str, FeatureLabels]:
+    """Feature labels of every SAE that has a feature_labels.json beside it."""
+    out = {}
+    for s in cfg.saes:
+        lab = load_beside(s.path, s.id, saes[s.id].d_sae) if s.path.is_dir() else None
+        if lab is not None:
+            out[s.id] = lab
+    return out
 
 
 def check_model_fit(cfg: ServerConfig, saes: dict[str, SAEConfig]) -> None:
@@ -100,7 +111,8 @@ class Running:
 
 
 async def build_server(cfg: ServerConfig, engine: Any, saes: dict[str, SAEConfig],
-                       router: ReadRouter | None = None, metrics: Metrics | None = None) -> Running:
+                       router: ReadRouter | None = None, metrics: Metrics | None = None,
+                       labels: dict[str, FeatureLabels] | None = None) -> Running:
     """Create and start the gRPC server around a running engine; returns the bound port."""
     tokens = load_tokens(cfg.auth_tokens_file)
     server = grpc.aio.server(
@@ -125,7 +137,7 @@ async def build_server(cfg: ServerConfig, engine: Any, saes: dict[str, SAEConfig
         router=router, on_engine_dead=on_engine_dead,
         sae_dtype=resolve_sae_dtype(cfg.sae_dtype, engine.model_config.dtype),
         metrics=metrics, max_concurrent_streams=cfg.max_concurrent_streams,
-        max_distinct_configs=cfg.max_distinct_configs,
+        max_distinct_configs=cfg.max_distinct_configs, labels=labels,
     )
     add_servicer(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -201,6 +213,7 @@ async def _watch_engine(engine: Any, dead: asyncio.Event) -> None:
 async def serve(cfg: ServerConfig) -> int:
     """Run until SIGTERM/SIGINT (exit 0) or until the engine dies (exit 1)."""
     saes = load_sae_configs(cfg)
+    labels = load_labels(cfg, saes)  # a bad label file fails here, before the engine starts
     router = ReadRouter() if saes else None
     if router is not None:
         router.start()
@@ -208,7 +221,7 @@ async def serve(cfg: ServerConfig) -> int:
     engine = start_engine(cfg, router.addr if router else None)
     started = time.monotonic() - t0
     metrics = Metrics()
-    run = await build_server(cfg, engine, saes, router, metrics)
+    run = await build_server(cfg, engine, saes, router, metrics, labels)
     _log_startup(cfg, engine, saes, run.port, started)
     if cfg.metrics_port is not None:
         mport = metrics.serve(cfg.metrics_port, cfg.host)

@@ -9,7 +9,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from sae_runtime.errors import InvalidRequestError
+from sae_runtime import features as feats
+from sae_runtime.errors import InvalidRequestError, NotLabelledError, UnknownSAEError
 from sae_runtime.interventions import Intervention, Scope, SteeringSpec
 from sae_runtime.ops import Mode
 from sae_runtime.reads import Read, ReadScope, ReadSpec
@@ -17,6 +18,9 @@ from sae_runtime.saes.base import SAEConfig
 from steering.v1 import steering_pb2 as pb
 
 DEFAULT_MAX_TOKENS = 16
+DEFAULT_SEARCH_LIMIT = 10
+MAX_SEARCH_LIMIT = 100
+MAX_QUERY_LEN = 200
 MAX_REQUEST_ID_LEN = 128
 
 _FINISH = {
@@ -202,3 +206,52 @@ def sae_info_to_pb(sae_id: str, cfg: SAEConfig, dtype: str = "float32") -> pb.SA
         site=_SITE.get(cfg.site, pb.HOOK_SITE_UNSPECIFIED), layer=cfg.layer, d_sae=cfg.d_sae, d_in=cfg.d_in,
         dtype=dtype, model_name=cfg.model_name, k=cfg.k or 0,
     )
+
+
+def feature_to_pb(f: feats.Feature) -> pb.Feature:
+    return pb.Feature(
+        sae=f.sae, index=f.index, label=f.label, density=f.density,
+        max_activation=f.max_activation, mean_activation=f.mean_activation, topic=f.topic,
+        topic_selectivity=f.topic_selectivity, topic_coverage=f.topic_coverage, score=f.score,
+        top_tokens=list(f.top_tokens), dead=f.dead, topic_means=dict(f.topic_means),
+        examples=[pb.FeatureExample(context=e.context, token=e.token, activation=e.activation)
+                  for e in f.examples],
+    )
+
+
+def _labels_of(sae: str, field: str, saes: Mapping[str, SAEConfig],
+               labels: Mapping[str, feats.FeatureLabels]) -> feats.FeatureLabels:
+    if sae not in saes:
+        raise UnknownSAEError(field, sae, list(saes))
+    if sae not in labels:
+        raise NotLabelledError(
+            f"{field}: SAE {sae!r} has no feature labels; put a {feats.LABELS_FILE} beside its "
+            f"weights (labelled SAEs: {', '.join(labels) or 'none'})")
+    return labels[sae]
+
+
+def get_feature(req: pb.GetFeatureRequest, saes: Mapping[str, SAEConfig],
+                labels: Mapping[str, feats.FeatureLabels]) -> feats.Feature:
+    lab = _labels_of(req.sae, "sae", saes, labels)
+    if req.index >= lab.d_sae:
+        raise InvalidRequestError("index", f"{req.index} is out of range: SAE {req.sae!r} has "
+                                  f"{lab.d_sae} features (0..{lab.d_sae - 1})")
+    return lab.get(req.index)
+
+
+def search_features(req: pb.SearchFeaturesRequest, saes: Mapping[str, SAEConfig],
+                    labels: Mapping[str, feats.FeatureLabels]) -> list[feats.Feature]:
+    if not feats.query_words(req.query):
+        raise InvalidRequestError("query", "give at least one word to search for")
+    if len(req.query) > MAX_QUERY_LEN:
+        raise InvalidRequestError("query", f"{len(req.query)} characters; at most {MAX_QUERY_LEN}")
+    if req.limit > MAX_SEARCH_LIMIT:
+        raise InvalidRequestError("limit", f"{req.limit} is more than the maximum {MAX_SEARCH_LIMIT}")
+    if req.sae:
+        scope = {req.sae: _labels_of(req.sae, "sae", saes, labels)}
+    elif not labels:
+        raise NotLabelledError(
+            f"no loaded SAE has feature labels (looked for {feats.LABELS_FILE} beside each SAE)")
+    else:
+        scope = dict(labels)
+    return feats.search(scope, req.query, req.limit or DEFAULT_SEARCH_LIMIT)

@@ -8,6 +8,7 @@ from grpc_status import rpc_status
 
 from sae_runtime.errors import (
     InvalidRequestError,
+    NotLabelledError,
     ResourceLimitError,
     SteeringError,
     UnknownSAEError,
@@ -17,6 +18,7 @@ STATUS_OF: dict[type[SteeringError], grpc.StatusCode] = {
     InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
     UnknownSAEError: grpc.StatusCode.NOT_FOUND,
     ResourceLimitError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    NotLabelledError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 

@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 
 from sae_runtime.errors import InvalidRequestError, ResourceLimitError, SteeringError
+from sae_runtime.features import FeatureLabels
 from sae_runtime.interventions import SteeringSpec
 from sae_runtime.reads import ReadScope, ReadSpec
 from sae_runtime.saes.base import SAEConfig
@@ -97,11 +98,13 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
         metrics: Metrics | None = None,
         max_concurrent_streams: int = 256,
         max_distinct_configs: int = 64,
+        labels: Mapping[str, FeatureLabels] | None = None,
     ) -> None:
         self.engine = engine
         self.model = model
         self.saes = dict(saes)
         self.sae_index = {sid: i for i, sid in enumerate(self.saes)}
+        self.labels = dict(labels or {})
         self.limits = limits
         self.compiled = compiled
         self.router = router
@@ -318,6 +321,23 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
         return pb.ListSAEsResponse(
             saes=[convert.sae_info_to_pb(sid, cfg, self.sae_dtype) for sid, cfg in self.saes.items()]
         )
+
+    @_accounted("GetFeature")
+    async def GetFeature(self, request: pb.GetFeatureRequest, context) -> pb.Feature:
+        try:
+            return convert.feature_to_pb(convert.get_feature(request, self.saes, self.labels))
+        except SteeringError as e:
+            await abort_with(context, e)
+            return pb.Feature()
+
+    @_accounted("SearchFeatures")
+    async def SearchFeatures(self, request: pb.SearchFeaturesRequest, context) -> pb.SearchFeaturesResponse:
+        try:
+            found = convert.search_features(request, self.saes, self.labels)
+        except SteeringError as e:
+            await abort_with(context, e)
+            return pb.SearchFeaturesResponse()
+        return pb.SearchFeaturesResponse(features=[convert.feature_to_pb(f) for f in found])
 
     @_accounted("GetModelInfo")
     async def GetModelInfo(self, request, context) -> pb.GetModelInfoResponse:

@@ -57,3 +57,13 @@ def test_encode_parses():
     a = build_parser().parse_args(["encode", "--prompt-ids", "1,2", "--sae", "s", "--top-k", "3",
                                    "--watch", "5", "--json"])
     assert (a.prompt_ids, a.sae, a.top_k, a.watch_features, a.json) == ([1, 2], "s", 3, [5], True)
+
+
+def test_features_subcommands_parse():
+    a = build_parser().parse_args(["features", "search", "ocean", "--json", "--limit", "3"])
+    assert (a.command, a.features_command, a.text, a.json, a.limit) == ("features", "search", "ocean", True, 3)
+    a = build_parser().parse_args(["features", "show", "topics:l1:12"])
+    assert a.feature == ("topics:l1", 12)
+    for bad in ("topics_l1", "topics_l1:x", ":3", "s:-1"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["features", "show", bad])

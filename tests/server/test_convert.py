@@ -122,3 +122,49 @@ def test_status_mapping():
     assert status_code_of(InvalidRequestError("f", "m")) == grpc.StatusCode.INVALID_ARGUMENT
     assert status_code_of(UnknownSAEError("f", "x", [])) == grpc.StatusCode.NOT_FOUND
     assert status_code_of(ResourceLimitError("x")) == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def _labels(tmp_path):
+    import json
+
+    from sae_runtime import features as feats
+
+    (tmp_path / feats.LABELS_FILE).write_text(json.dumps({"format": feats.FORMAT, "d_sae": 100, "features": [
+        {"index": 5, "label": "ocean: whale", "density": 0.1, "max_activation": 3.0,
+         "examples": [{"context": "the big", "token": " whale", "activation": 3.0}]}]}))
+    return {"s": feats.load_beside(tmp_path, "s", 100)}
+
+
+def test_feature_lookup_and_search_conversions(tmp_path):
+    labels = _labels(tmp_path)
+    f = convert.feature_to_pb(convert.get_feature(pb.GetFeatureRequest(sae="s", index=5), SAES, labels))
+    assert (f.sae, f.index, f.label, f.examples[0].token) == ("s", 5, "ocean: whale", " whale")
+    assert f.max_activation == pytest.approx(3.0)
+    found = convert.search_features(pb.SearchFeaturesRequest(query="WHALE"), SAES, labels)
+    assert [x.index for x in found] == [5]
+
+
+@pytest.mark.parametrize("req, err, needle", [
+    (pb.GetFeatureRequest(sae="nope", index=1), UnknownSAEError, "unknown SAE 'nope'"),
+    (pb.GetFeatureRequest(sae="s", index=100), InvalidRequestError, "index: 100 is out of range"),
+    (pb.SearchFeaturesRequest(query="  "), InvalidRequestError, "query"),
+    (pb.SearchFeaturesRequest(query="x", limit=101), InvalidRequestError, "limit"),
+    (pb.SearchFeaturesRequest(query="x" * 201), InvalidRequestError, "query"),
+    (pb.SearchFeaturesRequest(query="x", sae="nope"), UnknownSAEError, "nope"),
+])
+def test_feature_request_errors(tmp_path, req, err, needle):
+    labels = _labels(tmp_path)
+    fn = convert.get_feature if isinstance(req, pb.GetFeatureRequest) else convert.search_features
+    with pytest.raises(err, match=needle):
+        fn(req, SAES, labels)
+
+
+def test_unlabelled_sae_is_a_failed_precondition_error(tmp_path):
+    from sae_runtime.errors import NotLabelledError
+    from server.errors import status_code_of
+
+    with pytest.raises(NotLabelledError, match="feature_labels.json") as e:
+        convert.get_feature(pb.GetFeatureRequest(sae="s", index=1), SAES, {})
+    assert status_code_of(e.value).name == "FAILED_PRECONDITION"
+    with pytest.raises(NotLabelledError, match="no loaded SAE has feature labels"):
+        convert.search_features(pb.SearchFeaturesRequest(query="x"), SAES, {})

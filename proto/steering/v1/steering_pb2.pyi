@@ -295,3 +295,76 @@ class GetModelInfoResponse(_message.Message):
     max_watch: int
     max_encode_inputs: int
     def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_interventions: _Optional[int] = ..., dtype: _Optional[str] = ..., compiled: _Optional[bool] = ..., max_read_top_k: _Optional[int] = ..., max_watch: _Optional[int] = ..., max_encode_inputs: _Optional[int] = ...) -> None: ...
+
+class GetFeatureRequest(_message.Message):
+    __slots__ = ("sae", "index")
+    SAE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    sae: str
+    index: int
+    def __init__(self, sae: _Optional[str] = ..., index: _Optional[int] = ...) -> None: ...
+
+class FeatureExample(_message.Message):
+    __slots__ = ("context", "token", "activation")
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    context: str
+    token: str
+    activation: float
+    def __init__(self, context: _Optional[str] = ..., token: _Optional[str] = ..., activation: _Optional[float] = ...) -> None: ...
+
+class Feature(_message.Message):
+    __slots__ = ("sae", "index", "label", "density", "max_activation", "mean_activation", "topic", "topic_selectivity", "topic_coverage", "score", "top_tokens", "examples", "dead", "topic_means")
+    class TopicMeansEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    SAE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_FIELD_NUMBER: _ClassVar[int]
+    MAX_ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    MEAN_ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    TOPIC_SELECTIVITY_FIELD_NUMBER: _ClassVar[int]
+    TOPIC_COVERAGE_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    TOP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    DEAD_FIELD_NUMBER: _ClassVar[int]
+    TOPIC_MEANS_FIELD_NUMBER: _ClassVar[int]
+    sae: str
+    index: int
+    label: str
+    density: float
+    max_activation: float
+    mean_activation: float
+    topic: str
+    topic_selectivity: float
+    topic_coverage: float
+    score: float
+    top_tokens: _containers.RepeatedScalarFieldContainer[str]
+    examples: _containers.RepeatedCompositeFieldContainer[FeatureExample]
+    dead: bool
+    topic_means: _containers.ScalarMap[str, float]
+    def __init__(self, sae: _Optional[str] = ..., index: _Optional[int] = ..., label: _Optional[str] = ..., density: _Optional[float] = ..., max_activation: _Optional[float] = ..., mean_activation: _Optional[float] = ..., topic: _Optional[str] = ..., topic_selectivity: _Optional[float] = ..., topic_coverage: _Optional[float] = ..., score: _Optional[float] = ..., top_tokens: _Optional[_Iterable[str]] = ..., examples: _Optional[_Iterable[_Union[FeatureExample, _Mapping]]] = ..., dead: _Optional[bool] = ..., topic_means: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class SearchFeaturesRequest(_message.Message):
+    __slots__ = ("query", "sae", "limit")
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    SAE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    query: str
+    sae: str
+    limit: int
+    def __init__(self, query: _Optional[str] = ..., sae: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class SearchFeaturesResponse(_message.Message):
+    __slots__ = ("features",)
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    features: _containers.RepeatedCompositeFieldContainer[Feature]
+    def __init__(self, features: _Optional[_Iterable[_Union[Feature, _Mapping]]] = ...) -> None: ...

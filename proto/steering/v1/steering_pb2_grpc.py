@@ -55,6 +55,16 @@ class SteeringServiceStub:
                 request_serializer=steering_dot_v1_dot_steering__pb2.EncodeRequest.SerializeToString,
                 response_deserializer=steering_dot_v1_dot_steering__pb2.EncodeResponse.FromString,
                 _registered_method=True)
+        self.GetFeature = channel.unary_unary(
+                '/steering.v1.SteeringService/GetFeature',
+                request_serializer=steering_dot_v1_dot_steering__pb2.GetFeatureRequest.SerializeToString,
+                response_deserializer=steering_dot_v1_dot_steering__pb2.Feature.FromString,
+                _registered_method=True)
+        self.SearchFeatures = channel.unary_unary(
+                '/steering.v1.SteeringService/SearchFeatures',
+                request_serializer=steering_dot_v1_dot_steering__pb2.SearchFeaturesRequest.SerializeToString,
+                response_deserializer=steering_dot_v1_dot_steering__pb2.SearchFeaturesResponse.FromString,
+                _registered_method=True)
 
 
 class SteeringServiceServicer:
@@ -92,6 +102,22 @@ class SteeringServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetFeature(self, request, context):
+        """GetFeature describes one feature of a labelled SAE: its label and
+        statistics from the labelling pass (feature_labels.json beside the SAE).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchFeatures(self, request, context):
+        """SearchFeatures finds features whose label, topic or top tokens contain
+        every word of the query, best match first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SteeringServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -114,6 +140,16 @@ def add_SteeringServiceServicer_to_server(servicer, server):
                     servicer.Encode,
                     request_deserializer=steering_dot_v1_dot_steering__pb2.EncodeRequest.FromString,
                     response_serializer=steering_dot_v1_dot_steering__pb2.EncodeResponse.SerializeToString,
+            ),
+            'GetFeature': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFeature,
+                    request_deserializer=steering_dot_v1_dot_steering__pb2.GetFeatureRequest.FromString,
+                    response_serializer=steering_dot_v1_dot_steering__pb2.Feature.SerializeToString,
+            ),
+            'SearchFeatures': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchFeatures,
+                    request_deserializer=steering_dot_v1_dot_steering__pb2.SearchFeaturesRequest.FromString,
+                    response_serializer=steering_dot_v1_dot_steering__pb2.SearchFeaturesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -225,6 +261,60 @@ class SteeringService:
             '/steering.v1.SteeringService/Encode',
             steering_dot_v1_dot_steering__pb2.EncodeRequest.SerializeToString,
             steering_dot_v1_dot_steering__pb2.EncodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFeature(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/steering.v1.SteeringService/GetFeature',
+            steering_dot_v1_dot_steering__pb2.GetFeatureRequest.SerializeToString,
+            steering_dot_v1_dot_steering__pb2.Feature.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchFeatures(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/steering.v1.SteeringService/SearchFeatures',
+            steering_dot_v1_dot_steering__pb2.SearchFeaturesRequest.SerializeToString,
+            steering_dot_v1_dot_steering__pb2.SearchFeaturesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,164 @@
+"""Feature labels beside an SAE (``feature_labels.json``): loading, lookup and search.
+
+Schema (``"format": "steerd.feature_labels/1"``)::
+
+    {"format": "steerd.feature_labels/1", "d_sae": 1024,
+     "dead_features": [3, 17],                   # optional
+     "features": [{"index": 0, "label": "ocean: whale, reef", # required
+                   "density": 0.02, "max_activation": 4.1,     # optional from here on
+                   "mean_activation": 1.3, "topic": "ocean", "topic_selectivity": 0.9,
+                   "topic_coverage": 0.6, "score": 0.54,
+                   "top_tokens": ["whale"], "examples": [{"context": "...", "token": " whale",
+                                                          "activation": 4.1}]}]}
+
+Only ``index`` and ``label`` are required, so labels from elsewhere (e.g. Neuronpedia
+explanations) can be converted in a few lines. ``score`` orders a search's matches (higher is
+a better exemplar of its label); ``sae_runtime.default.labels`` writes every field.
+
+Search is keyword search: the query is split into words, and a feature matches when each
+word occurs (case-insensitive) in its label, topic or top tokens. Matches rank by how many
+query words match as whole words of the label or topic, then by ``score``, then by
+``density``; ties keep (sae, index) order.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sae_runtime.errors import SAEFormatError
+
+LABELS_FILE = "feature_labels.json"
+FORMAT = "steerd.feature_labels/1"
+_WORD = re.compile(r"[a-z0-9_]+")
+
+
+@dataclass(frozen=True)
+class Example:
+    context: str
+    token: str
+    activation: float
+
+
+@dataclass(frozen=True)
+class Feature:
+    sae: str
+    index: int
+    label: str
+    density: float = 0.0
+    max_activation: float = 0.0
+    mean_activation: float = 0.0
+    topic: str = ""
+    topic_selectivity: float = 0.0
+    topic_coverage: float = 0.0
+    score: float = 0.0
+    top_tokens: tuple[str, ...] = ()
+    examples: tuple[Example, ...] = ()
+    topic_means: Mapping[str, float] = field(default_factory=dict)
+    dead: bool = False
+
+    def as_dict(self) -> dict:
+        return {
+            "sae": self.sae, "index": self.index, "label": self.label, "density": self.density,
+            "max_activation": self.max_activation, "mean_activation": self.mean_activation,
+            "topic": self.topic, "topic_selectivity": self.topic_selectivity,
+            "topic_coverage": self.topic_coverage, "score": self.score,
+            "top_tokens": list(self.top_tokens), "dead": self.dead,
+            "topic_means": dict(self.topic_means),
+            "examples": [{"context": e.context, "token": e.token, "activation": e.activation}
+                         for e in self.examples],
+        }
+
+
+class FeatureLabels:
+    """The labelled features of one SAE."""
+
+    def __init__(self, sae: str, d_sae: int, features: Iterable[Feature], dead: Iterable[int] = ()):
+        self.sae = sae
+        self.d_sae = d_sae
+        self.features = {f.index: f for f in features}
+        self.dead = frozenset(dead)
+        # lower-cased text searched for substrings, and the whole words of label + topic
+        self._text = {i: " ".join([f.label, f.topic, *f.top_tokens]).lower()
+                      for i, f in self.features.items()}
+        self._words = {i: set(_WORD.findall(f"{f.label} {f.topic}".lower()))
+                       for i, f in self.features.items()}
+
+    @classmethod
+    def load(cls, path: Path, sae: str, d_sae: int) -> FeatureLabels:
+        """Read and check ``path``; errors name the file and the offending entry."""
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise SAEFormatError(f"{path}: cannot read feature labels: {e}") from None
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            raise SAEFormatError(f"{path}: not a feature-label file (expected \"format\": \"{FORMAT}\")")
+        if raw.get("d_sae", d_sae) != d_sae:
+            raise SAEFormatError(f"{path}: labels are for d_sae={raw['d_sae']} but the SAE has {d_sae}")
+        feats = []
+        for n, rec in enumerate(raw.get("features", [])):
+            try:
+                feats.append(_feature(sae, rec, d_sae))
+            except (KeyError, TypeError, ValueError) as e:
+                raise SAEFormatError(f"{path}: features[{n}]: {e}") from None
+        return cls(sae, d_sae, feats, raw.get("dead_features", ()))
+
+    def get(self, index: int) -> Feature:
+        """The record of ``index``; an unlabelled index (e.g. dead) gets an empty record."""
+        if index in self.features:
+            return self.features[index]
+        dead = index in self.dead
+        label = "dead: never fired on the labelling corpus" if dead else "(no label)"
+        return Feature(self.sae, index, label, dead=dead)
+
+    def matches(self, words: list[str]) -> list[tuple[int, Feature]]:
+        """Features matching every word, each with its count of whole-word matches."""
+        out = []
+        for i, f in self.features.items():
+            text = self._text[i]
+            if all(w in text for w in words):
+                out.append((sum(w in self._words[i] for w in words), f))
+        return out
+
+
+def query_words(query: str) -> list[str]:
+    return [w for w in query.lower().split() if w]
+
+
+def search(labels: Mapping[str, FeatureLabels], query: str, limit: int) -> list[Feature]:
+    """Best match first across every SAE in ``labels`` (see the module docstring)."""
+    words = query_words(query)
+    found = [m for lab in labels.values() for m in lab.matches(words)]
+    order = {sid: n for n, sid in enumerate(labels)}
+    found.sort(key=lambda m: (-m[0], -m[1].score, -m[1].density, order[m[1].sae], m[1].index))
+    return [f for _, f in found[:limit]]
+
+
+def load_beside(sae_dir: Path, sae: str, d_sae: int) -> FeatureLabels | None:
+    """The labels in ``sae_dir/feature_labels.json``, or None when there is no such file."""
+    path = Path(sae_dir) / LABELS_FILE
+    if not path.is_file():
+        return None
+    return FeatureLabels.load(path, sae, d_sae)
+
+
+def _feature(sae: str, rec: Mapping, d_sae: int) -> Feature:
+    index = rec["index"]
+    if not isinstance(index, int) or not 0 <= index < d_sae:
+        raise ValueError(f"index {index!r} is not an integer in [0, {d_sae})")
+    label = rec["label"]
+    if not isinstance(label, str):
+        raise TypeError(f"label of feature {index} must be a string")
+    num = {k: float(rec.get(k, 0.0)) for k in (
+        "density", "max_activation", "mean_activation", "topic_selectivity", "topic_coverage", "score")}
+    return Feature(
+        sae=sae, index=index, label=label, topic=str(rec.get("topic", "")),
+        top_tokens=tuple(str(t) for t in rec.get("top_tokens", ())),
+        examples=tuple(Example(str(e["context"]), str(e["token"]), float(e["activation"]))
+                       for e in rec.get("examples", ())),
+        topic_means={str(k): float(v) for k, v in rec.get("topic_means", {}).items()},
+        **num,
+    )
