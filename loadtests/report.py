@@ -9,6 +9,62 @@ from pathlib import Path
 
 import torch
 
+KERNEL_TABLES = {
+    # kernel -> (title, what the columns are, [(column, header)], (slow, fast) for the ratio)
+    "splice": ("Splice kernels",
+               "Every token edits k features. `compact` is the CPU path the engine uses, "
+               "`reference` the fixed-shape specification, `dense` encodes and decodes every "
+               "feature, `triton` the fused CUDA kernel.",
+               [("compact_ms", "compact"), ("reference_ms", "reference"), ("dense_ms", "dense"),
+                ("triton_ms", "triton")], ("dense_ms", "compact_ms")),
+    "read": ("Reads: encode + top-k",
+             "Top-k latents of every token, 4 edits per token. `fused` is the engine's CPU "
+             "path: d_sae walked in column tiles, each tile's top-k kept and merged once, or the "
+             "dense path when "
+             "[tokens, d_sae] fits one tile's 32 MiB budget; `tiled` forces 4096-column tiles; "
+             "`dense` is the reference (`ops.read_latents` then `topk`), `triton` the CUDA kernel.",
+             [("fused_ms", "fused"), ("tiled_ms", "tiled"), ("dense_ms", "dense"),
+              ("triton_ms", "triton")],
+             ("dense_ms", "fused_ms")),
+    "decode": ("Sparse decode",
+               "k codes per token to [tokens, d_in]. `sparse` is the embedding-bag, `reference` "
+               "the gather-sum, `dense` a scatter into [tokens, d_sae] and a matmul, `triton` "
+               "the CUDA kernel.",
+               [("sparse_ms", "sparse"), ("reference_ms", "reference"), ("dense_ms", "dense"),
+                ("triton_ms", "triton")], ("dense_ms", "sparse_ms")),
+}
+
+
+def kernel_tables(rows: list[dict]) -> list[str]:
+    """Markdown tables of ``bench_kernels`` rows, one per kernel. Rows without a ``kernel``
+    field (the older format) are splice rows; CUDA rows add bandwidth columns."""
+    out: list[str] = []
+    for kernel, (title, about, cols, (slow, fast)) in KERNEL_TABLES.items():
+        sel = [r for r in rows if r.get("kernel", "splice") == kernel]
+        if not sel:
+            continue
+        for device in sorted({r.get("device", "cpu") for r in sel}):
+            drows = [r for r in sel if r.get("device", "cpu") == device]
+            shown = [(c, h) for c, h in cols if any(c in r for r in drows)]
+            bw = any("gbps" in r for r in drows)
+            head = ["d_sae", "k", "tokens"] + [f"{h} (ms)" for _, h in shown] + \
+                [f"{slow[:-3]} / {fast[:-3]}"] + (["GB/s", "of copy peak"] if bw else [])
+            out += ["", f"## {title} ({device})", "", about, "",
+                    "| " + " | ".join(head) + " |", "|" + " ---: |" * len(head)]
+            for r in drows:
+                cells = [str(r["d_sae"]), str(r["k"]), str(r["tokens"])]
+                cells += [f"{r[c]:.2f}" if c in r else "-" for c, _ in shown]
+                cells.append(f"{r[slow] / r[fast]:.1f}x")
+                if bw:
+                    cells += ([f"{r['gbps']:.0f}", f"{r['frac_peak']:.0%}"] if "gbps" in r
+                              else ["-", "-"])
+                out.append("| " + " | ".join(cells) + " |")
+    if not any(r.get("device") == "cuda" for r in rows):
+        out += ["", "No GPU numbers in this run: the Triton kernels are checked against the "
+                "references in Triton's interpreter on CPU; timings need a CUDA device "
+                "(`python -m loadtests.bench_kernels --device cuda`)."]
+    return out
+
 
 def main() -> None:
     docs = Path(sys.argv[1] if len(sys.argv) > 1 else "docs")
@@ -35,15 +91,7 @@ def main() -> None:
             "machine repeated runs differ by a few percent, so ratios within about ±0.03 of 1 mean "
             "\"no measurable cost\", not \"faster\". The engine numbers measure the model side; "
             "both runs drive `AsyncLLM` directly (no gRPC), so the comparison isolates the hooks.", "",
-            "## Splice kernels (CPU)", "",
-            "Every token edits k features. `compact` is the CPU path the engine uses, `reference` the "
-            "fixed-shape specification, `dense` encodes and decodes every feature.", "",
-            "| d_sae | k | tokens | compact (ms) | reference (ms) | dense (ms) | dense / compact |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in kern:
-        out.append(f"| {r['d_sae']} | {r['k']} | {r['tokens']} | {r['compact_ms']:.2f} | "
-                   f"{r['reference_ms']:.2f} | {r['dense_ms']:.2f} | {r['dense_ms'] / r['compact_ms']:.1f}x |")
-    out += ["", "No GPU numbers yet: the Triton kernels are not written (see the fused-kernel issue)."]
+            ] + kernel_tables(kern)
     print("\n".join(out))
 
 

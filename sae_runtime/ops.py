@@ -178,3 +178,31 @@ def read_latents(
     rows = torch.arange(acts.shape[0], device=acts.device)[:, None].expand_as(feat)
     acts[rows[real], feat[real]] = new[real]
     return acts
+
+
+def decode_sparse(
+    sae: SAE, values: torch.Tensor, indices: torch.Tensor, x: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``decode`` of sparse codes ``values, indices [N, k]`` (an embedding-bag, no dense code).
+
+    Equals ``decode(sae, acts, x)`` where ``acts`` is zero except ``acts[n, indices[n, j]]
+    += values[n, j]``; padding entries carry value 0. This is the decode for TopK-family
+    codes and full reconstructions: ``N * k`` decoder rows are read instead of ``d_sae``.
+    """
+    from sae_runtime.kernels import sparse_decode  # the kernels import this module
+
+    return _from_decoder_space(sae, sparse_decode(values, indices, sae.W_dec) + sae.b_dec, x)
+
+
+def _from_decoder_space(sae: SAE, y: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+    """``N_x^{-1}(y)``: a decoder-space vector mapped back to the input's space."""
+    kind = sae.cfg.normalization
+    if kind == "none":
+        return y
+    if kind == "constant_scale":
+        return y * sae.cfg.norm_scale_out
+    if x is None:
+        raise ValueError(f"decode of a {kind!r}-normalised SAE needs the encoded input x")
+    _, scale = normalize(sae, x)
+    assert scale is not None
+    return y * scale + (x.mean(dim=-1, keepdim=True) if kind == "layer_norm" else 0.0)

@@ -1,6 +1,10 @@
-"""Reference splice: the specification every faster path must match.
+"""Reference kernels: the specification every faster path must match.
 
-Semantics, for every token row t of ``h [T, d]`` (padding rows included):
+- ``splice_reference``: apply a step's interventions (below);
+- ``read_reference``: top-k and watched latents of reading rows, edits applied;
+- ``sparse_decode_reference``: sparse codes to decoder-space vectors.
+
+Splice semantics, for every token row t of ``h [T, d]`` (padding rows included):
 
     s = tok_slot[t]                      # -1: no intervention at this token
     if s < 0: out[t] = h[t]
@@ -44,3 +48,40 @@ def splice_reference(
     x = resid.to(sae.W_enc.dtype)
     delta = ops.intervention_delta(sae, x, feat, mode, slot_val[s])
     return h + delta.to(h.dtype)
+
+
+def read_reference(
+    sae: SAE,
+    x: torch.Tensor,  # [R, d_in] rows that read, in the SAE's dtype
+    feat: torch.Tensor,  # [R, K] int64 the row's edits at this SAE
+    mode: torch.Tensor,  # [R, K] int (ops.Mode; NONE = no edit)
+    value: torch.Tensor,  # [R, K] float
+    top_k: int,
+    watch: torch.Tensor,  # [R, W] int64 watched features
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reads of rows ``x``: ``(values [R, top_k], indices [R, top_k], watched [R, W])``.
+
+    Semantics (the specification of every read kernel):
+
+        acts = ops.read_latents(sae, x, feat, mode, value)   # dense [R, d_sae], edits applied
+        values, indices = acts.topk(top_k, dim=1)           # sorted, largest first
+        watched = acts.gather(1, watch)
+
+    Among features of equal value (the zeros of a sparse code, above all) the indices
+    ``topk`` returns are unspecified; faster kernels may pick others.
+    """
+    acts = ops.read_latents(sae, x, feat, mode, value)  # [R, d_sae]
+    vals, idx = acts.topk(top_k, dim=1)
+    return vals, idx, acts.gather(1, watch)
+
+
+def sparse_decode_reference(
+    values: torch.Tensor,  # [N, k] feature values (0 for padding entries)
+    indices: torch.Tensor,  # [N, k] int64 feature ids, each in [0, d_sae)
+    W_dec: torch.Tensor,  # [d_sae, d_in]
+) -> torch.Tensor:
+    """``out[n] = sum_j values[n, j] * W_dec[indices[n, j]]`` -> ``[N, d_in]`` (no bias).
+
+    Duplicate indices in a row add up; a padding entry carries value 0 and any valid index.
+    """
+    return torch.einsum("nk,nkd->nd", values.to(W_dec.dtype), W_dec[indices])
