@@ -32,7 +32,7 @@ import torch
 from sae_runtime import ops
 from sae_runtime.errors import SAEFormatError, UnsupportedModelError
 from sae_runtime.interventions import EXTRA_ARGS_KEY, Scope, from_wire
-from sae_runtime.kernels import backend_for, splice_compact, splice_reference
+from sae_runtime.kernels import backend_for, read_topk, splice_compact, splice_reference
 from sae_runtime.loading import load_sae
 from sae_runtime.reads import ReadScope, WireRead, reads_from_wire
 from sae_runtime.saes.base import SAE
@@ -140,18 +140,28 @@ class HookTables:
                               self.slot_feat, self.slot_mode, self.slot_val)
 
     def _read(self, resid: torch.Tensor) -> None:
-        """Latents of the reading rows, edited as their request edits them (ops.read_latents)."""
+        """Latents of the reading rows, edited as their request edits them (ops.read_latents).
+
+        Top-k values and watch lists come from ``kernels.read_topk`` (on CPU a column-tiled
+        encode with a running top-k, so no ``[n, d_sae]`` buffer exists); only a step with a
+        pooled read, which needs every latent, computes the dense latents.
+        """
         n = self.n_read
         rows = self.read_rows[:n]
         edit_slot = self.tok_slot[rows]  # [n], -1 = the row has no edit here
         s = edit_slot.clamp(min=0)
         mode = torch.where((edit_slot >= 0)[:, None], self.slot_mode[s], torch.zeros_like(self.slot_mode[s]))
-        acts = ops.read_latents(self.sae, resid[rows].to(self.sae.W_enc.dtype),
-                                self.slot_feat[s], mode, self.slot_val[s])  # [n, d_sae]
+        x = resid[rows].to(self.sae.W_enc.dtype)
+        feat, val = self.slot_feat[s], self.slot_val[s]
+        watch_idx = self.rslot_watch[self.read_slot[:n], : self.read_w]
         k = self.read_k
+        if not self.read_pooled:
+            vals, idx, watch = read_topk(self.sae, x, feat, mode, val, k, watch_idx)
+            self.read_out = (vals, idx, watch, None)
+            return
+        acts = ops.read_latents(self.sae, x, feat, mode, val)  # [n, d_sae]
         vals, idx = acts.topk(k, dim=1) if k else (acts[:, :0], acts[:, :0].long())
-        watch = acts.gather(1, self.rslot_watch[self.read_slot[:n], : self.read_w])
-        self.read_out = (vals, idx, watch, acts if self.read_pooled else None)
+        self.read_out = (vals, idx, acts.gather(1, watch_idx), acts)
 
 
 @dataclass(frozen=True)
@@ -376,7 +386,56 @@ def _patch_runner_class(cls: type) -> None:
                 _STATE.end_step()
 
         cls._model_forward = _model_forward
+    if "sample_tokens" in cls.__dict__ and "_bookkeeping_sync" in cls.__dict__:
+        _patch_cpu_seeded_rewind(cls)
     cls._sae_patched = True
+
+
+def _patch_cpu_seeded_rewind(cls: type) -> None:
+    """Keep seeded requests from killing the engine on CPU (a vLLM 0.32 CPU bug).
+
+    When a step's sample is discarded (a chunked prompt's partial prefill), vLLM rewinds a
+    seeded request's generator with ``gen.set_offset(gen.get_offset() - 4)``, which only
+    CUDA's Philox generator supports: a CPU generator raises "CPU Generator does not use
+    offset", the worker dies and the engine with it. On CPU we do the rewind vLLM means: save
+    those generators' states before sampling and restore them afterwards, keeping them out of
+    vLLM's own rewind. CUDA runs are untouched.
+    """
+    orig_sample, orig_book = cls.sample_tokens, cls._bookkeeping_sync
+
+    @functools.wraps(orig_sample)
+    def sample_tokens(self, *args, **kwargs):
+        self._sae_rng_saved = _discarded_generator_states(self)
+        try:
+            return orig_sample(self, *args, **kwargs)
+        finally:
+            self._sae_rng_saved = None
+
+    @functools.wraps(orig_book)
+    def _bookkeeping_sync(self, *args, **kwargs):
+        saved = getattr(self, "_sae_rng_saved", None)
+        if not saved:
+            return orig_book(self, *args, **kwargs)
+        gens = self.input_batch.generators
+        held = {i: gens.pop(i) for i in saved if i in gens}
+        try:
+            return orig_book(self, *args, **kwargs)
+        finally:
+            for i, g in held.items():
+                g.set_state(saved[i])
+                gens[i] = g
+
+    cls.sample_tokens = sample_tokens
+    cls._bookkeeping_sync = _bookkeeping_sync
+
+
+def _discarded_generator_states(runner) -> dict[int, torch.Tensor] | None:
+    batch = getattr(runner, "input_batch", None)
+    if batch is None or not batch.generators or runner.device.type != "cpu":
+        return None
+    discard = runner.discard_request_mask.np[:batch.num_reqs]
+    return {int(i): g.get_state() for i in np.nonzero(discard)[0]
+            if (g := batch.generators.get(int(i))) is not None}
 
 
 def install(runner) -> None:
