@@ -9,6 +9,11 @@ STAMP := $(VENV)/.stamps
 
 HOST ?= 127.0.0.1
 PORT ?= 50051
+# The embedded default: a Llama-architecture model and a TopK SAE trained here on a synthetic
+# 8-topic corpus (make train-default), committed so `make serve` needs no training.
+EMBEDDED ?= server/embedded
+DEFAULT_SAE ?= $(EMBEDDED)/saes/topics_l1
+# The tiny random model + one SAE per architecture (tests and soak use it).
 DEFAULT_DIR ?= .cache/default
 
 export VLLM_CPU_KVCACHE_SPACE ?= 2
@@ -17,7 +22,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup serve test test-fast lint bench loadtest soak proto proto-check clean-venv default-artifacts
+.PHONY: setup serve test test-fast test-triton lint bench loadtest soak proto proto-check clean-venv default-artifacts train-default
 
 setup: $(STAMP)/project
 
@@ -47,10 +52,14 @@ proto-check: proto
 default-artifacts: setup
 	$(BIN)/python -m sae_runtime.testing.tiny --out $(DEFAULT_DIR)
 
-serve: default-artifacts
-	$(BIN)/steerd serve --model $(DEFAULT_DIR)/tiny-llama --dtype float32 \
-		--sae $(DEFAULT_DIR)/saes/resid_l1 --sae $(DEFAULT_DIR)/saes/jumprelu_l2pre \
-		--sae $(DEFAULT_DIR)/saes/topk_l0 --host $(HOST) --port $(PORT)
+serve: setup
+	$(BIN)/steerd serve --model $(EMBEDDED)/model --dtype float32 --sae $(DEFAULT_SAE) \
+		--host $(HOST) --port $(PORT)
+
+# Regenerate the embedded default from scratch (corpus -> tokenizer -> model -> SAE -> labels);
+# about 20 minutes on 2 CPU cores. Writes $(EMBEDDED)/training_report.json.
+train-default: setup
+	$(BIN)/python -m sae_runtime.default.train --out $(EMBEDDED) --seed 0
 
 # ruff also enforces that only sae_runtime/vllm/ imports vllm (banned-api).
 lint: setup
@@ -63,11 +72,10 @@ test: lint
 # loopback, writes loadtests/reports/run{.html,_stats.csv,...}, then stops the server.
 LOADTEST_USERS ?= 16
 LOADTEST_TIME ?= 2m
-loadtest: default-artifacts
+loadtest: setup
 	@mkdir -p loadtests/reports
-	$(BIN)/steerd serve --model $(DEFAULT_DIR)/tiny-llama --dtype float32 \
-		--sae $(DEFAULT_DIR)/saes/resid_l1 --sae $(DEFAULT_DIR)/saes/jumprelu_l2pre \
-		--sae $(DEFAULT_DIR)/saes/topk_l0 --host 127.0.0.1 --port $(PORT) \
+	$(BIN)/steerd serve --model $(EMBEDDED)/model --dtype float32 --sae $(DEFAULT_SAE) \
+		--host 127.0.0.1 --port $(PORT) \
 		--metrics-port 0 > loadtests/reports/steerd.log 2>&1 & echo $$! > loadtests/reports/steerd.pid
 	@for i in $$(seq 1 300); do grep -q "listening" loadtests/reports/steerd.log && break; sleep 1; done
 	$(BIN)/locust -f loadtests/locustfile.py --headless -u $(LOADTEST_USERS) -r 4 -t $(LOADTEST_TIME) \
@@ -86,6 +94,12 @@ bench: setup
 
 test-fast: lint
 	$(BIN)/python -m pytest -q -ra -m "not e2e"
+
+# Triton kernels against their references: on CPU in Triton's interpreter (`make test` runs
+# the same file through a subprocess), and on a CUDA device when there is one.
+test-triton: setup
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -ra tests/sae_runtime/test_kernels_triton.py
+	$(BIN)/python -m pytest -q -ra -m cuda tests/sae_runtime/test_kernels_cuda.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -104,10 +104,12 @@ def feature_json(f, *, full: bool = False) -> dict:
     """A feature record: sae, index, label, density, max_activation (+ details if ``full``)."""
     out = {"sae": f.sae, "index": f.index, "label": f.label, "density": f.density,
            "max_activation": f.max_activation, "mean_activation": f.mean_activation,
-           "topic": f.topic, "score": f.score}
+           "topic": f.topic, "score": f.score, "steer_value": f.steer_value,
+           "steer_success": f.steer_success}
     if full:
         out.update(topic_selectivity=f.topic_selectivity, topic_coverage=f.topic_coverage,
                    dead=f.dead, top_tokens=list(f.top_tokens), topic_means=dict(f.topic_means),
+                   site_norm=f.site_norm,
                    examples=[{"context": e.context, "token": e.token, "activation": e.activation}
                              for e in f.examples])
     return out
@@ -122,8 +124,9 @@ def _features(client: SteeringClient, args) -> int:
         if not found:
             print(f"no feature matches {args.text!r}", file=sys.stderr)
         for f in found:
+            steer = f"  steer {f.steer_value:.4g} ({f.steer_success:.0%})" if f.steer_value else ""
             print(f"{f.sae}:{f.index:<6} {f.label:<48} density {f.density:.3g}  "
-                  f"max {f.max_activation:.3g}  score {f.score:.3g}")
+                  f"max {f.max_activation:.3g}  score {f.score:.3g}{steer}")
         return 0
     sae, index = args.feature
     f = client.get_feature(sae, index)
@@ -131,9 +134,12 @@ def _features(client: SteeringClient, args) -> int:
         print(json.dumps(feature_json(f, full=True), indent=1))
         return 0
     print(f"{f.sae}:{f.index}  {f.label}")
-    print(f"  density {f.density:.4g}  max {f.max_activation:.4g}  mean {f.mean_activation:.4g}")
+    print(f"  density {f.density:.4g}  max {f.max_activation:.4g}  mean {f.mean_activation:.4g}"
+          + (f"  (input norm at the site {f.site_norm:.4g})" if f.site_norm else ""))
     if f.topic:
         print(f"  topic {f.topic} (selectivity {f.topic_selectivity:.2f}, coverage {f.topic_coverage:.2f})")
+    if f.steer_value:
+        print(f"  steers: clamp to {f.steer_value:.4g} moved {f.steer_success:.0%} of neutral prompts to {f.topic}")
     if f.top_tokens:
         print("  top tokens: " + ", ".join(f.top_tokens))
     for e in f.examples:

@@ -4,10 +4,12 @@ Schema (``"format": "steerd.feature_labels/1"``)::
 
     {"format": "steerd.feature_labels/1", "d_sae": 1024,
      "dead_features": [3, 17],                   # optional
+     "site_norm": 189.7,                         # optional: mean L2 norm of the SAE's input
      "features": [{"index": 0, "label": "ocean: whale, reef", # required
                    "density": 0.02, "max_activation": 4.1,     # optional from here on
                    "mean_activation": 1.3, "topic": "ocean", "topic_selectivity": 0.9,
                    "topic_coverage": 0.6, "score": 0.54,
+                   "steer_value": 190.0, "steer_success": 0.9,
                    "top_tokens": ["whale"], "examples": [{"context": "...", "token": " whale",
                                                           "activation": 4.1}]}]}
 
@@ -17,8 +19,9 @@ a better exemplar of its label); ``sae_runtime.default.labels`` writes every fie
 
 Search is keyword search: the query is split into words, and a feature matches when each
 word occurs (case-insensitive) in its label, topic or top tokens. Matches rank by how many
-query words match as whole words of the label or topic, then by ``score``, then by
-``density``; ties keep (sae, index) order.
+query words match as whole words of the label or topic, then by ``steer_success`` (features
+measured to steer toward their label first), then ``score``, then ``density``; ties keep
+(sae, index) order.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sae_runtime.errors import SAEFormatError
@@ -59,6 +62,14 @@ class Feature:
     examples: tuple[Example, ...] = ()
     topic_means: Mapping[str, float] = field(default_factory=dict)
     dead: bool = False
+    steer_value: float = 0.0
+    """Clamp value measured to steer generations toward the label (0: not measured)."""
+    steer_success: float = 0.0
+    """Fraction of the labeller's neutral prompts that clamping to ``steer_value`` moved to
+    the feature's topic."""
+    site_norm: float = 0.0
+    """Mean L2 norm of the SAE's input at its site while labelling (the same for every
+    feature of an SAE): the scale of the stream, so a guide for clamp values."""
 
     def as_dict(self) -> dict:
         return {
@@ -67,7 +78,8 @@ class Feature:
             "topic": self.topic, "topic_selectivity": self.topic_selectivity,
             "topic_coverage": self.topic_coverage, "score": self.score,
             "top_tokens": list(self.top_tokens), "dead": self.dead,
-            "topic_means": dict(self.topic_means),
+            "topic_means": dict(self.topic_means), "site_norm": self.site_norm,
+            "steer_value": self.steer_value, "steer_success": self.steer_success,
             "examples": [{"context": e.context, "token": e.token, "activation": e.activation}
                          for e in self.examples],
         }
@@ -76,10 +88,12 @@ class Feature:
 class FeatureLabels:
     """The labelled features of one SAE."""
 
-    def __init__(self, sae: str, d_sae: int, features: Iterable[Feature], dead: Iterable[int] = ()):
+    def __init__(self, sae: str, d_sae: int, features: Iterable[Feature], dead: Iterable[int] = (),
+                 site_norm: float = 0.0):
         self.sae = sae
         self.d_sae = d_sae
-        self.features = {f.index: f for f in features}
+        self.site_norm = site_norm
+        self.features = {f.index: replace(f, site_norm=site_norm) for f in features}
         self.dead = frozenset(dead)
         # lower-cased text searched for substrings, and the whole words of label + topic
         self._text = {i: " ".join([f.label, f.topic, *f.top_tokens]).lower()
@@ -104,7 +118,11 @@ class FeatureLabels:
                 feats.append(_feature(sae, rec, d_sae))
             except (KeyError, TypeError, ValueError) as e:
                 raise SAEFormatError(f"{path}: features[{n}]: {e}") from None
-        return cls(sae, d_sae, feats, raw.get("dead_features", ()))
+        try:
+            site_norm = float(raw.get("site_norm", 0.0))
+        except (TypeError, ValueError):
+            raise SAEFormatError(f"{path}: site_norm must be a number") from None
+        return cls(sae, d_sae, feats, raw.get("dead_features", ()), site_norm)
 
     def get(self, index: int) -> Feature:
         """The record of ``index``; an unlabelled index (e.g. dead) gets an empty record."""
@@ -112,7 +130,7 @@ class FeatureLabels:
             return self.features[index]
         dead = index in self.dead
         label = "dead: never fired on the labelling corpus" if dead else "(no label)"
-        return Feature(self.sae, index, label, dead=dead)
+        return Feature(self.sae, index, label, dead=dead, site_norm=self.site_norm)
 
     def matches(self, words: list[str]) -> list[tuple[int, Feature]]:
         """Features matching every word, each with its count of whole-word matches."""
@@ -133,7 +151,8 @@ def search(labels: Mapping[str, FeatureLabels], query: str, limit: int) -> list[
     words = query_words(query)
     found = [m for lab in labels.values() for m in lab.matches(words)]
     order = {sid: n for n, sid in enumerate(labels)}
-    found.sort(key=lambda m: (-m[0], -m[1].score, -m[1].density, order[m[1].sae], m[1].index))
+    found.sort(key=lambda m: (-m[0], -m[1].steer_success, -m[1].score, -m[1].density,
+                              order[m[1].sae], m[1].index))
     return [f for _, f in found[:limit]]
 
 
@@ -153,7 +172,8 @@ def _feature(sae: str, rec: Mapping, d_sae: int) -> Feature:
     if not isinstance(label, str):
         raise TypeError(f"label of feature {index} must be a string")
     num = {k: float(rec.get(k, 0.0)) for k in (
-        "density", "max_activation", "mean_activation", "topic_selectivity", "topic_coverage", "score")}
+        "density", "max_activation", "mean_activation", "topic_selectivity", "topic_coverage", "score",
+        "steer_value", "steer_success")}
     return Feature(
         sae=sae, index=index, label=label, topic=str(rec.get("topic", "")),
         top_tokens=tuple(str(t) for t in rec.get("top_tokens", ())),

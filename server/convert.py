@@ -214,6 +214,7 @@ def feature_to_pb(f: feats.Feature) -> pb.Feature:
         max_activation=f.max_activation, mean_activation=f.mean_activation, topic=f.topic,
         topic_selectivity=f.topic_selectivity, topic_coverage=f.topic_coverage, score=f.score,
         top_tokens=list(f.top_tokens), dead=f.dead, topic_means=dict(f.topic_means),
+        site_norm=f.site_norm, steer_value=f.steer_value, steer_success=f.steer_success,
         examples=[pb.FeatureExample(context=e.context, token=e.token, activation=e.activation)
                   for e in f.examples],
     )

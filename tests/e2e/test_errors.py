@@ -16,6 +16,7 @@ from grpc_status import rpc_status
 
 from clients.client import SteeringClient, clamp
 from steering.v1 import steering_pb2 as pb
+from tests.e2e.conftest import SAE_IDS
 
 pytestmark = pytest.mark.e2e
 build = SteeringClient.build_request
@@ -239,3 +240,13 @@ def test_cli_streams_text_and_reports_errors(server):
     assert "INVALID_ARGUMENT" in r.stderr and "interventions[0].feature" in r.stderr
     r = _steer(server, "generate", "--prompt", "hi", "--scale", "ghost:1=2")
     assert r.returncode == 1 and "NOT_FOUND" in r.stderr
+
+
+def test_feature_rpcs_on_unlabelled_saes_are_failed_precondition(server):
+    with server.client() as c:
+        for call in (lambda: c.search_features("ocean"), lambda: c.get_feature(SAE_IDS[0], 0)):
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "feature_labels.json" in e.value.details() or "no loaded SAE" in e.value.details()
+        assert c.list_saes()  # still serving

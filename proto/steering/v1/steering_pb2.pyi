@@ -315,7 +315,7 @@ class FeatureExample(_message.Message):
     def __init__(self, context: _Optional[str] = ..., token: _Optional[str] = ..., activation: _Optional[float] = ...) -> None: ...
 
 class Feature(_message.Message):
-    __slots__ = ("sae", "index", "label", "density", "max_activation", "mean_activation", "topic", "topic_selectivity", "topic_coverage", "score", "top_tokens", "examples", "dead", "topic_means")
+    __slots__ = ("sae", "index", "label", "density", "max_activation", "mean_activation", "topic", "topic_selectivity", "topic_coverage", "score", "top_tokens", "examples", "dead", "topic_means", "site_norm", "steer_value", "steer_success")
     class TopicMeansEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -337,6 +337,9 @@ class Feature(_message.Message):
     EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     DEAD_FIELD_NUMBER: _ClassVar[int]
     TOPIC_MEANS_FIELD_NUMBER: _ClassVar[int]
+    SITE_NORM_FIELD_NUMBER: _ClassVar[int]
+    STEER_VALUE_FIELD_NUMBER: _ClassVar[int]
+    STEER_SUCCESS_FIELD_NUMBER: _ClassVar[int]
     sae: str
     index: int
     label: str
@@ -351,7 +354,10 @@ class Feature(_message.Message):
     examples: _containers.RepeatedCompositeFieldContainer[FeatureExample]
     dead: bool
     topic_means: _containers.ScalarMap[str, float]
-    def __init__(self, sae: _Optional[str] = ..., index: _Optional[int] = ..., label: _Optional[str] = ..., density: _Optional[float] = ..., max_activation: _Optional[float] = ..., mean_activation: _Optional[float] = ..., topic: _Optional[str] = ..., topic_selectivity: _Optional[float] = ..., topic_coverage: _Optional[float] = ..., score: _Optional[float] = ..., top_tokens: _Optional[_Iterable[str]] = ..., examples: _Optional[_Iterable[_Union[FeatureExample, _Mapping]]] = ..., dead: _Optional[bool] = ..., topic_means: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    site_norm: float
+    steer_value: float
+    steer_success: float
+    def __init__(self, sae: _Optional[str] = ..., index: _Optional[int] = ..., label: _Optional[str] = ..., density: _Optional[float] = ..., max_activation: _Optional[float] = ..., mean_activation: _Optional[float] = ..., topic: _Optional[str] = ..., topic_selectivity: _Optional[float] = ..., topic_coverage: _Optional[float] = ..., score: _Optional[float] = ..., top_tokens: _Optional[_Iterable[str]] = ..., examples: _Optional[_Iterable[_Union[FeatureExample, _Mapping]]] = ..., dead: _Optional[bool] = ..., topic_means: _Optional[_Mapping[str, float]] = ..., site_norm: _Optional[float] = ..., steer_value: _Optional[float] = ..., steer_success: _Optional[float] = ...) -> None: ...
 
 class SearchFeaturesRequest(_message.Message):
     __slots__ = ("query", "sae", "limit")
