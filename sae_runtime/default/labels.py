@@ -87,7 +87,6 @@ def label_features(model, tokenizer, encode_fn, docs: list[tuple[str, list[str]]
     cat_fires = torch.zeros(n_cat, d_sae)
     cat_tokens = torch.zeros(n_cat)
     tok_sum: dict[int, dict[int, float]] = defaultdict(lambda: defaultdict(float))
-    tok_count: dict[int, dict[int, int]] = defaultdict(lambda: defaultdict(int))
     examples: dict[int, list] = defaultdict(list)  # min-heaps of (act, doc, pos)
     tok_total: dict[int, int] = defaultdict(int)  # occurrences of each token
     n_tokens = 0
@@ -118,7 +117,6 @@ def label_features(model, tokenizer, encode_fn, docs: list[tuple[str, list[str]]
             for f, v, p in zip(flat_idx.tolist(), flat_val.tolist(), flat_pos.tolist(), strict=True):
                 t = ids[p]
                 tok_sum[f][t] += v
-                tok_count[f][t] += 1
                 heap = examples[f]
                 item = (v, doc, p)
                 if len(heap) < N_EXAMPLES:
