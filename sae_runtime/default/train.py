@@ -158,8 +158,9 @@ def run(out: Path, size_name: str, seed: int) -> dict:
     hook_name = f"blocks.{size.layer}.hook_resid_post"
     sae_dir = out / "saes" / SAE_NAME
     dtype = getattr(torch, size.sae_dtype)
+    # model_name = the served directory's name, so steerd sees no model mismatch to warn about
     sae_train.save_saelens(params, sae_dir, k=size.sae.k, hook_name=hook_name,
-                           model_name="steerd-default", dtype=dtype,
+                           model_name=model_dir.name, dtype=dtype,
                            extra={"trained_by": "sae_runtime.default.train", "seed": seed})
     log.info("SAE quality: %s", quality)
 
