@@ -100,17 +100,7 @@ def decode(sae: SAE, acts: torch.Tensor, x: torch.Tensor | None = None) -> torch
     ``x`` (the activation that was encoded) is needed only by SAEs with a per-token
     normalisation (``token_norm``, ``layer_norm``), whose inverse depends on it.
     """
-    y = acts @ sae.W_dec + sae.b_dec
-    kind = sae.cfg.normalization
-    if kind == "none":
-        return y
-    if kind == "constant_scale":
-        return y * sae.cfg.norm_scale_out
-    if x is None:
-        raise ValueError(f"decode of a {kind!r}-normalised SAE needs the encoded input x")
-    _, scale = normalize(sae, x)
-    assert scale is not None
-    return y * scale + (x.mean(dim=-1, keepdim=True) if kind == "layer_norm" else 0.0)
+    return _from_decoder_space(sae, acts @ sae.W_dec + sae.b_dec, x)
 
 
 def feature_activations(sae: SAE, x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from collections import Counter
 
 import torch
 
-from sae_runtime.default import corpus
+from sae_runtime.default import corpus, sae_train
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,8 @@ def calibrate(model, tokenizer, params: dict[str, torch.Tensor], k: int, layer: 
         if not clamp:
             return output
         h = output[0] if isinstance(output, tuple) else output
-        pre = (h - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
-        top = pre.topk(k, dim=-1)
-        act = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())[..., clamp["f"]]
+        _, vals, idx = sae_train.encode(params, h, k)
+        act = (vals * (idx == clamp["f"])).sum(-1)  # 0 where the feature is not in the top k
         new = h + (clamp["v"] - act)[..., None] * params["W_dec"][clamp["f"]]
         return (new, *output[1:]) if isinstance(output, tuple) else new
 

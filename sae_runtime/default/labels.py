@@ -57,6 +57,15 @@ def _split(text: str, n: int) -> list[str]:
     return parts
 
 
+def activations(model, data: list[tuple[list[int], list[int]]], layer: int, batch: int = 64):
+    """``(doc index, (ids, cats), [len(ids), d] activations)`` for each tokenized document."""
+    for start in range(0, len(data), batch):
+        chunk = data[start:start + batch]
+        hs = site_activations(model, [ids for ids, _ in chunk], layer)
+        for j, (item, h) in enumerate(zip(chunk, hs, strict=True)):
+            yield start + j, item, h
+
+
 @torch.no_grad()
 def site_activations(model, batch_ids: list[list[int]], layer: int) -> list[torch.Tensor]:
     """Residual stream after decoder layer ``layer`` (``blocks.{layer}.hook_resid_post``)."""
@@ -91,38 +100,34 @@ def label_features(model, tokenizer, encode_fn, docs: list[tuple[str, list[str]]
     tok_total: dict[int, int] = defaultdict(int)  # occurrences of each token
     n_tokens = 0
     norm_sum = 0.0
-    for start in range(0, len(data), 64):
-        chunk = data[start:start + 64]
-        hs = site_activations(model, [ids for ids, _ in chunk], layer)
-        for j, ((ids, cats), h) in enumerate(zip(chunk, hs, strict=True)):
-            cats_t = torch.tensor(cats)
-            keep = cats_t >= 0  # not BOS
-            for t in ids[1:]:
-                tok_total[t] += 1
-            vals, idx = encode_fn(h[keep])
-            norm_sum += float(h[keep].norm(dim=-1).sum())
-            cat = cats_t[keep]
-            n_tokens += int(keep.sum())
-            cat_tokens += torch.bincount(cat, minlength=n_cat).float()
-            on = vals > 0
-            flat_idx, flat_val = idx[on], vals[on]
-            flat_cat = cat[:, None].expand_as(idx)[on]
-            flat_pos = torch.nonzero(on)[:, 0] + 1  # +1: position in ids (BOS skipped)
-            fires.index_add_(0, flat_idx, torch.ones_like(flat_val))
-            act_sum.index_add_(0, flat_idx, flat_val)
-            act_max.scatter_reduce_(0, flat_idx, flat_val, reduce="amax")
-            cat_sum.index_put_((flat_cat, flat_idx), flat_val, accumulate=True)
-            cat_fires.index_put_((flat_cat, flat_idx), torch.ones_like(flat_val), accumulate=True)
-            doc = start + j
-            for f, v, p in zip(flat_idx.tolist(), flat_val.tolist(), flat_pos.tolist(), strict=True):
-                t = ids[p]
-                tok_sum[f][t] += v
-                heap = examples[f]
-                item = (v, doc, p)
-                if len(heap) < N_EXAMPLES:
-                    heapq.heappush(heap, item)
-                elif item > heap[0]:
-                    heapq.heapreplace(heap, item)
+    for doc, (ids, cats), h in activations(model, data, layer):
+        cats_t = torch.tensor(cats)
+        keep = cats_t >= 0  # not BOS
+        for t in ids[1:]:
+            tok_total[t] += 1
+        vals, idx = encode_fn(h[keep])
+        norm_sum += float(h[keep].norm(dim=-1).sum())
+        cat = cats_t[keep]
+        n_tokens += int(keep.sum())
+        cat_tokens += torch.bincount(cat, minlength=n_cat).float()
+        on = vals > 0
+        flat_idx, flat_val = idx[on], vals[on]
+        flat_cat = cat[:, None].expand_as(idx)[on]
+        flat_pos = torch.nonzero(on)[:, 0] + 1  # +1: position in ids (BOS skipped)
+        fires.index_add_(0, flat_idx, torch.ones_like(flat_val))
+        act_sum.index_add_(0, flat_idx, flat_val)
+        act_max.scatter_reduce_(0, flat_idx, flat_val, reduce="amax")
+        cat_sum.index_put_((flat_cat, flat_idx), flat_val, accumulate=True)
+        cat_fires.index_put_((flat_cat, flat_idx), torch.ones_like(flat_val), accumulate=True)
+        for f, v, p in zip(flat_idx.tolist(), flat_val.tolist(), flat_pos.tolist(), strict=True):
+            t = ids[p]
+            tok_sum[f][t] += v
+            heap = examples[f]
+            item = (v, doc, p)
+            if len(heap) < N_EXAMPLES:
+                heapq.heappush(heap, item)
+            elif item > heap[0]:
+                heapq.heapreplace(heap, item)
     cat_mean = cat_sum / cat_tokens.clamp(min=1)[:, None]  # [C, d_sae]
     features = []
     for f in range(d_sae):

@@ -63,13 +63,8 @@ def _docs(n: int, seed: int) -> list[tuple[str, list[str]]]:
 def collect(model, tokenizer, docs, layer: int) -> torch.Tensor:
     """Residual activations at the SAE site for every non-BOS token of ``docs``: [N, d]."""
     data = labels.tokenize_labelled(docs, tokenizer)
-    out = []
-    for start in range(0, len(data), 64):
-        chunk = data[start:start + 64]
-        for (_ids, cats), h in zip(chunk, labels.site_activations(model, [i for i, _ in chunk], layer),
-                                   strict=True):
-            out.append(h[torch.tensor(cats) >= 0])
-    return torch.cat(out)
+    return torch.cat([h[torch.tensor(cats) >= 0]
+                      for _, (_, cats), h in labels.activations(model, data, layer)])
 
 
 @torch.no_grad()
