@@ -8,6 +8,7 @@ fail if a hook stops landing.
 from __future__ import annotations
 
 from vllm import SamplingParams  # noqa: F401
+from vllm.config.compilation import CompilationConfig, CompilationMode
 from vllm.engine.arg_utils import AsyncEngineArgs  # noqa: F401
 from vllm.inputs import TokensPrompt  # noqa: F401
 from vllm.sampling_params import RequestOutputKind  # noqa: F401
@@ -27,3 +28,28 @@ def model_runner_classes() -> list[type]:
     except ImportError:
         pass
     return classes
+
+
+HOOK_OP = "sae_steer::sae_hook"
+
+
+def on_cuda() -> bool:
+    """Whether vLLM runs on CUDA here (its platform detection, not ours)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cuda()
+
+
+def cuda_compilation_config() -> dict:
+    """``compilation_config`` for a CUDA engine with SAE hooks.
+
+    vLLM's default CUDA mode (``FULL_AND_PIECEWISE``) captures decode steps in one full
+    CUDA graph, and Python inside a captured graph never runs again: the hook's reads (a
+    row count known only on the host) and its skip of unsteered steps would be frozen. So
+    the hook op joins vLLM's own splitting ops (its default list, taken from vLLM itself) and
+    graphs are piecewise: the pieces between hooks are still captured, the hook runs eagerly
+    between them (its splice is graph-safe anyway, ``sae_runtime.tables``).
+    """
+    probe = CompilationConfig(mode=CompilationMode.VLLM_COMPILE)
+    probe.set_splitting_ops_for_v1("allgather_reducescatter")
+    return {"cudagraph_mode": "PIECEWISE", "splitting_ops": [*probe.splitting_ops, HOOK_OP]}

@@ -35,7 +35,14 @@ class EngineSettings:
 
 
 def build_engine(s: EngineSettings) -> Any:
-    """Start an AsyncLLM (engine core in its own process) with the SAE worker extension."""
+    """Start an AsyncLLM (engine core in its own process) with the SAE worker extension.
+
+    On CUDA (compiled) the hook op runs outside captured graphs
+    (``compat.cuda_compilation_config``); on CPU vLLM captures no graphs.
+    """
+    extra: dict[str, Any] = {}
+    if not s.enforce_eager and compat.on_cuda():
+        extra["compilation_config"] = compat.cuda_compilation_config()
     args = compat.AsyncEngineArgs(
         model=s.model,
         tokenizer=s.model,
@@ -53,6 +60,7 @@ def build_engine(s: EngineSettings) -> Any:
                              "sae_dtype": s.sae_dtype}
         },
         disable_log_stats=True,
+        **extra,
     )
     return compat.AsyncLLM.from_engine_args(args)
 

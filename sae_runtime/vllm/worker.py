@@ -12,12 +12,13 @@ be frozen into the trace or ignored) and wraps the model runner's ``load_model``
   others; see ``families.py``) with one that passes the activation through the op once per
   SAE hooked there. The hook ids are closure constants, so unhooked modules trace no op.
 - ``_model_forward`` fills the per-step tables (token row -> slot, slot ->
-  features/modes/values, reading rows) in place before each forward, publishes reads
-  after it, and clears the tables.
+  features/modes/values, reading rows) in place before each forward and uploads them to
+  the device, publishes reads after it, and clears the tables.
 
-Tables are preallocated once (fixed addresses, sized by the engine's token and sequence
-budgets). The CPU kernel reads the host-side row count to skip unsteered work; the
-reference kernel reads only the fixed-shape tables and is safe under CUDA graph capture.
+The tables and the hook's computation are ``sae_runtime.tables.HookTables`` (no vLLM in
+there): preallocated once (fixed addresses, sized by the engine's token and sequence
+budgets); on CPU the kernels read the host-side row count to skip unsteered work, on CUDA
+the fused splice reads only the fixed-shape device tables.
 """
 
 from __future__ import annotations
@@ -29,13 +30,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sae_runtime import ops
 from sae_runtime.errors import SAEFormatError, UnsupportedModelError
 from sae_runtime.interventions import EXTRA_ARGS_KEY, Scope, from_wire
-from sae_runtime.kernels import backend_for, read_topk, splice_compact, splice_reference
 from sae_runtime.loading import load_sae
 from sae_runtime.reads import ReadScope, WireRead, reads_from_wire
-from sae_runtime.saes.base import SAE
+from sae_runtime.tables import HookTables
 from sae_runtime.vllm import compat
 from sae_runtime.vllm.families import LAYER_NAME, block_of, family_of, supported
 from sae_runtime.vllm.side_channel import ReadPublisher
@@ -46,122 +45,6 @@ CONFIG_KEY = "sae_steering"  # key in VllmConfig.additional_config
 
 
 # --------------------------------------------------------------------------- state
-
-
-class HookTables:
-    """Preallocated per-step tables of one hooked SAE."""
-
-    def __init__(self, sae: SAE, max_tokens: int, max_slots: int, max_feats: int,
-                 max_watch: int = 0) -> None:
-        dev = sae.W_enc.device
-        self.sae = sae
-        self.max_slots = max_slots
-        # Host staging (numpy views) and device tensors; identical objects on CPU.
-        self.tok_slot = torch.full((max_tokens,), -1, dtype=torch.int64, device=dev)
-        self.rows = torch.zeros(max_tokens, dtype=torch.int64, device=dev)
-        self.row_slot = torch.zeros(max_tokens, dtype=torch.int64, device=dev)
-        self.slot_feat = torch.zeros(max_slots, max_feats, dtype=torch.int64, device=dev)
-        self.slot_mode = torch.zeros(max_slots, max_feats, dtype=torch.int32, device=dev)
-        self.slot_val = torch.zeros(max_slots, max_feats, dtype=torch.float32, device=dev)
-        # Reads: rows of reading requests, their read slot, and per slot the watch list.
-        self.read_rows = torch.zeros(max_tokens, dtype=torch.int64, device=dev)
-        self.read_slot = torch.zeros(max_tokens, dtype=torch.int64, device=dev)
-        self.rslot_watch = torch.zeros(max_slots, max(max_watch, 1), dtype=torch.int64, device=dev)
-        if dev.type != "cpu":
-            raise NotImplementedError("SAE tables on non-CPU devices are not wired yet")
-        self._np = {n: getattr(self, n).numpy() for n in
-                    ("tok_slot", "rows", "row_slot", "slot_feat", "slot_mode", "slot_val",
-                     "read_rows", "read_slot", "rslot_watch")}
-        self.n_rows = 0
-        self.n_slots = 0
-        self.n_read = 0
-        self.n_rslots = 0
-        self.read_k = 0  # largest top_k asked this step
-        self.read_w = 0  # longest watch list this step
-        self.read_pooled = False  # some read this step wants dense latents for pooling
-        self.read_out: tuple | None = None  # (topk values, topk indices, watch values, dense)
-        self._dirty_until = 0  # tok_slot entries [0, _dirty_until) may be != -1
-
-    def clear(self) -> None:
-        if self._dirty_until:
-            self._np["tok_slot"][: self._dirty_until] = -1
-        self.n_rows = self.n_slots = self._dirty_until = 0
-        self.n_read = self.n_rslots = self.read_k = self.read_w = 0
-        self.read_pooled = False
-        self.read_out = None
-
-    def add_read_rows(self, a: int, b: int, top_k: int, watch: tuple[int, ...], pooled: bool) -> int:
-        """Token rows [a, b) are read; returns the offset of the first one in the read output."""
-        s = self.n_rslots
-        if s >= self.max_slots:  # cannot happen: one read slot per scheduled request at most
-            raise RuntimeError("SAE read slot table overflow")
-        t = self._np
-        t["rslot_watch"][s, : len(watch)] = watch
-        r = self.n_read
-        t["read_rows"][r : r + b - a] = np.arange(a, b)
-        t["read_slot"][r : r + b - a] = s
-        self.n_read, self.n_rslots = r + b - a, s + 1
-        self.read_k = max(self.read_k, top_k)
-        self.read_w = max(self.read_w, len(watch))
-        self.read_pooled |= pooled
-        return r
-
-    def add_rows(self, a: int, b: int, feat: np.ndarray, mode: np.ndarray, val: np.ndarray) -> None:
-        """Token rows [a, b) apply edits (feat, mode, val) in a fresh slot."""
-        s = self.n_slots
-        if s >= self.max_slots:  # cannot happen: 2 slots per scheduled request at most
-            raise RuntimeError("SAE slot table overflow")
-        n = len(feat)
-        t = self._np
-        t["slot_feat"][s, :n], t["slot_mode"][s, :n], t["slot_val"][s, :n] = feat, mode, val
-        t["slot_mode"][s, n:] = 0
-        t["slot_feat"][s, n:] = 0
-        t["tok_slot"][a:b] = s
-        r = self.n_rows
-        t["rows"][r : r + b - a] = np.arange(a, b)
-        t["row_slot"][r : r + b - a] = s
-        self.n_rows, self.n_slots = r + b - a, s + 1
-        self._dirty_until = max(self._dirty_until, b)
-
-    def apply(self, h: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        """``h`` plus this step's edits; the SAE encodes ``h + residual`` (or ``h``)."""
-        n = self.n_rows
-        if n == 0 and self.n_read == 0 and backend_for(h.device) != "reference":
-            return h.clone()
-        resid = h if residual is None else h + residual  # the activation at the hook
-        if self.n_read:
-            self._read(resid)
-        if backend_for(h.device) == "reference":
-            return splice_reference(h, resid, self.sae, self.tok_slot,
-                                    self.slot_feat, self.slot_mode, self.slot_val)
-        if n == 0:
-            return h.clone()
-        return splice_compact(h, resid, self.sae, self.rows[:n], self.row_slot[:n],
-                              self.slot_feat, self.slot_mode, self.slot_val)
-
-    def _read(self, resid: torch.Tensor) -> None:
-        """Latents of the reading rows, edited as their request edits them (ops.read_latents).
-
-        Top-k values and watch lists come from ``kernels.read_topk`` (on CPU a column-tiled
-        encode with a running top-k, so no ``[n, d_sae]`` buffer exists); only a step with a
-        pooled read, which needs every latent, computes the dense latents.
-        """
-        n = self.n_read
-        rows = self.read_rows[:n]
-        edit_slot = self.tok_slot[rows]  # [n], -1 = the row has no edit here
-        s = edit_slot.clamp(min=0)
-        mode = torch.where((edit_slot >= 0)[:, None], self.slot_mode[s], torch.zeros_like(self.slot_mode[s]))
-        x = resid[rows].to(self.sae.W_enc.dtype)
-        feat, val = self.slot_feat[s], self.slot_val[s]
-        watch_idx = self.rslot_watch[self.read_slot[:n], : self.read_w]
-        k = self.read_k
-        if not self.read_pooled:
-            vals, idx, watch = read_topk(self.sae, x, feat, mode, val, k, watch_idx)
-            self.read_out = (vals, idx, watch, None)
-            return
-        acts = ops.read_latents(self.sae, x, feat, mode, val)  # [n, d_sae]
-        vals, idx = acts.topk(k, dim=1) if k else (acts[:, :0], acts[:, :0].long())
-        self.read_out = (vals, idx, acts.gather(1, watch_idx), acts)
 
 
 @dataclass(frozen=True)
@@ -262,14 +145,17 @@ class SteeringState:
                     hook.add_rows(start, split, plan.feat[:k], plan.mode[:k], plan.val[:k])
                 if end > split:
                     hook.add_rows(split, end, plan.feat, plan.mode, plan.val)
+        for hook in self.hooks:
+            hook.upload()
 
     def publish_reads(self) -> None:
         """Send this step's reads to the server, one record per segment."""
         if not self.segments:
             return
         records = []
+        host_reads = {i: self.hooks[i].read_out_host() for i in {s.hook_id for s in self.segments}}
         for seg in self.segments:
-            out = self.hooks[seg.hook_id].read_out
+            out = host_reads.get(seg.hook_id)
             if out is None:  # the hooked layer did not run (cannot happen in a full forward)
                 continue
             vals, idx, watch, dense = out

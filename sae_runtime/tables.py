@@ -1,0 +1,226 @@
+"""Per-step intervention and read tables of one hooked SAE, and the hook's computation.
+
+No vLLM in here: the worker glue (``sae_runtime/vllm/worker.py``) fills these tables from the
+scheduled batch before each forward, and the custom op calls ``HookTables.apply`` inside it.
+
+Every table is allocated once, at its largest size (the engine's token and sequence
+budgets), so its address never changes:
+
+- ``tok_slot [max_tokens]``: token row -> edit slot, -1 = the row has no edit;
+- ``slot_feat / slot_mode / slot_val [max_slots, max_feats]``: each slot's edits;
+- ``rows / row_slot [max_tokens]``: the rows with an edit, compacted (the CPU path's index);
+- ``read_rows / read_slot [max_tokens]``, ``rslot_watch [max_slots, max_watch]``: rows that
+  read, their read slot, each read slot's watch list.
+
+The host fills the tables through numpy views. On CPU the kernels read those same tensors.
+On another device (``staged``) the host tables live in pinned memory and ``upload`` copies
+the prefix this step used into device mirrors with non-blocking copies; the device mirrors
+never move, so kernels captured in a CUDA graph keep reading the current step's tables. The
+host waits for the previous upload before it writes the host tables again (``clear``).
+
+``apply`` picks the path:
+
+- CPU (``compact`` backend): only the host-compacted edit rows do work; a step without
+  edits or reads returns a copy of ``h`` at once;
+- CUDA, eager: the fixed-shape fused splice (``kernels.splice_fixed``) over the step's rows,
+  skipped when the host knows no row edits; reads on the host-counted reading rows;
+- CUDA, while a graph is being captured: always the fixed-shape splice, never a host-count
+  shortcut (a capture freezes Python decisions into every replay). Reads have a
+  data-dependent row count, so they need the op to run outside captured graphs (the engine
+  lists it in vLLM's ``splitting_ops``); a capture with reads pending raises.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sae_runtime import ops
+from sae_runtime.kernels import backend_for, read_topk, splice_compact, splice_fixed
+from sae_runtime.saes.base import SAE
+
+_TABLES = ("tok_slot", "rows", "row_slot", "slot_feat", "slot_mode", "slot_val",
+           "read_rows", "read_slot", "rslot_watch")
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+class HookTables:
+    """Preallocated per-step tables of one hooked SAE (see the module docstring)."""
+
+    def __init__(self, sae: SAE, max_tokens: int, max_slots: int, max_feats: int,
+                 max_watch: int = 0, *, staged: bool | None = None) -> None:
+        dev = sae.W_enc.device
+        self.sae = sae
+        self.max_slots = max_slots
+        self.staged = dev.type != "cpu" if staged is None else staged
+        shapes = {
+            "tok_slot": ((max_tokens,), torch.int64, -1),
+            "rows": ((max_tokens,), torch.int64, 0),
+            "row_slot": ((max_tokens,), torch.int64, 0),
+            "slot_feat": ((max_slots, max_feats), torch.int64, 0),
+            "slot_mode": ((max_slots, max_feats), torch.int32, 0),
+            "slot_val": ((max_slots, max_feats), torch.float32, 0),
+            "read_rows": ((max_tokens,), torch.int64, 0),
+            "read_slot": ((max_tokens,), torch.int64, 0),
+            "rslot_watch": ((max_slots, max(max_watch, 1)), torch.int64, 0),
+        }
+        pin = dev.type == "cuda"
+        self.host = {n: torch.full(s, f, dtype=dt, pin_memory=pin) for n, (s, dt, f) in shapes.items()}
+        self._np = {n: t.numpy() for n, t in self.host.items()}
+        if self.staged:
+            self.dev = {n: torch.full(s, f, dtype=dt, device=dev) for n, (s, dt, f) in shapes.items()}
+        else:
+            self.dev = self.host
+        for n, t in self.dev.items():  # the kernels read the device tables
+            setattr(self, n, t)
+        self.n_rows = 0
+        self.n_slots = 0
+        self.n_read = 0
+        self.n_rslots = 0
+        self.read_k = 0  # largest top_k asked this step
+        self.read_w = 0  # longest watch list this step
+        self.read_pooled = False  # some read this step wants dense latents for pooling
+        self.read_out: tuple | None = None  # (topk values, topk indices, watch values, dense)
+        self._dirty_until = 0  # host tok_slot[:_dirty_until] may be != -1
+        self._dev_dirty = 0  # device tok_slot[:_dev_dirty] may be != -1
+        self._upload_done: torch.cuda.Event | None = None
+
+    # ------------------------------------------------------------------ host side
+
+    def clear(self) -> None:
+        """Forget this step's edits and reads (after the forward)."""
+        self._wait_upload()
+        if self._dirty_until:
+            self._np["tok_slot"][: self._dirty_until] = -1
+        self.n_rows = self.n_slots = self._dirty_until = 0
+        self.n_read = self.n_rslots = self.read_k = self.read_w = 0
+        self.read_pooled = False
+        self.read_out = None
+
+    def add_read_rows(self, a: int, b: int, top_k: int, watch: tuple[int, ...], pooled: bool) -> int:
+        """Token rows [a, b) are read; returns the offset of the first one in the read output."""
+        s = self.n_rslots
+        if s >= self.max_slots:  # cannot happen: one read slot per scheduled request at most
+            raise RuntimeError("SAE read slot table overflow")
+        t = self._np
+        t["rslot_watch"][s, : len(watch)] = watch
+        r = self.n_read
+        t["read_rows"][r : r + b - a] = np.arange(a, b)
+        t["read_slot"][r : r + b - a] = s
+        self.n_read, self.n_rslots = r + b - a, s + 1
+        self.read_k = max(self.read_k, top_k)
+        self.read_w = max(self.read_w, len(watch))
+        self.read_pooled |= pooled
+        return r
+
+    def add_rows(self, a: int, b: int, feat: np.ndarray, mode: np.ndarray, val: np.ndarray) -> None:
+        """Token rows [a, b) apply edits (feat, mode, val) in a fresh slot."""
+        s = self.n_slots
+        if s >= self.max_slots:  # cannot happen: 2 slots per scheduled request at most
+            raise RuntimeError("SAE slot table overflow")
+        n = len(feat)
+        t = self._np
+        t["slot_feat"][s, :n], t["slot_mode"][s, :n], t["slot_val"][s, :n] = feat, mode, val
+        t["slot_mode"][s, n:] = 0
+        t["slot_feat"][s, n:] = 0
+        t["tok_slot"][a:b] = s
+        r = self.n_rows
+        t["rows"][r : r + b - a] = np.arange(a, b)
+        t["row_slot"][r : r + b - a] = s
+        self.n_rows, self.n_slots = r + b - a, s + 1
+        self._dirty_until = max(self._dirty_until, b)
+
+    def upload(self) -> None:
+        """Copy the prefixes this step filled to the device mirrors (no-op unless staged).
+
+        ``tok_slot`` is copied up to the furthest row either this step or the previous one
+        marked, so rows the previous step edited read -1 again on the device.
+        """
+        if not self.staged:
+            return
+        n_tok = max(self._dirty_until, self._dev_dirty)
+        spans = {"tok_slot": n_tok, "rows": self.n_rows, "row_slot": self.n_rows,
+                 "slot_feat": self.n_slots, "slot_mode": self.n_slots, "slot_val": self.n_slots,
+                 "read_rows": self.n_read, "read_slot": self.n_read,
+                 "rslot_watch": self.n_rslots}
+        for name, n in spans.items():
+            if n:
+                self.dev[name][:n].copy_(self.host[name][:n], non_blocking=True)
+        self._dev_dirty = self._dirty_until
+        if self.tok_slot.is_cuda:
+            self._upload_done = torch.cuda.Event()
+            self._upload_done.record()
+
+    def _wait_upload(self) -> None:
+        # A non-blocking copy reads pinned host memory when the stream gets to it: the host
+        # must not rewrite the tables before then.
+        if self._upload_done is not None:
+            self._upload_done.synchronize()
+            self._upload_done = None
+
+    # ------------------------------------------------------------------ inside the forward
+
+    def apply(self, h: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """``h`` plus this step's edits; the SAE encodes ``h + residual`` (or ``h``)."""
+        backend = backend_for(h.device)
+        if _capturing(h):
+            if self.n_read:
+                raise RuntimeError(
+                    "SAE reads cannot run inside a captured CUDA graph: list "
+                    "sae_steer::sae_hook in vLLM's splitting_ops (the engine does on CUDA)")
+            return self._splice_fixed(h, residual)
+        n = self.n_rows
+        if n == 0 and self.n_read == 0 and backend != "reference":
+            return h.clone()
+        resid = h if residual is None else h + residual  # the activation at the hook
+        if self.n_read:
+            self._read(resid)
+        if backend == "reference":
+            return self._splice_fixed(h, residual, resid)
+        if n == 0:
+            return h.clone()
+        if backend == "compact":
+            return splice_compact(h, resid, self.sae, self.rows[:n], self.row_slot[:n],
+                                  self.slot_feat, self.slot_mode, self.slot_val)
+        return self._splice_fixed(h, residual, resid)
+
+    def _splice_fixed(self, h: torch.Tensor, residual: torch.Tensor | None,
+                      resid: torch.Tensor | None = None) -> torch.Tensor:
+        if resid is None:
+            resid = h if residual is None else h + residual
+        return splice_fixed(h, resid, self.sae, self.tok_slot, self.slot_feat,
+                            self.slot_mode, self.slot_val)
+
+    def _read(self, resid: torch.Tensor) -> None:
+        """Latents of the reading rows, edited as their request edits them (ops.read_latents).
+
+        Top-k values and watch lists come from ``kernels.read_topk`` (a column-tiled encode
+        with a running top-k on CPU, the Triton tiled kernel on CUDA), so no ``[n, d_sae]``
+        buffer exists; only a step with a pooled read, which needs every latent, computes the
+        dense latents.
+        """
+        n = self.n_read
+        rows = self.read_rows[:n]
+        edit_slot = self.tok_slot[rows]  # [n], -1 = the row has no edit here
+        s = edit_slot.clamp(min=0)
+        mode = torch.where((edit_slot >= 0)[:, None], self.slot_mode[s], torch.zeros_like(self.slot_mode[s]))
+        x = resid[rows].to(self.sae.W_enc.dtype)
+        feat, val = self.slot_feat[s], self.slot_val[s]
+        watch_idx = self.rslot_watch[self.read_slot[:n], : self.read_w]
+        k = self.read_k
+        if not self.read_pooled:
+            vals, idx, watch = read_topk(self.sae, x, feat, mode, val, k, watch_idx)
+            self.read_out = (vals, idx, watch, None)
+            return
+        acts = ops.read_latents(self.sae, x, feat, mode, val)  # [n, d_sae]
+        vals, idx = acts.topk(k, dim=1) if k else (acts[:, :0], acts[:, :0].long())
+        self.read_out = (vals, idx, acts.gather(1, watch_idx), acts)
+
+    def read_out_host(self) -> tuple | None:
+        """This step's reads on the host (one device-to-host copy per tensor)."""
+        if self.read_out is None:
+            return None
+        return tuple(None if t is None else t.cpu() for t in self.read_out)
