@@ -8,17 +8,45 @@ Semantics (``reference.splice_reference``), one program per token row t of ``h [
         xin = encoder input of resid[t]              # torch: ops.encoder_input, all T rows
         for k in range(K):                           # one [BLOCK_K] vector of edits
             i, m, v = slot_feat[s, k], slot_mode[s, k], slot_val[s, k]
-            pre  = xin . W_enc[:, i] + b_enc[i]      # only the touched encoder columns
-            a    = rule(pre)                         # see triton_topk_read.ACT_RULES
+            pre  = xin . W_enc[:, i] + b_enc[i]      # element-wise rules: touched columns only
+                 | pre_full[t, i]                    # TopK family: gathered (see below)
+            a    = rule(pre)                         # see the rules below
             coef = edited(m, v, a) - a               # 0 for Mode.NONE
         out[t] = h[t] + c(t) * sum_k coef[k] * W_dec[i_k]
 
+    rule: standard, jumprelu, gated    triton_topk_read.ACT_RULES (element-wise)
+          topk      relu(pre) * (score >= kth[t])       score = pre (* rank_scale[i] if set)
+          abstopk   pre * (|pre| >= kth[t])              (negative activations kept)
+          groupmax  relu(pre) * (relu(pre) >= gmax[t, i // (d_sae / k)])
+
 with ``c(t)`` the SAE's output scale (``ops.output_scale``; 1 without normalisation) and
-accumulation in fp32. The encode, the edit and the decode of a token run in one program; no
-``[T, d_sae]`` or ``[T, K, d_in]`` buffer exists. Shapes come from the tables, nothing
-reads back to the host, so the launch is safe to capture in a CUDA graph. Architectures
-whose activation needs the whole pre-activation row (TopK family, top-AFA) are not fused:
-they run ``splice_reference`` (also fixed-shape).
+accumulation in fp32. For the element-wise rules the encode, the edit and the decode of a
+token run in one program; no ``[T, d_sae]`` or ``[T, K, d_in]`` buffer exists.
+
+The TopK family (``topk``, ``abstopk``, ``groupmax``) needs the whole pre-activation row
+for membership, so torch first computes the dense ``pre_full = xin @ W_enc + b_enc`` of
+all T rows in the SAE dtype (the expression ``ops.intervention_delta`` evaluates) and
+from it the per-row threshold: ``kth [T]``, the k-th largest ranking score (``pre_full``,
+times ``rank_scale`` when set) for topk, the k-th largest ``|pre_full|`` for abstopk, or
+``gmax [T, k]``, the per-group max of ``relu(pre_full)``, for groupmax. A feature tied with
+the threshold is a member, as in ``saes/topk.py``, ``abstopk.py``, ``groupmax.py``. The
+kernel then *gathers* the touched columns' pre-activations from ``pre_full`` instead of
+recomputing their dots: a separately summed dot can round to the other side of the
+threshold and flip membership, whereas the gathered value is bit for bit the one the
+threshold was taken from and the one the reference gathers. The topk ranking score is
+rounded to the dtype of ``pre_full * rank_scale`` as torch rounds it (``_round_like``), so
+membership equals the reference's exactly in every dtype; what remains approximate in
+bf16/fp16 is only the reference's rounding of each edit and of the decode to the SAE dtype
+(the kernel accumulates in fp32). Cost for the TopK family: a dense encode of all T rows,
+``O(T * d_in * d_sae)`` and a ``[T, d_sae]`` buffer, plus a ``topk`` (or a group max) per
+row, the same as the reference's; the kernel itself is ``O(T * K * d_in)``. top-AFA (whose
+threshold comes from a sort and cumulative sums of the row) is not fused: it runs
+``splice_reference`` (also fixed-shape).
+
+Shapes come from the tables, nothing reads back to the host and there is no
+data-dependent Python control flow, so the launch (and the torch threshold computation) is
+safe to capture in a CUDA graph. Padding rows (``tok_slot < 0``) come out as ``h``, bit for
+bit.
 """
 
 from __future__ import annotations
@@ -27,19 +55,63 @@ import torch
 import triton
 import triton.language as tl
 
-from sae_runtime import ops, registry
+from sae_runtime import ops
 from sae_runtime.kernels.reference import splice_reference
 from sae_runtime.kernels.triton_topk_read import ACT_RULES, _act_rule
 from sae_runtime.saes.base import SAE
+
+THRESHOLD_RULES = {"topk": 3, "abstopk": 4, "groupmax": 5}
+"""TopK-family architectures the splice fuses with a per-row threshold, and their rule id."""
+
+SPLICE_RULES = {**ACT_RULES, **THRESHOLD_RULES}
+"""Every architecture the splice kernel computes; the others run ``splice_reference``."""
+
+
+@triton.jit
+def _round_like(x, DT: tl.constexpr):
+    """fp32 ``x`` rounded to ``DT`` (round to nearest even, as torch) and widened back.
+
+    bf16 rounds by bit arithmetic: Triton's interpreter truncates a bf16 cast.
+    """
+    if DT == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        x = bits.to(tl.float32, bitcast=True)
+    elif DT == tl.float16:
+        x = x.to(tl.float16).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _threshold_rule(pre, feat, live, t, kth_ptr, stride_kth, rs_ptr, group,
+                    ACT: tl.constexpr, HAS_RS: tl.constexpr):
+    """TopK-family activation of pre-activations ``pre`` (fp32, exact values of
+    ``pre_full``) of features ``feat`` at row ``t``, given the row's threshold(s)."""
+    if ACT == 5:  # groupmax: the max of relu(pre) over the feature's group
+        gmax = tl.load(kth_ptr + t * stride_kth + feat // group, mask=live,
+                       other=0.0).to(tl.float32)
+        a = tl.maximum(pre, 0.0)
+        act = tl.where(a >= gmax, a, 0.0)
+    else:
+        kth = tl.load(kth_ptr + t * stride_kth + feat * 0, mask=live, other=0.0).to(tl.float32)
+        if ACT == 3:  # topk
+            score = pre
+            if HAS_RS:  # the product torch forms, in the dtype it forms it in (kth's)
+                rs = tl.load(rs_ptr + feat, mask=live, other=1.0).to(tl.float32)
+                score = _round_like(pre * rs, kth_ptr.dtype.element_ty)
+            act = tl.where(score >= kth, tl.maximum(pre, 0.0), 0.0)
+        else:  # abstopk: signed values, membership by magnitude
+            act = tl.where(tl.abs(pre) >= kth, pre, 0.0)
+    return act
 
 
 @triton.jit
 def _splice_kernel(
     h_ptr, xin_ptr, scale_ptr, out_ptr, tok_slot_ptr, feat_ptr, mode_ptr, val_ptr,
-    we_ptr, wd_ptr, b_ptr, thr_ptr, rs_ptr, bmag_ptr, rmag_ptr,
-    D, K,
+    we_ptr, wd_ptr, b_ptr, thr_ptr, rs_ptr, bmag_ptr, rmag_ptr, pre_ptr, kth_ptr,
+    D, K, group,
     stride_h, stride_x, stride_o, stride_f, stride_m, stride_v,
-    stride_we0, stride_we1, stride_wd0, stride_wd1,
+    stride_we0, stride_we1, stride_wd0, stride_wd1, stride_p, stride_kth,
     ACT: tl.constexpr, HAS_RS: tl.constexpr, HAS_SCALE: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -54,18 +126,25 @@ def _splice_kernel(
     val = tl.load(val_ptr + sc * stride_v + kk, mask=kmask, other=0.0).to(tl.float32)
     live = kmask & (mode != 0)
     dt = we_ptr.dtype.element_ty
-    dot = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        dmask = d < D
-        x = tl.load(xin_ptr + t * stride_x + d, mask=dmask & ((d * 0 + s) >= 0),
-                    other=0.0).to(tl.float32)
-        w = tl.load(we_ptr + d[None, :] * stride_we0 + feat[:, None] * stride_we1,
-                    mask=live[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        dot += tl.sum(w * x[None, :], axis=1)
-    b = tl.load(b_ptr + feat, mask=live, other=0.0)
-    pre = (dot.to(dt).to(tl.float32) + b.to(tl.float32)).to(dt).to(tl.float32)
-    act = _act_rule(pre, feat, live, b_ptr, thr_ptr, rs_ptr, bmag_ptr, rmag_ptr, ACT, HAS_RS)
+    if ACT >= 3:  # TopK family: the pre-activations membership was decided on
+        row = t.to(tl.int64) * stride_p  # T * d_sae can pass 2**31
+        pre = tl.load(pre_ptr + row + feat, mask=live, other=0.0).to(tl.float32)
+        act = _threshold_rule(pre, feat, live, t, kth_ptr, stride_kth, rs_ptr, group,
+                              ACT, HAS_RS)
+    else:
+        dot = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            dmask = d < D
+            x = tl.load(xin_ptr + t * stride_x + d, mask=dmask & ((d * 0 + s) >= 0),
+                        other=0.0).to(tl.float32)
+            w = tl.load(we_ptr + d[None, :] * stride_we0 + feat[:, None] * stride_we1,
+                        mask=live[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+            dot += tl.sum(w * x[None, :], axis=1)
+        b = tl.load(b_ptr + feat, mask=live, other=0.0)
+        pre = (dot.to(dt).to(tl.float32) + b.to(tl.float32)).to(dt).to(tl.float32)
+        act = _act_rule(pre, feat, live, b_ptr, thr_ptr, rs_ptr, bmag_ptr, rmag_ptr, ACT,
+                        HAS_RS)
     act = act.to(dt).to(tl.float32)
     new = tl.where(mode == 1, val, act)
     new = tl.where(mode == 2, 0.0, new)
@@ -86,6 +165,23 @@ def _splice_kernel(
         tl.store(out_ptr + t * stride_o + d, o, mask=dmask)
 
 
+def _thresholds(sae: SAE, pre_full: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(thresholds, group size)`` of rows ``pre_full [T, d_sae]``: ``kth [T]`` (topk,
+    abstopk) or ``gmax [T, k]`` (groupmax), exactly as ``activate_columns`` forms them."""
+    name, k = sae.cfg.architecture, sae.cfg.k
+    assert k is not None, f"{name} SAE without k"
+    if name == "groupmax":
+        if sae.cfg.d_sae % k:
+            raise ValueError(f"groupmax: d_sae={sae.cfg.d_sae} is not a multiple of k={k}")
+        group = sae.cfg.d_sae // k
+        return torch.relu(pre_full).unflatten(-1, (k, group)).amax(dim=-1), group
+    if name == "abstopk":
+        score = pre_full.abs()
+    else:
+        score = pre_full if sae.rank_scale is None else pre_full * sae.rank_scale
+    return score.topk(k, dim=-1, sorted=True).values[:, -1], 1
+
+
 def splice_triton(
     h: torch.Tensor,  # [T, d]
     resid: torch.Tensor,  # [T, d]
@@ -97,7 +193,7 @@ def splice_triton(
 ) -> torch.Tensor:
     """``h`` plus each token's edits; same contract as ``splice_reference``."""
     name = sae.cfg.architecture
-    if name not in ACT_RULES or registry.get(name).needs_full_preactivation:
+    if name not in SPLICE_RULES:  # top-AFA (or an architecture the kernel does not know)
         return splice_reference(h, resid, sae, tok_slot, slot_feat, slot_mode, slot_val)
     T, D = h.shape
     h = h.contiguous()
@@ -109,6 +205,10 @@ def splice_triton(
     scale_t = xin if scale is None else scale.expand(T, 1).contiguous()
     K = slot_feat.shape[1]
     dummy = sae.b_enc
+    pre_full, kth, group = dummy, dummy, 1
+    if name in THRESHOLD_RULES:
+        pre_full = xin @ sae.W_enc + sae.b_enc  # [T, d_sae], as ops.intervention_delta
+        kth, group = _thresholds(sae, pre_full)
     _splice_kernel[(T,)](
         h, xin, scale_t, out, tok_slot, slot_feat, slot_mode, slot_val,
         sae.W_enc, sae.W_dec, sae.b_enc,
@@ -116,10 +216,12 @@ def splice_triton(
         sae.rank_scale if sae.rank_scale is not None else dummy,
         sae.b_mag if sae.b_mag is not None else dummy,
         sae.r_mag if sae.r_mag is not None else dummy,
-        D, K,
+        pre_full, kth,
+        D, K, group,
         h.stride(0), xin.stride(0), out.stride(0), slot_feat.stride(0), slot_mode.stride(0),
         slot_val.stride(0), *sae.W_enc.stride(), *sae.W_dec.stride(),
-        ACT=ACT_RULES[name], HAS_RS=sae.rank_scale is not None, HAS_SCALE=scale is not None,
+        pre_full.stride(0), kth.stride(0),
+        ACT=SPLICE_RULES[name], HAS_RS=sae.rank_scale is not None, HAS_SCALE=scale is not None,
         BLOCK_K=triton.next_power_of_2(max(K, 1)), BLOCK_D=min(128, triton.next_power_of_2(D)),
     )
     return out

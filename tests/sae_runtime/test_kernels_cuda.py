@@ -42,10 +42,22 @@ def test_cuda_sparse_decode(dtype, N, k):
                                sparse_decode_reference(vals, idx, W_dec), atol=atol * 10, rtol=rtol)
 
 
-@pytest.mark.parametrize("arch", ["standard", "jumprelu", "gated", "topk"])
+FUSED_SPLICE = ["standard", "jumprelu", "gated", "topk", "abstopk", "groupmax"]
+
+
+def _no_fallback(monkeypatch):
+    """Make the Triton splice fail if it hands the call to ``splice_reference``."""
+    def fallback(*args, **kwargs):
+        raise AssertionError("splice_triton fell back to splice_reference")
+
+    monkeypatch.setattr("sae_runtime.kernels.triton_splice.splice_reference", fallback)
+
+
+@pytest.mark.parametrize("arch", FUSED_SPLICE)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T", [0, 1, 300])
-def test_cuda_splice(arch, dtype, T):
+def test_cuda_splice(arch, dtype, T, monkeypatch):
+    _no_fallback(monkeypatch)
     sae = random_sae(arch, 576, 16384).to(DEV, dtype)
     tok_slot = torch.randint(-1, 8, (T + 5,), device=DEV)
     feat = torch.randint(0, 16384, (8, 16), device=DEV)
@@ -58,6 +70,37 @@ def test_cuda_splice(arch, dtype, T):
     if dtype != torch.float32 and T:
         atol *= 1 + float(want.float().abs().max())
     torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("arch,rank_scale", [("topk", False), ("topk", True),
+                                             ("abstopk", False), ("groupmax", False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_splice_topk_family_at_the_boundary(arch, rank_scale, dtype, monkeypatch):
+    """Each row edits its own last member and first non-member (topk, abstopk), or its
+    first group's max and runner-up (groupmax): membership equals the reference's."""
+    _no_fallback(monkeypatch)
+    sae = random_sae(arch, 576, 16384, rank_scale=rank_scale).to(DEV, dtype)
+    T, k = 300, sae.cfg.k
+    h = torch.randn(T, 576, device=DEV).to(dtype)
+    pre = ops.pre_activations(sae, h)
+    if arch == "groupmax":
+        boundary = torch.relu(pre[:, :16384 // k]).topk(2, dim=1).indices
+    else:
+        score = pre.abs() if arch == "abstopk" else pre if not rank_scale else pre * sae.rank_scale
+        boundary = score.topk(k + 1, dim=1).indices[:, k - 1:]
+    feat = torch.cat([boundary, boundary], dim=1)  # [T, 4]
+    mode = torch.tensor([int(ops.Mode.CLAMP), int(ops.Mode.ADD), int(ops.Mode.SCALE),
+                         int(ops.Mode.ABLATE)], dtype=torch.int32, device=DEV).repeat(T, 1)
+    val = torch.randn(T, 4, device=DEV) * 3
+    tok_slot = torch.arange(T, device=DEV)
+    tok_slot[::7] = -1
+    got = kernels.splice_fixed(h, h, sae, tok_slot, feat, mode, val)
+    want = splice_reference(h, h, sae, tok_slot, feat, mode, val)
+    atol, rtol = TOL[dtype]
+    if dtype != torch.float32:
+        atol *= 1 + float(want.float().abs().max())
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+    assert torch.equal(got[::7], h[::7])
 
 
 @pytest.mark.parametrize("arch", ["standard", "jumprelu", "gated", "topk"])
@@ -73,10 +116,13 @@ def test_cuda_read(arch, dtype, R):
                        _untied_rows(sae, x).to(DEV))
 
 
-def test_cuda_splice_captures_in_a_graph():
+@pytest.mark.parametrize("arch", ["jumprelu", "topk", "groupmax"])
+def test_cuda_splice_captures_in_a_graph(arch, monkeypatch):
     """Fixed addresses, no host syncs: the fused splice records and replays in a CUDA graph,
-    and a replay sees the tables as they are at replay time."""
-    sae = random_sae("jumprelu", 576, 16384).to(DEV)
+    and a replay sees the tables as they are at replay time (the TopK family's torch
+    threshold pass included)."""
+    _no_fallback(monkeypatch)
+    sae = random_sae(arch, 576, 16384).to(DEV)
     T = 64
     h = torch.randn(T, 576, device=DEV)
     tok_slot = torch.full((T,), -1, dtype=torch.int64, device=DEV)

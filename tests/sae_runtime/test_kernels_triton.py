@@ -9,6 +9,8 @@ when Triton is not installed.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -50,10 +52,26 @@ def test_triton_sparse_decode(dtype, N, k):
     torch.testing.assert_close(got, want, atol=atol * 10, rtol=rtol)
 
 
+def _no_fallback(monkeypatch):
+    """Make ``splice_triton`` fail if it hands the call to ``splice_reference``."""
+    def fallback(*args, **kwargs):
+        raise AssertionError("splice_triton fell back to splice_reference")
+
+    monkeypatch.setattr(triton_splice, "splice_reference", fallback)
+
+
+def test_triton_splice_fuses_all_but_top_afa():
+    """The TopK family is fused with a per-row threshold; only top-AFA falls back."""
+    assert set(triton_splice.SPLICE_RULES) == set(registry.names()) - {"top_afa"}
+    assert sorted(triton_splice.THRESHOLD_RULES) == ["abstopk", "groupmax", "topk"]
+
+
 @pytest.mark.parametrize("arch", registry.names())
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", [0, 1, 37])
-def test_triton_splice(arch, dtype, T):
+def test_triton_splice(arch, dtype, T, monkeypatch):
+    if arch in triton_splice.SPLICE_RULES:
+        _no_fallback(monkeypatch)  # the fused kernel runs (top-AFA falls back)
     sae = random_sae(arch, 48, 200).to("cpu", dtype)
     S, K = 4, 3
     tok_slot = torch.randint(-1, S, (T + 3,))  # trailing padding entries
@@ -75,9 +93,10 @@ def test_triton_splice(arch, dtype, T):
     assert torch.equal(got[untouched], h[untouched])
 
 
-@pytest.mark.parametrize("arch", sorted(["standard", "jumprelu", "gated"]))
+@pytest.mark.parametrize("arch", sorted(triton_splice.SPLICE_RULES))
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
-def test_triton_splice_normalised(arch, normalization):
+def test_triton_splice_normalised(arch, normalization, monkeypatch):
+    _no_fallback(monkeypatch)
     sae = random_sae(arch, 40, 96, normalization=normalization, rank_scale=True)
     tok_slot = torch.randint(-1, 3, (11,))
     feat, mode = torch.randint(0, 96, (3, 4)), torch.randint(0, 5, (3, 4), dtype=torch.int32)
@@ -87,6 +106,109 @@ def test_triton_splice_normalised(arch, normalization):
     got = triton_splice.splice_triton(h, resid, sae, tok_slot, feat, mode, val)
     want = splice_reference(h, resid, sae, tok_slot, feat, mode, val)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _ranking_score(sae, pre):
+    """What a TopK-family SAE ranks by (groupmax: the ReLU'd value, within its group)."""
+    arch = sae.cfg.architecture
+    if arch == "abstopk":
+        return pre.abs()
+    if arch == "topk" and sae.rank_scale is not None:
+        return pre * sae.rank_scale
+    return torch.relu(pre) if arch == "groupmax" else pre
+
+
+def _member_edits(sae, resid):
+    """One slot per row, editing the row's own boundary: for topk/abstopk the k-th and the
+    (k+1)-th ranked features, for groupmax the max and the runner-up of a group, plus the
+    row's top member twice (one duplicate) and a fixed feature. Every mode appears."""
+    T = resid.shape[0]
+    score = _ranking_score(sae, ops.pre_activations(sae, resid))
+    k = sae.cfg.k
+    if sae.cfg.architecture == "groupmax":
+        g = sae.cfg.d_sae // k
+        top2 = score[:, :g].topk(2, dim=1).indices  # group 0: its max and runner-up
+        boundary = top2
+        first = top2[:, :1]
+    else:
+        order = score.topk(k + 1, dim=1).indices
+        boundary, first = order[:, k - 1:], order[:, :1]
+    feat = torch.cat([boundary, first, first, torch.full((T, 1), 7)], dim=1)  # [T, 5]
+    modes = torch.tensor([int(m) for m in ops.Mode if m != ops.Mode.NONE], dtype=torch.int32)
+    mode = modes[(torch.arange(T)[:, None] + torch.arange(5)[None, :]) % 4]
+    val = torch.randn(T, 5) * 3
+    return feat, mode, val
+
+
+@pytest.mark.parametrize("arch,rank_scale", [("topk", False), ("topk", True),
+                                             ("abstopk", False), ("groupmax", False)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_splice_topk_family_at_the_boundary(arch, rank_scale, dtype, monkeypatch):
+    """Edits of members, of the last member and of the first non-member, duplicates and
+    padding rows: the gathered pre-activations and per-row thresholds decide membership
+    exactly as the reference does, in every dtype (a flipped member would move the output
+    by a whole activation times a decoder row)."""
+    _no_fallback(monkeypatch)
+    sae = random_sae(arch, 48, 200, rank_scale=rank_scale, seed=1).to("cpu", dtype)
+    T = 13
+    resid = (torch.randn(T, 48, generator=torch.Generator().manual_seed(2)) * 2).to(dtype)
+    h = torch.zeros(T, 48, dtype=dtype)  # the output is the delta alone
+    feat, mode, val = _member_edits(sae, resid)
+    tok_slot = torch.arange(T)
+    tok_slot[[2, 9]] = -1  # padding rows
+    got = triton_splice.splice_triton(h, resid, sae, tok_slot, feat, mode, val)
+    want = splice_reference(h, resid, sae, tok_slot, feat, mode, val)
+    atol, rtol = TOL[dtype]
+    if dtype != torch.float32:
+        atol *= 1 + float(want.float().abs().max())
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+    assert not got[[2, 9]].any()
+    acts = ops.encode(sae, resid).gather(1, feat)
+    assert (acts[:, 0] != 0).all() and (acts[:, 2] != 0).all(), "members edited"
+    assert (acts[:, 1] == 0).any(), "a non-member edited"
+    if arch == "abstopk":
+        assert (acts < 0).any(), "the test should edit negative activations"
+
+
+def _integer_sae(arch, dtype, rank_scale=False):
+    """An SAE whose pre-activations are small integers (exact in every dtype), so that a
+    row's k-th value, or a group's max, is often shared by several features."""
+    g = torch.Generator().manual_seed(3)
+    sae = random_sae(arch, 16, 64, apply_b_dec_to_input=False, rank_scale=rank_scale)
+    W_enc = torch.randint(-1, 2, (16, 64), generator=g).float()
+    rs = None
+    if rank_scale:  # powers of two keep the products exact, and tied
+        rs = 2.0 ** torch.randint(-1, 2, (64,), generator=g).float()
+    return dataclasses.replace(sae, W_enc=W_enc, b_enc=torch.zeros(64),
+                               b_dec=torch.zeros(16), rank_scale=rs).to("cpu", dtype)
+
+
+@pytest.mark.parametrize("arch,rank_scale", [("topk", False), ("topk", True),
+                                             ("abstopk", False), ("groupmax", False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_splice_topk_family_ties(arch, rank_scale, dtype, monkeypatch):
+    """Features tied with the k-th value (or their group's max) are all members."""
+    _no_fallback(monkeypatch)
+    sae = _integer_sae(arch, dtype, rank_scale)
+    T = 12
+    resid = torch.randint(-2, 3, (T, 16), generator=torch.Generator().manual_seed(4)).to(dtype)
+    score = _ranking_score(sae, ops.pre_activations(sae, resid)).float()
+    if arch == "groupmax":
+        grouped = score.unflatten(1, (sae.cfg.k, -1))
+        tied = (grouped == grouped.amax(dim=2, keepdim=True)) & (grouped > 0)
+        assert (tied.sum(dim=2) > 1).any(), "no tie at a group's max"
+    else:
+        kth = score.topk(sae.cfg.k, dim=1).values[:, -1:]
+        assert ((score >= kth).sum(dim=1) > sae.cfg.k).any(), "no tie at the k-th value"
+    feat, mode, val = _member_edits(sae, resid)
+    h = torch.randn(T, 16).to(dtype)
+    tok_slot = torch.arange(T)
+    got = triton_splice.splice_triton(h, resid, sae, tok_slot, feat, mode, val)
+    want = splice_reference(h, resid, sae, tok_slot, feat, mode, val)
+    atol, rtol = TOL[dtype]
+    if dtype != torch.float32:
+        atol *= 1 + float(want.float().abs().max())
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
 
 
 # The interpreter runs tl.topk slowly (about a second per program), so the cases are picked
