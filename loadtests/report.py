@@ -66,17 +66,25 @@ def kernel_tables(rows: list[dict]) -> list[str]:
     return out
 
 
+def _grid(rows: list[dict]) -> str:
+    def vals(key: str) -> str:
+        return "/".join(str(v) for v in sorted({r[key] for r in rows}))
+
+    return f"d_in {vals('d_in')}, d_sae {vals('d_sae')}, k {vals('k')}, tokens {vals('tokens')}"
+
+
 def main() -> None:
     docs = Path(sys.argv[1] if len(sys.argv) > 1 else "docs")
     e2e = json.loads((docs / "benchmarks.json").read_text())
     kern = json.loads((docs / "benchmarks_kernels.json").read_text())
     out = ["# Benchmarks", "",
            "Produced by `make bench` (`python -m loadtests.bench_e2e --out docs/benchmarks.json`, "
-           "`python -m loadtests.bench_kernels --quick --out docs/benchmarks_kernels.json`, "
+           "`python -m loadtests.bench_kernels --out docs/benchmarks_kernels.json`, "
            "`python -m loadtests.report`). Numbers are from one run on the machine below; "
            "ratios compare rows measured side by side in that run.", "",
            f"- machine: {e2e['device']}, torch {torch.__version__}, Python {platform.python_version()}",
-           f"- model: {e2e['model']}", f"- SAE: {e2e['sae']}", f"- workload: {e2e['workload']}", "",
+           f"- model: {e2e['model']}", f"- SAE: {e2e['sae']}", f"- workload: {e2e['workload']}",
+           f"- kernel grid: {_grid(kern)}", "",
            "## End to end: our engine vs plain vLLM", "",
            "| run | tokens/s | ratio to plain | TPOT p50 (ms) | TPOT p99 (ms) |",
            "| --- | ---: | ---: | ---: | ---: |"]

@@ -1,4 +1,4 @@
-"""Soak test: the embedded default server under Locust for a fixed time; writes docs/soak.md.
+"""Soak test: the tiny random test model (.cache/default) under Locust for a fixed time; writes docs/soak.md.
 
     python -m loadtests.soak --users 64 --minutes 10      (make soak)
 
@@ -101,7 +101,8 @@ def main() -> None:
         "# Soak test", "",
         f"Command: `python -m loadtests.soak --users {args.users} --minutes {args.minutes:g}` "
         f"(`make soak`). Machine: {platform.machine()}, {os.cpu_count()} cores, CPU only. Server: "
-        "the embedded default (tiny Llama, 3 SAEs), compiled mode, defaults otherwise; Locust's "
+        "the tiny random test model from `make default-artifacts` (tiny Llama, 3 SAEs; not "
+        "the trained embedded default), compiled mode, defaults otherwise; Locust's "
         "mixed task deck (plain, steered, reading, long prompt, cancel mid-stream, Encode) on "
         "loopback.", "",
         f"- users: {args.users} concurrent, for {wall / 60:.1f} min; Locust exit code {locust.returncode}",
