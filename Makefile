@@ -88,7 +88,7 @@ soak: default-artifacts
 
 # Measured, not asserted: writes docs/benchmarks.{json,md}. The kernel grid is the issue's
 # full one (d_sae 16k/65k/131k x k 32/64/128 x tokens 1/64/512); BENCH_KERNEL_FLAGS=--quick
-# trims it. About 20 minutes on 2 cores.
+# trims it. About 15 minutes on 2 cores.
 BENCH_KERNEL_FLAGS ?=
 bench: setup
 	$(BIN)/python -m loadtests.bench_e2e --out docs/benchmarks.json

@@ -5,6 +5,12 @@ vLLM without the worker extension and without SAEs; the other rows are our engin
 one SAE hooked, under different request mixes. Each row's ratio is its tokens/s divided
 by plain's tokens/s from the same run.
 
+Order: plain vLLM, then our engine with the four mixes interleaved round by round (the
+order rotates each round, with a one-second pause before each timed round so one round's
+read traffic has drained before the next starts), then plain vLLM again. Slow drift of the
+machine lands on both sides of every ratio; ``plain_drift`` reports how far the second
+plain half moved from the first.
+
     python -m loadtests.bench_e2e --out docs/benchmarks.json   (make bench runs this)
 
 The model is a realistic shape with random ("dummy") weights: no download, no tokenizer.
@@ -33,6 +39,10 @@ MODEL_CFG = {
     "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": True,
     "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
 }
+
+
+MIXES = ["idle", "clamp1", "clamp16", "reads16"]
+SETTLE_S = 1.0  # idle pause before each timed round
 
 
 def make_artifacts(root: Path, d_sae: int, layer: int) -> tuple[Path, Path]:
@@ -72,7 +82,8 @@ def build(model: Path, sae: Path | None, args):
         seed=0, disable_log_stats=True, **kw))
 
 
-async def run_mix(engine, mix: str, args) -> dict:
+async def mix_runner(engine, mix: str, args):
+    """Warm ``engine`` up on ``mix``; returns a coroutine function that runs one round."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
@@ -110,13 +121,19 @@ async def run_mix(engine, mix: str, args) -> dict:
         return times
 
     await asyncio.gather(*(one(i) for i in range(min(8, args.requests))))  # warm-up
-    rates, tpot = [], []
-    for _ in range(args.rounds):
+
+    async def one_round() -> tuple[float, list[float]]:
         t0 = time.perf_counter()
         per_req = await asyncio.gather(*(one(i) for i in range(args.requests)))
-        rates.append(sum(len(t) for t in per_req) / (time.perf_counter() - t0))
-        tpot += [(t[-1] - t[0]) / (len(t) - 1) * 1000 for t in per_req if len(t) > 1]
-    tpot.sort()
+        rate = sum(len(t) for t in per_req) / (time.perf_counter() - t0)
+        return rate, [(t[-1] - t[0]) / (len(t) - 1) * 1000 for t in per_req if len(t) > 1]
+
+    return one_round
+
+
+def summarise(rounds: list[tuple[float, list[float]]]) -> dict:
+    rates = [r for r, _ in rounds]
+    tpot = sorted(x for _, ts in rounds for x in ts)
     return {"tok_s": statistics.median(rates), "tok_s_rounds": rates,
             "tpot_ms_p50": statistics.median(tpot), "tpot_ms_p99": tpot[min(len(tpot) - 1, int(0.99 * len(tpot)))]}
 
@@ -129,31 +146,49 @@ async def main_async(args) -> dict:
     router = ReadRouter()  # drains the reads16 side channel like the server does
     router.start()
     args.reads_addr = router.addr
-    results = {}
-    for with_sae, mixes in ((False, ["plain"]), (True, ["idle", "clamp1", "clamp16", "reads16"])):
+    # Order: plain, ours (the four mixes interleaved round by round, in rotating order),
+    # plain again. Drift of the machine over the run shows up as the two plain halves
+    # differing (plain_drift), and lands on both sides of every ratio instead of on whichever
+    # row ran last.
+    rounds: dict[str, list] = {}
+    for phase, with_sae, mixes in ((0, False, ["plain"]), (1, True, MIXES), (2, False, ["plain"])):
         engine = build(model, sae if with_sae else None, args)
         try:
+            runners = {}
             for mix in mixes:
                 if mix == "reads16":
                     for i in range(args.requests + 8):
                         router.register(f"reads16-{i}")
-                results[mix] = await run_mix(engine, mix, args)
-                print(f"{mix:8s} {results[mix]['tok_s']:8.1f} tok/s  TPOT p50 {results[mix]['tpot_ms_p50']:.1f} ms"
-                      f"  p99 {results[mix]['tpot_ms_p99']:.1f} ms", flush=True)
+                runners[mix] = await mix_runner(engine, mix, args)
+            for r in range(args.rounds):
+                # Rotate the order each round, and let the previous round's reads drain from
+                # the router (this process) before the next one starts its clock.
+                for mix in mixes[r % len(mixes):] + mixes[: r % len(mixes)]:
+                    await asyncio.sleep(SETTLE_S)
+                    rounds.setdefault(mix, []).append(await runners[mix]())
+            for mix in mixes:
+                r = summarise(rounds[mix][-args.rounds:])
+                print(f"{mix:8s} {r['tok_s']:8.1f} tok/s  TPOT p50 {r['tpot_ms_p50']:.1f} ms"
+                      f"  p99 {r['tpot_ms_p99']:.1f} ms  (phase {phase})", flush=True)
         finally:
             engine.shutdown()
             del engine
             gc.collect()
+    results = {mix: summarise(rs) for mix, rs in rounds.items()}
+    plain_rates = results["plain"]["tok_s_rounds"]
+    drift = statistics.median(plain_rates[args.rounds:]) / statistics.median(plain_rates[: args.rounds])
     router.close()
     base = results["plain"]["tok_s"]
     return {
         "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "model": "Llama, SmolLM-135M shape (576 x 30 layers), dummy bf16 weights, compiled mode",
         "sae": f"standard, d_sae {args.d_sae}, hooked after block {args.layer}",
-        "workload": f"{args.requests} concurrent requests x {args.rounds} rounds (median tokens/s; "
-                    f"TPOT per request over all rounds), prompt {args.prompt}, generate {args.gen}, "
-                    f"max_num_seqs {args.concurrency}, greedy",
-        "e2e": {k: round(results[k]["tok_s"] / base, 3) for k in ("idle", "clamp1", "clamp16", "reads16")},
+        "workload": f"{args.requests} concurrent requests x {args.rounds} rounds per mix, mixes "
+                    f"interleaved round by round in rotating order, plain run before and after ({2 * args.rounds} "
+                    f"rounds; median tokens/s; TPOT per request over all rounds), prompt "
+                    f"{args.prompt}, generate {args.gen}, max_num_seqs {args.concurrency}, greedy",
+        "e2e": {k: round(results[k]["tok_s"] / base, 3) for k in MIXES},
+        "plain_drift": round(drift, 3),
         "raw": results,
     }
 
@@ -162,7 +197,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--d-sae", type=int, default=16384)
