@@ -166,31 +166,24 @@ class HookTables:
     def apply(self, h: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         """``h`` plus this step's edits; the SAE encodes ``h + residual`` (or ``h``)."""
         backend = backend_for(h.device)
-        if _capturing(h):
-            if self.n_read:
-                raise RuntimeError(
-                    "SAE reads cannot run inside a captured CUDA graph: list "
-                    "sae_steer::sae_hook in vLLM's splitting_ops (the engine does on CUDA)")
-            return self._splice_fixed(h, residual)
+        capturing = _capturing(h)
+        if capturing and self.n_read:
+            raise RuntimeError(
+                "SAE reads cannot run inside a captured CUDA graph: list "
+                "sae_steer::sae_hook in vLLM's splitting_ops (the engine does on CUDA)")
+        # The host's row counts may skip work, except in a capture (it would freeze the skip).
         n = self.n_rows
-        if n == 0 and self.n_read == 0 and backend != "reference":
+        skip = n == 0 and backend != "reference" and not capturing
+        if skip and self.n_read == 0:
             return h.clone()
         resid = h if residual is None else h + residual  # the activation at the hook
         if self.n_read:
             self._read(resid)
-        if backend == "reference":
-            return self._splice_fixed(h, residual, resid)
-        if n == 0:
+        if skip:
             return h.clone()
-        if backend == "compact":
+        if backend == "compact" and not capturing:
             return splice_compact(h, resid, self.sae, self.rows[:n], self.row_slot[:n],
                                   self.slot_feat, self.slot_mode, self.slot_val)
-        return self._splice_fixed(h, residual, resid)
-
-    def _splice_fixed(self, h: torch.Tensor, residual: torch.Tensor | None,
-                      resid: torch.Tensor | None = None) -> torch.Tensor:
-        if resid is None:
-            resid = h if residual is None else h + residual
         return splice_fixed(h, resid, self.sae, self.tok_slot, self.slot_feat,
                             self.slot_mode, self.slot_val)
 

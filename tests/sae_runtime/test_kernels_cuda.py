@@ -14,7 +14,15 @@ import torch
 from sae_runtime import kernels, ops
 from sae_runtime.kernels import read_reference, sparse_decode_reference, splice_reference
 from tests.sae_runtime._factories import random_sae
-from tests.sae_runtime.test_kernels_fused import TOL, _edits, _untied_rows, assert_reads_match
+from tests.sae_runtime.test_kernels_fused import (
+    TOL,
+    _edits,
+    _untied_rows,
+    assert_reads_match,
+    assert_splice_matches,
+    no_splice_fallback,
+    ranking_score,
+)
 
 pytestmark = [
     pytest.mark.cuda,
@@ -45,19 +53,11 @@ def test_cuda_sparse_decode(dtype, N, k):
 FUSED_SPLICE = ["standard", "jumprelu", "gated", "topk", "abstopk", "groupmax"]
 
 
-def _no_fallback(monkeypatch):
-    """Make the Triton splice fail if it hands the call to ``splice_reference``."""
-    def fallback(*args, **kwargs):
-        raise AssertionError("splice_triton fell back to splice_reference")
-
-    monkeypatch.setattr("sae_runtime.kernels.triton_splice.splice_reference", fallback)
-
-
 @pytest.mark.parametrize("arch", FUSED_SPLICE)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T", [0, 1, 300])
 def test_cuda_splice(arch, dtype, T, monkeypatch):
-    _no_fallback(monkeypatch)
+    no_splice_fallback(monkeypatch)
     sae = random_sae(arch, 576, 16384).to(DEV, dtype)
     tok_slot = torch.randint(-1, 8, (T + 5,), device=DEV)
     feat = torch.randint(0, 16384, (8, 16), device=DEV)
@@ -66,10 +66,7 @@ def test_cuda_splice(arch, dtype, T, monkeypatch):
     h = torch.randn(T, 576, device=DEV).to(dtype)
     got = kernels.splice_fixed(h, h, sae, tok_slot, feat, mode, val)
     want = splice_reference(h, h, sae, tok_slot, feat, mode, val)
-    atol, rtol = TOL[dtype]
-    if dtype != torch.float32 and T:
-        atol *= 1 + float(want.float().abs().max())
-    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+    assert_splice_matches(got, want, dtype)
 
 
 @pytest.mark.parametrize("arch,rank_scale", [("topk", False), ("topk", True),
@@ -78,15 +75,14 @@ def test_cuda_splice(arch, dtype, T, monkeypatch):
 def test_cuda_splice_topk_family_at_the_boundary(arch, rank_scale, dtype, monkeypatch):
     """Each row edits its own last member and first non-member (topk, abstopk), or its
     first group's max and runner-up (groupmax): membership equals the reference's."""
-    _no_fallback(monkeypatch)
+    no_splice_fallback(monkeypatch)
     sae = random_sae(arch, 576, 16384, rank_scale=rank_scale).to(DEV, dtype)
     T, k = 300, sae.cfg.k
     h = torch.randn(T, 576, device=DEV).to(dtype)
-    pre = ops.pre_activations(sae, h)
+    score = ranking_score(sae, ops.pre_activations(sae, h))
     if arch == "groupmax":
-        boundary = torch.relu(pre[:, :16384 // k]).topk(2, dim=1).indices
+        boundary = score[:, :16384 // k].topk(2, dim=1).indices
     else:
-        score = pre.abs() if arch == "abstopk" else pre if not rank_scale else pre * sae.rank_scale
         boundary = score.topk(k + 1, dim=1).indices[:, k - 1:]
     feat = torch.cat([boundary, boundary], dim=1)  # [T, 4]
     mode = torch.tensor([int(ops.Mode.CLAMP), int(ops.Mode.ADD), int(ops.Mode.SCALE),
@@ -96,10 +92,7 @@ def test_cuda_splice_topk_family_at_the_boundary(arch, rank_scale, dtype, monkey
     tok_slot[::7] = -1
     got = kernels.splice_fixed(h, h, sae, tok_slot, feat, mode, val)
     want = splice_reference(h, h, sae, tok_slot, feat, mode, val)
-    atol, rtol = TOL[dtype]
-    if dtype != torch.float32:
-        atol *= 1 + float(want.float().abs().max())
-    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+    assert_splice_matches(got, want, dtype)
     assert torch.equal(got[::7], h[::7])
 
 
@@ -121,7 +114,7 @@ def test_cuda_splice_captures_in_a_graph(arch, monkeypatch):
     """Fixed addresses, no host syncs: the fused splice records and replays in a CUDA graph,
     and a replay sees the tables as they are at replay time (the TopK family's torch
     threshold pass included)."""
-    _no_fallback(monkeypatch)
+    no_splice_fallback(monkeypatch)
     sae = random_sae(arch, 576, 16384).to(DEV)
     T = 64
     h = torch.randn(T, 576, device=DEV)

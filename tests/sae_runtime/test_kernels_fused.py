@@ -37,6 +37,16 @@ def _edits(R: int, K: int, d_sae: int, W: int):
     return feat, mode, val, watch
 
 
+def ranking_score(sae, pre):
+    """What a TopK-family SAE ranks by (groupmax: the ReLU'd value, within its group)."""
+    arch = sae.cfg.architecture
+    if arch == "abstopk":
+        return pre.abs()
+    if arch == "topk" and sae.rank_scale is not None:
+        return pre * sae.rank_scale
+    return torch.relu(pre) if arch == "groupmax" else pre
+
+
 def _untied_rows(sae, x) -> torch.Tensor:
     """Rows whose TopK membership is unambiguous: no tie at the k-th ranking score.
 
@@ -45,11 +55,30 @@ def _untied_rows(sae, x) -> torch.Tensor:
     """
     if sae.cfg.architecture not in ("topk", "abstopk") or x.shape[0] == 0:
         return torch.ones(x.shape[0], dtype=torch.bool)
-    pre = ops.pre_activations(sae, x)
-    score = pre.abs() if sae.cfg.architecture == "abstopk" else (
-        pre if sae.rank_scale is None else pre * sae.rank_scale)
+    score = ranking_score(sae, ops.pre_activations(sae, x))
     top = score.topk(sae.cfg.k + 1, dim=1).values
     return top[:, -2] != top[:, -1]
+
+
+def assert_splice_matches(got, want, dtype):
+    """A splice kernel's output equals the reference's within ``TOL[dtype]``.
+
+    The fused kernels accumulate in fp32 while the reference rounds each step to the SAE
+    dtype; where h and the delta cancel only an absolute bound at the delta's scale holds,
+    so in bf16/fp16 the absolute tolerance grows with the output's magnitude.
+    """
+    atol, rtol = TOL[dtype]
+    if dtype != torch.float32 and want.numel():
+        atol *= 1 + float(want.float().abs().max())
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+
+
+def no_splice_fallback(monkeypatch):
+    """Make the Triton splice fail if it hands the call to ``splice_reference``."""
+    def fallback(*args, **kwargs):
+        raise AssertionError("splice_triton fell back to splice_reference")
+
+    monkeypatch.setattr("sae_runtime.kernels.triton_splice.splice_reference", fallback)
 
 
 def assert_reads_match(got, want, dense, dtype, rows=None):

@@ -23,6 +23,9 @@ from tests.sae_runtime.test_kernels_fused import (
     _edits,
     _untied_rows,
     assert_reads_match,
+    assert_splice_matches,
+    no_splice_fallback,
+    ranking_score,
 )
 
 triton = pytest.importorskip("triton")
@@ -52,14 +55,6 @@ def test_triton_sparse_decode(dtype, N, k):
     torch.testing.assert_close(got, want, atol=atol * 10, rtol=rtol)
 
 
-def _no_fallback(monkeypatch):
-    """Make ``splice_triton`` fail if it hands the call to ``splice_reference``."""
-    def fallback(*args, **kwargs):
-        raise AssertionError("splice_triton fell back to splice_reference")
-
-    monkeypatch.setattr(triton_splice, "splice_reference", fallback)
-
-
 def test_triton_splice_fuses_all_but_top_afa():
     """The TopK family is fused with a per-row threshold; only top-AFA falls back."""
     assert set(triton_splice.SPLICE_RULES) == set(registry.names()) - {"top_afa"}
@@ -71,7 +66,7 @@ def test_triton_splice_fuses_all_but_top_afa():
 @pytest.mark.parametrize("T", [0, 1, 37])
 def test_triton_splice(arch, dtype, T, monkeypatch):
     if arch in triton_splice.SPLICE_RULES:
-        _no_fallback(monkeypatch)  # the fused kernel runs (top-AFA falls back)
+        no_splice_fallback(monkeypatch)  # the fused kernel runs (top-AFA falls back)
     sae = random_sae(arch, 48, 200).to("cpu", dtype)
     S, K = 4, 3
     tok_slot = torch.randint(-1, S, (T + 3,))  # trailing padding entries
@@ -83,12 +78,7 @@ def test_triton_splice(arch, dtype, T, monkeypatch):
     resid = (h.float() + torch.randn(T, 48)).to(dtype)
     got = triton_splice.splice_triton(h, resid, sae, tok_slot, feat, mode, val)
     want = splice_reference(h, resid, sae, tok_slot, feat, mode, val)
-    atol, rtol = TOL[dtype]
-    if dtype != torch.float32 and T:
-        # The kernel accumulates in fp32, the reference rounds each step to the SAE dtype;
-        # where h and the delta cancel only an absolute bound at the delta's scale holds.
-        atol *= 1 + float(want.float().abs().max())
-    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+    assert_splice_matches(got, want, dtype)
     untouched = tok_slot[:T] < 0
     assert torch.equal(got[untouched], h[untouched])
 
@@ -96,7 +86,7 @@ def test_triton_splice(arch, dtype, T, monkeypatch):
 @pytest.mark.parametrize("arch", sorted(triton_splice.SPLICE_RULES))
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
 def test_triton_splice_normalised(arch, normalization, monkeypatch):
-    _no_fallback(monkeypatch)
+    no_splice_fallback(monkeypatch)
     sae = random_sae(arch, 40, 96, normalization=normalization, rank_scale=True)
     tok_slot = torch.randint(-1, 3, (11,))
     feat, mode = torch.randint(0, 96, (3, 4)), torch.randint(0, 5, (3, 4), dtype=torch.int32)
@@ -108,22 +98,12 @@ def test_triton_splice_normalised(arch, normalization, monkeypatch):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def _ranking_score(sae, pre):
-    """What a TopK-family SAE ranks by (groupmax: the ReLU'd value, within its group)."""
-    arch = sae.cfg.architecture
-    if arch == "abstopk":
-        return pre.abs()
-    if arch == "topk" and sae.rank_scale is not None:
-        return pre * sae.rank_scale
-    return torch.relu(pre) if arch == "groupmax" else pre
-
-
 def _member_edits(sae, resid):
     """One slot per row, editing the row's own boundary: for topk/abstopk the k-th and the
     (k+1)-th ranked features, for groupmax the max and the runner-up of a group, plus the
     row's top member twice (one duplicate) and a fixed feature. Every mode appears."""
     T = resid.shape[0]
-    score = _ranking_score(sae, ops.pre_activations(sae, resid))
+    score = ranking_score(sae, ops.pre_activations(sae, resid))
     k = sae.cfg.k
     if sae.cfg.architecture == "groupmax":
         g = sae.cfg.d_sae // k
@@ -148,7 +128,7 @@ def test_triton_splice_topk_family_at_the_boundary(arch, rank_scale, dtype, monk
     padding rows: the gathered pre-activations and per-row thresholds decide membership
     exactly as the reference does, in every dtype (a flipped member would move the output
     by a whole activation times a decoder row)."""
-    _no_fallback(monkeypatch)
+    no_splice_fallback(monkeypatch)
     sae = random_sae(arch, 48, 200, rank_scale=rank_scale, seed=1).to("cpu", dtype)
     T = 13
     resid = (torch.randn(T, 48, generator=torch.Generator().manual_seed(2)) * 2).to(dtype)
@@ -158,10 +138,7 @@ def test_triton_splice_topk_family_at_the_boundary(arch, rank_scale, dtype, monk
     tok_slot[[2, 9]] = -1  # padding rows
     got = triton_splice.splice_triton(h, resid, sae, tok_slot, feat, mode, val)
     want = splice_reference(h, resid, sae, tok_slot, feat, mode, val)
-    atol, rtol = TOL[dtype]
-    if dtype != torch.float32:
-        atol *= 1 + float(want.float().abs().max())
-    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+    assert_splice_matches(got, want, dtype)
     assert not got[[2, 9]].any()
     acts = ops.encode(sae, resid).gather(1, feat)
     assert (acts[:, 0] != 0).all() and (acts[:, 2] != 0).all(), "members edited"
@@ -188,11 +165,11 @@ def _integer_sae(arch, dtype, rank_scale=False):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_splice_topk_family_ties(arch, rank_scale, dtype, monkeypatch):
     """Features tied with the k-th value (or their group's max) are all members."""
-    _no_fallback(monkeypatch)
+    no_splice_fallback(monkeypatch)
     sae = _integer_sae(arch, dtype, rank_scale)
     T = 12
     resid = torch.randint(-2, 3, (T, 16), generator=torch.Generator().manual_seed(4)).to(dtype)
-    score = _ranking_score(sae, ops.pre_activations(sae, resid)).float()
+    score = ranking_score(sae, ops.pre_activations(sae, resid)).float()
     if arch == "groupmax":
         grouped = score.unflatten(1, (sae.cfg.k, -1))
         tied = (grouped == grouped.amax(dim=2, keepdim=True)) & (grouped > 0)
@@ -205,10 +182,7 @@ def test_triton_splice_topk_family_ties(arch, rank_scale, dtype, monkeypatch):
     tok_slot = torch.arange(T)
     got = triton_splice.splice_triton(h, resid, sae, tok_slot, feat, mode, val)
     want = splice_reference(h, resid, sae, tok_slot, feat, mode, val)
-    atol, rtol = TOL[dtype]
-    if dtype != torch.float32:
-        atol *= 1 + float(want.float().abs().max())
-    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+    assert_splice_matches(got, want, dtype)
 
 
 # The interpreter runs tl.topk slowly (about a second per program), so the cases are picked
