@@ -1,0 +1,114 @@
+"""Startup decisions that need no engine: vLLM CPU defaults and the hook-placement check.
+
+``check_hooks`` is the "never serve silently unsteered" rule: after the engine starts, every
+worker reports (``collective_rpc("sae_hook_report")``) its ranks, the decoder blocks it
+holds and the hooks it installed; steerd serves only when every configured SAE sits on
+exactly the ranks that hold its block (every TP rank of the owning pipeline stage, in every
+data-parallel replica), on a model runner whose step wrapper is ours, and when exactly one
+rank per stage publishes reads.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from sae_runtime.errors import SteeringError
+from sae_runtime.hw import cpu_env_defaults
+
+
+class HookPlacementError(SteeringError):
+    """A configured SAE is not installed where it must be; steerd refuses to serve."""
+
+
+@dataclass(frozen=True)
+class ExpectedHook:
+    index: int  # position in the server's SAE list (the hook id)
+    sae_id: str
+    hook_name: str
+    block: int  # decoder layer whose module hosts the hook
+
+
+def apply_cpu_env_defaults(ranks: int, env: dict[str, str] | None = None) -> list[str]:
+    """Set vLLM's CPU variables the user left unset (``hw.cpu_env_defaults``) in ``env``
+    (default ``os.environ``, inherited by the engine's processes); returns one line each."""
+    env = os.environ if env is None else env
+    lines = []
+    for var, (value, why) in cpu_env_defaults(dict(env), ranks).items():
+        env[var] = value
+        lines.append(f"{var}={value} ({why}; set it to override)")
+    return lines
+
+
+def _where(r: Mapping) -> str:
+    rk = r.get("ranks") or {}
+    return (f"worker tp {rk.get('tp_rank', '?')}/{rk.get('tp_size', '?')}, "
+            f"pp {rk.get('pp_rank', '?')}/{rk.get('pp_size', '?')}, "
+            f"dp {rk.get('dp_rank', '?')}/{rk.get('dp_size', '?')}")
+
+
+def check_hooks(reports: Sequence[Mapping], expected: Sequence[ExpectedHook], *,
+                world_size: int, reads: bool) -> dict[int, str]:
+    """Raise ``HookPlacementError`` unless every SAE is installed where it must be.
+
+    ``world_size`` is tensor x pipeline parallel (the workers of one engine); with data
+    parallelism more reports arrive, in whole multiples. Returns each SAE index's compute
+    dtype as the workers chose it (they agree, or this raises).
+    """
+    if not expected:
+        return {}
+    if len(reports) < world_size or len(reports) % world_size:
+        raise HookPlacementError(
+            f"{len(reports)} worker(s) answered the hook check; expected a multiple of "
+            f"{world_size} (tensor x pipeline parallel)")
+    for r in reports:
+        if not r.get("runner_patched"):
+            raise HookPlacementError(
+                f"{_where(r)}: model runner {r.get('runner')} is not one sae_runtime patches, "
+                "so its hooks would never run; refusing to serve unsteered (see "
+                "sae_runtime/vllm/compat.py model_runner_classes)")
+        if not r.get("installed"):
+            raise HookPlacementError(
+                f"{_where(r)}: no SAE was installed (the runner's load_model never reached "
+                "sae_runtime's install); refusing to serve unsteered")
+    dtypes: dict[int, str] = {}
+    for e in expected:
+        owners = [r for r in reports if e.block in r.get("layers", ())]
+        if not owners:
+            raise HookPlacementError(
+                f"SAE {e.sae_id!r} ({e.hook_name}): no worker holds block {e.block}")
+        for r in reports:
+            got = [h for h in r.get("hooks", ()) if h["sae"] == e.index]
+            must = r in owners
+            if must and len(got) != 1:
+                raise HookPlacementError(
+                    f"SAE {e.sae_id!r} ({e.hook_name}) is not installed on {_where(r)}, which "
+                    f"holds block {e.block}; refusing to serve unsteered")
+            if not must and got:
+                raise HookPlacementError(
+                    f"SAE {e.sae_id!r} ({e.hook_name}) is installed on {_where(r)}, which does "
+                    f"not hold block {e.block}")
+            if got:
+                h = got[0]
+                if (h["block"], h["id"]) != (e.block, e.sae_id):
+                    raise HookPlacementError(
+                        f"{_where(r)}: hook {e.index} is SAE {h['id']!r} at block {h['block']}, "
+                        f"expected {e.sae_id!r} at block {e.block}")
+                if dtypes.setdefault(e.index, h["dtype"]) != h["dtype"]:
+                    raise HookPlacementError(
+                        f"SAE {e.sae_id!r}: workers chose different compute dtypes "
+                        f"({dtypes[e.index]} and {h['dtype']})")
+    if reads:
+        stages: dict[tuple, list] = {}
+        for r in reports:
+            if r.get("hooks"):
+                rk = r.get("ranks") or {}
+                stages.setdefault((rk.get("dp_rank", 0), rk.get("pp_rank", 0)), []).append(r)
+        for (dp, pp), rs in stages.items():
+            n = sum(bool(r.get("publishes")) for r in rs)
+            if n != 1:
+                raise HookPlacementError(
+                    f"pipeline stage {pp} (dp {dp}): {n} workers publish feature reads, "
+                    "expected exactly 1 (each read would arrive that many times)")
+    return dtypes

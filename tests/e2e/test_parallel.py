@@ -1,0 +1,134 @@
+"""Tensor and pipeline parallel on vLLM's own mp executor (CPU, one core per rank).
+
+One real steerd per layout (TP=2, PP=2) on the family Llama with SAEs at every site
+(resid_post, attn_out, mlp_out and the head-sharded attn.hook_z), checked against the
+independent HF + sae-lens reference exactly like the single-rank family tests, plus plain
+requests against plain vLLM at the same parallelism.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from clients.client import clamp, read
+from sae_runtime.testing.tiny import FAMILY_SAES, make_family_set
+from tests.e2e.conftest import MAX_BATCHED_TOKENS, MAX_MODEL_LEN, start_server, stop_server
+from tests.e2e.reference import CLAMP, Edit, HFReference, check_teacher_forced
+
+pytestmark = pytest.mark.e2e
+PROMPTS = [[5, 100, 200, 300, 45, 67, 12, 400], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17] * 7]
+SITES = tuple(FAMILY_SAES)
+LAYOUTS = {"tp2": ("--tensor-parallel-size", "2"), "pp2": ("--pipeline-parallel-size", "2")}
+
+
+@pytest.fixture(scope="module")
+def family_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parallel")
+    model = make_family_set(root, "llama")
+    return root, model
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def layout(request, family_root, tmp_path_factory):
+    root, model = family_root
+    sae_dirs = {name: root / "saes" / name for name in SITES}
+    srv = start_server(model, sae_dirs, tmp_path_factory.mktemp(request.param), *LAYOUTS[request.param])
+    ref = HFReference(model, sae_dirs, SITES)
+    yield request.param, srv, ref
+    stop_server(srv)
+
+
+def plain_vllm_tokens(model, kind: str, prompts, n: int) -> list[list[int]]:
+    tp, pp = (2, 1) if kind == "tp2" else (1, 2)
+    env = dict(os.environ)
+    env.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+    r = subprocess.run(
+        [sys.executable, "-m", "tests.e2e.plain_vllm", str(model), "--tp", str(tp), "--pp", str(pp),
+         "--prompts", json.dumps(prompts), "--max-tokens", str(n), "--max-model-len",
+         str(MAX_MODEL_LEN), "--max-num-batched-tokens", str(MAX_BATCHED_TOKENS)],
+        capture_output=True, text=True, timeout=600, env=env)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("TOKENS ")]
+    assert r.returncode == 0 and lines, f"plain vLLM failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    return json.loads(lines[-1].removeprefix("TOKENS "))
+
+
+def test_startup_reports_every_rank(layout):
+    kind, srv, _ = layout
+    log = srv.log.read_text()
+    # Each SAE: on both TP ranks (tp2), or on the one stage that holds its block (pp2).
+    installed = [ln for ln in log.splitlines() if " installed on " in ln]
+    assert len(installed) == len(SITES), log[-3000:]
+    want = "installed on 2 rank(s)" if kind == "tp2" else "installed on 1 rank(s)"
+    assert all(want in ln for ln in installed), installed
+    if kind == "pp2":  # both stages hold hooks: blocks 0..2 split over two stages
+        stages = {ln.split("pp,tp: ")[1].split(",")[0] for ln in installed}
+        assert stages == {"0", "1"}, installed
+    with srv.client() as c:
+        info = c.model_info()
+    assert (info.tensor_parallel_size, info.pipeline_parallel_size) == (
+        (2, 1) if kind == "tp2" else (1, 2))
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_steering_at_site_matches_reference(layout, site):
+    _, srv, ref = layout
+    prompt = PROMPTS[0]
+    feature = int(ref.latents(prompt, site).sum(0).argmax())
+    value = 10.0 * float(ref.activation(prompt, site).norm(dim=-1).mean())
+    with srv.client() as c:
+        out = c.generate_text(prompt, max_tokens=10, temperature=0.0, ignore_eos=True,
+                              interventions=[clamp(site, feature, value)])
+    edits = [Edit(site, feature, CLAMP, value)]
+    steered = ref.logits(prompt + out.token_ids, edits, len(prompt))
+    check_teacher_forced(steered, len(prompt), out.token_ids)
+    moved = float((steered - ref.logits(prompt + out.token_ids, [], len(prompt))).abs().max())
+    assert moved > 1.0, f"clamping at {site} had no effect ({moved})"
+
+
+def test_reads_at_every_site_arrive_once_and_match_reference(layout):
+    _, srv, ref = layout
+    prompt = PROMPTS[1]  # 77 tokens: chunked over two steps (64-token budget)
+    with srv.client() as c:
+        out = c.generate_text(prompt, max_tokens=4, temperature=0.0, ignore_eos=True,
+                              reads=[read(site, top_k=5, watch=[3]) for site in SITES])
+    full = prompt + out.token_ids
+    # one FeatureActivations per (position, SAE): never duplicated, in position order
+    seen = [(f.position, f.sae) for f in out.features]
+    assert len(seen) == len(set(seen)) == (len(full) - 1) * len(SITES)
+    assert [p for p, _ in seen] == sorted(p for p, _ in seen)
+    for site in SITES:
+        dense = ref.latents(full, site)
+        for f in (f for f in out.features if f.sae == site):
+            want = dense[f.position].topk(5).values
+            assert list(f.values) == pytest.approx(want.tolist(), abs=1e-4), (site, f.position)
+            assert list(f.watch_values) == pytest.approx([float(dense[f.position, 3])], abs=1e-4)
+
+
+def test_plain_requests_equal_plain_vllm_and_steering_is_per_request(layout, family_root):
+    kind, srv, ref = layout
+    _, model = family_root
+    n = 12
+    site = "z"  # the sharded site: a steered neighbour in the same batch must not leak
+    feature = int(ref.latents(PROMPTS[0], site).sum(0).argmax())
+    value = 10.0 * float(ref.activation(PROMPTS[0], site).norm(dim=-1).mean())
+    import concurrent.futures as cf
+
+    def gen(prompt, ivs):
+        with srv.client() as c:
+            return c.generate_text(prompt, max_tokens=n, temperature=0.0, ignore_eos=True,
+                                   interventions=ivs).token_ids
+
+    with cf.ThreadPoolExecutor(4) as ex:
+        futs = [ex.submit(gen, p, []) for p in PROMPTS] + \
+               [ex.submit(gen, p, [clamp(site, feature, value)]) for p in PROMPTS]
+        plain = [f.result() for f in futs[:2]]
+        steered = [f.result() for f in futs[2:]]
+    assert plain == plain_vllm_tokens(model, kind, PROMPTS, n)
+    for p, toks in zip(PROMPTS, steered, strict=True):
+        check_teacher_forced(ref.logits(p + toks, [Edit(site, feature, CLAMP, value)], len(p)),
+                             len(p), toks)
