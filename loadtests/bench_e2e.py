@@ -2,14 +2,26 @@
 
 Both engines use the same vLLM settings (compiled mode, same batch limits). "plain" is
 vLLM without the worker extension and without SAEs; the other rows are our engine with
-one SAE hooked, under different request mixes. Each row's ratio is its tokens/s divided
-by plain's tokens/s from the same run.
+four SAEs hooked (layers 15, 5, 10 and 25 of 30), under different request mixes. Each
+row's ratio is its tokens/s divided by plain's tokens/s at the same load and parallelism
+from the same run (``plain`` for 32 requests, ``plain128`` for the 128-request mixes).
 
-Order: plain vLLM, then our engine with the four mixes interleaved round by round (the
-order rotates each round, with a one-second pause before each timed round so one round's
-read traffic has drained before the next starts), then plain vLLM again. Slow drift of the
-machine lands on both sides of every ratio; ``plain_drift`` reports how far the second
-plain half moved from the first.
+Mixes: ``idle`` (no edits), ``clamp1`` (one clamp config for all), ``clamp16`` (16 distinct
+configs), ``reads16`` (every request reads top-16), ``sae4x16`` (16 configs, each clamping
+one feature in each of the 4 SAEs), ``clamp64`` / ``clamp128`` (128 requests in one batch
+with 64 / 128 distinct configs). With ``--tp2`` (default when there are >= 2 CPUs) a second
+block runs plain TP=2 vs our TP=2 engine on clamp16 and reads16.
+
+Order per block: plain vLLM, then our engine with its mixes interleaved round by round (the
+order rotates each round, with a pause before each timed round so one round's read traffic
+has drained before the next starts), then plain vLLM again. Slow drift of the machine lands
+on both sides of every ratio; ``plain_drift`` reports how far the second plain half moved
+from the first.
+
+Sized for the machine: the dummy model runs bfloat16 where the CPU has native bf16 matmuls
+and float32 where it would emulate them (``sae_runtime.hw``; ``--model-dtype``), and the
+number of rounds is chosen from a timed calibration round so the run fits ``--budget-min``
+(between 2 and ``--rounds`` rounds). The CPU model and capability go into the JSON.
 
     python -m loadtests.bench_e2e --out docs/benchmarks.json   (make bench runs this)
 
@@ -23,8 +35,8 @@ import asyncio
 import gc
 import json
 import os
-import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,45 +53,66 @@ MODEL_CFG = {
 }
 
 
-MIXES = ["idle", "clamp1", "clamp16", "reads16"]
+MIXES = ["idle", "clamp1", "clamp16", "reads16", "sae4x16", "clamp64", "clamp128"]
+TP2_MIXES = ["clamp16", "reads16"]
+BIG = {"clamp64", "clamp128", "plain128"}  # 128 requests in one batch
+SAE_LAYERS = (15, 5, 10, 25)  # SAE i hooks blocks.{SAE_LAYERS[i]}.hook_resid_post
 SETTLE_S = 1.0  # idle pause before each timed round
+BIG_REQUESTS = 128
 
 
-def make_artifacts(root: Path, d_sae: int, layer: int) -> tuple[Path, Path]:
+def make_artifacts(root: Path, d_sae: int, dtype: str) -> tuple[Path, list[Path]]:
     from safetensors.torch import save_file
 
     model = root / "smol-shape"
     model.mkdir(parents=True, exist_ok=True)
-    (model / "config.json").write_text(json.dumps(MODEL_CFG))
-    sae = root / "sae"
-    sae.mkdir(exist_ok=True)
+    (model / "config.json").write_text(json.dumps({**MODEL_CFG, "torch_dtype": dtype}))
     d = MODEL_CFG["hidden_size"]
-    g = torch.Generator().manual_seed(0)
-    W_dec = torch.randn(d_sae, d, generator=g)
-    W_dec /= W_dec.norm(dim=1, keepdim=True)
-    save_file({"W_enc": W_dec.t().contiguous(), "W_dec": W_dec, "b_enc": torch.full((d_sae,), -0.05),
-               "b_dec": torch.zeros(d)}, str(sae / "sae_weights.safetensors"))
-    (sae / "cfg.json").write_text(json.dumps({
-        "architecture": "standard", "d_in": d, "d_sae": d_sae, "apply_b_dec_to_input": True,
-        "normalize_activations": "none", "metadata": {"hook_name": f"blocks.{layer}.hook_resid_post"}}))
-    return model, sae
+    saes = []
+    for i, layer in enumerate(SAE_LAYERS):
+        sae = root / f"sae{i}"
+        sae.mkdir(exist_ok=True)
+        g = torch.Generator().manual_seed(i)
+        W_dec = torch.randn(d_sae, d, generator=g)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        save_file({"W_enc": W_dec.t().contiguous(), "W_dec": W_dec,
+                   "b_enc": torch.full((d_sae,), -0.05), "b_dec": torch.zeros(d)},
+                  str(sae / "sae_weights.safetensors"))
+        (sae / "cfg.json").write_text(json.dumps({
+            "architecture": "standard", "d_in": d, "d_sae": d_sae, "apply_b_dec_to_input": True,
+            "normalize_activations": "none",
+            "metadata": {"hook_name": f"blocks.{layer}.hook_resid_post"}}))
+        saes.append(sae)
+    return model, saes
 
 
-def build(model: Path, sae: Path | None, args):
+def set_parallel_env(tp: int) -> None:
+    """vLLM's CPU settings for ``tp`` ranks, as steerd would choose them."""
+    from sae_runtime.hw import BIND_ENV, cpu_env_defaults
+
+    os.environ.pop(BIND_ENV, None)
+    for var, (value, _) in cpu_env_defaults(dict(os.environ), tp).items():
+        os.environ[var] = value
+
+
+def build(model: Path, saes: list[Path] | None, args, tp: int = 1):
     from vllm import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    from sae_runtime.payloads import CONFIG_KEY, SAEEntry, WorkerConfig, to_builtins
     from sae_runtime.vllm.engine import WORKER_EXTENSION
 
     kw = {}
-    if sae is not None:
-        kw = dict(worker_extension_cls=WORKER_EXTENSION, additional_config={"sae_steering": {
-            "saes": [{"id": "bench", "path": str(sae), "hook_name": None}],
-            "max_interventions": 8, "max_watch": 0, "reads_addr": args.reads_addr}})
+    if saes is not None:
+        kw = dict(worker_extension_cls=WORKER_EXTENSION, additional_config={
+            CONFIG_KEY: to_builtins(WorkerConfig(
+                saes=tuple(SAEEntry(f"bench{i}", str(p)) for i, p in enumerate(saes)),
+                max_interventions=8, max_watch=0, reads_addr=args.reads_addr))})
+    set_parallel_env(tp)
     return AsyncLLM.from_engine_args(AsyncEngineArgs(
-        model=str(model), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-        max_model_len=512, max_num_seqs=args.concurrency, enable_prefix_caching=False,
-        seed=0, disable_log_stats=True, **kw))
+        model=str(model), load_format="dummy", skip_tokenizer_init=True, dtype=args.model_dtype,
+        max_model_len=512, max_num_seqs=max(args.concurrency, BIG_REQUESTS),
+        enable_prefix_caching=False, seed=0, disable_log_stats=True, tensor_parallel_size=tp, **kw))
 
 
 async def mix_runner(engine, mix: str, args):
@@ -93,20 +126,27 @@ async def mix_runner(engine, mix: str, args):
     from sae_runtime.reads import Read, ReadSpec
     from sae_runtime.vllm.engine import make_prompt, make_sampling_params
 
+    n_requests = BIG_REQUESTS if mix in BIG else args.requests
+    sae_index = {f"bench{i}": i for i in range(len(SAE_LAYERS))}
+
     def params(i: int):
-        if mix == "plain":
+        if mix.startswith("plain"):
             return SamplingParams(max_tokens=args.gen, ignore_eos=True, temperature=0.0, detokenize=False,
                                   output_kind=RequestOutputKind.DELTA), TokensPrompt(prompt_token_ids=prompt(i))
         spec, reads = SteeringSpec(), None
         if mix == "clamp1":
-            spec = SteeringSpec((Intervention("bench", 123, Mode.CLAMP, 4.0),))
-        elif mix == "clamp16":
-            spec = SteeringSpec((Intervention("bench", 1000 + (i % 16), Mode.CLAMP, 4.0),))
+            spec = SteeringSpec((Intervention("bench0", 123, Mode.CLAMP, 4.0),))
+        elif mix in ("clamp16", "clamp64", "clamp128"):
+            n_cfg = int(mix.removeprefix("clamp"))
+            spec = SteeringSpec((Intervention("bench0", 1000 + (i % n_cfg), Mode.CLAMP, 4.0),))
+        elif mix == "sae4x16":
+            spec = SteeringSpec(tuple(Intervention(f"bench{s}", 1000 + 16 * s + (i % 16), Mode.CLAMP, 4.0)
+                                      for s in range(len(SAE_LAYERS))))
         elif mix == "reads16":
-            reads = ReadSpec((Read("bench", 16),))
+            reads = ReadSpec((Read("bench0", 16),))
         sp = make_sampling_params(max_tokens=args.gen, temperature=0.0, top_p=1.0, top_k=0, seed=None,
                                   stop=[], stop_token_ids=[], ignore_eos=True, spec=spec,
-                                  sae_index={"bench": 0}, reads=reads, request_id=f"{mix}-{i}")
+                                  sae_index=sae_index, reads=reads, request_id=f"{mix}-{i}")
         sp.detokenize = False
         return sp, make_prompt(prompt(i), spec)
 
@@ -120,11 +160,11 @@ async def mix_runner(engine, mix: str, args):
             times += [time.perf_counter()] * len(out.outputs[0].token_ids)
         return times
 
-    await asyncio.gather(*(one(i) for i in range(min(8, args.requests))))  # warm-up
+    await asyncio.gather(*(one(i) for i in range(min(8, n_requests))))  # warm-up
 
     async def one_round() -> tuple[float, list[float]]:
         t0 = time.perf_counter()
-        per_req = await asyncio.gather(*(one(i) for i in range(args.requests)))
+        per_req = await asyncio.gather(*(one(i) for i in range(n_requests)))
         rate = sum(len(t) for t in per_req) / (time.perf_counter() - t0)
         return rate, [(t[-1] - t[0]) / (len(t) - 1) * 1000 for t in per_req if len(t) > 1]
 
@@ -138,57 +178,126 @@ def summarise(rounds: list[tuple[float, list[float]]]) -> dict:
             "tpot_ms_p50": statistics.median(tpot), "tpot_ms_p99": tpot[min(len(tpot) - 1, int(0.99 * len(tpot)))]}
 
 
-async def main_async(args) -> dict:
-    from server.reads import ReadRouter
-
-    root = Path(tempfile.mkdtemp(prefix="steer-bench-"))
-    model, sae = make_artifacts(root, args.d_sae, args.layer)
-    router = ReadRouter()  # drains the reads16 side channel like the server does
-    router.start()
-    args.reads_addr = router.addr
-    # Order: plain, ours (the four mixes interleaved round by round, in rotating order),
-    # plain again. Drift of the machine over the run shows up as the two plain halves
-    # differing (plain_drift), and lands on both sides of every ratio instead of on whichever
-    # row ran last.
-    rounds: dict[str, list] = {}
-    for phase, with_sae, mixes in ((0, False, ["plain"]), (1, True, MIXES), (2, False, ["plain"])):
-        engine = build(model, sae if with_sae else None, args)
+async def run_block(model, saes, args, router, tp: int, mixes: list[str], plain: list[str],
+                    rounds: dict[str, list], calibrate: bool = False) -> None:
+    """plain vLLM, our engine (``mixes`` interleaved), plain again: rounds into ``rounds``."""
+    for phase, with_sae, ms in ((0, False, plain), (1, True, mixes), (2, False, plain)):
+        engine = build(model, saes if with_sae else None, args, tp)
         try:
             runners = {}
-            for mix in mixes:
+            for mix in ms:
                 if mix == "reads16":
                     for i in range(args.requests + 8):
                         router.register(f"reads16-{i}")
                 runners[mix] = await mix_runner(engine, mix, args)
+            if calibrate and phase == 0:
+                t0 = time.perf_counter()
+                for mix in ms:
+                    await runners[mix]()
+                size_rounds(args, time.perf_counter() - t0, ms)
             for r in range(args.rounds):
                 # Rotate the order each round, and let the previous round's reads drain from
                 # the router (this process) before the next one starts its clock.
-                for mix in mixes[r % len(mixes):] + mixes[: r % len(mixes)]:
+                for mix in ms[r % len(ms):] + ms[: r % len(ms)]:
                     await asyncio.sleep(SETTLE_S)
-                    rounds.setdefault(mix, []).append(await runners[mix]())
-            for mix in mixes:
-                r = summarise(rounds[mix][-args.rounds:])
-                print(f"{mix:8s} {r['tok_s']:8.1f} tok/s  TPOT p50 {r['tpot_ms_p50']:.1f} ms"
+                    rounds.setdefault(key(mix, tp), []).append(await runners[mix]())
+            for mix in ms:
+                r = summarise(rounds[key(mix, tp)][-args.rounds:])
+                print(f"{key(mix, tp):12s} {r['tok_s']:8.1f} tok/s  TPOT p50 {r['tpot_ms_p50']:.1f} ms"
                       f"  p99 {r['tpot_ms_p99']:.1f} ms  (phase {phase})", flush=True)
         finally:
             engine.shutdown()
             del engine
             gc.collect()
-    results = {mix: summarise(rs) for mix, rs in rounds.items()}
-    plain_rates = results["plain"]["tok_s_rounds"]
-    drift = statistics.median(plain_rates[args.rounds:]) / statistics.median(plain_rates[: args.rounds])
+
+
+def key(mix: str, tp: int) -> str:
+    return mix if tp == 1 else f"tp{tp}_{mix}"
+
+
+def size_rounds(args, t_plain_round: float, plain: list[str]) -> None:
+    """Pick ``args.rounds`` so the whole run fits ``args.budget_min`` (2..--max-rounds).
+
+    ``t_plain_round`` is one timed round of the ``plain`` mixes; every other mix is costed
+    by its token count at the same rate (TP=2 mixes at ``--tp2-cost`` times it), each engine
+    start at ``ENGINE_START_S``.
+    """
+    def tok(mixes):
+        return sum(BIG_REQUESTS if m in BIG else args.requests for m in mixes) * args.gen
+
+    per_token = t_plain_round / tok(plain)
+    per_round = 2 * tok(plain) + tok(MIXES)
+    starts = 3
+    if args.tp2:
+        per_round += (2 * tok(["plain"]) + tok(TP2_MIXES)) * args.tp2_cost
+        starts += 3
+    per_round = per_round * per_token + SETTLE_S * (4 + len(MIXES) + (2 + len(TP2_MIXES)) * args.tp2)
+    left = args.budget_min * 60 - starts * ENGINE_START_S - (time.perf_counter() - T0)
+    args.rounds = max(2, min(args.max_rounds, int(left // per_round)))
+    print(f"calibration: {t_plain_round:.1f}s per plain round, ~{per_round:.0f}s per round of "
+          f"every mix -> {args.rounds} rounds (budget {args.budget_min} min)", flush=True)
+
+
+ENGINE_START_S = 75.0
+T0 = time.perf_counter()
+
+
+async def main_async(args) -> dict:
+    from sae_runtime.hw import cpu_info
+    from server.reads import ReadRouter
+
+    cpu = cpu_info()
+    if args.model_dtype == "auto":
+        args.model_dtype = "bfloat16" if cpu.native_bf16 else "float32"
+    root = Path(tempfile.mkdtemp(prefix="steer-bench-"))
+    model, saes = make_artifacts(root, args.d_sae, args.model_dtype)
+    router = ReadRouter()  # drains the reads16 side channel like the server does
+    router.start()
+    args.reads_addr = router.addr
+    rounds: dict[str, list] = {}
+    await run_block(model, saes, args, router, 1, MIXES, ["plain", "plain128"], rounds,
+                    calibrate=not args.fixed_rounds)
+    if args.tp2:
+        await run_block(model, saes, args, router, 2, TP2_MIXES, ["plain"], rounds)
     router.close()
-    base = results["plain"]["tok_s"]
+    results = {k: summarise(rs) for k, rs in rounds.items()}
+    n = args.rounds
+
+    def drift(k: str) -> float:
+        rates = results[k]["tok_s_rounds"]
+        return round(statistics.median(rates[-n:]) / statistics.median(rates[:n]), 3)
+
+    def ratio(mix: str, tp: int = 1) -> float:
+        base = key("plain128" if mix in BIG else "plain", tp)
+        return round(results[key(mix, tp)]["tok_s"] / results[base]["tok_s"], 3)
+
+    def tpot_ratio(mix: str, tp: int = 1) -> float:
+        base = key("plain128" if mix in BIG else "plain", tp)
+        return round(results[key(mix, tp)]["tpot_ms_p99"] / results[base]["tpot_ms_p99"], 3)
+
+    e2e = {m: ratio(m) for m in MIXES}
+    tpot = {m: tpot_ratio(m) for m in MIXES}
+    if args.tp2:
+        e2e.update({key(m, 2): ratio(m, 2) for m in TP2_MIXES})
+        tpot.update({key(m, 2): tpot_ratio(m, 2) for m in TP2_MIXES})
     return {
-        "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-        "model": "Llama, SmolLM-135M shape (576 x 30 layers), dummy bf16 weights, compiled mode",
-        "sae": f"standard, d_sae {args.d_sae}, hooked after block {args.layer}",
-        "workload": f"{args.requests} concurrent requests x {args.rounds} rounds per mix, mixes "
-                    f"interleaved round by round in rotating order, plain run before and after ({2 * args.rounds} "
-                    f"rounds; median tokens/s; TPOT per request over all rounds), prompt "
-                    f"{args.prompt}, generate {args.gen}, max_num_seqs {args.concurrency}, greedy",
-        "e2e": {k: round(results[k]["tok_s"] / base, 3) for k in MIXES},
-        "plain_drift": round(drift, 3),
+        "device": f"cpu: {cpu.describe()}",
+        "cpu": cpu.as_dict(),
+        "command": "python -m loadtests.bench_e2e " + " ".join(sys.argv[1:]),
+        "wall_s": round(time.perf_counter() - T0, 1),
+        "model": f"Llama, SmolLM-135M shape (576 x 30 layers), dummy {args.model_dtype} weights "
+                 f"(chosen for this CPU), compiled mode",
+        "sae": f"4 standard SAEs, d_sae {args.d_sae}, hooked after blocks "
+               f"{', '.join(map(str, SAE_LAYERS))}; single-SAE mixes use the block-15 one",
+        "workload": f"{args.requests} concurrent requests (128 for plain128/clamp64/clamp128) x "
+                    f"{n} rounds per mix, mixes interleaved round by round in rotating order, "
+                    f"plain run before and after ({2 * n} rounds; median tokens/s; TPOT per "
+                    f"request over all rounds), prompt {args.prompt}, generate {args.gen}, "
+                    f"max_num_seqs {max(args.concurrency, BIG_REQUESTS)}, greedy",
+        "e2e": e2e,
+        "tpot_p99_ratio": tpot,
+        "plain_drift": drift("plain"),
+        "plain_drift_all": {k: drift(k) for k in results if "plain" in k},
         "raw": results,
     }
 
@@ -197,13 +306,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="rounds per mix (default: sized from a calibration round to fit --budget-min)")
+    ap.add_argument("--max-rounds", type=int, default=5, help="most rounds the sizing picks")
+    ap.add_argument("--budget-min", type=float, default=16.0,
+                    help="wall-time budget the round count is sized for (minutes)")
+    ap.add_argument("--model-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="dummy model dtype; auto = bfloat16 where the CPU has native bf16, else float32")
+    ap.add_argument("--tp2", action=argparse.BooleanOptionalAction, default=None,
+                    help="also run the TP=2 block (default: when there are >= 2 CPUs)")
+    ap.add_argument("--tp2-cost", type=float, default=1.3,
+                    help="TP=2 round time relative to TP=1, for the sizing")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--d-sae", type=int, default=16384)
-    ap.add_argument("--layer", type=int, default=15)
     ap.add_argument("--out", type=Path, default=None, help="write the JSON result here")
     args = ap.parse_args()
+    if args.tp2 is None:
+        args.tp2 = len(os.sched_getaffinity(0)) >= 2
+    args.fixed_rounds = args.rounds is not None  # fixed: no sizing
+    if not args.fixed_rounds:
+        args.rounds = args.max_rounds
     res = asyncio.run(main_async(args))
     print(json.dumps(res["e2e"]))
     if args.out:

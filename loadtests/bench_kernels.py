@@ -33,6 +33,7 @@ from collections.abc import Callable
 import torch
 
 from sae_runtime import kernels, ops
+from sae_runtime.edits import POS_INF, EditTables
 from sae_runtime.kernels import (
     read_reference,
     read_tiled,
@@ -104,15 +105,23 @@ def run_splice(sae: SAE, k: int, T: int, reps: int, device: str, peak: float | N
     val = torch.full((1, k), 3.0, device=device)
     tok_slot = torch.zeros(T, dtype=torch.long, device=device)
     rows = torch.arange(T, device=device)
+    tables = EditTables.build(  # one slot of k edits at every position, every token in it
+        tok_slot, torch.zeros_like(tok_slot), torch.zeros(1, dtype=torch.long, device=device),
+        torch.full((1,), k, dtype=torch.long, device=device),
+        {"feature": feat[0], "mode": mode[0], "value": val[0],
+         "pos_lo": torch.zeros(k, dtype=torch.long, device=device),
+         "pos_hi": torch.full((k,), POS_INF, dtype=torch.long, device=device),
+         "cond_feature": torch.full((k,), -1, dtype=torch.long, device=device),
+         "cond_threshold": torch.zeros(k, device=device)}, k)
     res = {"kernel": "splice", "device": device, "d_in": d_in, "d_sae": d_sae, "k": k, "tokens": T}
-    res["compact_ms"] = _time(lambda: splice_compact(h, h, sae, rows, tok_slot, feat, mode, val), reps, cuda)
-    res["reference_ms"] = _time(lambda: splice_reference(h, h, sae, tok_slot, feat, mode, val), reps, cuda)
+    res["compact_ms"] = _time(lambda: splice_compact(h, h, sae, rows, tok_slot, tables), reps, cuda)
+    res["reference_ms"] = _time(lambda: splice_reference(h, h, sae, tables), reps, cuda)
     res["dense_ms"] = _time(lambda: dense_splice(h, sae, feat.expand(T, k), mode.expand(T, k),
                                                  val.expand(T, k)), reps, cuda)
     if cuda and kernels.triton_available():
         from sae_runtime.kernels.triton_splice import splice_triton
 
-        res["triton_ms"] = _time(lambda: splice_triton(h, h, sae, tok_slot, feat, mode, val), reps, cuda)
+        res["triton_ms"] = _time(lambda: splice_triton(h, h, sae, tables), reps, cuda)
         # h read + out written per token; one encoder column and one decoder row per edit.
         nbytes = 4 * (2 * T * d_in + 2 * T * k * d_in)
         _with_bandwidth(res, res["triton_ms"], nbytes, peak)

@@ -1,23 +1,24 @@
-"""Per-request intervention specs: validation, cache salt, and the wire dict for vLLM.
+"""Per-request intervention specs: validation, cache salt, and the payload for the worker.
 
-A spec travels to the worker inside ``SamplingParams.extra_args`` (msgpack-able), keyed by
-SAE *index* in the server's SAE list so the worker does not need names.
+A spec travels to the worker inside ``SamplingParams.extra_args`` as part of a
+``payloads.RequestPayload``, keyed by SAE *index* in the server's SAE list so the worker
+does not need names.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 
 from sae_runtime.errors import InvalidRequestError, UnknownSAEError
 from sae_runtime.ops import Mode
+from sae_runtime.payloads import EditPayload
 from sae_runtime.saes.base import SAEConfig
-
-EXTRA_ARGS_KEY = "sae_steering"
 
 
 class Scope(IntEnum):
@@ -43,7 +44,11 @@ class SteeringSpec:
     interventions: tuple[Intervention, ...] = ()
 
     def validate(self, saes: Mapping[str, SAEConfig], max_interventions: int) -> None:
-        """Raise InvalidRequestError / UnknownSAEError naming the offending field."""
+        """Raise InvalidRequestError / UnknownSAEError naming the offending field.
+
+        Modes and scopes are typed (``Mode``, ``Scope``); the proto converter has already
+        rejected unset and unknown numbers (``server.convert.spec_from_pb``).
+        """
         if len(self.interventions) > max_interventions:
             raise InvalidRequestError(
                 "interventions",
@@ -64,14 +69,8 @@ class SteeringSpec:
                     f"feature {iv.feature} is out of range for SAE {iv.sae!r} "
                     f"(valid: 0..{d_sae - 1})",
                 )
-            if iv.mode not in (Mode.CLAMP, Mode.ABLATE, Mode.SCALE, Mode.ADD):
-                raise InvalidRequestError(
-                    f"{field}.mode", "must be one of CLAMP, ABLATE, SCALE, ADD"
-                )
             if not math.isfinite(iv.value):
                 raise InvalidRequestError(f"{field}.value", f"must be finite, got {iv.value}")
-            if iv.scope not in (Scope.ALL, Scope.GENERATION_ONLY):
-                raise InvalidRequestError(f"{field}.scope", f"unknown scope {int(iv.scope)}")
             key = (iv.sae, iv.feature)
             if key in seen:
                 raise InvalidRequestError(
@@ -93,38 +92,22 @@ class SteeringSpec:
         """Prefix-cache salt: None for no interventions (shares plain KV), else a spec hash.
 
         Requests with the same interventions share cached KV; steered KV never reaches a
-        request with different (or no) interventions.
+        request with different (or no) interventions. Computed once per spec (admission
+        and the prompt both ask).
         """
+        return self._salt
+
+    @functools.cached_property
+    def _salt(self) -> str | None:
         if not self.interventions:
             return None
         blob = json.dumps(self.canonical(), separators=(",", ":")).encode()
         return "sae:" + hashlib.sha256(blob).hexdigest()[:32]
 
-    def to_wire(self, sae_index: Mapping[str, int]) -> dict:
-        """msgpack-able dict for ``SamplingParams.extra_args[EXTRA_ARGS_KEY]``."""
-        return {
-            "iv": [
-                [sae_index[iv.sae], int(iv.feature), int(iv.mode),
-                 0.0 if iv.mode == Mode.ABLATE else float(iv.value), int(iv.scope)]
-                for iv in self.interventions
-            ]
-        }
-
-
-@dataclass(frozen=True)
-class WireIntervention:
-    """One intervention as the worker sees it."""
-
-    sae_index: int
-    feature: int
-    mode: int
-    value: float
-    scope: int
-
-
-def from_wire(payload: Mapping | None) -> list[WireIntervention]:
-    """Inverse of ``SteeringSpec.to_wire`` (empty list for no payload)."""
-    if not payload:
-        return []
-    items: Sequence = payload.get("iv", ())
-    return [WireIntervention(int(a), int(b), int(c), float(d), int(e)) for a, b, c, d, e in items]
+    def to_payload(self, sae_index: Mapping[str, int]) -> tuple[EditPayload, ...]:
+        """The edits as ``RequestPayload.edits`` (ABLATE carries value 0)."""
+        return tuple(
+            EditPayload(sae_index[iv.sae], int(iv.feature), int(iv.mode),
+                        0.0 if iv.mode == Mode.ABLATE else float(iv.value), int(iv.scope))
+            for iv in self.interventions
+        )

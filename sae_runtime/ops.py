@@ -15,7 +15,7 @@ incoming ``x`` (edits do not see each other).
 Normalised SAEs (``SAEConfig.normalization``) encode ``x_n = N(x)`` and reconstruct in the
 normalised space; their output is mapped back with the inverse map of the same token,
 ``x_hat = N_x^{-1}(acts @ W_dec + b_dec)``. Every inverse map used here is affine with a
-per-token scale ``c(x)`` (``output_scale``), so the edit that keeps the reconstruction error
+per-token scale ``c(x)`` (the second value of ``normalize``), so the edit that keeps the reconstruction error
 ``x - x_hat`` unchanged in the *original* space is the decoder-space delta times ``c(x)``:
 
     x + delta = x - x_hat(f) + x_hat(f'),   delta = c(x) * sum_i (f'_i - f_i) W_dec[i]
@@ -67,13 +67,9 @@ def normalize(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | N
     raise ValueError(f"unknown normalization {kind!r}")
 
 
-def output_scale(sae: SAE, x: torch.Tensor) -> torch.Tensor | None:
-    """Per-token factor ``[..., 1]`` mapping a decoder-space delta back to ``x``'s space."""
-    return normalize(sae, x)[1]
-
-
 def encoder_input(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(sae_input(sae, x), output_scale(sae, x))`` from one normalisation pass."""
+    """``(sae_input(sae, x), c)`` from one normalisation pass; ``c [..., 1]`` (None = 1) maps
+    a decoder-space delta back to ``x``'s space."""
     xn, scale = normalize(sae, x)
     return (xn - sae.b_dec if sae.cfg.apply_b_dec_to_input else xn), scale
 
@@ -100,7 +96,7 @@ def decode(sae: SAE, acts: torch.Tensor, x: torch.Tensor | None = None) -> torch
     ``x`` (the activation that was encoded) is needed only by SAEs with a per-token
     normalisation (``token_norm``, ``layer_norm``), whose inverse depends on it.
     """
-    return _from_decoder_space(sae, acts @ sae.W_dec + sae.b_dec, x)
+    return from_decoder_space(sae, acts @ sae.W_dec + sae.b_dec, x)
 
 
 def feature_activations(sae: SAE, x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -170,21 +166,7 @@ def read_latents(
     return acts
 
 
-def decode_sparse(
-    sae: SAE, values: torch.Tensor, indices: torch.Tensor, x: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``decode`` of sparse codes ``values, indices [N, k]`` (an embedding-bag, no dense code).
-
-    Equals ``decode(sae, acts, x)`` where ``acts`` is zero except ``acts[n, indices[n, j]]
-    += values[n, j]``; padding entries carry value 0. This is the decode for TopK-family
-    codes and full reconstructions: ``N * k`` decoder rows are read instead of ``d_sae``.
-    """
-    from sae_runtime.kernels import sparse_decode  # the kernels import this module
-
-    return _from_decoder_space(sae, sparse_decode(values, indices, sae.W_dec) + sae.b_dec, x)
-
-
-def _from_decoder_space(sae: SAE, y: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+def from_decoder_space(sae: SAE, y: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
     """``N_x^{-1}(y)``: a decoder-space vector mapped back to the input's space."""
     kind = sae.cfg.normalization
     if kind == "none":

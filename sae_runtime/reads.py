@@ -1,4 +1,4 @@
-"""Per-request feature reads: spec, validation, and the wire form for the worker."""
+"""Per-request feature reads: spec, validation, and their part of the worker payload."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from sae_runtime.errors import InvalidRequestError, UnknownSAEError
+from sae_runtime.payloads import ReadPayload
 from sae_runtime.saes.base import SAEConfig
 
 
@@ -76,27 +77,8 @@ class ReadSpec:
                 if f in seen_w:
                     raise InvalidRequestError(f"{field}.watch[{i}]", f"feature {f} is listed twice")
                 seen_w.add(f)
-            if r.scope not in (ReadScope.ALL, ReadScope.PROMPT, ReadScope.GENERATION):
-                raise InvalidRequestError(f"{field}.scope", f"unknown scope {int(r.scope)}")
 
-    def to_wire(self, sae_index: Mapping[str, int]) -> dict:
-        return {
-            "rd": [[sae_index[r.sae], r.top_k, list(r.watch), int(r.scope)] for r in self.reads],
-            "pool": self.pooled,
-        }
-
-
-@dataclass(frozen=True)
-class WireRead:
-    sae_index: int
-    top_k: int
-    watch: tuple[int, ...]
-    scope: int
-
-
-def reads_from_wire(payload: Mapping | None) -> tuple[list[WireRead], bool]:
-    if not payload:
-        return [], False
-    items = payload.get("rd", ())
-    return [WireRead(int(a), int(b), tuple(int(w) for w in c), int(d)) for a, b, c, d in items], bool(
-        payload.get("pool", False))
+    def to_payload(self, sae_index: Mapping[str, int]) -> tuple[ReadPayload, ...]:
+        """The reads as ``RequestPayload.reads`` (``pooled`` travels beside them)."""
+        return tuple(ReadPayload(sae_index[r.sae], r.top_k, tuple(r.watch), int(r.scope))
+                     for r in self.reads)

@@ -1,14 +1,22 @@
 """Per-step intervention and read tables of one hooked SAE, and the hook's computation.
 
-No vLLM in here: the worker glue (``sae_runtime/vllm/worker.py``) fills these tables from the
+No vLLM in here: the step planner (``sae_runtime/planner.py``) fills these tables from the
 scheduled batch before each forward, and the custom op calls ``HookTables.apply`` inside it.
 
 Every table is allocated once, at its largest size (the engine's token and sequence
-budgets), so its address never changes:
+budgets), so its address never changes. The edit layout (``sae_runtime.edits``):
 
-- ``tok_slot [max_tokens]``: token row -> edit slot, -1 = the row has no edit;
-- ``slot_feat / slot_mode / slot_val [max_slots, max_feats]``: each slot's edits;
-- ``rows / row_slot [max_tokens]``: the rows with an edit, compacted (the CPU path's index);
+- ``tok_slot [max_tokens]``: token row -> edit slot, -1 = the row has no edit here. One slot
+  per scheduled request that edits at this hook, whatever its scopes;
+- ``tok_pos [max_tokens]``: the absolute position of each row that has a slot (the per-token
+  position table the kernels mask windows with);
+- ``slot_start / slot_len [max_slots]``: the contiguous run of edit rows slot s owns,
+  ``[slot_start[s], slot_start[s] + slot_len[s])``, ``slot_len <= max_feats``;
+- ``edit_<column> [max_slots * max_feats]``: the edit rows, one column per field of the edit
+  record (``feature, mode, value, pos_lo, pos_hi, cond_feature, cond_threshold``); an edit
+  applies at a row of its slot iff ``pos_lo <= tok_pos < pos_hi``. The condition columns
+  are carried but not read by any kernel yet;
+- ``rows / row_slot [max_tokens]``: the rows with a slot, compacted (the CPU path's index);
 - ``read_rows / read_slot [max_tokens]``, ``rslot_watch [max_slots, max_watch]``: rows that
   read, their read slot, each read slot's watch list.
 
@@ -36,11 +44,9 @@ import numpy as np
 import torch
 
 from sae_runtime import ops
-from sae_runtime.kernels import backend_for, read_topk, splice_compact, splice_fixed
+from sae_runtime.edits import COLUMN_TORCH_DTYPES, EDIT_COLUMNS, NO_CONDITION, EditTables
+from sae_runtime.kernels import backend_for, read_topk, row_edits, splice_compact, splice_fixed
 from sae_runtime.saes.base import SAE
-
-_TABLES = ("tok_slot", "rows", "row_slot", "slot_feat", "slot_mode", "slot_val",
-           "read_rows", "read_slot", "rslot_watch")
 
 
 def _capturing(t: torch.Tensor) -> bool:
@@ -52,17 +58,23 @@ class HookTables:
 
     def __init__(self, sae: SAE, max_tokens: int, max_slots: int, max_feats: int,
                  max_watch: int = 0, *, staged: bool | None = None) -> None:
+        """``max_slots``: scheduled requests per step (one edit slot and one read slot
+        each); ``max_feats``: edits one request may make at this hook."""
         dev = sae.W_enc.device
         self.sae = sae
         self.max_slots = max_slots
+        self.max_feats = max_feats
         self.staged = dev.type != "cpu" if staged is None else staged
+        max_edits = max_slots * max_feats
         shapes = {
             "tok_slot": ((max_tokens,), torch.int64, -1),
+            "tok_pos": ((max_tokens,), torch.int64, 0),
             "rows": ((max_tokens,), torch.int64, 0),
             "row_slot": ((max_tokens,), torch.int64, 0),
-            "slot_feat": ((max_slots, max_feats), torch.int64, 0),
-            "slot_mode": ((max_slots, max_feats), torch.int32, 0),
-            "slot_val": ((max_slots, max_feats), torch.float32, 0),
+            "slot_start": ((max_slots,), torch.int64, 0),
+            "slot_len": ((max_slots,), torch.int64, 0),
+            **{f"edit_{c}": ((max_edits,), COLUMN_TORCH_DTYPES[c],
+                             NO_CONDITION if c == "cond_feature" else 0) for c in EDIT_COLUMNS},
             "read_rows": ((max_tokens,), torch.int64, 0),
             "read_slot": ((max_tokens,), torch.int64, 0),
             "rslot_watch": ((max_slots, max(max_watch, 1)), torch.int64, 0),
@@ -76,8 +88,12 @@ class HookTables:
             self.dev = self.host
         for n, t in self.dev.items():  # the kernels read the device tables
             setattr(self, n, t)
+        self.edits = EditTables.build(
+            self.dev["tok_slot"], self.dev["tok_pos"], self.dev["slot_start"],
+            self.dev["slot_len"], {c: self.dev[f"edit_{c}"] for c in EDIT_COLUMNS}, max_feats)
         self.n_rows = 0
         self.n_slots = 0
+        self.n_edits = 0
         self.n_read = 0
         self.n_rslots = 0
         self.read_k = 0  # largest top_k asked this step
@@ -95,7 +111,7 @@ class HookTables:
         self._wait_upload()
         if self._dirty_until:
             self._np["tok_slot"][: self._dirty_until] = -1
-        self.n_rows = self.n_slots = self._dirty_until = 0
+        self.n_rows = self.n_slots = self.n_edits = self._dirty_until = 0
         self.n_read = self.n_rslots = self.read_k = self.read_w = 0
         self.read_pooled = False
         self.read_out = None
@@ -116,22 +132,26 @@ class HookTables:
         self.read_pooled |= pooled
         return r
 
-    def add_rows(self, a: int, b: int, feat: np.ndarray, mode: np.ndarray, val: np.ndarray) -> None:
-        """Token rows [a, b) apply edits (feat, mode, val) in a fresh slot."""
-        s = self.n_slots
-        if s >= self.max_slots:  # cannot happen: 2 slots per scheduled request at most
+    def add_edits(self, a: int, b: int, pos0: int, edits: np.ndarray) -> int:
+        """Token rows [a, b), at positions pos0.., apply ``edits`` (``edits.EDIT_DTYPE`` rows,
+        each masked by its window) in a fresh slot; returns the slot."""
+        s, e, n = self.n_slots, self.n_edits, len(edits)
+        if s >= self.max_slots:  # cannot happen: one slot per scheduled request
             raise RuntimeError("SAE slot table overflow")
-        n = len(feat)
+        if n > self.max_feats:  # cannot happen: the server caps edits per request
+            raise RuntimeError(f"{n} edits at one hook; the tables hold {self.max_feats}")
         t = self._np
-        t["slot_feat"][s, :n], t["slot_mode"][s, :n], t["slot_val"][s, :n] = feat, mode, val
-        t["slot_mode"][s, n:] = 0
-        t["slot_feat"][s, n:] = 0
+        for c in EDIT_COLUMNS:
+            t[f"edit_{c}"][e : e + n] = edits[c]
+        t["slot_start"][s], t["slot_len"][s] = e, n
         t["tok_slot"][a:b] = s
+        t["tok_pos"][a:b] = np.arange(pos0, pos0 + b - a)
         r = self.n_rows
         t["rows"][r : r + b - a] = np.arange(a, b)
         t["row_slot"][r : r + b - a] = s
-        self.n_rows, self.n_slots = r + b - a, s + 1
+        self.n_rows, self.n_slots, self.n_edits = r + b - a, s + 1, e + n
         self._dirty_until = max(self._dirty_until, b)
+        return s
 
     def upload(self) -> None:
         """Copy the prefixes this step filled to the device mirrors (no-op unless staged).
@@ -142,8 +162,10 @@ class HookTables:
         if not self.staged:
             return
         n_tok = max(self._dirty_until, self._dev_dirty)
-        spans = {"tok_slot": n_tok, "rows": self.n_rows, "row_slot": self.n_rows,
-                 "slot_feat": self.n_slots, "slot_mode": self.n_slots, "slot_val": self.n_slots,
+        spans = {"tok_slot": n_tok, "tok_pos": self._dirty_until,
+                 "rows": self.n_rows, "row_slot": self.n_rows,
+                 "slot_start": self.n_slots, "slot_len": self.n_slots,
+                 **{f"edit_{c}": self.n_edits for c in EDIT_COLUMNS},
                  "read_rows": self.n_read, "read_slot": self.n_read,
                  "rslot_watch": self.n_rslots}
         for name, n in spans.items():
@@ -183,9 +205,8 @@ class HookTables:
             return h.clone()
         if backend == "compact" and not capturing:
             return splice_compact(h, resid, self.sae, self.rows[:n], self.row_slot[:n],
-                                  self.slot_feat, self.slot_mode, self.slot_val)
-        return splice_fixed(h, resid, self.sae, self.tok_slot, self.slot_feat,
-                            self.slot_mode, self.slot_val)
+                                  self.edits)
+        return splice_fixed(h, resid, self.sae, self.edits)
 
     def _read(self, resid: torch.Tensor) -> None:
         """Latents of the reading rows, edited as their request edits them (ops.read_latents).
@@ -197,11 +218,9 @@ class HookTables:
         """
         n = self.n_read
         rows = self.read_rows[:n]
-        edit_slot = self.tok_slot[rows]  # [n], -1 = the row has no edit here
-        s = edit_slot.clamp(min=0)
-        mode = torch.where((edit_slot >= 0)[:, None], self.slot_mode[s], torch.zeros_like(self.slot_mode[s]))
+        # [n, K] each reading row's edits at this SAE (windows applied; none: Mode.NONE)
+        feat, mode, val = row_edits(self.edits, self.tok_slot[rows], self.tok_pos[rows])
         x = resid[rows].to(self.sae.W_enc.dtype)
-        feat, val = self.slot_feat[s], self.slot_val[s]
         watch_idx = self.rslot_watch[self.read_slot[:n], : self.read_w]
         k = self.read_k
         if not self.read_pooled:

@@ -15,10 +15,11 @@ import tempfile
 import uuid
 from dataclasses import dataclass, field
 
-import msgspec
 import numpy as np
 import zmq
 import zmq.asyncio
+
+from sae_runtime.payloads import READ_DECODER, ReadRecord
 
 log = logging.getLogger("steerd.reads")
 
@@ -45,18 +46,18 @@ class RequestReads:
         self.pooled: dict[int, Pooled] = {}
         self.changed = asyncio.Event()
 
-    def add(self, rec: dict) -> None:
-        n, k, w, sae = rec["n"], rec["k"], rec["w"], rec["sae"]
-        idx = np.frombuffer(rec["idx"], dtype=np.int32).reshape(n, k)
-        val = np.frombuffer(rec["val"], dtype=np.float32).reshape(n, k)
-        wv = np.frombuffer(rec["wv"], dtype=np.float32).reshape(n, w)
+    def add(self, rec: ReadRecord) -> None:
+        n, k, w, sae = rec.n, rec.k, rec.w, rec.sae
+        idx = np.frombuffer(rec.idx, dtype=np.int32).reshape(n, k)
+        val = np.frombuffer(rec.val, dtype=np.float32).reshape(n, k)
+        wv = np.frombuffer(rec.wv, dtype=np.float32).reshape(n, w)
         for j in range(n):
-            slot = self.by_pos.setdefault(rec["pos0"] + j, {})
+            slot = self.by_pos.setdefault(rec.pos0 + j, {})
             slot.setdefault(sae, PositionRead(idx[j], val[j], wv[j]))  # first one wins
-        if "psum" in rec:
-            rng = (rec["pos0"], n)
-            psum = np.frombuffer(rec["psum"], dtype=np.float32)
-            pmax = np.frombuffer(rec["pmax"], dtype=np.float32)
+        if rec.psum is not None and rec.pmax is not None:
+            rng = (rec.pos0, n)
+            psum = np.frombuffer(rec.psum, dtype=np.float32)
+            pmax = np.frombuffer(rec.pmax, dtype=np.float32)
             p = self.pooled.get(sae)
             if p is None:
                 self.pooled[sae] = Pooled(psum.astype(np.float64), pmax.copy(), {rng})
@@ -88,13 +89,15 @@ class RequestReads:
 class ReadRouter:
     """Owns the PULL socket; one asyncio task routes records to registered requests."""
 
-    def __init__(self) -> None:
-        self.addr = f"ipc://{tempfile.gettempdir()}/steerd-reads-{os.getpid()}-{uuid.uuid4().hex[:8]}.sock"
+    def __init__(self, addr: str | None = None) -> None:
+        """Bind ``addr`` (``tcp://HOST:PORT`` with an address of this host that every worker
+        can reach, for executors spanning nodes), or a fresh ``ipc://`` socket (one node)."""
+        self.addr = addr or (
+            f"ipc://{tempfile.gettempdir()}/steerd-reads-{os.getpid()}-{uuid.uuid4().hex[:8]}.sock")
         self._ctx = zmq.asyncio.Context.instance()
         self._sock = self._ctx.socket(zmq.PULL)
         self._sock.setsockopt(zmq.RCVHWM, 0)
         self._sock.bind(self.addr)
-        self._dec = msgspec.msgpack.Decoder()
         self._requests: dict[str, RequestReads] = {}
         self._task: asyncio.Task | None = None
 
@@ -105,8 +108,8 @@ class ReadRouter:
         while True:
             try:
                 raw = await self._sock.recv(copy=False)
-                for rec in self._dec.decode(raw.buffer):
-                    buf = self._requests.get(rec["rid"])
+                for rec in READ_DECODER.decode(raw.buffer):
+                    buf = self._requests.get(rec.rid)
                     if buf is not None:  # else: a finished/cancelled request's late step
                         buf.add(rec)
             except asyncio.CancelledError:
@@ -130,5 +133,5 @@ class ReadRouter:
             self._task.cancel()
         self._sock.close(linger=0)
         path = self.addr.removeprefix("ipc://")
-        if os.path.exists(path):
+        if self.addr.startswith("ipc://") and os.path.exists(path):
             os.unlink(path)

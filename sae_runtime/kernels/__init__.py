@@ -10,7 +10,8 @@ Operations and their backends (``reference.py`` is the specification of each):
 - read (top-k and watched latents of the reading rows, edits applied):
   ``compact`` = ``topk_read.read_tiled`` (column tiles, running top-k), ``triton`` =
   ``triton_topk_read.read_triton``, ``reference`` = dense ``ops.read_latents``.
-- sparse decode (codes ``values, indices [N, k]`` -> ``[N, d_in]``): ``compact`` =
+- sparse decode (codes ``values, indices [N, k]`` -> ``[N, d_in]``; ``decode_sparse`` maps
+  it back through the SAE's output normalisation): ``compact`` =
   ``decode.sparse_decode`` (embedding-bag), ``triton`` = ``triton_decode``, ``reference`` =
   a dense gather-sum.
 
@@ -29,10 +30,13 @@ import os
 
 import torch
 
+from sae_runtime import ops
+from sae_runtime.edits import EditTables
 from sae_runtime.kernels.compact import splice_compact
 from sae_runtime.kernels.decode import sparse_decode as sparse_decode_torch
 from sae_runtime.kernels.reference import (
     read_reference,
+    row_edits,
     sparse_decode_reference,
     splice_reference,
 )
@@ -66,15 +70,14 @@ def backend_for(device: torch.device) -> str:
     return choice
 
 
-def splice_fixed(h: torch.Tensor, resid: torch.Tensor, sae: SAE, tok_slot: torch.Tensor,
-                 slot_feat: torch.Tensor, slot_mode: torch.Tensor,
-                 slot_val: torch.Tensor) -> torch.Tensor:
+def splice_fixed(h: torch.Tensor, resid: torch.Tensor, sae: SAE,
+                 tables: EditTables) -> torch.Tensor:
     """The fixed-shape (graph-capture safe) splice: Triton on CUDA, else the reference."""
     if backend_for(h.device) == "triton":
         from sae_runtime.kernels.triton_splice import splice_triton
 
-        return splice_triton(h, resid, sae, tok_slot, slot_feat, slot_mode, slot_val)
-    return splice_reference(h, resid, sae, tok_slot, slot_feat, slot_mode, slot_val)
+        return splice_triton(h, resid, sae, tables)
+    return splice_reference(h, resid, sae, tables)
 
 
 def read_topk(sae: SAE, x: torch.Tensor, feat: torch.Tensor, mode: torch.Tensor,
@@ -92,6 +95,19 @@ def read_topk(sae: SAE, x: torch.Tensor, feat: torch.Tensor, mode: torch.Tensor,
     return read_reference(sae, x, feat, mode, value, top_k, watch)
 
 
+def decode_sparse(sae: SAE, values: torch.Tensor, indices: torch.Tensor,
+                  x: torch.Tensor | None = None) -> torch.Tensor:
+    """``ops.decode`` of sparse codes ``values, indices [N, k]`` (an embedding-bag, no dense
+    code).
+
+    Equals ``ops.decode(sae, acts, x)`` where ``acts`` is zero except ``acts[n, indices[n,
+    j]] += values[n, j]``; padding entries carry value 0. This is the decode for
+    TopK-family codes and full reconstructions: ``N * k`` decoder rows are read instead of
+    ``d_sae``.
+    """
+    return ops.from_decoder_space(sae, sparse_decode(values, indices, sae.W_dec) + sae.b_dec, x)
+
+
 def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
     """``[N, d_in]`` = ``sum_j values[n, j] * W_dec[indices[n, j]]`` (no bias)."""
     backend = backend_for(W_dec.device)
@@ -105,7 +121,8 @@ def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tens
 
 
 __all__ = [
-    "SAE", "backend_for", "read_reference", "read_tiled", "read_topk", "sparse_decode",
+    "SAE", "EditTables", "backend_for", "read_reference", "read_tiled", "read_topk",
+    "decode_sparse", "row_edits", "sparse_decode",
     "sparse_decode_reference", "sparse_decode_torch", "splice_compact", "splice_fixed",
     "splice_reference", "triton_available",
 ]

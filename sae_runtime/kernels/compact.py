@@ -1,7 +1,8 @@
 """Compact splice (torch): only the rows that intervene do any work.
 
 Semantics equal ``reference.splice_reference`` restricted to ``rows``: the host lists the
-token rows with an intervention (``rows [R]``) and their slots (``row_slot [R]``). Instead
+token rows with an intervention (``rows [R]``) and their slots (``row_slot [R]``); each
+row's edits, masked by their position windows, come from ``reference.row_edits``. Instead
 of gathering ``[R, K, d_in]`` encoder columns, the union U of features used in this step is
 gathered once: ``pre = x @ W_enc[:, U]`` is ``[R, |U|]`` and the decode is one
 ``[R, |U|] @ [|U|, d_in]`` product. With R = 0 the output is an exact copy of ``h``.
@@ -14,6 +15,8 @@ from __future__ import annotations
 import torch
 
 from sae_runtime import ops, registry
+from sae_runtime.edits import EditTables
+from sae_runtime.kernels.reference import row_edits
 from sae_runtime.saes.base import SAE
 
 
@@ -23,15 +26,13 @@ def splice_compact(
     sae: SAE,
     rows: torch.Tensor,  # [R] int64 token rows that intervene
     row_slot: torch.Tensor,  # [R] int64 slot of each row
-    slot_feat: torch.Tensor,  # [S, K] int64
-    slot_mode: torch.Tensor,  # [S, K] int
-    slot_val: torch.Tensor,  # [S, K] float
+    tables: EditTables,
 ) -> torch.Tensor:
     out = h.clone()
     if rows.numel() == 0:
         return out
     arch = registry.get(sae.cfg.architecture)
-    feat = slot_feat[row_slot]  # [R, K]
+    feat, mode, val = row_edits(tables, row_slot, tables.tok_pos[rows])  # [R, K]
     union, inv = torch.unique(feat, return_inverse=True)  # [U], [R, K]
     x, scale = ops.encoder_input(sae, resid[rows].to(sae.W_enc.dtype))  # [R, d], [R|1, 1]
     if arch.needs_full_preactivation:
@@ -42,7 +43,7 @@ def splice_compact(
         pre_u = x @ sae.W_enc[:, union] + sae.b_enc[union]  # [R, U]
     pre = pre_u.gather(1, inv)  # [R, K]
     act = arch.activate_columns(sae, pre, feat, pre_full, x)
-    coef = ops.edited_values(slot_mode[row_slot], slot_val[row_slot].to(act.dtype), act) - act
+    coef = ops.edited_values(mode, val.to(act.dtype), act) - act
     coef_u = torch.zeros_like(pre_u).scatter_add_(1, inv, coef)  # [R, U]
     delta = coef_u @ sae.W_dec[union]  # [R, d]
     if scale is not None:

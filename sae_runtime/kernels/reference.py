@@ -1,25 +1,31 @@
 """Reference kernels: the specification every faster path must match.
 
+- ``row_edits``: the edits that apply at given token rows, from a hook's edit tables;
 - ``splice_reference``: apply a step's interventions (below);
 - ``read_reference``: top-k and watched latents of reading rows, edits applied;
 - ``sparse_decode_reference``: sparse codes to decoder-space vectors.
 
+The tables (``sae_runtime.edits.EditTables``): token row t has slot ``tok_slot[t]`` (-1 =
+none) and position ``tok_pos[t]``; slot s owns edit rows ``slot_start[s] .. + slot_len[s]``.
 Splice semantics, for every token row t of ``h [T, d]`` (padding rows included):
 
-    s = tok_slot[t]                      # -1: no intervention at this token
-    if s < 0: out[t] = h[t]
-    else:
+    s, p = tok_slot[t], tok_pos[t]       # s = -1: no intervention at this token
+    out[t] = h[t]
+    if s >= 0:
         x = resid[t]                     # the true residual-stream value at the hook
-        for k in range(K):
-            i, m, v = slot_feat[s, k], slot_mode[s, k], slot_val[s, k]
+        for e in slot_start[s] .. slot_start[s] + slot_len[s] - 1:
+            if not pos_lo[e] <= p < pos_hi[e]: continue      # outside the edit's window
+            i, m, v = feature[e], mode[e], value[e]
             a = f_i(x)                   # the SAE's activation of feature i
             out[t] += (edited(m, v, a) - a) * W_dec[i] * c(x)
 
-``c(x)`` is 1 unless the SAE normalises its input (``ops.output_scale``): the edit is made
-in the SAE's feature space and mapped back to the stream's space.
-All shapes are fixed by the tables, nothing reads back to the host, so the computation is
-safe to capture in a CUDA graph. Cost is O(T * K * d_in) plus, for TopK SAEs,
-O(T * d_in * d_sae).
+``c(x)`` is 1 unless the SAE normalises its input (``ops.encoder_input``'s scale): the edit
+is made in the SAE's feature space and mapped back to the stream's space. The condition
+columns (``cond_feature``, ``cond_threshold``) are reserved: every row has no condition
+today, and no kernel reads them.
+All shapes are fixed by the tables (each slot is read as ``width`` entries, the ones past
+``slot_len`` masked), nothing reads back to the host, so the computation is safe to capture
+in a CUDA graph. Cost is O(T * K * d_in) plus, for TopK SAEs, O(T * d_in * d_sae).
 """
 
 from __future__ import annotations
@@ -27,26 +33,42 @@ from __future__ import annotations
 import torch
 
 from sae_runtime import ops
+from sae_runtime.edits import EditTables
 from sae_runtime.saes.base import SAE
+
+
+def row_edits(
+    tables: EditTables,
+    slot: torch.Tensor,  # [R] int64 slot of each row, -1 = none
+    pos: torch.Tensor,  # [R] int64 absolute position of each row
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(feature, mode, value) [R, K]``: each row's slot's edits, ``K = tables.width``.
+
+    An entry past the slot's length, outside the edit's position window, or of a row
+    without a slot has mode ``Mode.NONE`` (it contributes nothing). Fixed shapes, no host
+    reads: every kernel and the reads take a row's edits from here.
+    """
+    k = torch.arange(tables.width, device=slot.device)  # [K]
+    has = slot >= 0
+    s = slot.clamp(min=0)
+    live = has[:, None] & (k[None, :] < tables.slot_len[s][:, None])  # [R, K]
+    e = torch.where(live, tables.slot_start[s][:, None] + k[None, :], 0)  # [R, K] edit rows
+    p = pos[:, None]
+    live = live & (tables.pos_lo[e] <= p) & (p < tables.pos_hi[e])
+    mode = torch.where(live, tables.mode[e], torch.full_like(tables.mode[e], ops.Mode.NONE))
+    return tables.feature[e], mode, tables.value[e]
 
 
 def splice_reference(
     h: torch.Tensor,  # [T, d] hidden state the edit is added to
     resid: torch.Tensor,  # [T, d] activation the SAE encodes
     sae: SAE,
-    tok_slot: torch.Tensor,  # [>=T] int64, -1 = none
-    slot_feat: torch.Tensor,  # [S, K] int64
-    slot_mode: torch.Tensor,  # [S, K] int (ops.Mode)
-    slot_val: torch.Tensor,  # [S, K] float
+    tables: EditTables,
 ) -> torch.Tensor:
     T = h.shape[0]
-    slot = tok_slot[:T]
-    active = slot >= 0
-    s = slot.clamp(min=0)
-    feat = slot_feat[s]  # [T, K]
-    mode = torch.where(active[:, None], slot_mode[s], torch.zeros_like(slot_mode[s]))
+    feat, mode, val = row_edits(tables, tables.tok_slot[:T], tables.tok_pos[:T])  # [T, K]
     x = resid.to(sae.W_enc.dtype)
-    delta = ops.intervention_delta(sae, x, feat, mode, slot_val[s])
+    delta = ops.intervention_delta(sae, x, feat, mode, val)
     return h + delta.to(h.dtype)
 
 

@@ -2,12 +2,14 @@
 
 Semantics (``reference.splice_reference``), one program per token row t of ``h [T, d]``:
 
-    s = tok_slot[t]
+    s, p = tok_slot[t], tok_pos[t]
     if s < 0: out[t] = h[t]                          # padding / unsteered: loads masked off
     else:
         xin = encoder input of resid[t]              # torch: ops.encoder_input, all T rows
-        for k in range(K):                           # one [BLOCK_K] vector of edits
-            i, m, v = slot_feat[s, k], slot_mode[s, k], slot_val[s, k]
+        for k in range(K):                           # one [BLOCK_K] vector of edit rows
+            e = slot_start[s] + k                    # masked off: k >= slot_len[s], or
+            live = pos_lo[e] <= p < pos_hi[e]        #   p outside the edit's window
+            i, m, v = feature[e], mode[e], value[e]
             pre  = xin . W_enc[:, i] + b_enc[i]      # element-wise rules: touched columns only
                  | pre_full[t, i]                    # TopK family: gathered (see below)
             a    = rule(pre)                         # see the rules below
@@ -19,7 +21,7 @@ Semantics (``reference.splice_reference``), one program per token row t of ``h [
           abstopk   pre * (|pre| >= kth[t])              (negative activations kept)
           groupmax  relu(pre) * (relu(pre) >= gmax[t, i // (d_sae / k)])
 
-with ``c(t)`` the SAE's output scale (``ops.output_scale``; 1 without normalisation) and
+with ``c(t)`` the SAE's output scale (``ops.encoder_input``; 1 without normalisation) and
 accumulation in fp32. For the element-wise rules the encode, the edit and the decode of a
 token run in one program; no ``[T, d_sae]`` or ``[T, K, d_in]`` buffer exists.
 
@@ -56,6 +58,7 @@ import triton
 import triton.language as tl
 
 from sae_runtime import ops
+from sae_runtime.edits import EditTables
 from sae_runtime.kernels.reference import splice_reference
 from sae_runtime.kernels.triton_topk_read import ACT_RULES, _act_rule
 from sae_runtime.saes.base import SAE
@@ -65,6 +68,12 @@ THRESHOLD_RULES = {"topk": 3, "abstopk": 4, "groupmax": 5}
 
 SPLICE_RULES = {**ACT_RULES, **THRESHOLD_RULES}
 """Every architecture the splice kernel computes; the others run ``splice_reference``."""
+
+_CLAMP = tl.constexpr(int(ops.Mode.CLAMP))
+_ABLATE = tl.constexpr(int(ops.Mode.ABLATE))
+_SCALE = tl.constexpr(int(ops.Mode.SCALE))
+_ADD = tl.constexpr(int(ops.Mode.ADD))
+_NONE = tl.constexpr(int(ops.Mode.NONE))
 
 
 @triton.jit
@@ -107,10 +116,11 @@ def _threshold_rule(pre, feat, live, t, kth_ptr, stride_kth, rs_ptr, group,
 
 @triton.jit
 def _splice_kernel(
-    h_ptr, xin_ptr, scale_ptr, out_ptr, tok_slot_ptr, feat_ptr, mode_ptr, val_ptr,
+    h_ptr, xin_ptr, scale_ptr, out_ptr, tok_slot_ptr, tok_pos_ptr, start_ptr, len_ptr,
+    feat_ptr, mode_ptr, val_ptr, lo_ptr, hi_ptr,
     we_ptr, wd_ptr, b_ptr, thr_ptr, rs_ptr, bmag_ptr, rmag_ptr, pre_ptr, kth_ptr,
     D, K, group,
-    stride_h, stride_x, stride_o, stride_f, stride_m, stride_v,
+    stride_h, stride_x, stride_o,
     stride_we0, stride_we1, stride_wd0, stride_wd1, stride_p, stride_kth,
     ACT: tl.constexpr, HAS_RS: tl.constexpr, HAS_SCALE: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -119,12 +129,19 @@ def _splice_kernel(
     s = tl.load(tok_slot_ptr + t)
     active = s >= 0
     sc = tl.maximum(s, 0)
+    p = tl.load(tok_pos_ptr + t)
+    start = tl.load(start_ptr + sc)
+    n = tl.load(len_ptr + sc)
     kk = tl.arange(0, BLOCK_K)
-    kmask = (kk < K) & ((kk * 0 + s) >= 0)  # a vector mask (the interpreter wants one)
-    feat = tl.load(feat_ptr + sc * stride_f + kk, mask=kmask, other=0)
-    mode = tl.load(mode_ptr + sc * stride_m + kk, mask=kmask, other=0)
-    val = tl.load(val_ptr + sc * stride_v + kk, mask=kmask, other=0.0).to(tl.float32)
-    live = kmask & (mode != 0)
+    kmask = (kk < K) & (kk < n) & ((kk * 0 + s) >= 0)  # a vector mask (the interpreter wants one)
+    e = start + kk
+    lo = tl.load(lo_ptr + e, mask=kmask, other=0)
+    hi = tl.load(hi_ptr + e, mask=kmask, other=0)
+    kmask = kmask & (lo <= p) & (p < hi)  # the edit's position window
+    feat = tl.load(feat_ptr + e, mask=kmask, other=0)
+    mode = tl.load(mode_ptr + e, mask=kmask, other=_NONE)
+    val = tl.load(val_ptr + e, mask=kmask, other=0.0).to(tl.float32)
+    live = kmask & (mode != _NONE)
     dt = we_ptr.dtype.element_ty
     if ACT >= 3:  # TopK family: the pre-activations membership was decided on
         row = t.to(tl.int64) * stride_p  # T * d_sae can pass 2**31
@@ -146,10 +163,10 @@ def _splice_kernel(
         act = _act_rule(pre, feat, live, b_ptr, thr_ptr, rs_ptr, bmag_ptr, rmag_ptr, ACT,
                         HAS_RS)
     act = act.to(dt).to(tl.float32)
-    new = tl.where(mode == 1, val, act)
-    new = tl.where(mode == 2, 0.0, new)
-    new = tl.where(mode == 3, act * val, new)
-    new = tl.where(mode == 4, act + val, new)
+    new = tl.where(mode == _CLAMP, val, act)
+    new = tl.where(mode == _ABLATE, 0.0, new)
+    new = tl.where(mode == _SCALE, act * val, new)
+    new = tl.where(mode == _ADD, act + val, new)
     coef = tl.where(live, new - act, 0.0)
     c = 1.0
     if HAS_SCALE:
@@ -186,15 +203,12 @@ def splice_triton(
     h: torch.Tensor,  # [T, d]
     resid: torch.Tensor,  # [T, d]
     sae: SAE,
-    tok_slot: torch.Tensor,  # [>=T] int64, -1 = none
-    slot_feat: torch.Tensor,  # [S, K] int64
-    slot_mode: torch.Tensor,  # [S, K] int
-    slot_val: torch.Tensor,  # [S, K] float
+    tables: EditTables,
 ) -> torch.Tensor:
     """``h`` plus each token's edits; same contract as ``splice_reference``."""
     name = sae.cfg.architecture
     if name not in SPLICE_RULES:  # top-AFA (or an architecture the kernel does not know)
-        return splice_reference(h, resid, sae, tok_slot, slot_feat, slot_mode, slot_val)
+        return splice_reference(h, resid, sae, tables)
     T, D = h.shape
     h = h.contiguous()
     out = torch.empty_like(h)
@@ -203,14 +217,16 @@ def splice_triton(
     xin, scale = ops.encoder_input(sae, resid.to(sae.W_enc.dtype))
     xin = xin.contiguous()
     scale_t = xin if scale is None else scale.expand(T, 1).contiguous()
-    K = slot_feat.shape[1]
+    K = tables.width
     dummy = sae.b_enc
     pre_full, kth, group = dummy, dummy, 1
     if name in THRESHOLD_RULES:
         pre_full = xin @ sae.W_enc + sae.b_enc  # [T, d_sae], as ops.intervention_delta
         kth, group = _thresholds(sae, pre_full)
     _splice_kernel[(T,)](
-        h, xin, scale_t, out, tok_slot, slot_feat, slot_mode, slot_val,
+        h, xin, scale_t, out, tables.tok_slot, tables.tok_pos, tables.slot_start,
+        tables.slot_len, tables.feature, tables.mode, tables.value, tables.pos_lo,
+        tables.pos_hi,
         sae.W_enc, sae.W_dec, sae.b_enc,
         sae.threshold if sae.threshold is not None else dummy,
         sae.rank_scale if sae.rank_scale is not None else dummy,
@@ -218,8 +234,7 @@ def splice_triton(
         sae.r_mag if sae.r_mag is not None else dummy,
         pre_full, kth,
         D, K, group,
-        h.stride(0), xin.stride(0), out.stride(0), slot_feat.stride(0), slot_mode.stride(0),
-        slot_val.stride(0), *sae.W_enc.stride(), *sae.W_dec.stride(),
+        h.stride(0), xin.stride(0), out.stride(0), *sae.W_enc.stride(), *sae.W_dec.stride(),
         pre_full.stride(0), kth.stride(0),
         ACT=SPLICE_RULES[name], HAS_RS=sae.rank_scale is not None, HAS_SCALE=scale is not None,
         BLOCK_K=triton.next_power_of_2(max(K, 1)), BLOCK_D=min(128, triton.next_power_of_2(D)),

@@ -10,7 +10,7 @@ per ``SAEConfig.normalization`` (``x_n``), then ``b_dec`` is subtracted when
 ``apply_b_dec_to_input``; that is the encoder input ``xin`` and
 ``pre = xin @ W_enc + b_enc``. The reconstruction ``acts @ W_dec + b_dec`` lives in the
 normalised space and is mapped back with the inverse normalisation, so an edit's decoder
-delta is rescaled by the same per-token factor (see ``ops.output_scale``).
+delta is rescaled by the same per-token factor (see ``ops.encoder_input``).
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ HookSite = Literal["resid_post", "resid_pre", "mlp_out", "attn_out", "z"]
 - ``z``: per-head attention outputs, concatenated, before the output projection
   (``blocks.L.attn.hook_z``); ``d_in = n_heads * d_head``.
 """
-
-HOOK_SITES: tuple[str, ...] = ("resid_post", "resid_pre", "mlp_out", "attn_out", "z")
 
 Normalization = Literal["none", "constant_scale", "token_norm", "layer_norm"]
 """Input normalisation applied before encoding and inverted after decoding.
@@ -173,3 +171,16 @@ class Architecture(Protocol):
         ``cols``.
         """
         ...
+
+
+ARCHITECTURES: dict[str, Architecture] = {}
+"""Every registered architecture by name (filled by ``register``; look up through
+``sae_runtime.registry``, which imports every architecture module first)."""
+
+
+def register(arch: Architecture) -> Architecture:
+    """Register ``arch`` under ``arch.name``; a second registration of a name raises."""
+    if arch.name in ARCHITECTURES:
+        raise ValueError(f"SAE architecture {arch.name!r} is registered twice")
+    ARCHITECTURES[arch.name] = arch
+    return arch

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sae_runtime.registry import register
-from sae_runtime.saes.base import SAE
+from sae_runtime.saes.base import SAE, register
 
 
 class ReLUArchitecture:

@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from sae_runtime.registry import register
-from sae_runtime.saes.base import SAE
+from sae_runtime.saes.base import SAE, register
 
 _LAST_CUMSUM = 1e8  # the reference's sentinel for "all latents"
 

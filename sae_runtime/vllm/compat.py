@@ -40,6 +40,13 @@ def on_cuda() -> bool:
     return current_platform.is_cuda()
 
 
+def on_cpu() -> bool:
+    """Whether vLLM runs on its CPU platform here."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
 def cuda_compilation_config() -> dict:
     """``compilation_config`` for a CUDA engine with SAE hooks.
 
@@ -53,3 +60,34 @@ def cuda_compilation_config() -> dict:
     probe = CompilationConfig(mode=CompilationMode.VLLM_COMPILE)
     probe.set_splitting_ops_for_v1("allgather_reducescatter")
     return {"cudagraph_mode": "PIECEWISE", "splitting_ops": [*probe.splitting_ops, HOOK_OP]}
+
+
+# ---------------------------------------------------------------- parallel state (workers)
+
+
+def parallel_ranks() -> dict[str, int]:
+    """This worker's place: ``tp_rank, tp_size, pp_rank, pp_size, dp_rank, dp_size``."""
+    from vllm.distributed.parallel_state import get_dp_group, get_pp_group, get_tp_group
+
+    out = {}
+    for name, get in (("tp", get_tp_group), ("pp", get_pp_group), ("dp", get_dp_group)):
+        try:
+            g = get()
+            out[f"{name}_rank"], out[f"{name}_size"] = int(g.rank_in_group), int(g.world_size)
+        except (AssertionError, AttributeError):  # group not initialised (single process)
+            out[f"{name}_rank"], out[f"{name}_size"] = 0, 1
+    return out
+
+
+def tp_all_gather(x, dim: int = -1):
+    """Concatenate ``x`` over the tensor-parallel group along ``dim`` (rank order)."""
+    from vllm.distributed.parallel_state import get_tp_group
+
+    return get_tp_group().all_gather(x, dim)
+
+
+def is_pp_missing_layer(mod) -> bool:
+    """Whether ``mod`` is a placeholder for a layer another pipeline stage holds."""
+    from vllm.model_executor.models.utils import PPMissingLayer
+
+    return isinstance(mod, PPMissingLayer)

@@ -6,7 +6,16 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from sae_runtime.interventions import EXTRA_ARGS_KEY, SteeringSpec
+from sae_runtime.interventions import SteeringSpec
+from sae_runtime.payloads import (
+    CONFIG_KEY,
+    EXTRA_ARGS_KEY,
+    RequestPayload,
+    SAEEntry,
+    WorkerConfig,
+    encode_request,
+    to_builtins,
+)
 from sae_runtime.reads import ReadSpec
 from sae_runtime.vllm import compat
 
@@ -32,6 +41,11 @@ class EngineSettings:
     enforce_eager: bool = False
     enable_prefix_caching: bool = True
     seed: int = 0
+    max_logprobs: int = 20  # largest logprobs / prompt_logprobs a request may ask for
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    distributed_executor_backend: str | None = None  # None: vLLM's choice; "mp" or "ray"
 
 
 def build_engine(s: EngineSettings) -> Any:
@@ -53,21 +67,27 @@ def build_engine(s: EngineSettings) -> Any:
         enforce_eager=s.enforce_eager,
         enable_prefix_caching=s.enable_prefix_caching,
         seed=s.seed,
+        max_logprobs=s.max_logprobs,
+        tensor_parallel_size=s.tensor_parallel_size,
+        pipeline_parallel_size=s.pipeline_parallel_size,
+        data_parallel_size=s.data_parallel_size,
+        distributed_executor_backend=s.distributed_executor_backend,
         worker_extension_cls=WORKER_EXTENSION,
-        additional_config={
-            "sae_steering": {"saes": s.saes, "max_interventions": s.max_interventions,
-                             "max_watch": s.max_watch, "reads_addr": s.reads_addr,
-                             "sae_dtype": s.sae_dtype}
-        },
+        additional_config={CONFIG_KEY: to_builtins(WorkerConfig(
+            saes=tuple(SAEEntry(**e) for e in s.saes), max_interventions=s.max_interventions,
+            max_watch=s.max_watch, reads_addr=s.reads_addr, sae_dtype=s.sae_dtype))},
         disable_log_stats=True,
         **extra,
     )
     return compat.AsyncLLM.from_engine_args(args)
 
 
-def resolve_sae_dtype(sae_dtype: str, model_dtype: Any) -> str:
-    """``auto`` -> the model's dtype name (e.g. ``bfloat16``); explicit names pass through."""
-    return str(model_dtype).removeprefix("torch.") if sae_dtype == "auto" else sae_dtype
+async def hook_reports(engine: Any) -> list[dict]:
+    """Every worker's ``sae_hook_report`` (ranks, blocks held, hooks installed)."""
+    return list(await engine.collective_rpc("sae_hook_report"))
+
+
+on_cpu = compat.on_cpu
 
 
 def make_prompt(token_ids: list[int], spec: SteeringSpec) -> Any:
@@ -83,19 +103,21 @@ def make_sampling_params(
     stop: list[str], stop_token_ids: list[int], ignore_eos: bool,
     spec: SteeringSpec, sae_index: dict[str, int],
     reads: ReadSpec | None = None, request_id: str = "",
+    logprobs: int | None = None, prompt_logprobs: int | None = None,
 ) -> Any:
     """SamplingParams carrying the request's edits and reads to the worker.
 
     A request that reads prompt positions skips reading the prefix cache, so every prompt
-    position is computed (and reported); it still writes the cache for others.
+    position is computed (and reported); it still writes the cache for others (vLLM does the
+    same for prompt logprobs). ``logprobs`` / ``prompt_logprobs``: top-n alternatives per
+    generated / prompt token (vLLM's raw log-softmax), None for none.
     """
-    payload: dict[str, Any] = {}
-    if spec.interventions:
-        payload.update(spec.to_wire(sae_index))
-    if reads is not None and reads.reads:
-        payload.update(reads.to_wire(sae_index))
-    if payload:
-        payload["rid"] = request_id
+    rd = reads if reads is not None and reads.reads else None
+    payload = None
+    if spec.interventions or rd is not None:
+        payload = RequestPayload(rid=request_id, edits=spec.to_payload(sae_index),
+                                 reads=rd.to_payload(sae_index) if rd else (),
+                                 pooled=rd.pooled if rd else False)
     return compat.SamplingParams(
         max_tokens=max_tokens,
         temperature=temperature,
@@ -105,7 +127,9 @@ def make_sampling_params(
         stop=stop or None,
         stop_token_ids=stop_token_ids or None,
         ignore_eos=ignore_eos,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
         output_kind=compat.RequestOutputKind.DELTA,
-        extra_args={EXTRA_ARGS_KEY: payload} if payload else None,
+        extra_args={EXTRA_ARGS_KEY: encode_request(payload)} if payload else None,
         skip_reading_prefix_cache=True if reads is not None and reads.wants_prompt else None,
     )

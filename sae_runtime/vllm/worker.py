@@ -11,9 +11,9 @@ be frozen into the trace or ignored) and wraps the model runner's ``load_model``
   decoder layer for residual sites, its attention/MLP/output-projection submodule for the
   others; see ``families.py``) with one that passes the activation through the op once per
   SAE hooked there. The hook ids are closure constants, so unhooked modules trace no op.
-- ``_model_forward`` fills the per-step tables (token row -> slot, slot ->
-  features/modes/values, reading rows) in place before each forward and uploads them to
-  the device, publishes reads after it, and clears the tables.
+- ``_model_forward`` describes the scheduled batch (``runner_v1.describe_step``) and lets
+  the step planner (``sae_runtime.planner``, no vLLM) fill every hook's tables in place and
+  upload them before each forward; after it, it publishes the reads and clears the tables.
 
 The tables and the hook's computation are ``sae_runtime.tables.HookTables`` (no vLLM in
 there): preallocated once (fixed addresses, sized by the engine's token and sequence
@@ -25,160 +25,57 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from sae_runtime.errors import SAEFormatError, UnsupportedModelError
-from sae_runtime.interventions import EXTRA_ARGS_KEY, Scope, from_wire
-from sae_runtime.loading import load_sae
-from sae_runtime.reads import ReadScope, WireRead, reads_from_wire
+from sae_runtime.hw import choose_sae_dtype
+from sae_runtime.loading import load_sae, load_sae_config
+from sae_runtime.payloads import worker_config
+from sae_runtime.planner import ReadSegment, collect_reads, plan_step
 from sae_runtime.tables import HookTables
 from sae_runtime.vllm import compat
+from sae_runtime.vllm.cpu_rng import patch_cpu_seeded_rewind
 from sae_runtime.vllm.families import LAYER_NAME, block_of, family_of, supported
+from sae_runtime.vllm.runner_v1 import RequestPlans, describe_step
 from sae_runtime.vllm.side_channel import ReadPublisher
 
 log = logging.getLogger("sae_runtime.worker")
 
-CONFIG_KEY = "sae_steering"  # key in VllmConfig.additional_config
+SKIP_PATCH_ENV = "SAE_STEERING_TEST_SKIP_RUNNER_PATCH"
 
 
 # --------------------------------------------------------------------------- state
 
 
-@dataclass(frozen=True)
-class _Plan:
-    """One request's edits on one hook, scope-ALL edits first."""
-
-    feat: np.ndarray
-    mode: np.ndarray
-    val: np.ndarray
-    n_all: int  # edits [0, n_all) apply at prompt positions too
-
-
-@dataclass(frozen=True)
-class _Segment:
-    """Consecutive read rows of one request at one hook in this step."""
-
-    rid: str
-    read: WireRead
-    hook_id: int
-    offset: int  # first row in the hook's read output
-    n: int
-    pos0: int  # position of the first row
-    pooled: bool
-
-
 class SteeringState:
-    """All hooks of this worker, and the per-step table filling."""
+    """All hooks of this worker, the compiled payloads of its requests, and the step's reads."""
 
-    def __init__(self, hooks: list[HookTables], publisher: ReadPublisher | None) -> None:
+    def __init__(self, hooks: list[HookTables | None], publisher: ReadPublisher | None) -> None:
         self.hooks = hooks  # indexed like the server's SAE list: hook id == SAE index
-        self.publisher = publisher
-        self.segments: list[_Segment] = []
-
-    def _reads(self, req) -> tuple[str, list[WireRead], bool]:
-        cached = getattr(req, "_sae_reads", None)
-        if cached is not None:
-            return cached
-        extra = (req.sampling_params.extra_args if req.sampling_params else None) or {}
-        payload = extra.get(EXTRA_ARGS_KEY) or {}
-        reads, pooled = reads_from_wire(payload)
-        plan = (str(payload.get("rid", "")), reads, pooled)
-        req._sae_reads = plan
-        return plan
-
-    def _plans(self, req) -> dict[int, _Plan]:
-        cached = getattr(req, "_sae_plans", None)
-        if cached is not None:
-            return cached
-        extra = req.sampling_params.extra_args if req.sampling_params else None
-        ivs = from_wire((extra or {}).get(EXTRA_ARGS_KEY))
-        by_hook: dict[int, list] = {}
-        for iv in ivs:
-            by_hook.setdefault(iv.sae_index, []).append(iv)
-        plans = {}
-        for hook_id, items in by_hook.items():
-            items.sort(key=lambda iv: iv.scope != Scope.ALL)
-            plans[hook_id] = _Plan(
-                feat=np.array([iv.feature for iv in items], dtype=np.int64),
-                mode=np.array([iv.mode for iv in items], dtype=np.int32),
-                val=np.array([iv.value for iv in items], dtype=np.float32),
-                n_all=sum(iv.scope == Scope.ALL for iv in items),
-            )
-        req._sae_plans = plans
-        return plans
+        self.publisher = publisher  # None: this rank does not publish reads
+        self.plans = RequestPlans()  # by vLLM request id, dropped when the request finishes
+        self.segments: list[ReadSegment] = []
 
     def prepare_step(self, runner) -> None:
         """Fill every hook's tables for the batch the runner is about to run."""
-        batch = runner.input_batch
-        num_reqs = batch.num_reqs
-        qsl = runner.query_start_loc.np
-        computed = batch.num_computed_tokens_cpu
-        for i, req_id in enumerate(batch.req_ids[:num_reqs]):
-            req = runner.requests.get(req_id)
-            if req is None:
-                continue
-            plans = self._plans(req)
-            rid, reads, pooled = self._reads(req)
-            if not plans and not reads:
-                continue
-            start, end = int(qsl[i]), int(qsl[i + 1])
-            if end <= start:
-                continue
-            # Positions of rows start..end-1 are computed..computed+(end-start)-1; rows at
-            # positions < prompt_len are prompt tokens.
-            pos0 = int(computed[i])
-            split = start + min(max(req.num_prompt_tokens - pos0, 0), end - start)
-            for rp in reads:
-                a, b = {ReadScope.PROMPT: (start, split),
-                        ReadScope.GENERATION: (split, end)}.get(rp.scope, (start, end))
-                if b > a:
-                    hook_id = rp.sae_index
-                    off = self.hooks[hook_id].add_read_rows(a, b, rp.top_k, rp.watch, pooled)
-                    self.segments.append(_Segment(rid, rp, hook_id, off, b - a, pos0 + a - start, pooled))
-            for hook_id, plan in plans.items():
-                hook = self.hooks[hook_id]
-                if split > start and plan.n_all:
-                    k = plan.n_all
-                    hook.add_rows(start, split, plan.feat[:k], plan.mode[:k], plan.val[:k])
-                if end > split:
-                    hook.add_rows(split, end, plan.feat, plan.mode, plan.val)
-        for hook in self.hooks:
-            hook.upload()
+        self.segments = plan_step(self.hooks, describe_step(runner, self.plans))
 
     def publish_reads(self) -> None:
         """Send this step's reads to the server, one record per segment."""
-        if not self.segments:
+        if not self.segments or self.publisher is None:
             return
-        records = []
-        host_reads = {i: self.hooks[i].read_out_host() for i in {s.hook_id for s in self.segments}}
-        for seg in self.segments:
-            out = host_reads.get(seg.hook_id)
-            if out is None:  # the hooked layer did not run (cannot happen in a full forward)
-                continue
-            vals, idx, watch, dense = out
-            sl = slice(seg.offset, seg.offset + seg.n)
-            k, w = seg.read.top_k, len(seg.read.watch)
-            rec = {
-                "rid": seg.rid, "sae": seg.read.sae_index, "pos0": seg.pos0, "n": seg.n,
-                "k": k, "idx": idx[sl, :k].to(torch.int32).numpy().tobytes(),
-                "val": vals[sl, :k].to(torch.float32).numpy().tobytes(),
-                "w": w, "wv": watch[sl, :w].to(torch.float32).numpy().tobytes(),
-            }
-            if seg.pooled and dense is not None:
-                d = dense[sl].to(torch.float32)
-                rec["psum"] = d.sum(0).numpy().tobytes()
-                rec["pmax"] = d.max(0).values.numpy().tobytes()
-            records.append(rec)
-        if records and self.publisher is not None:
+        records = collect_reads(self.hooks, self.segments)
+        if records:
             self.publisher.send(records)
 
     def end_step(self) -> None:
-        self.segments.clear()
+        self.segments = []
         for hook in self.hooks:
-            hook.clear()
+            if hook is not None:
+                hook.clear()
 
 
 _STATE: SteeringState | None = None
@@ -187,9 +84,29 @@ _STATE: SteeringState | None = None
 # --------------------------------------------------------------------------- custom op
 
 
+@dataclass(frozen=True)
+class _Shard:
+    """This TP rank's columns ``[lo, hi)`` of a hook site sharded by heads (``z``)."""
+
+    lo: int
+    hi: int
+
+
+_SHARDS: dict[int, _Shard] = {}  # hook id -> this rank's slice, for sharded sites under TP
+
+
 def _sae_hook(hidden_states: torch.Tensor, residual: torch.Tensor | None, hook_id: int) -> torch.Tensor:
     assert _STATE is not None, "sae_hook ran before SAEs were installed"
-    return _STATE.hooks[hook_id].apply(hidden_states, residual)
+    hook = _STATE.hooks[hook_id]
+    shard = _SHARDS.get(hook_id)
+    if shard is None:
+        return hook.apply(hidden_states, residual)
+    # Sharded site: every TP rank sees the same batch, so the host counts (and with them
+    # this branch) agree on all ranks and the gather is entered by all or none.
+    if hook.n_rows == 0 and hook.n_read == 0:
+        return hidden_states.clone()
+    full = compat.tp_all_gather(hidden_states.contiguous(), dim=-1)  # [T, n_heads * head_dim]
+    return hook.apply(full, None)[:, shard.lo:shard.hi].contiguous()
 
 
 def _sae_hook_fake(hidden_states: torch.Tensor, residual: torch.Tensor | None, hook_id: int) -> torch.Tensor:
@@ -271,109 +188,93 @@ def _patch_runner_class(cls: type) -> None:
             finally:
                 _STATE.end_step()
 
+        _model_forward._sae_wrapper = True  # the startup check looks for this mark
         cls._model_forward = _model_forward
     if "sample_tokens" in cls.__dict__ and "_bookkeeping_sync" in cls.__dict__:
-        _patch_cpu_seeded_rewind(cls)
+        patch_cpu_seeded_rewind(cls)
     cls._sae_patched = True
 
 
-def _patch_cpu_seeded_rewind(cls: type) -> None:
-    """Keep seeded requests from killing the engine on CPU (a vLLM 0.32 CPU bug).
-
-    When a step's sample is discarded (a chunked prompt's partial prefill), vLLM rewinds a
-    seeded request's generator with ``gen.set_offset(gen.get_offset() - 4)``, which only
-    CUDA's Philox generator supports: a CPU generator raises "CPU Generator does not use
-    offset", the worker dies and the engine with it. On CPU we do the rewind vLLM means: save
-    those generators' states before sampling and restore them afterwards, keeping them out of
-    vLLM's own rewind. CUDA runs are untouched.
-    """
-    orig_sample, orig_book = cls.sample_tokens, cls._bookkeeping_sync
-
-    @functools.wraps(orig_sample)
-    def sample_tokens(self, *args, **kwargs):
-        self._sae_rng_saved = _discarded_generator_states(self)
-        try:
-            return orig_sample(self, *args, **kwargs)
-        finally:
-            self._sae_rng_saved = None
-
-    @functools.wraps(orig_book)
-    def _bookkeeping_sync(self, *args, **kwargs):
-        saved = getattr(self, "_sae_rng_saved", None)
-        if not saved:
-            return orig_book(self, *args, **kwargs)
-        gens = self.input_batch.generators
-        held = {i: gens.pop(i) for i in saved if i in gens}
-        try:
-            return orig_book(self, *args, **kwargs)
-        finally:
-            for i, g in held.items():
-                g.set_state(saved[i])
-                gens[i] = g
-
-    cls.sample_tokens = sample_tokens
-    cls._bookkeeping_sync = _bookkeeping_sync
-
-
-def _discarded_generator_states(runner) -> dict[int, torch.Tensor] | None:
-    batch = getattr(runner, "input_batch", None)
-    if batch is None or not batch.generators or runner.device.type != "cpu":
-        return None
-    discard = runner.discard_request_mask.np[:batch.num_reqs]
-    return {int(i): g.get_state() for i in np.nonzero(discard)[0]
-            if (g := batch.generators.get(int(i))) is not None}
-
-
 def install(runner) -> None:
-    """Load the configured SAEs onto the runner's model and wrap the hooked modules."""
+    """Load the SAEs this rank hooks onto the runner's model and wrap the hooked modules.
+
+    Rank-aware: a pipeline stage hooks only the blocks it holds (the others are vLLM's
+    ``PPMissingLayer`` placeholders) and loads only those SAEs; every tensor-parallel rank of
+    a stage hooks the same SAEs. Replicated sites (residual stream, attention and MLP outputs
+    after their all-reduce) compute the same edit on every rank; at ``z`` each rank holds
+    ``n_heads / tp`` heads, so the op gathers the full ``z`` over the TP group, encodes and
+    edits it whole, and keeps this rank's columns (``_Shard``). Only TP rank 0 publishes
+    reads, so each position arrives once. What was installed is recorded in ``_REPORT`` for
+    the server's startup check (``SteeringWorkerExtension.sae_hook_report``).
+    """
     global _STATE
-    cfg = (runner.vllm_config.additional_config or {}).get(CONFIG_KEY)
+    cfg = worker_config(runner.vllm_config.additional_config)
     if not cfg:
         return
     model = runner.model
     if getattr(model, "_sae_installed", False):
         return  # a runner whose load_model calls its parent's: install once
     model._sae_installed = True
+    ranks = compat.parallel_ranks()
     archs = getattr(runner.model_config.hf_config, "architectures", None)
     family = family_of(archs)
     if family is None:
         raise UnsupportedModelError(
             f"model architecture {archs} has no SAE hook support; supported: {supported()}"
         )
-    layers = {int(m.group(1)): mod for name, mod in model.named_modules()
-              if (m := LAYER_NAME.search(name))}
+    all_layers = {int(m.group(1)): mod for name, mod in model.named_modules()
+                  if (m := LAYER_NAME.search(name))}
+    layers = {i: mod for i, mod in all_layers.items() if not compat.is_pp_missing_layer(mod)}
     hidden = runner.model_config.get_hidden_size()
     sched = runner.scheduler_config
     max_tokens = int(sched.max_num_batched_tokens)
-    max_slots = 2 * int(sched.max_num_seqs)
-    max_feats = int(cfg["max_interventions"])
-    max_watch = int(cfg.get("max_watch", 0))
+    max_slots = int(sched.max_num_seqs)  # one edit slot and one read slot per request
+    max_feats = cfg.max_interventions
+    max_watch = cfg.max_watch
     device = next(model.parameters()).device
-    from sae_runtime.vllm.engine import resolve_sae_dtype
-
-    sae_dtype = getattr(torch, resolve_sae_dtype(cfg.get("sae_dtype", "auto"), runner.model_config.dtype))
-    hooks: list[HookTables] = []
+    model_dtype = str(runner.model_config.dtype).removeprefix("torch.")
+    tp = ranks["tp_size"]
+    hooks: list[HookTables | None] = []
+    shards: dict[int, _Shard] = {}
+    report: list[dict] = []
     targets: dict[tuple[int, str], list[int]] = {}  # (block, site kind) -> hook ids, in order
-    for entry in cfg["saes"]:
-        sae = load_sae(entry["path"], hook_name=entry.get("hook_name")).to(device, sae_dtype)
-        c = sae.cfg
+    for entry in cfg.saes:
+        hook_id = len(hooks)
+        c = load_sae_config(entry.path, entry.hook_name)
         block = block_of(c.layer, c.site)
-        if block not in layers:
+        if block not in all_layers:
             raise SAEFormatError(
-                f"{entry['path']}: SAE {entry['id']!r} hooks {c.hook_name} but the model has "
-                f"blocks 0..{max(layers)}"
+                f"{entry.path}: SAE {entry.id!r} hooks {c.hook_name} but the model has "
+                f"blocks 0..{max(all_layers)}"
             )
+        if block not in layers:  # another pipeline stage holds this block
+            hooks.append(None)
+            continue
         site = "out" if c.site in ("resid_post", "resid_pre") else c.site
-        if site != "z" and c.d_in != hidden:
+        if site == "z":
+            o_proj = layers[block].get_submodule(family.z)
+            local = int(getattr(o_proj, "input_size_per_partition", c.d_in // tp))
+            if local * tp != c.d_in:
+                raise SAEFormatError(
+                    f"{entry.path}: SAE {entry.id!r} has d_in={c.d_in}, but {c.hook_name} "
+                    f"is {local} wide on each of {tp} tensor-parallel ranks ({local * tp} in all)")
+            if tp > 1:
+                r = ranks["tp_rank"]
+                shards[hook_id] = _Shard(r * local, (r + 1) * local)
+        elif c.d_in != hidden:
             raise SAEFormatError(
-                f"{entry['path']}: SAE {entry['id']!r} has d_in={c.d_in} but the model's "
+                f"{entry.path}: SAE {entry.id!r} has d_in={c.d_in} but the model's "
                 f"hidden size is {hidden}"
             )
-        hook_id = len(hooks)
+        dtype_name, why = choose_sae_dtype(cfg.sae_dtype, model_dtype, device.type)
+        sae = load_sae(entry.path, hook_name=entry.hook_name).to(device, getattr(torch, dtype_name))
         hooks.append(HookTables(sae, max_tokens, max_slots, max_feats, max_watch))
         targets.setdefault((block, site), []).append(hook_id)
-        log.info("SAE %s (%s, d_sae=%d, %s) at block %d %s", entry["id"], c.architecture,
-                 c.d_sae, sae_dtype, block, c.site)
+        report.append({"sae": hook_id, "id": entry.id, "block": block, "site": c.site,
+                       "dtype": dtype_name, "dtype_why": why, "sharded": hook_id in shards})
+        log.info("SAE %s (%s, d_sae=%d, %s: %s) at block %d %s, tp rank %d/%d, pp rank %d/%d",
+                 entry.id, c.architecture, c.d_sae, dtype_name, why, block, c.site,
+                 ranks["tp_rank"], tp, ranks["pp_rank"], ranks["pp_size"])
     for (block, site), ids in targets.items():
         layer = layers[block]
         if site == "out":
@@ -382,15 +283,37 @@ def install(runner) -> None:
             _wrap_input(layer.get_submodule(family.z), ids)
         else:
             _wrap_output(layer.get_submodule(getattr(family, site)), ids, residual_tuple=False)
-    addr = cfg.get("reads_addr")
-    _STATE = SteeringState(hooks, ReadPublisher(addr) if addr else None)
+    addr = cfg.reads_addr
+    publish = addr and ranks["tp_rank"] == 0
+    _SHARDS.update(shards)
+    _STATE = SteeringState(hooks, ReadPublisher(addr) if publish else None)
+    _REPORT.update(ranks=ranks, layers=sorted(layers), hooks=report, installed=True,
+                   publishes=bool(publish), device=device.type)
+
+
+_REPORT: dict = {"installed": False}
 
 
 class SteeringWorkerExtension:
     """Named in ``worker_extension_cls`` so vLLM imports this module in the worker before it
     builds the model; the import registers the op and wraps the model runner."""
 
+    def sae_hook_report(self) -> dict:
+        """What this worker installed (``collective_rpc``): its ranks, the decoder blocks it
+        holds, each hooked SAE (index, id, block, site, dtype), and whether its model runner
+        is one this module patched. The server refuses to serve unless every configured SAE
+        sits on every rank that must hold it."""
+        runner = getattr(self, "model_runner", None)
+        cls = type(runner)
+        return {**_REPORT, "runner": cls.__name__,
+                "runner_patched": bool(getattr(getattr(cls, "_model_forward", None),
+                                               "_sae_wrapper", False))}
+
+
 
 _register_op()
-for _cls in compat.model_runner_classes():
-    _patch_runner_class(_cls)
+# SKIP_PATCH_ENV leaves the runners unpatched: tests use it to prove that startup then
+# refuses to serve (a runner this module does not patch must never serve unsteered).
+if os.environ.get(SKIP_PATCH_ENV) != "1":
+    for _cls in compat.model_runner_classes():
+        _patch_runner_class(_cls)

@@ -1,10 +1,12 @@
-"""Random in-memory SAEs of every registered architecture (for kernel and math tests)."""
+"""Random in-memory SAEs of every registered architecture, and kernel edit tables (for
+kernel and math tests)."""
 
 from __future__ import annotations
 
 import torch
 
 from sae_runtime import registry
+from sae_runtime.edits import POS_INF, EditTables
 from sae_runtime.saes.base import SAE, SAEConfig
 
 K = 6  # active features (TopK family)
@@ -49,3 +51,28 @@ def random_sae(arch: str, d_in: int, d_sae: int, *, normalization: str = "none",
     if rank_scale:
         tensors["rank_scale"] = torch.rand(d_sae, generator=g) + 0.5
     return SAE(cfg, **tensors)
+
+
+def edit_tables(tok_slot: torch.Tensor, feat: torch.Tensor, mode: torch.Tensor,
+                val: torch.Tensor, *, tok_pos: torch.Tensor | None = None,
+                pos_lo: torch.Tensor | None = None, pos_hi: torch.Tensor | None = None,
+                slot_len: torch.Tensor | None = None) -> EditTables:
+    """Kernel edit tables from per-slot edits ``feat/mode/val [S, K]``: slot s owns edit
+    rows ``s*K .. s*K + slot_len[s]`` (all K by default), windows ``[pos_lo, pos_hi)``
+    (``[S, K]``, default: every position), token positions ``tok_pos`` (default 0)."""
+    S, K = feat.shape
+    dev = feat.device
+    cols = {"feature": feat.reshape(-1).long(), "mode": mode.reshape(-1).int(),
+            "value": val.reshape(-1).float(),
+            "pos_lo": (torch.zeros(S * K, dtype=torch.int64, device=dev) if pos_lo is None
+                       else pos_lo.reshape(-1).long()),
+            "pos_hi": (torch.full((S * K,), POS_INF, dtype=torch.int64, device=dev)
+                       if pos_hi is None else pos_hi.reshape(-1).long()),
+            "cond_feature": torch.full((S * K,), -1, dtype=torch.int64, device=dev),
+            "cond_threshold": torch.zeros(S * K, dtype=torch.float32, device=dev)}
+    if tok_pos is None:
+        tok_pos = torch.zeros_like(tok_slot)
+    if slot_len is None:
+        slot_len = torch.full((S,), K, dtype=torch.int64, device=dev)
+    start = torch.arange(S, dtype=torch.int64, device=dev) * K
+    return EditTables.build(tok_slot, tok_pos, start, slot_len, cols, K)

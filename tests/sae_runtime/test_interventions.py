@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from sae_runtime.errors import InvalidRequestError, UnknownSAEError
-from sae_runtime.interventions import Intervention, Scope, SteeringSpec, from_wire
+from sae_runtime.interventions import Intervention, Scope, SteeringSpec
 from sae_runtime.ops import Mode
+from sae_runtime.payloads import EXTRA_ARGS_KEY, RequestPayload, decode_request, encode_request
+from sae_runtime.reads import Read, ReadScope, ReadSpec
 from sae_runtime.saes.base import SAEConfig
 
 SAES = {"a": SAEConfig("standard", 8, 100, "blocks.1.hook_resid_post", 1, "resid_post"),
@@ -55,9 +57,27 @@ def test_cache_salt_is_order_free_and_distinguishes_specs():
         Intervention("a", 1, Mode.ABLATE, 0.0)).cache_salt()
 
 
-def test_wire_round_trip():
+def test_payload_round_trip_through_extra_args():
+    """The payload survives msgpack (what vLLM does to extra_args) field for field."""
+    import msgspec
+
     s = spec(Intervention("b", 7, Mode.SCALE, 0.5, Scope.GENERATION_ONLY), Intervention("a", 1, Mode.ABLATE, 9.0))
-    wire = from_wire(s.to_wire({"a": 0, "b": 1}))
-    assert [(w.sae_index, w.feature, w.mode, w.value, w.scope) for w in wire] == [
+    reads = ReadSpec((Read("a", 3, (4, 5), ReadScope.PROMPT),), pooled=True)
+    sent = RequestPayload(rid="r1", edits=s.to_payload({"a": 0, "b": 1}),
+                          reads=reads.to_payload({"a": 0, "b": 1}), pooled=True)
+    extra = msgspec.msgpack.decode(msgspec.msgpack.encode({EXTRA_ARGS_KEY: encode_request(sent)}))
+    got = decode_request(extra)
+    assert got == sent
+    assert [(e.sae, e.feature, e.mode, e.value, e.scope) for e in got.edits] == [
         (1, 7, int(Mode.SCALE), 0.5, int(Scope.GENERATION_ONLY)), (0, 1, int(Mode.ABLATE), 0.0, int(Scope.ALL))]
-    assert from_wire(None) == []
+    assert [(r.sae, r.top_k, r.watch, r.scope) for r in got.reads] == [(0, 3, (4, 5), int(ReadScope.PROMPT))]
+    assert decode_request(None) is None and decode_request({}) is None
+
+
+def test_cache_salt_is_computed_once_per_spec(monkeypatch):
+    import hashlib
+
+    s = spec(Intervention("a", 1, Mode.CLAMP, 2.0))
+    first = s.cache_salt()
+    monkeypatch.setattr(hashlib, "sha256", None)  # a second hash would fail
+    assert s.cache_salt() == first

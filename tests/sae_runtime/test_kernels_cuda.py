@@ -13,7 +13,7 @@ import torch
 
 from sae_runtime import kernels, ops
 from sae_runtime.kernels import read_reference, sparse_decode_reference, splice_reference
-from tests.sae_runtime._factories import random_sae
+from tests.sae_runtime._factories import edit_tables, random_sae
 from tests.sae_runtime.test_kernels_fused import (
     TOL,
     _edits,
@@ -64,8 +64,9 @@ def test_cuda_splice(arch, dtype, T, monkeypatch):
     mode = torch.randint(0, 5, (8, 16), dtype=torch.int32, device=DEV)
     val = torch.randn(8, 16, device=DEV)
     h = torch.randn(T, 576, device=DEV).to(dtype)
-    got = kernels.splice_fixed(h, h, sae, tok_slot, feat, mode, val)
-    want = splice_reference(h, h, sae, tok_slot, feat, mode, val)
+    tables = edit_tables(tok_slot, feat, mode, val)
+    got = kernels.splice_fixed(h, h, sae, tables)
+    want = splice_reference(h, h, sae, tables)
     assert_splice_matches(got, want, dtype)
 
 
@@ -90,8 +91,9 @@ def test_cuda_splice_topk_family_at_the_boundary(arch, rank_scale, dtype, monkey
     val = torch.randn(T, 4, device=DEV) * 3
     tok_slot = torch.arange(T, device=DEV)
     tok_slot[::7] = -1
-    got = kernels.splice_fixed(h, h, sae, tok_slot, feat, mode, val)
-    want = splice_reference(h, h, sae, tok_slot, feat, mode, val)
+    tables = edit_tables(tok_slot, feat, mode, val)
+    got = kernels.splice_fixed(h, h, sae, tables)
+    want = splice_reference(h, h, sae, tables)
     assert_splice_matches(got, want, dtype)
     assert torch.equal(got[::7], h[::7])
 
@@ -122,12 +124,13 @@ def test_cuda_splice_captures_in_a_graph(arch, monkeypatch):
     feat = torch.randint(0, 16384, (4, 8), device=DEV)
     mode = torch.full((4, 8), int(ops.Mode.CLAMP), dtype=torch.int32, device=DEV)
     val = torch.randn(4, 8, device=DEV) * 5
-    kernels.splice_fixed(h, h, sae, tok_slot, feat, mode, val)  # compile before capture
+    tables = edit_tables(tok_slot, feat, mode, val)
+    kernels.splice_fixed(h, h, sae, tables)  # compile before capture
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        out = kernels.splice_fixed(h, h, sae, tok_slot, feat, mode, val)
+        out = kernels.splice_fixed(h, h, sae, tables)
     tok_slot.copy_(torch.randint(-1, 4, (T,), device=DEV))  # the step's tables, in place
     g.replay()
-    torch.testing.assert_close(out, splice_reference(h, h, sae, tok_slot, feat, mode, val),
+    torch.testing.assert_close(out, splice_reference(h, h, sae, tables),
                                atol=1e-4, rtol=1e-4)

@@ -16,7 +16,7 @@ from sae_runtime.kernels import read_reference, read_tiled, sparse_decode_refere
 from sae_runtime.kernels.decode import sparse_decode
 from sae_runtime.kernels.topk_read import tiled
 from sae_runtime.saes.base import NORMALIZATIONS
-from tests.sae_runtime._factories import random_sae
+from tests.sae_runtime._factories import edit_tables, random_sae
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (3e-2, 3e-2), torch.float16: (5e-3, 5e-3)}
 D_SAE = 200  # with tile=64: three full tiles and a partial one
@@ -229,14 +229,14 @@ def test_sparse_decode_equals_reference(dtype, N, k, d_in):
 @pytest.mark.parametrize("arch", ["topk", "abstopk", "standard"])
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
 def test_decode_sparse_equals_dense_decode(arch, normalization):
-    """``ops.decode_sparse`` of an SAE's codes equals ``ops.decode`` of its dense latents."""
+    """``kernels.decode_sparse`` of an SAE's codes equals ``ops.decode`` of its dense latents."""
     sae = random_sae(arch, 48, 120, normalization=normalization)
     x = torch.randn(13, 48)
     acts = ops.encode(sae, x)
     k = int((acts != 0).sum(1).max())
     vals, idx = acts.abs().topk(k, dim=1)
     vals = acts.gather(1, idx)
-    torch.testing.assert_close(ops.decode_sparse(sae, vals, idx, x), ops.decode(sae, acts, x),
+    torch.testing.assert_close(kernels.decode_sparse(sae, vals, idx, x), ops.decode(sae, acts, x),
                                atol=1e-4, rtol=1e-5)
 
 
@@ -274,8 +274,9 @@ def test_dispatched_ops_equal_references_on_cpu(monkeypatch, forced):
     sf, sm, sv = torch.randint(0, D_SAE, (3, 2)), torch.randint(0, 5, (3, 2), dtype=torch.int32), \
         torch.randn(3, 2)
     h = torch.randn(T, 48)
-    torch.testing.assert_close(kernels.splice_fixed(h, h, sae, tok_slot, sf, sm, sv),
-                               kernels.splice_reference(h, h, sae, tok_slot, sf, sm, sv))
+    tables = edit_tables(tok_slot, sf, sm, sv)
+    torch.testing.assert_close(kernels.splice_fixed(h, h, sae, tables),
+                               kernels.splice_reference(h, h, sae, tables))
 
 
 # --------------------------------------------------------------------------- Triton

@@ -17,7 +17,7 @@ import torch
 from sae_runtime import ops, registry
 from sae_runtime.kernels import read_reference, sparse_decode_reference, splice_reference
 from sae_runtime.saes.base import NORMALIZATIONS
-from tests.sae_runtime._factories import random_sae
+from tests.sae_runtime._factories import edit_tables, random_sae
 from tests.sae_runtime.test_kernels_fused import (
     TOL,
     _edits,
@@ -74,10 +74,14 @@ def test_triton_splice(arch, dtype, T, monkeypatch):
     feat[0, 1] = feat[0, 0]
     mode = torch.randint(0, 5, (S, K), dtype=torch.int32)
     val = torch.randn(S, K) * 3
+    lo = torch.randint(0, 20, (S, K))  # windows: some tokens inside, some outside
+    hi = lo + torch.randint(0, 20, (S, K))
+    tables = edit_tables(tok_slot, feat, mode, val, tok_pos=torch.randint(0, 40, (T + 3,)),
+                         pos_lo=lo, pos_hi=hi, slot_len=torch.tensor([3, 2, 0, 3]))
     h = torch.randn(T, 48).to(dtype)
     resid = (h.float() + torch.randn(T, 48)).to(dtype)
-    got = triton_splice.splice_triton(h, resid, sae, tok_slot, feat, mode, val)
-    want = splice_reference(h, resid, sae, tok_slot, feat, mode, val)
+    got = triton_splice.splice_triton(h, resid, sae, tables)
+    want = splice_reference(h, resid, sae, tables)
     assert_splice_matches(got, want, dtype)
     untouched = tok_slot[:T] < 0
     assert torch.equal(got[untouched], h[untouched])
@@ -93,8 +97,9 @@ def test_triton_splice_normalised(arch, normalization, monkeypatch):
     val = torch.randn(3, 4)
     h = torch.randn(11, 40)
     resid = h + torch.randn(11, 40)
-    got = triton_splice.splice_triton(h, resid, sae, tok_slot, feat, mode, val)
-    want = splice_reference(h, resid, sae, tok_slot, feat, mode, val)
+    tables = edit_tables(tok_slot, feat, mode, val)
+    got = triton_splice.splice_triton(h, resid, sae, tables)
+    want = splice_reference(h, resid, sae, tables)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -136,8 +141,9 @@ def test_triton_splice_topk_family_at_the_boundary(arch, rank_scale, dtype, monk
     feat, mode, val = _member_edits(sae, resid)
     tok_slot = torch.arange(T)
     tok_slot[[2, 9]] = -1  # padding rows
-    got = triton_splice.splice_triton(h, resid, sae, tok_slot, feat, mode, val)
-    want = splice_reference(h, resid, sae, tok_slot, feat, mode, val)
+    tables = edit_tables(tok_slot, feat, mode, val)
+    got = triton_splice.splice_triton(h, resid, sae, tables)
+    want = splice_reference(h, resid, sae, tables)
     assert_splice_matches(got, want, dtype)
     assert not got[[2, 9]].any()
     acts = ops.encode(sae, resid).gather(1, feat)
@@ -180,8 +186,9 @@ def test_triton_splice_topk_family_ties(arch, rank_scale, dtype, monkeypatch):
     feat, mode, val = _member_edits(sae, resid)
     h = torch.randn(T, 16).to(dtype)
     tok_slot = torch.arange(T)
-    got = triton_splice.splice_triton(h, resid, sae, tok_slot, feat, mode, val)
-    want = splice_reference(h, resid, sae, tok_slot, feat, mode, val)
+    tables = edit_tables(tok_slot, feat, mode, val)
+    got = triton_splice.splice_triton(h, resid, sae, tables)
+    want = splice_reference(h, resid, sae, tables)
     assert_splice_matches(got, want, dtype)
 
 

@@ -1,9 +1,10 @@
 """``HookTables``: the host bookkeeping, the host-to-device staging and the hook's dispatch.
 
-Each step fills the tables the way the worker does (``add_rows`` / ``add_read_rows``,
+Each step fills the tables the way the planner does (``add_edits`` / ``add_read_rows``,
 ``upload``, ``apply``, ``clear``), and the output is compared with a per-token oracle
 written here from the dense SAE math: ``delta = sum_k (edited_k - act_k) * W_dec[i_k]``
-with ``act = ops.encode`` (itself checked against ``sae-lens`` in test_sae_math.py). The
+over the edits whose window ``[pos_lo, pos_hi)`` holds the token's position, with
+``act = ops.encode`` (itself checked against ``sae-lens`` in test_sae_math.py). The
 batches shrink and grow across steps, so a row edited in one step and not the next would
 show up if the tables (or their device mirrors) kept it. ``staged=True`` runs the
 host-to-device copy path on CPU; the CUDA test at the end captures ``apply`` in a CUDA graph
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 from sae_runtime import kernels, ops, registry
+from sae_runtime.edits import POS_INF, edit_rows
 from sae_runtime.kernels import read_reference
 from sae_runtime.tables import HookTables
 from tests.sae_runtime._factories import random_sae
@@ -46,17 +48,31 @@ def _oracle(sae, h, resid, edits: dict[int, list[tuple[int, int, float]]]) -> to
     return out
 
 
-def _fill(tables: HookTables, segments, g: torch.Generator) -> dict[int, list]:
+def _fill(tables: HookTables, segments, g: torch.Generator, d_sae: int = D_SAE,
+          windows: bool = True) -> dict[int, list]:
+    """Each segment's rows get ``n`` random edits; the rows sit at positions from a random
+    ``pos0`` and each edit gets a random window (open-ended for the first), so some rows of
+    a segment are edited by some of its edits only. Returns the oracle's per-row edits."""
     edits: dict[int, list] = {}
     for a, b, n in segments:
-        feat = torch.randint(0, D_SAE, (n,), generator=g).numpy()
+        rows = edit_rows(n)
+        rows["feature"] = torch.randint(0, d_sae, (n,), generator=g).numpy()
         if n >= 2:
-            feat[1] = feat[0]  # one feature edited twice: both edits apply
-        mode = torch.randint(1, 5, (n,), generator=g).numpy().astype(np.int32)
-        val = (torch.randn(n, generator=g) * 3).numpy()  # negative values included
-        tables.add_rows(a, b, feat, mode, val)
+            rows["feature"][1] = rows["feature"][0]  # one feature edited twice: both apply
+        rows["mode"] = torch.randint(1, 5, (n,), generator=g).numpy().astype(np.int32)
+        rows["value"] = (torch.randn(n, generator=g) * 3).numpy()  # negative values included
+        pos0 = int(torch.randint(0, 50, (1,), generator=g))
+        if windows:
+            rows["pos_lo"] = torch.randint(pos0, pos0 + b - a + 1, (n,), generator=g).numpy()
+            rows["pos_hi"] = rows["pos_lo"] + torch.randint(0, b - a + 1, (n,), generator=g).numpy()
+            rows["pos_hi"][0] = POS_INF
+        else:
+            rows["pos_hi"] = POS_INF
+        tables.add_edits(a, b, pos0, rows)
         for t in range(a, b):
-            edits[t] = [(int(i), int(m), float(v)) for i, m, v in zip(feat, mode, val, strict=True)]
+            p = pos0 + t - a
+            edits[t] = [(int(r["feature"]), int(r["mode"]), float(r["value"])) for r in rows
+                        if r["pos_lo"] <= p < r["pos_hi"]]
     return edits
 
 
@@ -76,7 +92,7 @@ def test_apply_over_steps_equals_per_token_oracle(monkeypatch, arch, staged, bac
         got = tables.apply(h, residual)
         torch.testing.assert_close(got, _oracle(sae, h, h + residual, edits),
                                    atol=1e-4, rtol=1e-4)
-        unedited = [t for t in range(T) if t not in edits]
+        unedited = [t for t in range(T) if not edits.get(t)]
         assert torch.equal(got[unedited], h[unedited])
         assert T == 0 or got.data_ptr() != h.data_ptr()  # the op returns a new tensor
         tables.clear()
@@ -177,25 +193,12 @@ def test_cuda_graph_replay_reads_the_current_tables(monkeypatch, arch):
     for segments in ([(0, 9, 3), (9, 10, 1), (10, 40, 2)], [(2, 5, 4)], [], [(30, 40, 2)]):
         h.copy_(torch.randn(T, 576, generator=g))
         residual.copy_(torch.randn(T, 576, generator=g))
-        edits = _fill_wide(tables, segments, g)
+        edits = _fill(tables, segments, g, d_sae=16384)
         tables.upload()
         graph.replay()
         want = _oracle(ref, h.cpu(), (h + residual).cpu(), edits)
         torch.testing.assert_close(out.cpu(), want, atol=1e-3, rtol=1e-3)
         tables.clear()
-
-
-def _fill_wide(tables, segments, g):
-    """``_fill`` for the CUDA test's d_sae (features drawn from all 16384)."""
-    edits: dict[int, list] = {}
-    for a, b, n in segments:
-        feat = torch.randint(0, 16384, (n,), generator=g).numpy()
-        mode = torch.randint(1, 5, (n,), generator=g).numpy().astype(np.int32)
-        val = (torch.randn(n, generator=g) * 3).numpy()
-        tables.add_rows(a, b, feat, mode, val)
-        for t in range(a, b):
-            edits[t] = [(int(i), int(m), float(v)) for i, m, v in zip(feat, mode, val, strict=True)]
-    return edits
 
 
 # --------------------------------------------------------------------------- engine settings

@@ -6,6 +6,7 @@ import asyncio
 
 import numpy as np
 
+from sae_runtime.payloads import ReadRecord
 from sae_runtime.reads import Read, ReadScope, ReadSpec
 from server.reads import RequestReads
 from server.service import _ReadFeed
@@ -14,12 +15,12 @@ from server.service import _ReadFeed
 def rec(pos0, n, k=2, sae=0, base=0.0, pooled=False):
     idx = np.arange(n * k, dtype=np.int32).reshape(n, k)
     val = (base + np.arange(n * k, dtype=np.float32)).reshape(n, k)
-    r = {"rid": "r", "sae": sae, "pos0": pos0, "n": n, "k": k, "idx": idx.tobytes(),
-         "val": val.tobytes(), "w": 1, "wv": val[:, :1].copy().tobytes()}
+    pool = {}
     if pooled:
-        r["psum"] = np.full(4, float(n), dtype=np.float32).tobytes()
-        r["pmax"] = np.full(4, base, dtype=np.float32).tobytes()
-    return r
+        pool = {"psum": np.full(4, float(n), dtype=np.float32).tobytes(),
+                "pmax": np.full(4, base, dtype=np.float32).tobytes()}
+    return ReadRecord(rid="r", sae=sae, pos0=pos0, n=n, k=k, idx=idx.tobytes(),
+                      val=val.tobytes(), w=1, wv=val[:, :1].copy().tobytes(), **pool)
 
 
 def test_recomputed_positions_and_chunks_are_not_counted_twice():
