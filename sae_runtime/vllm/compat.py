@@ -91,3 +91,17 @@ def is_pp_missing_layer(mod) -> bool:
     from vllm.model_executor.models.utils import PPMissingLayer
 
     return isinstance(mod, PPMissingLayer)
+
+
+async def collective_rpc_every_engine(engine, method: str) -> list:
+    """``collective_rpc(method)`` on the workers of *every* data-parallel engine, flattened.
+
+    ``AsyncLLM.collective_rpc`` asks only the first engine of a data-parallel client; the
+    DP clients' ``call_utility_all_async`` reaches each engine.
+    """
+    core = engine.engine_core
+    call_all = getattr(core, "call_utility_all_async", None)
+    if call_all is None:  # a single engine
+        return list(await engine.collective_rpc(method))
+    per_engine = await call_all("collective_rpc", method, None, (), None)
+    return [r for results in per_engine for r in results]
