@@ -45,7 +45,7 @@ def _where(r: Mapping) -> str:
     rk = r.get("ranks") or {}
     return (f"worker tp {rk.get('tp_rank', '?')}/{rk.get('tp_size', '?')}, "
             f"pp {rk.get('pp_rank', '?')}/{rk.get('pp_size', '?')}, "
-            f"dp {rk.get('dp_rank', '?')}/{rk.get('dp_size', '?')}")
+            f"dp {rk.get('dp_rank', '?')}")
 
 
 def check_hooks(reports: Sequence[Mapping], expected: Sequence[ExpectedHook], *,

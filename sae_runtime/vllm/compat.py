@@ -65,17 +65,25 @@ def cuda_compilation_config() -> dict:
 # ---------------------------------------------------------------- parallel state (workers)
 
 
-def parallel_ranks() -> dict[str, int]:
-    """This worker's place: ``tp_rank, tp_size, pp_rank, pp_size, dp_rank, dp_size``."""
-    from vllm.distributed.parallel_state import get_dp_group, get_pp_group, get_tp_group
+def parallel_ranks(vllm_config) -> dict[str, int]:
+    """This worker's place: ``tp_rank, tp_size, pp_rank, pp_size, dp_rank``.
+
+    TP and PP from the worker's process groups; DP from the engine's parallel config (each
+    data-parallel engine's workers see a DP group of their own, rank 0 in every engine; for
+    dense models vLLM even resets ``data_parallel_rank`` to 0 and the size to 1 in each
+    engine, while ``data_parallel_index`` keeps the engine's place).
+    """
+    from vllm.distributed.parallel_state import get_pp_group, get_tp_group
 
     out = {}
-    for name, get in (("tp", get_tp_group), ("pp", get_pp_group), ("dp", get_dp_group)):
+    for name, get in (("tp", get_tp_group), ("pp", get_pp_group)):
         try:
             g = get()
             out[f"{name}_rank"], out[f"{name}_size"] = int(g.rank_in_group), int(g.world_size)
         except (AssertionError, AttributeError):  # group not initialised (single process)
             out[f"{name}_rank"], out[f"{name}_size"] = 0, 1
+    pc = vllm_config.parallel_config
+    out["dp_rank"] = int(getattr(pc, "data_parallel_index", pc.data_parallel_rank))
     return out
 
 
