@@ -110,7 +110,11 @@ class ScheduledRequest:
     start: int
     end: int
     pos0: int
-    plan: RequestPlan
+    plan: RequestPlan  # the decoded payload, compiled with the request's prompt length
+
+    @property
+    def prompt_len(self) -> int:
+        return self.plan.prompt_len
 
 
 @dataclass(frozen=True)
