@@ -9,6 +9,8 @@ STAMP := $(VENV)/.stamps
 
 HOST ?= 127.0.0.1
 PORT ?= 50051
+# `make serve` also serves the OpenAI-compatible HTTP API here
+HTTP_PORT ?= 8000
 # The embedded default: a Llama-architecture model and a TopK SAE trained here on a synthetic
 # 8-topic corpus (make train-default), committed so `make serve` needs no training.
 EMBEDDED ?= server/embedded
@@ -54,7 +56,8 @@ default-artifacts: setup
 
 serve: setup
 	$(BIN)/steerd serve --model $(EMBEDDED)/model --dtype float32 --sae $(DEFAULT_SAE) \
-		--host $(HOST) --port $(PORT)
+		--host $(HOST) --port $(PORT) --http-port $(HTTP_PORT) \
+		--chat-template $(EMBEDDED)/chat_template.jinja
 
 # Regenerate the embedded default from scratch (corpus -> tokenizer -> model -> SAE -> labels);
 # about 20 minutes on 2 CPU cores. Writes $(EMBEDDED)/training_report.json.

@@ -154,6 +154,20 @@ def _ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--prompt-ids {text!r}: expected comma-separated integers") from None
 
 
+def _message(text: str) -> tuple[str, str]:
+    role, colon, content = text.partition(":")
+    if not colon or not role.strip():
+        raise argparse.ArgumentTypeError(f"--message {text!r}: expected ROLE:CONTENT, e.g. user:hello")
+    return role.strip(), content.lstrip()
+
+
+def _logprob_json(e) -> dict:
+    def one(lp):
+        return {"token_id": lp.token_id, "token": lp.token, "logprob": lp.logprob, "rank": lp.rank}
+
+    return {**one(e.chosen), "top": [one(t) for t in e.top]}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="steer", description="Client for the SAE steering server.")
     p.add_argument("--target", default="localhost:50051", help="server HOST:PORT (default: %(default)s)")
@@ -169,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-ids", type=_ids, help="prompt token ids, e.g. 1,2,3")
+    src.add_argument("--message", dest="messages", action="append", type=_message,
+                     metavar="ROLE:CONTENT",
+                     help="a chat message, rendered with the server's chat template (repeatable, "
+                          "in order), e.g. --message 'user:Tell me about the sea'")
     g.add_argument("--max-tokens", type=int, default=None, help="tokens to generate (server default 16)")
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy (server default 1.0)")
     g.add_argument("--top-p", type=float, default=None)
@@ -192,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="SAE:FEATURE", help="always report this feature per position (repeatable)")
     g.add_argument("--read-scope", choices=["all", "prompt", "generation"], default="all",
                    help="positions to read (default: %(default)s)")
+    g.add_argument("--logprobs", type=int, default=None, metavar="N",
+                   help="report each generated token's logprob and its N most likely alternatives")
+    g.add_argument("--prompt-logprobs", type=int, default=None, metavar="N",
+                   help="report the prompt tokens' logprobs with N alternatives (JSON only)")
     g.add_argument("--json", action="store_true", help="print one JSON object when done")
 
     e = sub.add_parser("encode", help="per-token and pooled feature activations of a prompt")
@@ -257,12 +279,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _generate(client: SteeringClient, args) -> int:
+    prompt = args.prompt if args.prompt is not None else args.prompt_ids
     stream = client.generate(
-        args.prompt if args.prompt is not None else args.prompt_ids,
+        args.messages if args.messages else prompt,
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed, stop=args.stop, request_id=args.request_id,
         interventions=_interventions(args.edits, "generation_only" if args.generation_only else "all"),
         reads=_reads(args.read_topk, args.watch, args.read_scope),
+        logprobs=args.logprobs, prompt_logprobs=args.prompt_logprobs,
     )
     if args.json:
         r = collect(stream)
@@ -272,11 +296,17 @@ def _generate(client: SteeringClient, args) -> int:
         }
         if r.features:
             out["features"] = [_feature_json(f) for f in r.features]
+        if args.logprobs is not None:
+            out["logprobs"] = [_logprob_json(e) for e in r.logprobs]
+        if args.prompt_logprobs is not None:
+            out["prompt_logprobs"] = [_logprob_json(e) for e in r.prompt_logprobs]
         print(json.dumps(out))
         return 0
     finish = None
     text = []
+    logprob_lines = []
     for msg in stream:
+        logprob_lines += [_logprob_line(e) for e in msg.logprobs]
         if msg.features:  # one line per position and SAE, then the text at the end
             for f in msg.features:
                 print(_feature_line(f))
@@ -290,8 +320,15 @@ def _generate(client: SteeringClient, args) -> int:
         print("text: " + "".join(text))
     else:
         sys.stdout.write("\n")
+    for line in logprob_lines:  # after the text, one line per generated token
+        print(line)
     print(f"[finish: {finish}]", file=sys.stderr)
     return 0
+
+
+def _logprob_line(e) -> str:
+    top = " ".join(f"{t.token!r}={t.logprob:.3f}" for t in e.top)
+    return f"{e.chosen.token!r:>14} {e.chosen.logprob:8.4f} rank {e.chosen.rank:<4} {top}"
 
 
 def _encode(client: SteeringClient, args) -> int:

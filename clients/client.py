@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Union
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -13,6 +13,9 @@ from steering.v1 import steering_pb2 as pb
 from steering.v1 import steering_pb2_grpc as pb_grpc
 
 ScopeName = Literal["all", "generation_only"]
+# A prompt: text, token ids, or chat messages ({"role", "content"} dicts or (role, content) pairs)
+Message = Union[Mapping[str, str], tuple[str, str]]
+PromptLike = Union[str, Sequence[int], Sequence[Message]]
 ReadScopeName = Literal["all", "prompt", "generation"]
 _READ_SCOPES = {"all": pb.READ_SCOPE_ALL, "prompt": pb.READ_SCOPE_PROMPT,
                 "generation": pb.READ_SCOPE_GENERATION}
@@ -66,6 +69,8 @@ class GenerationResult:
     request_id: str = ""
     usage: pb.Usage | None = None
     features: list[pb.FeatureActivations] = field(default_factory=list)
+    logprobs: list[pb.PositionLogprobs] = field(default_factory=list)  # one per generated token
+    prompt_logprobs: list[pb.PositionLogprobs] = field(default_factory=list)  # positions 1..n-1
 
 
 class SteeringClient:
@@ -103,32 +108,39 @@ class SteeringClient:
 
     @staticmethod
     def build_request(
-        prompt: str | Sequence[int], *, max_tokens: int | None = None,
+        prompt: PromptLike, *, max_tokens: int | None = None,
         temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
         seed: int | None = None, stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (),
         ignore_eos: bool = False, interventions: Sequence[pb.Intervention] = (),
         reads: Sequence[pb.FeatureRead] = (), request_id: str = "",
+        logprobs: int | None = None, prompt_logprobs: int | None = None,
     ) -> pb.GenerateRequest:
+        """``logprobs=n``: each generated token's logprob and the n most likely alternatives;
+        ``prompt_logprobs=n``: the same for prompt positions 1..n-1."""
         p = _prompt(prompt)
         s = pb.SamplingParams(stop=list(stop), stop_token_ids=list(stop_token_ids),
                               ignore_eos=ignore_eos)
         for name, v in (("max_tokens", max_tokens), ("temperature", temperature),
-                        ("top_p", top_p), ("top_k", top_k), ("seed", seed)):
+                        ("top_p", top_p), ("top_k", top_k), ("seed", seed),
+                        ("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
             if v is not None:
                 setattr(s, name, v)
         return pb.GenerateRequest(prompt=p, sampling=s, interventions=list(interventions),
                                   reads=list(reads), request_id=request_id)
 
-    def generate(self, prompt: str | Sequence[int], **kw) -> Iterator[pb.GenerateResponse]:
-        """Stream responses; cancel by calling ``.cancel()`` on the returned iterator."""
+    def generate(self, prompt: PromptLike, **kw) -> Iterator[pb.GenerateResponse]:
+        """Stream responses; cancel by calling ``.cancel()`` on the returned iterator.
+
+        ``prompt`` is text, token ids, or chat messages (rendered by the server's chat template).
+        """
         return self.stub.Generate(self.build_request(prompt, **kw), timeout=self.timeout,
                                   metadata=self.metadata)
 
-    def generate_text(self, prompt: str | Sequence[int], **kw) -> GenerationResult:
+    def generate_text(self, prompt: PromptLike, **kw) -> GenerationResult:
         """Run a whole generation and collect it."""
         return collect(self.generate(prompt, **kw))
 
-    def encode(self, inputs: Sequence[str | Sequence[int]],
+    def encode(self, inputs: Sequence[PromptLike],
                reads: Sequence[pb.FeatureRead]) -> list[pb.EncodeResult]:
         """Per-token and pooled activations of each input (no generation)."""
         req = pb.EncodeRequest(inputs=[_prompt(x) for x in inputs], reads=list(reads))
@@ -166,10 +178,15 @@ def _pem(x: bytes | str | None) -> bytes | None:
         return fh.read()
 
 
-def _prompt(prompt: str | Sequence[int]) -> pb.Prompt:
+def _prompt(prompt: PromptLike) -> pb.Prompt:
     if isinstance(prompt, str):
         return pb.Prompt(text=prompt)
-    return pb.Prompt(token_ids=pb.TokenIds(ids=list(prompt)))
+    items = list(prompt)
+    if items and not isinstance(items[0], int):
+        msgs = [pb.ChatMessage(role=m["role"], content=m["content"]) if isinstance(m, Mapping)
+                else pb.ChatMessage(role=m[0], content=m[1]) for m in items]
+        return pb.Prompt(messages=pb.ChatMessages(messages=msgs))
+    return pb.Prompt(token_ids=pb.TokenIds(ids=items))
 
 
 def collect(stream: Iterator[pb.GenerateResponse]) -> GenerationResult:
@@ -179,6 +196,8 @@ def collect(stream: Iterator[pb.GenerateResponse]) -> GenerationResult:
         out.text += msg.text
         out.token_ids.extend(msg.token_ids)
         out.features.extend(msg.features)
+        out.logprobs.extend(msg.logprobs)
+        out.prompt_logprobs.extend(msg.prompt_logprobs)
         if msg.prompt_token_ids:
             out.prompt_token_ids = list(msg.prompt_token_ids)
         if msg.finish_reason:

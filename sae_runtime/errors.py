@@ -43,3 +43,22 @@ class SAEFormatError(SteeringError):
 
 class UnsupportedModelError(SteeringError):
     """The served model's architecture has no hook support (startup error)."""
+
+
+class NoChatTemplateError(SteeringError):
+    """Chat messages were sent to a model without a chat template (gRPC FAILED_PRECONDITION).
+
+    ``field`` is the path of the messages, e.g. ``prompt.messages``.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class EngineUnavailableError(SteeringError):
+    """The engine has died or is shutting down (gRPC UNAVAILABLE)."""
+
+
+class InternalServerError(SteeringError):
+    """An unexpected failure, already logged; the message holds only the request id (INTERNAL)."""

@@ -50,6 +50,32 @@ def load_labels(cfg: ServerConfig, saes: dict[str, SAEConfig]) -> dict[str, Feat
     return out
 
 
+def load_chat_template(path) -> str | None:
+    """The --chat-template file's text, compiled once so a syntax error fails at startup."""
+    if path is None:
+        return None
+    from jinja2 import Environment, TemplateError
+
+    try:
+        text = Path(path).read_text()
+        Environment().parse(text)
+    except (OSError, UnicodeDecodeError, TemplateError) as e:
+        raise SAEFormatError(f"--chat-template {path}: cannot use it as a chat template: {e}") from None
+    return text
+
+
+async def start_http(cfg: ServerConfig, servicer: SteeringServicer) -> Any:
+    """The OpenAI-compatible HTTP server on --http-port (same engine, auth, caps, metrics)."""
+    from server.openai_api import HttpServer, build_app, ssl_options
+
+    app = build_app(servicer, model=cfg.model, tokens=load_tokens(cfg.auth_tokens_file),
+                    max_body_bytes=cfg.max_message_bytes)
+    http = HttpServer(app, cfg.host, cfg.http_port, grace_s=cfg.grace_period_s,
+                      ssl=ssl_options(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca))
+    await http.start()
+    return http
+
+
 def check_model_fit(cfg: ServerConfig, saes: dict[str, SAEConfig]) -> None:
     """The model family has hook support, and each SAE's layer and width fit the model."""
     from transformers import AutoConfig
@@ -98,7 +124,36 @@ def start_engine(cfg: ServerConfig, reads_addr: str | None) -> Any:
         enforce_eager=cfg.enforce_eager,
         enable_prefix_caching=cfg.enable_prefix_caching,
         seed=cfg.seed,
+        max_logprobs=cfg.max_logprobs,
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        pipeline_parallel_size=cfg.pipeline_parallel_size,
+        data_parallel_size=cfg.data_parallel_size,
+        distributed_executor_backend=(None if cfg.distributed_executor_backend == "auto"
+                                      else cfg.distributed_executor_backend),
     ))
+
+
+def expected_hooks(cfg: ServerConfig, saes: dict[str, SAEConfig]) -> list[ExpectedHook]:
+    return [ExpectedHook(i, sid, c.hook_name, block_of(c.layer, c.site))
+            for i, (sid, c) in enumerate(saes.items())]
+
+
+async def verify_hooks(cfg: ServerConfig, engine: Any, saes: dict[str, SAEConfig]) -> dict[str, str]:
+    """Ask every worker what it installed (``check_hooks``); SAE id -> compute dtype."""
+    from sae_runtime.vllm.engine import hook_reports
+
+    reports = await hook_reports(engine)
+    world = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
+    by_index = check_hooks(reports, expected_hooks(cfg, saes), world_size=world, reads=bool(saes))
+    ids = list(saes)
+    why = {h["sae"]: h["dtype_why"] for r in reports for h in r.get("hooks", ())}
+    for i, dt in sorted(by_index.items()):
+        owners = sorted({(r["ranks"]["dp_rank"], r["ranks"]["pp_rank"], r["ranks"]["tp_rank"])
+                         for r in reports if any(h["sae"] == i for h in r.get("hooks", ()))})
+        print(f"steerd: SAE {ids[i]} installed on {len(owners)} rank(s) (dp/pp/tp: "
+              f"{', '.join('/'.join(map(str, o)) for o in owners)}); computes in {dt} "
+              f"({why[i]})", flush=True)
+    return {ids[i]: dt for i, dt in by_index.items()}
 
 
 @dataclass
@@ -130,14 +185,15 @@ async def build_server(cfg: ServerConfig, engine: Any, saes: dict[str, SAEConfig
         max_interventions=cfg.max_interventions, vocab_size=engine.model_config.get_vocab_size(),
         max_read_top_k=cfg.max_read_top_k, max_watch=cfg.max_watch,
         max_encode_inputs=cfg.max_encode_inputs, max_prompt_tokens=cfg.max_prompt_tokens,
-        max_new_tokens=cfg.max_new_tokens,
+        max_new_tokens=cfg.max_new_tokens, max_logprobs=cfg.max_logprobs,
     )
     servicer = SteeringServicer(
         engine, model=cfg.model, saes=saes, limits=limits, compiled=not cfg.enforce_eager,
         router=router, on_engine_dead=on_engine_dead,
-        sae_dtype=resolve_sae_dtype(cfg.sae_dtype, engine.model_config.dtype),
+        sae_dtypes=sae_dtypes,
         metrics=metrics, max_concurrent_streams=cfg.max_concurrent_streams,
         max_distinct_configs=cfg.max_distinct_configs, labels=labels,
+        chat_template=load_chat_template(cfg.chat_template),
     )
     add_servicer(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -214,18 +270,43 @@ async def serve(cfg: ServerConfig) -> int:
     """Run until SIGTERM/SIGINT (exit 0) or until the engine dies (exit 1)."""
     saes = load_sae_configs(cfg)
     labels = load_labels(cfg, saes)  # a bad label file fails here, before the engine starts
-    router = ReadRouter() if saes else None
+    load_chat_template(cfg.chat_template)  # so does a bad --chat-template
+    router = ReadRouter(cfg.reads_address) if saes else None
     if router is not None:
         router.start()
+    ranks = cfg.tensor_parallel_size * cfg.pipeline_parallel_size * cfg.data_parallel_size
+    if cfg.distributed_executor_backend == "ray":
+        from sae_runtime.vllm.engine import ray_supported
+
+        if not ray_supported():
+            raise ValueError(
+                "--distributed-executor-backend ray: vLLM's executor for this platform "
+                f"({'cpu' if _cpu_platform() else 'this device'}) has no Ray support in this "
+                "vLLM version; use mp (one node) or run on GPUs")
+    if _cpu_platform():
+        for line in apply_cpu_env_defaults(ranks):
+            print(f"steerd: {line}", flush=True)
     t0 = time.monotonic()
     engine = start_engine(cfg, router.addr if router else None)
     started = time.monotonic() - t0
+    try:
+        sae_dtypes = await verify_hooks(cfg, engine, saes)
+    except HookPlacementError as e:
+        print(f"steerd: error: {e}", file=sys.stderr, flush=True)
+        engine.shutdown()
+        if router is not None:
+            router.close()
+        return 1
     metrics = Metrics()
-    run = await build_server(cfg, engine, saes, router, metrics, labels)
-    _log_startup(cfg, engine, saes, run.port, started)
+    run = await build_server(cfg, engine, saes, router, metrics, labels, sae_dtypes)
+    _log_startup(cfg, engine, saes, run.port, started, sae_dtypes)
     if cfg.metrics_port is not None:
         mport = metrics.serve(cfg.metrics_port, cfg.host)
         print(f"steerd: metrics on http://{cfg.host}:{mport}/metrics", flush=True)
+    http = await start_http(cfg, run.servicer) if cfg.http_port is not None else None
+    if http is not None:
+        print(f"steerd: OpenAI-compatible HTTP on {http.scheme}://{cfg.host}:{http.port}/v1",
+              flush=True)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -247,7 +328,7 @@ async def serve(cfg: ServerConfig) -> int:
     # their handlers; a short grace lets those statuses reach the clients.
     grace = min(2.0, cfg.grace_period_s) if engine_died else cfg.grace_period_s
     log.info("shutting down: draining streams for up to %.1fs", grace)
-    await run.server.stop(grace)
+    await asyncio.gather(run.server.stop(grace), http.stop() if http else asyncio.sleep(0))
     engine.shutdown()
     if router is not None:
         router.close()

@@ -1,4 +1,4 @@
-"""Optional bearer-token authentication (``authorization: Bearer <token>`` metadata).
+"""Optional bearer-token authentication (``authorization: Bearer <token>`` metadata or header).
 
 Health checks and reflection stay open so load balancers and tools can probe the server.
 Tokens are compared in constant time. The message never says which part was wrong.
@@ -26,18 +26,24 @@ def load_tokens(path: Path | None) -> list[bytes]:
     return [t.encode() for t in tokens]
 
 
+def bearer_ok(authorization: str, tokens: list[bytes]) -> bool:
+    """Whether an ``authorization`` value (gRPC metadata or HTTP header) is ``Bearer <token>``
+    with an accepted token. Both front ends call this one check."""
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return False
+    given = token.strip().encode()
+    # compare against every token so timing does not reveal which one nearly matched
+    return any([hmac.compare_digest(given, t) for t in tokens])
+
+
 class BearerAuth(grpc.aio.ServerInterceptor):
     def __init__(self, tokens: Iterable[bytes]) -> None:
         self.tokens = list(tokens)
 
     def _ok(self, metadata) -> bool:
         value = next((v for k, v in metadata or () if k == "authorization"), "")
-        scheme, _, token = value.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            return False
-        given = token.strip().encode()
-        # compare against every token so timing does not reveal which one nearly matched
-        return any([hmac.compare_digest(given, t) for t in self.tokens])
+        return bearer_ok(value, self.tokens)
 
     async def intercept_service(self, continuation, details):
         if details.method.startswith(OPEN_SERVICES) or self._ok(details.invocation_metadata):

@@ -49,6 +49,15 @@ class ServerConfig(BaseModel):
     max_read_top_k: int = Field(default=64, ge=1, le=4096, description="Largest top_k one read may ask for.")
     max_watch: int = Field(default=256, ge=0, le=65536, description="Longest watch list of one read.")
     max_encode_inputs: int = Field(default=32, ge=1, le=1024, description="Most inputs in one Encode call.")
+    max_logprobs: int = Field(
+        default=20, ge=0, le=1024,
+        description="Largest logprobs / prompt_logprobs (top alternatives per token) a request may ask for.",
+    )
+    chat_template: Path | None = Field(
+        default=None,
+        description="Jinja chat template file for chat messages, overriding the tokenizer's own "
+                    "(needed for a model without one).",
+    )
     max_model_len: int | None = Field(
         default=None, ge=16, description="Longest prompt+generation in tokens (model default)."
     )
@@ -102,6 +111,12 @@ class ServerConfig(BaseModel):
         default=None, ge=0, le=65535, description="Serve Prometheus metrics on this port (off by default)."
     )
     log_format: Literal["text", "json"] = Field(default="text", description="Log line format.")
+    # ---- OpenAI-compatible HTTP (same engine, validation, caps, auth and metrics)
+    http_port: int | None = Field(
+        default=None, ge=0, le=65535,
+        description="Also serve the OpenAI-compatible HTTP API (/v1/completions, "
+                    "/v1/chat/completions, /v1/models) on this port (off by default; 0 picks one).",
+    )
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServerConfig:

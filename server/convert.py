@@ -10,7 +10,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sae_runtime import features as feats
-from sae_runtime.errors import InvalidRequestError, NotLabelledError, UnknownSAEError
+from sae_runtime.errors import (
+    InvalidRequestError,
+    NoChatTemplateError,
+    NotLabelledError,
+    UnknownSAEError,
+)
 from sae_runtime.interventions import Intervention, Scope, SteeringSpec
 from sae_runtime.ops import Mode
 from sae_runtime.reads import Read, ReadScope, ReadSpec
@@ -22,6 +27,7 @@ DEFAULT_SEARCH_LIMIT = 10
 MAX_SEARCH_LIMIT = 100
 MAX_QUERY_LEN = 200
 MAX_REQUEST_ID_LEN = 128
+DEFAULT_MAX_LOGPROBS = 20  # vLLM's own default cap
 
 _FINISH = {
     "length": pb.FINISH_REASON_LENGTH,
@@ -36,7 +42,7 @@ _SITE = {"resid_post": pb.HOOK_SITE_RESID_POST, "resid_pre": pb.HOOK_SITE_RESID_
 class GenerateInputs:
     """A validated GenerateRequest."""
 
-    prompt_text: str | None  # exactly one of prompt_text / prompt_ids is set
+    prompt_text: str | None  # exactly one of prompt_text / prompt_ids / prompt_messages is set
     prompt_ids: tuple[int, ...] | None
     max_tokens: int
     temperature: float
@@ -49,6 +55,18 @@ class GenerateInputs:
     spec: SteeringSpec
     request_id: str
     reads: ReadSpec = ReadSpec()
+    prompt_messages: tuple[tuple[str, str], ...] | None = None  # (role, content) pairs
+    logprobs: int | None = None  # top-n alternatives per generated token; None = no logprobs
+    prompt_logprobs: int | None = None  # top-n per prompt position; None = none
+
+
+@dataclass(frozen=True)
+class PromptInput:
+    """A validated Prompt: exactly one of the three kinds is set."""
+
+    text: str | None = None
+    ids: tuple[int, ...] | None = None
+    messages: tuple[tuple[str, str], ...] | None = None  # (role, content), oldest first
 
 
 @dataclass(frozen=True)
@@ -62,6 +80,7 @@ class Limits:
     max_encode_inputs: int = 32
     max_prompt_tokens: int | None = None  # None: the model length - 1
     max_new_tokens: int | None = None  # None: whatever the model length allows
+    max_logprobs: int = DEFAULT_MAX_LOGPROBS
 
 
 def _finite(field: str, v: float) -> float:
@@ -79,7 +98,7 @@ def generate_inputs_from_pb(
         raise InvalidRequestError(
             "request_id", f"at most {MAX_REQUEST_ID_LEN} characters, got {len(req.request_id)}"
         )
-    text, ids = prompt_from_pb(req.prompt if req.HasField("prompt") else None, "prompt", vocab_size)
+    prompt = prompt_from_pb(req.prompt if req.HasField("prompt") else None, "prompt", vocab_size)
 
     s = req.sampling
     max_tokens = s.max_tokens if s.HasField("max_tokens") else DEFAULT_MAX_TOKENS
@@ -103,27 +122,47 @@ def generate_inputs_from_pb(
                 f"sampling.stop_token_ids[{j}]", f"token id {t} is out of range (vocab_size={vocab_size})"
             )
 
+    logprobs = prompt_logprobs = None
+    for name in ("logprobs", "prompt_logprobs"):
+        if s.HasField(name):
+            n = getattr(s, name)
+            if n > limits.max_logprobs:
+                raise InvalidRequestError(
+                    f"sampling.{name}", f"{n} is more than the server's cap of "
+                    f"{limits.max_logprobs} (steerd serve --max-logprobs)")
+            logprobs, prompt_logprobs = (n, prompt_logprobs) if name == "logprobs" else (logprobs, n)
+
     spec = spec_from_pb(req.interventions)
     spec.validate(saes, limits.max_interventions)
     reads = reads_from_pb(req.reads, saes=saes, limits=limits)
     return GenerateInputs(
-        prompt_text=text, prompt_ids=ids, max_tokens=max_tokens, temperature=temperature,
+        prompt_text=prompt.text, prompt_ids=prompt.ids, prompt_messages=prompt.messages,
+        max_tokens=max_tokens, temperature=temperature,
         top_p=top_p, top_k=top_k, seed=s.seed if s.HasField("seed") else None,
         stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos,
-        spec=spec, request_id=req.request_id, reads=reads,
+        spec=spec, request_id=req.request_id, reads=reads, logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
     )
 
 
-def prompt_from_pb(prompt: pb.Prompt | None, field: str, vocab_size: int
-                   ) -> tuple[str | None, tuple[int, ...] | None]:
-    """(text, None) or (None, token ids) of a Prompt; errors name ``field``."""
+def prompt_from_pb(prompt: pb.Prompt | None, field: str, vocab_size: int) -> PromptInput:
+    """The text, token ids or chat messages of a Prompt; errors name ``field``."""
     kind = prompt.WhichOneof("kind") if prompt is not None else None
     if kind is None:
-        raise InvalidRequestError(field, f"required: set {field}.text or {field}.token_ids")
+        raise InvalidRequestError(
+            field, f"required: set {field}.text, {field}.token_ids or {field}.messages")
     if kind == "text":
         if not prompt.text:
             raise InvalidRequestError(f"{field}.text", "must not be empty")
-        return prompt.text, None
+        return PromptInput(text=prompt.text)
+    if kind == "messages":
+        msgs = prompt.messages.messages
+        if not msgs:
+            raise InvalidRequestError(f"{field}.messages.messages", "give at least one message")
+        for j, m in enumerate(msgs):
+            if not m.role:
+                raise InvalidRequestError(f"{field}.messages.messages[{j}].role", "must not be empty")
+        return PromptInput(messages=tuple((m.role, m.content) for m in msgs))
     ids = tuple(prompt.token_ids.ids)
     if not ids:
         raise InvalidRequestError(f"{field}.token_ids.ids", "must hold at least one token id")
@@ -132,7 +171,55 @@ def prompt_from_pb(prompt: pb.Prompt | None, field: str, vocab_size: int
             raise InvalidRequestError(
                 f"{field}.token_ids.ids[{j}]", f"token id {t} is out of range (vocab_size={vocab_size})"
             )
-    return None, ids
+    return PromptInput(ids=ids)
+
+
+def render_chat(tokenizer, messages: tuple[tuple[str, str], ...], template: str | None,
+                model: str, field: str = "prompt") -> list[int]:
+    """Token ids of ``messages`` under the chat template, generation prompt added.
+
+    ``template`` (the server's --chat-template) overrides the tokenizer's own. Without
+    either, NoChatTemplateError (FAILED_PRECONDITION) names the model. The template decides
+    the special tokens (BOS included), as in Hugging Face's ``apply_chat_template``.
+    """
+    if template is None and not getattr(tokenizer, "chat_template", None):
+        raise NoChatTemplateError(
+            f"{field}.messages", f"model {model} has no chat template; send text or token "
+            "ids, or start steerd with --chat-template FILE")
+    from jinja2 import TemplateError
+
+    try:
+        out = tokenizer.apply_chat_template(
+            [{"role": r, "content": c} for r, c in messages], chat_template=template,
+            add_generation_prompt=True, tokenize=True)
+    except TemplateError as e:  # the template's raise_exception, or a render error
+        raise InvalidRequestError(f"{field}.messages",
+                                  f"the chat template rejected the messages: {e}") from None
+    ids = out["input_ids"] if isinstance(out, Mapping) else out  # transformers 5: BatchEncoding
+    return [int(t) for t in ids]
+
+
+def logprobs_to_pb(entries, n: int) -> list[pb.PositionLogprobs]:
+    """vLLM's per-position logprob dicts as protobuf.
+
+    Each dict maps token id -> Logprob(logprob, rank, decoded_token); vLLM inserts the
+    chosen token first, then the top ``n`` (the chosen one is not repeated when it is
+    among them, so a dict has ``n`` or ``n + 1`` entries).
+    """
+    out = []
+    for d in entries:
+        items = list(d.items())
+        (cid, c), rest = items[0], items[1:]
+        top = rest if len(items) == n + 1 else sorted(items, key=lambda kv: kv[1].rank)
+        out.append(pb.PositionLogprobs(
+            chosen=_logprob_pb(cid, c), top=[_logprob_pb(t, lp) for t, lp in top[:n]]))
+    return out
+
+
+def _logprob_pb(token_id: int, lp) -> pb.Logprob:
+    # -inf (a masked token) is not representable by every client; clamp as OpenAI does
+    return pb.Logprob(token_id=token_id, logprob=max(lp.logprob, -9999.0), rank=lp.rank or 0,
+                      token=lp.decoded_token or "")
 
 
 def reads_from_pb(items, *, saes: Mapping[str, SAEConfig], limits: Limits, field: str = "reads",

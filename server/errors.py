@@ -7,7 +7,10 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from sae_runtime.errors import (
+    EngineUnavailableError,
+    InternalServerError,
     InvalidRequestError,
+    NoChatTemplateError,
     NotLabelledError,
     ResourceLimitError,
     SteeringError,
@@ -19,6 +22,9 @@ STATUS_OF: dict[type[SteeringError], grpc.StatusCode] = {
     UnknownSAEError: grpc.StatusCode.NOT_FOUND,
     ResourceLimitError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotLabelledError: grpc.StatusCode.FAILED_PRECONDITION,
+    NoChatTemplateError: grpc.StatusCode.FAILED_PRECONDITION,
+    EngineUnavailableError: grpc.StatusCode.UNAVAILABLE,
+    InternalServerError: grpc.StatusCode.INTERNAL,
 }
 
 

@@ -2,6 +2,11 @@
 
 It holds no model math; conversions live in ``server.convert``, engine calls in
 ``sae_runtime.vllm.engine``, read routing in ``server.reads``.
+
+Generation is split into ``prepare_generate`` (validation, tokenization, caps) and
+``generate_stream`` (the engine call, reads, logprobs, metrics), both raising domain errors.
+The gRPC ``Generate`` and the OpenAI-compatible HTTP front end (``server.openai_api``) call
+the same two, so validation, caps and metrics have one definition.
 """
 
 from __future__ import annotations
@@ -14,12 +19,19 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
 import numpy as np
 
-from sae_runtime.errors import InvalidRequestError, ResourceLimitError, SteeringError
+from sae_runtime.errors import (
+    EngineUnavailableError,
+    InternalServerError,
+    InvalidRequestError,
+    ResourceLimitError,
+    SteeringError,
+)
 from sae_runtime.features import FeatureLabels
 from sae_runtime.interventions import SteeringSpec
 from sae_runtime.reads import ReadScope, ReadSpec
@@ -94,11 +106,12 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
         compiled: bool,
         router: ReadRouter | None = None,
         on_engine_dead: Any = None,
-        sae_dtype: str = "float32",
+        sae_dtypes: Mapping[str, str] | None = None,
         metrics: Metrics | None = None,
         max_concurrent_streams: int = 256,
         max_distinct_configs: int = 64,
         labels: Mapping[str, FeatureLabels] | None = None,
+        chat_template: str | None = None,
     ) -> None:
         self.engine = engine
         self.model = model
@@ -108,10 +121,11 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
         self.limits = limits
         self.compiled = compiled
         self.router = router
-        self.sae_dtype = sae_dtype
+        self.sae_dtypes = dict(sae_dtypes or {})  # SAE id -> compute dtype the workers chose
         self.on_engine_dead = on_engine_dead or (lambda: None)
         self.max_model_len = engine.model_config.max_model_len
         self.tokenizer = engine.get_tokenizer()
+        self.chat_template = chat_template  # --chat-template override; None: the tokenizer's
         self.metrics = metrics or Metrics()
         self.max_concurrent_streams = max_concurrent_streams
         self.max_distinct_configs = max_distinct_configs
@@ -152,17 +166,35 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
 
         return release
 
-    def _tokens(self, text: str | None, ids: tuple[int, ...] | None, field: str) -> list[int]:
-        out = list(ids) if ids is not None else list(self.tokenizer.encode(text))
+    @property
+    def has_chat_template(self) -> bool:
+        return self.chat_template is not None or bool(getattr(self.tokenizer, "chat_template", None))
+
+    def _tokens(self, prompt: convert.PromptInput, field: str) -> list[int]:
+        """The prompt's token ids: as given, tokenized text, or rendered chat messages."""
+        if prompt.messages is not None:
+            out = convert.render_chat(self.tokenizer, prompt.messages, self.chat_template,
+                                      self.model, field)
+        elif prompt.ids is not None:
+            out = list(prompt.ids)
+        else:
+            out = list(self.tokenizer.encode(prompt.text))
         if not out:
-            raise InvalidRequestError(f"{field}.text", "tokenizes to zero tokens")
+            kind = "messages" if prompt.messages is not None else "text"
+            raise InvalidRequestError(f"{field}.{kind}", "tokenizes to zero tokens")
         return out
 
-    async def _run(self, ids: list[int], params: Any, spec: SteeringSpec, engine_id: str,
-                   context: grpc.aio.ServicerContext, shown_id: str = "") -> AsyncIterator[Any]:
-        """Engine outputs of one request; maps engine death to UNAVAILABLE, aborts if left early.
+    def _check_engine(self) -> None:
+        if getattr(self.engine, "errored", False):
+            raise EngineUnavailableError("the engine stopped; retry later")
 
-        ``shown_id`` is the id the caller knows (their request_id), used in messages and logs.
+    async def _run(self, ids: list[int], params: Any, spec: SteeringSpec, engine_id: str,
+                   shown_id: str = "") -> AsyncIterator[Any]:
+        """Engine outputs of one request; aborts the engine request if left early.
+
+        Engine death raises EngineUnavailableError, anything else InternalServerError (logged
+        here, with only the request id in the message). ``shown_id`` is the id the caller
+        knows (their request_id), used in messages and logs.
         """
         shown_id = shown_id or engine_id
         finished = False
@@ -175,10 +207,10 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
         except Exception as e:  # noqa: BLE001 - mapped, never leaked
             if type(e).__name__ == "EngineDeadError":
                 self.on_engine_dead()
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine stopped; retry later")
+                raise EngineUnavailableError("the engine stopped; retry later") from None
             log.exception("request %s failed in the engine", shown_id,
                           extra={"request_id": shown_id})
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request_id {shown_id})")
+            raise InternalServerError(f"internal error (request_id {shown_id})") from None
         finally:
             if not finished:
                 try:
@@ -193,21 +225,45 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         try:
-            inputs = convert.generate_inputs_from_pb(request, saes=self.saes, limits=self.limits)
-            ids = self._tokens(inputs.prompt_text, inputs.prompt_ids, "prompt")
-            convert.check_lengths(len(ids), inputs.max_tokens, self.max_model_len, self.limits)
-            release = self._admit(inputs.spec)
+            admitted = self.prepare_generate(request)
         except SteeringError as e:
             await abort_with(context, e)
             return
         try:
-            async for msg in self._generate(inputs, ids, context):
+            async for msg in self.generate_stream(admitted):
+                yield msg
+        except SteeringError as e:
+            await abort_with(context, e)
+
+    def prepare_generate(self, request: pb.GenerateRequest, *,
+                         default_max_tokens_to_fit: bool = False) -> Admitted:
+        """Validate, tokenize (or render the chat), check lengths, and take a stream slot.
+
+        Raises a SteeringError (the request is refused) or returns an ``Admitted`` whose slot
+        ``generate_stream`` gives back. With ``default_max_tokens_to_fit``, an unset
+        ``max_tokens`` means whatever the context (and --max-new-tokens) allows, as in
+        OpenAI's chat API.
+        """
+        self._check_engine()
+        inputs = convert.generate_inputs_from_pb(request, saes=self.saes, limits=self.limits)
+        prompt = convert.PromptInput(inputs.prompt_text, inputs.prompt_ids, inputs.prompt_messages)
+        ids = self._tokens(prompt, "prompt")
+        if default_max_tokens_to_fit and not request.sampling.HasField("max_tokens"):
+            room = max(self.max_model_len - len(ids), 1)
+            inputs = replace(inputs, max_tokens=min(room, self.limits.max_new_tokens or room))
+        convert.check_lengths(len(ids), inputs.max_tokens, self.max_model_len, self.limits)
+        return Admitted(inputs, ids, self._admit(inputs.spec))
+
+    async def generate_stream(self, admitted: Admitted) -> AsyncIterator[pb.GenerateResponse]:
+        """Run an admitted request; releases its slot when the stream ends (or is closed)."""
+        try:
+            async for msg in self._generate(admitted.inputs, admitted.ids):
                 yield msg
         finally:
-            release()
+            admitted.release()
 
-    async def _generate(self, inputs: convert.GenerateInputs, ids: list[int],
-                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+    async def _generate(self, inputs: convert.GenerateInputs,
+                        ids: list[int]) -> AsyncIterator[pb.GenerateResponse]:
 
         engine_id = uuid.uuid4().hex
         shown_id = inputs.request_id or engine_id
@@ -217,6 +273,7 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
             top_k=inputs.top_k, seed=inputs.seed, stop=list(inputs.stop),
             stop_token_ids=list(inputs.stop_token_ids), ignore_eos=inputs.ignore_eos,
             spec=inputs.spec, sae_index=self.sae_index, reads=reads, request_id=engine_id,
+            logprobs=inputs.logprobs, prompt_logprobs=inputs.prompt_logprobs,
         )
         log.info("generate request_id=%s prompt_tokens=%d max_tokens=%d interventions=%d reads=%d",
                  shown_id, len(ids), inputs.max_tokens, len(inputs.spec.interventions),
@@ -229,7 +286,7 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
         try:
             first = True
             position = len(ids)
-            async for out in self._run(ids, params, inputs.spec, engine_id, context, shown_id):
+            async for out in self._run(ids, params, inputs.spec, engine_id, shown_id):
                 c = out.outputs[0]
                 if t_first is None and c.token_ids:
                     t_first = time.perf_counter()
@@ -242,6 +299,12 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
                 if first:
                     msg.prompt_token_ids.extend(ids)
                     first = False
+                if inputs.logprobs is not None and c.logprobs:
+                    msg.logprobs.extend(convert.logprobs_to_pb(c.logprobs, inputs.logprobs))
+                if inputs.prompt_logprobs is not None and out.prompt_logprobs:
+                    # vLLM's first entry (position 0) is None: it has no preceding context
+                    msg.prompt_logprobs.extend(convert.logprobs_to_pb(
+                        [d for d in out.prompt_logprobs if d is not None], inputs.prompt_logprobs))
                 if feed is not None:
                     feed.generated.extend(c.token_ids)
                     if out.finished:
@@ -278,10 +341,11 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
                 raise InvalidRequestError("reads", "give at least one read")
             reads = convert.reads_from_pb(request.reads, saes=self.saes, limits=self.limits,
                                           pooled=True, force_scope=ReadScope.PROMPT)
+            self._check_engine()
             all_ids = []
             for j, p in enumerate(request.inputs):
-                text, ids = convert.prompt_from_pb(p, f"inputs[{j}]", self.limits.vocab_size)
-                toks = self._tokens(text, ids, f"inputs[{j}]")
+                prompt = convert.prompt_from_pb(p, f"inputs[{j}]", self.limits.vocab_size)
+                toks = self._tokens(prompt, f"inputs[{j}]")
                 convert.check_lengths(len(toks), 1, self.max_model_len, self.limits, f"inputs[{j}]")
                 all_ids.append(toks)
             release = self._admit(SteeringSpec())
@@ -289,12 +353,15 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
             await abort_with(context, e)
             return pb.EncodeResponse()
         try:
-            results = await asyncio.gather(*(self._encode_one(ids, reads, context) for ids in all_ids))
+            results = await asyncio.gather(*(self._encode_one(ids, reads) for ids in all_ids))
+        except SteeringError as e:
+            await abort_with(context, e)
+            return pb.EncodeResponse()
         finally:
             release()
         return pb.EncodeResponse(results=results)
 
-    async def _encode_one(self, ids: list[int], reads: ReadSpec, context) -> pb.EncodeResult:
+    async def _encode_one(self, ids: list[int], reads: ReadSpec) -> pb.EncodeResult:
         engine_id = uuid.uuid4().hex
         params = eng.make_sampling_params(
             max_tokens=1, temperature=0.0, top_p=1.0, top_k=0, seed=None, stop=[],
@@ -303,7 +370,7 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
         )
         buf = self.router.register(engine_id)
         try:
-            async for _ in self._run(ids, params, SteeringSpec(), engine_id, context):
+            async for _ in self._run(ids, params, SteeringSpec(), engine_id):
                 pass
             feed = _ReadFeed(buf, reads, ids, self.sae_index)
             await feed.wait_complete(engine_id, fed=len(ids))
@@ -356,7 +423,22 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
             max_read_top_k=self.limits.max_read_top_k,
             max_watch=self.limits.max_watch,
             max_encode_inputs=self.limits.max_encode_inputs,
+            max_logprobs=self.limits.max_logprobs,
+            chat_template=self.has_chat_template,
+            tensor_parallel_size=par.tensor_parallel_size,
+            pipeline_parallel_size=par.pipeline_parallel_size,
+            data_parallel_size=par.data_parallel_size,
+            distributed_executor_backend=str(par.distributed_executor_backend or ""),
         )
+
+
+@dataclass
+class Admitted:
+    """A validated, admitted Generate request (its stream slot is held until released)."""
+
+    inputs: convert.GenerateInputs
+    ids: list[int]  # prompt token ids (tokenized text or rendered chat)
+    release: Callable[[], None]
 
 
 class _ReadFeed:

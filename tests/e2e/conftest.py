@@ -22,6 +22,7 @@ SAE_DIRS = {"resid_l1": "resid_l1", "jr": "jumprelu_l2pre", "tk": "topk_l0"}
 MAX_MODEL_LEN = 256
 MAX_BATCHED_TOKENS = 64  # small, so long prompts are chunked over several steps
 MAX_INTERVENTIONS = 8
+CHAT_TEMPLATE = Path(__file__).with_name("chat_template.jinja")  # the tiny models ship none
 
 
 @dataclass
@@ -34,6 +35,14 @@ class Server:
     started_s: float
     metrics_url: str | None = None
     client_kwargs: dict = field(default_factory=dict)  # token / TLS settings for clients
+    http_url: str | None = None  # OpenAI-compatible base URL (…/v1) when started with http=True
+
+    def openai(self, **kw):
+        """The real OpenAI SDK client pointed at this server's HTTP front end."""
+        import openai
+
+        kw.setdefault("api_key", self.client_kwargs.get("token") or "unused")
+        return openai.OpenAI(base_url=self.http_url, max_retries=0, timeout=120.0, **kw)
 
     def client(self, timeout: float = 120.0, **kw) -> SteeringClient:
         return SteeringClient(self.target, timeout=timeout, **{**self.client_kwargs, **kw})
@@ -64,10 +73,17 @@ def _steerd() -> str:
 
 
 def start_server(model_dir: Path, sae_dirs: dict[str, Path], log_dir: Path, *extra: str,
-                 client_kwargs: dict | None = None, host: str = "127.0.0.1") -> Server:
-    """Start `steerd serve` (compiled mode, fp32, metrics on) and wait until it reports SERVING."""
+                 client_kwargs: dict | None = None, host: str = "127.0.0.1",
+                 http: bool = False) -> Server:
+    """Start `steerd serve` (compiled mode, fp32, metrics on) and wait until it reports SERVING.
+
+    With ``http`` the OpenAI-compatible front end listens too (``Server.http_url``).
+    """
     port, mport = _free_port(), _free_port()
     extra = ("--host", host, "--metrics-port", str(mport), *extra)
+    hport = _free_port() if http else None
+    if hport is not None:
+        extra = (*extra, "--http-port", str(hport))
     cmd = [_steerd(), "serve", "--model", str(model_dir), "--dtype", "float32",
            "--port", str(port), "--max-model-len", str(MAX_MODEL_LEN),
            "--max-num-batched-tokens", str(MAX_BATCHED_TOKENS), "--max-num-seqs", "32",
@@ -81,8 +97,13 @@ def start_server(model_dir: Path, sae_dirs: dict[str, Path], log_dir: Path, *ext
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
     srv = Server(f"{host}:{port}", proc, log, model_dir, dict(sae_dirs), 0.0,
                  metrics_url=f"http://{host}:{mport}/metrics", client_kwargs=client_kwargs or {})
+    if hport is not None:
+        tls = "--tls-cert" in extra
+        srv.http_url = f"{'https' if tls else 'http'}://{host}:{hport}/v1"
     try:
         _wait_healthy(srv, deadline=t0 + 400)
+        if srv.http_url is not None:
+            _wait_http(srv, deadline=t0 + 400)
     except BaseException:
         proc.kill()
         raise
@@ -130,9 +151,22 @@ def stop_server(srv: Server, drain_check: bool = False) -> None:
 @pytest.fixture(scope="session")
 def server(tiny_dir, tmp_path_factory):
     sae_dirs = {sid: tiny_dir / "saes" / SAE_DIRS[sid] for sid in SAE_IDS}
-    srv = start_server(tiny_dir / "tiny-llama", sae_dirs, tmp_path_factory.mktemp("server"))
+    srv = start_server(tiny_dir / "tiny-llama", sae_dirs, tmp_path_factory.mktemp("server"),
+                       "--chat-template", str(CHAT_TEMPLATE), http=True)
     yield srv
     stop_server(srv, drain_check=True)
+
+
+def _wait_http(srv: Server, deadline: float) -> None:
+    """The HTTP front end starts just after gRPC reports SERVING; wait for its listener."""
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(srv.http_url.split("//")[1].split("/")[0].rsplit(":", 1),
+                                          timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"steerd's HTTP port never opened:\n{srv.log.read_text()[-4000:]}")
 
 
 def _wait_healthy(srv: Server, deadline: float) -> None:

@@ -98,3 +98,22 @@ def check_teacher_forced(logits: torch.Tensor, prompt_len: int, generated: list[
                             f"below the reference argmax {best}")
         exact += tok == best
     return exact
+
+
+def render_chat_reference(tokenizer, template: str, messages) -> list[int]:
+    """A chat rendered by Jinja itself, then tokenized without added special tokens.
+
+    This is what Hugging Face documents ``apply_chat_template(tokenize=True)`` to do (the
+    template places BOS/EOS itself), written without calling it. ``messages``: (role, content).
+    """
+    import jinja2
+
+    def raise_exception(msg):
+        raise jinja2.TemplateError(msg)
+
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    text = env.from_string(template).render(
+        messages=[{"role": r, "content": c} for r, c in messages], add_generation_prompt=True,
+        bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token,
+        raise_exception=raise_exception)
+    return tokenizer.encode(text, add_special_tokens=False)

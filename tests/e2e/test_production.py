@@ -57,7 +57,7 @@ def secure(tiny_dir, tmp_path_factory):
         "--auth-tokens-file", str(tmp / "tokens"), "--tls-cert", str(cert), "--tls-key", str(key),
         "--tls-client-ca", str(cert), "--max-concurrent-streams", "3", "--max-distinct-configs", "2",
         "--max-prompt-tokens", "100", "--max-new-tokens", "200", "--log-format", "json",
-        client_kwargs={"token": TOKEN, **tls}, host="localhost")
+        client_kwargs={"token": TOKEN, **tls}, host="localhost", http=True)
     srv.tls = tls
     yield srv
     if srv.proc.poll() is None:  # the engine-death test normally ends it
@@ -77,6 +77,61 @@ def test_auth_required_and_constant_message(secure):
         assert c.health() == "SERVING"  # health stays open for probes
     with secure.client(token="other-token") as c:
         assert len(c.generate_text([1, 2, 3], max_tokens=3, temperature=0.0).token_ids) == 3
+
+
+def _tls_context(secure, client_cert=True):
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=secure.tls["tls_ca"])
+    if client_cert:
+        ctx.load_cert_chain(secure.tls["tls_cert"], secure.tls["tls_key"])
+    return ctx
+
+
+def _oai(secure, token=TOKEN, client_cert=True):
+    """The OpenAI SDK over mutual TLS (the HTTP front end uses the gRPC certificates)."""
+    import httpx
+
+    http = httpx.Client(verify=_tls_context(secure, client_cert), timeout=60)
+    return secure.openai(api_key=token, http_client=http)
+
+
+def test_http_shares_auth_and_tls(secure):
+    import httpx
+    import openai
+
+    with _oai(secure) as c:
+        (m,) = c.models.list().data
+        r = c.completions.create(model=m.id, prompt="the ocean", max_tokens=3, temperature=0,
+                                 extra_body={"interventions": [{"sae": "resid_l1", "feature": 3,
+                                                                "mode": "clamp", "value": 9.0}]})
+        assert r.usage.completion_tokens == 3
+    for token in ("wrong", TOKEN + "x"):
+        with _oai(secure, token=token) as c:
+            for call in (lambda: c.models.list(),
+                         lambda: c.completions.create(model=m.id, prompt="x", max_tokens=1)):
+                with pytest.raises(openai.AuthenticationError) as ei:
+                    call()
+                assert ei.value.body["type"] == "authentication_error"
+                assert ei.value.body["code"] == "unauthenticated"
+    r = httpx.post(secure.http_url + "/completions", json={"model": m.id, "prompt": "x"},
+                   verify=_tls_context(secure))
+    assert r.status_code == 401  # no Authorization header at all
+    with _oai(secure, client_cert=False) as c, pytest.raises(openai.APIConnectionError):
+        c.models.list()  # mTLS: no client certificate, no connection
+
+
+def test_chat_without_a_template_is_failed_precondition(secure):
+    import openai
+
+    with secure.client() as c, pytest.raises(grpc.RpcError) as ei:
+        c.generate_text([("user", "hi")], max_tokens=2)
+    assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "tiny-llama has no chat template" in ei.value.details()
+    with _oai(secure) as c, pytest.raises(openai.BadRequestError) as ei:
+        c.chat.completions.create(model=c.models.list().data[0].id,
+                                  messages=[{"role": "user", "content": "hi"}])
+    assert ei.value.body["code"] == "failed_precondition" and ei.value.body["param"] == "messages"
 
 
 def test_mutual_tls_round_trip_and_rejections(secure):
@@ -100,6 +155,15 @@ def test_length_caps_are_invalid_argument(secure):
         with pytest.raises(grpc.RpcError) as ei:
             c.generate_text([3] * 101, max_tokens=1)
         assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 100" in ei.value.details()
+    import openai
+
+    with _oai(secure) as o:
+        model = o.models.list().data[0].id
+        for kw, param, text in (({"max_tokens": 201}, "max_tokens", "cap of 200"),
+                                ({"prompt": [3] * 101}, "prompt", "at most 100")):
+            with pytest.raises(openai.BadRequestError) as ei:
+                o.completions.create(model=model, **{"prompt": [1, 2], **kw})
+            assert ei.value.body["param"] == param and text in ei.value.body["message"]
 
 
 def test_concurrency_and_distinct_config_caps_are_resource_exhausted(secure):
@@ -108,7 +172,9 @@ def test_concurrency_and_distinct_config_caps_are_resource_exhausted(secure):
         next(s)  # admitted and running
         return s
 
-    with secure.client() as c:
+    oai = _oai(secure)  # connected before the streams are held: the check below is quick
+    model = oai.models.list().data[0].id
+    with secure.client() as c, oai:
         held = [long_stream(c, [clamp("resid_l1", 1, 5.0)]), long_stream(c, [clamp("resid_l1", 2, 5.0)])]
         # a third distinct intervention set is over the cap of 2 ...
         with pytest.raises(grpc.RpcError) as ei:
@@ -117,6 +183,7 @@ def test_concurrency_and_distinct_config_caps_are_resource_exhausted(secure):
         assert "distinct intervention sets" in ei.value.details()
         # ... but reusing an in-flight set is fine, and fills the third stream slot
         held.append(long_stream(c, [clamp("resid_l1", 1, 5.0)]))
+        _http_is_refused_too(oai, model)
         with pytest.raises(grpc.RpcError) as ei:
             next(c.generate([5, 6], max_tokens=5))
         assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -128,6 +195,18 @@ def test_concurrency_and_distinct_config_caps_are_resource_exhausted(secure):
     m = secure.metrics()
     assert m['steerd_rejected_total{cap="distinct_configs"}'] >= 1
     assert m['steerd_rejected_total{cap="concurrent_streams"}'] >= 1
+
+
+def _http_is_refused_too(oai, model):
+    """The caps count both front ends: with three gRPC streams held, HTTP gets 429."""
+    import openai
+
+    for stream in (False, True):
+        with pytest.raises(openai.RateLimitError) as ei:
+            oai.completions.create(model=model, prompt="x", max_tokens=2, stream=stream)
+        assert ei.value.body["code"] == "resource_exhausted"
+        assert "3 concurrent streams" in ei.value.body["message"]
+        assert ei.value.response.headers["retry-after"] == "1"
 
 
 def _wait_idle(srv, timeout=60.0):
@@ -160,15 +239,27 @@ def test_json_logs_carry_request_ids(secure):
 
 
 def test_engine_death_fails_streams_flips_health_and_exits_nonzero(secure):
-    with secure.client() as c:
+    import openai
+
+    with secure.client() as c, _oai(secure) as o:
         stream = c.generate([5, 6, 7], max_tokens=200, temperature=0.0, ignore_eos=True)
         next(stream)
+        http = o.completions.create(model=o.models.list().data[0].id, prompt=[5, 6, 7],
+                                    max_tokens=200, temperature=0, stream=True,
+                                    extra_body={"ignore_eos": True})
+        chunks = iter(http)
+        next(chunks)
         for child in psutil.Process(secure.proc.pid).children(recursive=True):
             child.kill()
         with pytest.raises(grpc.RpcError) as ei:
             for _ in stream:
                 pass
         assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+        # the HTTP stream's headers were sent: the 503 travels as an error event
+        with pytest.raises(openai.APIError) as hei:
+            for _ in chunks:
+                pass
+        assert hei.value.body["code"] == "unavailable" and "engine stopped" in hei.value.body["message"]
     assert secure.proc.wait(timeout=60) == 1, "steerd must exit non-zero when its engine dies"
 
 
