@@ -79,15 +79,24 @@ def sae_input(sae: SAE, x: torch.Tensor) -> torch.Tensor:
     return encoder_input(sae, x)[0]
 
 
+def dense_pre(sae: SAE, xin: torch.Tensor) -> torch.Tensor:
+    """``xin @ W_enc + b_enc`` ``[..., d_sae]`` for an encoder input ``xin [..., d_in]``,
+    through ``sae.enc_gemm`` when one is set (2-D inputs)."""
+    mm = sae.enc_gemm
+    if mm is not None and xin.dim() == 2 and xin.shape[0] > 0:
+        return mm(xin.contiguous()) + sae.b_enc
+    return xin @ sae.W_enc + sae.b_enc
+
+
 def pre_activations(sae: SAE, x: torch.Tensor) -> torch.Tensor:
     """Dense pre-activations ``[..., d_sae]`` of ``x [..., d_in]``."""
-    return sae_input(sae, x) @ sae.W_enc + sae.b_enc
+    return dense_pre(sae, sae_input(sae, x))
 
 
 def encode(sae: SAE, x: torch.Tensor) -> torch.Tensor:
     """Dense feature activations ``[..., d_sae]`` (reference; materialises every feature)."""
     xin = sae_input(sae, x)
-    return registry.get(sae.cfg.architecture).activate(sae, xin @ sae.W_enc + sae.b_enc, xin)
+    return registry.get(sae.cfg.architecture).activate(sae, dense_pre(sae, xin), xin)
 
 
 def decode(sae: SAE, acts: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
@@ -113,7 +122,7 @@ def _column_activations(sae: SAE, xin: torch.Tensor, cols: torch.Tensor) -> torc
     if arch.needs_full_preactivation:
         # Gather from the one full computation: a separately rounded column could fall on
         # the other side of the k-th value and flip membership.
-        pre_full = xin @ sae.W_enc + sae.b_enc  # [R, d_sae]
+        pre_full = dense_pre(sae, xin)  # [R, d_sae]
         return arch.activate_columns(sae, pre_full.gather(1, cols), cols, pre_full, xin)
     w = sae.W_enc.t()[cols]  # [R, n, d_in]
     pre_cols = torch.einsum("rd,rnd->rn", xin, w) + sae.b_enc[cols]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -16,9 +18,9 @@ from grpc_reflection.v1alpha import reflection
 
 from sae_runtime.errors import SAEFormatError, UnsupportedModelError
 from sae_runtime.features import FeatureLabels, load_beside
+from sae_runtime.hw import LOW_PRECISION, cpu_info
 from sae_runtime.loading import load_sae_config
 from sae_runtime.saes.base import SAEConfig
-from sae_runtime.vllm.engine import resolve_sae_dtype
 from sae_runtime.vllm.families import block_of, family_of, supported
 from server import convert
 from server.auth import BearerAuth, load_tokens
@@ -26,6 +28,7 @@ from server.config import ServerConfig
 from server.metrics import Metrics
 from server.reads import ReadRouter
 from server.service import SteeringServicer
+from server.startup import ExpectedHook, HookPlacementError, apply_cpu_env_defaults, check_hooks
 from steering.v1 import steering_pb2 as pb
 
 log = logging.getLogger("steerd")
@@ -167,7 +170,8 @@ class Running:
 
 async def build_server(cfg: ServerConfig, engine: Any, saes: dict[str, SAEConfig],
                        router: ReadRouter | None = None, metrics: Metrics | None = None,
-                       labels: dict[str, FeatureLabels] | None = None) -> Running:
+                       labels: dict[str, FeatureLabels] | None = None,
+                       sae_dtypes: dict[str, str] | None = None) -> Running:
     """Create and start the gRPC server around a running engine; returns the bound port."""
     tokens = load_tokens(cfg.auth_tokens_file)
     server = grpc.aio.server(
@@ -345,16 +349,29 @@ def _same_model(sae_model: str, served: str) -> bool:
     return last(sae_model) == last(served)
 
 
-def _log_startup(cfg, engine, saes, port, started_s) -> None:
+def _cpu_platform() -> bool:
+    from sae_runtime.vllm.engine import on_cpu  # imports vLLM
+
+    return on_cpu()
+
+
+def _log_startup(cfg, engine, saes, port, started_s, sae_dtypes) -> None:
     mc = engine.model_config
+    device = "cpu" if _cpu_platform() else "gpu"
+    par = (f"tp {cfg.tensor_parallel_size}, pp {cfg.pipeline_parallel_size}, "
+           f"dp {cfg.data_parallel_size}, executor {cfg.distributed_executor_backend}")
     print(f"steerd: model {cfg.model} ({(mc.hf_config.architectures or ['?'])[0]}, "
           f"dtype {str(mc.dtype).removeprefix('torch.')}, max_model_len {mc.max_model_len}, "
-          f"{'eager' if cfg.enforce_eager else 'compiled'}, device cpu); engine started in "
-          f"{started_s:.1f}s", flush=True)
+          f"{'eager' if cfg.enforce_eager else 'compiled'}, device {device}, {par}); engine "
+          f"started in {started_s:.1f}s", flush=True)
+    if device == "cpu" and str(mc.dtype).removeprefix("torch.") in LOW_PRECISION and \
+            str(mc.dtype).removeprefix("torch.") not in cpu_info().native:
+        log.warning("the model runs in %s, which this CPU (%s) emulates (matmuls ~100x slower "
+                    "than float32); pass --dtype float32 for speed", mc.dtype, cpu_info().describe())
     for sid, c in saes.items():
         print(f"steerd: SAE {sid}: format {c.format}, architecture {c.architecture}, "
               f"site {c.site}, layer {c.layer}, width {c.d_sae}, d_model {c.d_in}, "
-              f"dtype {resolve_sae_dtype(cfg.sae_dtype, mc.dtype)}" + (f", k {c.k}" if c.k else ""),
+              f"dtype {sae_dtypes.get(sid, '?')}" + (f", k {c.k}" if c.k else ""),
               flush=True)
         if c.model_name and not _same_model(c.model_name, cfg.model):
             log.warning("SAE %s was trained on %r, which differs from the served model %s",

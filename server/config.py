@@ -69,6 +69,26 @@ class ServerConfig(BaseModel):
     sae_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="Dtype SAEs compute in; auto = the model's dtype."
     )
+    tensor_parallel_size: int = Field(
+        default=1, ge=1, description="Tensor-parallel ranks (vLLM's --tensor-parallel-size)."
+    )
+    pipeline_parallel_size: int = Field(
+        default=1, ge=1, description="Pipeline stages (vLLM's --pipeline-parallel-size)."
+    )
+    data_parallel_size: int = Field(
+        default=1, ge=1, description="Data-parallel engine replicas (vLLM's --data-parallel-size)."
+    )
+    distributed_executor_backend: Literal["auto", "mp", "ray"] = Field(
+        default="auto",
+        description="vLLM executor for several ranks: mp (processes on this node), ray "
+                    "(a Ray cluster, multi-node), auto = vLLM's choice.",
+    )
+    reads_address: str | None = Field(
+        default=None,
+        description="ZMQ address workers push feature reads to (default: an ipc:// socket, "
+                    "one node). For a Ray executor spanning nodes give tcp://HOST:PORT with "
+                    "an address of this host that the workers can reach.",
+    )
     enforce_eager: bool = Field(
         default=False, description="Run the model eagerly instead of compiled (debugging)."
     )
@@ -125,6 +145,13 @@ class ServerConfig(BaseModel):
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
         return self
+
+    @field_validator("reads_address")
+    @classmethod
+    def _zmq_address(cls, v: str | None) -> str | None:
+        if v is not None and not (v.startswith("tcp://") or v.startswith("ipc://")):
+            raise ValueError(f"--reads-address {v!r}: give tcp://HOST:PORT or ipc://PATH")
+        return v
 
     @field_validator("saes")
     @classmethod

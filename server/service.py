@@ -386,7 +386,7 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
     @_accounted("ListSAEs")
     async def ListSAEs(self, request, context) -> pb.ListSAEsResponse:
         return pb.ListSAEsResponse(
-            saes=[convert.sae_info_to_pb(sid, cfg, self.sae_dtype) for sid, cfg in self.saes.items()]
+            saes=[convert.sae_info_to_pb(sid, cfg, self.sae_dtypes.get(sid, "")) for sid, cfg in self.saes.items()]
         )
 
     @_accounted("GetFeature")
@@ -410,10 +410,11 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
     async def GetModelInfo(self, request, context) -> pb.GetModelInfoResponse:
         mc = self.engine.model_config
         hf = mc.hf_config
+        par = self.engine.vllm_config.parallel_config
         return pb.GetModelInfoResponse(
             model=self.model,
             architecture=(getattr(hf, "architectures", None) or [""])[0],
-            num_layers=mc.get_num_layers(self.engine.vllm_config.parallel_config),
+            num_layers=mc.get_total_num_hidden_layers(),  # all stages, not this process's share
             hidden_size=mc.get_hidden_size(),
             vocab_size=self.limits.vocab_size,
             max_model_len=self.max_model_len,

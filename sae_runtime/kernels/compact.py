@@ -36,7 +36,7 @@ def splice_compact(
     union, inv = torch.unique(feat, return_inverse=True)  # [U], [R, K]
     x, scale = ops.encoder_input(sae, resid[rows].to(sae.W_enc.dtype))  # [R, d], [R|1, 1]
     if arch.needs_full_preactivation:
-        pre_full = x @ sae.W_enc + sae.b_enc  # [R, d_sae]
+        pre_full = ops.dense_pre(sae, x)  # [R, d_sae]
         pre_u = pre_full[:, union]
     else:
         pre_full = None

@@ -47,6 +47,13 @@ def on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
+def ray_supported() -> bool:
+    """Whether vLLM's Ray executor runs on this platform (vLLM 0.32's CPU platform: no)."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.ray_device_key)
+
+
 def cuda_compilation_config() -> dict:
     """``compilation_config`` for a CUDA engine with SAE hooks.
 
@@ -113,3 +120,23 @@ async def collective_rpc_every_engine(engine, method: str) -> list:
         return list(await engine.collective_rpc(method))
     per_engine = await call_all("collective_rpc", method, None, (), None)
     return [r for results in per_engine for r in results]
+
+
+def cpu_dense_gemm(w):
+    """``x -> x @ w`` (``w [K, N]``) through vLLM's prepacked oneDNN GEMM, the kernel vLLM's
+    own CPU linear layers use; None where vLLM was built without oneDNN.
+
+    At decode sizes it is several times faster than torch's matmul on the same weights
+    (``[32, 576] @ [576, 16384]`` fp32, one thread: 13 ms against 50 ms, measured here).
+    """
+    from vllm import _custom_ops as ops
+
+    if not getattr(ops, "_supports_onednn", False):
+        return None
+    handler = ops.create_onednn_mm(w, 32)
+
+    def mm(x):
+        return ops.onednn_mm(handler, x, None)
+
+    mm.handler = handler  # the primitive lives as long as the function
+    return mm

@@ -83,11 +83,13 @@ def build_engine(s: EngineSettings) -> Any:
 
 
 async def hook_reports(engine: Any) -> list[dict]:
-    """Every worker's ``sae_hook_report`` (ranks, blocks held, hooks installed)."""
-    return list(await engine.collective_rpc("sae_hook_report"))
+    """Every worker's ``sae_hook_report`` (ranks, blocks held, hooks installed), from every
+    data-parallel engine."""
+    return await compat.collective_rpc_every_engine(engine, "sae_hook_report")
 
 
 on_cpu = compat.on_cpu
+ray_supported = compat.ray_supported
 
 
 def make_prompt(token_ids: list[int], spec: SteeringSpec) -> Any:

@@ -23,6 +23,7 @@ the fused splice reads only the fixed-shape device tables.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -215,7 +216,7 @@ def install(runner) -> None:
     if getattr(model, "_sae_installed", False):
         return  # a runner whose load_model calls its parent's: install once
     model._sae_installed = True
-    ranks = compat.parallel_ranks()
+    ranks = compat.parallel_ranks(runner.vllm_config)
     archs = getattr(runner.model_config.hf_config, "architectures", None)
     family = family_of(archs)
     if family is None:
@@ -268,10 +269,13 @@ def install(runner) -> None:
             )
         dtype_name, why = choose_sae_dtype(cfg.sae_dtype, model_dtype, device.type)
         sae = load_sae(entry.path, hook_name=entry.hook_name).to(device, getattr(torch, dtype_name))
+        gemm = "torch"
+        if device.type == "cpu":
+            sae, gemm = _with_cpu_gemm(sae)
         hooks.append(HookTables(sae, max_tokens, max_slots, max_feats, max_watch))
         targets.setdefault((block, site), []).append(hook_id)
         report.append({"sae": hook_id, "id": entry.id, "block": block, "site": c.site,
-                       "dtype": dtype_name, "dtype_why": why, "sharded": hook_id in shards})
+                       "dtype": dtype_name, "dtype_why": why, "gemm": gemm, "sharded": hook_id in shards})
         log.info("SAE %s (%s, d_sae=%d, %s: %s) at block %d %s, tp rank %d/%d, pp rank %d/%d",
                  entry.id, c.architecture, c.d_sae, dtype_name, why, block, c.site,
                  ranks["tp_rank"], tp, ranks["pp_rank"], ranks["pp_size"])
@@ -292,6 +296,29 @@ def install(runner) -> None:
 
 
 _REPORT: dict = {"installed": False}
+
+
+def _with_cpu_gemm(sae):
+    """``(sae with enc_gemm, "onednn")`` using vLLM's prepacked CPU GEMM for the dense
+    encode, or ``(sae, "torch")`` where it is unavailable or disagrees with torch's matmul on
+    a probe (then it is not used: correctness first)."""
+    try:
+        mm = compat.cpu_dense_gemm(sae.W_enc)
+    except RuntimeError as e:  # oneDNN refused these weights
+        log.warning("SAE %s: oneDNN GEMM unavailable (%s); using torch's matmul", sae.cfg.hook_name, e)
+        return sae, "torch"
+    if mm is None:
+        return sae, "torch"
+    g = torch.Generator().manual_seed(0)
+    probe = torch.randn(5, sae.cfg.d_in, generator=g).to(sae.W_enc.dtype)
+    want, got = probe @ sae.W_enc, mm(probe)
+    tol = 1e-3 if sae.W_enc.dtype == torch.float32 else 3e-2
+    scale = float(want.abs().max()) or 1.0
+    if got.shape != want.shape or float((got - want).abs().max()) > tol * scale:
+        log.warning("SAE %s: oneDNN GEMM disagrees with torch's matmul on a probe; using torch",
+                    sae.cfg.hook_name)
+        return sae, "torch"
+    return dataclasses.replace(sae, enc_gemm=mm), "onednn"
 
 
 class SteeringWorkerExtension:

@@ -8,22 +8,36 @@ requests against plain vLLM at the same parallelism.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from clients.client import clamp, read
 from sae_runtime.testing.tiny import FAMILY_SAES, make_family_set
-from tests.e2e.conftest import MAX_BATCHED_TOKENS, MAX_MODEL_LEN, start_server, stop_server
+from tests.e2e.conftest import (
+    MAX_BATCHED_TOKENS,
+    MAX_MODEL_LEN,
+    _free_port,
+    start_server,
+    stop_server,
+)
 from tests.e2e.reference import CLAMP, Edit, HFReference, check_teacher_forced
 
 pytestmark = pytest.mark.e2e
 PROMPTS = [[5, 100, 200, 300, 45, 67, 12, 400], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17] * 7]
 SITES = tuple(FAMILY_SAES)
-LAYOUTS = {"tp2": ("--tensor-parallel-size", "2"), "pp2": ("--pipeline-parallel-size", "2")}
+LAYOUTS = {"tp2": ("--tensor-parallel-size", "2"), "pp2": ("--pipeline-parallel-size", "2"),
+           "dp2": ("--data-parallel-size", "2"),
+           "ray_tp2": ("--tensor-parallel-size", "2", "--distributed-executor-backend", "ray")}
+# In `make test`: TP=2 and PP=2. DP=2 and Ray (an engine start each, Ray a large optional
+# dependency) run in `make test-parallel-extra`.
+EXTRA = {"dp2", "ray_tp2"}
+PARAMS = [pytest.param(k, marks=pytest.mark.parallel_extra) if k in EXTRA else k for k in LAYOUTS]
 
 
 @pytest.fixture(scope="module")
@@ -33,18 +47,54 @@ def family_root(tmp_path_factory):
     return root, model
 
 
-@pytest.fixture(scope="module", params=list(LAYOUTS))
+@pytest.fixture(scope="module", params=PARAMS)
 def layout(request, family_root, tmp_path_factory):
     root, model = family_root
     sae_dirs = {name: root / "saes" / name for name in SITES}
-    srv = start_server(model, sae_dirs, tmp_path_factory.mktemp(request.param), *LAYOUTS[request.param])
-    ref = HFReference(model, sae_dirs, SITES)
-    yield request.param, srv, ref
-    stop_server(srv)
+    log_dir = tmp_path_factory.mktemp(request.param)
+    if request.param == "ray_tp2" and not _ray_supported():
+        pytest.skip("vLLM 0.32's CPU platform has no Ray executor (ray_device_key is empty); "
+                    "steerd refuses ray there (test_startup.py), this layout runs on GPUs")
+    with ray_head(log_dir) if request.param == "ray_tp2" else contextlib.nullcontext():
+        srv = start_server(model, sae_dirs, log_dir, *LAYOUTS[request.param])
+        ref = HFReference(model, sae_dirs, SITES)
+        yield request.param, srv, ref
+        stop_server(srv)
+
+
+def _ray_supported() -> bool:
+    r = subprocess.run([sys.executable, "-c", "from sae_runtime.vllm.engine import ray_supported;"
+                        "print(ray_supported())"], capture_output=True, text=True, timeout=300)
+    return r.stdout.strip().endswith("True")
+
+
+@contextlib.contextmanager
+def ray_head(log_dir):
+    """A local Ray head on loopback only; steerd (vLLM's Ray executor) attaches to it."""
+    ray = str(Path(sys.executable).with_name("ray"))
+    port = _free_port()
+    env_add = {"RAY_ADDRESS": f"127.0.0.1:{port}", "VLLM_HOST_IP": "127.0.0.1",
+               "RAY_USAGE_STATS_ENABLED": "0"}
+    subprocess.run([ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                    "--num-cpus", str(len(os.sched_getaffinity(0))), "--include-dashboard=false",
+                    "--disable-usage-stats", "--temp-dir", str(log_dir / "ray")],
+                   check=True, capture_output=True, timeout=180, env={**os.environ, **env_add})
+    old = {k: os.environ.get(k) for k in env_add}
+    os.environ.update(env_add)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
 
 
 def plain_vllm_tokens(model, kind: str, prompts, n: int) -> list[list[int]]:
-    tp, pp = (2, 1) if kind == "tp2" else (1, 2)
+    # DP replicas are single-rank engines: their plain baseline is plain vLLM at TP=1.
+    tp, pp = {"tp2": (2, 1), "ray_tp2": (2, 1), "pp2": (1, 2), "dp2": (1, 1)}[kind]
     env = dict(os.environ)
     env.pop("VLLM_CPU_OMP_THREADS_BIND", None)
     r = subprocess.run(
@@ -63,15 +113,18 @@ def test_startup_reports_every_rank(layout):
     # Each SAE: on both TP ranks (tp2), or on the one stage that holds its block (pp2).
     installed = [ln for ln in log.splitlines() if " installed on " in ln]
     assert len(installed) == len(SITES), log[-3000:]
-    want = "installed on 2 rank(s)" if kind == "tp2" else "installed on 1 rank(s)"
+    # every DP replica reports too: 2 ranks per SAE under dp2, like under tp2
+    want = "installed on 1 rank(s)" if kind == "pp2" else "installed on 2 rank(s)"
     assert all(want in ln for ln in installed), installed
     if kind == "pp2":  # both stages hold hooks: blocks 0..2 split over two stages
-        stages = {ln.split("pp,tp: ")[1].split(",")[0] for ln in installed}
+        stages = {ln.split("dp/pp/tp: ")[1].split("/")[1] for ln in installed}
         assert stages == {"0", "1"}, installed
     with srv.client() as c:
         info = c.model_info()
-    assert (info.tensor_parallel_size, info.pipeline_parallel_size) == (
-        (2, 1) if kind == "tp2" else (1, 2))
+    assert (info.tensor_parallel_size, info.pipeline_parallel_size, info.data_parallel_size) == {
+        "tp2": (2, 1, 1), "ray_tp2": (2, 1, 1), "pp2": (1, 2, 1), "dp2": (1, 1, 2)}[kind]
+    if kind == "ray_tp2":
+        assert info.distributed_executor_backend == "ray"
 
 
 @pytest.mark.parametrize("site", SITES)
