@@ -22,7 +22,7 @@ work (a generation-only request's prompt rows, above all).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -143,12 +143,14 @@ def _clip(start: int, end: int, pos0: int, lo: int, hi: int) -> tuple[int, int]:
     return a, max(a, b)
 
 
-def plan_step(hooks: Sequence[HookTables | None], step: StepDescription) -> list[ReadSegment]:
+def plan_step(hooks: Sequence[HookTables | None], step: StepDescription,
+              read_hooks: Collection[int] | None = None) -> list[ReadSegment]:
     """Fill every hook's tables for ``step`` and upload them; returns the read segments.
 
     ``hooks[i]`` is hook id i, None where another pipeline stage holds that SAE (its edits
-    and reads are planned there). The hooks' tables must be clear (``HookTables.clear``
-    after the previous forward).
+    and reads are planned there). ``read_hooks``: the hook ids that compute reads on this
+    rank (None = all); a tensor-parallel rank that publishes no reads skips them. The
+    hooks' tables must be clear (``HookTables.clear`` after the previous forward).
     """
     segments: list[ReadSegment] = []
     for sr in step.requests:
@@ -162,6 +164,8 @@ def plan_step(hooks: Sequence[HookTables | None], step: StepDescription) -> list
                 hook.add_edits(a, b, sr.pos0 + a - sr.start, rows)
         for rp in plan.reads:
             hook = hooks[rp.hook_id]
+            if read_hooks is not None and rp.hook_id not in read_hooks:
+                continue
             a, b = _clip(sr.start, sr.end, sr.pos0, rp.pos_lo, rp.pos_hi)
             if hook is not None and b > a:
                 off = hook.add_read_rows(a, b, rp.top_k, rp.watch, plan.pooled)

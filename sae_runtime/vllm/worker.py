@@ -62,7 +62,10 @@ class SteeringState:
 
     def prepare_step(self, runner) -> None:
         """Fill every hook's tables for the batch the runner is about to run."""
-        self.segments = plan_step(self.hooks, describe_step(runner, self.plans))
+        # A rank that publishes nothing computes no reads, except at sharded sites, whose
+        # all-gather every TP rank must enter alike (the decision reads the row counts).
+        read_hooks = None if self.publisher is not None else set(_SHARDS)
+        self.segments = plan_step(self.hooks, describe_step(runner, self.plans), read_hooks)
 
     def publish_reads(self) -> None:
         """Send this step's reads to the server, one record per segment."""

@@ -244,3 +244,18 @@ def test_v1_adapter_describes_the_runner_and_forgets_finished_requests():
     step = describe_step(runner, plans)
     assert len(plans) == 1 and step.requests[0].plan is cached
     assert (step.requests[0].start, step.requests[0].end, step.requests[0].pos0) == (0, 3, 4)
+
+
+def test_a_rank_that_reads_only_some_hooks_plans_no_reads_elsewhere_and_same_edits():
+    """``read_hooks`` (a TP rank that publishes nothing): reads only at the listed hooks,
+    while every hook's edits stay exactly those of the full plan."""
+    batch = BATCHES["preempted"][0]
+    full, part = _hooks(False), _hooks(False)
+    seg_full = plan_step(full, _step(batch))
+    seg_part = plan_step(part, _step(batch), read_hooks={1})
+    assert {s.hook_id for s in seg_full} == {0, 1}
+    assert [s for s in seg_full if s.hook_id == 1] == seg_part
+    assert part[0].n_read == 0 and part[1].n_read == full[1].n_read
+    for a, b in zip(full, part, strict=True):
+        assert a.n_rows == b.n_rows
+        assert torch.equal(a.tok_slot, b.tok_slot) and torch.equal(a.tok_pos, b.tok_pos)
