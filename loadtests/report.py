@@ -73,6 +73,44 @@ def _grid(rows: list[dict]) -> str:
     return f"d_in {vals('d_in')}, d_sae {vals('d_sae')}, k {vals('k')}, tokens {vals('tokens')}"
 
 
+PROFILE = ["", "## Where the read path spends its time", "",
+           "Profiled on the AVX2-only AMD EPYC (2 cores) with py-spy on the engine's worker "
+           "(`py-spy record --pid <VLLM::Worker> --format raw --duration 40`) while the "
+           "`bench_e2e` model (float32) alternated reads16 and idle rounds:", "",
+           "- The read path took 6.9% of the worker's samples, about 13% of a reads16 round. "
+           "94% of that was the dense encode `xin @ W_enc` (torch's matmul, `[32, 576] @ "
+           "[576, 16384]`); the top-k ~5%; table planning, the host copy and msgpack of the "
+           "records together under 0.5%. The server-side consumer (ZMQ receive, msgspec decode, "
+           "per-position buffers) is in another process and was not a bottleneck.",
+           "- The same matmul through vLLM's prepacked oneDNN GEMM (the kernel vLLM's own CPU "
+           "linear layers use) took 13 ms against 50 ms for torch's matmul, one thread, on the "
+           "loaded machine. The worker now gives every CPU SAE that GEMM for its dense encode "
+           "(`SAE.enc_gemm`, checked against torch's matmul on a probe at install; tests in "
+           "`tests/sae_runtime/test_cpu_gemm.py`).",
+           "- In bfloat16 on this CPU the same matmul takes ~100x longer than in float32 (no "
+           "native bf16), so `--sae-dtype auto` computes SAEs in float32 here "
+           "(`sae_runtime/hw.py`) and `make bench` runs its dummy model in float32.",
+           "- Under TP only rank 0 publishes reads, and the other ranks no longer compute them "
+           "(except at the head-sharded `z` site, whose all-gather every rank must enter)."]
+
+
+def preload_section(docs: Path) -> list[str]:
+    """The tcmalloc / Intel OpenMP measurement (``make bench-preload``), when it was run."""
+    f = docs / "preload.json"
+    if not f.exists():
+        return []
+    p = json.loads(f.read_text())
+    out = ["", "## Allocator and OpenMP preload", "",
+           f"`python -m loadtests.bench_preload --out docs/preload.json` on {p['device']}; "
+           f"{p['model']}; {p['workload']}; wall time {p.get('wall_s', 0) / 60:.1f} min. "
+           "Each variant is its own engine start, in the order listed (no interleaving).", "",
+           "| LD_PRELOAD | clamp16 tok/s | reads16 tok/s | engine RSS (MiB) |",
+           "| --- | ---: | ---: | ---: |"]
+    for name, v in p["variants"].items():
+        out.append(f"| {name} | {v['clamp16']:.1f} | {v['reads16']:.1f} | {v['rss_mib']:.0f} |")
+    return out
+
+
 E2E_ROWS = (
     ("plain", "plain vLLM (no extension, no SAE), 32 requests"),
     ("idle", "4 SAEs loaded, no interventions"),
@@ -130,7 +168,7 @@ def main() -> None:
             "benchmarks.json), so ratios within about ±0.05 of 1 mean "
             "\"no measurable cost\", not \"faster\". The engine numbers measure the model side; "
             "both runs drive `AsyncLLM` directly (no gRPC), so the comparison isolates the hooks.", "",
-            ] + kernel_tables(kern)
+            ] + preload_section(docs) + PROFILE + kernel_tables(kern)
     print("\n".join(out))
 
 
