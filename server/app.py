@@ -136,7 +136,7 @@ def start_engine(cfg: ServerConfig, reads_addr: str | None) -> Any:
     ))
 
 
-def expected_hooks(cfg: ServerConfig, saes: dict[str, SAEConfig]) -> list[ExpectedHook]:
+def expected_hooks(saes: dict[str, SAEConfig]) -> list[ExpectedHook]:
     return [ExpectedHook(i, sid, c.hook_name, block_of(c.layer, c.site))
             for i, (sid, c) in enumerate(saes.items())]
 
@@ -147,7 +147,7 @@ async def verify_hooks(cfg: ServerConfig, engine: Any, saes: dict[str, SAEConfig
 
     reports = await hook_reports(engine)
     world = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
-    by_index = check_hooks(reports, expected_hooks(cfg, saes), world_size=world, reads=bool(saes))
+    by_index = check_hooks(reports, expected_hooks(saes), world_size=world, reads=bool(saes))
     ids = list(saes)
     why = {h["sae"]: h["dtype_why"] for r in reports for h in r.get("hooks", ())}
     for i, dt in sorted(by_index.items()):
@@ -275,9 +275,6 @@ async def serve(cfg: ServerConfig) -> int:
     saes = load_sae_configs(cfg)
     labels = load_labels(cfg, saes)  # a bad label file fails here, before the engine starts
     load_chat_template(cfg.chat_template)  # so does a bad --chat-template
-    router = ReadRouter(cfg.reads_address) if saes else None
-    if router is not None:
-        router.start()
     ranks = cfg.tensor_parallel_size * cfg.pipeline_parallel_size * cfg.data_parallel_size
     if cfg.distributed_executor_backend == "ray":
         from sae_runtime.vllm.engine import ray_supported
@@ -290,6 +287,10 @@ async def serve(cfg: ServerConfig) -> int:
     if _cpu_platform():
         for line in apply_cpu_env_defaults(ranks):
             print(f"steerd: {line}", flush=True)
+    # The read socket opens only after every check that can refuse to start has passed.
+    router = ReadRouter(cfg.reads_address) if saes else None
+    if router is not None:
+        router.start()
     t0 = time.monotonic()
     engine = start_engine(cfg, router.addr if router else None)
     started = time.monotonic() - t0
