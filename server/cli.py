@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import sys
 from typing import Literal, get_args, get_origin
@@ -12,6 +11,7 @@ from typing import Literal, get_args, get_origin
 from pydantic import ValidationError
 
 from sae_runtime.errors import SteeringError
+from server import logs
 from server.config import SAESource, ServerConfig
 
 
@@ -47,25 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, msg, and request_id when a record has one."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": self.formatTime(record), "level": record.levelname, "logger": record.name,
-               "msg": record.getMessage()}
-        if getattr(record, "request_id", None):
-            out["request_id"] = record.request_id
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if args.log_format == "json" else logging.Formatter(
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    logging.basicConfig(level=args.log_level.upper(), handlers=[logs.handler(args.log_format)])
     values = {k: v for k, v in vars(args).items() if k in ServerConfig.model_fields}
     try:
         values["saes"] = tuple(SAESource.parse(s) for s in values.get("saes", []))
