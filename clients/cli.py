@@ -17,7 +17,18 @@ import sys
 
 import grpc
 
-from clients.client import FINISH_NAMES, SteeringClient, ablate, add, clamp, collect, read, scale
+from clients.client import (
+    FINISH_NAMES,
+    SteeringClient,
+    ablate,
+    add,
+    clamp,
+    collect,
+    parse_range,
+    positions,
+    read,
+    scale,
+)
 
 
 def _edit(kind: str, with_value: bool):
@@ -63,7 +74,30 @@ def _sae_int(flag: str):
     return parse
 
 
-def _reads(topks, watches, scope: str):
+def _range(text: str):
+    """argparse type for a position range ``FRAME:START:END``."""
+    try:
+        return parse_range(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated token ids") from None
+
+
+def _selector(ranges, exclude_ranges: bool, token_ids=(), exclude_token_ids: bool = False):
+    """The PositionSelector the flags describe, or None when no position flag is given."""
+    if not ranges and not token_ids and not exclude_ranges and not exclude_token_ids:
+        return None
+    return positions(*(ranges or ()), exclude_ranges=exclude_ranges, token_ids=token_ids or (),
+                     exclude_token_ids=exclude_token_ids)
+
+
+def _reads(topks, watches, scope: str | None, at=None):
     """Merge --read SAE:TOPK and --watch SAE:FEATURE into one FeatureRead per SAE (in order)."""
     order: list[str] = []
     k: dict[str, int] = {}
@@ -74,7 +108,7 @@ def _reads(topks, watches, scope: str):
     for sae, f in watches or ():
         order += [sae] if sae not in order else []
         w.setdefault(sae, []).append(f)
-    return [read(sae, k.get(sae, 0), w.get(sae, ()), scope) for sae in order]
+    return [read(sae, k.get(sae, 0), w.get(sae, ()), scope, at=at) for sae in order]
 
 
 def _feature_json(f) -> dict:
@@ -196,6 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--request-id", default="", help="id echoed back and logged by the server")
     g.add_argument("--generation-only", action="store_true",
                    help="apply the edits only at generated positions (default: every position)")
+    g.add_argument("--positions", dest="positions", action="append", type=_range, default=None,
+                   metavar="FRAME:START:END",
+                   help="apply the edits only at these positions (repeatable, the union): "
+                        "prompt:0:3 (first 3 prompt tokens), prompt:-1: (the last one), "
+                        "gen::20 (first 20 generated), gen:4: (from the 5th generated on), "
+                        "abs:5:9 (absolute positions 5..8); empty bounds = the frame's ends")
+    g.add_argument("--exclude-ranges", action="store_true",
+                   help="apply the edits everywhere except the --positions ranges")
+    g.add_argument("--token-ids", type=_token_ids, default=None, metavar="ID,ID,...",
+                   help="apply the edits only where the consumed token is one of these ids")
+    g.add_argument("--exclude-token-ids", action="store_true",
+                   help="apply the edits only where the consumed token is not one of --token-ids")
     for kind, with_value, meta, helptext in (
         ("clamp", True, "SAE:FEATURE=VALUE", "set a feature to VALUE"),
         ("ablate", False, "SAE:FEATURE", "set a feature to 0"),
@@ -208,8 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="SAE:TOPK", help="stream the TOPK strongest features of SAE per position")
     g.add_argument("--watch", dest="watch", action="append", type=_sae_int("watch"),
                    metavar="SAE:FEATURE", help="always report this feature per position (repeatable)")
-    g.add_argument("--read-scope", choices=["all", "prompt", "generation"], default="all",
-                   help="positions to read (default: %(default)s)")
+    g.add_argument("--read-scope", choices=["all", "prompt", "generation"], default=None,
+                   help="positions to read (default: all)")
+    g.add_argument("--read-positions", action="append", type=_range, default=None,
+                   metavar="FRAME:START:END",
+                   help="read only these positions (repeatable; syntax as --positions)")
+    g.add_argument("--read-exclude-ranges", action="store_true",
+                   help="read every position except the --read-positions ranges")
     g.add_argument("--logprobs", type=int, default=None, metavar="N",
                    help="report each generated token's logprob and its N most likely alternatives")
     g.add_argument("--prompt-logprobs", type=int, default=None, metavar="N",
@@ -242,12 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _interventions(edits, scope: str):
+def _interventions(edits, scope: str | None, at=None):
     makers = {
-        "clamp": lambda s, f, v: clamp(s, f, v, scope),
-        "ablate": lambda s, f, v: ablate(s, f, scope),
-        "scale": lambda s, f, v: scale(s, f, v, scope),
-        "add": lambda s, f, v: add(s, f, v, scope),
+        "clamp": lambda s, f, v: clamp(s, f, v, scope, at=at),
+        "ablate": lambda s, f, v: ablate(s, f, scope, at=at),
+        "scale": lambda s, f, v: scale(s, f, v, scope, at=at),
+        "add": lambda s, f, v: add(s, f, v, scope, at=at),
     }
     return [makers[kind](sae, feat, val) for kind, sae, feat, val in edits or ()]
 
@@ -284,8 +335,11 @@ def _generate(client: SteeringClient, args) -> int:
         args.messages if args.messages else prompt,
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed, stop=args.stop, request_id=args.request_id,
-        interventions=_interventions(args.edits, "generation_only" if args.generation_only else "all"),
-        reads=_reads(args.read_topk, args.watch, args.read_scope),
+        interventions=_interventions(
+            args.edits, "generation_only" if args.generation_only else None,
+            _selector(args.positions, args.exclude_ranges, args.token_ids, args.exclude_token_ids)),
+        reads=_reads(args.read_topk, args.watch, args.read_scope,
+                     _selector(args.read_positions, args.read_exclude_ranges)),
         logprobs=args.logprobs, prompt_logprobs=args.prompt_logprobs,
     )
     if args.json:

@@ -20,6 +20,9 @@ ReadScopeName = Literal["all", "prompt", "generation"]
 _READ_SCOPES = {"all": pb.READ_SCOPE_ALL, "prompt": pb.READ_SCOPE_PROMPT,
                 "generation": pb.READ_SCOPE_GENERATION}
 _SCOPES = {"all": pb.SCOPE_ALL, "generation_only": pb.SCOPE_GENERATION_ONLY}
+FrameName = Literal["absolute", "prompt", "generation"]
+FRAMES = {"absolute": pb.POSITION_FRAME_ABSOLUTE, "prompt": pb.POSITION_FRAME_PROMPT,
+          "generation": pb.POSITION_FRAME_GENERATION}
 FINISH_NAMES = {
     pb.FINISH_REASON_UNSPECIFIED: None,
     pb.FINISH_REASON_LENGTH: "length",
@@ -28,34 +31,108 @@ FINISH_NAMES = {
 }
 
 
-def _iv(sae: str, feature: int, mode: int, value: float, scope: ScopeName) -> pb.Intervention:
-    return pb.Intervention(sae=sae, feature=feature, mode=mode, value=value, scope=_SCOPES[scope])
+def position_range(frame: FrameName, start: int | None = None,
+                   end: int | None = None) -> pb.PositionRange:
+    """``[start, end)`` counted in ``frame`` (None: the frame's default).
+
+    ``absolute``: positions; ``prompt``: prompt positions, negative = from the prompt's end
+    (``-1`` = the last prompt token); ``generation``: generation steps (0 = the first
+    generated token, fed back at position prompt_len)."""
+    r = pb.PositionRange(frame=FRAMES[frame])
+    if start is not None:
+        r.start = start
+    if end is not None:
+        r.end = end
+    return r
 
 
-def clamp(sae: str, feature: int, value: float, scope: ScopeName = "all") -> pb.Intervention:
-    """Set feature ``feature`` of ``sae`` to ``value``."""
-    return _iv(sae, feature, pb.INTERVENTION_MODE_CLAMP, value, scope)
+def prompt_range(start: int | None = None, end: int | None = None) -> pb.PositionRange:
+    """Prompt positions ``[start, end)``; negative values count from the prompt's end."""
+    return position_range("prompt", start, end)
 
 
-def ablate(sae: str, feature: int, scope: ScopeName = "all") -> pb.Intervention:
+def generation_range(start: int | None = None, end: int | None = None) -> pb.PositionRange:
+    """Generation steps ``[start, end)``: ``generation_range(0, 20)`` = the first 20
+    generated tokens, ``generation_range(4)`` = from the 5th on."""
+    return position_range("generation", start, end)
+
+
+def absolute_range(start: int | None = None, end: int | None = None) -> pb.PositionRange:
+    """Absolute positions ``[start, end)``."""
+    return position_range("absolute", start, end)
+
+
+def parse_range(text: str) -> pb.PositionRange:
+    """``FRAME:START:END`` (either bound may be empty), e.g. ``prompt:-1:``, ``gen::20``,
+    ``abs:3:7``; FRAME is ``abs``/``absolute``, ``prompt`` or ``gen``/``generation``.
+    Raises ValueError on bad syntax (values are the server's to judge)."""
+    parts = text.split(":")
+    names = {"abs": "absolute", "absolute": "absolute", "prompt": "prompt",
+             "gen": "generation", "generation": "generation"}
+    if len(parts) != 3 or parts[0] not in names:
+        raise ValueError(f"{text!r}: expected FRAME:START:END with FRAME abs, prompt or gen "
+                         "(bounds may be empty), e.g. prompt:-1: or gen:0:20")
+    try:
+        start, end = (int(v) if v.strip() else None for v in parts[1:])
+    except ValueError:
+        raise ValueError(f"{text!r}: START and END must be integers or empty") from None
+    return position_range(names[parts[0]], start, end)  # type: ignore[arg-type]
+
+
+def positions(*ranges: pb.PositionRange, exclude_ranges: bool = False,
+              token_ids: Sequence[int] = (), exclude_token_ids: bool = False) -> pb.PositionSelector:
+    """A position selector: the positions in any of ``ranges`` (none given: every position;
+    ``exclude_ranges``: in none of them) whose token is in ``token_ids`` (none given: any
+    token; ``exclude_token_ids``: not in them)."""
+    return pb.PositionSelector(ranges=list(ranges), exclude_ranges=exclude_ranges,
+                               token_ids=list(token_ids), exclude_token_ids=exclude_token_ids)
+
+
+def _iv(sae: str, feature: int, mode: int, value: float, scope: ScopeName | None,
+        at: pb.PositionSelector | None) -> pb.Intervention:
+    iv = pb.Intervention(sae=sae, feature=feature, mode=mode, value=value)
+    if at is not None:
+        iv.positions.CopyFrom(at)  # scope stays unset: a selector replaces it
+    if scope is not None or at is None:
+        iv.scope = _SCOPES[scope or "all"]
+    return iv
+
+
+def clamp(sae: str, feature: int, value: float, scope: ScopeName | None = None, *,
+          at: pb.PositionSelector | None = None) -> pb.Intervention:
+    """Set feature ``feature`` of ``sae`` to ``value`` (at the positions of ``scope`` or of
+    the selector ``at``, see ``positions``; default every position)."""
+    return _iv(sae, feature, pb.INTERVENTION_MODE_CLAMP, value, scope, at)
+
+
+def ablate(sae: str, feature: int, scope: ScopeName | None = None, *,
+           at: pb.PositionSelector | None = None) -> pb.Intervention:
     """Set the feature to 0."""
-    return _iv(sae, feature, pb.INTERVENTION_MODE_ABLATE, 0.0, scope)
+    return _iv(sae, feature, pb.INTERVENTION_MODE_ABLATE, 0.0, scope, at)
 
 
-def scale(sae: str, feature: int, factor: float, scope: ScopeName = "all") -> pb.Intervention:
+def scale(sae: str, feature: int, factor: float, scope: ScopeName | None = None, *,
+          at: pb.PositionSelector | None = None) -> pb.Intervention:
     """Multiply the feature by ``factor``."""
-    return _iv(sae, feature, pb.INTERVENTION_MODE_SCALE, factor, scope)
+    return _iv(sae, feature, pb.INTERVENTION_MODE_SCALE, factor, scope, at)
 
 
-def add(sae: str, feature: int, strength: float, scope: ScopeName = "all") -> pb.Intervention:
+def add(sae: str, feature: int, strength: float, scope: ScopeName | None = None, *,
+        at: pb.PositionSelector | None = None) -> pb.Intervention:
     """Add ``strength`` times the feature's decoder direction."""
-    return _iv(sae, feature, pb.INTERVENTION_MODE_ADD, strength, scope)
+    return _iv(sae, feature, pb.INTERVENTION_MODE_ADD, strength, scope, at)
 
 
 def read(sae: str, top_k: int = 0, watch: Sequence[int] = (),
-         scope: ReadScopeName = "all") -> pb.FeatureRead:
-    """Ask for ``sae``'s top_k features and/or a watch list at the positions of ``scope``."""
-    return pb.FeatureRead(sae=sae, top_k=top_k, watch=list(watch), scope=_READ_SCOPES[scope])
+         scope: ReadScopeName | None = None, *, at: pb.PositionSelector | None = None) -> pb.FeatureRead:
+    """Ask for ``sae``'s top_k features and/or a watch list at the positions of ``scope``
+    (or of the selector ``at``: ranges only; default every position)."""
+    r = pb.FeatureRead(sae=sae, top_k=top_k, watch=list(watch))
+    if at is not None:
+        r.positions.CopyFrom(at)
+    if scope is not None or at is None:
+        r.scope = _READ_SCOPES[scope or "all"]
+    return r
 
 
 @dataclass

@@ -12,9 +12,11 @@ hook's edit tables (``sae_runtime.tables.HookTables``), which the kernels read t
     cond_feature    int64    -1 = unconditional (reserved: see below)
     cond_threshold  float32  reserved with cond_feature
 
-Windows are half-open and absolute: a request's scope becomes a window when its prompt
-length is known (``ALL`` = ``[0, POS_INF)``, ``GENERATION_ONLY`` = ``[prompt_len,
-POS_INF)``). ``POS_INF`` stands for "no end".
+Windows are half-open and absolute: an intervention's position selector
+(``sae_runtime.selectors``) becomes one row per window when its prompt length is known
+(``ALL`` = ``[0, POS_INF)``, ``GENERATION_ONLY`` = ``[prompt_len, POS_INF)``; ``POS_INF``
+stands for "no end"). A selector with token ids is resolved per step instead: the planner
+emits rows whose windows are the runs of matching positions in the step.
 
 The condition columns are carried through every table but no kernel reads them yet (every
 row today has ``cond_feature == -1``); the next issue's conditional edits will.
@@ -27,8 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-POS_INF = 2**62
-"""``pos_hi`` of an edit without an end (larger than any position vLLM can reach)."""
+from sae_runtime.selectors import POS_INF  # noqa: F401  (``pos_hi`` of an edit without an end)
 
 NO_CONDITION = -1
 

@@ -19,13 +19,22 @@ from sae_runtime.errors import InvalidRequestError, UnknownSAEError
 from sae_runtime.ops import Mode
 from sae_runtime.payloads import EditPayload
 from sae_runtime.saes.base import SAEConfig
+from sae_runtime.selectors import ALL as _ALL
+from sae_runtime.selectors import GENERATION as _GENERATION
+from sae_runtime.selectors import Selector
 
 
 class Scope(IntEnum):
-    """Positions an intervention applies to; numbers match ``steering.v1.Scope``."""
+    """Positions an intervention applies to; numbers match ``steering.v1.Scope``.
+
+    Sugar for a position selector (``Intervention.selector``)."""
 
     ALL = 1
     GENERATION_ONLY = 2  # positions >= prompt_len
+
+    @property
+    def selector(self) -> Selector:
+        return _GENERATION if self == Scope.GENERATION_ONLY else _ALL
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,12 @@ class Intervention:
     mode: Mode
     value: float = 0.0
     scope: Scope = Scope.ALL
+    positions: Selector | None = None  # set: overrides ``scope`` (the converter allows one)
+
+    @property
+    def selector(self) -> Selector:
+        """The positions this intervention edits (``positions``, else the scope's selector)."""
+        return self.positions if self.positions is not None else self.scope.selector
 
 
 @dataclass(frozen=True)
@@ -43,11 +58,14 @@ class SteeringSpec:
 
     interventions: tuple[Intervention, ...] = ()
 
-    def validate(self, saes: Mapping[str, SAEConfig], max_interventions: int) -> None:
+    def validate(self, saes: Mapping[str, SAEConfig], max_interventions: int,
+                 vocab_size: int = 2**31) -> None:
         """Raise InvalidRequestError / UnknownSAEError naming the offending field.
 
-        Modes and scopes are typed (``Mode``, ``Scope``); the proto converter has already
-        rejected unset and unknown numbers (``server.convert.spec_from_pb``).
+        Modes, scopes and frames are typed (``Mode``, ``Scope``, ``selectors.Frame``); the
+        proto converter has already rejected unset and unknown numbers
+        (``server.convert.spec_from_pb``). Each window of a selector is one edit row, and a
+        request's edit rows at one SAE must fit the tables' width (``max_interventions``).
         """
         if len(self.interventions) > max_interventions:
             raise InvalidRequestError(
@@ -79,23 +97,47 @@ class SteeringSpec:
                     f"interventions[{seen[key]}]; give each feature once",
                 )
             seen[key] = j
+            if iv.positions is not None:
+                iv.positions.validate(f"{field}.positions", vocab_size)
+        rows: dict[str, int] = {}
+        for iv in self.interventions:
+            rows[iv.sae] = rows.get(iv.sae, 0) + iv.selector.max_windows
+        for sae, n in rows.items():
+            if n > max_interventions:
+                raise InvalidRequestError(
+                    "interventions",
+                    f"the interventions on SAE {sae!r} need {n} edit rows (one per position "
+                    f"range, plus one for an excluded range set); the server allows at most "
+                    f"{max_interventions} per SAE per request")
 
-    def canonical(self) -> list[tuple[str, int, int, float, int]]:
-        """Order-free, normalised form: equal specs give equal lists."""
+    def canonical(self) -> list[list]:
+        """Order-free, normalised form: equal specs give equal lists. A scope and the
+        selector it is sugar for are the same thing (``Intervention.selector``)."""
         rows = []
         for iv in self.interventions:
             value = 0.0 if iv.mode == Mode.ABLATE else float(iv.value)
-            rows.append((iv.sae, int(iv.feature), int(iv.mode), value, int(iv.scope)))
+            rows.append([iv.sae, int(iv.feature), int(iv.mode), value, iv.selector.canonical()])
         return sorted(rows)
 
-    def cache_salt(self) -> str | None:
+    @property
+    def prompt_relative(self) -> bool:
+        """Whether some edit's positions depend on the prompt length (PROMPT or GENERATION
+        ranges, scope GENERATION_ONLY)."""
+        return any(iv.selector.prompt_relative for iv in self.interventions)
+
+    def cache_salt(self, prompt_len: int | None = None) -> str | None:
         """Prefix-cache salt: None for no interventions (shares plain KV), else a spec hash.
 
         Requests with the same interventions share cached KV; steered KV never reaches a
-        request with different (or no) interventions. Computed once per spec (admission
-        and the prompt both ask).
+        request with different (or no) interventions (selectors included). Computed once
+        per spec (admission and the prompt both ask). With ``prompt_len``, a spec whose
+        positions depend on the prompt length (``prompt_relative``) also salts by it: the
+        same tokens at the same positions are edited differently under another prompt
+        length (a follow-up prompt that contains an earlier generation, above all).
         """
-        return self._salt
+        if prompt_len is None or self._salt is None or not self.prompt_relative:
+            return self._salt
+        return f"{self._salt}:p{int(prompt_len)}"
 
     @functools.cached_property
     def _salt(self) -> str | None:
@@ -108,6 +150,6 @@ class SteeringSpec:
         """The edits as ``RequestPayload.edits`` (ABLATE carries value 0)."""
         return tuple(
             EditPayload(sae_index[iv.sae], int(iv.feature), int(iv.mode),
-                        0.0 if iv.mode == Mode.ABLATE else float(iv.value), int(iv.scope))
+                        0.0 if iv.mode == Mode.ABLATE else float(iv.value), iv.selector)
             for iv in self.interventions
         )

@@ -19,6 +19,8 @@ from collections.abc import Mapping
 
 import msgspec
 
+from sae_runtime.selectors import Selector
+
 EXTRA_ARGS_KEY = "sae_steering"  # key in SamplingParams.extra_args
 CONFIG_KEY = "sae_steering"  # key in VllmConfig.additional_config
 
@@ -27,25 +29,25 @@ CONFIG_KEY = "sae_steering"  # key in VllmConfig.additional_config
 
 
 class EditPayload(msgspec.Struct, array_like=True, frozen=True):
-    """One intervention: ``sae`` index, feature, ``ops.Mode``, value, ``interventions.Scope``.
+    """One intervention: ``sae`` index, feature, ``ops.Mode``, value, position selector.
 
-    The worker turns it into one edit row (``sae_runtime.edits``) once it knows the
-    request's prompt length (the scope becomes a position window)."""
+    The worker turns it into edit rows (``sae_runtime.edits``), one per window of the
+    selector, once it knows the request's prompt length (``planner.compile_request``)."""
 
     sae: int
     feature: int
     mode: int
     value: float
-    scope: int
+    positions: Selector = Selector()
 
 
 class ReadPayload(msgspec.Struct, array_like=True, frozen=True):
-    """One read: ``sae`` index, top-k, watched features, ``reads.ReadScope``."""
+    """One read: ``sae`` index, top-k, watched features, position selector."""
 
     sae: int
     top_k: int
     watch: tuple[int, ...]
-    scope: int
+    positions: Selector = Selector()
 
 
 class RequestPayload(msgspec.Struct, frozen=True, omit_defaults=True):

@@ -5,9 +5,11 @@ the step in the project's own terms and calls ``plan_step``:
 
 - ``compile_request(payload, prompt_len)`` turns a request's decoded payload, once per
   request, into a ``RequestPlan``: per hook its edit rows (``edits.EDIT_DTYPE``, request
-  order, scopes resolved to absolute position windows) and its reads (with windows too);
+  order, one per window of each edit's position selector, ``sae_runtime.selectors``) and
+  its reads (with windows too);
 - a ``StepDescription`` lists the scheduled requests: request id, token rows
   ``[start, end)`` of the flattened batch, the position of the first row, and the plan;
+  plus the token each row consumes, which only token-id selectors read;
 - ``plan_step`` fills each hook's tables (``HookTables.add_edits`` /
   ``add_read_rows``), uploads them, and returns the read segments; ``collect_reads``
   turns the forward's read outputs into ``payloads.ReadRecord`` s for the side channel.
@@ -18,6 +20,16 @@ straddle the prompt end, and recomputation after preemption (positions that were
 before, computed again) are all the same case. A request's rows at a hook are the ones
 whose positions fall in the hull of its edit windows there, so rows no edit can cover do no
 work (a generation-only request's prompt rows, above all).
+
+Token-id selectors ("every position whose token is in this set") are resolved here, per
+step, on the host: ``token_pieces`` turns the step's matching positions into edit rows
+whose windows are exactly the runs of matching positions, so the op and the kernels stay
+as they are (fixed shapes, window masks, no host sync). A request's rows at such a hook
+may need several slots in one step (one slot holds ``max_feats`` edit rows).
+
+Reads are computed over the hull of a read's windows in the step; the server keeps the
+positions the selector picks (``reads.Read.covers``), so multi-window reads cost one read
+slot per request, like single-window ones.
 """
 
 from __future__ import annotations
@@ -28,27 +40,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sae_runtime.edits import POS_INF, edit_rows
-from sae_runtime.interventions import Scope
+from sae_runtime.edits import edit_rows
 from sae_runtime.payloads import ReadRecord, RequestPayload
-from sae_runtime.reads import ReadScope
+from sae_runtime.selectors import Selector
 from sae_runtime.tables import HookTables
-
-
-def scope_window(scope: int, prompt_len: int) -> tuple[int, int]:
-    """The absolute positions ``[lo, hi)`` an edit's scope covers."""
-    if scope == Scope.GENERATION_ONLY:
-        return prompt_len, POS_INF
-    return 0, POS_INF
-
-
-def read_window(scope: int, prompt_len: int) -> tuple[int, int]:
-    """The absolute positions ``[lo, hi)`` a read's scope covers."""
-    if scope == ReadScope.PROMPT:
-        return 0, prompt_len
-    if scope == ReadScope.GENERATION:
-        return prompt_len, POS_INF
-    return 0, POS_INF
 
 
 @dataclass(frozen=True)
@@ -56,13 +51,31 @@ class ReadPlan:
     hook_id: int
     top_k: int
     watch: tuple[int, ...]
-    pos_lo: int
+    pos_lo: int  # hull of ``windows``: the rows the worker reads (the server keeps the selected)
     pos_hi: int
+    windows: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenRule:
+    """The token-id condition of one edit row (``RequestPlan.token_rules``)."""
+
+    token_ids: np.ndarray  # int64, the selector's set
+    exclude: bool
+
+    def match(self, tokens: np.ndarray) -> np.ndarray:
+        hit = np.isin(tokens, self.token_ids)
+        return ~hit if self.exclude else hit
 
 
 @dataclass(frozen=True)
 class RequestPlan:
-    """One request's payload compiled for the planner (built once per request)."""
+    """One request's payload compiled for the planner (built once per request).
+
+    ``edits[h]``: the request's edit rows at hook ``h``, one per window of each edit's
+    selector, in request order. A hook in ``token_rules`` has edits with token ids: its
+    rows are resolved per step (``token_rules[h][i]`` is row i's condition, None = none).
+    """
 
     rid: str  # the server's request id (reads are routed by it)
     prompt_len: int
@@ -70,13 +83,24 @@ class RequestPlan:
     hulls: dict[int, tuple[int, int]] = field(default_factory=dict)  # hook id -> [lo, hi)
     reads: tuple[ReadPlan, ...] = ()
     pooled: bool = False
+    token_rules: dict[int, tuple[TokenRule | None, ...]] = field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
         return not self.edits and not self.reads
 
+    @property
+    def needs_tokens(self) -> bool:
+        return bool(self.token_rules)
+
 
 EMPTY_PLAN = RequestPlan("", 0)
+
+
+def _rule(sel: Selector) -> TokenRule | None:
+    if not sel.token_ids:
+        return None
+    return TokenRule(np.asarray(sorted(sel.token_ids), dtype=np.int64), sel.exclude_token_ids)
 
 
 def compile_request(payload: RequestPayload | None, prompt_len: int) -> RequestPlan:
@@ -86,20 +110,29 @@ def compile_request(payload: RequestPayload | None, prompt_len: int) -> RequestP
     by_hook: dict[int, list] = {}
     for ed in payload.edits:
         by_hook.setdefault(ed.sae, []).append(ed)
-    edits, hulls = {}, {}
+    edits, hulls, token_rules = {}, {}, {}
     for hook_id, items in by_hook.items():
-        rows = edit_rows(len(items))
-        rows["feature"] = [ed.feature for ed in items]
-        rows["mode"] = [ed.mode for ed in items]
-        rows["value"] = [ed.value for ed in items]
-        windows = [scope_window(ed.scope, prompt_len) for ed in items]
-        rows["pos_lo"] = [lo for lo, _ in windows]
-        rows["pos_hi"] = [hi for _, hi in windows]
-        edits[hook_id] = rows
-        hulls[hook_id] = (int(rows["pos_lo"].min()), int(rows["pos_hi"].max()))
-    reads = tuple(ReadPlan(r.sae, r.top_k, tuple(r.watch), *read_window(r.scope, prompt_len))
-                  for r in payload.reads)
-    return RequestPlan(payload.rid, prompt_len, edits, hulls, reads, payload.pooled)
+        rows, rules = [], []
+        for ed in items:
+            for lo, hi in ed.positions.windows(prompt_len):
+                rows.append((ed.feature, ed.mode, ed.value, lo, hi))
+                rules.append(_rule(ed.positions))
+        if not rows:  # every selector here resolved to no position
+            continue
+        table = edit_rows(len(rows))
+        for j, name in enumerate(("feature", "mode", "value", "pos_lo", "pos_hi")):
+            table[name] = [r[j] for r in rows]
+        edits[hook_id] = table
+        hulls[hook_id] = (int(table["pos_lo"].min()), int(table["pos_hi"].max()))
+        if any(r is not None for r in rules):
+            token_rules[hook_id] = tuple(rules)
+    reads = []
+    for r in payload.reads:
+        wins = r.positions.windows(prompt_len)
+        if wins:
+            reads.append(ReadPlan(r.sae, r.top_k, tuple(r.watch), wins[0][0], wins[-1][1], wins))
+    return RequestPlan(payload.rid, prompt_len, edits, hulls, tuple(reads), payload.pooled,
+                       token_rules)
 
 
 @dataclass(frozen=True)
@@ -120,6 +153,8 @@ class ScheduledRequest:
 @dataclass(frozen=True)
 class StepDescription:
     requests: Sequence[ScheduledRequest]
+    token_ids: np.ndarray | None = None  # [rows] the token each row consumes (host memory);
+    # needed only by requests with token-id selectors (``RequestPlan.needs_tokens``)
 
 
 @dataclass(frozen=True)
@@ -143,6 +178,52 @@ def _clip(start: int, end: int, pos0: int, lo: int, hi: int) -> tuple[int, int]:
     return a, max(a, b)
 
 
+def token_pieces(rows: np.ndarray, rules: Sequence[TokenRule | None], pos: np.ndarray,
+                 tokens: np.ndarray, width: int) -> list[tuple[int, int, np.ndarray]]:
+    """One request's rows at one hook in one step, with token-id conditions resolved.
+
+    ``rows``: the request's edit rows at the hook (windows resolved), ``rules[i]`` row i's
+    token condition; ``pos`` / ``tokens``: position and consumed token of each step row.
+    Returns pieces ``(a, b, edit rows)`` over step rows ``[a, b)``: each output edit row is
+    one run of consecutive positions where an input row applies (window and token
+    condition), so every kernel's window mask gives exactly the selected positions. A
+    piece holds at most ``width`` edit rows (one slot of the tables); rows no edit applies
+    to get no piece.
+    """
+    applies = (rows["pos_lo"][None, :] <= pos[:, None]) & (pos[:, None] < rows["pos_hi"][None, :])
+    for i, rule in enumerate(rules):  # [n, R]
+        if rule is not None:
+            applies[:, i] &= rule.match(tokens)
+    starts = applies.copy()  # a run of row i starts at step row t
+    starts[1:] &= ~applies[:-1]
+    cum = np.cumsum(starts.sum(1))  # [n] runs started up to and including row t
+    live = np.flatnonzero(applies.any(1))
+    pieces = []
+    k = 0
+    while k < len(live):
+        a = int(live[k])
+        # edit rows of [a, t] = the runs open at a + the runs starting in (a, t]
+        budget = width - int(applies[a].sum()) + int(cum[a])
+        t = max(int(np.searchsorted(cum, budget, side="right")) - 1, a)
+        k_end = int(np.searchsorted(live, t, side="right"))  # live rows <= t
+        b = int(live[k_end - 1]) + 1
+        block = applies[a:b]  # [b - a, R]
+        run_start = block.copy()
+        run_start[1:] &= ~block[:-1]
+        run_end = block.copy()
+        run_end[:-1] &= ~block[1:]
+        # column-major: request order, then position order
+        s_i, s_t = np.nonzero(run_start.T)
+        _, e_t = np.nonzero(run_end.T)
+        piece = rows[s_i]  # a copy (fancy indexing)
+        piece["pos_lo"] = pos[a + s_t]
+        piece["pos_hi"] = pos[a + e_t] + 1
+        pieces.append((a, b, piece))
+        k = k_end
+    assert all(len(p) <= width for _, _, p in pieces)
+    return pieces
+
+
 def plan_step(hooks: Sequence[HookTables | None], step: StepDescription,
               read_hooks: Collection[int] | None = None) -> list[ReadSegment]:
     """Fill every hook's tables for ``step`` and upload them; returns the read segments.
@@ -160,8 +241,23 @@ def plan_step(hooks: Sequence[HookTables | None], step: StepDescription,
         for hook_id, rows in plan.edits.items():
             hook = hooks[hook_id]
             a, b = _clip(sr.start, sr.end, sr.pos0, *plan.hulls[hook_id])
-            if hook is not None and b > a:
+            if hook is None or b <= a:
+                continue
+            rules = plan.token_rules.get(hook_id)
+            if rules is None:
                 hook.add_edits(a, b, sr.pos0 + a - sr.start, rows)
+                continue
+            if step.token_ids is None:
+                raise RuntimeError("a request selects positions by token id, but the step "
+                                   "description carries no token ids")
+            pos = np.arange(sr.pos0 + a - sr.start, sr.pos0 + b - sr.start, dtype=np.int64)
+            for pa, pb, piece in token_pieces(rows, rules, pos, step.token_ids[a:b],
+                                              hook.max_feats):
+                if hook.n_slots >= hook.max_slots:
+                    raise RuntimeError(
+                        f"request {plan.rid}: its token-id selectors need more edit slots "
+                        f"this step than the tables hold ({hook.max_slots})")
+                hook.add_edits(a + pa, a + pb, int(pos[pa]), piece)
         for rp in plan.reads:
             hook = hooks[rp.hook_id]
             if read_hooks is not None and rp.hook_id not in read_hooks:

@@ -9,14 +9,19 @@ from enum import IntEnum
 from sae_runtime.errors import InvalidRequestError, UnknownSAEError
 from sae_runtime.payloads import ReadPayload
 from sae_runtime.saes.base import SAEConfig
+from sae_runtime.selectors import ALL, GENERATION, PROMPT, Selector
 
 
 class ReadScope(IntEnum):
-    """Numbers match ``steering.v1.ReadScope``."""
+    """Numbers match ``steering.v1.ReadScope``; sugar for a position selector."""
 
     ALL = 1
     PROMPT = 2  # positions < prompt_len
     GENERATION = 3  # positions >= prompt_len
+
+    @property
+    def selector(self) -> Selector:
+        return {ReadScope.PROMPT: PROMPT, ReadScope.GENERATION: GENERATION}.get(self, ALL)
 
 
 @dataclass(frozen=True)
@@ -25,13 +30,16 @@ class Read:
     top_k: int = 0
     watch: tuple[int, ...] = ()
     scope: ReadScope = ReadScope.ALL
+    positions: Selector | None = None  # set: overrides ``scope`` (the converter allows one)
 
-    def covers(self, position: int, prompt_len: int) -> bool:
-        if self.scope == ReadScope.PROMPT:
-            return position < prompt_len
-        if self.scope == ReadScope.GENERATION:
-            return position >= prompt_len
-        return True
+    @property
+    def selector(self) -> Selector:
+        """The positions this read reports (``positions``, else the scope's selector)."""
+        return self.positions if self.positions is not None else self.scope.selector
+
+    def covers(self, position: int, prompt_len: int, token_id: int | None = None) -> bool:
+        """Whether ``position`` is reported (the server waits for exactly these)."""
+        return self.selector.covers(position, prompt_len, token_id)
 
 
 @dataclass(frozen=True)
@@ -43,10 +51,10 @@ class ReadSpec:
 
     @property
     def wants_prompt(self) -> bool:
-        return any(r.scope in (ReadScope.ALL, ReadScope.PROMPT) for r in self.reads)
+        return any(r.selector.may_select_prompt for r in self.reads)
 
     def validate(self, saes: Mapping[str, SAEConfig], *, max_top_k: int, max_watch: int,
-                 prefix: str = "reads") -> None:
+                 prefix: str = "reads", vocab_size: int = 2**31) -> None:
         seen: dict[str, int] = {}
         for j, r in enumerate(self.reads):
             field = f"{prefix}[{j}]"
@@ -77,8 +85,17 @@ class ReadSpec:
                 if f in seen_w:
                     raise InvalidRequestError(f"{field}.watch[{i}]", f"feature {f} is listed twice")
                 seen_w.add(f)
+            if r.positions is not None:
+                r.positions.validate(f"{field}.positions", vocab_size)
+                if r.positions.token_ids:
+                    # The worker computes a read over the hull of its windows and the server
+                    # keeps the selected positions, which it decides without token ids.
+                    raise InvalidRequestError(
+                        f"{field}.positions.token_ids", "token-id selectors apply to "
+                        "interventions only; read the positions' window and keep the entries "
+                        "whose token_id you want (every entry carries it)")
 
     def to_payload(self, sae_index: Mapping[str, int]) -> tuple[ReadPayload, ...]:
         """The reads as ``RequestPayload.reads`` (``pooled`` travels beside them)."""
-        return tuple(ReadPayload(sae_index[r.sae], r.top_k, tuple(r.watch), int(r.scope))
+        return tuple(ReadPayload(sae_index[r.sae], r.top_k, tuple(r.watch), r.selector)
                      for r in self.reads)

@@ -20,6 +20,7 @@ from sae_runtime.interventions import Intervention, Scope, SteeringSpec
 from sae_runtime.ops import Mode
 from sae_runtime.reads import Read, ReadScope, ReadSpec
 from sae_runtime.saes.base import SAEConfig
+from sae_runtime.selectors import Frame, Range, Selector
 from steering.v1 import steering_pb2 as pb
 
 DEFAULT_MAX_TOKENS = 16
@@ -133,7 +134,7 @@ def generate_inputs_from_pb(
             logprobs, prompt_logprobs = (n, prompt_logprobs) if name == "logprobs" else (logprobs, n)
 
     spec = spec_from_pb(req.interventions)
-    spec.validate(saes, limits.max_interventions)
+    spec.validate(saes, limits.max_interventions, vocab_size)
     reads = reads_from_pb(req.reads, saes=saes, limits=limits)
     return GenerateInputs(
         prompt_text=prompt.text, prompt_ids=prompt.ids, prompt_messages=prompt.messages,
@@ -222,16 +223,39 @@ def _logprob_pb(token_id: int, lp) -> pb.Logprob:
                       token=lp.decoded_token or "")
 
 
+def selector_from_pb(sel: pb.PositionSelector, field: str) -> Selector:
+    """A PositionSelector as ``selectors.Selector``; frames are checked here, every other
+    rule in ``Selector.validate`` (called by the spec's validation)."""
+    ranges = []
+    for j, r in enumerate(sel.ranges):
+        if r.frame == pb.POSITION_FRAME_UNSPECIFIED:
+            raise InvalidRequestError(f"{field}.ranges[{j}].frame",
+                                      "must be set (ABSOLUTE, PROMPT or GENERATION)")
+        if r.frame not in (f.value for f in Frame):
+            raise InvalidRequestError(f"{field}.ranges[{j}].frame", f"unknown frame {r.frame}")
+        ranges.append(Range(Frame(r.frame), r.start if r.HasField("start") else None,
+                            r.end if r.HasField("end") else None))
+    return Selector(tuple(ranges), sel.exclude_ranges, tuple(sel.token_ids), sel.exclude_token_ids)
+
+
 def reads_from_pb(items, *, saes: Mapping[str, SAEConfig], limits: Limits, field: str = "reads",
                   pooled: bool = False, force_scope: ReadScope | None = None) -> ReadSpec:
+    """Reads from protobuf, validated. ``force_scope`` (Encode) overrides scope and positions."""
     out = []
     for j, r in enumerate(items):
         scope = ReadScope.ALL if r.scope == pb.READ_SCOPE_UNSPECIFIED else r.scope
         if scope not in (s.value for s in ReadScope):
             raise InvalidRequestError(f"{field}[{j}].scope", f"unknown scope {r.scope}")
-        out.append(Read(r.sae, r.top_k, tuple(r.watch), force_scope or ReadScope(scope)))
+        positions = None
+        if r.HasField("positions") and force_scope is None:
+            if r.scope != pb.READ_SCOPE_UNSPECIFIED:
+                raise InvalidRequestError(f"{field}[{j}].positions",
+                                          "set scope or positions, not both")
+            positions = selector_from_pb(r.positions, f"{field}[{j}].positions")
+        out.append(Read(r.sae, r.top_k, tuple(r.watch), force_scope or ReadScope(scope), positions))
     spec = ReadSpec(tuple(out), pooled=pooled)
-    spec.validate(saes, max_top_k=limits.max_read_top_k, max_watch=limits.max_watch, prefix=field)
+    spec.validate(saes, max_top_k=limits.max_read_top_k, max_watch=limits.max_watch, prefix=field,
+                  vocab_size=limits.vocab_size)
     return spec
 
 
@@ -256,7 +280,14 @@ def spec_from_pb(items) -> SteeringSpec:
         scope = Scope.ALL if iv.scope == pb.SCOPE_UNSPECIFIED else iv.scope
         if scope not in (s.value for s in Scope):
             raise InvalidRequestError(f"interventions[{j}].scope", f"unknown scope {iv.scope}")
-        out.append(Intervention(iv.sae, iv.feature, Mode(iv.mode), float(iv.value), Scope(scope)))
+        positions = None
+        if iv.HasField("positions"):
+            if iv.scope != pb.SCOPE_UNSPECIFIED:
+                raise InvalidRequestError(f"interventions[{j}].positions",
+                                          "set scope or positions, not both")
+            positions = selector_from_pb(iv.positions, f"interventions[{j}].positions")
+        out.append(Intervention(iv.sae, iv.feature, Mode(iv.mode), float(iv.value), Scope(scope),
+                                positions))
     return SteeringSpec(tuple(out))
 
 

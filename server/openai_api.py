@@ -55,6 +55,8 @@ _MODES = {"clamp": pb.INTERVENTION_MODE_CLAMP, "ablate": pb.INTERVENTION_MODE_AB
 _SCOPES = {"all": pb.SCOPE_ALL, "generation_only": pb.SCOPE_GENERATION_ONLY}
 _READ_SCOPES = {"all": pb.READ_SCOPE_ALL, "prompt": pb.READ_SCOPE_PROMPT,
                 "generation": pb.READ_SCOPE_GENERATION}
+_FRAMES = {"absolute": pb.POSITION_FRAME_ABSOLUTE, "prompt": pb.POSITION_FRAME_PROMPT,
+           "generation": pb.POSITION_FRAME_GENERATION}
 _FINISH = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop",
            pb.FINISH_REASON_ABORT: "abort"}
 U32 = 2**32
@@ -67,6 +69,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class PositionRangeBody(_Strict):
+    """The proto's PositionRange: ``{"frame": "prompt", "start": -1}``."""
+
+    frame: Literal["absolute", "prompt", "generation"]
+    start: int | None = Field(default=None, ge=-(2**63), lt=2**63)
+    end: int | None = Field(default=None, ge=-(2**63), lt=2**63)
+
+
+class PositionsBody(_Strict):
+    """The proto's PositionSelector (validated by the gRPC path's converter)."""
+
+    ranges: list[PositionRangeBody] = Field(default_factory=list)
+    exclude_ranges: bool = False
+    token_ids: list[int] = Field(default_factory=list)
+    exclude_token_ids: bool = False
+
+
 class InterventionBody(_Strict):
     """One of ``interventions``: the proto's Intervention with lower-case names."""
 
@@ -74,7 +93,8 @@ class InterventionBody(_Strict):
     feature: int = Field(ge=0, lt=U32)
     mode: Literal["clamp", "ablate", "scale", "add"]
     value: float = 0.0
-    scope: Literal["all", "generation_only"] = "all"
+    scope: Literal["all", "generation_only"] | None = None  # None: "all", unless positions
+    positions: PositionsBody | None = None
 
 
 class ReadBody(_Strict):
@@ -83,7 +103,8 @@ class ReadBody(_Strict):
     sae: str
     top_k: int = Field(default=0, ge=0, lt=U32)
     watch: list[int] = Field(default_factory=list)
-    scope: Literal["all", "prompt", "generation"] = "all"
+    scope: Literal["all", "prompt", "generation"] | None = None  # None: "all", unless positions
+    positions: PositionsBody | None = None
 
 
 class MessageBody(BaseModel):
@@ -226,16 +247,41 @@ def request_from_body(body: _Common) -> pb.GenerateRequest:
             raise InvalidRequestError(f"stop_token_ids[{j}]", "token ids must be non-negative")
     s.stop_token_ids.extend(body.stop_token_ids)
     s.ignore_eos = body.ignore_eos
-    for iv in body.interventions:
-        req.interventions.append(pb.Intervention(sae=iv.sae, feature=iv.feature, mode=_MODES[iv.mode],
-                                                 value=iv.value, scope=_SCOPES[iv.scope]))
+    for j, iv in enumerate(body.interventions):
+        m = req.interventions.add(sae=iv.sae, feature=iv.feature, mode=_MODES[iv.mode],
+                                  value=iv.value)
+        if iv.scope is not None:
+            m.scope = _SCOPES[iv.scope]
+        if iv.positions is not None:
+            m.positions.CopyFrom(_positions_pb(iv.positions, f"interventions[{j}].positions"))
     for j, r in enumerate(body.reads):
         for k, w in enumerate(r.watch):
             if not 0 <= w < U32:
                 raise InvalidRequestError(f"reads[{j}].watch[{k}]", "must be a feature index >= 0")
-        req.reads.append(pb.FeatureRead(sae=r.sae, top_k=r.top_k, watch=r.watch,
-                                        scope=_READ_SCOPES[r.scope]))
+        m = req.reads.add(sae=r.sae, top_k=r.top_k, watch=r.watch)
+        if r.scope is not None:
+            m.scope = _READ_SCOPES[r.scope]
+        if r.positions is not None:
+            m.positions.CopyFrom(_positions_pb(r.positions, f"reads[{j}].positions"))
     return req
+
+
+def _positions_pb(body: PositionsBody, field: str) -> pb.PositionSelector:
+    """The body's selector as protobuf; only what protobuf cannot hold is checked here (the
+    rules are ``convert.selector_from_pb`` / ``Selector.validate``, as for gRPC)."""
+    sel = pb.PositionSelector(exclude_ranges=body.exclude_ranges,
+                              exclude_token_ids=body.exclude_token_ids)
+    for r in body.ranges:
+        m = sel.ranges.add(frame=_FRAMES[r.frame])
+        if r.start is not None:
+            m.start = r.start
+        if r.end is not None:
+            m.end = r.end
+    for k, t in enumerate(body.token_ids):
+        if not 0 <= t < U32:
+            raise InvalidRequestError(f"{field}.token_ids[{k}]", "must be a token id >= 0")
+    sel.token_ids.extend(body.token_ids)
+    return sel
 
 
 def http_param(field: str, chat: bool, body: _Common | None = None) -> str:

@@ -7,6 +7,13 @@ Builds a ``planner.StepDescription`` from the runner's state just before
 ``runner.requests[req_id].sampling_params.extra_args``. The payload is decoded and compiled
 once per request (``RequestPlans``, keyed by vLLM's request id) and dropped once the runner
 no longer holds the request.
+
+When a scheduled request selects positions by token id, the step's input token ids come
+from ``runner.input_ids.np`` (the host side of vLLM's ``CpuGpuBuffer``, filled by
+``_prepare_inputs`` before ``_model_forward``): on CPU that is the very tensor the model
+reads, so no device sync. (On a GPU V1 runner with async scheduling the host copy lacks
+the tokens sampled by the previous step; a GPU adapter must take them from
+``input_batch.token_ids_cpu`` after the update, or from the device.)
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ def describe_step(runner, plans: RequestPlans) -> StepDescription:
     qsl = runner.query_start_loc.np
     computed = batch.num_computed_tokens_cpu
     scheduled = []
+    needs_tokens = False
     for i, req_id in enumerate(batch.req_ids[: batch.num_reqs]):
         req = requests.get(req_id)
         if req is None:
@@ -61,4 +69,6 @@ def describe_step(runner, plans: RequestPlans) -> StepDescription:
             continue
         scheduled.append(ScheduledRequest(req_id, int(qsl[i]), int(qsl[i + 1]),
                                           int(computed[i]), plan))
-    return StepDescription(scheduled)
+        needs_tokens |= plan.needs_tokens
+    tokens = runner.input_ids.np if needs_tokens else None
+    return StepDescription(scheduled, tokens)

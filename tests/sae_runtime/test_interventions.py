@@ -68,9 +68,10 @@ def test_payload_round_trip_through_extra_args():
     extra = msgspec.msgpack.decode(msgspec.msgpack.encode({EXTRA_ARGS_KEY: encode_request(sent)}))
     got = decode_request(extra)
     assert got == sent
-    assert [(e.sae, e.feature, e.mode, e.value, e.scope) for e in got.edits] == [
-        (1, 7, int(Mode.SCALE), 0.5, int(Scope.GENERATION_ONLY)), (0, 1, int(Mode.ABLATE), 0.0, int(Scope.ALL))]
-    assert [(r.sae, r.top_k, r.watch, r.scope) for r in got.reads] == [(0, 3, (4, 5), int(ReadScope.PROMPT))]
+    assert [(e.sae, e.feature, e.mode, e.value, e.positions) for e in got.edits] == [
+        (1, 7, int(Mode.SCALE), 0.5, Scope.GENERATION_ONLY.selector), (0, 1, int(Mode.ABLATE), 0.0, Scope.ALL.selector)]
+    assert [(r.sae, r.top_k, r.watch, r.positions) for r in got.reads] == [
+        (0, 3, (4, 5), ReadScope.PROMPT.selector)]
     assert decode_request(None) is None and decode_request({}) is None
 
 

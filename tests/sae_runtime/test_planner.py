@@ -43,15 +43,16 @@ from tests.sae_runtime._factories import random_sae
 D_IN, D_SAE = 32, 64
 MAX_TOKENS, MAX_SEQS, MAX_FEATS = 48, 6, 4
 C, A, G = int(ops.Mode.CLAMP), int(ops.Mode.ADD), int(ops.Mode.SCALE)
-ALL, GEN = int(Scope.ALL), int(Scope.GENERATION_ONLY)
+ALL, GEN = Scope.ALL.selector, Scope.GENERATION_ONLY.selector
 
 # Payloads: two hooks (SAE index 0 and 1).
 STEER_BOTH = RequestPayload(rid="both", edits=(
     EditPayload(0, 3, C, 2.5, ALL), EditPayload(0, 9, A, -1.0, GEN), EditPayload(1, 5, G, 3.0, GEN)))
 GEN_ONLY = RequestPayload(rid="gen", edits=(EditPayload(0, 11, C, 4.0, GEN),))
 READER = RequestPayload(rid="reader", edits=(EditPayload(1, 7, A, 1.5, ALL),), reads=(
-    ReadPayload(0, 4, (3, 9), int(ReadScope.PROMPT)), ReadPayload(1, 2, (), int(ReadScope.GENERATION))))
-READ_ALL = RequestPayload(rid="all", reads=(ReadPayload(0, 3, (11,), int(ReadScope.ALL)),))
+    ReadPayload(0, 4, (3, 9), ReadScope.PROMPT.selector),
+    ReadPayload(1, 2, (), ReadScope.GENERATION.selector)))
+READ_ALL = RequestPayload(rid="all", reads=(ReadPayload(0, 3, (11,), ReadScope.ALL.selector),))
 PLAIN = None
 
 # (payload, prompt length, start row, end row, first position) per scheduled request.
@@ -82,15 +83,15 @@ def _oracle_edits(payload, prompt_len: int, pos: int, hook: int) -> list[tuple[i
     if payload is None:
         return []
     return [(e.feature, e.mode, e.value) for e in payload.edits
-            if e.sae == hook and (e.scope == ALL or pos >= prompt_len)]
+            if e.sae == hook and (e.positions == ALL or pos >= prompt_len)]
 
 
 def _oracle_reads(payload, prompt_len: int, pos: int, hook: int):
     if payload is None:
         return None
     for r in payload.reads:
-        covers = {int(ReadScope.ALL): True, int(ReadScope.PROMPT): pos < prompt_len,
-                  int(ReadScope.GENERATION): pos >= prompt_len}[r.scope]
+        covers = {ReadScope.ALL.selector: True, ReadScope.PROMPT.selector: pos < prompt_len,
+                  ReadScope.GENERATION.selector: pos >= prompt_len}[r.positions]
         if r.sae == hook and covers:
             return r
     return None

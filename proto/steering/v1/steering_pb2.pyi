@@ -15,6 +15,13 @@ class InterventionMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INTERVENTION_MODE_SCALE: _ClassVar[InterventionMode]
     INTERVENTION_MODE_ADD: _ClassVar[InterventionMode]
 
+class PositionFrame(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    POSITION_FRAME_UNSPECIFIED: _ClassVar[PositionFrame]
+    POSITION_FRAME_ABSOLUTE: _ClassVar[PositionFrame]
+    POSITION_FRAME_PROMPT: _ClassVar[PositionFrame]
+    POSITION_FRAME_GENERATION: _ClassVar[PositionFrame]
+
 class Scope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SCOPE_UNSPECIFIED: _ClassVar[Scope]
@@ -48,6 +55,10 @@ INTERVENTION_MODE_CLAMP: InterventionMode
 INTERVENTION_MODE_ABLATE: InterventionMode
 INTERVENTION_MODE_SCALE: InterventionMode
 INTERVENTION_MODE_ADD: InterventionMode
+POSITION_FRAME_UNSPECIFIED: PositionFrame
+POSITION_FRAME_ABSOLUTE: PositionFrame
+POSITION_FRAME_PROMPT: PositionFrame
+POSITION_FRAME_GENERATION: PositionFrame
 SCOPE_UNSPECIFIED: Scope
 SCOPE_ALL: Scope
 SCOPE_GENERATION_ONLY: Scope
@@ -120,19 +131,43 @@ class SamplingParams(_message.Message):
     prompt_logprobs: int
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., logprobs: _Optional[int] = ..., prompt_logprobs: _Optional[int] = ...) -> None: ...
 
+class PositionRange(_message.Message):
+    __slots__ = ("frame", "start", "end")
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    frame: PositionFrame
+    start: int
+    end: int
+    def __init__(self, frame: _Optional[_Union[PositionFrame, str]] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
+
+class PositionSelector(_message.Message):
+    __slots__ = ("ranges", "exclude_ranges", "token_ids", "exclude_token_ids")
+    RANGES_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_RANGES_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    ranges: _containers.RepeatedCompositeFieldContainer[PositionRange]
+    exclude_ranges: bool
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    exclude_token_ids: bool
+    def __init__(self, ranges: _Optional[_Iterable[_Union[PositionRange, _Mapping]]] = ..., exclude_ranges: _Optional[bool] = ..., token_ids: _Optional[_Iterable[int]] = ..., exclude_token_ids: _Optional[bool] = ...) -> None: ...
+
 class Intervention(_message.Message):
-    __slots__ = ("sae", "feature", "mode", "value", "scope")
+    __slots__ = ("sae", "feature", "mode", "value", "scope", "positions")
     SAE_FIELD_NUMBER: _ClassVar[int]
     FEATURE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
     sae: str
     feature: int
     mode: InterventionMode
     value: float
     scope: Scope
-    def __init__(self, sae: _Optional[str] = ..., feature: _Optional[int] = ..., mode: _Optional[_Union[InterventionMode, str]] = ..., value: _Optional[float] = ..., scope: _Optional[_Union[Scope, str]] = ...) -> None: ...
+    positions: PositionSelector
+    def __init__(self, sae: _Optional[str] = ..., feature: _Optional[int] = ..., mode: _Optional[_Union[InterventionMode, str]] = ..., value: _Optional[float] = ..., scope: _Optional[_Union[Scope, str]] = ..., positions: _Optional[_Union[PositionSelector, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompt", "sampling", "interventions", "request_id", "reads")
@@ -149,16 +184,18 @@ class GenerateRequest(_message.Message):
     def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., interventions: _Optional[_Iterable[_Union[Intervention, _Mapping]]] = ..., request_id: _Optional[str] = ..., reads: _Optional[_Iterable[_Union[FeatureRead, _Mapping]]] = ...) -> None: ...
 
 class FeatureRead(_message.Message):
-    __slots__ = ("sae", "top_k", "watch", "scope")
+    __slots__ = ("sae", "top_k", "watch", "scope", "positions")
     SAE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     WATCH_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
     sae: str
     top_k: int
     watch: _containers.RepeatedScalarFieldContainer[int]
     scope: ReadScope
-    def __init__(self, sae: _Optional[str] = ..., top_k: _Optional[int] = ..., watch: _Optional[_Iterable[int]] = ..., scope: _Optional[_Union[ReadScope, str]] = ...) -> None: ...
+    positions: PositionSelector
+    def __init__(self, sae: _Optional[str] = ..., top_k: _Optional[int] = ..., watch: _Optional[_Iterable[int]] = ..., scope: _Optional[_Union[ReadScope, str]] = ..., positions: _Optional[_Union[PositionSelector, _Mapping]] = ...) -> None: ...
 
 class FeatureActivations(_message.Message):
     __slots__ = ("position", "token_id", "sae", "indices", "values", "watch_values")
