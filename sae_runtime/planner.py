@@ -234,6 +234,7 @@ def plan_step(hooks: Sequence[HookTables | None], step: StepDescription,
     hooks' tables must be clear (``HookTables.clear`` after the previous forward).
     """
     segments: list[ReadSegment] = []
+    by_token: list[tuple[ScheduledRequest, int, int, int]] = []
     for sr in step.requests:
         plan = sr.plan
         if plan.empty or sr.end <= sr.start:
@@ -243,21 +244,10 @@ def plan_step(hooks: Sequence[HookTables | None], step: StepDescription,
             a, b = _clip(sr.start, sr.end, sr.pos0, *plan.hulls[hook_id])
             if hook is None or b <= a:
                 continue
-            rules = plan.token_rules.get(hook_id)
-            if rules is None:
+            if hook_id in plan.token_rules:
+                by_token.append((sr, hook_id, a, b))  # after the one-slot requests
+            else:
                 hook.add_edits(a, b, sr.pos0 + a - sr.start, rows)
-                continue
-            if step.token_ids is None:
-                raise RuntimeError("a request selects positions by token id, but the step "
-                                   "description carries no token ids")
-            pos = np.arange(sr.pos0 + a - sr.start, sr.pos0 + b - sr.start, dtype=np.int64)
-            for pa, pb, piece in token_pieces(rows, rules, pos, step.token_ids[a:b],
-                                              hook.max_feats):
-                if hook.n_slots >= hook.max_slots:
-                    raise RuntimeError(
-                        f"request {plan.rid}: its token-id selectors need more edit slots "
-                        f"this step than the tables hold ({hook.max_slots})")
-                hook.add_edits(a + pa, a + pb, int(pos[pa]), piece)
         for rp in plan.reads:
             hook = hooks[rp.hook_id]
             if read_hooks is not None and rp.hook_id not in read_hooks:
@@ -267,6 +257,21 @@ def plan_step(hooks: Sequence[HookTables | None], step: StepDescription,
                 off = hook.add_read_rows(a, b, rp.top_k, rp.watch, plan.pooled)
                 segments.append(ReadSegment(plan.rid, rp.hook_id, rp.top_k, len(rp.watch), off,
                                             b - a, sr.pos0 + a - sr.start, plan.pooled))
+    # Token-id selectors may need several slots per request; planned last, they can use
+    # every slot the others left.
+    for sr, hook_id, a, b in by_token:
+        hook, plan = hooks[hook_id], sr.plan
+        if step.token_ids is None:
+            raise RuntimeError("a request selects positions by token id, but the step "
+                               "description carries no token ids")
+        pos = np.arange(sr.pos0 + a - sr.start, sr.pos0 + b - sr.start, dtype=np.int64)
+        for pa, pb, piece in token_pieces(plan.edits[hook_id], plan.token_rules[hook_id], pos,
+                                          step.token_ids[a:b], hook.max_feats):
+            if hook.n_slots >= hook.max_slots:
+                raise RuntimeError(
+                    f"request {plan.rid}: its token-id selectors need more edit slots this "
+                    f"step than the tables hold ({hook.max_slots})")
+            hook.add_edits(a + pa, a + pb, int(pos[pa]), piece)
     for hook in hooks:
         if hook is not None:
             hook.upload()
