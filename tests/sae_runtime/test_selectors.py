@@ -319,3 +319,34 @@ def test_multi_window_reads_read_the_hull_and_report_through_covers():
     assert (seg.pos0, seg.n) == (0, 8)
     r = Read("s", 2, positions=sel)
     assert [p for p in range(9) if r.covers(p, 6)] == [0, 1, 5, 7]
+
+
+def test_v1_adapter_passes_the_step_tokens_only_when_a_request_selects_by_token():
+    """The V1 adapter on a fake runner: ``input_ids.np`` (host) reaches the planner for a
+    token-id request, and is not touched for others."""
+    from types import SimpleNamespace
+
+    from sae_runtime.payloads import EXTRA_ARGS_KEY
+    from sae_runtime.vllm.runner_v1 import RequestPlans, describe_step
+
+    def req(payload, n):
+        return SimpleNamespace(sampling_params=SimpleNamespace(
+            extra_args={EXTRA_ARGS_KEY: encode_request(payload)}), num_prompt_tokens=n)
+
+    ids = np.array([BOS, 20, NL, 21, 0, 0], dtype=np.int32)
+
+    def runner(payload):
+        return SimpleNamespace(
+            requests={"a": req(payload, 4)},
+            input_batch=SimpleNamespace(req_ids=["a"], num_reqs=1,
+                                        num_computed_tokens_cpu=np.array([0])),
+            query_start_loc=SimpleNamespace(np=np.array([0, 4])),
+            input_ids=SimpleNamespace(np=ids))
+
+    step = describe_step(runner(SPECIAL), RequestPlans())
+    assert step.token_ids is ids
+    assert describe_step(runner(WINDOWS), RequestPlans()).token_ids is None
+    hook = HookTables(random_sae("standard", D_IN, D_SAE, seed=2), MAX_TOKENS, MAX_SEQS, WIDTH)
+    plan_step([hook], step)
+    feat, mode, _ = row_edits(hook.edits, hook.tok_slot[:6], hook.tok_pos[:6])
+    assert [bool((m != ops.Mode.NONE).any()) for m in mode] == [True, False, True, False, False, False]
