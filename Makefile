@@ -24,7 +24,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup serve test test-fast test-triton test-parallel-extra lint bench bench-preload loadtest soak proto proto-check clean-venv default-artifacts train-default
+.PHONY: setup serve test test-fast test-triton test-parallel-extra lint bench bench-preload bench-serve loadtest soak proto proto-check clean-venv default-artifacts train-default
 
 setup: $(STAMP)/project
 
@@ -104,6 +104,14 @@ bench: setup
 # tcmalloc / Intel OpenMP preload measured side by side (docs/preload.json, about 8 minutes).
 bench-preload: setup
 	$(BIN)/python -m loadtests.bench_preload --out docs/preload.json
+	$(BIN)/python -m loadtests.report docs > docs/benchmarks.md
+
+# Our server vs `vllm serve` (plain vLLM's OpenAI server, same model and engine flags): one
+# client drives both, interleaved: HTTP plain, HTTP steered (16 configs), gRPC plain
+# (docs/benchmarks_serve.json, about 10 minutes on 2 cores; BENCH_SERVE_FLAGS=--quick: ~3).
+BENCH_SERVE_FLAGS ?=
+bench-serve: setup
+	$(BIN)/python -m loadtests.bench_serve $(BENCH_SERVE_FLAGS) --out docs/benchmarks_serve.json
 	$(BIN)/python -m loadtests.report docs > docs/benchmarks.md
 
 # Data-parallel and Ray engines (tests/e2e/test_parallel.py, marker parallel_extra): not in

@@ -111,6 +111,54 @@ def preload_section(docs: Path) -> list[str]:
     return out
 
 
+SERVE_LABELS = {
+    "vllm": "`vllm serve` (plain vLLM's OpenAI server), HTTP, plain",
+    "ours": "steerd HTTP, plain (SAE loaded, no edits)",
+    "ours_steered": "steerd HTTP, 16 distinct clamp configs",
+    "ours_grpc": "steerd gRPC `Generate`, plain",
+}
+
+
+def serve_section(docs: Path) -> list[str]:
+    """Our server vs `vllm serve` (``make bench-serve``, docs/benchmarks_serve.json), when run."""
+    f = docs / "benchmarks_serve.json"
+    if not f.exists():
+        return []
+    s = json.loads(f.read_text())
+    raw, rat = s["raw"], s["ratios"]
+    out = ["", "## Server vs `vllm serve`", "",
+           f"`{s['command']}` (`make bench-serve` runs it) on {s['device']}; wall time "
+           f"{s['wall_s'] / 60:.1f} min. Model: {s['model']}; {s['sae']}. Workload: "
+           f"{s['workload']}. Both servers are real subprocesses with the same engine flags "
+           f"({' '.join(k if v is None else f'{k} {v}' for k, v in s['engine_flags'].items())}) "
+           f"and environment ({', '.join(f'{k}={v}' for k, v in s['env'].items())}), driven by "
+           "one aiohttp/grpc.aio client; only one is under load at a time. TTFT: request sent "
+           "to first chunk with text; TPOT: (last token - first token) / (tokens - 1); "
+           "percentiles over every request of every round, tokens/s the median over rounds. "
+           "Ratios are ours / `vllm serve` (tokens/s: higher is better; latency: lower is "
+           "better).", "",
+           "| run | tokens/s | vs vllm serve | TTFT p50 / p99 (ms) | vs vllm serve | "
+           "TPOT p50 / p99 (ms) | vs vllm serve | CPU s / 1k tok (front end + engine) |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for m, r in raw.items():
+        q = rat.get(m)
+        cpu = r.get("cpu_s_per_1k_tok")
+        cells = [SERVE_LABELS.get(m, m), f"{r['tok_s']:.1f}",
+                 f"{q['tok_s']:.3f}" if q else "1.000",
+                 f"{r['ttft_ms_p50']:.1f} / {r['ttft_ms_p99']:.1f}",
+                 f"{q['ttft_ms_p50']:.2f} / {q['ttft_ms_p99']:.2f}" if q else "1 / 1",
+                 f"{r['tpot_ms_p50']:.2f} / {r['tpot_ms_p99']:.2f}",
+                 f"{q['tpot_ms_p50']:.2f} / {q['tpot_ms_p99']:.2f}" if q else "1 / 1",
+                 f"{cpu['front_end']:.2f} + {cpu['engine']:.2f}" if cpu else "-"]
+        out.append("| " + " | ".join(cells) + " |")
+    met = ", ".join(f"{m} >= {t} ({'met' if s['targets_met'][m] else 'missed'})"
+                    for m, t in s["targets"].items())
+    out += ["", f"Targets (tokens/s vs `vllm serve`): {met}. Per-round tokens/s are in "
+            "`tok_s_rounds` in benchmarks_serve.json."]
+    out += s.get("notes", [])
+    return out
+
+
 E2E_ROWS = (
     ("plain", "plain vLLM (no extension, no SAE), 32 requests"),
     ("idle", "4 SAEs loaded, no interventions"),
@@ -168,7 +216,7 @@ def main() -> None:
             "benchmarks.json), so ratios within about ±0.05 of 1 mean "
             "\"no measurable cost\", not \"faster\". The engine numbers measure the model side; "
             "both runs drive `AsyncLLM` directly (no gRPC), so the comparison isolates the hooks.", "",
-            ] + preload_section(docs) + PROFILE + kernel_tables(kern)
+            ] + serve_section(docs) + preload_section(docs) + PROFILE + kernel_tables(kern)
     print("\n".join(out))
 
 
