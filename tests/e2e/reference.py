@@ -2,8 +2,10 @@
 
 The SAE math comes from the sae-lens package (``SAE.load_from_disk`` + ``encode``); the
 edit is the documented formula x <- x + sum_i (new_i - f_i(x)) W_dec[i], applied at the
-positions the intervention's scope selects, at the SAE's hook site in the HF model
-(``sae_runtime.testing.hf_sites``: TransformerLens' site definitions on HF modules).
+positions the intervention's scope selects (or at an explicit set of positions, ``Edit.at``,
+which a test computes by hand from a position selector's documented meaning), at the SAE's
+hook site in the HF model (``sae_runtime.testing.hf_sites``: TransformerLens' site
+definitions on HF modules).
 Nothing here touches the server or its vLLM glue.
 """
 
@@ -33,6 +35,7 @@ class Edit:
     mode: int
     value: float = 0.0
     scope: int = ALL
+    at: frozenset[int] | None = None  # explicit absolute positions; overrides ``scope``
 
 
 class HFReference:
@@ -73,7 +76,12 @@ class HFReference:
                         a = f[..., e.feature]
                         new = {CLAMP: torch.full_like(a, e.value), ABLATE: torch.zeros_like(a),
                                SCALE: a * e.value, ADD: a + e.value}[e.mode]
-                        mask = (pos >= prompt_len) if e.scope == GENERATION_ONLY else torch.ones(T, dtype=torch.bool)
+                        if e.at is not None:
+                            mask = torch.tensor([p in e.at for p in range(T)], dtype=torch.bool)
+                        elif e.scope == GENERATION_ONLY:
+                            mask = pos >= prompt_len
+                        else:
+                            mask = torch.ones(T, dtype=torch.bool)
                         delta = delta + ((new - a) * mask.to(a.dtype))[..., None] * sae.W_dec[e.feature]
                     return h + delta
 
