@@ -90,14 +90,18 @@ soak: default-artifacts
 	$(BIN)/python -m loadtests.soak --users 64 --minutes 10
 
 # Measured, not asserted: writes docs/benchmarks.{json,md}. The e2e half sizes itself to the
-# machine (model dtype by native bf16 support, rounds from a calibration round to fit
-# BENCH_E2E_MIN minutes) and records the CPU; the kernel grid is the full one (d_sae
-# 16k/65k/131k x k 32/64/128 x tokens 1/64/512); BENCH_KERNEL_FLAGS=--quick trims it.
-# About 20 minutes on 2 cores.
+# machine (model dtype by native bf16 support; rounds, and on slow machines shorter
+# generations, from a calibration round to fit BENCH_E2E_MIN minutes) and records the CPU;
+# the kernel grid is the full one (d_sae 16k/65k/131k x k 32/64/128 x tokens 1/64/512);
+# BENCH_KERNEL_FLAGS=--quick trims it. The e2e half starts six engines (plain, ours, plain
+# again; at TP=1 and TP=2): ~20 min on a 2-core bf16 machine, ~30 min at least on an
+# AVX2-only one, where the starts alone take ~15 min. BENCH_E2E_FLAGS adds bench_e2e options
+# (e.g. --mixes clamp16,reads16 --rounds 4 for a longer look at two mixes).
 BENCH_KERNEL_FLAGS ?=
-BENCH_E2E_MIN ?= 14
+BENCH_E2E_FLAGS ?=
+BENCH_E2E_MIN ?= 20
 bench: setup
-	$(BIN)/python -m loadtests.bench_e2e --budget-min $(BENCH_E2E_MIN) --out docs/benchmarks.json
+	$(BIN)/python -m loadtests.bench_e2e --budget-min $(BENCH_E2E_MIN) $(BENCH_E2E_FLAGS) --out docs/benchmarks.json
 	$(BIN)/python -m loadtests.bench_kernels $(BENCH_KERNEL_FLAGS) --out docs/benchmarks_kernels.json
 	$(BIN)/python -m loadtests.report docs > docs/benchmarks.md
 

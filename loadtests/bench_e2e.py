@@ -10,7 +10,8 @@ Mixes: ``idle`` (no edits), ``clamp1`` (one clamp config for all), ``clamp16`` (
 configs), ``reads16`` (every request reads top-16), ``sae4x16`` (16 configs, each clamping
 one feature in each of the 4 SAEs), ``clamp64`` / ``clamp128`` (128 requests in one batch
 with 64 / 128 distinct configs). With ``--tp2`` (default when there are >= 2 CPUs) a second
-block runs plain TP=2 vs our TP=2 engine on clamp16 and reads16.
+block runs plain TP=2 vs our TP=2 engine on clamp16 and reads16 (on a model of the same
+depth with 8 heads instead of 9, which two ranks can split).
 
 Order per block: plain vLLM, then our engine with its mixes interleaved round by round (the
 order rotates each round, with a pause before each timed round so one round's read traffic
@@ -21,7 +22,8 @@ from the first.
 Sized for the machine: the dummy model runs bfloat16 where the CPU has native bf16 matmuls
 and float32 where it would emulate them (``sae_runtime.hw``; ``--model-dtype``), and the
 number of rounds is chosen from a timed calibration round so the run fits ``--budget-min``
-(between 2 and ``--rounds`` rounds). The CPU model and capability go into the JSON.
+(between 2 and ``--max-rounds`` rounds; where even 2 rounds would not fit, the generations
+are shortened, halving ``--gen`` down to 16 tokens). The CPU model and capability go into the JSON.
 
     python -m loadtests.bench_e2e --out docs/benchmarks.json   (make bench runs this)
 
@@ -52,6 +54,9 @@ MODEL_CFG = {
     "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
 }
 
+# The TP=2 block needs head counts divisible by 2 (SmolLM-135M has 9 heads, 3 KV heads): the
+# same depth and MLP width with 8 heads (4 KV) of 64, so hidden 512.
+MODEL_CFG_TP2 = {**MODEL_CFG, "hidden_size": 512, "num_attention_heads": 8, "num_key_value_heads": 4}
 
 MIXES = ["idle", "clamp1", "clamp16", "reads16", "sae4x16", "clamp64", "clamp128"]
 TP2_MIXES = ["clamp16", "reads16"]
@@ -61,13 +66,15 @@ SETTLE_S = 1.0  # idle pause before each timed round
 BIG_REQUESTS = 128
 
 
-def make_artifacts(root: Path, d_sae: int, dtype: str) -> tuple[Path, list[Path]]:
+def make_artifacts(root: Path, d_sae: int, dtype: str,
+                   cfg: dict = MODEL_CFG) -> tuple[Path, list[Path]]:
     from safetensors.torch import save_file
 
+    root.mkdir(parents=True, exist_ok=True)
     model = root / "smol-shape"
     model.mkdir(parents=True, exist_ok=True)
-    (model / "config.json").write_text(json.dumps({**MODEL_CFG, "torch_dtype": dtype}))
-    d = MODEL_CFG["hidden_size"]
+    (model / "config.json").write_text(json.dumps({**cfg, "torch_dtype": dtype}))
+    d = cfg["hidden_size"]
     saes = []
     for i, layer in enumerate(SAE_LAYERS):
         sae = root / f"sae{i}"
@@ -220,25 +227,39 @@ def size_rounds(args, t_plain_round: float, plain: list[str]) -> None:
 
     ``t_plain_round`` is one timed round of the ``plain`` mixes; every other mix is costed
     by its token count at the same rate (TP=2 mixes at ``--tp2-cost`` times it), each engine
-    start at ``ENGINE_START_S``.
+    start at ``ENGINE_START_S``. Halves ``args.gen`` (not below ``MIN_GEN``) while even two
+    rounds would overrun the budget.
     """
     def tok(mixes):
         return sum(BIG_REQUESTS if m in BIG else args.requests for m in mixes) * args.gen
 
     per_token = t_plain_round / tok(plain)
-    per_round = 2 * tok(plain) + tok(MIXES)
+    per_round = 2 * tok(plain) + tok(args.mixes)
     starts = 3
     if args.tp2:
-        per_round += (2 * tok(["plain"]) + tok(TP2_MIXES)) * args.tp2_cost
+        per_round += (2 * tok(["plain"]) + tok(args.tp2_mixes)) * args.tp2_cost
         starts += 3
-    per_round = per_round * per_token + SETTLE_S * (4 + len(MIXES) + (2 + len(TP2_MIXES)) * args.tp2)
-    left = args.budget_min * 60 - starts * ENGINE_START_S - (time.perf_counter() - T0)
+    settle = SETTLE_S * (4 + len(args.mixes) + (2 + len(args.tp2_mixes)) * args.tp2)
+    per_round = per_round * per_token + settle
+    # Each engine still to start costs what the first one did up to here (start, compile,
+    # warm-up), at least ENGINE_START_S.
+    spent = time.perf_counter() - T0
+    left = args.budget_min * 60 - spent - (starts - 1) * max(ENGINE_START_S, spent - t_plain_round)
+    gen0 = args.gen
+    # A slow machine (emulated bf16, few cores) shortens the generations before it drops
+    # below two rounds: the per-token rate is what the ratios compare, and 2 rounds is the
+    # least that shows drift.
+    while args.gen > MIN_GEN and 2 * ((per_round - settle) * args.gen / gen0 + settle) > left:
+        args.gen //= 2
+    per_round = (per_round - settle) * args.gen / gen0 + settle
     args.rounds = max(2, min(args.max_rounds, int(left // per_round)))
-    print(f"calibration: {t_plain_round:.1f}s per plain round, ~{per_round:.0f}s per round of "
-          f"every mix -> {args.rounds} rounds (budget {args.budget_min} min)", flush=True)
+    print(f"calibration: {t_plain_round:.1f}s per plain round at gen {gen0}, ~{per_round:.0f}s "
+          f"per round of every mix at gen {args.gen} -> {args.rounds} rounds "
+          f"(budget {args.budget_min} min)", flush=True)
 
 
 ENGINE_START_S = 75.0
+MIN_GEN = 16  # the sizing never shortens generations below this
 T0 = time.perf_counter()
 
 
@@ -255,10 +276,12 @@ async def main_async(args) -> dict:
     router.start()
     args.reads_addr = router.addr
     rounds: dict[str, list] = {}
-    await run_block(model, saes, args, router, 1, MIXES, ["plain", "plain128"], rounds,
+    plain = ["plain", "plain128"] if BIG & set(args.mixes) else ["plain"]
+    await run_block(model, saes, args, router, 1, args.mixes, plain, rounds,
                     calibrate=not args.fixed_rounds)
     if args.tp2:
-        await run_block(model, saes, args, router, 2, TP2_MIXES, ["plain"], rounds)
+        model2, saes2 = make_artifacts(root / "tp2", args.d_sae, args.model_dtype, MODEL_CFG_TP2)
+        await run_block(model2, saes2, args, router, 2, args.tp2_mixes, ["plain"], rounds)
     router.close()
     results = {k: summarise(rs) for k, rs in rounds.items()}
     n = args.rounds
@@ -275,17 +298,18 @@ async def main_async(args) -> dict:
         base = key("plain128" if mix in BIG else "plain", tp)
         return round(results[key(mix, tp)]["tpot_ms_p99"] / results[base]["tpot_ms_p99"], 3)
 
-    e2e = {m: ratio(m) for m in MIXES}
-    tpot = {m: tpot_ratio(m) for m in MIXES}
+    e2e = {m: ratio(m) for m in args.mixes}
+    tpot = {m: tpot_ratio(m) for m in args.mixes}
     if args.tp2:
-        e2e.update({key(m, 2): ratio(m, 2) for m in TP2_MIXES})
-        tpot.update({key(m, 2): tpot_ratio(m, 2) for m in TP2_MIXES})
+        e2e.update({key(m, 2): ratio(m, 2) for m in args.tp2_mixes})
+        tpot.update({key(m, 2): tpot_ratio(m, 2) for m in args.tp2_mixes})
     return {
         "device": f"cpu: {cpu.describe()}",
         "cpu": cpu.as_dict(),
         "command": "python -m loadtests.bench_e2e " + " ".join(sys.argv[1:]),
         "wall_s": round(time.perf_counter() - T0, 1),
-        "model": f"Llama, SmolLM-135M shape (576 x 30 layers), dummy {args.model_dtype} weights "
+        "model": f"Llama, SmolLM-135M shape (576 x 30 layers; the TP=2 block: 512 x 30 layers, "
+                 f"8 heads, since 9 do not split over 2 ranks), dummy {args.model_dtype} weights "
                  f"(chosen for this CPU), compiled mode",
         "sae": f"4 standard SAEs, d_sae {args.d_sae}, hooked after blocks "
                f"{', '.join(map(str, SAE_LAYERS))}; single-SAE mixes use the block-15 one",
@@ -317,13 +341,22 @@ def main() -> None:
                     help="also run the TP=2 block (default: when there are >= 2 CPUs)")
     ap.add_argument("--tp2-cost", type=float, default=1.3,
                     help="TP=2 round time relative to TP=1, for the sizing")
+    ap.add_argument("--mixes", default=",".join(MIXES),
+                    help=f"comma-separated subset of {','.join(MIXES)} (the TP=2 block runs "
+                         f"those of {','.join(TP2_MIXES)} among them)")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--d-sae", type=int, default=16384)
     ap.add_argument("--out", type=Path, default=None, help="write the JSON result here")
     args = ap.parse_args()
+    args.mixes = [m for m in args.mixes.split(",") if m]
+    unknown = sorted(set(args.mixes) - set(MIXES))
+    if unknown or not args.mixes:
+        ap.error(f"--mixes: unknown {unknown or 'empty list'}; choose from {','.join(MIXES)}")
+    args.tp2_mixes = [m for m in TP2_MIXES if m in args.mixes]
     if args.tp2 is None:
         args.tp2 = len(os.sched_getaffinity(0)) >= 2
+    args.tp2 = args.tp2 and bool(args.tp2_mixes)
     args.fixed_rounds = args.rounds is not None  # fixed: no sizing
     if not args.fixed_rounds:
         args.rounds = args.max_rounds

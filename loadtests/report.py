@@ -175,6 +175,20 @@ E2E_ROWS = (
 )
 
 
+def targets_line(e2e: dict) -> str:
+    """Which of the e2e targets this run met (clamp mixes >= 0.95, reads >= 0.90, TPOT p99
+    <= 1.10x plain), named row by row."""
+    met, missed = [], []
+    for k, v in e2e["e2e"].items():
+        floor = 0.90 if "reads" in k else 0.95
+        (met if v >= floor else missed).append(f"{k} {v:.3f}")
+    tp_met = [k for k, v in e2e.get("tpot_p99_ratio", {}).items() if v <= 1.10]
+    tp_missed = [f"{k} {v:.3f}" for k, v in e2e.get("tpot_p99_ratio", {}).items() if v > 1.10]
+    return (f"throughput target met by {', '.join(met) or 'none'}; missed by "
+            f"{', '.join(missed) or 'none'}. TPOT p99 ≤ 1.10x met by {', '.join(tp_met) or 'none'}; "
+            f"missed by {', '.join(tp_missed) or 'none'}.")
+
+
 def main() -> None:
     docs = Path(sys.argv[1] if len(sys.argv) > 1 else "docs")
     e2e = json.loads((docs / "benchmarks.json").read_text())
@@ -209,6 +223,7 @@ def main() -> None:
     elif "plain_drift" in e2e:
         out += ["", f"Plain vLLM ran before and after our engine; its second half ran at "
                 f"{e2e['plain_drift']:.3f}x the first (machine drift over the run; 1.000 = none)."]
+    out += ["", "Where this run stands: " + targets_line(e2e)]
     out += ["", "Targets: every clamp mix ≥ 0.95, reads16 ≥ 0.90, TPOT p99 of steered traffic "
             "≤ 1.10x plain. 128-request mixes are compared with plain vLLM at 128 requests, "
             "TP=2 mixes with plain vLLM at TP=2. On this shared 2-core "
