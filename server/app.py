@@ -198,6 +198,7 @@ async def build_server(cfg: ServerConfig, engine: Any, saes: dict[str, SAEConfig
         metrics=metrics, max_concurrent_streams=cfg.max_concurrent_streams,
         max_distinct_configs=cfg.max_distinct_configs, labels=labels,
         chat_template=load_chat_template(cfg.chat_template),
+        max_stream_buffer_bytes=cfg.max_stream_buffer_bytes,
     )
     add_servicer(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

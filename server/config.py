@@ -115,6 +115,14 @@ class ServerConfig(BaseModel):
     max_message_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, description="Largest request message in bytes."
     )
+    max_stream_buffer_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=1024,
+        description="Most bytes of responses (tokens and feature reads) one Generate stream may "
+                    "hold that the client has not taken yet; beyond it the stream ends with "
+                    "RESOURCE_EXHAUSTED ('client is not reading') and its engine request is "
+                    "aborted. Counted after what the connection's flow-control window already "
+                    "carries to the client.",
+    )
     # ---- security
     auth_tokens_file: Path | None = Field(
         default=None,

@@ -3,7 +3,8 @@
 ``ReadRouter.register(rid)`` returns a ``RequestReads`` buffer for one request; records for
 unregistered ids (a cancelled request's late steps) are dropped, so memory is bounded by the
 requests in flight. Records are de-duplicated by position (a preempted request recomputes
-positions it already reported).
+positions it already reported). Positions already sent are forgotten (``forget_below``), so
+a buffer holds only reads not yet handed to the client.
 """
 
 from __future__ import annotations
@@ -45,13 +46,14 @@ class RequestReads:
         self.by_pos: dict[int, dict[int, PositionRead]] = {}
         self.pooled: dict[int, Pooled] = {}
         self.changed = asyncio.Event()
+        self.floor = 0  # positions below were sent and forgotten; late copies are ignored
 
     def add(self, rec: ReadRecord) -> None:
         n, k, w, sae = rec.n, rec.k, rec.w, rec.sae
         idx = np.frombuffer(rec.idx, dtype=np.int32).reshape(n, k)
         val = np.frombuffer(rec.val, dtype=np.float32).reshape(n, k)
         wv = np.frombuffer(rec.wv, dtype=np.float32).reshape(n, w)
-        for j in range(n):
+        for j in range(max(self.floor - rec.pos0, 0), n):
             slot = self.by_pos.setdefault(rec.pos0 + j, {})
             slot.setdefault(sae, PositionRead(idx[j], val[j], wv[j]))  # first one wins
         if rec.psum is not None and rec.pmax is not None:
@@ -66,6 +68,12 @@ class RequestReads:
                 p.total += psum
                 np.maximum(p.maximum, pmax, out=p.maximum)
         self.changed.set()
+
+    def forget_below(self, pos: int) -> None:
+        """Drop the reads of positions < ``pos`` (sent); later records for them are ignored."""
+        for p in range(self.floor, pos):
+            self.by_pos.pop(p, None)
+        self.floor = max(self.floor, pos)
 
     def complete(self, positions: dict[int, set[int]]) -> bool:
         """Every (position, SAE index) pair in ``positions`` has arrived."""

@@ -12,12 +12,13 @@ the same two, so validation, caps and metrics have one definition.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -39,6 +40,7 @@ from sae_runtime.saes.base import SAEConfig
 from sae_runtime.vllm import engine as eng
 from server import convert
 from server.errors import abort_with
+from server.logs import check_printable
 from server.metrics import Metrics
 from server.reads import ReadRouter, RequestReads
 from steering.v1 import steering_pb2 as pb
@@ -112,6 +114,7 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
         max_distinct_configs: int = 64,
         labels: Mapping[str, FeatureLabels] | None = None,
         chat_template: str | None = None,
+        max_stream_buffer_bytes: int = 8 * 1024 * 1024,
     ) -> None:
         self.engine = engine
         self.model = model
@@ -129,6 +132,7 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
         self.metrics = metrics or Metrics()
         self.max_concurrent_streams = max_concurrent_streams
         self.max_distinct_configs = max_distinct_configs
+        self.max_stream_buffer_bytes = max_stream_buffer_bytes
         self.active_streams = 0
         self.configs: Counter[str] = Counter()  # cache salt -> in-flight requests using it
         m = self.metrics
@@ -137,16 +141,21 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
         m.read_buffers.set_function(lambda: self.router.in_flight if self.router else 0)
         m.engine_requests.set_function(engine.get_num_unfinished_requests)
 
-    def _admit(self, spec: SteeringSpec) -> Callable[[], None]:
-        """Take a stream slot (and a distinct-config slot) or raise ResourceLimitError.
-
-        Returns the function that gives them back.
-        """
+    def _check_room(self) -> None:
+        """Refuse a call when every stream slot is taken (before any parsing or tokenizing,
+        so a flood of excess calls costs the server next to nothing)."""
         if self.active_streams >= self.max_concurrent_streams:
             self.metrics.rejected.labels("concurrent_streams").inc()
             raise ResourceLimitError(
                 f"the server is at its limit of {self.max_concurrent_streams} concurrent "
                 "streams; retry later")
+
+    def _admit(self, spec: SteeringSpec) -> Callable[[], None]:
+        """Take a stream slot (and a distinct-config slot) or raise ResourceLimitError.
+
+        Returns the function that gives them back; calling it again does nothing.
+        """
+        self._check_room()
         salt = spec.cache_salt()
         if salt is not None and salt not in self.configs and len(self.configs) >= self.max_distinct_configs:
             self.metrics.rejected.labels("distinct_configs").inc()
@@ -156,8 +165,13 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
         self.active_streams += 1
         if salt is not None:
             self.configs[salt] += 1
+        held = True
 
         def release() -> None:
+            nonlocal held
+            if not held:
+                return
+            held = False
             self.active_streams -= 1
             if salt is not None:
                 self.configs[salt] -= 1
@@ -245,7 +259,9 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
         OpenAI's chat API.
         """
         self._check_engine()
+        self._check_room()
         inputs = convert.generate_inputs_from_pb(request, saes=self.saes, limits=self.limits)
+        check_printable("request_id", inputs.request_id)
         prompt = convert.PromptInput(inputs.prompt_text, inputs.prompt_ids, inputs.prompt_messages)
         ids = self._tokens(prompt, "prompt")
         if default_max_tokens_to_fit and not request.sampling.HasField("max_tokens"):
@@ -255,17 +271,59 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
         return Admitted(inputs, ids, self._admit(inputs.spec))
 
     async def generate_stream(self, admitted: Admitted) -> AsyncIterator[pb.GenerateResponse]:
-        """Run an admitted request; releases its slot when the stream ends (or is closed)."""
-        try:
-            async for msg in self._generate(admitted.inputs, admitted.ids):
-                yield msg
-        finally:
-            admitted.release()
+        """Run an admitted request; releases its slot when the stream ends (or is closed).
 
-    async def _generate(self, inputs: convert.GenerateInputs,
-                        ids: list[int]) -> AsyncIterator[pb.GenerateResponse]:
-
+        The engine side runs in its own task and hands messages over through an ``_Outbox``,
+        so a client that stops reading stalls only this generator (its write waits on the
+        connection's flow control), not the engine request. What piles up in between is
+        capped at ``max_stream_buffer_bytes``: past it the engine request is aborted, its
+        reads and unsent messages dropped, its slot given back, and the stream ends with
+        RESOURCE_EXHAUSTED as soon as the client takes what its window already holds.
+        """
         engine_id = uuid.uuid4().hex
+        box = _Outbox(self.max_stream_buffer_bytes)
+        producer = asyncio.create_task(self._produce(
+            self._generate(admitted.inputs, admitted.ids, engine_id), box, admitted.release,
+            admitted.inputs.request_id or engine_id))
+        try:
+            while (item := await box.get()) is not None:
+                msg, size = item
+                yield msg  # returns once the transport has taken the message
+                box.sent(size)
+        finally:
+            producer.cancel()
+            admitted.release()
+            await asyncio.wait([producer])  # its cleanup aborts the engine request
+
+    async def _produce(self, gen: AsyncIterator[pb.GenerateResponse], box: _Outbox,
+                       release: Callable[[], None], shown_id: str) -> None:
+        """Move ``gen``'s messages into ``box`` until it ends, fails, or overflows the cap."""
+        error: BaseException | None = None
+        try:
+            async with contextlib.aclosing(gen):
+                async for msg in gen:
+                    if box.put(msg):
+                        continue
+                    self.metrics.rejected.labels("stream_buffer").inc()
+                    log.warning("request %s: client is not reading; %d bytes unsent (cap %d); "
+                                "ending the stream", shown_id, box.bytes, box.cap,
+                                extra={"request_id": shown_id})
+                    box.fail(ResourceLimitError(
+                        f"client is not reading: over {box.cap} bytes of this stream were "
+                        "waiting to be sent (steerd serve --max-stream-buffer-bytes); the "
+                        "request was aborted"), drop=True)
+                    break  # leaving the block closes gen: the engine request is aborted
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, raised there
+            error = e
+        if box.dropped:
+            release()  # the slot is free although the consumer may stay stuck in a write
+        else:
+            box.fail(error)
+
+    async def _generate(self, inputs: convert.GenerateInputs, ids: list[int],
+                        engine_id: str) -> AsyncIterator[pb.GenerateResponse]:
         shown_id = inputs.request_id or engine_id
         reads = inputs.reads if inputs.reads.reads else None
         params = eng.make_sampling_params(
@@ -283,10 +341,11 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
         self.metrics.interventions.inc(len(inputs.spec.interventions))
         t0 = time.perf_counter()
         t_first = None
+        outs = self._run(ids, params, inputs.spec, engine_id, shown_id)
         try:
             first = True
             position = len(ids)
-            async for out in self._run(ids, params, inputs.spec, engine_id, shown_id):
+            async for out in outs:
                 c = out.outputs[0]
                 if t_first is None and c.token_ids:
                     t_first = time.perf_counter()
@@ -323,6 +382,7 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
                 self.metrics.read_positions.inc(len({f.position for f in msg.features}))
                 yield msg
         finally:
+            await outs.aclose()  # aborts the engine request if it has not finished
             if buf is not None:
                 self.router.unregister(engine_id)
 
@@ -331,6 +391,7 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
     @_accounted("Encode")
     async def Encode(self, request: pb.EncodeRequest, context) -> pb.EncodeResponse:
         try:
+            self._check_room()
             if not request.inputs:
                 raise InvalidRequestError("inputs", "give at least one input")
             if len(request.inputs) > self.limits.max_encode_inputs:
@@ -442,6 +503,75 @@ class Admitted:
     release: Callable[[], None]
 
 
+class _Outbox:
+    """One stream's responses made by the engine side and not yet taken by the transport.
+
+    ``bytes`` counts the queued messages plus the one the consumer is writing (``get``
+    hands it out, ``sent`` takes it off once the write returned), so a write stuck on flow
+    control still counts. ``put`` returns False once ``bytes`` is over ``cap``. A consumer
+    that fell behind gets what queued up as one message (``_merge``), as vLLM merges the
+    outputs of a slow reader, so a busy server writes fewer, larger messages.
+    """
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.queue: deque[tuple[pb.GenerateResponse, int]] = deque()
+        self.bytes = 0
+        self.done = False
+        self.dropped = False  # ended by the cap: queued messages were discarded
+        self.error: BaseException | None = None
+        self._ready = asyncio.Event()
+
+    def put(self, msg: pb.GenerateResponse) -> bool:
+        size = msg.ByteSize()
+        self.queue.append((msg, size))
+        self.bytes += size
+        self._ready.set()
+        return self.bytes <= self.cap
+
+    def fail(self, error: BaseException | None, drop: bool = False) -> None:
+        """No more messages: the stream ends after the queued ones (all dropped with
+        ``drop``), with ``error`` raised to the consumer if given."""
+        if drop:
+            self.bytes -= sum(size for _, size in self.queue)
+            self.queue.clear()
+            self.dropped = True
+        self.done, self.error = True, error
+        self._ready.set()
+
+    async def get(self) -> tuple[pb.GenerateResponse, int] | None:
+        """The next message and its size; None at the end; raises the stream's error."""
+        while not self.queue:
+            if self.done:
+                if self.error is not None:
+                    raise self.error
+                return None
+            self._ready.clear()
+            await self._ready.wait()
+        if len(self.queue) == 1:
+            return self.queue.popleft()
+        msgs = [m for m, _ in self.queue]
+        size = sum(n for _, n in self.queue)
+        self.queue.clear()
+        return _merge(msgs), size
+
+    def sent(self, size: int) -> None:
+        self.bytes -= size
+
+
+def _merge(msgs: list[pb.GenerateResponse]) -> pb.GenerateResponse:
+    """Consecutive responses of one stream as one: repeated fields (tokens, reads, logprobs,
+    prompt fields of the first) concatenate, ``text`` too, ``first_position`` is the first
+    one's, and the last one's finish_reason and usage win."""
+    out = pb.GenerateResponse()
+    out.CopyFrom(msgs[0])
+    for m in msgs[1:]:
+        out.MergeFrom(m)
+    out.text = "".join(m.text for m in msgs)
+    out.first_position = msgs[0].first_position
+    return out
+
+
 class _ReadFeed:
     """Turns one request's buffered reads into FeatureActivations, each position once.
 
@@ -486,6 +616,7 @@ class _ReadFeed:
             out.extend(convert.feature_activations_pb(p, tok, r.sae, have[i])
                        for r, i in wanted if i in have)
             self.next_pos += 1
+        self.buf.forget_below(self.next_pos)  # sent: a long stream keeps only what is unsent
         return out
 
 
