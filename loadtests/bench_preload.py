@@ -4,7 +4,8 @@ vLLM's CPU guide asks for ``LD_PRELOAD`` of tcmalloc and Intel OpenMP (``libiomp
 measures it instead of assuming it: our engine (the ``bench_e2e`` model and SAEs) runs the
 ``clamp16`` and ``reads16`` mixes under each preload variant; the engine's processes
 (EngineCore and workers, started by spawn) inherit ``LD_PRELOAD`` from this process, so one
-run can compare variants. Order: none, tcmalloc, iomp, tcmalloc+iomp, none again (drift).
+run can compare variants. Order: none, tcmalloc, iomp, tcmalloc+iomp, none again (drift);
+``--quick`` runs none, tcmalloc+iomp, none again.
 RSS is the engine's processes summed after the rounds.
 
     python -m loadtests.bench_preload --out docs/preload.json    (make bench-preload)
@@ -18,6 +19,7 @@ import gc
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,9 +44,9 @@ async def run(args) -> dict:
         args.model_dtype = "bfloat16" if cpu.native_bf16 else "float32"
     libs = find_libs()
     variants = [("none", [])]
-    if "tcmalloc" in libs:
+    if "tcmalloc" in libs and not args.quick:
         variants.append(("tcmalloc", [libs["tcmalloc"]]))
-    if "iomp" in libs:
+    if "iomp" in libs and not args.quick:
         variants.append(("iomp", [libs["iomp"]]))
     if len(libs) == 2:
         variants.append(("tcmalloc+iomp", [libs["tcmalloc"], libs["iomp"]]))
@@ -87,6 +89,7 @@ async def run(args) -> dict:
     return {"device": f"cpu: {cpu.describe()}", "cpu": cpu.as_dict(),
             "model": f"bench_e2e model, dummy {args.model_dtype} weights, 4 SAEs d_sae {args.d_sae}",
             "workload": f"{args.requests} requests x {args.rounds} rounds per mix, generate {args.gen}",
+            "command": "python -m loadtests.bench_preload " + " ".join(sys.argv[1:]),
             "libs": libs, "variants": out}
 
 
@@ -99,6 +102,8 @@ def main() -> None:
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--d-sae", type=int, default=16384)
     ap.add_argument("--model-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    ap.add_argument("--quick", action="store_true",
+                    help="only none, tcmalloc+iomp, none again (3 engine starts instead of 5)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     t0 = time.perf_counter()
