@@ -93,8 +93,13 @@ ray_supported = compat.ray_supported
 
 
 def make_prompt(token_ids: list[int], spec: SteeringSpec) -> Any:
-    """A token prompt; steered requests get a cache salt so their KV is never shared."""
-    salt = spec.cache_salt()
+    """A token prompt; steered requests get a cache salt so their KV is never shared.
+
+    The salt includes the prompt length when the spec's positions depend on it (generation
+    windows, positions from the prompt's end): a later prompt that contains this one's
+    generation must not reuse KV that was edited as "generated" (``SteeringSpec.cache_salt``).
+    """
+    salt = spec.cache_salt(len(token_ids))
     if salt is None:
         return compat.TokensPrompt(prompt_token_ids=token_ids)
     return compat.TokensPrompt(prompt_token_ids=token_ids, cache_salt=salt)
