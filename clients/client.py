@@ -126,7 +126,7 @@ def add(sae: str, feature: int, strength: float, scope: ScopeName | None = None,
 def read(sae: str, top_k: int = 0, watch: Sequence[int] = (),
          scope: ReadScopeName | None = None, *, at: pb.PositionSelector | None = None) -> pb.FeatureRead:
     """Ask for ``sae``'s top_k features and/or a watch list at the positions of ``scope``
-    (or of the selector ``at``: ranges only; default every position)."""
+    (or of the selector ``at``; default every position)."""
     r = pb.FeatureRead(sae=sae, top_k=top_k, watch=list(watch))
     if at is not None:
         r.positions.CopyFrom(at)

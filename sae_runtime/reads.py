@@ -86,14 +86,9 @@ class ReadSpec:
                     raise InvalidRequestError(f"{field}.watch[{i}]", f"feature {f} is listed twice")
                 seen_w.add(f)
             if r.positions is not None:
+                # The worker computes a read over the hull of its windows; the server keeps
+                # the positions the selector picks, token ids included (server.service).
                 r.positions.validate(f"{field}.positions", vocab_size)
-                if r.positions.token_ids:
-                    # The worker computes a read over the hull of its windows and the server
-                    # keeps the selected positions, which it decides without token ids.
-                    raise InvalidRequestError(
-                        f"{field}.positions.token_ids", "token-id selectors apply to "
-                        "interventions only; read the positions' window and keep the entries "
-                        "whose token_id you want (every entry carries it)")
 
     def to_payload(self, sae_index: Mapping[str, int]) -> tuple[ReadPayload, ...]:
         """The reads as ``RequestPayload.reads`` (``pooled`` travels beside them)."""

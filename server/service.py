@@ -35,7 +35,7 @@ from sae_runtime.errors import (
 )
 from sae_runtime.features import FeatureLabels
 from sae_runtime.interventions import SteeringSpec
-from sae_runtime.reads import ReadScope, ReadSpec
+from sae_runtime.reads import Read, ReadScope, ReadSpec
 from sae_runtime.saes.base import SAEConfig
 from sae_runtime.vllm import engine as eng
 from server import convert
@@ -591,10 +591,23 @@ class _ReadFeed:
     def _fed(self) -> int:
         return len(self.prompt) + max(len(self.generated) - 1, 0)
 
-    def _expected(self, upto: int) -> dict[int, set[int]]:
+    def _token(self, p: int) -> int:
+        """The token position ``p`` consumes (known for every fed position)."""
         n = len(self.prompt)
-        return {p: {i for r, i in self.reads if r.covers(p, n)} for p in range(self.next_pos, upto)
-                if any(r.covers(p, n) for r, _ in self.reads)}
+        return self.prompt[p] if p < n else self.generated[p - n]
+
+    def _wanted(self, p: int) -> list[tuple[Read, int]]:
+        """The reads (and their SAE indices) whose selectors pick position ``p``."""
+        n, tok = len(self.prompt), self._token(p)
+        return [(r, i) for r, i in self.reads if r.covers(p, n, tok)]
+
+    def _expected(self, upto: int) -> dict[int, set[int]]:
+        out = {}
+        for p in range(self.next_pos, upto):
+            want = {i for _, i in self._wanted(p)}
+            if want:
+                out[p] = want
+        return out
 
     async def wait_complete(self, rid: str, fed: int | None = None) -> None:
         upto = fed if fed is not None else self._fed()
@@ -604,15 +617,14 @@ class _ReadFeed:
     def take(self, final: bool = False, fed: int | None = None) -> list[pb.FeatureActivations]:
         """Reads of consecutive positions that are complete, from the first unsent one."""
         upto = fed if fed is not None else self._fed()
-        n = len(self.prompt)
         out = []
         while self.next_pos < upto:
             p = self.next_pos
             have = self.buf.by_pos.get(p, {})
-            wanted = [(r, i) for r, i in self.reads if r.covers(p, n)]
+            wanted = self._wanted(p)
             if any(i not in have for _, i in wanted) and not final:
                 break  # keep order: wait for this position
-            tok = self.prompt[p] if p < n else self.generated[p - n]
+            tok = self._token(p)
             out.extend(convert.feature_activations_pb(p, tok, r.sae, have[i])
                        for r, i in wanted if i in have)
             self.next_pos += 1

@@ -114,6 +114,27 @@ def test_reads_report_exactly_the_selected_positions(server, ref):
     assert [f.position for f in gen_only.features] == list(range(P + 1, P + 4))
 
 
+def test_reads_by_token_id_report_exactly_those_positions(server, ref):
+    # Generated tokens decide too: pick the tokens of the plain greedy run's positions 1 and
+    # P + 1, so the selector matches a prompt position and a generated one (at least).
+    plain = greedy(server, n=6)
+    full0 = PROMPT + plain.token_ids
+    toks = sorted({full0[1], full0[P + 1]})
+    for exclude in (False, True):
+        sel = positions(token_ids=toks, exclude_token_ids=exclude)
+        out = greedy(server, reads=[read("tk", 3, at=sel)], n=6)
+        full = PROMPT + out.token_ids
+        assert out.token_ids == plain.token_ids  # reading does not steer
+        fed = range(len(full) - 1)  # the last generated token has no activation
+        want = [p for p in fed if (full[p] in toks) != exclude]
+        assert [f.position for f in out.features] == want, f"exclude={exclude}"
+        dense = ref.latents(full, "tk")
+        for f in out.features:
+            assert f.token_id == full[f.position]
+            assert list(f.values) == pytest.approx(dense[f.position].topk(3).values.tolist(),
+                                                   abs=1e-4)
+
+
 def _mixed(i: int, feature: int):
     """Request i of the mixed batch: every third plain, the others a selector kind each."""
     if i % 3 == 0:

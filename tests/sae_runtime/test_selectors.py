@@ -173,11 +173,11 @@ def test_edit_rows_per_sae_are_capped():
     assert ei.value.field == "interventions[0].positions.token_ids[0]"
 
 
-def test_read_with_token_ids_is_refused_and_scopes_are_selectors():
+def test_read_with_token_ids_is_valid_and_scopes_are_selectors():
     spec = ReadSpec((Read("s", 2, positions=Selector(token_ids=(3,))),))
-    with pytest.raises(InvalidRequestError) as ei:
-        spec.validate(SAES, max_top_k=4, max_watch=4, vocab_size=512)
-    assert ei.value.field == "reads[0].positions.token_ids"
+    spec.validate(SAES, max_top_k=4, max_watch=4, vocab_size=512)
+    r = spec.reads[0]
+    assert r.covers(7, 5, 3) and not r.covers(7, 5, 4)
     gen_only = ReadSpec((Read("s", 2, positions=Selector((Range(G, 0, 3),))),))
     assert not gen_only.wants_prompt
     assert ReadSpec((Read("s", 2, positions=Selector((Range(A, 5),))),)).wants_prompt

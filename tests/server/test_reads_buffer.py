@@ -51,3 +51,26 @@ def test_feed_hands_out_each_position_once_in_order_and_skips_unfed():
         assert [(f.position, f.token_id) for f in out] == [(2, 9), (3, 11)]
         assert feed.take() == []
     asyncio.run(go())
+
+
+def test_feed_keeps_only_positions_whose_token_the_read_selects():
+    from sae_runtime.selectors import Selector
+
+    async def go():
+        b = RequestReads()
+        # Report positions consuming token 8 or 11 (prompt and generated alike).
+        spec = ReadSpec((Read("a", 2, (), ReadScope.ALL, Selector(token_ids=(8, 11))),))
+        feed = _ReadFeed(b, spec, prompt=[7, 8, 9], sae_index={"a": 0})
+        feed.generated = [11, 12, 13]  # positions 3, 4 fed; 5 not yet
+        b.add(rec(0, 5))  # the worker reads the whole window
+        out = feed.take()
+        assert [(f.position, f.token_id) for f in out] == [(1, 8), (3, 11)]
+        assert feed._expected(5) == {}  # nothing more is awaited: 4 consumes 12
+        excl = ReadSpec((Read("a", 2, (), ReadScope.ALL,
+                              Selector(token_ids=(8, 11), exclude_token_ids=True)),))
+        b2 = RequestReads()
+        b2.add(rec(0, 5))
+        feed2 = _ReadFeed(b2, excl, prompt=[7, 8, 9], sae_index={"a": 0})
+        feed2.generated = [11, 12, 13]
+        assert [f.position for f in feed2.take()] == [0, 2, 4]
+    asyncio.run(go())

@@ -75,7 +75,7 @@ BAD = [
     (_iv(positions(prompt_range(0, 2)), scope="all"), F, "not both"),
     (_iv(positions(*[absolute_range(2 * i, 2 * i + 1) for i in range(5)])), "interventions",
      "need 5 edit rows"),
-    (_rd(positions(token_ids=[3])), "reads[0].positions.token_ids", "interventions only"),
+    (_rd(positions(token_ids=[3, 3])), "reads[0].positions.token_ids[1]", "listed twice"),
     (_rd(positions(prompt_range(3, 1))), "reads[0].positions.ranges[0]", "reversed"),
     (_rd(positions(prompt_range(0, 2)), scope="prompt"), "reads[0].positions", "not both"),
 ]
