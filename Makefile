@@ -69,7 +69,7 @@ lint: setup
 	$(BIN)/ruff check .
 
 test: lint
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=25
 
 # Starts the server on the embedded default, runs Locust headless for a bounded time on
 # loopback, writes loadtests/reports/run{.html,_stats.csv,...}, then stops the server.
