@@ -3,7 +3,8 @@
 Defined once here and used by every layer: the server converter builds a ``Selector`` from
 ``steering.v1.PositionSelector`` and validates it (``validate``), the selector itself
 travels to the worker inside the request payload (it is a ``msgspec.Struct``), and the
-planner resolves it (``windows`` once per request, ``token_match`` per step). The old
+planner resolves it (``windows`` once per request; the token-id condition per step, through
+``planner.TokenRule``, which holds the selector's ids as an array built once). The old
 ``Scope`` / ``ReadScope`` enums are sugar for selectors (``ALL``, ``GENERATION``, ``PROMPT``
 below).
 
@@ -37,7 +38,6 @@ from __future__ import annotations
 from enum import IntEnum
 
 import msgspec
-import numpy as np
 
 from sae_runtime.errors import InvalidRequestError
 
@@ -194,11 +194,6 @@ class Selector(msgspec.Struct, array_like=True, frozen=True):
         if at < POS_INF:
             out.append((at, POS_INF))
         return tuple(out)
-
-    def token_match(self, tokens):
-        """Boolean mask over ``tokens`` (a numpy int array): where the token condition holds."""
-        hit = np.isin(tokens, np.asarray(self.token_ids, dtype=np.int64))
-        return ~hit if self.exclude_token_ids else hit
 
     def covers(self, position: int, prompt_len: int, token_id: int | None = None) -> bool:
         """Whether ``position`` (consuming ``token_id``) is selected: the per-position oracle.
