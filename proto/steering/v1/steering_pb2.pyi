@@ -28,6 +28,12 @@ class Scope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SCOPE_ALL: _ClassVar[Scope]
     SCOPE_GENERATION_ONLY: _ClassVar[Scope]
 
+class Comparison(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    COMPARISON_UNSPECIFIED: _ClassVar[Comparison]
+    COMPARISON_GT: _ClassVar[Comparison]
+    COMPARISON_LT: _ClassVar[Comparison]
+
 class ReadScope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     READ_SCOPE_UNSPECIFIED: _ClassVar[ReadScope]
@@ -41,6 +47,7 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_LENGTH: _ClassVar[FinishReason]
     FINISH_REASON_STOP: _ClassVar[FinishReason]
     FINISH_REASON_ABORT: _ClassVar[FinishReason]
+    FINISH_REASON_FEATURE: _ClassVar[FinishReason]
 
 class HookSite(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -62,6 +69,9 @@ POSITION_FRAME_GENERATION: PositionFrame
 SCOPE_UNSPECIFIED: Scope
 SCOPE_ALL: Scope
 SCOPE_GENERATION_ONLY: Scope
+COMPARISON_UNSPECIFIED: Comparison
+COMPARISON_GT: Comparison
+COMPARISON_LT: Comparison
 READ_SCOPE_UNSPECIFIED: ReadScope
 READ_SCOPE_ALL: ReadScope
 READ_SCOPE_PROMPT: ReadScope
@@ -70,6 +80,7 @@ FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_ABORT: FinishReason
+FINISH_REASON_FEATURE: FinishReason
 HOOK_SITE_UNSPECIFIED: HookSite
 HOOK_SITE_RESID_POST: HookSite
 HOOK_SITE_RESID_PRE: HookSite
@@ -154,34 +165,74 @@ class PositionSelector(_message.Message):
     def __init__(self, ranges: _Optional[_Iterable[_Union[PositionRange, _Mapping]]] = ..., exclude_ranges: _Optional[bool] = ..., token_ids: _Optional[_Iterable[int]] = ..., exclude_token_ids: _Optional[bool] = ...) -> None: ...
 
 class Intervention(_message.Message):
-    __slots__ = ("sae", "feature", "mode", "value", "scope", "positions")
+    __slots__ = ("sae", "feature", "mode", "value", "scope", "positions", "when", "latch")
     SAE_FIELD_NUMBER: _ClassVar[int]
     FEATURE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    WHEN_FIELD_NUMBER: _ClassVar[int]
+    LATCH_FIELD_NUMBER: _ClassVar[int]
     sae: str
     feature: int
     mode: InterventionMode
     value: float
     scope: Scope
     positions: PositionSelector
-    def __init__(self, sae: _Optional[str] = ..., feature: _Optional[int] = ..., mode: _Optional[_Union[InterventionMode, str]] = ..., value: _Optional[float] = ..., scope: _Optional[_Union[Scope, str]] = ..., positions: _Optional[_Union[PositionSelector, _Mapping]] = ...) -> None: ...
+    when: FeatureCondition
+    latch: bool
+    def __init__(self, sae: _Optional[str] = ..., feature: _Optional[int] = ..., mode: _Optional[_Union[InterventionMode, str]] = ..., value: _Optional[float] = ..., scope: _Optional[_Union[Scope, str]] = ..., positions: _Optional[_Union[PositionSelector, _Mapping]] = ..., when: _Optional[_Union[FeatureCondition, _Mapping]] = ..., latch: _Optional[bool] = ...) -> None: ...
+
+class FeatureCondition(_message.Message):
+    __slots__ = ("sae", "feature", "op", "threshold")
+    SAE_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    OP_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    sae: str
+    feature: int
+    op: Comparison
+    threshold: float
+    def __init__(self, sae: _Optional[str] = ..., feature: _Optional[int] = ..., op: _Optional[_Union[Comparison, str]] = ..., threshold: _Optional[float] = ...) -> None: ...
+
+class Guardrail(_message.Message):
+    __slots__ = ("condition", "positions")
+    CONDITION_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    condition: FeatureCondition
+    positions: PositionSelector
+    def __init__(self, condition: _Optional[_Union[FeatureCondition, _Mapping]] = ..., positions: _Optional[_Union[PositionSelector, _Mapping]] = ...) -> None: ...
+
+class GuardrailTrip(_message.Message):
+    __slots__ = ("guardrail", "sae", "feature", "position", "value")
+    GUARDRAIL_FIELD_NUMBER: _ClassVar[int]
+    SAE_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    guardrail: int
+    sae: str
+    feature: int
+    position: int
+    value: float
+    def __init__(self, guardrail: _Optional[int] = ..., sae: _Optional[str] = ..., feature: _Optional[int] = ..., position: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "sampling", "interventions", "request_id", "reads")
+    __slots__ = ("prompt", "sampling", "interventions", "request_id", "reads", "abort_when")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     INTERVENTIONS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     READS_FIELD_NUMBER: _ClassVar[int]
+    ABORT_WHEN_FIELD_NUMBER: _ClassVar[int]
     prompt: Prompt
     sampling: SamplingParams
     interventions: _containers.RepeatedCompositeFieldContainer[Intervention]
     request_id: str
     reads: _containers.RepeatedCompositeFieldContainer[FeatureRead]
-    def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., interventions: _Optional[_Iterable[_Union[Intervention, _Mapping]]] = ..., request_id: _Optional[str] = ..., reads: _Optional[_Iterable[_Union[FeatureRead, _Mapping]]] = ...) -> None: ...
+    abort_when: _containers.RepeatedCompositeFieldContainer[Guardrail]
+    def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., interventions: _Optional[_Iterable[_Union[Intervention, _Mapping]]] = ..., request_id: _Optional[str] = ..., reads: _Optional[_Iterable[_Union[FeatureRead, _Mapping]]] = ..., abort_when: _Optional[_Iterable[_Union[Guardrail, _Mapping]]] = ...) -> None: ...
 
 class FeatureRead(_message.Message):
     __slots__ = ("sae", "top_k", "watch", "scope", "positions")
@@ -244,7 +295,7 @@ class PositionLogprobs(_message.Message):
     def __init__(self, chosen: _Optional[_Union[Logprob, _Mapping]] = ..., top: _Optional[_Iterable[_Union[Logprob, _Mapping]]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "token_ids", "text", "first_position", "finish_reason", "usage", "prompt_token_ids", "features", "logprobs", "prompt_logprobs")
+    __slots__ = ("request_id", "token_ids", "text", "first_position", "finish_reason", "usage", "prompt_token_ids", "features", "logprobs", "prompt_logprobs", "guardrail")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -255,6 +306,7 @@ class GenerateResponse(_message.Message):
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    GUARDRAIL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
@@ -265,7 +317,8 @@ class GenerateResponse(_message.Message):
     features: _containers.RepeatedCompositeFieldContainer[FeatureActivations]
     logprobs: _containers.RepeatedCompositeFieldContainer[PositionLogprobs]
     prompt_logprobs: _containers.RepeatedCompositeFieldContainer[PositionLogprobs]
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., first_position: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., features: _Optional[_Iterable[_Union[FeatureActivations, _Mapping]]] = ..., logprobs: _Optional[_Iterable[_Union[PositionLogprobs, _Mapping]]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[PositionLogprobs, _Mapping]]] = ...) -> None: ...
+    guardrail: GuardrailTrip
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., first_position: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., features: _Optional[_Iterable[_Union[FeatureActivations, _Mapping]]] = ..., logprobs: _Optional[_Iterable[_Union[PositionLogprobs, _Mapping]]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[PositionLogprobs, _Mapping]]] = ..., guardrail: _Optional[_Union[GuardrailTrip, _Mapping]] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
     __slots__ = ("inputs", "reads")
@@ -350,7 +403,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model", "architecture", "num_layers", "hidden_size", "vocab_size", "max_model_len", "max_interventions", "dtype", "compiled", "max_read_top_k", "max_watch", "max_encode_inputs", "max_logprobs", "chat_template", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "distributed_executor_backend")
+    __slots__ = ("model", "architecture", "num_layers", "hidden_size", "vocab_size", "max_model_len", "max_interventions", "dtype", "compiled", "max_read_top_k", "max_watch", "max_encode_inputs", "max_logprobs", "chat_template", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "distributed_executor_backend", "max_guardrails")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -369,6 +422,7 @@ class GetModelInfoResponse(_message.Message):
     PIPELINE_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     DATA_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     DISTRIBUTED_EXECUTOR_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    MAX_GUARDRAILS_FIELD_NUMBER: _ClassVar[int]
     model: str
     architecture: str
     num_layers: int
@@ -387,7 +441,8 @@ class GetModelInfoResponse(_message.Message):
     pipeline_parallel_size: int
     data_parallel_size: int
     distributed_executor_backend: str
-    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_interventions: _Optional[int] = ..., dtype: _Optional[str] = ..., compiled: _Optional[bool] = ..., max_read_top_k: _Optional[int] = ..., max_watch: _Optional[int] = ..., max_encode_inputs: _Optional[int] = ..., max_logprobs: _Optional[int] = ..., chat_template: _Optional[bool] = ..., tensor_parallel_size: _Optional[int] = ..., pipeline_parallel_size: _Optional[int] = ..., data_parallel_size: _Optional[int] = ..., distributed_executor_backend: _Optional[str] = ...) -> None: ...
+    max_guardrails: int
+    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_interventions: _Optional[int] = ..., dtype: _Optional[str] = ..., compiled: _Optional[bool] = ..., max_read_top_k: _Optional[int] = ..., max_watch: _Optional[int] = ..., max_encode_inputs: _Optional[int] = ..., max_logprobs: _Optional[int] = ..., chat_template: _Optional[bool] = ..., tensor_parallel_size: _Optional[int] = ..., pipeline_parallel_size: _Optional[int] = ..., data_parallel_size: _Optional[int] = ..., distributed_executor_backend: _Optional[str] = ..., max_guardrails: _Optional[int] = ...) -> None: ...
 
 class GetFeatureRequest(_message.Message):
     __slots__ = ("sae", "index")
