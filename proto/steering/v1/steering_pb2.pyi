@@ -463,7 +463,7 @@ class FeatureExample(_message.Message):
     def __init__(self, context: _Optional[str] = ..., token: _Optional[str] = ..., activation: _Optional[float] = ...) -> None: ...
 
 class Feature(_message.Message):
-    __slots__ = ("sae", "index", "label", "density", "max_activation", "mean_activation", "topic", "topic_selectivity", "topic_coverage", "score", "top_tokens", "examples", "dead", "topic_means", "site_norm", "steer_value", "steer_success")
+    __slots__ = ("sae", "index", "label", "density", "max_activation", "mean_activation", "topic", "topic_selectivity", "topic_coverage", "score", "top_tokens", "examples", "dead", "topic_means", "site_norm", "steer_value", "steer_success", "promoted", "suppressed", "logit_effects_unavailable")
     class TopicMeansEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -488,6 +488,9 @@ class Feature(_message.Message):
     SITE_NORM_FIELD_NUMBER: _ClassVar[int]
     STEER_VALUE_FIELD_NUMBER: _ClassVar[int]
     STEER_SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    PROMOTED_FIELD_NUMBER: _ClassVar[int]
+    SUPPRESSED_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_EFFECTS_UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
     sae: str
     index: int
     label: str
@@ -505,7 +508,20 @@ class Feature(_message.Message):
     site_norm: float
     steer_value: float
     steer_success: float
-    def __init__(self, sae: _Optional[str] = ..., index: _Optional[int] = ..., label: _Optional[str] = ..., density: _Optional[float] = ..., max_activation: _Optional[float] = ..., mean_activation: _Optional[float] = ..., topic: _Optional[str] = ..., topic_selectivity: _Optional[float] = ..., topic_coverage: _Optional[float] = ..., score: _Optional[float] = ..., top_tokens: _Optional[_Iterable[str]] = ..., examples: _Optional[_Iterable[_Union[FeatureExample, _Mapping]]] = ..., dead: _Optional[bool] = ..., topic_means: _Optional[_Mapping[str, float]] = ..., site_norm: _Optional[float] = ..., steer_value: _Optional[float] = ..., steer_success: _Optional[float] = ...) -> None: ...
+    promoted: _containers.RepeatedCompositeFieldContainer[TokenLogit]
+    suppressed: _containers.RepeatedCompositeFieldContainer[TokenLogit]
+    logit_effects_unavailable: str
+    def __init__(self, sae: _Optional[str] = ..., index: _Optional[int] = ..., label: _Optional[str] = ..., density: _Optional[float] = ..., max_activation: _Optional[float] = ..., mean_activation: _Optional[float] = ..., topic: _Optional[str] = ..., topic_selectivity: _Optional[float] = ..., topic_coverage: _Optional[float] = ..., score: _Optional[float] = ..., top_tokens: _Optional[_Iterable[str]] = ..., examples: _Optional[_Iterable[_Union[FeatureExample, _Mapping]]] = ..., dead: _Optional[bool] = ..., topic_means: _Optional[_Mapping[str, float]] = ..., site_norm: _Optional[float] = ..., steer_value: _Optional[float] = ..., steer_success: _Optional[float] = ..., promoted: _Optional[_Iterable[_Union[TokenLogit, _Mapping]]] = ..., suppressed: _Optional[_Iterable[_Union[TokenLogit, _Mapping]]] = ..., logit_effects_unavailable: _Optional[str] = ...) -> None: ...
+
+class TokenLogit(_message.Message):
+    __slots__ = ("token", "token_id", "logit")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    token_id: int
+    logit: float
+    def __init__(self, token: _Optional[str] = ..., token_id: _Optional[int] = ..., logit: _Optional[float] = ...) -> None: ...
 
 class SearchFeaturesRequest(_message.Message):
     __slots__ = ("query", "sae", "limit")
