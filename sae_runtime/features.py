@@ -11,11 +11,37 @@ Schema (``"format": "steerd.feature_labels/1"``)::
                    "topic_coverage": 0.6, "score": 0.54,
                    "steer_value": 190.0, "steer_success": 0.9,
                    "top_tokens": ["whale"], "examples": [{"context": "...", "token": " whale",
-                                                          "activation": 4.1}]}]}
+                                                          "activation": 4.1, "after": "..."}],
+                   "promoted": [{"token": " sea", "token_id": 412, "logit": 2.3}],
+                   "suppressed": [{"token": " oven", "token_id": 97, "logit": -1.9}]}]}
 
 Only ``index`` and ``label`` are required, so labels from elsewhere (e.g. Neuronpedia
-explanations) can be converted in a few lines. ``score`` orders a search's matches (higher is
-a better exemplar of its label); ``sae_runtime.default.labels`` writes every field.
+explanations, ``steerd labels import-neuronpedia``) can be converted in a few lines.
+``score`` orders a search's matches (higher is a better exemplar of its label);
+``sae_runtime.default.labels`` writes every field but ``promoted``/``suppressed``;
+``sae_runtime.labels_build`` (``steerd labels build``) writes the statistics below.
+
+Fields, as the labellers define them (every activation is ``sae_runtime.ops.encode`` of the
+SAE's input at its site; a feature *fires* on a token where its activation is non-zero):
+
+- ``density``: fraction of labelling tokens on which the feature fires;
+- ``max_activation``: largest activation seen; ``mean_activation``: mean over the tokens
+  where it fires (not over all tokens);
+- ``top_tokens``: tokens, decoded, ranked by the activation mass on them (``build``: the sum
+  of the feature's activations over every occurrence of the token; the default labeller:
+  the mean per occurrence);
+- ``examples``: top-activating tokens, strongest first, at distinct positions: ``context``
+  is the text just before the token, ``token`` the token, ``after`` (optional) the text
+  just after it;
+- ``promoted`` / ``suppressed``: the feature's *logit effects* (``sae_runtime.logit_effects``):
+  the tokens whose logits its decoder direction raises / lowers most through the model's
+  final norm gain and unembedding, ``logit`` the change per unit activation, largest
+  magnitude first. Empty where the SAE's site does not write the residual stream; the
+  server then computes them itself from the model's weights when asked (``GetFeature``);
+- ``site_norm`` (file level): mean L2 norm of the SAE's input over the labelling tokens.
+
+Fields a file has that are not listed here (e.g. ``label_source``, ``build``) are kept by
+the tools that rewrite the file and ignored when loading.
 
 Search is keyword search: the query is split into words, and a feature matches when each
 word occurs (case-insensitive) in its label, topic or top tokens. Matches rank by how many
@@ -44,6 +70,17 @@ class Example:
     context: str
     token: str
     activation: float
+    after: str = ""
+    """Text just after the token (empty when the labeller did not record it)."""
+
+
+@dataclass(frozen=True)
+class TokenLogit:
+    """One token of a feature's logit effects: the change of its logit per unit activation."""
+
+    token: str
+    token_id: int
+    logit: float
 
 
 @dataclass(frozen=True)
@@ -70,6 +107,12 @@ class Feature:
     site_norm: float = 0.0
     """Mean L2 norm of the SAE's input at its site while labelling (the same for every
     feature of an SAE): the scale of the stream, so a guide for clamp values."""
+    promoted: tuple[TokenLogit, ...] = ()
+    """Tokens the decoder direction promotes most, largest logit first (logit effects)."""
+    suppressed: tuple[TokenLogit, ...] = ()
+    """Tokens it suppresses most, most negative first."""
+    logit_effects_unavailable: str = ""
+    """Why ``promoted``/``suppressed`` are empty (empty when they are filled or not asked)."""
 
     def as_dict(self) -> dict:
         return {
@@ -80,9 +123,16 @@ class Feature:
             "top_tokens": list(self.top_tokens), "dead": self.dead,
             "topic_means": dict(self.topic_means), "site_norm": self.site_norm,
             "steer_value": self.steer_value, "steer_success": self.steer_success,
-            "examples": [{"context": e.context, "token": e.token, "activation": e.activation}
-                         for e in self.examples],
+            "examples": [{"context": e.context, "token": e.token, "activation": e.activation,
+                          "after": e.after} for e in self.examples],
+            "promoted": [_token_logit_dict(t) for t in self.promoted],
+            "suppressed": [_token_logit_dict(t) for t in self.suppressed],
+            "logit_effects_unavailable": self.logit_effects_unavailable,
         }
+
+
+def _token_logit_dict(t: TokenLogit) -> dict:
+    return {"token": t.token, "token_id": t.token_id, "logit": t.logit}
 
 
 class FeatureLabels:
@@ -177,8 +227,20 @@ def _feature(sae: str, rec: Mapping, d_sae: int) -> Feature:
     return Feature(
         sae=sae, index=index, label=label, topic=str(rec.get("topic", "")),
         top_tokens=tuple(str(t) for t in rec.get("top_tokens", ())),
-        examples=tuple(Example(str(e["context"]), str(e["token"]), float(e["activation"]))
-                       for e in rec.get("examples", ())),
+        examples=tuple(Example(str(e["context"]), str(e["token"]), float(e["activation"]),
+                               str(e.get("after", ""))) for e in rec.get("examples", ())),
+        promoted=_token_logits(rec, "promoted", index),
+        suppressed=_token_logits(rec, "suppressed", index),
         topic_means={str(k): float(v) for k, v in rec.get("topic_means", {}).items()},
         **num,
     )
+
+
+def _token_logits(rec: Mapping, key: str, index: int) -> tuple[TokenLogit, ...]:
+    out = []
+    for n, t in enumerate(rec.get(key, ())):
+        try:
+            out.append(TokenLogit(str(t["token"]), int(t["token_id"]), float(t["logit"])))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"feature {index}: {key}[{n}] needs token, token_id and logit ({e})") from None
+    return tuple(out)
