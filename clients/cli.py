@@ -24,6 +24,9 @@ from clients.client import (
     add,
     clamp,
     collect,
+    conditional,
+    guardrail,
+    parse_condition,
     parse_range,
     positions,
     read,
@@ -250,6 +253,18 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         g.add_argument(f"--{kind}", dest="edits", action="append", default=None,
                        type=_edit(kind, with_value), metavar=meta, help=f"{helptext} (repeatable)")
+    g.add_argument("--when", type=_condition, default=None, metavar="SAE:FEATURE>T",
+                   help="apply the edits only at positions where this feature of the edits' "
+                        "SAE is > T (or < T with '<'), encoded from the same activation")
+    g.add_argument("--latch", action="store_true",
+                   help="with --when: once the condition has held, keep the edits on for the "
+                        "rest of the request")
+    g.add_argument("--abort-when", dest="abort_when", action="append", type=_condition,
+                   default=None, metavar="SAE:FEATURE>T",
+                   help="guardrail: stop as soon as the feature crosses T at a generated "
+                        "position (finish_reason 'feature'; repeatable)")
+    g.add_argument("--abort-on-prompt", action="store_true",
+                   help="guardrails also watch prompt positions (refuse before generating)")
     g.add_argument("--read", dest="read_topk", action="append", type=_sae_int("read"),
                    metavar="SAE:TOPK", help="stream the TOPK strongest features of SAE per position")
     g.add_argument("--watch", dest="watch", action="append", type=_sae_int("watch"),
@@ -293,14 +308,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _interventions(edits, scope: str | None, at=None):
+def _condition(text: str):
+    try:
+        return parse_condition(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _interventions(edits, scope: str | None, at=None, cond=None, latch: bool = False):
     makers = {
         "clamp": lambda s, f, v: clamp(s, f, v, scope, at=at),
         "ablate": lambda s, f, v: ablate(s, f, scope, at=at),
         "scale": lambda s, f, v: scale(s, f, v, scope, at=at),
         "add": lambda s, f, v: add(s, f, v, scope, at=at),
     }
-    return [makers[kind](sae, feat, val) for kind, sae, feat, val in edits or ()]
+    out = [makers[kind](sae, feat, val) for kind, sae, feat, val in edits or ()]
+    if cond is not None:
+        out = [conditional(iv, cond, latch=latch) for iv in out]
+    return out
+
+
+def _guards(conds, on_prompt: bool):
+    every = positions() if on_prompt else None  # an empty selector: every position
+    return [guardrail(c, at=every) for c in conds or ()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -337,10 +367,12 @@ def _generate(client: SteeringClient, args) -> int:
         top_k=args.top_k, seed=args.seed, stop=args.stop, request_id=args.request_id,
         interventions=_interventions(
             args.edits, "generation_only" if args.generation_only else None,
-            _selector(args.positions, args.exclude_ranges, args.token_ids, args.exclude_token_ids)),
+            _selector(args.positions, args.exclude_ranges, args.token_ids, args.exclude_token_ids),
+            args.when, args.latch),
         reads=_reads(args.read_topk, args.watch, args.read_scope,
                      _selector(args.read_positions, args.read_exclude_ranges)),
         logprobs=args.logprobs, prompt_logprobs=args.prompt_logprobs,
+        abort_when=_guards(args.abort_when, args.abort_on_prompt),
     )
     if args.json:
         r = collect(stream)
@@ -348,6 +380,8 @@ def _generate(client: SteeringClient, args) -> int:
             "request_id": r.request_id, "text": r.text, "token_ids": r.token_ids,
             "prompt_token_ids": r.prompt_token_ids, "finish_reason": r.finish_reason,
         }
+        if r.guardrail is not None:
+            out["guardrail"] = _trip_json(r.guardrail)
         if r.features:
             out["features"] = [_feature_json(f) for f in r.features]
         if args.logprobs is not None:
@@ -357,9 +391,12 @@ def _generate(client: SteeringClient, args) -> int:
         print(json.dumps(out))
         return 0
     finish = None
+    trip = None
     text = []
     logprob_lines = []
     for msg in stream:
+        if msg.HasField("guardrail"):
+            trip = msg.guardrail
         logprob_lines += [_logprob_line(e) for e in msg.logprobs]
         if msg.features:  # one line per position and SAE, then the text at the end
             for f in msg.features:
@@ -376,8 +413,16 @@ def _generate(client: SteeringClient, args) -> int:
         sys.stdout.write("\n")
     for line in logprob_lines:  # after the text, one line per generated token
         print(line)
+    if trip is not None:
+        print(f"[guardrail {trip.guardrail}: {trip.sae}:{trip.feature} = {trip.value:.4g} at "
+              f"position {trip.position}]", file=sys.stderr)
     print(f"[finish: {finish}]", file=sys.stderr)
     return 0
+
+
+def _trip_json(t) -> dict:
+    return {"guardrail": t.guardrail, "sae": t.sae, "feature": t.feature,
+            "position": t.position, "value": t.value}
 
 
 def _logprob_line(e) -> str:

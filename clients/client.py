@@ -28,6 +28,7 @@ FINISH_NAMES = {
     pb.FINISH_REASON_LENGTH: "length",
     pb.FINISH_REASON_STOP: "stop",
     pb.FINISH_REASON_ABORT: "abort",
+    pb.FINISH_REASON_FEATURE: "feature",
 }
 
 
@@ -123,6 +124,47 @@ def add(sae: str, feature: int, strength: float, scope: ScopeName | None = None,
     return _iv(sae, feature, pb.INTERVENTION_MODE_ADD, strength, scope, at)
 
 
+_OPS = {">": pb.COMPARISON_GT, "<": pb.COMPARISON_LT}
+
+
+def when(sae: str, feature: int, op: str, threshold: float) -> pb.FeatureCondition:
+    """The condition ``feature of sae`` ``op`` (``">"`` or ``"<"``) ``threshold``."""
+    if op not in _OPS:
+        raise ValueError(f"op must be '>' or '<', got {op!r}")
+    return pb.FeatureCondition(sae=sae, feature=feature, op=_OPS[op], threshold=threshold)
+
+
+def parse_condition(text: str) -> pb.FeatureCondition:
+    """``SAE:FEATURE>THRESHOLD`` (or ``<``) -> a FeatureCondition (the CLI's form)."""
+    import re
+
+    m = re.fullmatch(r"\s*([^:<>\s]+):(\d+)\s*([<>])\s*([-+0-9.eE]+|nan|inf)\s*", text)
+    if m is None:
+        raise ValueError(f"expected SAE:FEATURE>THRESHOLD or SAE:FEATURE<THRESHOLD, got {text!r}")
+    return when(m.group(1), int(m.group(2)), m.group(3), float(m.group(4)))
+
+
+def conditional(iv: pb.Intervention, condition: pb.FeatureCondition, *,
+                latch: bool = False) -> pb.Intervention:
+    """``iv`` applied only where ``condition`` holds (same SAE); ``latch``: once it has held,
+    stay on for the rest of the request."""
+    out = pb.Intervention()
+    out.CopyFrom(iv)
+    out.when.CopyFrom(condition)
+    out.latch = latch
+    return out
+
+
+def guardrail(condition: pb.FeatureCondition,
+              at: pb.PositionSelector | None = None) -> pb.Guardrail:
+    """Stop the request when ``condition`` holds at a generated position (or at the
+    positions of ``at``, prompt ones included); see ``GenerateRequest.abort_when``."""
+    g = pb.Guardrail(condition=condition)
+    if at is not None:
+        g.positions.CopyFrom(at)
+    return g
+
+
 def read(sae: str, top_k: int = 0, watch: Sequence[int] = (),
          scope: ReadScopeName | None = None, *, at: pb.PositionSelector | None = None) -> pb.FeatureRead:
     """Ask for ``sae``'s top_k features and/or a watch list at the positions of ``scope``
@@ -148,6 +190,7 @@ class GenerationResult:
     features: list[pb.FeatureActivations] = field(default_factory=list)
     logprobs: list[pb.PositionLogprobs] = field(default_factory=list)  # one per generated token
     prompt_logprobs: list[pb.PositionLogprobs] = field(default_factory=list)  # positions 1..n-1
+    guardrail: pb.GuardrailTrip | None = None  # finish_reason "feature": what tripped, where
 
 
 class SteeringClient:
@@ -191,9 +234,11 @@ class SteeringClient:
         ignore_eos: bool = False, interventions: Sequence[pb.Intervention] = (),
         reads: Sequence[pb.FeatureRead] = (), request_id: str = "",
         logprobs: int | None = None, prompt_logprobs: int | None = None,
+        abort_when: Sequence[pb.Guardrail | pb.FeatureCondition] = (),
     ) -> pb.GenerateRequest:
         """``logprobs=n``: each generated token's logprob and the n most likely alternatives;
-        ``prompt_logprobs=n``: the same for prompt positions 1..n-1."""
+        ``prompt_logprobs=n``: the same for prompt positions 1..n-1. ``abort_when``:
+        guardrails (a bare condition watches the generated positions)."""
         p = _prompt(prompt)
         s = pb.SamplingParams(stop=list(stop), stop_token_ids=list(stop_token_ids),
                               ignore_eos=ignore_eos)
@@ -202,8 +247,9 @@ class SteeringClient:
                         ("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
             if v is not None:
                 setattr(s, name, v)
+        guards = [g if isinstance(g, pb.Guardrail) else guardrail(g) for g in abort_when]
         return pb.GenerateRequest(prompt=p, sampling=s, interventions=list(interventions),
-                                  reads=list(reads), request_id=request_id)
+                                  reads=list(reads), request_id=request_id, abort_when=guards)
 
     def generate(self, prompt: PromptLike, **kw) -> Iterator[pb.GenerateResponse]:
         """Stream responses; cancel by calling ``.cancel()`` on the returned iterator.
@@ -280,4 +326,6 @@ def collect(stream: Iterator[pb.GenerateResponse]) -> GenerationResult:
         if msg.finish_reason:
             out.finish_reason = FINISH_NAMES[msg.finish_reason]
             out.usage = msg.usage
+        if msg.HasField("guardrail"):
+            out.guardrail = msg.guardrail
     return out

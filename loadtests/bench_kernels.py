@@ -110,9 +110,7 @@ def run_splice(sae: SAE, k: int, T: int, reps: int, device: str, peak: float | N
         torch.full((1,), k, dtype=torch.long, device=device),
         {"feature": feat[0], "mode": mode[0], "value": val[0],
          "pos_lo": torch.zeros(k, dtype=torch.long, device=device),
-         "pos_hi": torch.full((k,), POS_INF, dtype=torch.long, device=device),
-         "cond_feature": torch.full((k,), -1, dtype=torch.long, device=device),
-         "cond_threshold": torch.zeros(k, device=device)}, k)
+         "pos_hi": torch.full((k,), POS_INF, dtype=torch.long, device=device)}, k)
     res = {"kernel": "splice", "device": device, "d_in": d_in, "d_sae": d_sae, "k": k, "tokens": T}
     res["compact_ms"] = _time(lambda: splice_compact(h, h, sae, rows, tok_slot, tables), reps, cuda)
     res["reference_ms"] = _time(lambda: splice_reference(h, h, sae, tables), reps, cuda)

@@ -15,9 +15,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 
+from sae_runtime.edits import Cond
 from sae_runtime.errors import InvalidRequestError, UnknownSAEError
 from sae_runtime.ops import Mode
-from sae_runtime.payloads import EditPayload
+from sae_runtime.payloads import CondPayload, EditPayload
 from sae_runtime.saes.base import SAEConfig
 from sae_runtime.selectors import ALL as _ALL
 from sae_runtime.selectors import GENERATION as _GENERATION
@@ -38,6 +39,39 @@ class Scope(IntEnum):
 
 
 @dataclass(frozen=True)
+class Condition:
+    """``f(x) > threshold`` (Cond.GT) or ``< threshold`` (Cond.LT) for feature ``feature``
+    of SAE ``sae`` at a position; used by conditional edits and guardrails."""
+
+    sae: str
+    feature: int
+    op: Cond
+    threshold: float
+
+    def validate(self, field: str, saes: Mapping[str, SAEConfig]) -> None:
+        if not self.sae:
+            raise InvalidRequestError(f"{field}.sae", "must name a loaded SAE")
+        if self.sae not in saes:
+            raise UnknownSAEError(f"{field}.sae", self.sae, list(saes))
+        d_sae = saes[self.sae].d_sae
+        if not 0 <= self.feature < d_sae:
+            raise InvalidRequestError(
+                f"{field}.feature", f"feature {self.feature} is out of range for SAE "
+                f"{self.sae!r} (valid: 0..{d_sae - 1})")
+        if self.op not in (Cond.GT, Cond.LT):
+            raise InvalidRequestError(f"{field}.op", "must be set (GT or LT)")
+        if not math.isfinite(self.threshold):
+            raise InvalidRequestError(f"{field}.threshold",
+                                      f"must be finite, got {self.threshold}")
+
+    def holds(self, value: float) -> bool:
+        return value > self.threshold if self.op == Cond.GT else value < self.threshold
+
+    def canonical(self) -> list:
+        return [self.sae, int(self.feature), int(self.op), float(self.threshold)]
+
+
+@dataclass(frozen=True)
 class Intervention:
     sae: str
     feature: int
@@ -45,6 +79,8 @@ class Intervention:
     value: float = 0.0
     scope: Scope = Scope.ALL
     positions: Selector | None = None  # set: overrides ``scope`` (the converter allows one)
+    when: Condition | None = None  # a conditional edit (the condition reads the same SAE)
+    latch: bool = False  # with ``when``: stays on once the condition has held
 
     @property
     def selector(self) -> Selector:
@@ -99,6 +135,15 @@ class SteeringSpec:
             seen[key] = j
             if iv.positions is not None:
                 iv.positions.validate(f"{field}.positions", vocab_size)
+            if iv.when is not None:
+                iv.when.validate(f"{field}.when", saes)
+                if iv.when.sae != iv.sae:
+                    raise InvalidRequestError(
+                        f"{field}.when.sae",
+                        f"a condition reads a feature of the edit's own SAE ({iv.sae!r}); "
+                        f"got {iv.when.sae!r} (conditions on another hook are not supported)")
+            elif iv.latch:
+                raise InvalidRequestError(f"{field}.latch", "latch needs a condition (when)")
         rows: dict[str, int] = {}
         for iv in self.interventions:
             rows[iv.sae] = rows.get(iv.sae, 0) + iv.selector.max_windows
@@ -116,8 +161,17 @@ class SteeringSpec:
         rows = []
         for iv in self.interventions:
             value = 0.0 if iv.mode == Mode.ABLATE else float(iv.value)
-            rows.append([iv.sae, int(iv.feature), int(iv.mode), value, iv.selector.canonical()])
+            row = [iv.sae, int(iv.feature), int(iv.mode), value, iv.selector.canonical()]
+            if iv.when is not None:  # unconditional specs keep the salt they had before
+                row.append([*iv.when.canonical(), bool(iv.latch)])
+            rows.append(row)
         return sorted(rows)
+
+    @property
+    def latched(self) -> bool:
+        """Some edit latches: its request must compute every prompt position (no prefix
+        cache reads), or a latch could miss a position the cache skipped."""
+        return any(iv.when is not None and iv.latch for iv in self.interventions)
 
     @property
     def prompt_relative(self) -> bool:
@@ -150,6 +204,9 @@ class SteeringSpec:
         """The edits as ``RequestPayload.edits`` (ABLATE carries value 0)."""
         return tuple(
             EditPayload(sae_index[iv.sae], int(iv.feature), int(iv.mode),
-                        0.0 if iv.mode == Mode.ABLATE else float(iv.value), iv.selector)
+                        0.0 if iv.mode == Mode.ABLATE else float(iv.value), iv.selector,
+                        None if iv.when is None else CondPayload(
+                            int(iv.when.feature), int(iv.when.op), float(iv.when.threshold),
+                            bool(iv.latch)))
             for iv in self.interventions
         )

@@ -28,8 +28,18 @@ CONFIG_KEY = "sae_steering"  # key in VllmConfig.additional_config
 # --------------------------------------------------------------------------- request
 
 
+class CondPayload(msgspec.Struct, array_like=True, frozen=True):
+    """An edit's condition: feature of the edit's SAE, ``edits.Cond``, threshold, latch."""
+
+    feature: int
+    op: int
+    threshold: float
+    latch: bool = False
+
+
 class EditPayload(msgspec.Struct, array_like=True, frozen=True):
-    """One intervention: ``sae`` index, feature, ``ops.Mode``, value, position selector.
+    """One intervention: ``sae`` index, feature, ``ops.Mode``, value, position selector,
+    and an optional condition.
 
     The worker turns it into edit rows (``sae_runtime.edits``), one per window of the
     selector, once it knows the request's prompt length (``planner.compile_request``)."""
@@ -39,6 +49,7 @@ class EditPayload(msgspec.Struct, array_like=True, frozen=True):
     mode: int
     value: float
     positions: Selector = Selector()
+    when: CondPayload | None = None
 
 
 class ReadPayload(msgspec.Struct, array_like=True, frozen=True):
@@ -105,7 +116,9 @@ def worker_config(additional_config: Mapping | None) -> WorkerConfig | None:
 
 
 class ReadRecord(msgspec.Struct, frozen=True, omit_defaults=True):
-    """Reads of ``n`` consecutive positions from ``pos0`` of one request at one SAE.
+    """Reads of ``n`` consecutive positions from ``pos0`` of one request's read ``read``
+    (its index in ``RequestPayload.reads``; a request may read one SAE twice, e.g. its own
+    read and a guardrail's), at SAE ``sae``.
 
     Byte fields are little-endian arrays: ``idx`` int32 ``[n, k]`` and ``val`` float32
     ``[n, k]`` (top-k, value-descending), ``wv`` float32 ``[n, w]`` (the watch list, in
@@ -113,6 +126,7 @@ class ReadRecord(msgspec.Struct, frozen=True, omit_defaults=True):
     """
 
     rid: str
+    read: int
     sae: int
     pos0: int
     n: int

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sae_runtime.edits import edit_rows
+from sae_runtime.edits import NO_CONDITION, Cond, edit_rows
 from sae_runtime.payloads import ReadRecord, RequestPayload
 from sae_runtime.selectors import Selector
 from sae_runtime.tables import HookTables
@@ -48,6 +48,7 @@ from sae_runtime.tables import HookTables
 
 @dataclass(frozen=True)
 class ReadPlan:
+    index: int  # the read's index in the request's payload (its records are keyed by it)
     hook_id: int
     top_k: int
     watch: tuple[int, ...]
@@ -73,7 +74,8 @@ class RequestPlan:
     """One request's payload compiled for the planner (built once per request).
 
     ``edits[h]``: the request's edit rows at hook ``h``, one per window of each edit's
-    selector, in request order. A hook in ``token_rules`` has edits with token ids: its
+    selector, in request order. Latched rows (``latched[h]``) hold latch ids of the hook's
+    tables from the request's first scheduled step until ``release_latches``. A hook in ``token_rules`` has edits with token ids: its
     rows are resolved per step (``token_rules[h][i]`` is row i's condition, None = none).
     """
 
@@ -84,6 +86,9 @@ class RequestPlan:
     reads: tuple[ReadPlan, ...] = ()
     pooled: bool = False
     token_rules: dict[int, tuple[TokenRule | None, ...]] = field(default_factory=dict)
+    latched: dict[int, np.ndarray] = field(default_factory=dict)  # hook id -> latched row indices
+    latches: dict[int, np.ndarray] = field(default_factory=dict)  # hook id -> latch ids (mutable:
+    # filled when the request is first scheduled, given back by ``release_latches``)
 
     @property
     def empty(self) -> bool:
@@ -110,29 +115,36 @@ def compile_request(payload: RequestPayload | None, prompt_len: int) -> RequestP
     by_hook: dict[int, list] = {}
     for ed in payload.edits:
         by_hook.setdefault(ed.sae, []).append(ed)
-    edits, hulls, token_rules = {}, {}, {}
+    edits, hulls, token_rules, latched = {}, {}, {}, {}
     for hook_id, items in by_hook.items():
         rows, rules = [], []
         for ed in items:
+            w = ed.when
+            cond = (NO_CONDITION, Cond.NONE, 0.0, False) if w is None else (
+                w.feature, w.op, w.threshold, w.latch)
             for lo, hi in ed.positions.windows(prompt_len):
-                rows.append((ed.feature, ed.mode, ed.value, lo, hi))
+                rows.append((ed.feature, ed.mode, ed.value, lo, hi, *cond))
                 rules.append(_rule(ed.positions))
         if not rows:  # every selector here resolved to no position
             continue
         table = edit_rows(len(rows))
-        for j, name in enumerate(("feature", "mode", "value", "pos_lo", "pos_hi")):
+        for j, name in enumerate(("feature", "mode", "value", "pos_lo", "pos_hi",
+                                  "cond_feature", "cond_op", "cond_threshold")):
             table[name] = [r[j] for r in rows]
+        if any(r[8] for r in rows):  # latched rows get their latch ids when first scheduled
+            latched[hook_id] = np.array([j for j, r in enumerate(rows) if r[8]], dtype=np.int64)
         edits[hook_id] = table
         hulls[hook_id] = (int(table["pos_lo"].min()), int(table["pos_hi"].max()))
         if any(r is not None for r in rules):
             token_rules[hook_id] = tuple(rules)
     reads = []
-    for r in payload.reads:
+    for j, r in enumerate(payload.reads):
         wins = r.positions.windows(prompt_len)
         if wins:
-            reads.append(ReadPlan(r.sae, r.top_k, tuple(r.watch), wins[0][0], wins[-1][1], wins))
+            reads.append(ReadPlan(j, r.sae, r.top_k, tuple(r.watch), wins[0][0], wins[-1][1],
+                                  wins))
     return RequestPlan(payload.rid, prompt_len, edits, hulls, tuple(reads), payload.pooled,
-                       token_rules)
+                       token_rules, latched)
 
 
 @dataclass(frozen=True)
@@ -162,6 +174,7 @@ class ReadSegment:
     """Consecutive read rows of one request at one hook in this step."""
 
     rid: str
+    index: int  # the read's index in the request's payload
     hook_id: int
     top_k: int
     n_watch: int
@@ -244,6 +257,9 @@ def plan_step(hooks: Sequence[HookTables | None], step: StepDescription,
             a, b = _clip(sr.start, sr.end, sr.pos0, *plan.hulls[hook_id])
             if hook is None or b <= a:
                 continue
+            if hook_id in plan.latched and hook_id not in plan.latches:
+                ids = plan.latches[hook_id] = hook.alloc_latches(len(plan.latched[hook_id]))
+                rows["latch"][plan.latched[hook_id]] = ids
             if hook_id in plan.token_rules:
                 by_token.append((sr, hook_id, a, b))  # after the one-slot requests
             else:
@@ -255,7 +271,8 @@ def plan_step(hooks: Sequence[HookTables | None], step: StepDescription,
             a, b = _clip(sr.start, sr.end, sr.pos0, rp.pos_lo, rp.pos_hi)
             if hook is not None and b > a:
                 off = hook.add_read_rows(a, b, rp.top_k, rp.watch, plan.pooled)
-                segments.append(ReadSegment(plan.rid, rp.hook_id, rp.top_k, len(rp.watch), off,
+                segments.append(ReadSegment(plan.rid, rp.index, rp.hook_id, rp.top_k,
+                                            len(rp.watch), off,
                                             b - a, sr.pos0 + a - sr.start, plan.pooled))
     # Token-id selectors may need several slots per request; planned last, they can use
     # every slot the others left.
@@ -278,6 +295,15 @@ def plan_step(hooks: Sequence[HookTables | None], step: StepDescription,
     return segments
 
 
+def release_latches(hooks: Sequence[HookTables | None], plan: RequestPlan) -> None:
+    """Give a finished request's latch ids back to their hooks."""
+    for hook_id, ids in plan.latches.items():
+        hook = hooks[hook_id]
+        if hook is not None:
+            hook.free_latches(ids)
+    plan.latches.clear()
+
+
 def collect_reads(hooks: Sequence[HookTables | None], segments: Sequence[ReadSegment]) -> list[ReadRecord]:
     """This step's reads (after the forward) as side-channel records, one per segment."""
     records: list[ReadRecord] = []
@@ -295,7 +321,7 @@ def collect_reads(hooks: Sequence[HookTables | None], segments: Sequence[ReadSeg
             d = dense[sl].to(torch.float32)
             psum, pmax = d.sum(0).numpy().tobytes(), d.max(0).values.numpy().tobytes()
         records.append(ReadRecord(
-            rid=seg.rid, sae=seg.hook_id, pos0=seg.pos0, n=seg.n, k=k,
+            rid=seg.rid, read=seg.index, sae=seg.hook_id, pos0=seg.pos0, n=seg.n, k=k,
             idx=idx[sl, :k].to(torch.int32).numpy().tobytes(),
             val=vals[sl, :k].to(torch.float32).numpy().tobytes(),
             w=w, wv=watch[sl, :w].to(torch.float32).numpy().tobytes(), psum=psum, pmax=pmax))

@@ -13,12 +13,15 @@ budgets), so its address never changes. The edit layout (``sae_runtime.edits``):
 - ``slot_start / slot_len [max_slots]``: the contiguous run of edit rows slot s owns,
   ``[slot_start[s], slot_start[s] + slot_len[s])``, ``slot_len <= max_feats``;
 - ``edit_<column> [max_slots * max_feats]``: the edit rows, one column per field of the edit
-  record (``feature, mode, value, pos_lo, pos_hi, cond_feature, cond_threshold``); an edit
-  applies at a row of its slot iff ``pos_lo <= tok_pos < pos_hi``. The condition columns
-  are carried but not read by any kernel yet;
+  record (``sae_runtime.edits.EDIT_DTYPE``); an edit applies at a row of its slot iff
+  ``pos_lo <= tok_pos < pos_hi`` and its condition, if any, holds (``edits``);
+- ``latch_pos [max_latches + 1]``: persistent (never cleared by a step): the first position
+  where each latched edit's condition held, ``POS_INF`` until then. ``alloc_latches`` /
+  ``free_latches`` hand ids out per request (the planner);
 - ``rows / row_slot [max_tokens]``: the rows with a slot, compacted (the CPU path's index);
-- ``read_rows / read_slot [max_tokens]``, ``rslot_watch [max_slots, max_watch]``: rows that
-  read, their read slot, each read slot's watch list.
+- ``read_rows / read_slot [2 * max_tokens]``, ``rslot_watch [2 * max_slots, max_watch]``:
+  rows that read, their read slot, each read slot's watch list (a request may read one SAE
+  twice: its own read and its guardrails' hidden read).
 
 The host fills the tables through numpy views. On CPU the kernels read those same tensors.
 On another device (``staged``) the host tables live in pinned memory and ``upload`` copies
@@ -44,9 +47,23 @@ import numpy as np
 import torch
 
 from sae_runtime import ops
-from sae_runtime.edits import COLUMN_TORCH_DTYPES, EDIT_COLUMNS, NO_CONDITION, EditTables
+from sae_runtime.edits import (
+    COLUMN_FILL,
+    COLUMN_TORCH_DTYPES,
+    EDIT_COLUMNS,
+    POS_INF,
+    Cond,
+    EditTables,
+)
 from sae_runtime.kernels import backend_for, read_topk, row_edits, splice_compact, splice_fixed
 from sae_runtime.saes.base import SAE
+
+READS_PER_REQUEST = 2
+"""Read slots one request may use at one SAE per step: its own read and its guard read."""
+
+LATCH_HEADROOM = 4
+"""Latches per hook, as a multiple of the edit rows one step holds (requests held by the
+runner may outnumber those scheduled in one step)."""
 
 
 def _capturing(t: torch.Tensor) -> bool:
@@ -57,7 +74,8 @@ class HookTables:
     """Preallocated per-step tables of one hooked SAE (see the module docstring)."""
 
     def __init__(self, sae: SAE, max_tokens: int, max_slots: int, max_feats: int,
-                 max_watch: int = 0, *, staged: bool | None = None) -> None:
+                 max_watch: int = 0, *, staged: bool | None = None,
+                 max_latches: int | None = None) -> None:
         """``max_slots``: scheduled requests per step (one edit slot and one read slot
         each); ``max_feats``: edits one request may make at this hook."""
         dev = sae.W_enc.device
@@ -73,11 +91,11 @@ class HookTables:
             "row_slot": ((max_tokens,), torch.int64, 0),
             "slot_start": ((max_slots,), torch.int64, 0),
             "slot_len": ((max_slots,), torch.int64, 0),
-            **{f"edit_{c}": ((max_edits,), COLUMN_TORCH_DTYPES[c],
-                             NO_CONDITION if c == "cond_feature" else 0) for c in EDIT_COLUMNS},
-            "read_rows": ((max_tokens,), torch.int64, 0),
-            "read_slot": ((max_tokens,), torch.int64, 0),
-            "rslot_watch": ((max_slots, max(max_watch, 1)), torch.int64, 0),
+            **{f"edit_{c}": ((max_edits,), COLUMN_TORCH_DTYPES[c], COLUMN_FILL.get(c, 0))
+               for c in EDIT_COLUMNS},
+            "read_rows": ((READS_PER_REQUEST * max_tokens,), torch.int64, 0),
+            "read_slot": ((READS_PER_REQUEST * max_tokens,), torch.int64, 0),
+            "rslot_watch": ((READS_PER_REQUEST * max_slots, max(max_watch, 1)), torch.int64, 0),
         }
         pin = dev.type == "cuda"
         self.host = {n: torch.full(s, f, dtype=dt, pin_memory=pin) for n, (s, dt, f) in shapes.items()}
@@ -88,12 +106,18 @@ class HookTables:
             self.dev = self.host
         for n, t in self.dev.items():  # the kernels read the device tables
             setattr(self, n, t)
+        # Latches outlive a step, so only the device holds them (the op lowers them).
+        self.max_latches = max_latches if max_latches is not None else LATCH_HEADROOM * max_edits
+        self.latch_pos = torch.full((self.max_latches + 1,), POS_INF, dtype=torch.int64, device=dev)
+        self._free_latches = list(range(self.max_latches - 1, -1, -1))
         self.edits = EditTables.build(
             self.dev["tok_slot"], self.dev["tok_pos"], self.dev["slot_start"],
-            self.dev["slot_len"], {c: self.dev[f"edit_{c}"] for c in EDIT_COLUMNS}, max_feats)
+            self.dev["slot_len"], {c: self.dev[f"edit_{c}"] for c in EDIT_COLUMNS}, max_feats,
+            self.latch_pos)
         self.n_rows = 0
         self.n_slots = 0
         self.n_edits = 0
+        self.n_cond = 0  # conditional edit rows this step
         self.n_read = 0
         self.n_rslots = 0
         self.read_k = 0  # largest top_k asked this step
@@ -111,7 +135,7 @@ class HookTables:
         self._wait_upload()
         if self._dirty_until:
             self._np["tok_slot"][: self._dirty_until] = -1
-        self.n_rows = self.n_slots = self.n_edits = self._dirty_until = 0
+        self.n_rows = self.n_slots = self.n_edits = self.n_cond = self._dirty_until = 0
         self.n_read = self.n_rslots = self.read_k = self.read_w = 0
         self.read_pooled = False
         self.read_out = None
@@ -150,8 +174,22 @@ class HookTables:
         t["rows"][r : r + b - a] = np.arange(a, b)
         t["row_slot"][r : r + b - a] = s
         self.n_rows, self.n_slots, self.n_edits = r + b - a, s + 1, e + n
+        self.n_cond += int(np.count_nonzero(edits["cond_op"] != Cond.NONE))
         self._dirty_until = max(self._dirty_until, b)
         return s
+
+    def alloc_latches(self, n: int) -> np.ndarray:
+        """``n`` latch ids, reset to "not yet held" (``POS_INF``); raises when none are left."""
+        if n > len(self._free_latches):
+            raise RuntimeError(
+                f"out of latches: {self.max_latches} are in use by the requests held (each "
+                "latched edit row holds one for its request's lifetime)")
+        ids = np.array([self._free_latches.pop() for _ in range(n)], dtype=np.int64)
+        self.latch_pos[torch.from_numpy(ids).to(self.latch_pos.device)] = POS_INF
+        return ids
+
+    def free_latches(self, ids) -> None:
+        self._free_latches.extend(int(i) for i in ids)
 
     def upload(self) -> None:
         """Copy the prefixes this step filled to the device mirrors (no-op unless staged).
@@ -205,8 +243,9 @@ class HookTables:
             return h.clone()
         if backend == "compact" and not capturing:
             return splice_compact(h, resid, self.sae, self.rows[:n], self.row_slot[:n],
-                                  self.edits)
-        return splice_fixed(h, resid, self.sae, self.edits)
+                                  self.edits, conditions=self.n_cond > 0)
+        # A capture freezes the choice: a captured graph always evaluates conditions.
+        return splice_fixed(h, resid, self.sae, self.edits, conditions=capturing or self.n_cond > 0)
 
     def _read(self, resid: torch.Tensor) -> None:
         """Latents of the reading rows, edited as their request edits them (ops.read_latents).
@@ -219,8 +258,9 @@ class HookTables:
         n = self.n_read
         rows = self.read_rows[:n]
         # [n, K] each reading row's edits at this SAE (windows applied; none: Mode.NONE)
-        feat, mode, val = row_edits(self.edits, self.tok_slot[rows], self.tok_pos[rows])
         x = resid[rows].to(self.sae.W_enc.dtype)
+        cond = (lambda cols: ops.feature_activations(self.sae, x, cols)) if self.n_cond else None
+        feat, mode, val = row_edits(self.edits, self.tok_slot[rows], self.tok_pos[rows], cond)
         watch_idx = self.rslot_watch[self.read_slot[:n], : self.read_w]
         k = self.read_k
         if not self.read_pooled:

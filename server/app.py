@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from sae_runtime.errors import SAEFormatError, UnsupportedModelError
 from sae_runtime.features import FeatureLabels, load_beside
+from sae_runtime.guardrails import MAX_GUARDRAILS
 from sae_runtime.hw import LOW_PRECISION, cpu_info
 from sae_runtime.loading import load_sae_config
 from sae_runtime.saes.base import SAEConfig
@@ -117,7 +118,7 @@ def start_engine(cfg: ServerConfig, reads_addr: str | None) -> Any:
         model=cfg.model,
         saes=[{"id": s.id, "path": str(s.path), "hook_name": s.hook_name} for s in cfg.saes],
         max_interventions=cfg.max_interventions,
-        max_watch=cfg.max_watch,
+        max_watch=max(cfg.max_watch, MAX_GUARDRAILS),  # a guard read watches <= MAX_GUARDRAILS
         sae_dtype=cfg.sae_dtype,
         reads_addr=reads_addr,
         dtype=cfg.dtype,

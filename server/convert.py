@@ -10,17 +10,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sae_runtime import features as feats
+from sae_runtime.edits import Cond
 from sae_runtime.errors import (
     InvalidRequestError,
     NoChatTemplateError,
     NotLabelledError,
     UnknownSAEError,
 )
-from sae_runtime.interventions import Intervention, Scope, SteeringSpec
+from sae_runtime.guardrails import MAX_GUARDRAILS, Guardrail, GuardSpec
+from sae_runtime.interventions import Condition, Intervention, Scope, SteeringSpec
 from sae_runtime.ops import Mode
 from sae_runtime.reads import Read, ReadScope, ReadSpec
 from sae_runtime.saes.base import SAEConfig
-from sae_runtime.selectors import Frame, Range, Selector
+from sae_runtime.selectors import GENERATION, Frame, Range, Selector
 from steering.v1 import steering_pb2 as pb
 
 DEFAULT_MAX_TOKENS = 16
@@ -59,6 +61,7 @@ class GenerateInputs:
     prompt_messages: tuple[tuple[str, str], ...] | None = None  # (role, content) pairs
     logprobs: int | None = None  # top-n alternatives per generated token; None = no logprobs
     prompt_logprobs: int | None = None  # top-n per prompt position; None = none
+    guards: GuardSpec = GuardSpec()
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ class Limits:
     max_prompt_tokens: int | None = None  # None: the model length - 1
     max_new_tokens: int | None = None  # None: whatever the model length allows
     max_logprobs: int = DEFAULT_MAX_LOGPROBS
+    max_guardrails: int = MAX_GUARDRAILS
 
 
 def _finite(field: str, v: float) -> float:
@@ -136,13 +140,15 @@ def generate_inputs_from_pb(
     spec = spec_from_pb(req.interventions)
     spec.validate(saes, limits.max_interventions, vocab_size)
     reads = reads_from_pb(req.reads, saes=saes, limits=limits)
+    guards = guards_from_pb(req.abort_when)
+    guards.validate(saes, max_guardrails=limits.max_guardrails, vocab_size=vocab_size)
     return GenerateInputs(
         prompt_text=prompt.text, prompt_ids=prompt.ids, prompt_messages=prompt.messages,
         max_tokens=max_tokens, temperature=temperature,
         top_p=top_p, top_k=top_k, seed=s.seed if s.HasField("seed") else None,
         stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos,
         spec=spec, request_id=req.request_id, reads=reads, logprobs=logprobs,
-        prompt_logprobs=prompt_logprobs,
+        prompt_logprobs=prompt_logprobs, guards=guards,
     )
 
 
@@ -286,9 +292,33 @@ def spec_from_pb(items) -> SteeringSpec:
                 raise InvalidRequestError(f"interventions[{j}].positions",
                                           "set scope or positions, not both")
             positions = selector_from_pb(iv.positions, f"interventions[{j}].positions")
+        when = condition_from_pb(iv.when, f"interventions[{j}].when") if iv.HasField("when") else None
         out.append(Intervention(iv.sae, iv.feature, Mode(iv.mode), float(iv.value), Scope(scope),
-                                positions))
+                                positions, when, bool(iv.latch)))
     return SteeringSpec(tuple(out))
+
+
+def condition_from_pb(c: pb.FeatureCondition, field: str) -> Condition:
+    """A FeatureCondition; range checks happen in ``Condition.validate``."""
+    if c.op == pb.COMPARISON_UNSPECIFIED:
+        raise InvalidRequestError(f"{field}.op", "must be set (GT or LT)")
+    if c.op not in (x.value for x in Cond if x != Cond.NONE):
+        raise InvalidRequestError(f"{field}.op", f"unknown comparison {c.op}")
+    return Condition(c.sae, int(c.feature), Cond(c.op), float(c.threshold))
+
+
+def guards_from_pb(items) -> GuardSpec:
+    """GenerateRequest.abort_when; validated by ``GuardSpec.validate``."""
+    out = []
+    for j, g in enumerate(items):
+        field = f"abort_when[{j}]"
+        if not g.HasField("condition"):
+            raise InvalidRequestError(f"{field}.condition", "must be set")
+        cond = condition_from_pb(g.condition, f"{field}.condition")
+        pos = (selector_from_pb(g.positions, f"{field}.positions") if g.HasField("positions")
+               else GENERATION)
+        out.append(Guardrail(cond, pos))
+    return GuardSpec(tuple(out))
 
 
 def check_lengths(prompt_len: int, max_tokens: int, max_model_len: int,

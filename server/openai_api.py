@@ -5,7 +5,7 @@
 through the servicer's own ``prepare_generate`` / ``generate_stream``: validation, caps,
 tokenization, chat rendering, reads, logprobs and metrics are the gRPC path's, not copies.
 Our extras ride in the body (what the OpenAI SDK sends through ``extra_body``):
-``interventions``, ``reads``, ``top_k``, ``ignore_eos``, ``stop_token_ids``,
+``interventions`` (with ``when``/``latch``), ``reads``, ``abort_when``, ``top_k``, ``ignore_eos``, ``stop_token_ids``,
 ``prompt_logprobs``, ``return_token_ids`` and ``request_id``. Reads come back per chunk (or
 per choice when not streaming) as ``choices[0].features``.
 
@@ -58,7 +58,11 @@ _READ_SCOPES = {"all": pb.READ_SCOPE_ALL, "prompt": pb.READ_SCOPE_PROMPT,
 _FRAMES = {"absolute": pb.POSITION_FRAME_ABSOLUTE, "prompt": pb.POSITION_FRAME_PROMPT,
            "generation": pb.POSITION_FRAME_GENERATION}
 _FINISH = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop",
-           pb.FINISH_REASON_ABORT: "abort"}
+           pb.FINISH_REASON_ABORT: "abort",
+           # OpenAI's name for "content was cut by a filter"; ``guardrail`` says which
+           pb.FINISH_REASON_FEATURE: "content_filter"}
+_OPS = {">": pb.COMPARISON_GT, "gt": pb.COMPARISON_GT, "<": pb.COMPARISON_LT,
+        "lt": pb.COMPARISON_LT}
 U32 = 2**32
 
 
@@ -86,6 +90,21 @@ class PositionsBody(_Strict):
     exclude_token_ids: bool = False
 
 
+class ConditionBody(_Strict):
+    """The proto's FeatureCondition: ``{"sae": "s", "feature": 3, "op": ">", "threshold": 2}``."""
+
+    sae: str
+    feature: int = Field(ge=0, lt=U32)
+    op: Literal[">", "<", "gt", "lt"]
+    threshold: float
+
+
+class GuardrailBody(ConditionBody):
+    """One of ``abort_when``: a condition and, optionally, the positions it watches."""
+
+    positions: PositionsBody | None = None
+
+
 class InterventionBody(_Strict):
     """One of ``interventions``: the proto's Intervention with lower-case names."""
 
@@ -95,6 +114,8 @@ class InterventionBody(_Strict):
     value: float = 0.0
     scope: Literal["all", "generation_only"] | None = None  # None: "all", unless positions
     positions: PositionsBody | None = None
+    when: ConditionBody | None = None
+    latch: bool = False
 
 
 class ReadBody(_Strict):
@@ -145,6 +166,7 @@ class _Common(BaseModel):
     request_id: str = ""
     interventions: list[InterventionBody] = Field(default_factory=list)
     reads: list[ReadBody] = Field(default_factory=list)
+    abort_when: list[GuardrailBody] = Field(default_factory=list)
 
 
 class CompletionBody(_Common):
@@ -214,6 +236,15 @@ def _content(j: int, m: MessageBody) -> str:
     return "".join(parts)
 
 
+def _condition_pb(c: ConditionBody) -> pb.FeatureCondition:
+    return pb.FeatureCondition(sae=c.sae, feature=c.feature, op=_OPS[c.op], threshold=c.threshold)
+
+
+def _trip_json(t: pb.GuardrailTrip) -> dict:
+    return {"guardrail": t.guardrail, "sae": t.sae, "feature": t.feature,
+            "position": t.position, "value": t.value}
+
+
 def request_from_body(body: _Common) -> pb.GenerateRequest:
     """A GenerateRequest carrying everything the body asks for (validated later, in one place)."""
     _unsupported(body)
@@ -254,6 +285,13 @@ def request_from_body(body: _Common) -> pb.GenerateRequest:
             m.scope = _SCOPES[iv.scope]
         if iv.positions is not None:
             m.positions.CopyFrom(_positions_pb(iv.positions, f"interventions[{j}].positions"))
+        if iv.when is not None:
+            m.when.CopyFrom(_condition_pb(iv.when))
+        m.latch = iv.latch
+    for j, g in enumerate(body.abort_when):
+        guard = req.abort_when.add(condition=_condition_pb(g))
+        if g.positions is not None:
+            guard.positions.CopyFrom(_positions_pb(g.positions, f"abort_when[{j}].positions"))
     for j, r in enumerate(body.reads):
         for k, w in enumerate(r.watch):
             if not 0 <= w < U32:
@@ -388,6 +426,8 @@ class _Shaper:
         else:
             c["logprobs"] = None
         c["finish_reason"] = _FINISH.get(msg.finish_reason)
+        if msg.HasField("guardrail"):
+            c["guardrail"] = _trip_json(msg.guardrail)
         if self.body.return_token_ids:
             c["token_ids"] = list(msg.token_ids)
             if first and not self.chat:
@@ -428,6 +468,8 @@ class _Shaper:
         else:
             choice["logprobs"] = _completion_logprobs(entries, 0)[0]
         choice["finish_reason"] = _FINISH.get(last.finish_reason)
+        if last.HasField("guardrail"):
+            choice["guardrail"] = _trip_json(last.guardrail)
         if self.body.return_token_ids:
             choice["token_ids"] = [t for m in msgs for t in m.token_ids]
             if not self.chat:

@@ -40,7 +40,7 @@ class Pooled:
 
 
 class RequestReads:
-    """Reads of one request: position -> SAE index -> PositionRead."""
+    """Reads of one request: position -> read index (``ReadRecord.read``) -> PositionRead."""
 
     def __init__(self) -> None:
         self.by_pos: dict[int, dict[int, PositionRead]] = {}
@@ -49,7 +49,7 @@ class RequestReads:
         self.floor = 0  # positions below were sent and forgotten; late copies are ignored
 
     def add(self, rec: ReadRecord) -> None:
-        n, k, w, sae = rec.n, rec.k, rec.w, rec.sae
+        n, k, w, sae = rec.n, rec.k, rec.w, rec.read
         idx = np.frombuffer(rec.idx, dtype=np.int32).reshape(n, k)
         val = np.frombuffer(rec.val, dtype=np.float32).reshape(n, k)
         wv = np.frombuffer(rec.wv, dtype=np.float32).reshape(n, w)
@@ -76,7 +76,7 @@ class RequestReads:
         self.floor = max(self.floor, pos)
 
     def complete(self, positions: dict[int, set[int]]) -> bool:
-        """Every (position, SAE index) pair in ``positions`` has arrived."""
+        """Every (position, read index) pair in ``positions`` has arrived."""
         return all(saes <= self.by_pos.get(p, {}).keys() for p, saes in positions.items())
 
     async def wait_for(self, positions: dict[int, set[int]], timeout: float) -> bool:

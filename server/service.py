@@ -34,6 +34,7 @@ from sae_runtime.errors import (
     SteeringError,
 )
 from sae_runtime.features import FeatureLabels
+from sae_runtime.guardrails import GuardSpec
 from sae_runtime.interventions import SteeringSpec
 from sae_runtime.reads import Read, ReadScope, ReadSpec
 from sae_runtime.saes.base import SAEConfig
@@ -198,6 +199,12 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
             raise InvalidRequestError(f"{field}.{kind}", "tokenizes to zero tokens")
         return out
 
+    def _text_upto(self, generated: list[int], sent: str) -> str:
+        """The text of ``generated`` past what was already sent as ``sent`` (a guardrail
+        cut the engine's delta short, so its text is decoded here, as vLLM decodes it)."""
+        full = self.tokenizer.decode(generated, skip_special_tokens=True)
+        return full[len(sent):] if full.startswith(sent) else ""
+
     def _check_engine(self) -> None:
         if getattr(self.engine, "errored", False):
             raise EngineUnavailableError("the engine stopped; retry later")
@@ -325,7 +332,10 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
     async def _generate(self, inputs: convert.GenerateInputs, ids: list[int],
                         engine_id: str) -> AsyncIterator[pb.GenerateResponse]:
         shown_id = inputs.request_id or engine_id
-        reads = inputs.reads if inputs.reads.reads else None
+        guards = inputs.guards
+        # Guardrails ride as hidden reads after the request's own (``sae_runtime.guardrails``).
+        all_reads = inputs.reads.reads + guards.reads()
+        reads = ReadSpec(all_reads) if all_reads else None
         params = eng.make_sampling_params(
             max_tokens=inputs.max_tokens, temperature=inputs.temperature, top_p=inputs.top_p,
             top_k=inputs.top_k, seed=inputs.seed, stop=list(inputs.stop),
@@ -336,8 +346,14 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
         log.info("generate request_id=%s prompt_tokens=%d max_tokens=%d interventions=%d reads=%d",
                  shown_id, len(ids), inputs.max_tokens, len(inputs.spec.interventions),
                  len(inputs.reads.reads), extra={"request_id": shown_id})
+        if guards.guards and self.router is None:
+            raise InvalidRequestError("abort_when", "this server has no read channel")
         buf = self.router.register(engine_id) if reads and self.router else None
-        feed = _ReadFeed(buf, reads, ids, self.sae_index) if buf is not None else None
+        feed = (_ReadFeed(buf, reads.reads, ids, shown=len(inputs.reads.reads))
+                if buf is not None else None)
+        trip: pb.GuardrailTrip | None = None
+        sent_text = ""
+        n_kept = 0  # generated tokens sent so far (a trip keeps only those up to its position)
         self.metrics.interventions.inc(len(inputs.spec.interventions))
         t0 = time.perf_counter()
         t_first = None
@@ -347,30 +363,59 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
             position = len(ids)
             async for out in outs:
                 c = out.outputs[0]
-                if t_first is None and c.token_ids:
+                token_ids, text, lps = list(c.token_ids), c.text, c.logprobs
+                finished = out.finished
+                if feed is not None:
+                    feed.generated.extend(token_ids)
+                if guards.guards:
+                    # Every position before the newest token has been fed: check them first.
+                    fed = feed.fed()
+                    await feed.wait_complete(shown_id, fed)
+                    hit = feed.first_trip(guards, fed)
+                    if hit is not None:
+                        j, p, v = hit
+                        g = guards.guards[j].condition
+                        trip = pb.GuardrailTrip(guardrail=j, sae=g.sae, feature=g.feature,
+                                                position=p, value=v)
+                        keep = max(0, min(len(token_ids), p + 1 - position))
+                        token_ids, lps = token_ids[:keep], (lps[:keep] if lps else lps)
+                        text = self._text_upto(feed.generated[: n_kept + keep], sent_text)
+                        finished = True
+                    n_kept += len(token_ids)
+                    sent_text += text
+                if t_first is None and token_ids:
                     t_first = time.perf_counter()
                     self.metrics.ttft.observe(t_first - t0)
                 msg = pb.GenerateResponse(
-                    request_id=shown_id, token_ids=list(c.token_ids), text=c.text,
+                    request_id=shown_id, token_ids=token_ids, text=text,
                     first_position=position,
                 )
-                position += len(c.token_ids)
+                position += len(token_ids)
                 if first:
                     msg.prompt_token_ids.extend(ids)
                     first = False
-                if inputs.logprobs is not None and c.logprobs:
-                    msg.logprobs.extend(convert.logprobs_to_pb(c.logprobs, inputs.logprobs))
+                if inputs.logprobs is not None and lps:
+                    msg.logprobs.extend(convert.logprobs_to_pb(lps, inputs.logprobs))
                 if inputs.prompt_logprobs is not None and out.prompt_logprobs:
                     # vLLM's first entry (position 0) is None: it has no preceding context
                     msg.prompt_logprobs.extend(convert.logprobs_to_pb(
                         [d for d in out.prompt_logprobs if d is not None], inputs.prompt_logprobs))
                 if feed is not None:
-                    feed.generated.extend(c.token_ids)
-                    if out.finished:
-                        await feed.wait_complete(shown_id)
-                    msg.features.extend(feed.take(final=out.finished))
-                if out.finished:
+                    if trip is not None:  # reads up to the trip's position, none after it
+                        msg.features.extend(feed.take(final=True, fed=trip.position + 1))
+                    else:
+                        if finished:
+                            await feed.wait_complete(shown_id)
+                        msg.features.extend(feed.take(final=finished))
+                if trip is not None:
+                    msg.finish_reason = pb.FINISH_REASON_FEATURE
+                    msg.guardrail.CopyFrom(trip)
+                    log.info("request %s stopped by guardrail %d: %s[%d] = %.4g at position %d",
+                             shown_id, trip.guardrail, trip.sae, trip.feature, trip.value,
+                             trip.position, extra={"request_id": shown_id})
+                elif finished:
                     msg.finish_reason = convert.finish_reason_to_pb(c.finish_reason)
+                if finished:
                     msg.usage.CopyFrom(pb.Usage(
                         prompt_tokens=len(ids), completion_tokens=position - len(ids),
                         cached_prompt_tokens=out.num_cached_tokens or 0,
@@ -381,6 +426,8 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
                         self.metrics.tpot.observe((time.perf_counter() - t_first) / (n_gen - 1))
                 self.metrics.read_positions.inc(len({f.position for f in msg.features}))
                 yield msg
+                if trip is not None:
+                    break  # leaving the loop aborts the engine request (``finally``)
         finally:
             await outs.aclose()  # aborts the engine request if it has not finished
             if buf is not None:
@@ -433,11 +480,11 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
         try:
             async for _ in self._run(ids, params, SteeringSpec(), engine_id):
                 pass
-            feed = _ReadFeed(buf, reads, ids, self.sae_index)
+            feed = _ReadFeed(buf, reads.reads, ids)
             await feed.wait_complete(engine_id, fed=len(ids))
             result = pb.EncodeResult(token_ids=ids, features=feed.take(final=True, fed=len(ids)))
-            for r in reads.reads:
-                result.pooled.append(_pooled(buf, r, self.sae_index[r.sae], len(ids)))
+            for j, r in enumerate(reads.reads):
+                result.pooled.append(_pooled(buf, r, j, len(ids)))
             return result
         finally:
             self.router.unregister(engine_id)
@@ -486,6 +533,7 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
             max_watch=self.limits.max_watch,
             max_encode_inputs=self.limits.max_encode_inputs,
             max_logprobs=self.limits.max_logprobs,
+            max_guardrails=self.limits.max_guardrails,
             chat_template=self.has_chat_template,
             tensor_parallel_size=par.tensor_parallel_size,
             pipeline_parallel_size=par.pipeline_parallel_size,
@@ -578,17 +626,21 @@ class _ReadFeed:
     Position p's activation exists once token p has been fed to the model: prompt positions
     right away, generated position p one step after token p was sampled. The newest token
     has not been fed yet, so at any time positions < prompt_len + generated - 1 are fed.
+    Reads are keyed by their index in the request's read list; those from ``shown`` on are
+    hidden (guardrails' reads): waited for, checked, never sent.
     """
 
-    def __init__(self, buf: RequestReads, reads: ReadSpec, prompt: list[int],
-                 sae_index: Mapping[str, int]) -> None:
+    def __init__(self, buf: RequestReads, reads: tuple[Read, ...], prompt: list[int],
+                 shown: int | None = None) -> None:
         self.buf = buf
-        self.reads = [(r, sae_index[r.sae]) for r in reads.reads]
+        self.reads = list(enumerate(reads))  # (read index, read)
+        self.shown = len(reads) if shown is None else shown
         self.prompt = prompt
         self.generated: list[int] = []
         self.next_pos = 0  # positions below this have been sent
+        self.next_guard = 0  # positions below this have been checked against the guardrails
 
-    def _fed(self) -> int:
+    def fed(self) -> int:
         return len(self.prompt) + max(len(self.generated) - 1, 0)
 
     def _token(self, p: int) -> int:
@@ -596,46 +648,69 @@ class _ReadFeed:
         n = len(self.prompt)
         return self.prompt[p] if p < n else self.generated[p - n]
 
-    def _wanted(self, p: int) -> list[tuple[Read, int]]:
-        """The reads (and their SAE indices) whose selectors pick position ``p``."""
+    def _wanted(self, p: int) -> list[tuple[int, Read]]:
+        """The reads (with their indices) whose selectors pick position ``p``."""
         n, tok = len(self.prompt), self._token(p)
-        return [(r, i) for r, i in self.reads if r.covers(p, n, tok)]
+        return [(j, r) for j, r in self.reads if r.covers(p, n, tok)]
 
     def _expected(self, upto: int) -> dict[int, set[int]]:
         out = {}
         for p in range(self.next_pos, upto):
-            want = {i for _, i in self._wanted(p)}
+            want = {j for j, _ in self._wanted(p)}
             if want:
                 out[p] = want
         return out
 
     async def wait_complete(self, rid: str, fed: int | None = None) -> None:
-        upto = fed if fed is not None else self._fed()
+        upto = fed if fed is not None else self.fed()
         if not await self.buf.wait_for(self._expected(upto), READ_WAIT_S):
             log.error("request %s: feature reads incomplete after %.0fs", rid, READ_WAIT_S)
 
+    def first_trip(self, guards: GuardSpec, upto: int) -> tuple[int, int, float] | None:
+        """``(guardrail, position, value)`` of the first trip at the unchecked positions
+        below ``upto``, in position order (their reads have arrived: ``wait_complete``)."""
+        n = len(self.prompt)
+        hidden = [(j, r) for j, r in self.reads if j >= self.shown]
+        while self.next_guard < upto:
+            p = self.next_guard
+            have = self.buf.by_pos.get(p, {})
+
+            def value_of(sae: str, feature: int, p=p, have=have) -> float:
+                for j, r in hidden:
+                    if r.sae == sae and j in have and r.covers(p, n):
+                        return float(have[j].watch[r.watch.index(feature)])
+                return float("nan")  # not read here (a lost read): NaN never trips
+
+            hit = guards.first_trip(p, n, value_of)
+            if hit is not None:
+                return hit[0], p, hit[1]
+            self.next_guard += 1
+        return None
+
     def take(self, final: bool = False, fed: int | None = None) -> list[pb.FeatureActivations]:
         """Reads of consecutive positions that are complete, from the first unsent one."""
-        upto = fed if fed is not None else self._fed()
+        upto = fed if fed is not None else self.fed()
         out = []
         while self.next_pos < upto:
             p = self.next_pos
             have = self.buf.by_pos.get(p, {})
             wanted = self._wanted(p)
-            if any(i not in have for _, i in wanted) and not final:
+            if any(j not in have for j, _ in wanted) and not final:
                 break  # keep order: wait for this position
             tok = self._token(p)
-            out.extend(convert.feature_activations_pb(p, tok, r.sae, have[i])
-                       for r, i in wanted if i in have)
+            out.extend(convert.feature_activations_pb(p, tok, r.sae, have[j])
+                       for j, r in wanted if j in have and j < self.shown)
             self.next_pos += 1
-        self.buf.forget_below(self.next_pos)  # sent: a long stream keeps only what is unsent
+        # sent (and checked): a long stream keeps only what is unsent
+        self.buf.forget_below(min(self.next_pos, self.next_guard) if self.shown < len(self.reads)
+                              else self.next_pos)
         return out
 
 
-def _pooled(buf: RequestReads, read, sae_i: int, n_pos: int) -> pb.PooledActivations:
+def _pooled(buf: RequestReads, read, read_i: int, n_pos: int) -> pb.PooledActivations:
     """Watch list first, then the top_k features by max activation."""
     out = pb.PooledActivations(sae=read.sae)
-    p = buf.pooled.get(sae_i)
+    p = buf.pooled.get(read_i)
     if p is None:
         return out
     mean = p.total / max(n_pos, 1)

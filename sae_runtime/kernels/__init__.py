@@ -71,12 +71,13 @@ def backend_for(device: torch.device) -> str:
 
 
 def splice_fixed(h: torch.Tensor, resid: torch.Tensor, sae: SAE,
-                 tables: EditTables) -> torch.Tensor:
-    """The fixed-shape (graph-capture safe) splice: Triton on CUDA, else the reference."""
+                 tables: EditTables, conditions: bool = True) -> torch.Tensor:
+    """The fixed-shape (graph-capture safe) splice: Triton on CUDA, else the reference.
+    ``conditions``: the step may hold conditional edits (the reference always checks)."""
     if backend_for(h.device) == "triton":
         from sae_runtime.kernels.triton_splice import splice_triton
 
-        return splice_triton(h, resid, sae, tables)
+        return splice_triton(h, resid, sae, tables, conditions)
     return splice_reference(h, resid, sae, tables)
 
 

@@ -15,14 +15,20 @@ Splice semantics, for every token row t of ``h [T, d]`` (padding rows included):
         x = resid[t]                     # the true residual-stream value at the hook
         for e in slot_start[s] .. slot_start[s] + slot_len[s] - 1:
             if not pos_lo[e] <= p < pos_hi[e]: continue      # outside the edit's window
+            if cond_op[e] != NONE:                           # a conditional edit
+                ok = f_c(x) > thr[e] (GT) or < thr[e] (LT), c = cond_feature[e]
+                if latch[e] >= 0:
+                    if ok: latch_pos[latch[e]] = min(latch_pos[latch[e]], p)  # persistent
+                    ok = ok or p >= latch_pos[latch[e]]
+                if not ok: continue
             i, m, v = feature[e], mode[e], value[e]
             a = f_i(x)                   # the SAE's activation of feature i
             out[t] += (edited(m, v, a) - a) * W_dec[i] * c(x)
 
 ``c(x)`` is 1 unless the SAE normalises its input (``ops.encoder_input``'s scale): the edit
-is made in the SAE's feature space and mapped back to the stream's space. The condition
-columns (``cond_feature``, ``cond_threshold``) are reserved: every row has no condition
-today, and no kernel reads them.
+is made in the SAE's feature space and mapped back to the stream's space. Conditions are
+evaluated on the same ``x`` (``row_edits`` with ``cond_act``), and the latch update is the
+only write the splice makes besides its output: an in-place ``amin`` on the device.
 All shapes are fixed by the tables (each slot is read as ``width`` entries, the ones past
 ``slot_len`` masked), nothing reads back to the host, so the computation is safe to capture
 in a CUDA graph. Cost is O(T * K * d_in) plus, for TopK SAEs, O(T * d_in * d_sae).
@@ -30,23 +36,34 @@ in a CUDA graph. Cost is O(T * K * d_in) plus, for TopK SAEs, O(T * d_in * d_sae
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from sae_runtime import ops
-from sae_runtime.edits import EditTables
+from sae_runtime.edits import POS_INF, Cond, EditTables
 from sae_runtime.saes.base import SAE
+
+CondActivations = Callable[[torch.Tensor], torch.Tensor]
+"""``cols [R, K] -> activations [R, K]`` of the same R rows the edits are taken for."""
 
 
 def row_edits(
     tables: EditTables,
     slot: torch.Tensor,  # [R] int64 slot of each row, -1 = none
     pos: torch.Tensor,  # [R] int64 absolute position of each row
+    cond_act: CondActivations | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(feature, mode, value) [R, K]``: each row's slot's edits, ``K = tables.width``.
 
     An entry past the slot's length, outside the edit's position window, or of a row
-    without a slot has mode ``Mode.NONE`` (it contributes nothing). Fixed shapes, no host
-    reads: every kernel and the reads take a row's edits from here.
+    without a slot has mode ``Mode.NONE`` (it contributes nothing). So has a conditional
+    entry whose condition does not hold at the row (and whose latch is not set at or
+    before it); ``cond_act`` gives the activations the conditions compare (the caller's
+    rows, encoded as the SAE encodes them). Without ``cond_act`` every conditional entry
+    is off: the host passes it whenever a step holds one (``HookTables.n_cond``). Latches
+    are lowered in place (``EditTables.latch_pos``). Fixed shapes, no host reads: every
+    kernel and the reads take a row's edits from here.
     """
     k = torch.arange(tables.width, device=slot.device)  # [K]
     has = slot >= 0
@@ -55,8 +72,31 @@ def row_edits(
     e = torch.where(live, tables.slot_start[s][:, None] + k[None, :], 0)  # [R, K] edit rows
     p = pos[:, None]
     live = live & (tables.pos_lo[e] <= p) & (p < tables.pos_hi[e])
+    op = tables.cond_op[e]
+    if cond_act is None:
+        live = live & (op == Cond.NONE)
+    else:
+        live = live & ((op == Cond.NONE) | condition_on(tables, e, op, live, p, cond_act))
     mode = torch.where(live, tables.mode[e], torch.full_like(tables.mode[e], ops.Mode.NONE))
     return tables.feature[e], mode, tables.value[e]
+
+
+def condition_on(tables: EditTables, e: torch.Tensor, op: torch.Tensor, live: torch.Tensor,
+                 p: torch.Tensor, cond_act: CondActivations) -> torch.Tensor:
+    """``[R, K]``: where conditional entry ``e`` (inside its window: ``live``) is on at
+    position ``p``: its condition holds there, or its latch was set at or before ``p``.
+    Lowers the latches of entries whose condition holds (persistent, in place)."""
+    a = cond_act(tables.cond_feature[e].clamp(min=0)).to(torch.float32)
+    thr = tables.cond_threshold[e]
+    ok = torch.where(op == Cond.GT, a > thr, a < thr) & live & (op != Cond.NONE)
+    lid = tables.latch[e]
+    latched = lid >= 0
+    sink = tables.latch_pos.numel() - 1  # stays POS_INF: every other entry scatters POS_INF
+    hit = ok & latched
+    tables.latch_pos.scatter_reduce_(
+        0, torch.where(hit, lid, sink).flatten(),
+        torch.where(hit, p.expand_as(lid), POS_INF).flatten(), reduce="amin")
+    return ok | (latched & live & (p >= tables.latch_pos[lid.clamp(min=0)]))
 
 
 def splice_reference(
@@ -66,8 +106,9 @@ def splice_reference(
     tables: EditTables,
 ) -> torch.Tensor:
     T = h.shape[0]
-    feat, mode, val = row_edits(tables, tables.tok_slot[:T], tables.tok_pos[:T])  # [T, K]
     x = resid.to(sae.W_enc.dtype)
+    feat, mode, val = row_edits(tables, tables.tok_slot[:T], tables.tok_pos[:T],
+                                lambda cols: ops.feature_activations(sae, x, cols))  # [T, K]
     delta = ops.intervention_delta(sae, x, feat, mode, val)
     return h + delta.to(h.dtype)
 

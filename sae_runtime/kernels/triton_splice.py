@@ -59,7 +59,7 @@ import triton.language as tl
 
 from sae_runtime import ops
 from sae_runtime.edits import EditTables
-from sae_runtime.kernels.reference import splice_reference
+from sae_runtime.kernels.reference import row_edits, splice_reference
 from sae_runtime.kernels.triton_topk_read import ACT_RULES, _act_rule
 from sae_runtime.saes.base import SAE
 
@@ -118,11 +118,11 @@ def _threshold_rule(pre, feat, live, t, kth_ptr, stride_kth, rs_ptr, group,
 def _splice_kernel(
     h_ptr, xin_ptr, scale_ptr, out_ptr, tok_slot_ptr, tok_pos_ptr, start_ptr, len_ptr,
     feat_ptr, mode_ptr, val_ptr, lo_ptr, hi_ptr,
-    we_ptr, wd_ptr, b_ptr, thr_ptr, rs_ptr, bmag_ptr, rmag_ptr, pre_ptr, kth_ptr,
+    we_ptr, wd_ptr, b_ptr, thr_ptr, rs_ptr, bmag_ptr, rmag_ptr, pre_ptr, kth_ptr, on_ptr,
     D, K, group,
     stride_h, stride_x, stride_o,
     stride_we0, stride_we1, stride_wd0, stride_wd1, stride_p, stride_kth,
-    ACT: tl.constexpr, HAS_RS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    ACT: tl.constexpr, HAS_RS: tl.constexpr, HAS_SCALE: tl.constexpr, COND: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     t = tl.program_id(0)
@@ -142,6 +142,9 @@ def _splice_kernel(
     mode = tl.load(mode_ptr + e, mask=kmask, other=_NONE)
     val = tl.load(val_ptr + e, mask=kmask, other=0.0).to(tl.float32)
     live = kmask & (mode != _NONE)
+    if COND:  # conditions (and latches) decided in torch: on[t, k] = the entry applies
+        on = tl.load(on_ptr + t * K + kk, mask=kmask, other=0)
+        live = live & (on != 0)
     dt = we_ptr.dtype.element_ty
     if ACT >= 3:  # TopK family: the pre-activations membership was decided on
         row = t.to(tl.int64) * stride_p  # T * d_sae can pass 2**31
@@ -204,8 +207,15 @@ def splice_triton(
     resid: torch.Tensor,  # [T, d]
     sae: SAE,
     tables: EditTables,
+    conditions: bool = True,
 ) -> torch.Tensor:
-    """``h`` plus each token's edits; same contract as ``splice_reference``."""
+    """``h`` plus each token's edits; same contract as ``splice_reference``.
+
+    ``conditions``: the step may hold conditional edits (always inside a graph capture).
+    Their conditions and latches are decided in torch first (``reference.row_edits``,
+    fixed shapes: a ``[T, K]`` gathered encode of the condition features) and handed to the
+    kernel as an on/off mask; without them the kernel skips that pass.
+    """
     name = sae.cfg.architecture
     if name not in SPLICE_RULES:  # top-AFA (or an architecture the kernel does not know)
         return splice_reference(h, resid, sae, tables)
@@ -223,6 +233,12 @@ def splice_triton(
     if name in THRESHOLD_RULES:
         pre_full = xin @ sae.W_enc + sae.b_enc  # [T, d_sae], as ops.intervention_delta
         kth, group = _thresholds(sae, pre_full)
+    on = dummy
+    if conditions:
+        x = resid.to(sae.W_enc.dtype)
+        _, mode, _ = row_edits(tables, tables.tok_slot[:T], tables.tok_pos[:T],
+                               lambda cols: ops.feature_activations(sae, x, cols))
+        on = (mode != ops.Mode.NONE).to(torch.int8).contiguous()  # [T, K]
     _splice_kernel[(T,)](
         h, xin, scale_t, out, tables.tok_slot, tables.tok_pos, tables.slot_start,
         tables.slot_len, tables.feature, tables.mode, tables.value, tables.pos_lo,
@@ -232,11 +248,12 @@ def splice_triton(
         sae.rank_scale if sae.rank_scale is not None else dummy,
         sae.b_mag if sae.b_mag is not None else dummy,
         sae.r_mag if sae.r_mag is not None else dummy,
-        pre_full, kth,
+        pre_full, kth, on,
         D, K, group,
         h.stride(0), xin.stride(0), out.stride(0), *sae.W_enc.stride(), *sae.W_dec.stride(),
         pre_full.stride(0), kth.stride(0),
         ACT=SPLICE_RULES[name], HAS_RS=sae.rank_scale is not None, HAS_SCALE=scale is not None,
+        COND=conditions,
         BLOCK_K=triton.next_power_of_2(max(K, 1)), BLOCK_D=min(128, triton.next_power_of_2(D)),
     )
     return out

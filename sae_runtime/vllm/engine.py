@@ -116,7 +116,8 @@ def make_sampling_params(
 
     A request that reads prompt positions skips reading the prefix cache, so every prompt
     position is computed (and reported); it still writes the cache for others (vLLM does the
-    same for prompt logprobs). ``logprobs`` / ``prompt_logprobs``: top-n alternatives per
+    same for prompt logprobs). So does a request with a latched conditional edit: its latch
+    must see every prompt position. ``logprobs`` / ``prompt_logprobs``: top-n alternatives per
     generated / prompt token (vLLM's raw log-softmax), None for none.
     """
     rd = reads if reads is not None and reads.reads else None
@@ -138,5 +139,6 @@ def make_sampling_params(
         prompt_logprobs=prompt_logprobs,
         output_kind=compat.RequestOutputKind.DELTA,
         extra_args={EXTRA_ARGS_KEY: encode_request(payload)} if payload else None,
-        skip_reading_prefix_cache=True if reads is not None and reads.wants_prompt else None,
+        skip_reading_prefix_cache=True if (reads is not None and reads.wants_prompt)
+        or spec.latched else None,
     )

@@ -18,6 +18,8 @@ the tokens sampled by the previous step; a GPU adapter must take them from
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from sae_runtime.payloads import decode_request
 from sae_runtime.planner import (
     RequestPlan,
@@ -30,8 +32,10 @@ from sae_runtime.planner import (
 class RequestPlans:
     """Compiled payloads of the requests the runner holds, by vLLM request id."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_drop: Callable[[RequestPlan], None] | None = None) -> None:
+        """``on_drop(plan)``: called for each plan forgotten (its latches go back)."""
         self._plans: dict[str, RequestPlan] = {}
+        self._on_drop = on_drop
 
     def __len__(self) -> int:
         return len(self._plans)
@@ -48,7 +52,9 @@ class RequestPlans:
         """Forget requests not in ``live`` (finished or aborted: vLLM dropped them)."""
         if len(self._plans) > 0:
             for req_id in self._plans.keys() - live:
-                del self._plans[req_id]
+                plan = self._plans.pop(req_id)
+                if self._on_drop is not None:
+                    self._on_drop(plan)
 
 
 def describe_step(runner, plans: RequestPlans) -> StepDescription:

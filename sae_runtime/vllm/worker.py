@@ -35,7 +35,7 @@ from sae_runtime.errors import SAEFormatError, UnsupportedModelError
 from sae_runtime.hw import choose_sae_dtype
 from sae_runtime.loading import load_sae, load_sae_config
 from sae_runtime.payloads import worker_config
-from sae_runtime.planner import ReadSegment, collect_reads, plan_step
+from sae_runtime.planner import ReadSegment, collect_reads, plan_step, release_latches
 from sae_runtime.tables import HookTables
 from sae_runtime.vllm import compat
 from sae_runtime.vllm.cpu_rng import patch_cpu_seeded_rewind
@@ -57,7 +57,8 @@ class SteeringState:
     def __init__(self, hooks: list[HookTables | None], publisher: ReadPublisher | None) -> None:
         self.hooks = hooks  # indexed like the server's SAE list: hook id == SAE index
         self.publisher = publisher  # None: this rank does not publish reads
-        self.plans = RequestPlans()  # by vLLM request id, dropped when the request finishes
+        # by vLLM request id, dropped when the request finishes (its latches given back)
+        self.plans = RequestPlans(on_drop=lambda plan: release_latches(self.hooks, plan))
         self.segments: list[ReadSegment] = []
 
     def prepare_step(self, runner) -> None:

@@ -67,9 +67,7 @@ def edit_tables(tok_slot: torch.Tensor, feat: torch.Tensor, mode: torch.Tensor,
             "pos_lo": (torch.zeros(S * K, dtype=torch.int64, device=dev) if pos_lo is None
                        else pos_lo.reshape(-1).long()),
             "pos_hi": (torch.full((S * K,), POS_INF, dtype=torch.int64, device=dev)
-                       if pos_hi is None else pos_hi.reshape(-1).long()),
-            "cond_feature": torch.full((S * K,), -1, dtype=torch.int64, device=dev),
-            "cond_threshold": torch.zeros(S * K, dtype=torch.float32, device=dev)}
+                       if pos_hi is None else pos_hi.reshape(-1).long())}
     if tok_pos is None:
         tok_pos = torch.zeros_like(tok_slot)
     if slot_len is None:

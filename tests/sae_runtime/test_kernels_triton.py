@@ -218,3 +218,43 @@ def test_triton_read_rank_scaled_normalised(arch):
     want = read_reference(sae, x, feat, mode, val, 7, watch)
     got = triton_topk_read.read_triton(sae, x, feat, mode, val, 7, watch)
     assert_reads_match(got, want, ops.read_latents(sae, x, feat, mode, val), torch.float32)
+
+
+@pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu"])
+def test_triton_splice_conditional_and_latched(arch, monkeypatch):
+    """Conditional entries (GT / LT on another feature) and a latch: the kernel's on/off
+    mask equals the reference's decision, and both equal an unconditional splice where
+    every condition holds."""
+    from sae_runtime.edits import POS_INF, Cond
+
+    no_splice_fallback(monkeypatch)
+    sae = random_sae(arch, 40, 96, seed=4)
+    T, S, K = 23, 3, 4
+    tok_slot = torch.randint(-1, S, (T,))
+    feat = torch.randint(0, 96, (S, K))
+    mode = torch.randint(1, 5, (S, K), dtype=torch.int32)
+    val = torch.randn(S, K) * 3
+    h = torch.randn(T, 40)
+    resid = h + torch.randn(T, 40)
+    acts = ops.encode(sae, resid)
+    cond_f = torch.randint(0, 96, (S * K,))
+    thr = acts[:, cond_f].median(dim=0).values  # each condition splits the rows
+    op = torch.randint(0, 3, (S * K,), dtype=torch.int32)  # NONE, GT, LT
+    latch = torch.where(torch.arange(S * K) % 3 == 0, torch.arange(S * K), -1)
+
+    def tables(latch_col):
+        t = edit_tables(tok_slot, feat, mode, val, tok_pos=torch.arange(T))
+        return dataclasses.replace(
+            t, cond_feature=cond_f, cond_op=op, cond_threshold=thr.float(), latch=latch_col,
+            latch_pos=torch.full((S * K + 1,), POS_INF, dtype=torch.int64))
+
+    for latch_col in (torch.full((S * K,), -1), latch):
+        a, b = tables(latch_col), tables(latch_col)
+        got = triton_splice.splice_triton(h, resid, sae, a, conditions=True)
+        want = splice_reference(h, resid, sae, b)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert torch.equal(a.latch_pos, b.latch_pos)
+    assert (op != Cond.NONE).any() and (a.latch_pos[:-1] < POS_INF).any()
+    plain = splice_reference(h, resid, sae, edit_tables(tok_slot, feat, mode, val,
+                                                        tok_pos=torch.arange(T)))
+    assert not torch.allclose(got, plain)  # the conditions switched some entries off

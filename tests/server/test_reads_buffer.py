@@ -19,7 +19,7 @@ def rec(pos0, n, k=2, sae=0, base=0.0, pooled=False):
     if pooled:
         pool = {"psum": np.full(4, float(n), dtype=np.float32).tobytes(),
                 "pmax": np.full(4, base, dtype=np.float32).tobytes()}
-    return ReadRecord(rid="r", sae=sae, pos0=pos0, n=n, k=k, idx=idx.tobytes(),
+    return ReadRecord(rid="r", read=sae, sae=sae, pos0=pos0, n=n, k=k, idx=idx.tobytes(),
                       val=val.tobytes(), w=1, wv=val[:, :1].copy().tobytes(), **pool)
 
 
@@ -40,7 +40,7 @@ def test_feed_hands_out_each_position_once_in_order_and_skips_unfed():
     async def go():
         b = RequestReads()
         spec = ReadSpec((Read("a", 2, (), ReadScope.ALL),))
-        feed = _ReadFeed(b, spec, prompt=[7, 8, 9], sae_index={"a": 0})
+        feed = _ReadFeed(b, spec.reads, prompt=[7, 8, 9])
         b.add(rec(0, 2))
         assert [f.position for f in feed.take()] == [0, 1]
         b.add(rec(3, 1))  # position 2 missing: 3 must wait to keep order
@@ -60,7 +60,7 @@ def test_feed_keeps_only_positions_whose_token_the_read_selects():
         b = RequestReads()
         # Report positions consuming token 8 or 11 (prompt and generated alike).
         spec = ReadSpec((Read("a", 2, (), ReadScope.ALL, Selector(token_ids=(8, 11))),))
-        feed = _ReadFeed(b, spec, prompt=[7, 8, 9], sae_index={"a": 0})
+        feed = _ReadFeed(b, spec.reads, prompt=[7, 8, 9])
         feed.generated = [11, 12, 13]  # positions 3, 4 fed; 5 not yet
         b.add(rec(0, 5))  # the worker reads the whole window
         out = feed.take()
@@ -70,7 +70,7 @@ def test_feed_keeps_only_positions_whose_token_the_read_selects():
                               Selector(token_ids=(8, 11), exclude_token_ids=True)),))
         b2 = RequestReads()
         b2.add(rec(0, 5))
-        feed2 = _ReadFeed(b2, excl, prompt=[7, 8, 9], sae_index={"a": 0})
+        feed2 = _ReadFeed(b2, excl.reads, prompt=[7, 8, 9])
         feed2.generated = [11, 12, 13]
         assert [f.position for f in feed2.take()] == [0, 2, 4]
     asyncio.run(go())

@@ -161,8 +161,7 @@ def test_read_buffer_forgets_sent_positions_and_ignores_late_copies():
 
     async def go():
         b = RequestReads()
-        feed = _ReadFeed(b, ReadSpec((Read("a", 2, (), ReadScope.ALL),)), prompt=[7, 8, 9],
-                         sae_index={"a": 0})
+        feed = _ReadFeed(b, ReadSpec((Read("a", 2, (), ReadScope.ALL),)).reads, prompt=[7, 8, 9])
         b.add(rec(0, 3))
         assert [f.position for f in feed.take()] == [0, 1, 2] and b.by_pos == {}
         b.add(rec(1, 3, base=50.0))  # a recomputed chunk straddling the sent positions
