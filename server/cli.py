@@ -44,11 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Start the engine and serve steering.v1.SteeringService.")
     _add_config_options(serve)
     serve.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    from server import labels_cli
+
+    labels_cli.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "labels":
+        from server import labels_cli
+
+        return labels_cli.main(args)
     logging.basicConfig(level=args.log_level.upper(), handlers=[logs.handler(args.log_format)])
     values = {k: v for k, v in vars(args).items() if k in ServerConfig.model_fields}
     try:

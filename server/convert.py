@@ -365,6 +365,9 @@ def feature_to_pb(f: feats.Feature) -> pb.Feature:
         site_norm=f.site_norm, steer_value=f.steer_value, steer_success=f.steer_success,
         examples=[pb.FeatureExample(context=e.context, token=e.token, activation=e.activation)
                   for e in f.examples],
+        promoted=[pb.TokenLogit(token=t.token, token_id=t.token_id, logit=t.logit) for t in f.promoted],
+        suppressed=[pb.TokenLogit(token=t.token, token_id=t.token_id, logit=t.logit) for t in f.suppressed],
+        logit_effects_unavailable=f.logit_effects_unavailable,
     )
 
 
@@ -380,12 +383,26 @@ def _labels_of(sae: str, field: str, saes: Mapping[str, SAEConfig],
 
 
 def get_feature(req: pb.GetFeatureRequest, saes: Mapping[str, SAEConfig],
-                labels: Mapping[str, feats.FeatureLabels]) -> feats.Feature:
-    lab = _labels_of(req.sae, "sae", saes, labels)
-    if req.index >= lab.d_sae:
+                labels: Mapping[str, feats.FeatureLabels], effects=None) -> feats.Feature:
+    """The feature's record: its labels when its SAE has a labels file (else an empty label),
+    with logit effects from the file or, where the file has none, from ``effects(sae, index)
+    -> sae_runtime.logit_effects.Effects`` (None: none asked). Blocking when ``effects`` loads
+    weights: call it off the event loop."""
+    from dataclasses import replace
+
+    if req.sae not in saes:
+        raise UnknownSAEError("sae", req.sae, list(saes))
+    d_sae = saes[req.sae].d_sae
+    if req.index >= d_sae:
         raise InvalidRequestError("index", f"{req.index} is out of range: SAE {req.sae!r} has "
-                                  f"{lab.d_sae} features (0..{lab.d_sae - 1})")
-    return lab.get(req.index)
+                                  f"{d_sae} features (0..{d_sae - 1})")
+    lab = labels.get(req.sae)
+    f = lab.get(req.index) if lab is not None else feats.Feature(req.sae, req.index, "")
+    if effects is not None and not (f.promoted or f.suppressed):
+        e = effects(req.sae, req.index)
+        f = replace(f, promoted=e.promoted, suppressed=e.suppressed,
+                    logit_effects_unavailable=e.unavailable)
+    return f
 
 
 def search_features(req: pb.SearchFeaturesRequest, saes: Mapping[str, SAEConfig],

@@ -500,7 +500,13 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
     @_accounted("GetFeature")
     async def GetFeature(self, request: pb.GetFeatureRequest, context) -> pb.Feature:
         try:
-            return convert.feature_to_pb(convert.get_feature(request, self.saes, self.labels))
+            # Logit effects read the model's unembedding and the SAE's decoder on first use
+            # (sae_runtime.logit_effects): blocking, so off the event loop.
+            from sae_runtime import logit_effects
+
+            effects = logit_effects.for_engine(self.model, self.engine, self.saes, self.tokenizer)
+            return convert.feature_to_pb(await asyncio.to_thread(
+                convert.get_feature, request, self.saes, self.labels, effects.get))
         except SteeringError as e:
             await abort_with(context, e)
             return pb.Feature()
