@@ -14,9 +14,11 @@ and the reported rows are described in loadtests/README.md.
 from __future__ import annotations
 
 import random
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TextIO
 
 import gevent
 from locust import events, task
@@ -26,8 +28,10 @@ from steering.v1 import steering_pb2_grpc as pb_grpc
 
 try:
     from loadtests.grpc_user import GrpcUser, ResponseCheckError, StreamResult
+    from loadtests.read_sequence import read_sequence_errors
 except ModuleNotFoundError:  # locust -f locustfile.py run from inside loadtests/
     from grpc_user import GrpcUser, ResponseCheckError, StreamResult
+    from read_sequence import read_sequence_errors
 
 KINDS = ("plain", "steered", "reading", "long", "cancel", "encode")
 DEFAULT_WEIGHTS = {"plain": 4, "steered": 4, "reading": 2, "long": 1, "cancel": 1, "encode": 1}
@@ -85,6 +89,9 @@ def _add_arguments(parser) -> None:
                         env_var="LOCUST_STOP_AT_EOS",
                         help="let generations stop at EOS (default: ignore_eos, so every "
                              "generation yields exactly the tokens it asked for)")
+    parser.add_argument("--tpot-log", default="", env_var="LOCUST_TPOT_LOG",
+                        help="append 'unix_time tpot_ms' per finished stream to this file "
+                             "(loadtests/soak.py reads it for per-interval p99 TPOT)")
     parser.add_argument("--metrics-per-task", action="store_true", default=False,
                         env_var="LOCUST_METRICS_PER_TASK",
                         help="also report TTFT/TPOT/tokens/s per task kind ('TTFT steered', ...)")
@@ -108,6 +115,7 @@ class Options:
     rpc_timeout: float
     ignore_eos: bool
     metrics_per_task: bool
+    tpot_log: str = ""
 
     @classmethod
     def from_parsed(cls, o) -> Options:
@@ -135,7 +143,18 @@ class Options:
             rpc_timeout=get("rpc_timeout", 300.0),
             ignore_eos=not get("stop_at_eos", False),
             metrics_per_task=bool(get("metrics_per_task", False)),
+            tpot_log=get("tpot_log", "") or "",
         )
+
+
+_LOG_FILES: dict[str, TextIO] = {}
+
+
+def _log_file(path: str) -> TextIO:
+    """One line-buffered append handle per path for the whole Locust process."""
+    if path not in _LOG_FILES:
+        _LOG_FILES[path] = open(path, "a", buffering=1)  # noqa: SIM115 - closed at exit
+    return _LOG_FILES[path]
 
 
 def _choice(rng: random.Random, weighted: dict):
@@ -320,6 +339,8 @@ class SteeringUser(GrpcUser):
         values = [("TTFT", r.ttft_ms, 0), ("TPOT", r.tpot_ms, r.tokens)]
         if not (r.cancelled or r.finished_before_cancel):
             values.append(("tokens/s", r.tokens_per_s, r.tokens))  # whole streams only
+        if self.opts.tpot_log and r.tpot_ms is not None:
+            _log_file(self.opts.tpot_log).write(f"{time.time():.3f} {r.tpot_ms:.3f}\n")
         for name, value, length in values:
             self.client.metric(name, value, length)
             if self.opts.metrics_per_task:
@@ -389,32 +410,25 @@ def check_complete(req: pb.GenerateRequest, r: StreamResult, ignore_eos: bool) -
 
 
 def check_reads(req: pb.GenerateRequest, r: StreamResult) -> None:
-    """Every position in each read's scope is reported exactly once, with the asked shape."""
-    prompt_len = len(r.messages[0].prompt_token_ids)
-    generated = range(prompt_len, prompt_len + r.tokens - 1)  # the last token has no read
-    seen: dict[str, list[int]] = {rd.sae: [] for rd in req.reads}
+    """Each read's positions arrive exactly once, in order, with their token ids and shape."""
     for msg in r.messages:
         for f in msg.features:
-            seen.setdefault(f.sae, []).append(f.position)
             rd = next((x for x in req.reads if x.sae == f.sae), None)
             if rd is None:
-                raise ResponseCheckError(f"features of SAE {f.sae!r}, which was not read")
+                continue  # read_sequence_errors names it
             if len(f.indices) != rd.top_k or len(f.values) != rd.top_k \
                     or len(f.watch_values) != len(rd.watch):
                 raise ResponseCheckError(f"{f.sae} position {f.position}: {len(f.indices)} "
                                          f"top-k / {len(f.watch_values)} watch values, asked "
                                          f"{rd.top_k} / {len(rd.watch)}")
-    for rd in req.reads:
-        want: list[int] = []
-        if rd.scope in (pb.READ_SCOPE_UNSPECIFIED, pb.READ_SCOPE_ALL, pb.READ_SCOPE_PROMPT):
-            want += range(prompt_len)
-        if rd.scope in (pb.READ_SCOPE_UNSPECIFIED, pb.READ_SCOPE_ALL, pb.READ_SCOPE_GENERATION):
-            want += generated
-        if seen[rd.sae] != want:
-            got = seen[rd.sae]
-            raise ResponseCheckError(f"read {rd.sae} ({pb.ReadScope.Name(rd.scope)}): "
-                                     f"{len(got)} positions reported, expected {len(want)} "
-                                     f"(prompt {prompt_len}, generated {r.tokens})")
+    generated = [t for msg in r.messages for t in msg.token_ids]
+    errors = read_sequence_errors(
+        [(rd.sae, None if rd.HasField("positions") else rd.scope) for rd in req.reads],
+        list(r.messages[0].prompt_token_ids), generated,
+        [(f.sae, f.position, f.token_id) for msg in r.messages for f in msg.features])
+    if errors:
+        more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise ResponseCheckError(errors[0] + more)
 
 
 def check_encode(req: pb.EncodeRequest, resp: pb.EncodeResponse) -> None:
