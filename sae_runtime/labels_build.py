@@ -16,8 +16,12 @@ activation is non-zero):
 - ``top_tokens``: tokens ranked by activation mass (the sum of the feature's activations
   over the token's occurrences), exact, from a sparse (feature, token) accumulator;
 - ``promoted`` / ``suppressed``: logit effects (``sae_runtime.logit_effects``);
-- ``label``: made from the top tokens and the promoted tokens, e.g. ``"whale, reef, ship →
-  sail"`` (no language model involved). Features that never fire go to ``dead_features``.
+- ``label``: made from the tokens the feature is most specific to and its promoted tokens,
+  e.g. ``"whale, reef, ship → sail"`` (no language model involved). Specific means the
+  highest mean activation per occurrence among tokens seen at least ``MIN_TOKEN_COUNT``
+  times (ranking by mass would name "the" and "." for every broad feature); the label falls
+  back to the top tokens by mass when no token is that frequent. Features that never fire
+  go to ``dead_features``.
 
 Resumable: the running statistics are checkpointed every ``checkpoint_every`` contexts to
 ``<out>.partial`` (one ``.npz``, written atomically); a rerun with the same model, SAE,
@@ -44,6 +48,7 @@ from sae_runtime import logit_effects as lfx
 from sae_runtime.errors import SAEFormatError, SteeringError
 
 FORMAT_VERSION = 1  # of the .partial checkpoint
+MIN_TOKEN_COUNT = 5  # occurrences a token needs to name a feature in its label
 
 
 class LabelsBuildError(SteeringError):
@@ -95,14 +100,15 @@ class _Stats:
     ex_loc: torch.Tensor  # [N, d_sae] int64: context * (context + 1) + position
     mass_key: torch.Tensor  # [M] int64, sorted: feature * vocab + token
     mass_val: torch.Tensor  # [M] float64
+    tok_count: torch.Tensor  # [vocab] int64: occurrences of each token
 
     @classmethod
-    def empty(cls, d_sae: int, n: int) -> _Stats:
+    def empty(cls, d_sae: int, n: int, vocab: int) -> _Stats:
         return cls(0, 0, 0.0, torch.zeros(d_sae, dtype=torch.int64),
                    torch.zeros(d_sae, dtype=torch.float64),
                    torch.full((d_sae,), -torch.inf), torch.full((n, d_sae), -torch.inf),
                    torch.zeros((n, d_sae), dtype=torch.int64), torch.zeros(0, dtype=torch.int64),
-                   torch.zeros(0, dtype=torch.float64))
+                   torch.zeros(0, dtype=torch.float64), torch.zeros(vocab, dtype=torch.int64))
 
     def save(self, path: Path, identity: dict) -> None:
         buf = io.BytesIO()
@@ -110,7 +116,7 @@ class _Stats:
                  counters=np.array([self.contexts_done, self.n_tokens], dtype=np.int64),
                  norm_sum=np.array(self.norm_sum, dtype=np.float64),
                  **{k: getattr(self, k).numpy() for k in (
-                     "fires", "act_sum", "act_max", "ex_val", "ex_loc", "mass_key", "mass_val")})
+                     "fires", "act_sum", "act_max", "ex_val", "ex_loc", "mass_key", "mass_val", "tok_count")})
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_bytes(buf.getvalue())
         os.replace(tmp, path)
@@ -121,7 +127,7 @@ class _Stats:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
                 data = {k: torch.from_numpy(z[k].copy()) for k in (
-                    "fires", "act_sum", "act_max", "ex_val", "ex_loc", "mass_key", "mass_val")}
+                    "fires", "act_sum", "act_max", "ex_val", "ex_loc", "mass_key", "mass_val", "tok_count")}
                 done, n_tokens = (int(v) for v in z["counters"])
                 norm_sum = float(z["norm_sum"])
         except (OSError, ValueError, KeyError) as e:
@@ -153,12 +159,12 @@ def tokenize_corpus(path: Path, tokenizer, limit: int) -> list[int]:
         for line in f:
             lines.append(line)
             if len(lines) == 256:
-                ids.extend(tokenizer("".join(lines), add_special_tokens=False)["input_ids"])
+                ids.extend(tokenizer("".join(lines), add_special_tokens=False, verbose=False)["input_ids"])
                 lines = []
                 if len(ids) >= limit:
                     break
     if lines and len(ids) < limit:
-        ids.extend(tokenizer("".join(lines), add_special_tokens=False)["input_ids"])
+        ids.extend(tokenizer("".join(lines), add_special_tokens=False, verbose=False)["input_ids"])
     return ids[:limit]
 
 
@@ -214,7 +220,7 @@ def build(cfg: BuildConfig, *, restart: bool = False, progress: bool = True,
     part.parent.mkdir(parents=True, exist_ok=True)
     if restart and part.exists():
         part.unlink()
-    st = _Stats.load(part, identity) if part.exists() else _Stats.empty(d_sae, cfg.n_examples)
+    st = _Stats.load(part, identity) if part.exists() else _Stats.empty(d_sae, cfg.n_examples, vocab)
     every = -(-cfg.checkpoint_every // cfg.batch) * cfg.batch
     stride = cfg.context + 1  # ex_loc = context index * stride + position
 
@@ -290,6 +296,7 @@ def _update(st: _Stats, sae, encode, x: torch.Tensor, tok: torch.Tensor, loc: to
     st.act_max = torch.maximum(st.act_max, torch.where(on, acts, -torch.inf).amax(0))
     st.ex_val, st.ex_loc = keep_val, all_loc.gather(0, keep)
     st.mass_key, st.mass_val = mk, mass
+    st.tok_count += torch.bincount(tok, minlength=vocab)
     st.n_tokens += int(x.shape[0])
     st.norm_sum += float(x.norm(dim=-1).double().sum())
 
@@ -315,6 +322,10 @@ def _result(cfg: BuildConfig, sae, st: _Stats, ctxs: list[list[int]], tokenizer,
     for f in live:
         ranked = sorted(by_feat.get(f, ()), key=lambda mt: (-mt[0], mt[1]))
         top = _distinct_tokens([t for m, t in ranked if m > 0], tokenizer, cfg.n_top_tokens)
+        count = st.tok_count
+        specific = sorted(((m / int(count[t]), t) for m, t in ranked
+                           if m > 0 and int(count[t]) >= MIN_TOKEN_COUNT), key=lambda mt: (-mt[0], mt[1]))
+        label_tokens = _distinct_tokens([t for _, t in specific], tokenizer, 3) or top
         ex = []
         for v, loc in zip(st.ex_val[:, f].tolist(), st.ex_loc[:, f].tolist(), strict=True):
             if v == -float("inf"):
@@ -326,7 +337,7 @@ def _result(cfg: BuildConfig, sae, st: _Stats, ctxs: list[list[int]], tokenizer,
         e = effects.get(f)
         rec = {
             "index": f,
-            "label": auto_label(top, [t.token for t in e.promoted] if e else []),
+            "label": auto_label(label_tokens, [t.token for t in e.promoted] if e else []),
             "density": round(int(st.fires[f]) / st.n_tokens, 7),
             "max_activation": round(float(st.act_max[f]), 5),
             "mean_activation": round(float(st.act_sum[f]) / int(st.fires[f]), 5),

@@ -9,7 +9,7 @@ and logit effects come from the HF model's own final norm and ``lm_head`` module
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +111,8 @@ def test_statistics_match_hf_hooks_and_sae_lens(tiny_dir, text_file, tmp_path, s
     recs = {r["index"]: r for r in doc["features"]}
     assert set(recs) == {f for f in range(acts.shape[1]) if on[:, f].any()}
     assert len(recs) > 100  # the calibrated SAE fires on ~10% of tokens: most features live
-    checked_examples = checked_tokens = 0
+    checked_examples = checked_tokens = checked_labels = 0
+    count = Counter(ref["toks"])
     for f, rec in recs.items():
         col = acts[:, f]
         fire = on[:, f]
@@ -144,8 +145,15 @@ def test_statistics_match_hf_hooks_and_sae_lens(tiny_dir, text_file, tmp_path, s
                 break
             assert rec["top_tokens"][r] == texts[r]
             checked_tokens += 1
-        assert rec["label"] == auto_label(rec["top_tokens"], [t["token"] for t in rec["promoted"]])
-    assert checked_examples > 3 * len(recs) and checked_tokens > len(recs)
+        # the label: tokens with the highest mean activation per occurrence (seen >= 5 times)
+        specific = sorted(((m / count[t], t) for t, m in mass.items() if count[t] >= 5), key=lambda x: -x[0])
+        spec_vals = [v for v, _ in specific]
+        spec_texts = [tok.decode([t]).strip() or repr(tok.decode([t])) for _, t in specific]
+        if len(specific) >= 4 and all(_separated(spec_vals, r, 1e-3) for r in range(4)) \
+                and len(set(spec_texts[:3])) == 3:
+            assert rec["label"] == auto_label(spec_texts[:3], [t["token"] for t in rec["promoted"]])
+            checked_labels += 1
+    assert checked_examples > 3 * len(recs) and checked_tokens > len(recs) and checked_labels > len(recs) / 2
     # the file loads, and search finds a feature by one of its top tokens
     lab = feats.FeatureLabels.load(out, sae_name, doc["d_sae"])
     f0 = next(r for r in doc["features"] if r["top_tokens"][0].isalpha())
