@@ -631,11 +631,14 @@ def build_app(servicer: SteeringServicer, *, model: str, tokens: list[bytes],
         return Response(status_code=503 if dead else 200)
 
     servicer_started = time.time()
+    from server.http_features import feature_routes  # here: it imports this module's helpers
+
     return Starlette(routes=[
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
+        *feature_routes(servicer, authorized=authorized, fail=fail, unauthorized=unauthorized),
     ])
 
 
