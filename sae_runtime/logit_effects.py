@@ -41,7 +41,7 @@ from sae_runtime.saes.base import SAEConfig
 
 DEFAULT_K = 10
 WRITES_STREAM = ("resid_post", "resid_pre", "mlp_out", "attn_out")
-_ROWS = 32768  # vocabulary rows cast to float32 at a time
+_ROWS = 8192  # vocabulary rows cast to float32 at a time (Gemma: 8192 x 2304 x 4 B = 75 MB)
 # final-norm weight and unembedding names, most specific first (any prefix is accepted, e.g.
 # ``language_model.`` in multimodal checkpoints)
 _NORMS = ("model.norm.weight", "transformer.ln_f.weight", "ln_f.weight",
