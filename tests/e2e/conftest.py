@@ -62,6 +62,27 @@ class Server:
         return out
 
 
+# Steering vectors of the shared server (tests/e2e/test_vectors.py): name -> (layers, seed)
+VECTORS = {"happy": ((1, 2), 11), "calm": ((0,), 12)}
+
+
+def write_vector_files(d: Path) -> dict[str, Path]:
+    """``happy``: a llama.cpp/repeng control-vector GGUF (blocks 1 and 2); ``calm``: a
+    ``[n_layers, d_model]`` .npy with block 0 only. Vectors from ``random_directions``."""
+    import numpy as np
+
+    from sae_runtime.testing.tiny import HIDDEN, LAYERS
+    from tests.vector_files import random_directions, write_gguf
+
+    (hl, hs), (cl, cs) = VECTORS["happy"], VECTORS["calm"]
+    happy = write_gguf(d / "happy.gguf", random_directions(hl, HIDDEN, hs))
+    arr = np.zeros((LAYERS, HIDDEN), dtype=np.float32)
+    for k, v in random_directions(cl, HIDDEN, cs).items():
+        arr[k] = v
+    np.save(d / "calm.npy", arr)
+    return {"happy": happy, "calm": d / "calm.npy"}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -151,10 +172,24 @@ def stop_server(srv: Server, drain_check: bool = False) -> None:
 @pytest.fixture(scope="session")
 def server(tiny_dir, tmp_path_factory):
     sae_dirs = {sid: tiny_dir / "saes" / SAE_DIRS[sid] for sid in SAE_IDS}
+    vec = write_vector_files(tmp_path_factory.mktemp("vectors"))
     srv = start_server(tiny_dir / "tiny-llama", sae_dirs, tmp_path_factory.mktemp("server"),
-                       "--chat-template", str(CHAT_TEMPLATE), http=True)
+                       "--chat-template", str(CHAT_TEMPLATE),
+                       *(a for name, path in vec.items() for a in ("--vector", f"{name}={path}")),
+                       http=True)
     yield srv
     stop_server(srv, drain_check=True)
+
+
+@pytest.fixture(scope="session")
+def default_server(tmp_path_factory):
+    """`steerd serve` on the embedded default (server/embedded: the 8-topic model and its
+    labelled SAE ``topics_l1``), gRPC and HTTP, shared by the files that need it."""
+    embedded = Path(__file__).resolve().parents[2] / "server" / "embedded"
+    srv = start_server(embedded / "model", {"topics_l1": embedded / "saes" / "topics_l1"},
+                       tmp_path_factory.mktemp("default"), http=True)
+    yield srv
+    stop_server(srv)
 
 
 def _wait_http(srv: Server, deadline: float) -> None:

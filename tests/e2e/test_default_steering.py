@@ -24,11 +24,9 @@ from pathlib import Path
 import pytest
 
 from clients.client import ablate, clamp
-from tests.e2e.conftest import start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 
-EMBEDDED = Path(__file__).resolve().parents[2] / "server" / "embedded"
 SAE = "topics_l1"
 MAX_TOKENS = 40
 ABLATION_SEEDS = 5  # sampled continuations per on-topic prompt
@@ -94,14 +92,6 @@ def judge(text: str) -> str | None:
     if n < 2 or (rest and rest[0][1] == n):
         return None
     return best
-
-
-@pytest.fixture(scope="module")
-def default_server(tmp_path_factory):
-    srv = start_server(EMBEDDED / "model", {SAE: EMBEDDED / "saes" / SAE},
-                       tmp_path_factory.mktemp("default"))
-    yield srv
-    stop_server(srv)
 
 
 @pytest.fixture(scope="module")
