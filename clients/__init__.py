@@ -7,15 +7,20 @@ from clients.client import (
     absolute_range,
     add,
     clamp,
+    conditional,
     generation_range,
+    guardrail,
+    parse_condition,
     parse_range,
     position_range,
     positions,
     prompt_range,
     read,
     scale,
+    vector,
+    when,
 )
 
 __all__ = ["GenerationResult", "SteeringClient", "absolute_range", "ablate", "add", "clamp",
-           "generation_range", "parse_range", "position_range", "positions", "prompt_range",
-           "read", "scale"]
+           "conditional", "generation_range", "guardrail", "parse_condition", "parse_range",
+           "position_range", "positions", "prompt_range", "read", "scale", "vector", "when"]

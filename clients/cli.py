@@ -31,6 +31,7 @@ from clients.client import (
     positions,
     read,
     scale,
+    vector,
 )
 
 
@@ -259,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--latch", action="store_true",
                    help="with --when: once the condition has held, keep the edits on for the "
                         "rest of the request")
+    g.add_argument("--vector", dest="vectors", action="append", type=_vector, default=None,
+                   metavar="NAME=STRENGTH[@L,L,...]",
+                   help="add the server's steering vector NAME times STRENGTH (at the given "
+                        "layers only; the edit's --positions apply; repeatable)")
     g.add_argument("--abort-when", dest="abort_when", action="append", type=_condition,
                    default=None, metavar="SAE:FEATURE>T",
                    help="guardrail: stop as soon as the feature crosses T at a generated "
@@ -328,6 +333,16 @@ def _interventions(edits, scope: str | None, at=None, cond=None, latch: bool = F
     return out
 
 
+def _vector(text: str):
+    name, sep, rest = text.partition("=")
+    strength, _, layers = rest.partition("@")
+    try:
+        return name, float(strength), [int(x) for x in layers.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=STRENGTH[@L,L,...], got {text!r}") from None
+
+
 def _guards(conds, on_prompt: bool):
     every = positions() if on_prompt else None  # an empty selector: every position
     return [guardrail(c, at=every) for c in conds or ()]
@@ -373,6 +388,9 @@ def _generate(client: SteeringClient, args) -> int:
                      _selector(args.read_positions, args.read_exclude_ranges)),
         logprobs=args.logprobs, prompt_logprobs=args.prompt_logprobs,
         abort_when=_guards(args.abort_when, args.abort_on_prompt),
+        vectors=[vector(n, st, ls, at=_selector(args.positions, args.exclude_ranges,
+                                                 args.token_ids, args.exclude_token_ids))
+                 for n, st, ls in args.vectors or ()],
     )
     if args.json:
         r = collect(stream)

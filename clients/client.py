@@ -165,6 +165,16 @@ def guardrail(condition: pb.FeatureCondition,
     return g
 
 
+def vector(name: str, strength: float, layers: Sequence[int] = (), *,
+           at: pb.PositionSelector | None = None) -> pb.VectorSteer:
+    """Add ``strength`` times the server's steering vector ``name`` (steerd serve --vector)
+    at its layers (or the subset ``layers``), at every position or those of ``at``."""
+    v = pb.VectorSteer(name=name, strength=strength, layers=list(layers))
+    if at is not None:
+        v.positions.CopyFrom(at)
+    return v
+
+
 def read(sae: str, top_k: int = 0, watch: Sequence[int] = (),
          scope: ReadScopeName | None = None, *, at: pb.PositionSelector | None = None) -> pb.FeatureRead:
     """Ask for ``sae``'s top_k features and/or a watch list at the positions of ``scope``
@@ -235,6 +245,7 @@ class SteeringClient:
         reads: Sequence[pb.FeatureRead] = (), request_id: str = "",
         logprobs: int | None = None, prompt_logprobs: int | None = None,
         abort_when: Sequence[pb.Guardrail | pb.FeatureCondition] = (),
+        vectors: Sequence[pb.VectorSteer] = (),
     ) -> pb.GenerateRequest:
         """``logprobs=n``: each generated token's logprob and the n most likely alternatives;
         ``prompt_logprobs=n``: the same for prompt positions 1..n-1. ``abort_when``:
@@ -249,7 +260,8 @@ class SteeringClient:
                 setattr(s, name, v)
         guards = [g if isinstance(g, pb.Guardrail) else guardrail(g) for g in abort_when]
         return pb.GenerateRequest(prompt=p, sampling=s, interventions=list(interventions),
-                                  reads=list(reads), request_id=request_id, abort_when=guards)
+                                  reads=list(reads), request_id=request_id, abort_when=guards,
+                                  vectors=list(vectors))
 
     def generate(self, prompt: PromptLike, **kw) -> Iterator[pb.GenerateResponse]:
         """Stream responses; cancel by calling ``.cancel()`` on the returned iterator.

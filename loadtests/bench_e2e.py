@@ -7,7 +7,8 @@ row's ratio is its tokens/s divided by plain's tokens/s at the same load and par
 from the same run (``plain`` for 32 requests, ``plain128`` for the 128-request mixes).
 
 Mixes: ``idle`` (no edits), ``clamp1`` (one clamp config for all), ``clamp16`` (16 distinct
-configs), ``reads16`` (every request reads top-16), ``sae4x16`` (16 configs, each clamping
+configs), ``cond16`` (16 distinct configs, each a clamp inside a generation window and
+conditional on another feature of the same SAE), ``reads16`` (every request reads top-16), ``sae4x16`` (16 configs, each clamping
 one feature in each of the 4 SAEs), ``clamp64`` / ``clamp128`` (128 requests in one batch
 with 64 / 128 distinct configs). With ``--tp2`` (default when there are >= 2 CPUs) a second
 block runs plain TP=2 vs our TP=2 engine on clamp16 and reads16 (on a model of the same
@@ -58,7 +59,7 @@ MODEL_CFG = {
 # same depth and MLP width with 8 heads (4 KV) of 64, so hidden 512.
 MODEL_CFG_TP2 = {**MODEL_CFG, "hidden_size": 512, "num_attention_heads": 8, "num_key_value_heads": 4}
 
-MIXES = ["idle", "clamp1", "clamp16", "reads16", "sae4x16", "clamp64", "clamp128"]
+MIXES = ["idle", "clamp1", "clamp16", "cond16", "reads16", "sae4x16", "clamp64", "clamp128"]
 TP2_MIXES = ["clamp16", "reads16"]
 BIG = {"clamp64", "clamp128", "plain128"}  # 128 requests in one batch
 SAE_LAYERS = (15, 5, 10, 25)  # SAE i hooks blocks.{SAE_LAYERS[i]}.hook_resid_post
@@ -146,6 +147,15 @@ async def mix_runner(engine, mix: str, args):
         elif mix in ("clamp16", "clamp64", "clamp128"):
             n_cfg = int(mix.removeprefix("clamp"))
             spec = SteeringSpec((Intervention("bench0", 1000 + (i % n_cfg), Mode.CLAMP, 4.0),))
+        elif mix == "cond16":
+            from sae_runtime.edits import Cond
+            from sae_runtime.interventions import Condition
+            from sae_runtime.selectors import Frame, Range, Selector
+
+            window = Selector((Range(Frame.GENERATION, 0, args.gen // 2 + (i % 16)),))
+            spec = SteeringSpec((Intervention(
+                "bench0", 1000 + (i % 16), Mode.CLAMP, 4.0, positions=window,
+                when=Condition("bench0", 3000 + (i % 16), Cond.GT, 0.0)),))
         elif mix == "sae4x16":
             spec = SteeringSpec(tuple(Intervention(f"bench{s}", 1000 + 16 * s + (i % 16), Mode.CLAMP, 4.0)
                                       for s in range(len(SAE_LAYERS))))

@@ -206,6 +206,7 @@ E2E_ROWS = (
     ("idle", "4 SAEs loaded, no interventions"),
     ("clamp1", "one clamp config for all requests"),
     ("clamp16", "16 distinct clamp configs"),
+    ("cond16", "16 configs, each a clamp in a generation window, conditional on a feature"),
     ("sae4x16", "16 configs x 4 SAEs on 4 layers"),
     ("reads16", "every request reads top-16"),
     ("plain128", "plain vLLM, 128 requests"),

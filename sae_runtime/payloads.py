@@ -91,6 +91,10 @@ class SAEEntry(msgspec.Struct, frozen=True):
     id: str
     path: str
     hook_name: str | None = None  # overrides the hook name the SAE's files give
+    # a steering-vector bank instead of an SAE (``sae_runtime.vectors``): the (name, file)
+    # pairs of every --vector, and the layer this bank holds
+    vectors: tuple[tuple[str, str], ...] = ()
+    layer: int = -1
 
 
 class WorkerConfig(msgspec.Struct, frozen=True):

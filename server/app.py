@@ -22,6 +22,7 @@ from sae_runtime.guardrails import MAX_GUARDRAILS
 from sae_runtime.hw import LOW_PRECISION, cpu_info
 from sae_runtime.loading import load_sae_config
 from sae_runtime.saes.base import SAEConfig
+from sae_runtime.vectors import BANK_PREFIX, VectorIndex, build_banks, is_bank
 from sae_runtime.vllm.families import block_of, family_of, supported
 from server import convert
 from server.auth import BearerAuth, load_tokens
@@ -37,11 +38,43 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SteeringService"].full_name
 
 
 def load_sae_configs(cfg: ServerConfig) -> dict[str, SAEConfig]:
-    """Read and check every SAE's config, and its fit to the model, before the engine starts."""
+    """Read and check every SAE's config, and its fit to the model, before the engine starts.
+
+    Steering vectors (``--vector``) join the list as one bank per layer
+    (``sae_runtime.vectors``), after the SAEs: hooks like any other, checked the same way."""
     saes = {s.id: load_sae_config(s.path, s.hook_name) for s in cfg.saes}
+    for sid in saes:
+        if is_bank(sid):
+            raise SAEFormatError(f"--sae {sid}: SAE ids may not start with {BANK_PREFIX!r}")
+    if cfg.vectors:
+        d_model, n_layers = model_dims(cfg)
+        for bank in build_banks([(v.name, v.path) for v in cfg.vectors], d_model=d_model,
+                                n_layers=n_layers):
+            saes[bank.id] = bank.config()
     if saes:
         check_model_fit(cfg, saes)
     return saes
+
+
+def model_dims(cfg: ServerConfig) -> tuple[int, int]:
+    """(hidden size, number of blocks) of the served model."""
+    from transformers import AutoConfig
+
+    try:
+        hf = AutoConfig.from_pretrained(cfg.model, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UnsupportedModelError(f"{cfg.model}: cannot read the model config: {e}") from None
+    hf = getattr(hf, "text_config", hf)
+    return hf.hidden_size, hf.num_hidden_layers
+
+
+def engine_sae_entries(cfg: ServerConfig, saes: dict[str, SAEConfig]) -> list[dict]:
+    """What the workers load, in hook order: SAE directories, then vector banks."""
+    src = {s.id: s for s in cfg.saes}
+    files = [(v.name, str(v.path)) for v in cfg.vectors]
+    return [{"id": sid, "path": "", "vectors": files, "layer": c.layer} if is_bank(sid) else
+            {"id": sid, "path": str(src[sid].path), "hook_name": src[sid].hook_name}
+            for sid, c in saes.items()]
 
 
 def load_labels(cfg: ServerConfig, saes: dict[str, SAEConfig]) -> dict[str, FeatureLabels]:
@@ -96,7 +129,7 @@ def check_model_fit(cfg: ServerConfig, saes: dict[str, SAEConfig]) -> None:
     n_layers, hidden = hf.num_hidden_layers, hf.hidden_size
     heads = hf.num_attention_heads
     head_dim = getattr(hf, "head_dim", None) or hidden // heads
-    src = {s.id: s.path for s in cfg.saes}
+    src = {s.id: s.path for s in cfg.saes} | {b: "--vector" for b in saes if is_bank(b)}
     for sid, c in saes.items():
         block = block_of(c.layer, c.site)
         if not 0 <= block < n_layers:
@@ -111,12 +144,13 @@ def check_model_fit(cfg: ServerConfig, saes: dict[str, SAEConfig]) -> None:
                 f"{c.hook_name} is {want}")
 
 
-def start_engine(cfg: ServerConfig, reads_addr: str | None) -> Any:
+def start_engine(cfg: ServerConfig, reads_addr: str | None,
+                 saes: dict[str, SAEConfig] | None = None) -> Any:
     from sae_runtime.vllm.engine import EngineSettings, build_engine  # imports vLLM
 
     return build_engine(EngineSettings(
         model=cfg.model,
-        saes=[{"id": s.id, "path": str(s.path), "hook_name": s.hook_name} for s in cfg.saes],
+        saes=engine_sae_entries(cfg, saes if saes is not None else load_sae_configs(cfg)),
         max_interventions=cfg.max_interventions,
         max_watch=max(cfg.max_watch, MAX_GUARDRAILS),  # a guard read watches <= MAX_GUARDRAILS
         sae_dtype=cfg.sae_dtype,
@@ -200,6 +234,8 @@ async def build_server(cfg: ServerConfig, engine: Any, saes: dict[str, SAEConfig
         max_distinct_configs=cfg.max_distinct_configs, labels=labels,
         chat_template=load_chat_template(cfg.chat_template),
         max_stream_buffer_bytes=cfg.max_stream_buffer_bytes,
+        vectors=VectorIndex.of(build_banks([(v.name, v.path) for v in cfg.vectors]))
+        if cfg.vectors else None,
     )
     add_servicer(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -294,7 +330,7 @@ async def serve(cfg: ServerConfig) -> int:
     if router is not None:
         router.start()
     t0 = time.monotonic()
-    engine = start_engine(cfg, router.addr if router else None)
+    engine = start_engine(cfg, router.addr if router else None, saes)
     started = time.monotonic() - t0
     try:
         sae_dtypes = await verify_hooks(cfg, engine, saes)

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from sae_runtime.errors import SteeringError
 from server import logs
-from server.config import SAESource, ServerConfig
+from server.config import SAESource, ServerConfig, VectorSource
 
 
 def _add_config_options(p: argparse.ArgumentParser) -> None:
@@ -22,6 +22,9 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
         if name == "saes":
             p.add_argument("--sae", dest="saes", action="append", default=[],
                            metavar="[NAME=]PATH[@HOOK]", help=field.description)
+        elif name == "vectors":
+            p.add_argument("--vector", dest="vectors", action="append", default=[],
+                           metavar="NAME=PATH", help=field.description)
         elif field.annotation is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                            help=f"{field.description} (default: {default})")
@@ -60,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     values = {k: v for k, v in vars(args).items() if k in ServerConfig.model_fields}
     try:
         values["saes"] = tuple(SAESource.parse(s) for s in values.get("saes", []))
+        values["vectors"] = tuple(VectorSource.parse(s) for s in values.get("vectors", []))
         cfg = ServerConfig(**values)
         code = asyncio.run(_serve(cfg))
     except (ValidationError, ValueError, SteeringError) as e:

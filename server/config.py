@@ -32,6 +32,22 @@ class SAESource(BaseModel):
         return cls(id=name or p.resolve().name, path=p, hook_name=hook if at else None)
 
 
+class VectorSource(BaseModel):
+    """One ``--vector NAME=PATH`` entry (``sae_runtime.vectors``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    path: Path
+
+    @classmethod
+    def parse(cls, text: str) -> VectorSource:
+        name, sep, path = text.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--vector {text!r}: expected NAME=PATH")
+        return cls(name=name, path=Path(path))
+
+
 class ServerConfig(BaseModel):
     """Everything ``steerd serve`` can be told. Field descriptions are the CLI help."""
 
@@ -41,6 +57,9 @@ class ServerConfig(BaseModel):
     saes: tuple[SAESource, ...] = Field(
         default=(), description="SAEs to hook: [NAME=]PATH[@HOOK]; repeat for several."
     )
+    vectors: tuple[VectorSource, ...] = Field(
+        default=(), description="Steering vectors: NAME=PATH (llama.cpp/repeng GGUF control "
+        "vector, or safetensors/.npz/.pt/.npy of {layer: vector}); repeat for several.")
     host: str = Field(default="127.0.0.1", description="Address to bind.")
     port: int = Field(default=50051, ge=0, le=65535, description="Port (0 picks a free one).")
     max_interventions: int = Field(

@@ -23,6 +23,7 @@ from sae_runtime.ops import Mode
 from sae_runtime.reads import Read, ReadScope, ReadSpec
 from sae_runtime.saes.base import SAEConfig
 from sae_runtime.selectors import GENERATION, Frame, Range, Selector
+from sae_runtime.vectors import VectorIndex, is_bank
 from steering.v1 import steering_pb2 as pb
 
 DEFAULT_MAX_TOKENS = 16
@@ -95,7 +96,8 @@ def _finite(field: str, v: float) -> float:
 
 
 def generate_inputs_from_pb(
-    req: pb.GenerateRequest, *, saes: Mapping[str, SAEConfig], limits: Limits
+    req: pb.GenerateRequest, *, saes: Mapping[str, SAEConfig], limits: Limits,
+    vectors: VectorIndex | None = None,
 ) -> GenerateInputs:
     """Validate a GenerateRequest; errors name the offending field."""
     vocab_size = limits.vocab_size
@@ -142,6 +144,17 @@ def generate_inputs_from_pb(
     reads = reads_from_pb(req.reads, saes=saes, limits=limits)
     guards = guards_from_pb(req.abort_when)
     guards.validate(saes, max_guardrails=limits.max_guardrails, vocab_size=vocab_size)
+    named = [(f"interventions[{j}].sae", iv.sae) for j, iv in enumerate(spec.interventions)]
+    named += [(f"reads[{j}].sae", r.sae) for j, r in enumerate(reads.reads)]
+    named += [(f"abort_when[{j}].condition.sae", g.condition.sae)
+              for j, g in enumerate(guards.guards)]
+    for field, sid in named:
+        if is_bank(sid):
+            raise InvalidRequestError(field, f"{sid!r} holds steering vectors: steer them "
+                                      "with `vectors` (by name)")
+    if req.vectors:
+        spec = SteeringSpec(spec.interventions + vectors_from_pb(
+            req.vectors, vectors or VectorIndex({}), saes, limits, vocab_size))
     return GenerateInputs(
         prompt_text=prompt.text, prompt_ids=prompt.ids, prompt_messages=prompt.messages,
         max_tokens=max_tokens, temperature=temperature,
@@ -296,6 +309,50 @@ def spec_from_pb(items) -> SteeringSpec:
         out.append(Intervention(iv.sae, iv.feature, Mode(iv.mode), float(iv.value), Scope(scope),
                                 positions, when, bool(iv.latch)))
     return SteeringSpec(tuple(out))
+
+
+MAX_VECTORS = 8
+"""Most steering vectors one request may name."""
+
+
+def vectors_from_pb(items, index: VectorIndex, saes: Mapping[str, SAEConfig], limits: Limits,
+                    vocab_size: int) -> tuple[Intervention, ...]:
+    """GenerateRequest.vectors as ADD edits on the vector banks (``sae_runtime.vectors``)."""
+    if len(items) > MAX_VECTORS:
+        raise InvalidRequestError("vectors", f"{len(items)} vectors given; the server allows "
+                                  f"at most {MAX_VECTORS} per request")
+    out: list[Intervention] = []
+    seen: dict[str, int] = {}
+    rows: dict[str, int] = {}
+    for j, v in enumerate(items):
+        field = f"vectors[{j}]"
+        if v.name not in index.rows:
+            known = ", ".join(sorted(index.rows)) or "none (steerd serve --vector NAME=PATH)"
+            raise InvalidRequestError(f"{field}.name", f"unknown steering vector {v.name!r}; "
+                                      f"loaded: {known}")
+        if v.name in seen:
+            raise InvalidRequestError(f"{field}.name", f"vector {v.name!r} is already given by "
+                                      f"vectors[{seen[v.name]}]")
+        seen[v.name] = j
+        strength = _finite(f"{field}.strength", v.strength)
+        layers = index.rows[v.name]
+        want = list(v.layers) or sorted(layers)
+        for k, layer in enumerate(want):
+            if layer not in layers:
+                raise InvalidRequestError(f"{field}.layers[{k}]", f"vector {v.name!r} has no "
+                                          f"layer {layer}; it has {sorted(layers)}")
+        pos = selector_from_pb(v.positions, f"{field}.positions") if v.HasField("positions") else None
+        if pos is not None:
+            pos.validate(f"{field}.positions", vocab_size)
+        for layer in dict.fromkeys(want):
+            bank, row = layers[layer]
+            rows[bank] = rows.get(bank, 0) + (pos.max_windows if pos is not None else 1)
+            out.append(Intervention(bank, row, Mode.ADD, strength, Scope.ALL, pos))
+    for bank, n in rows.items():
+        if n > limits.max_interventions:
+            raise InvalidRequestError("vectors", f"the vectors at {bank} need {n} edit rows; the "
+                                      f"server allows at most {limits.max_interventions}")
+    return tuple(out)
 
 
 def condition_from_pb(c: pb.FeatureCondition, field: str) -> Condition:

@@ -5,7 +5,7 @@
 through the servicer's own ``prepare_generate`` / ``generate_stream``: validation, caps,
 tokenization, chat rendering, reads, logprobs and metrics are the gRPC path's, not copies.
 Our extras ride in the body (what the OpenAI SDK sends through ``extra_body``):
-``interventions`` (with ``when``/``latch``), ``reads``, ``abort_when``, ``top_k``, ``ignore_eos``, ``stop_token_ids``,
+``interventions`` (with ``when``/``latch``), ``reads``, ``abort_when``, ``vectors``, ``top_k``, ``ignore_eos``, ``stop_token_ids``,
 ``prompt_logprobs``, ``return_token_ids`` and ``request_id``. Reads come back per chunk (or
 per choice when not streaming) as ``choices[0].features``.
 
@@ -105,6 +105,15 @@ class GuardrailBody(ConditionBody):
     positions: PositionsBody | None = None
 
 
+class VectorBody(_Strict):
+    """One of ``vectors``: the proto's VectorSteer."""
+
+    name: str
+    strength: float
+    layers: list[int] = Field(default_factory=list)
+    positions: PositionsBody | None = None
+
+
 class InterventionBody(_Strict):
     """One of ``interventions``: the proto's Intervention with lower-case names."""
 
@@ -167,6 +176,7 @@ class _Common(BaseModel):
     interventions: list[InterventionBody] = Field(default_factory=list)
     reads: list[ReadBody] = Field(default_factory=list)
     abort_when: list[GuardrailBody] = Field(default_factory=list)
+    vectors: list[VectorBody] = Field(default_factory=list)
 
 
 class CompletionBody(_Common):
@@ -288,6 +298,13 @@ def request_from_body(body: _Common) -> pb.GenerateRequest:
         if iv.when is not None:
             m.when.CopyFrom(_condition_pb(iv.when))
         m.latch = iv.latch
+    for j, v in enumerate(body.vectors):
+        for k, layer in enumerate(v.layers):
+            if not 0 <= layer < U32:
+                raise InvalidRequestError(f"vectors[{j}].layers[{k}]", "must be a layer >= 0")
+        steer = req.vectors.add(name=v.name, strength=v.strength, layers=v.layers)
+        if v.positions is not None:
+            steer.positions.CopyFrom(_positions_pb(v.positions, f"vectors[{j}].positions"))
     for j, g in enumerate(body.abort_when):
         guard = req.abort_when.add(condition=_condition_pb(g))
         if g.positions is not None:

@@ -38,6 +38,7 @@ from sae_runtime.guardrails import GuardSpec
 from sae_runtime.interventions import SteeringSpec
 from sae_runtime.reads import Read, ReadScope, ReadSpec
 from sae_runtime.saes.base import SAEConfig
+from sae_runtime.vectors import VectorIndex, is_bank
 from sae_runtime.vllm import engine as eng
 from server import convert
 from server.errors import abort_with
@@ -116,8 +117,10 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
         labels: Mapping[str, FeatureLabels] | None = None,
         chat_template: str | None = None,
         max_stream_buffer_bytes: int = 8 * 1024 * 1024,
+        vectors: VectorIndex | None = None,
     ) -> None:
         self.engine = engine
+        self.vectors = vectors or VectorIndex({})  # steering vectors: name -> layer -> bank row
         self.model = model
         self.saes = dict(saes)
         self.sae_index = {sid: i for i, sid in enumerate(self.saes)}
@@ -267,7 +270,8 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
         """
         self._check_engine()
         self._check_room()
-        inputs = convert.generate_inputs_from_pb(request, saes=self.saes, limits=self.limits)
+        inputs = convert.generate_inputs_from_pb(request, saes=self.saes, limits=self.limits,
+                                                 vectors=self.vectors)
         check_printable("request_id", inputs.request_id)
         prompt = convert.PromptInput(inputs.prompt_text, inputs.prompt_ids, inputs.prompt_messages)
         ids = self._tokens(prompt, "prompt")
@@ -494,7 +498,8 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
     @_accounted("ListSAEs")
     async def ListSAEs(self, request, context) -> pb.ListSAEsResponse:
         return pb.ListSAEsResponse(
-            saes=[convert.sae_info_to_pb(sid, cfg, self.sae_dtypes.get(sid, "")) for sid, cfg in self.saes.items()]
+            saes=[convert.sae_info_to_pb(sid, cfg, self.sae_dtypes.get(sid, ""))
+                  for sid, cfg in self.saes.items() if not is_bank(sid)]
         )
 
     @_accounted("GetFeature")
@@ -540,6 +545,7 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
             max_encode_inputs=self.limits.max_encode_inputs,
             max_logprobs=self.limits.max_logprobs,
             max_guardrails=self.limits.max_guardrails,
+            vectors=[pb.VectorInfo(name=n, layers=sorted(ls)) for n, ls in self.vectors.rows.items()],
             chat_template=self.has_chat_template,
             tensor_parallel_size=par.tensor_parallel_size,
             pipeline_parallel_size=par.pipeline_parallel_size,

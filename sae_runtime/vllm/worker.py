@@ -37,6 +37,7 @@ from sae_runtime.loading import load_sae, load_sae_config
 from sae_runtime.payloads import worker_config
 from sae_runtime.planner import ReadSegment, collect_reads, plan_step, release_latches
 from sae_runtime.tables import HookTables
+from sae_runtime.vectors import Bank, bank_sae, build_banks
 from sae_runtime.vllm import compat
 from sae_runtime.vllm.cpu_rng import patch_cpu_seeded_rewind
 from sae_runtime.vllm.families import LAYER_NAME, block_of, family_of, supported
@@ -245,7 +246,8 @@ def install(runner) -> None:
     targets: dict[tuple[int, str], list[int]] = {}  # (block, site kind) -> hook ids, in order
     for entry in cfg.saes:
         hook_id = len(hooks)
-        c = load_sae_config(entry.path, entry.hook_name)
+        bank = _bank(entry) if entry.vectors else None
+        c = bank.config() if bank is not None else load_sae_config(entry.path, entry.hook_name)
         block = block_of(c.layer, c.site)
         if block not in all_layers:
             raise SAEFormatError(
@@ -272,7 +274,8 @@ def install(runner) -> None:
                 f"hidden size is {hidden}"
             )
         dtype_name, why = choose_sae_dtype(cfg.sae_dtype, model_dtype, device.type)
-        sae = load_sae(entry.path, hook_name=entry.hook_name).to(device, getattr(torch, dtype_name))
+        sae = (bank_sae(bank) if bank is not None else load_sae(entry.path, hook_name=entry.hook_name)
+               ).to(device, getattr(torch, dtype_name))
         gemm = "torch"
         if device.type == "cpu":
             sae, gemm = _with_cpu_gemm(sae)
@@ -300,6 +303,14 @@ def install(runner) -> None:
 
 
 _REPORT: dict = {"installed": False}
+
+
+def _bank(entry) -> Bank:
+    """The steering-vector bank of ``entry`` (its layer's vectors, from every --vector file)."""
+    for b in build_banks(entry.vectors):
+        if b.layer == entry.layer:
+            return b
+    raise SAEFormatError(f"no steering vector for layer {entry.layer} in {entry.vectors}")
 
 
 def _with_cpu_gemm(sae):

@@ -36,6 +36,10 @@ class Edit:
     value: float = 0.0
     scope: int = ALL
     at: frozenset[int] | None = None  # explicit absolute positions; overrides ``scope``
+    # conditional edit: (feature, ">" or "<", threshold) of the same SAE at the same site,
+    # from the incoming activation; ``latch``: on from the first position it held at
+    when: tuple[int, str, float] | None = None
+    latch: bool = False
 
 
 class HFReference:
@@ -82,6 +86,13 @@ class HFReference:
                             mask = pos >= prompt_len
                         else:
                             mask = torch.ones(T, dtype=torch.bool)
+                        if e.when is not None:
+                            c, op, thr = e.when
+                            fc = f[0, :, c]
+                            ok = (fc > thr if op == ">" else fc < thr) & mask
+                            if e.latch:  # on from the first hit on (inside the window)
+                                ok = ok | (torch.cumsum(ok.long(), 0) > 0)
+                            mask = ok & mask
                         delta = delta + ((new - a) * mask.to(a.dtype))[..., None] * sae.W_dec[e.feature]
                     return h + delta
 

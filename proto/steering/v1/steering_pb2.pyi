@@ -204,6 +204,26 @@ class Guardrail(_message.Message):
     positions: PositionSelector
     def __init__(self, condition: _Optional[_Union[FeatureCondition, _Mapping]] = ..., positions: _Optional[_Union[PositionSelector, _Mapping]] = ...) -> None: ...
 
+class VectorSteer(_message.Message):
+    __slots__ = ("name", "strength", "layers", "positions")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    strength: float
+    layers: _containers.RepeatedScalarFieldContainer[int]
+    positions: PositionSelector
+    def __init__(self, name: _Optional[str] = ..., strength: _Optional[float] = ..., layers: _Optional[_Iterable[int]] = ..., positions: _Optional[_Union[PositionSelector, _Mapping]] = ...) -> None: ...
+
+class VectorInfo(_message.Message):
+    __slots__ = ("name", "layers")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    layers: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class GuardrailTrip(_message.Message):
     __slots__ = ("guardrail", "sae", "feature", "position", "value")
     GUARDRAIL_FIELD_NUMBER: _ClassVar[int]
@@ -219,20 +239,22 @@ class GuardrailTrip(_message.Message):
     def __init__(self, guardrail: _Optional[int] = ..., sae: _Optional[str] = ..., feature: _Optional[int] = ..., position: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "sampling", "interventions", "request_id", "reads", "abort_when")
+    __slots__ = ("prompt", "sampling", "interventions", "request_id", "reads", "abort_when", "vectors")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     INTERVENTIONS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     READS_FIELD_NUMBER: _ClassVar[int]
     ABORT_WHEN_FIELD_NUMBER: _ClassVar[int]
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
     prompt: Prompt
     sampling: SamplingParams
     interventions: _containers.RepeatedCompositeFieldContainer[Intervention]
     request_id: str
     reads: _containers.RepeatedCompositeFieldContainer[FeatureRead]
     abort_when: _containers.RepeatedCompositeFieldContainer[Guardrail]
-    def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., interventions: _Optional[_Iterable[_Union[Intervention, _Mapping]]] = ..., request_id: _Optional[str] = ..., reads: _Optional[_Iterable[_Union[FeatureRead, _Mapping]]] = ..., abort_when: _Optional[_Iterable[_Union[Guardrail, _Mapping]]] = ...) -> None: ...
+    vectors: _containers.RepeatedCompositeFieldContainer[VectorSteer]
+    def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., interventions: _Optional[_Iterable[_Union[Intervention, _Mapping]]] = ..., request_id: _Optional[str] = ..., reads: _Optional[_Iterable[_Union[FeatureRead, _Mapping]]] = ..., abort_when: _Optional[_Iterable[_Union[Guardrail, _Mapping]]] = ..., vectors: _Optional[_Iterable[_Union[VectorSteer, _Mapping]]] = ...) -> None: ...
 
 class FeatureRead(_message.Message):
     __slots__ = ("sae", "top_k", "watch", "scope", "positions")
@@ -403,7 +425,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model", "architecture", "num_layers", "hidden_size", "vocab_size", "max_model_len", "max_interventions", "dtype", "compiled", "max_read_top_k", "max_watch", "max_encode_inputs", "max_logprobs", "chat_template", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "distributed_executor_backend", "max_guardrails")
+    __slots__ = ("model", "architecture", "num_layers", "hidden_size", "vocab_size", "max_model_len", "max_interventions", "dtype", "compiled", "max_read_top_k", "max_watch", "max_encode_inputs", "max_logprobs", "chat_template", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "distributed_executor_backend", "max_guardrails", "vectors")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -423,6 +445,7 @@ class GetModelInfoResponse(_message.Message):
     DATA_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     DISTRIBUTED_EXECUTOR_BACKEND_FIELD_NUMBER: _ClassVar[int]
     MAX_GUARDRAILS_FIELD_NUMBER: _ClassVar[int]
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
     model: str
     architecture: str
     num_layers: int
@@ -442,7 +465,8 @@ class GetModelInfoResponse(_message.Message):
     data_parallel_size: int
     distributed_executor_backend: str
     max_guardrails: int
-    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_interventions: _Optional[int] = ..., dtype: _Optional[str] = ..., compiled: _Optional[bool] = ..., max_read_top_k: _Optional[int] = ..., max_watch: _Optional[int] = ..., max_encode_inputs: _Optional[int] = ..., max_logprobs: _Optional[int] = ..., chat_template: _Optional[bool] = ..., tensor_parallel_size: _Optional[int] = ..., pipeline_parallel_size: _Optional[int] = ..., data_parallel_size: _Optional[int] = ..., distributed_executor_backend: _Optional[str] = ..., max_guardrails: _Optional[int] = ...) -> None: ...
+    vectors: _containers.RepeatedCompositeFieldContainer[VectorInfo]
+    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_interventions: _Optional[int] = ..., dtype: _Optional[str] = ..., compiled: _Optional[bool] = ..., max_read_top_k: _Optional[int] = ..., max_watch: _Optional[int] = ..., max_encode_inputs: _Optional[int] = ..., max_logprobs: _Optional[int] = ..., chat_template: _Optional[bool] = ..., tensor_parallel_size: _Optional[int] = ..., pipeline_parallel_size: _Optional[int] = ..., data_parallel_size: _Optional[int] = ..., distributed_executor_backend: _Optional[str] = ..., max_guardrails: _Optional[int] = ..., vectors: _Optional[_Iterable[_Union[VectorInfo, _Mapping]]] = ...) -> None: ...
 
 class GetFeatureRequest(_message.Message):
     __slots__ = ("sae", "index")

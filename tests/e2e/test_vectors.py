@@ -1,0 +1,181 @@
+"""Steering vectors end to end (shared server, started with ``--vector happy=<GGUF>`` and
+``--vector calm=<.npy>``; tests/e2e/conftest.py): teacher-forced against HF ``transformers``
+with a plain forward hook on ``model.model.layers[k]`` adding ``strength * direction.k`` to
+the block's output (llama.cpp's ``build_cvec(cur, il)`` after block ``il``), layer subsets,
+position selectors, a concurrent batch with plain requests, the cache salt, the CLI, the
+HTTP body and bad values.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import subprocess
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from clients.client import generation_range, positions, vector
+from sae_runtime.testing.tiny import HIDDEN
+from tests.e2e.conftest import VECTORS
+from tests.e2e.reference import check_teacher_forced
+from tests.vector_files import random_directions
+
+pytestmark = pytest.mark.e2e
+
+PROMPT = [5, 100, 200, 300, 45, 67, 12, 400, 100, 77]
+P = len(PROMPT)
+N = 10
+S = 4.0
+
+
+@pytest.fixture(scope="module")
+def hf(server):
+    return AutoModelForCausalLM.from_pretrained(server.model_dir, dtype=torch.float32).eval()
+
+
+def directions(name: str) -> dict[int, torch.Tensor]:
+    layers, seed = VECTORS[name]
+    return {k: torch.from_numpy(v) for k, v in random_directions(layers, HIDDEN, seed).items()}
+
+
+def hf_logits(hf, ids, adds: list[tuple[str, float, tuple[int, ...] | None, set[int] | None]]):
+    """Logits with ``strength * v[k]`` added to block k's output (positions: None = all)."""
+    T = len(ids)
+    with ExitStack() as stack:
+        for name, strength, layers, at in adds:
+            for k, v in directions(name).items():
+                if layers is not None and k not in layers:
+                    continue
+                mask = torch.tensor([at is None or p in at for p in range(T)], dtype=torch.float32)
+
+                def hook(mod, args, out, v=v, mask=mask, strength=strength):
+                    h = out[0] if isinstance(out, tuple) else out
+                    h = h + strength * mask[None, :, None] * v
+                    return (h, *out[1:]) if isinstance(out, tuple) else h
+
+                stack.enter_context(hf.model.layers[k].register_forward_hook(hook))
+        with torch.no_grad():
+            return hf(torch.tensor([ids])).logits[0]
+
+
+def greedy(server, vectors=(), prompt=PROMPT, n=N, **kw):
+    with server.client() as c:
+        return c.generate_text(prompt, max_tokens=n, temperature=0.0, ignore_eos=True,
+                               vectors=list(vectors), **kw)
+
+
+def test_model_info_lists_the_vectors_and_list_saes_hides_the_banks(server):
+    with server.client() as c:
+        info = c.model_info()
+        assert {v.name: list(v.layers) for v in info.vectors} == {"happy": [1, 2], "calm": [0]}
+        assert not any(s.id.startswith("vectors@") for s in c.list_saes())
+
+
+@pytest.mark.parametrize("case", ["gguf_all_layers", "npy", "layer_subset", "both_negative"])
+def test_vector_equals_adding_it_by_hand_in_hf(server, hf, case):
+    adds = {"gguf_all_layers": [("happy", S, None, None)],
+            "npy": [("calm", S, None, None)],
+            "layer_subset": [("happy", S, (2,), None)],
+            "both_negative": [("happy", -S, None, None), ("calm", 2.0, None, None)]}[case]
+    out = greedy(server, [vector(n, s, layers or ()) for n, s, layers, _ in adds])
+    full = PROMPT + out.token_ids
+    check_teacher_forced(hf_logits(hf, full, adds), P, out.token_ids)
+    assert out.token_ids != greedy(server).token_ids, f"{case}: the vector had no effect"
+
+
+def test_vector_positions_and_the_llama_cpp_layer_convention(server, hf):
+    sel = positions(generation_range(0, 4))
+    out = greedy(server, [vector("happy", S, at=sel)])
+    full = PROMPT + out.token_ids
+    check_teacher_forced(hf_logits(hf, full, [("happy", S, None, set(range(P, P + 4)))]), P,
+                         out.token_ids)
+    # direction.k is block k's output, not block k-1's: the shifted reading gives other logits
+    shifted = hf_logits(hf, PROMPT, [("happy", S, None, None)])
+    with ExitStack() as stack:
+        for k, v in directions("happy").items():
+            stack.enter_context(hf.model.layers[k - 1].register_forward_hook(
+                lambda m, a, o, v=v: ((o[0] if isinstance(o, tuple) else o) + S * v,
+                                      *(o[1:] if isinstance(o, tuple) else ()))
+                if isinstance(o, tuple) else o + S * v))
+        with torch.no_grad():
+            off_by_one = hf(torch.tensor([PROMPT])).logits[0]
+    assert not torch.allclose(shifted, off_by_one, atol=1e-3)
+
+
+def test_vectors_beside_plain_requests_in_one_batch(server):
+    n = 9
+    prompts = [[(17 * i + 3 * j) % 500 + 3 for j in range(4 + 9 * i)] for i in range(n)]
+
+    def kind(i):
+        return [] if i % 3 == 0 else [vector("happy" if i % 3 == 1 else "calm", S + i)]
+
+    solo = [greedy(server, kind(i), prompt=prompts[i]).token_ids for i in range(n)]
+    plain = {i: greedy(server, prompt=prompts[i]).token_ids for i in range(0, n, 3)}
+    with cf.ThreadPoolExecutor(n) as pool:
+        together = list(pool.map(lambda i: greedy(server, kind(i), prompt=prompts[i]).token_ids,
+                                 range(n)))
+    assert together == solo
+    assert all(together[i] == plain[i] for i in plain)
+
+
+def test_vectors_are_in_the_cache_salt(server):
+    prompt = [(3 * j + 1) % 500 + 3 for j in range(150)]
+    with server.client() as c:
+        def run(vs):
+            return c.generate_text(prompt, max_tokens=3, temperature=0.0, ignore_eos=True,
+                                   vectors=vs)
+        run([])
+        a = run([vector("happy", S)])
+        assert a.usage.cached_prompt_tokens == 0, "a steered request reused plain KV"
+        b = run([vector("happy", S + 1)])
+        assert b.usage.cached_prompt_tokens == 0, "another strength reused the first one's KV"
+        again = run([vector("happy", S)])
+        assert again.usage.cached_prompt_tokens > 0 and again.token_ids == a.token_ids
+
+
+def test_bad_vectors_are_invalid_argument(server):
+    cases = [([vector("nope", 1.0)], "vectors[0].name:"),
+             ([vector("happy", float("inf"))], "vectors[0].strength:"),
+             ([vector("happy", 1.0, (0,))], "vectors[0].layers[0]:"),
+             ([vector("calm", 1.0), vector("calm", 2.0)], "vectors[1].name:"),
+             ([vector("happy", 1.0, at=positions(generation_range(5, 2)))],
+              "vectors[0].positions.ranges[0]:")]
+    with server.client() as c:
+        for vs, field in cases:
+            with pytest.raises(grpc.RpcError) as ei:
+                c.generate_text(PROMPT, max_tokens=2, vectors=vs)
+            assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+            assert ei.value.details().startswith(field), ei.value.details()
+        from clients.client import clamp
+
+        with pytest.raises(grpc.RpcError) as ei:
+            c.generate_text(PROMPT, max_tokens=2, interventions=[clamp("vectors@L1", 0, 1.0)])
+        assert ei.value.details().startswith("interventions[0].sae:")
+        assert c.health() == "SERVING"
+
+
+def test_cli_and_http_take_vectors(server):
+    want = greedy(server, [vector("happy", S, (1,))])
+    exe = str(Path(sys.executable).with_name("steer"))
+    run = subprocess.run(
+        [exe, "--target", server.target, "generate", "--prompt-ids", ",".join(map(str, PROMPT)),
+         "--max-tokens", str(N), "--temperature", "0", "--json", "--vector", f"happy={S}@1"],
+        capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    cli = json.loads(run.stdout)["token_ids"]  # the CLI stops at EOS: a prefix
+    assert cli and cli == want.token_ids[: len(cli)]
+    with httpx.Client(timeout=120) as h:
+        model = h.get(server.http_url + "/models").json()["data"][0]["id"]
+        r = h.post(server.http_url + "/completions", json={
+            "model": model, "prompt": PROMPT, "max_tokens": N, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True,
+            "vectors": [{"name": "happy", "strength": S, "layers": [1]}]})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["token_ids"] == want.token_ids

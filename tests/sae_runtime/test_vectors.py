@@ -1,0 +1,113 @@
+"""Steering-vector files and banks: every format loads to the same {layer: vector}, the
+GGUF layer convention is llama.cpp's, and a bank's ADD edit adds exactly strength * v."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sae_runtime import ops
+from sae_runtime.edits import POS_INF, edit_rows
+from sae_runtime.errors import SAEFormatError
+from sae_runtime.kernels import splice_compact, splice_reference
+from sae_runtime.tables import HookTables
+from sae_runtime.vectors import VectorIndex, bank_sae, build_banks, load_vector_file
+from tests.vector_files import random_directions, write_gguf
+
+D = 24
+
+
+def test_gguf_control_vector_loads_with_llama_cpp_layer_numbers(tmp_path):
+    dirs = random_directions([1, 2, 5], D)
+    got = load_vector_file(write_gguf(tmp_path / "cv.gguf", dirs))
+    assert sorted(got) == [1, 2, 5]  # direction.k is block k's output: no shift
+    for k, v in dirs.items():
+        np.testing.assert_array_equal(got[k], v)
+
+
+def test_gguf_refuses_layer_zero_and_other_architectures(tmp_path):
+    with pytest.raises(SAEFormatError, match="direction.0"):
+        load_vector_file(write_gguf(tmp_path / "z.gguf", random_directions([0, 1], D)))
+    import gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    w.add_tensor("direction.1", np.ones(D, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(SAEFormatError, match="not 'controlvector'"):
+        load_vector_file(tmp_path / "m.gguf")
+
+
+def test_every_format_gives_the_same_vectors(tmp_path):
+    from safetensors.numpy import save_file
+
+    dirs = random_directions([0, 3], D, seed=1)
+    save_file({f"direction.{k}": v for k, v in dirs.items()}, str(tmp_path / "v.safetensors"))
+    np.savez(tmp_path / "v.npz", **{f"layers.{k}": v for k, v in dirs.items()})
+    torch.save({k: torch.from_numpy(v) for k, v in dirs.items()}, tmp_path / "v.pt")
+    arr = np.zeros((4, D), dtype=np.float32)
+    for k, v in dirs.items():
+        arr[k] = v
+    np.save(tmp_path / "v.npy", arr)
+    for name in ("v.safetensors", "v.npz", "v.pt", "v.npy"):
+        got = load_vector_file(tmp_path / name)
+        assert sorted(got) == [0, 3], name
+        for k, v in dirs.items():
+            np.testing.assert_array_equal(got[k], v)
+
+
+def test_bad_files_are_clear_errors(tmp_path):
+    with pytest.raises(SAEFormatError, match="no such"):
+        load_vector_file(tmp_path / "missing.gguf")
+    (tmp_path / "v.txt").write_text("1 2 3")
+    with pytest.raises(SAEFormatError, match="unknown steering vector format"):
+        load_vector_file(tmp_path / "v.txt")
+    np.save(tmp_path / "bad.npy", np.zeros(D, dtype=np.float32))
+    with pytest.raises(SAEFormatError, match=r"\[n_layers, d_model\]"):
+        load_vector_file(tmp_path / "bad.npy")
+    np.save(tmp_path / "nan.npy", np.full((2, D), np.nan, dtype=np.float32))
+    with pytest.raises(SAEFormatError, match="non-finite"):
+        load_vector_file(tmp_path / "nan.npy")
+    p = write_gguf(tmp_path / "cv.gguf", random_directions([1], D))
+    with pytest.raises(SAEFormatError, match="hidden size is 32"):
+        build_banks([("a", p)], d_model=32)
+    with pytest.raises(SAEFormatError, match="blocks 0..0"):
+        build_banks([("a", p)], n_layers=1)
+    with pytest.raises(SAEFormatError, match="given twice"):
+        build_banks([("a", p), ("a", p)])
+
+
+def test_banks_group_vectors_by_layer(tmp_path):
+    a = write_gguf(tmp_path / "a.gguf", random_directions([1, 2], D, seed=1))
+    b = write_gguf(tmp_path / "b.gguf", random_directions([2, 3], D, seed=2))
+    banks = build_banks([("happy", a), ("calm", b)])
+    assert [(bk.layer, bk.names) for bk in banks] == [(1, ("happy",)), (2, ("happy", "calm")),
+                                                      (3, ("calm",))]
+    idx = VectorIndex.of(banks)
+    assert idx.rows["calm"] == {2: ("vectors@L2", 1), 3: ("vectors@L3", 0)}
+
+
+@pytest.mark.parametrize("path", ["reference", "compact"])
+def test_a_bank_add_edit_is_exactly_strength_times_the_vector(tmp_path, path):
+    dirs = random_directions([2], D, seed=3)
+    dirs2 = random_directions([2], D, seed=4)
+    (bank,) = build_banks([("a", write_gguf(tmp_path / "a.gguf", dirs)),
+                           ("b", write_gguf(tmp_path / "b.gguf", dirs2))])
+    sae = bank_sae(bank)
+    assert torch.equal(ops.encode(sae, torch.randn(5, D)), torch.zeros(5, 2))
+    tables = HookTables(sae, max_tokens=16, max_slots=2, max_feats=2, staged=False)
+    rows = edit_rows(2)
+    rows["feature"], rows["mode"], rows["value"] = [0, 1], ops.Mode.ADD, [1.5, -2.0]
+    rows["pos_lo"], rows["pos_hi"] = [0, 3], [POS_INF, POS_INF]  # b only from position 3
+    tables.add_edits(0, 6, 0, rows)
+    h = torch.randn(16, D)
+    x = h + torch.randn(16, D)
+    out = (splice_reference(h, x, sae, tables.edits) if path == "reference" else
+           splice_compact(h, x, sae, tables.rows[:6], tables.row_slot[:6], tables.edits))
+    want = h.clone()
+    want[:6] += 1.5 * torch.from_numpy(dirs[2])
+    want[3:6] += -2.0 * torch.from_numpy(dirs2[2])
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
