@@ -149,7 +149,12 @@ def feature_json(f, *, full: bool = False) -> dict:
                    dead=f.dead, top_tokens=list(f.top_tokens), topic_means=dict(f.topic_means),
                    site_norm=f.site_norm,
                    examples=[{"context": e.context, "token": e.token, "activation": e.activation}
-                             for e in f.examples])
+                             for e in f.examples],
+                   promoted=[{"token": t.token, "token_id": t.token_id, "logit": t.logit}
+                             for t in f.promoted],
+                   suppressed=[{"token": t.token, "token_id": t.token_id, "logit": t.logit}
+                               for t in f.suppressed],
+                   logit_effects_unavailable=f.logit_effects_unavailable)
     return out
 
 
@@ -180,6 +185,11 @@ def _features(client: SteeringClient, args) -> int:
         print(f"  steers: clamp to {f.steer_value:.4g} moved {f.steer_success:.0%} of neutral prompts to {f.topic}")
     if f.top_tokens:
         print("  top tokens: " + ", ".join(f.top_tokens))
+    if f.promoted:
+        print("  promotes: " + ", ".join(f"{t.token!r} {t.logit:+.3g}" for t in f.promoted[:8]))
+        print("  suppresses: " + ", ".join(f"{t.token!r} {t.logit:+.3g}" for t in f.suppressed[:8]))
+    elif f.logit_effects_unavailable:
+        print(f"  no logit effects: {f.logit_effects_unavailable}")
     for e in f.examples:
         print(f"  {e.activation:7.3f}  ...{e.context}[[{e.token}]]")
     return 0

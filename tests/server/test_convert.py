@@ -159,12 +159,12 @@ def test_feature_request_errors(tmp_path, req, err, needle):
         fn(req, SAES, labels)
 
 
-def test_unlabelled_sae_is_a_failed_precondition_error(tmp_path):
+def test_unlabelled_sae_get_feature_has_an_empty_label_and_search_is_a_failed_precondition(tmp_path):
     from sae_runtime.errors import NotLabelledError
     from server.errors import status_code_of
 
-    with pytest.raises(NotLabelledError, match="feature_labels.json") as e:
-        convert.get_feature(pb.GetFeatureRequest(sae="s", index=1), SAES, {})
-    assert status_code_of(e.value).name == "FAILED_PRECONDITION"
-    with pytest.raises(NotLabelledError, match="no loaded SAE has feature labels"):
+    f = convert.get_feature(pb.GetFeatureRequest(sae="s", index=1), SAES, {})
+    assert (f.sae, f.index, f.label) == ("s", 1, "")
+    with pytest.raises(NotLabelledError, match="no loaded SAE has feature labels") as e:
         convert.search_features(pb.SearchFeaturesRequest(query="x"), SAES, {})
+    assert status_code_of(e.value).name == "FAILED_PRECONDITION"
