@@ -24,7 +24,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup serve test test-fast test-triton test-parallel-extra lint bench bench-preload bench-serve loadtest soak proto proto-check clean-venv default-artifacts train-default
+.PHONY: browser-deps setup serve test test-fast test-triton test-parallel-extra lint bench bench-preload bench-serve loadtest soak proto proto-check clean-venv default-artifacts train-default
 
 setup: $(STAMP)/project
 
@@ -68,7 +68,15 @@ train-default: setup
 lint: setup
 	$(BIN)/ruff check .
 
-test: lint
+# Headless Chromium for tests/e2e/test_playground.py: installed only when missing and only as
+# root (CI runs as root); otherwise the browser test skips, saying why.
+browser-deps:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else echo "browser-deps: not root; install chromium + chromium-driver (the browser test will skip)"; fi
+
+test: lint browser-deps
 	$(BIN)/python -m pytest -q -ra --durations=25
 
 # Starts the server on the embedded default, runs Locust headless for a bounded time on

@@ -23,7 +23,10 @@ class UnknownSAEError(SteeringError, LookupError):
     """A request names an SAE the server does not serve (gRPC NOT_FOUND)."""
 
     def __init__(self, field: str, sae_id: str, known: list[str]) -> None:
-        listed = ", ".join(sorted(known)) or "(none loaded)"
+        from sae_runtime.vectors import is_bank  # (vectors imports this module)
+
+        # steering-vector banks are hooks, not SAEs a request may name
+        listed = ", ".join(sorted(k for k in known if not is_bank(k))) or "(none loaded)"
         super().__init__(f"{field}: unknown SAE {sae_id!r}; loaded SAEs: {listed}")
         self.field = field
         self.sae_id = sae_id

@@ -195,7 +195,6 @@ def test_bad_conditions_and_guardrails_are_invalid_argument(server):
          "interventions[0].when.threshold:"),
         ([conditional(clamp(SAE, 1, 1.0), when(SAE, 10**6, ">", 0.0))], [],
          "interventions[0].when.feature:"),
-        ([], [when("nope", 1, ">", 0.0)], "abort_when[0].condition.sae:"),
         ([], [guardrail(when("tk", 1, ">", 0.0), at=positions(token_ids=[5]))],
          "abort_when[0].positions.token_ids:"),
         ([], [when("tk", 1, ">", 0.0)] * 9, "abort_when:"),
@@ -206,6 +205,11 @@ def test_bad_conditions_and_guardrails_are_invalid_argument(server):
                 c.generate_text(PROMPT, max_tokens=2, interventions=ivs, abort_when=guards)
             assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
             assert ei.value.details().startswith(field), ei.value.details()
+        with pytest.raises(grpc.RpcError) as ei:  # an unknown SAE is NOT_FOUND, as everywhere
+            c.generate_text(PROMPT, max_tokens=2, abort_when=[when("nope", 1, ">", 0.0)])
+        assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+        assert ei.value.details().startswith("abort_when[0].condition.sae: unknown SAE 'nope'")
+        assert "vectors@" not in ei.value.details()
         latch_only = clamp(SAE, 1, 1.0)
         latch_only.latch = True
         with pytest.raises(grpc.RpcError) as ei:
