@@ -93,9 +93,13 @@ loadtest: setup
 		--stop-timeout 30 --host 127.0.0.1:$(PORT) --csv loadtests/reports/run \
 		--html loadtests/reports/run.html; rc=$$?; kill $$(cat loadtests/reports/steerd.pid); exit $$rc
 
-# 10-minute soak with 64 Locust users; writes docs/soak.md.
+# Soak on the trained embedded default (SOAK_MODEL=tiny: the tiny random test model) with
+# reads and steering in the mix; RSS per process every 30 s; writes docs/soak.{md,png,json}.
+SOAK_MINUTES ?= 30
+SOAK_USERS ?= 128
+SOAK_MODEL ?= default
 soak: default-artifacts
-	$(BIN)/python -m loadtests.soak --users 64 --minutes 10
+	$(BIN)/python -m loadtests.soak --users $(SOAK_USERS) --minutes $(SOAK_MINUTES) --model $(SOAK_MODEL)
 
 # Measured, not asserted: writes docs/benchmarks.{json,md}. The e2e half sizes itself to the
 # machine (model dtype by native bf16 support; rounds, and on slow machines shorter
