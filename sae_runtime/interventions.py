@@ -38,6 +38,19 @@ class Scope(IntEnum):
         return _GENERATION if self == Scope.GENERATION_ONLY else _ALL
 
 
+def check_sae_feature(field: str, sae: str, feature: int, saes: Mapping[str, SAEConfig]) -> None:
+    """``{field}.sae`` names a loaded SAE and ``{field}.feature`` is one of its features."""
+    if not sae:
+        raise InvalidRequestError(f"{field}.sae", "must name a loaded SAE")
+    if sae not in saes:
+        raise UnknownSAEError(f"{field}.sae", sae, list(saes))
+    d_sae = saes[sae].d_sae
+    if not 0 <= feature < d_sae:
+        raise InvalidRequestError(
+            f"{field}.feature",
+            f"feature {feature} is out of range for SAE {sae!r} (valid: 0..{d_sae - 1})")
+
+
 @dataclass(frozen=True)
 class Condition:
     """``f(x) > threshold`` (Cond.GT) or ``< threshold`` (Cond.LT) for feature ``feature``
@@ -49,15 +62,7 @@ class Condition:
     threshold: float
 
     def validate(self, field: str, saes: Mapping[str, SAEConfig]) -> None:
-        if not self.sae:
-            raise InvalidRequestError(f"{field}.sae", "must name a loaded SAE")
-        if self.sae not in saes:
-            raise UnknownSAEError(f"{field}.sae", self.sae, list(saes))
-        d_sae = saes[self.sae].d_sae
-        if not 0 <= self.feature < d_sae:
-            raise InvalidRequestError(
-                f"{field}.feature", f"feature {self.feature} is out of range for SAE "
-                f"{self.sae!r} (valid: 0..{d_sae - 1})")
+        check_sae_feature(field, self.sae, self.feature, saes)
         if self.op not in (Cond.GT, Cond.LT):
             raise InvalidRequestError(f"{field}.op", "must be set (GT or LT)")
         if not math.isfinite(self.threshold):
@@ -112,17 +117,7 @@ class SteeringSpec:
         seen: dict[tuple[str, int], int] = {}
         for j, iv in enumerate(self.interventions):
             field = f"interventions[{j}]"
-            if not iv.sae:
-                raise InvalidRequestError(f"{field}.sae", "must name a loaded SAE")
-            if iv.sae not in saes:
-                raise UnknownSAEError(f"{field}.sae", iv.sae, list(saes))
-            d_sae = saes[iv.sae].d_sae
-            if not 0 <= iv.feature < d_sae:
-                raise InvalidRequestError(
-                    f"{field}.feature",
-                    f"feature {iv.feature} is out of range for SAE {iv.sae!r} "
-                    f"(valid: 0..{d_sae - 1})",
-                )
+            check_sae_feature(field, iv.sae, iv.feature, saes)
             if not math.isfinite(iv.value):
                 raise InvalidRequestError(f"{field}.value", f"must be finite, got {iv.value}")
             key = (iv.sae, iv.feature)
