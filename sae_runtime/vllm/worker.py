@@ -307,10 +307,16 @@ _REPORT: dict = {"installed": False}
 
 def _bank(entry) -> Bank:
     """The steering-vector bank of ``entry`` (its layer's vectors, from every --vector file)."""
-    for b in build_banks(entry.vectors):
-        if b.layer == entry.layer:
-            return b
-    raise SAEFormatError(f"no steering vector for layer {entry.layer} in {entry.vectors}")
+    bank = _banks(tuple(map(tuple, entry.vectors))).get(entry.layer)
+    if bank is None:
+        raise SAEFormatError(f"no steering vector for layer {entry.layer} in {entry.vectors}")
+    return bank
+
+
+@functools.cache
+def _banks(files: tuple[tuple[str, str], ...]) -> dict[int, Bank]:
+    """Every bank of the --vector files, read once per worker (one entry per layer asks)."""
+    return {b.layer: b for b in build_banks(files)}
 
 
 def _with_cpu_gemm(sae):
