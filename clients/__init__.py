@@ -10,6 +10,7 @@ from clients.client import (
     conditional,
     generation_range,
     guardrail,
+    inline_vector,
     parse_condition,
     parse_range,
     position_range,
@@ -22,5 +23,5 @@ from clients.client import (
 )
 
 __all__ = ["GenerationResult", "SteeringClient", "absolute_range", "ablate", "add", "clamp",
-           "conditional", "generation_range", "guardrail", "parse_condition", "parse_range",
+           "conditional", "generation_range", "guardrail", "inline_vector", "parse_condition", "parse_range",
            "position_range", "positions", "prompt_range", "read", "scale", "vector", "when"]

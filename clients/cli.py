@@ -26,6 +26,7 @@ from clients.client import (
     collect,
     conditional,
     guardrail,
+    inline_vector,
     parse_condition,
     parse_range,
     positions,
@@ -274,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="NAME=STRENGTH[@L,L,...]",
                    help="add the server's steering vector NAME times STRENGTH (at the given "
                         "layers only; the edit's --positions apply; repeatable)")
+    g.add_argument("--inline-vector", dest="inline_vectors", action="append", type=_inline,
+                   default=None, metavar="FILE.npy@L[=STRENGTH]",
+                   help="add this request's own vector (a 1-D .npy of d_model floats) times "
+                        "STRENGTH (default 1) to block L's output (a layer the server takes "
+                        "inline vectors at; the edit's --positions apply; repeatable)")
     g.add_argument("--abort-when", dest="abort_when", action="append", type=_condition,
                    default=None, metavar="SAE:FEATURE>T",
                    help="guardrail: stop as soon as the feature crosses T at a generated "
@@ -353,6 +359,27 @@ def _vector(text: str):
             f"expected NAME=STRENGTH[@L,L,...], got {text!r}") from None
 
 
+def _inline(text: str):
+    import numpy as np
+
+    path, _, rest = text.rpartition("@")
+    layer, _, strength = rest.partition("=")
+    try:
+        layer_n, st = int(layer), float(strength) if strength else 1.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected FILE.npy@L[=STRENGTH], got {text!r}") from None
+    if not path:
+        raise argparse.ArgumentTypeError(f"expected FILE.npy@L[=STRENGTH], got {text!r}")
+    try:
+        values = np.load(path)
+    except (OSError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"{path}: cannot read a .npy array ({e})") from None
+    if values.ndim != 1:
+        raise argparse.ArgumentTypeError(f"{path}: a 1-D array of d_model floats is needed, got "
+                                         f"shape {values.shape}")
+    return values.astype(float).tolist(), layer_n, st
+
+
 def _guards(conds, on_prompt: bool):
     every = positions() if on_prompt else None  # an empty selector: every position
     return [guardrail(c, at=every) for c in conds or ()]
@@ -401,6 +428,9 @@ def _generate(client: SteeringClient, args) -> int:
         vectors=[vector(n, st, ls, at=_selector(args.positions, args.exclude_ranges,
                                                  args.token_ids, args.exclude_token_ids))
                  for n, st, ls in args.vectors or ()],
+        inline_vectors=[inline_vector(vals, layer, st, at=_selector(
+            args.positions, args.exclude_ranges, args.token_ids, args.exclude_token_ids))
+            for vals, layer, st in args.inline_vectors or ()],
     )
     if args.json:
         r = collect(stream)

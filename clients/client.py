@@ -175,6 +175,17 @@ def vector(name: str, strength: float, layers: Sequence[int] = (), *,
     return v
 
 
+def inline_vector(values: Sequence[float], layer: int, strength: float = 1.0, *,
+                  at: pb.PositionSelector | None = None) -> pb.InlineVector:
+    """Add ``strength * values`` (d_model floats: a list, a numpy array or a tensor) to the
+    output of block ``layer`` (one the server takes inline vectors at: GetModelInfo's
+    ``inline_vector_layers``), at every position or those of ``at``."""
+    v = pb.InlineVector(values=[float(x) for x in values], layer=layer, strength=strength)
+    if at is not None:
+        v.positions.CopyFrom(at)
+    return v
+
+
 def read(sae: str, top_k: int = 0, watch: Sequence[int] = (),
          scope: ReadScopeName | None = None, *, at: pb.PositionSelector | None = None) -> pb.FeatureRead:
     """Ask for ``sae``'s top_k features and/or a watch list at the positions of ``scope``
@@ -246,6 +257,7 @@ class SteeringClient:
         logprobs: int | None = None, prompt_logprobs: int | None = None,
         abort_when: Sequence[pb.Guardrail | pb.FeatureCondition] = (),
         vectors: Sequence[pb.VectorSteer] = (),
+        inline_vectors: Sequence[pb.InlineVector] = (),
     ) -> pb.GenerateRequest:
         """``logprobs=n``: each generated token's logprob and the n most likely alternatives;
         ``prompt_logprobs=n``: the same for prompt positions 1..n-1. ``abort_when``:
@@ -261,7 +273,7 @@ class SteeringClient:
         guards = [g if isinstance(g, pb.Guardrail) else guardrail(g) for g in abort_when]
         return pb.GenerateRequest(prompt=p, sampling=s, interventions=list(interventions),
                                   reads=list(reads), request_id=request_id, abort_when=guards,
-                                  vectors=list(vectors))
+                                  vectors=list(vectors), inline_vectors=list(inline_vectors))
 
     def generate(self, prompt: PromptLike, **kw) -> Iterator[pb.GenerateResponse]:
         """Stream responses; cancel by calling ``.cancel()`` on the returned iterator.

@@ -86,6 +86,8 @@ class Intervention:
     positions: Selector | None = None  # set: overrides ``scope`` (the converter allows one)
     when: Condition | None = None  # a conditional edit (the condition reads the same SAE)
     latch: bool = False  # with ``when``: stays on once the condition has held
+    vector: bytes | None = None  # an inline vector (float32 little-endian [d_model]) on a
+    # vector bank's inline row: the ADD edit adds value * vector (``sae_runtime.vectors``)
 
     @property
     def selector(self) -> Selector:
@@ -159,6 +161,8 @@ class SteeringSpec:
             row = [iv.sae, int(iv.feature), int(iv.mode), value, iv.selector.canonical()]
             if iv.when is not None:  # unconditional specs keep the salt they had before
                 row.append([*iv.when.canonical(), bool(iv.latch)])
+            if iv.vector is not None:
+                row.append(["vector", hashlib.sha256(iv.vector).hexdigest()])
             rows.append(row)
         return sorted(rows)
 
@@ -202,6 +206,6 @@ class SteeringSpec:
                         0.0 if iv.mode == Mode.ABLATE else float(iv.value), iv.selector,
                         None if iv.when is None else CondPayload(
                             int(iv.when.feature), int(iv.when.op), float(iv.when.threshold),
-                            bool(iv.latch)))
+                            bool(iv.latch)), iv.vector)
             for iv in self.interventions
         )

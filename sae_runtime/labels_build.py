@@ -232,7 +232,7 @@ def build(cfg: BuildConfig, *, restart: bool = False, progress: bool = True,
         return x
 
     try:
-        with torch.no_grad(), edit_site(model, sae.cfg.layer, sae.cfg.site, grab):
+        with torch.no_grad(), edit_site(model, sae.cfg.layer, sae.cfg.read_site, grab):
             while st.contexts_done < len(ctxs):
                 lo = st.contexts_done
                 chunk = ctxs[lo:lo + cfg.batch]

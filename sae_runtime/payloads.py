@@ -50,6 +50,8 @@ class EditPayload(msgspec.Struct, array_like=True, frozen=True):
     value: float
     positions: Selector = Selector()
     when: CondPayload | None = None
+    vector: bytes | None = None  # an inline vector (float32 [d_model]) on a vector bank:
+    # the ADD edit adds value * vector instead of value * W_dec[feature]
 
 
 class ReadPayload(msgspec.Struct, array_like=True, frozen=True):
@@ -95,6 +97,7 @@ class SAEEntry(msgspec.Struct, frozen=True):
     # pairs of every --vector, and the layer this bank holds
     vectors: tuple[tuple[str, str], ...] = ()
     layer: int = -1
+    inline: bool = False  # the bank also takes inline vectors (``--inline-vectors``)
 
 
 class WorkerConfig(msgspec.Struct, frozen=True):

@@ -89,6 +89,8 @@ class RequestPlan:
     latched: dict[int, np.ndarray] = field(default_factory=dict)  # hook id -> latched row indices
     latches: dict[int, np.ndarray] = field(default_factory=dict)  # hook id -> latch ids (mutable:
     # filled when the request is first scheduled, given back by ``release_latches``)
+    inline: dict[int, np.ndarray] = field(default_factory=dict)  # hook id -> the request's
+    # inline vector at that bank (float32 [d]); its edit rows name the bank's inline row
 
     @property
     def empty(self) -> bool:
@@ -115,10 +117,12 @@ def compile_request(payload: RequestPayload | None, prompt_len: int) -> RequestP
     by_hook: dict[int, list] = {}
     for ed in payload.edits:
         by_hook.setdefault(ed.sae, []).append(ed)
-    edits, hulls, token_rules, latched = {}, {}, {}, {}
+    edits, hulls, token_rules, latched, inline = {}, {}, {}, {}, {}
     for hook_id, items in by_hook.items():
         rows, rules = [], []
         for ed in items:
+            if ed.vector is not None:  # one inline vector per bank and request (the server)
+                inline[hook_id] = np.frombuffer(ed.vector, dtype="<f4")
             w = ed.when
             cond = (NO_CONDITION, Cond.NONE, 0.0, False) if w is None else (
                 w.feature, w.op, w.threshold, w.latch)
@@ -144,7 +148,7 @@ def compile_request(payload: RequestPayload | None, prompt_len: int) -> RequestP
             reads.append(ReadPlan(j, r.sae, r.top_k, tuple(r.watch), wins[0][0], wins[-1][1],
                                   wins))
     return RequestPlan(payload.rid, prompt_len, edits, hulls, tuple(reads), payload.pooled,
-                       token_rules, latched)
+                       token_rules, latched, inline={h: v for h, v in inline.items() if h in edits})
 
 
 @dataclass(frozen=True)
@@ -263,7 +267,7 @@ def plan_step(hooks: Sequence[HookTables | None], step: StepDescription,
             if hook_id in plan.token_rules:
                 by_token.append((sr, hook_id, a, b))  # after the one-slot requests
             else:
-                hook.add_edits(a, b, sr.pos0 + a - sr.start, rows)
+                _add_edits(hook, a, b, sr.pos0 + a - sr.start, rows, plan.inline.get(hook_id))
         for rp in plan.reads:
             hook = hooks[rp.hook_id]
             if read_hooks is not None and rp.hook_id not in read_hooks:
@@ -288,11 +292,22 @@ def plan_step(hooks: Sequence[HookTables | None], step: StepDescription,
                 raise RuntimeError(
                     f"request {plan.rid}: its token-id selectors need more edit slots this "
                     f"step than the tables hold ({hook.max_slots})")
-            hook.add_edits(a + pa, a + pb, int(pos[pa]), piece)
+            _add_edits(hook, a + pa, a + pb, int(pos[pa]), piece, plan.inline.get(hook_id))
     for hook in hooks:
         if hook is not None:
             hook.upload()
     return segments
+
+
+def _add_edits(hook: HookTables, a: int, b: int, pos0: int, rows: np.ndarray,
+               vector: np.ndarray | None) -> None:
+    """``hook.add_edits``; with an inline vector, first copied into the scratch row of the
+    slot the rows get, and the rows that name the bank's inline row pointed there."""
+    if vector is not None:
+        s = hook.n_slots  # the slot add_edits hands out next
+        rows = rows.copy()
+        rows["feature"][rows["feature"] == hook.inline_row] = hook.write_inline(s, vector)
+    hook.add_edits(a, b, pos0, rows)
 
 
 def release_latches(hooks: Sequence[HookTables | None], plan: RequestPlan) -> None:

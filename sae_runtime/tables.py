@@ -21,7 +21,9 @@ budgets), so its address never changes. The edit layout (``sae_runtime.edits``):
 - ``rows / row_slot [max_tokens]``: the rows with a slot, compacted (the CPU path's index);
 - ``read_rows / read_slot [2 * max_tokens]``, ``rslot_watch [2 * max_slots, max_watch]``:
   rows that read, their read slot, each read slot's watch list (a request may read one SAE
-  twice: its own read and its guardrails' hidden read).
+  twice: its own read and its guardrails' hidden read);
+- ``stash [max_tokens, d_in]`` (transcoders only): the MLP input of this step, copied by
+  ``stash_input`` (the ``sae_stash`` op before the MLP) for ``apply`` (after it).
 
 The host fills the tables through numpy views. On CPU the kernels read those same tensors.
 On another device (``staged``) the host tables live in pinned memory and ``upload`` copies
@@ -75,9 +77,13 @@ class HookTables:
 
     def __init__(self, sae: SAE, max_tokens: int, max_slots: int, max_feats: int,
                  max_watch: int = 0, *, staged: bool | None = None,
-                 max_latches: int | None = None) -> None:
+                 max_latches: int | None = None, act_dtype: torch.dtype | None = None,
+                 inline_row: int | None = None) -> None:
         """``max_slots``: scheduled requests per step (one edit slot and one read slot
-        each); ``max_feats``: edits one request may make at this hook."""
+        each); ``max_feats``: edits one request may make at this hook; ``act_dtype``: the
+        model's activation dtype (a transcoder's stashed MLP input keeps it);
+        ``inline_row``: a vector bank taking inline vectors, whose decoder rows from
+        ``inline_row`` on are one scratch row per slot (``write_inline``)."""
         dev = sae.W_enc.device
         self.sae = sae
         self.max_slots = max_slots
@@ -114,6 +120,14 @@ class HookTables:
             self.dev["tok_slot"], self.dev["tok_pos"], self.dev["slot_start"],
             self.dev["slot_len"], {c: self.dev[f"edit_{c}"] for c in EDIT_COLUMNS}, max_feats,
             self.latch_pos)
+        # A transcoder encodes the MLP input but edits the MLP output: ``stash_input`` copies
+        # the input here (a fixed address, so a captured graph replays it) before the MLP.
+        self.stash = (torch.zeros(max_tokens, sae.cfg.d_in, dtype=act_dtype or sae.W_enc.dtype,
+                                  device=dev) if sae.cfg.transcoder else None)
+        self.inline_row = -1 if inline_row is None else inline_row
+        if inline_row is not None and sae.cfg.d_sae < inline_row + max_slots:
+            raise ValueError(f"a bank with inline row {inline_row} needs {max_slots} scratch "
+                             f"rows; it has {sae.cfg.d_sae - inline_row}")
         self.n_rows = 0
         self.n_slots = 0
         self.n_edits = 0
@@ -178,6 +192,20 @@ class HookTables:
         self._dirty_until = max(self._dirty_until, b)
         return s
 
+    def write_inline(self, slot: int, vector: np.ndarray) -> int:
+        """Copy a request's inline vector into ``slot``'s scratch decoder row; returns the
+        row. The forward that reads it runs before the next step writes again."""
+        if self.inline_row < 0:
+            raise RuntimeError("an inline vector at a hook that takes none")
+        if slot >= self.max_slots:
+            raise RuntimeError("SAE slot table overflow")
+        if vector.shape != (self.sae.cfg.d_in,):
+            raise RuntimeError(f"inline vector of shape {vector.shape} at a bank of width "
+                               f"{self.sae.cfg.d_in}")
+        row = self.inline_row + slot
+        self.sae.W_dec[row].copy_(torch.from_numpy(np.array(vector, dtype=np.float32)))
+        return row
+
     def alloc_latches(self, n: int) -> np.ndarray:
         """``n`` latch ids, reset to "not yet held" (``POS_INF``); raises when none are left."""
         if n > len(self._free_latches):
@@ -223,8 +251,22 @@ class HookTables:
 
     # ------------------------------------------------------------------ inside the forward
 
+    def _skips_edits(self, t: torch.Tensor) -> bool:
+        """True when this step's edits may be skipped: no edit rows, a backend that skips
+        (the reference computes every row), and not in a capture (it would freeze the skip)."""
+        return self.n_rows == 0 and backend_for(t.device) != "reference" and not _capturing(t)
+
+    def stash_input(self, x: torch.Tensor) -> torch.Tensor:
+        """A transcoder's MLP input ``x [T, d_in]``: kept for ``apply`` (which runs on the MLP
+        output) when this step uses it; returns a copy of ``x`` (an op may not alias it)."""
+        assert self.stash is not None, "stash_input on an SAE that is not a transcoder"
+        if not (self._skips_edits(x) and self.n_read == 0):
+            self.stash[: x.shape[0]].copy_(x)
+        return x.clone()
+
     def apply(self, h: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        """``h`` plus this step's edits; the SAE encodes ``h + residual`` (or ``h``)."""
+        """``h`` plus this step's edits; the SAE encodes ``h + residual`` (or ``h``), or, for a
+        transcoder, the MLP input ``stash_input`` kept this step (``h`` is the MLP output)."""
         backend = backend_for(h.device)
         capturing = _capturing(h)
         if capturing and self.n_read:
@@ -233,10 +275,13 @@ class HookTables:
                 "sae_steer::sae_hook in vLLM's splitting_ops (the engine does on CUDA)")
         # The host's row counts may skip work, except in a capture (it would freeze the skip).
         n = self.n_rows
-        skip = n == 0 and backend != "reference" and not capturing
+        skip = self._skips_edits(h)
         if skip and self.n_read == 0:
             return h.clone()
-        resid = h if residual is None else h + residual  # the activation at the hook
+        if self.stash is not None:  # the activation the SAE encodes
+            resid = self.stash[: h.shape[0]]
+        else:
+            resid = h if residual is None else h + residual
         if self.n_read:
             self._read(resid)
         if skip:

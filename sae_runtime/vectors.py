@@ -26,10 +26,17 @@ are the vectors and whose encoder is zero (every activation is 0), hooked at tha
 residual output. A request's vector becomes an ADD edit of strength ``s`` on its row of each
 layer's bank, so the edit is exactly ``s * v`` and everything edits have comes with it:
 per-request settings in one batch, position selectors, cache salts, the compiled op, TP/PP.
+
+Inline vectors (``GenerateRequest.inline_vectors``: a request's own ``d_model`` floats at
+one layer) use the same banks: a layer named by ``--inline-vectors`` gets a bank (with or
+without named vectors) with one scratch decoder row per edit slot; each step the planner
+copies the request's vector into the row of its slot (``HookTables.write_inline``) and its
+ADD edit names that row, so the edit is exactly ``s * v`` again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -148,25 +155,37 @@ def _gguf(p: Path) -> dict[int, np.ndarray]:
 
 @dataclass(frozen=True)
 class Bank:
-    """The vectors of one layer: row ``i`` is ``names[i]``'s vector."""
+    """The vectors of one layer: row ``i`` is ``names[i]``'s vector.
+
+    ``inline``: the layer also takes per-request inline vectors (``--inline-vectors``). The
+    server sees one more row, ``inline_row`` (``len(names)``), which an inline vector's ADD
+    edit names; the worker's bank holds one scratch row per edit slot from there on
+    (``bank_sae(..., scratch=)``), and each step the planner writes each request's vector
+    into the row of the slot it got and points its edit there."""
 
     layer: int
     names: tuple[str, ...]
     matrix: np.ndarray  # [len(names), d_model] float32
+    inline: bool = False
 
     @property
     def id(self) -> str:
         return bank_id(self.layer)
 
+    @property
+    def inline_row(self) -> int:
+        return len(self.names)
+
     def config(self) -> SAEConfig:
         n, d = self.matrix.shape
-        return SAEConfig("standard", d, n, f"blocks.{self.layer}.hook_resid_post", self.layer,
-                         "resid_post", apply_b_dec_to_input=False)
+        return SAEConfig("standard", d, n + int(self.inline), f"blocks.{self.layer}.hook_resid_post",
+                         self.layer, "resid_post", apply_b_dec_to_input=False)
 
 
 def build_banks(files: Sequence[tuple[str, str | Path]], *, d_model: int | None = None,
-                n_layers: int | None = None) -> list[Bank]:
-    """Banks (by layer) of the named vector files; checks sizes against the model."""
+                n_layers: int | None = None, inline_layers: Sequence[int] = ()) -> list[Bank]:
+    """Banks (by layer) of the named vector files, and of the layers that take inline vectors
+    (``inline_layers``; ``d_model`` is then required); checks sizes against the model."""
     per_layer: dict[int, list[tuple[str, np.ndarray]]] = {}
     seen: set[str] = set()
     for name, path in files:
@@ -184,24 +203,41 @@ def build_banks(files: Sequence[tuple[str, str | Path]], *, d_model: int | None 
                 raise SAEFormatError(f"{path}: a vector for layer {layer}, but the model has "
                                      f"blocks 0..{n_layers - 1}")
             per_layer.setdefault(layer, []).append((name, v))
-    return [Bank(layer, tuple(n for n, _ in items), np.stack([v for _, v in items]))
+    inline = set(inline_layers)
+    if inline and d_model is None:
+        raise ValueError("build_banks: inline layers need d_model")
+    for layer in sorted(inline):
+        if n_layers is not None and not 0 <= layer < n_layers:
+            raise SAEFormatError(f"--inline-vectors: layer {layer}, but the model has blocks "
+                                 f"0..{n_layers - 1}")
+        per_layer.setdefault(layer, [])
+    width = d_model or 0
+    return [Bank(layer, tuple(n for n, _ in items),
+                 np.stack([v for _, v in items]) if items else np.zeros((0, width), np.float32),
+                 inline=layer in inline)
             for layer, items in sorted(per_layer.items())]
 
 
-def bank_sae(bank: Bank) -> SAE:
+def bank_sae(bank: Bank, scratch: int = 0) -> SAE:
     """The bank as a pseudo-SAE: zero encoder (every activation 0), decoder rows = vectors,
-    so an ADD edit of strength s on row i adds exactly ``s * v_i``."""
-    W_dec = torch.from_numpy(bank.matrix.copy())
-    n, d = W_dec.shape
-    return SAE(bank.config(), W_enc=torch.zeros(d, n), W_dec=W_dec, b_enc=torch.zeros(n),
+    so an ADD edit of strength s on row i adds exactly ``s * v_i``. ``scratch``: zero rows
+    after the named ones, one per edit slot, for inline vectors (``Bank.inline``)."""
+    named = torch.from_numpy(bank.matrix.copy())
+    d = named.shape[1]
+    W_dec = torch.cat([named, torch.zeros(scratch, d)]) if scratch else named
+    n = W_dec.shape[0]
+    cfg = dataclasses.replace(bank.config(), d_sae=n)
+    return SAE(cfg, W_enc=torch.zeros(d, n), W_dec=W_dec, b_enc=torch.zeros(n),
                b_dec=torch.zeros(d))
 
 
 @dataclass(frozen=True)
 class VectorIndex:
-    """Where each named vector lives: name -> {layer: (bank id, row)}."""
+    """Where each named vector lives: name -> {layer: (bank id, row)}; and the layers that
+    take inline vectors: layer -> (bank id, inline row)."""
 
     rows: Mapping[str, Mapping[int, tuple[str, int]]]
+    inline: Mapping[int, tuple[str, int]] = dataclasses.field(default_factory=dict)
 
     @staticmethod
     def of(banks: Sequence[Bank]) -> VectorIndex:
@@ -209,4 +245,4 @@ class VectorIndex:
         for b in banks:
             for i, name in enumerate(b.names):
                 rows.setdefault(name, {})[b.layer] = (b.id, i)
-        return VectorIndex(rows)
+        return VectorIndex(rows, {b.layer: (b.id, b.inline_row) for b in banks if b.inline})

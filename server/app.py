@@ -22,7 +22,7 @@ from sae_runtime.guardrails import MAX_GUARDRAILS
 from sae_runtime.hw import LOW_PRECISION, cpu_info
 from sae_runtime.loading import load_sae_config
 from sae_runtime.saes.base import SAEConfig
-from sae_runtime.vectors import BANK_PREFIX, VectorIndex, build_banks, is_bank
+from sae_runtime.vectors import BANK_PREFIX, VectorIndex, bank_id, build_banks, is_bank
 from sae_runtime.vllm.families import block_of, family_of, supported
 from server import convert
 from server.auth import BearerAuth, load_tokens
@@ -46,14 +46,21 @@ def load_sae_configs(cfg: ServerConfig) -> dict[str, SAEConfig]:
     for sid in saes:
         if is_bank(sid):
             raise SAEFormatError(f"--sae {sid}: SAE ids may not start with {BANK_PREFIX!r}")
-    if cfg.vectors:
-        d_model, n_layers = model_dims(cfg)
-        for bank in build_banks([(v.name, v.path) for v in cfg.vectors], d_model=d_model,
-                                n_layers=n_layers):
-            saes[bank.id] = bank.config()
+    for bank in vector_banks(cfg):
+        saes[bank.id] = bank.config()
     if saes:
         check_model_fit(cfg, saes)
     return saes
+
+
+def vector_banks(cfg: ServerConfig) -> list:
+    """The steering-vector banks of ``--vector`` and ``--inline-vectors`` (checked against
+    the model), by layer; none without either."""
+    if not cfg.vectors and not cfg.inline_vectors:
+        return []
+    d_model, n_layers = model_dims(cfg)
+    return build_banks([(v.name, v.path) for v in cfg.vectors], d_model=d_model,
+                       n_layers=n_layers, inline_layers=cfg.inline_vector_layers(n_layers))
 
 
 def model_dims(cfg: ServerConfig) -> tuple[int, int]:
@@ -72,7 +79,10 @@ def engine_sae_entries(cfg: ServerConfig, saes: dict[str, SAEConfig]) -> list[di
     """What the workers load, in hook order: SAE directories, then vector banks."""
     src = {s.id: s for s in cfg.saes}
     files = [(v.name, str(v.path)) for v in cfg.vectors]
-    return [{"id": sid, "path": "", "vectors": files, "layer": c.layer} if is_bank(sid) else
+    inline = ({bank_id(layer) for layer in cfg.inline_vector_layers(model_dims(cfg)[1])}
+              if cfg.inline_vectors else set())
+    return [{"id": sid, "path": "", "vectors": files, "layer": c.layer, "inline": sid in inline}
+            if is_bank(sid) else
             {"id": sid, "path": str(src[sid].path), "hook_name": src[sid].hook_name}
             for sid, c in saes.items()]
 
@@ -234,8 +244,7 @@ async def build_server(cfg: ServerConfig, engine: Any, saes: dict[str, SAEConfig
         max_distinct_configs=cfg.max_distinct_configs, labels=labels,
         chat_template=load_chat_template(cfg.chat_template),
         max_stream_buffer_bytes=cfg.max_stream_buffer_bytes,
-        vectors=VectorIndex.of(build_banks([(v.name, v.path) for v in cfg.vectors]))
-        if cfg.vectors else None,
+        vectors=VectorIndex.of(vector_banks(cfg)) if cfg.vectors or cfg.inline_vectors else None,
     )
     add_servicer(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

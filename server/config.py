@@ -60,6 +60,10 @@ class ServerConfig(BaseModel):
     vectors: tuple[VectorSource, ...] = Field(
         default=(), description="Steering vectors: NAME=PATH (llama.cpp/repeng GGUF control "
         "vector, or safetensors/.npz/.pt/.npy of {layer: vector}); repeat for several.")
+    inline_vectors: str = Field(
+        default="", description="Layers that take per-request inline steering vectors "
+        "(GenerateRequest.inline_vectors): 'all', or a comma list of 0-based blocks such as "
+        "'10,12'. Each costs one hook op per step and 2 * max_num_seqs * d_model floats.")
     host: str = Field(default="127.0.0.1", description="Address to bind.")
     port: int = Field(default=50051, ge=0, le=65535, description="Port (0 picks a free one).")
     max_interventions: int = Field(
@@ -179,6 +183,30 @@ class ServerConfig(BaseModel):
         if v is not None and not (v.startswith("tcp://") or v.startswith("ipc://")):
             raise ValueError(f"--reads-address {v!r}: give tcp://HOST:PORT or ipc://PATH")
         return v
+
+    @field_validator("inline_vectors")
+    @classmethod
+    def _inline_layers(cls, v: str) -> str:
+        v = v.strip()
+        if v in ("", "all"):
+            return v
+        try:
+            layers = [int(x) for x in v.split(",")]
+        except ValueError:
+            raise ValueError(f"--inline-vectors {v!r}: give 'all' or 0-based block numbers "
+                             "separated by commas, e.g. 10,12") from None
+        if any(x < 0 for x in layers):
+            raise ValueError(f"--inline-vectors {v!r}: block numbers start at 0")
+        return ",".join(str(x) for x in sorted(set(layers)))
+
+    def inline_vector_layers(self, n_layers: int) -> tuple[int, ...]:
+        """The blocks that take inline vectors (``inline_vectors``) in a model of
+        ``n_layers`` blocks; a block beyond the model is the loader's error to name."""
+        if not self.inline_vectors:
+            return ()
+        if self.inline_vectors == "all":
+            return tuple(range(n_layers))
+        return tuple(int(x) for x in self.inline_vectors.split(","))
 
     @field_validator("saes")
     @classmethod

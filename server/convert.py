@@ -9,6 +9,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
+
 from sae_runtime import features as feats
 from sae_runtime.edits import Cond
 from sae_runtime.errors import (
@@ -39,7 +41,8 @@ _FINISH = {
     "abort": pb.FINISH_REASON_ABORT,
 }
 _SITE = {"resid_post": pb.HOOK_SITE_RESID_POST, "resid_pre": pb.HOOK_SITE_RESID_PRE,
-         "attn_out": pb.HOOK_SITE_ATTN_OUT, "mlp_out": pb.HOOK_SITE_MLP_OUT, "z": pb.HOOK_SITE_Z}
+         "attn_out": pb.HOOK_SITE_ATTN_OUT, "mlp_out": pb.HOOK_SITE_MLP_OUT, "z": pb.HOOK_SITE_Z,
+         "mlp_in": pb.HOOK_SITE_MLP_IN}
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,9 @@ def generate_inputs_from_pb(
     if req.vectors:
         spec = SteeringSpec(spec.interventions + vectors_from_pb(
             req.vectors, vectors or VectorIndex({}), saes, limits, vocab_size))
+    if req.inline_vectors:
+        spec = SteeringSpec(spec.interventions + inline_vectors_from_pb(
+            req.inline_vectors, vectors or VectorIndex({}), saes, limits, vocab_size))
     return GenerateInputs(
         prompt_text=prompt.text, prompt_ids=prompt.ids, prompt_messages=prompt.messages,
         max_tokens=max_tokens, temperature=temperature,
@@ -355,6 +361,48 @@ def vectors_from_pb(items, index: VectorIndex, saes: Mapping[str, SAEConfig], li
     return tuple(out)
 
 
+MAX_INLINE_VECTORS = 4
+"""Most inline vectors one request may carry (one per layer)."""
+
+
+def inline_vectors_from_pb(items, index: VectorIndex, saes: Mapping[str, SAEConfig],
+                           limits: Limits, vocab_size: int) -> tuple[Intervention, ...]:
+    """GenerateRequest.inline_vectors as ADD edits on the inline row of their layer's bank
+    (``sae_runtime.vectors``), each carrying its float32 values."""
+    if len(items) > MAX_INLINE_VECTORS:
+        raise InvalidRequestError("inline_vectors", f"{len(items)} inline vectors given; the "
+                                  f"server allows at most {MAX_INLINE_VECTORS} per request")
+    out: list[Intervention] = []
+    seen: dict[int, int] = {}
+    for j, v in enumerate(items):
+        field = f"inline_vectors[{j}]"
+        if v.layer not in index.inline:
+            takes = ", ".join(map(str, sorted(index.inline))) or "none"
+            raise InvalidRequestError(f"{field}.layer", f"layer {v.layer} takes no inline vectors "
+                                      f"(layers that do: {takes}; steerd serve --inline-vectors)")
+        if v.layer in seen:
+            raise InvalidRequestError(f"{field}.layer", f"layer {v.layer} already has "
+                                      f"inline_vectors[{seen[v.layer]}]; give one per layer")
+        seen[v.layer] = j
+        bank, row = index.inline[v.layer]
+        d = saes[bank].d_in
+        values = np.asarray(v.values, dtype=np.float32)
+        if values.shape != (d,):
+            raise InvalidRequestError(f"{field}.values", f"{values.size} values given; the model's "
+                                      f"hidden size is {d}")
+        if not np.isfinite(values).all():
+            bad = int(np.flatnonzero(~np.isfinite(values))[0])
+            raise InvalidRequestError(f"{field}.values", f"values[{bad}] is {values[bad]}; every "
+                                      "value must be finite")
+        strength = _finite(f"{field}.strength", v.strength)
+        pos = selector_from_pb(v.positions, f"{field}.positions") if v.HasField("positions") else None
+        if pos is not None:
+            pos.validate(f"{field}.positions", vocab_size)
+        out.append(Intervention(bank, row, Mode.ADD, strength, Scope.ALL, pos,
+                                vector=values.astype("<f4").tobytes()))
+    return tuple(out)
+
+
 def condition_from_pb(c: pb.FeatureCondition, field: str) -> Condition:
     """A FeatureCondition; range checks happen in ``Condition.validate``."""
     if c.op == pb.COMPARISON_UNSPECIFIED:
@@ -410,6 +458,8 @@ def sae_info_to_pb(sae_id: str, cfg: SAEConfig, dtype: str = "float32") -> pb.SA
         id=sae_id, format=cfg.format, architecture=cfg.architecture, hook_name=cfg.hook_name,
         site=_SITE.get(cfg.site, pb.HOOK_SITE_UNSPECIFIED), layer=cfg.layer, d_sae=cfg.d_sae, d_in=cfg.d_in,
         dtype=dtype, model_name=cfg.model_name, k=cfg.k or 0,
+        input_site=_SITE.get(cfg.input_site, pb.HOOK_SITE_UNSPECIFIED),
+        hook_name_out=cfg.hook_name_out,
     )
 
 

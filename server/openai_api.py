@@ -5,7 +5,7 @@
 through the servicer's own ``prepare_generate`` / ``generate_stream``: validation, caps,
 tokenization, chat rendering, reads, logprobs and metrics are the gRPC path's, not copies.
 Our extras ride in the body (what the OpenAI SDK sends through ``extra_body``):
-``interventions`` (with ``when``/``latch``), ``reads``, ``abort_when``, ``vectors``, ``top_k``, ``ignore_eos``, ``stop_token_ids``,
+``interventions`` (with ``when``/``latch``), ``reads``, ``abort_when``, ``vectors``, ``inline_vectors``, ``top_k``, ``ignore_eos``, ``stop_token_ids``,
 ``prompt_logprobs``, ``return_token_ids`` and ``request_id``. Reads come back per chunk (or
 per choice when not streaming) as ``choices[0].features``.
 
@@ -114,6 +114,15 @@ class VectorBody(_Strict):
     positions: PositionsBody | None = None
 
 
+class InlineVectorBody(_Strict):
+    """One of ``inline_vectors``: the proto's InlineVector."""
+
+    values: list[float]
+    layer: int = Field(ge=0, lt=U32)
+    strength: float = 1.0
+    positions: PositionsBody | None = None
+
+
 class InterventionBody(_Strict):
     """One of ``interventions``: the proto's Intervention with lower-case names."""
 
@@ -177,6 +186,7 @@ class _Common(BaseModel):
     reads: list[ReadBody] = Field(default_factory=list)
     abort_when: list[GuardrailBody] = Field(default_factory=list)
     vectors: list[VectorBody] = Field(default_factory=list)
+    inline_vectors: list[InlineVectorBody] = Field(default_factory=list)
 
 
 class CompletionBody(_Common):
@@ -305,6 +315,10 @@ def request_from_body(body: _Common) -> pb.GenerateRequest:
         steer = req.vectors.add(name=v.name, strength=v.strength, layers=v.layers)
         if v.positions is not None:
             steer.positions.CopyFrom(_positions_pb(v.positions, f"vectors[{j}].positions"))
+    for j, v in enumerate(body.inline_vectors):
+        iv = req.inline_vectors.add(values=v.values, layer=v.layer, strength=v.strength)
+        if v.positions is not None:
+            iv.positions.CopyFrom(_positions_pb(v.positions, f"inline_vectors[{j}].positions"))
     for j, g in enumerate(body.abort_when):
         guard = req.abort_when.add(condition=_condition_pb(g))
         if g.positions is not None:

@@ -546,6 +546,8 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
             max_logprobs=self.limits.max_logprobs,
             max_guardrails=self.limits.max_guardrails,
             vectors=[pb.VectorInfo(name=n, layers=sorted(ls)) for n, ls in self.vectors.rows.items()],
+            inline_vector_layers=sorted(self.vectors.inline),
+            max_inline_vectors=convert.MAX_INLINE_VECTORS if self.vectors.inline else 0,
             chat_template=self.has_chat_template,
             tensor_parallel_size=par.tensor_parallel_size,
             pipeline_parallel_size=par.pipeline_parallel_size,

@@ -74,6 +74,41 @@ def parse_hook_name(hook_name: str, source: str) -> tuple[int, HookSite]:
     return layer, site
 
 
+# Where a transcoder reads: the MLP's input after the pre-MLP norm, under the names the
+# libraries give it (TransformerLens ``ln2.hook_normalized``; SAELens' Gemma Scope 2 loader
+# ``hook_mlp_in`` with ``hf_hook_name`` ``...pre_feedforward_layernorm.output``; circuit-tracer
+# / mwhanna ``mlp.hook_in``; module paths such as sparsify's ``layers.L.mlp`` with
+# ``transcode``).
+_TRANSCODER_IN_RE = re.compile(r"^blocks\.(\d+)\.(?:ln2\.hook_normalized|hook_mlp_in|mlp\.hook_in)$")
+TRANSCODER_HOOKS = ("input blocks.L.ln2.hook_normalized, blocks.L.hook_mlp_in or "
+                    "blocks.L.mlp.hook_in, output blocks.L.hook_mlp_out")
+
+
+def is_transcoder_input(hook_name: str) -> bool:
+    """True when ``hook_name`` names an MLP's input (where a transcoder reads)."""
+    return _TRANSCODER_IN_RE.match(hook_name) is not None
+
+
+def parse_transcoder_hooks(hook_in: str, hook_out: str | None, source: str) -> int:
+    """The block of a transcoder reading the MLP input ``hook_in`` and writing the MLP output
+    ``hook_out`` (None: the same block's ``hook_mlp_out``); anything else raises
+    SAEFormatError naming what is supported."""
+    m = _TRANSCODER_IN_RE.match(hook_in)
+    if not m:
+        raise SAEFormatError(
+            f"{source}: transcoder input hook {hook_in!r} is not supported; supported: "
+            f"{TRANSCODER_HOOKS} (the MLP's input and output in one block)")
+    layer = int(m.group(1))
+    if hook_out is not None:
+        out_layer, site = parse_hook_name(hook_out, source)
+        if site != "mlp_out" or out_layer != layer:
+            raise SAEFormatError(
+                f"{source}: a transcoder reading {hook_in} must write blocks.{layer}."
+                f"hook_mlp_out, not {hook_out!r} (only MLP transcoders within one block are "
+                "supported)")
+    return layer
+
+
 def load_sae(path: str | Path, hook_name: str | None = None) -> SAE:
     """Load the SAE in directory ``path``; ``hook_name`` overrides the one in its config."""
     p, fmt = _detect(path)

@@ -11,6 +11,13 @@
   hold SAEs on the output projection's input, i.e. ``z``), with an optional
   ``config.json`` naming the model.
 
+- Transcoders (Gemma Scope 2 ``transcoder/`` and ``transcoder_all/`` folders, ``..._affine``
+  with an ``affine_skip_connection [d_in, d_out]``; Gemma Scope ``gemma-scope-2b-pt-
+  transcoders``): JumpReLU latents of the MLP input (after ``pre_feedforward_layernorm``)
+  writing ``mlp_out`` (after ``post_feedforward_layernorm``), as SAELens' ``gemma_3`` and
+  ``gemma_2_transcoder`` loaders define them. The skip is checked and not used (an edit
+  moves the latents only). Cross-layer transcoders (``clt``) are refused.
+
 The math (``f = relu(pre) * (pre > threshold)``, ``pre = x @ W_enc + b_enc``, no ``b_dec``
 subtraction, no input normalisation) is the JumpReLU SAE of SAELens' Gemma Scope loaders.
 When the folder names do not tell the hook (a renamed copy), pass it explicitly
@@ -25,7 +32,7 @@ from pathlib import Path
 import torch
 
 from sae_runtime.errors import SAEFormatError
-from sae_runtime.loading import parse_hook_name
+from sae_runtime.loading import is_transcoder_input, parse_hook_name, parse_transcoder_hooks
 from sae_runtime.loading._files import (
     build_sae,
     check_shapes,
@@ -35,7 +42,7 @@ from sae_runtime.loading._files import (
     safetensors_shapes,
     safetensors_tensors,
 )
-from sae_runtime.saes.base import SAE, HookSite, SAEConfig
+from sae_runtime.saes.base import SAE, HookSite, SAEConfig  # noqa: F401
 
 NAME = "gemma_scope"
 LAYOUT = "params.npz or params.safetensors (Gemma Scope)"
@@ -46,7 +53,8 @@ _RELEASE_SITE = re.compile(r"-(res|mlp|att)(?=$|[-_.])")
 _RELEASE_SITES: dict[str, HookSite] = {"res": "resid_post", "mlp": "mlp_out", "att": "z"}
 _GS2_SITES: dict[str, HookSite] = {"resid_post": "resid_post", "mlp_out": "mlp_out",
                                    "attn_out": "z"}
-_SITE_HOOK = {"resid_post": "hook_resid_post", "mlp_out": "hook_mlp_out", "z": "attn.hook_z"}
+_SITE_HOOK = {"resid_post": "hook_resid_post", "mlp_out": "hook_mlp_out", "z": "attn.hook_z",
+              "mlp_in": "ln2.hook_normalized"}  # mlp_in: a transcoder's input
 _MODELS = re.compile(r"gemma-scope-(2b|9b|27b)-(pt|it)")
 
 
@@ -95,7 +103,17 @@ def _config(path: Path, hook_name: str | None, shapes: dict[str, tuple[int, ...]
                  f"W_enc's shape (d_in={d_in}, d_sae={d_sae})")
     if hook_name is None:
         hook_name = _hook_from_folders(path, f)
-    layer, site = parse_hook_name(hook_name, str(f))
+    extra: dict = {}
+    if is_transcoder_input(hook_name):  # a transcoder: reads the MLP input, writes mlp_out
+        layer, site = parse_transcoder_hooks(hook_name, None, str(f)), "mlp_out"
+        extra = {"input_site": "mlp_in", "hook_name_out": f"blocks.{layer}.hook_mlp_out",
+                 "training_architecture": "jumprelu_skip_transcoder"
+                 if "affine_skip_connection" in shapes else "jumprelu_transcoder"}
+        if "affine_skip_connection" in shapes:  # checked; an edit never uses the skip
+            check_shapes(f, shapes, {"affine_skip_connection": (d_in, d_in)},
+                         f"W_enc's shape (d_in={d_in}, d_sae={d_sae})")
+    else:
+        layer, site = parse_hook_name(hook_name, str(f))
     model_name = ""
     cfg_json = path / "config.json"
     if cfg_json.is_file():
@@ -109,7 +127,7 @@ def _config(path: Path, hook_name: str | None, shapes: dict[str, tuple[int, ...]
     return SAEConfig(
         architecture="jumprelu", d_in=d_in, d_sae=d_sae, hook_name=hook_name, layer=layer,
         site=site, apply_b_dec_to_input=False, model_name=model_name, dtype="float32",
-        format=NAME,
+        format=NAME, **extra,
     )
 
 
@@ -119,11 +137,12 @@ def _hook_from_folders(path: Path, f: Path) -> str:
     Folders are read nearest first, up to the one that names the site.
     """
     layer: int | None = None
-    site: HookSite | None = None
+    site: str | None = None
     for part in reversed(path.resolve().parts[-_ANCESTORS - 1:]):
-        if "transcoder" in part or part.startswith("clt"):
-            raise SAEFormatError(f"{path}: folder {part!r} holds transcoders (they read one "
-                                 "hook and write another); only SAEs are supported")
+        if part.startswith("clt") or part.endswith("-clt"):
+            raise SAEFormatError(f"{path}: folder {part!r} holds cross-layer transcoders (each "
+                                 "layer's latents write to every later layer); only SAEs and "
+                                 "per-layer transcoders are supported")
         if part == "embedding":
             raise SAEFormatError(f"{path}: embedding SAEs are not supported; hook a block")
         m = re.search(r"(?:^|_)layer_(\d+)(?=$|_)", part)
@@ -132,6 +151,8 @@ def _hook_from_folders(path: Path, f: Path) -> str:
         gs2 = next((s for key, s in _GS2_SITES.items() if key in part), None)
         m = _RELEASE_SITE.search(part)
         site = gs2 or (_RELEASE_SITES[m.group(1)] if m else None)
+        if "transcoder" in part:  # transcoder/, transcoder_all/, gemma-scope-2b-pt-transcoders
+            site = "mlp_in"
         if site is not None:
             break
     if layer is None or site is None:

@@ -15,6 +15,11 @@ Reads the SAELens 6 layout (``metadata.hook_name``, ``k`` at top level), the old
   ``jumprelu`` with ``SAEConfig.training_architecture`` recording the original.
 - ``groupmax``, ``top_afa``: this runtime's extensions (no SAELens class); same tensors as
   ``topk``.
+- Transcoders (``transcoder``, ``skip_transcoder``, ``jumprelu_transcoder``,
+  ``jumprelu_skip_transcoder``): served as ``standard`` / ``jumprelu`` reading the MLP input
+  (``hook_name``: ``blocks.L.ln2.hook_normalized``, ``hook_mlp_in`` or ``mlp.hook_in``) and
+  writing ``hook_name_out`` (``blocks.L.hook_mlp_out``); ``d_out`` must equal ``d_in``. A
+  skip transcoder's ``W_skip`` is checked and not used: edits move ``f`` only.
 
 ``normalize_activations``: ``none``; ``constant_norm_rescale`` -> ``token_norm``;
 ``layer_norm`` -> ``layer_norm``; ``expected_average_only_in`` -> ``constant_scale`` with
@@ -36,7 +41,7 @@ from typing import Any
 import torch
 
 from sae_runtime.errors import SAEFormatError
-from sae_runtime.loading import parse_hook_name
+from sae_runtime.loading import parse_hook_name, parse_transcoder_hooks
 from sae_runtime.loading._files import (
     architecture_or_error,
     build_sae,
@@ -131,12 +136,13 @@ def _plan(path: Path, hook_name: str | None) -> _Plan:
     source_arch = str(raw.get("architecture") or "standard")
     if source_arch == "standard" and _legacy_architecture(raw) == "topk":
         source_arch = "topk"  # SAELens < 6 named TopK by its activation function
-    if source_arch in _TRANSCODERS:
-        raise SAEFormatError(
-            f"{cfg_path}: architecture {source_arch!r} is a transcoder (it reads one hook and "
-            "writes another); only SAEs are supported"
-        )
-    arch_name = "jumprelu" if source_arch in _JUMPRELU_AT_INFERENCE else source_arch
+    transcoder = source_arch in _TRANSCODERS
+    if transcoder:
+        # SAELens' Transcoder / SkipTranscoder (ReLU) and JumpReLU(Skip)Transcoder: the
+        # same encoder math as "standard" / "jumprelu", reading the MLP input.
+        arch_name = "jumprelu" if source_arch.startswith("jumprelu") else "standard"
+    else:
+        arch_name = "jumprelu" if source_arch in _JUMPRELU_AT_INFERENCE else source_arch
     arch = architecture_or_error(arch_name, str(cfg_path))
     training_arch = source_arch if source_arch != arch_name else ""
     if not training_arch and meta.get("training_architecture") not in (None, arch_name):
@@ -152,7 +158,18 @@ def _plan(path: Path, hook_name: str | None) -> _Plan:
         )
     if raw.get("finetuning_scaling_factor"):
         raise SAEFormatError(f"{cfg_path}: finetuning_scaling_factor is not supported")
-    layer, site = parse_hook_name(str(hook), str(cfg_path))
+    transcoder_kwargs: dict[str, Any] = {}
+    if transcoder:
+        hook_out = raw.get("hook_name_out") or meta.get("hook_name_out")
+        layer = parse_transcoder_hooks(str(hook), hook_out and str(hook_out), str(cfg_path))
+        site = "mlp_out"
+        transcoder_kwargs = {"input_site": "mlp_in",
+                             "hook_name_out": str(hook_out or f"blocks.{layer}.hook_mlp_out")}
+        if raw.get("apply_b_dec_to_input"):
+            raise SAEFormatError(f"{cfg_path}: apply_b_dec_to_input is true, which a transcoder "
+                                 "cannot have (SAELens refuses it too)")
+    else:
+        layer, site = parse_hook_name(str(hook), str(cfg_path))
 
     k: Any = raw.get("k", (raw.get("activation_fn_kwargs") or {}).get("k"))
     if arch.needs_k:
@@ -181,13 +198,14 @@ def _plan(path: Path, hook_name: str | None) -> _Plan:
             hook_name=str(hook),
             layer=layer,
             site=site,
-            apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
+            apply_b_dec_to_input=not transcoder and bool(raw.get("apply_b_dec_to_input", True)),
             k=int(k) if arch.needs_k else None,
             model_name=str(raw.get("model_name") or meta.get("model_name") or ""),
             dtype=str(raw.get("dtype", "float32")),
             format=NAME,
             training_architecture=training_arch,
             **norm_kwargs,
+            **transcoder_kwargs,
         )
     except KeyError as e:
         raise SAEFormatError(f"{cfg_path}: missing key {e.args[0]!r}") from None
@@ -202,6 +220,13 @@ def _plan(path: Path, hook_name: str | None) -> _Plan:
     expected: dict[str, tuple[int, ...]] = {
         "W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,),
     }
+    if transcoder:
+        d_out = int(raw.get("d_out", d_in))
+        if d_out != d_in:
+            raise SAEFormatError(f"{cfg_path}: d_out={d_out} differs from d_in={d_in}; an MLP "
+                                 "transcoder reads and writes the model's hidden size")
+        if "skip" in source_arch:
+            expected["W_skip"] = (d_out, d_in)  # checked; an edit never uses it
     if source_arch == "gated":
         expected.update(b_gate=(d_sae,), b_mag=(d_sae,), r_mag=(d_sae,))
     else:

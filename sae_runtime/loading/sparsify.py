@@ -16,9 +16,11 @@ The math is ``SparseCoder.encode``/``decode`` (``sparsify/sparse_coder.py``,
   signs -> ``abstopk``;
 
 and ``x_hat = f @ W_dec + b_dec``. The hook comes from the folder name (a module path,
-see ``parse_hook_name``) unless given explicitly. Transcoders (``transcode``), skip
-connections (``skip_connection``, ``embed_skip``) and n-gram lookups (``gram_lookup``)
-change what the coder reads or writes and are rejected.
+see ``parse_hook_name``) unless given explicitly. Transcoders (``transcode: true`` at an
+MLP hookpoint such as ``layers.12.mlp``) encode the MLP's input without subtracting
+``b_dec`` and write the MLP's output; their ``skip_connection`` (``W_skip``) is checked and
+not used (an edit moves the latents only). Skip connections on SAEs, ``embed_skip`` and
+n-gram lookups (``gram_lookup``) change what the coder reads or writes and are rejected.
 """
 
 from __future__ import annotations
@@ -42,8 +44,6 @@ LAYOUT = "cfg.json + sae.safetensors (EleutherAI sparsify)"
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
 _UNSUPPORTED = {
-    "transcode": "a transcoder (it predicts another module's output)",
-    "skip_connection": "a skip connection (W_skip)",
     "embed_skip": "an embedding skip connection",
     "gram_lookup": "an n-gram lookup table",
 }
@@ -71,6 +71,10 @@ def _config(path: Path, hook_name: str | None) -> SAEConfig:
     for key, what in _UNSUPPORTED.items():
         if raw.get(key):
             raise SAEFormatError(f"{cfg_path}: {key}=true ({what}) is not supported")
+    transcode = bool(raw.get("transcode"))
+    if raw.get("skip_connection") and not transcode:
+        raise SAEFormatError(f"{cfg_path}: skip_connection=true on an SAE (not a transcoder) "
+                             "is not supported")
     activation = str(raw.get("activation", "topk"))
     if raw.get("signed"):
         arch = "abstopk"
@@ -104,10 +108,19 @@ def _config(path: Path, hook_name: str | None) -> SAEConfig:
             "sparsify SAE folder is named after its hookpoint, e.g. layers.12 or "
             "layers.12.mlp); pass the hook explicitly, e.g. NAME=PATH@layers.12"
         ) from e
+    extra: dict = {}
+    if transcode:  # predicts the MLP's output from its input (sparsify's trainer hooks both)
+        if site != "mlp_out":
+            raise SAEFormatError(f"{cfg_path}: transcode=true at {hook!r}; only transcoders of "
+                                 "an MLP (a hookpoint such as layers.L.mlp) are supported")
+        extra = {"input_site": "mlp_in", "hook_name_out": hook,
+                 "training_architecture": "topk_transcoder"}
     shapes = safetensors_shapes(w_path)
-    check_shapes(w_path, shapes, {"encoder.weight": (d_sae, d_in), "encoder.bias": (d_sae,),
-                                  "W_dec": (d_sae, d_in), "b_dec": (d_in,)},
-                 f"{CFG_FILE} (d_in={d_in}, num_latents={d_sae})")
+    expected = {"encoder.weight": (d_sae, d_in), "encoder.bias": (d_sae,),
+                "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    if raw.get("skip_connection"):
+        expected["W_skip"] = (d_in, d_in)  # checked; an edit never uses the skip
+    check_shapes(w_path, shapes, expected, f"{CFG_FILE} (d_in={d_in}, num_latents={d_sae})")
     model_name = ""
     run_cfg = path.parent / "config.json"
     if run_cfg.is_file():
@@ -115,8 +128,8 @@ def _config(path: Path, hook_name: str | None) -> SAEConfig:
     try:
         return SAEConfig(
             architecture=arch, d_in=d_in, d_sae=d_sae, hook_name=hook, layer=layer, site=site,
-            apply_b_dec_to_input=True, k=k, model_name=model_name,
-            dtype=safetensors_dtype(w_path, "encoder.weight"), format=NAME,
+            apply_b_dec_to_input=not transcode, k=k, model_name=model_name,
+            dtype=safetensors_dtype(w_path, "encoder.weight"), format=NAME, **extra,
         )
     except (TypeError, ValueError) as e:
         raise SAEFormatError(f"{cfg_path}: {e}") from None

@@ -49,6 +49,20 @@ Normalization = Literal["none", "constant_scale", "token_norm", "layer_norm"]
 
 NORMALIZATIONS: tuple[str, ...] = ("none", "constant_scale", "token_norm", "layer_norm")
 
+InputSite = Literal["", "mlp_in"]
+"""Where the SAE *reads* when that differs from where it writes (``SAEConfig.site``).
+
+- ``""``: it encodes the activation it edits (every SAE).
+- ``mlp_in``: the input of block ``layer``'s MLP, after the pre-MLP norm (TransformerLens
+  ``blocks.L.ln2.hook_normalized``; SAELens' Gemma Scope 2 loader calls it
+  ``blocks.L.hook_mlp_in``). A **transcoder** reads there and writes ``mlp_out``: its
+  latents come from the MLP input and an edit moves the MLP output,
+  ``mlp_out += (v - f_i(x_in)) W_dec[i]``. An affine skip (``W_skip x_in``) is part of the
+  transcoder's reconstruction only; an edit leaves it (and the MLP's true output) alone.
+"""
+
+INPUT_SITES: tuple[str, ...] = ("", "mlp_in")
+
 
 @dataclass(frozen=True)
 class SAEConfig:
@@ -89,7 +103,13 @@ class SAEConfig:
     """``layer_norm`` only: epsilon added to the standard deviation on the way in."""
     training_architecture: str = ""
     """Architecture the SAE was trained as when it differs from the inference one, e.g.
-    ``batchtopk`` or ``matryoshka_batchtopk`` (served as ``jumprelu``)."""
+    ``batchtopk`` or ``matryoshka_batchtopk`` (served as ``jumprelu``), or the transcoder
+    class its files name (``jumprelu_skip_transcoder``, served as ``jumprelu`` reading
+    ``mlp_in``)."""
+    input_site: str = ""
+    """One of ``INPUT_SITES`` (see ``InputSite``): ``mlp_in`` for a transcoder."""
+    hook_name_out: str = ""
+    """A transcoder's output hook as its files name it (``blocks.L.hook_mlp_out``)."""
 
     def __post_init__(self) -> None:
         if self.d_in <= 0 or self.d_sae <= 0:
@@ -101,6 +121,27 @@ class SAEConfig:
                 f"normalization must be one of {', '.join(NORMALIZATIONS)}, "
                 f"got {self.normalization!r}"
             )
+        if self.input_site not in INPUT_SITES:
+            raise ValueError(f"input_site must be one of {INPUT_SITES}, got {self.input_site!r}")
+        if self.input_site:
+            # The edit formula assumes the decoder writes the site's own space: no output
+            # normalisation to invert, no b_dec on the (other) input.
+            if self.site != "mlp_out":
+                raise ValueError(f"a transcoder reading {self.input_site} must write mlp_out, "
+                                 f"not {self.site}")
+            if self.normalization != "none" or self.apply_b_dec_to_input:
+                raise ValueError("a transcoder must have normalization 'none' and "
+                                 "apply_b_dec_to_input false (SAELens refuses both too)")
+
+    @property
+    def transcoder(self) -> bool:
+        """True when the SAE reads at another site than it writes (``input_site``)."""
+        return bool(self.input_site)
+
+    @property
+    def read_site(self) -> str:
+        """Where the SAE encodes from: ``input_site`` for a transcoder, else ``site``."""
+        return self.input_site or self.site
 
 
 @dataclass(frozen=True, eq=False)

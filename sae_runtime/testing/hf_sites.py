@@ -33,8 +33,9 @@ def edit_site(model: torch.nn.Module, layer: int, site: str,
               fn: Callable[[torch.Tensor], torch.Tensor]):
     """Replace the activation at (layer, site) by ``fn(activation)`` ([batch, T, d]) while active.
 
-    resid_pre of layer L is the output of layer L-1. Use ``fn`` that returns its input
-    unchanged to just observe.
+    resid_pre of layer L is the output of layer L-1; ``mlp_in`` is the input of the block's
+    MLP module (every family feeds it the pre-MLP norm's output). Use ``fn`` that returns
+    its input unchanged to just observe.
     """
     attn, mlp, z = _SITES[model.config.model_type]
     block = layer - 1 if site == "resid_pre" else layer
@@ -59,6 +60,8 @@ def edit_site(model: torch.nn.Module, layer: int, site: str,
         h = blk.get_submodule(mlp).register_forward_hook(out_hook)
     elif site == "z":
         h = blk.get_submodule(z).register_forward_pre_hook(in_hook, with_kwargs=True)
+    elif site == "mlp_in":  # a transcoder's input: the MLP's input (after the pre-MLP norm)
+        h = blk.get_submodule("mlp").register_forward_pre_hook(in_hook, with_kwargs=True)
     else:
         raise ValueError(f"unknown site {site!r}")
     try:

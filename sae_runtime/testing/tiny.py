@@ -199,6 +199,74 @@ def make_sae(
     (out / "cfg.json").write_text(json.dumps(cfg, indent=1))
 
 
+def make_transcoder(
+    out: Path, model_dir: Path, layer: int, architecture: str = "jumprelu_transcoder",
+    fmt: str = "saelens", d_sae: int = 256, seed: int = 0, density: float = 0.1,
+) -> Path:
+    """A random MLP transcoder of block ``layer`` calibrated on the model's MLP inputs.
+
+    ``fmt``: ``saelens`` writes ``out/cfg.json + sae_weights.safetensors`` (SAELens 6
+    transcoder classes: ``transcoder``, ``skip_transcoder``, ``jumprelu_transcoder``,
+    ``jumprelu_skip_transcoder``); ``gemma_scope_2`` writes Gemma Scope 2's layout,
+    ``out/transcoder/layer_L_width_N_l0_small[_affine]/params.safetensors + config.json``
+    (``affine_skip_connection`` when the architecture has ``skip``). Returns the folder.
+    """
+    from safetensors.torch import save_file
+
+    x = site_samples(model_dir, layer, "mlp_in", seed=seed)
+    y = site_samples(model_dir, layer, "mlp_out", seed=seed)
+    d = x.shape[1]
+    g = torch.Generator().manual_seed(seed + 7)
+    W_enc = torch.randn(d, d_sae, generator=g) / d ** 0.5
+    W_dec = torch.randn(d_sae, d, generator=g)
+    W_dec *= float(y.norm(dim=1).mean()) / W_dec.norm(dim=1, keepdim=True)
+    pre = x @ W_enc
+    b_enc = -torch.quantile(pre, 1 - density, dim=0)
+    b_dec = y.mean(0)
+    jump = architecture.startswith("jumprelu")
+    skip = "skip" in architecture
+    threshold = None
+    if jump:  # same density, but the jump matters (as make_sae does)
+        scale = float(pre.std())
+        b_enc = b_enc + 0.5 * scale
+        threshold = (torch.full((d_sae,), 0.5) + 0.1 * torch.rand(d_sae, generator=g)) * scale
+    W_skip = 0.05 * torch.randn(d, d, generator=g) if skip else None  # [d_out, d_in]
+    if fmt == "saelens":
+        tensors = {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec}
+        if threshold is not None:
+            tensors["threshold"] = threshold
+        if W_skip is not None:
+            tensors["W_skip"] = W_skip
+        cfg = {
+            "architecture": architecture, "d_in": d, "d_out": d, "d_sae": d_sae,
+            "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": False,
+            "normalize_activations": "none", "reshape_activations": "none",
+            "metadata": {"hook_name": f"blocks.{layer}.ln2.hook_normalized",
+                         "hook_name_out": f"blocks.{layer}.hook_mlp_out",
+                         "model_name": model_dir.name, "sae_lens_version": "6.54.12"},
+        }
+        folder = out
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({n: t.contiguous() for n, t in tensors.items()}, str(folder / "sae_weights.safetensors"))
+        (folder / "cfg.json").write_text(json.dumps(cfg, indent=1))
+        return folder
+    if fmt != "gemma_scope_2" or not jump:
+        raise ValueError(f"unknown transcoder format {fmt!r} for {architecture!r}")
+    folder = out / "transcoder" / f"layer_{layer}_width_{d_sae}_l0_small{'_affine' if skip else ''}"
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {"w_enc": W_enc, "w_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec, "threshold": threshold}
+    if W_skip is not None:
+        tensors["affine_skip_connection"] = W_skip.t()  # stored [d_in, d_out]
+    save_file({n: t.contiguous() for n, t in tensors.items()}, str(folder / "params.safetensors"))
+    (folder / "config.json").write_text(json.dumps({
+        "architecture": "jump_relu", "model_name": model_dir.name,
+        "hf_hook_point_in": f"model.layers.{layer}.pre_feedforward_layernorm.output",
+        "hf_hook_point_out": f"model.layers.{layer}.post_feedforward_layernorm.output",
+        "affine_connection": skip,
+    }, indent=1))
+    return folder
+
+
 def make_all(out: Path, seed: int = 0) -> None:
     """Model under out/tiny-llama and every DEFAULT_SAES entry under out/saes/<name>."""
     marker = out / ".complete"
@@ -217,15 +285,36 @@ FAMILY_SAES: dict[str, tuple[str, str, dict]] = {
     "attn": ("jumprelu", "blocks.1.hook_attn_out", {}),
     "mlp": ("topk", "blocks.0.hook_mlp_out", {"k": 8}),
     "z": ("standard", "blocks.2.attn.hook_z", {}),
+    # a transcoder on block 0's MLP, beside the mlp_out SAE there (FAMILY_TRANSCODERS: which
+    # transcoder class and format each family gets)
+    "tc": ("transcoder", "blocks.0.ln2.hook_normalized", {}),
+}
+FAMILY_TRANSCODERS: dict[str, tuple[str, str]] = {
+    "llama": ("jumprelu_transcoder", "saelens"), "qwen2": ("transcoder", "saelens"),
+    "qwen3": ("skip_transcoder", "saelens"), "mistral": ("jumprelu_skip_transcoder", "saelens"),
+    "gemma2": ("jumprelu_transcoder", "saelens"),
+    "gemma3": ("jumprelu_skip_transcoder", "gemma_scope_2"), "gpt2": ("transcoder", "saelens"),
 }
 
 
 def make_family_set(out: Path, family: str, seed: int = 0) -> Path:
-    """out/<family> model plus out/saes/<site name> SAEs at every supported site."""
+    """out/<family> model plus out/saes/<site name> SAEs at every supported site (a Gemma
+    Scope 2 transcoder lives in its own folder layout; out/saes/tc links to it)."""
+    from sae_runtime.loading import is_transcoder_input
+
     model = out / family
     make_family_model(model, family, seed=seed)
     for name, (arch, hook, extra) in FAMILY_SAES.items():
-        make_sae(out / "saes" / name, model, arch, hook, seed=seed, **extra)
+        if not is_transcoder_input(hook):
+            make_sae(out / "saes" / name, model, arch, hook, seed=seed, **extra)
+            continue
+        arch, fmt = FAMILY_TRANSCODERS[family]
+        layer = int(hook.split(".")[1])
+        if fmt == "saelens":
+            make_transcoder(out / "saes" / name, model, layer, arch, seed=seed)
+        else:
+            folder = make_transcoder(out / "gemma-scope-2", model, layer, arch, fmt, seed=seed)
+            (out / "saes" / name).symlink_to(folder, target_is_directory=True)
     return model
 
 

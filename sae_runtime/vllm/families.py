@@ -12,6 +12,8 @@ SAELens / TransformerLens site each one implements:
 - ``mlp_out`` (``hook_mlp_out``): output of the module at ``mlp_out``.
 - ``z`` (``attn.hook_z``): input of the attention output projection at ``z`` (heads
   concatenated, ``[tokens, n_heads * head_dim]``).
+- ``mlp_in`` (a transcoder's input, ``blocks.L.ln2.hook_normalized``): input of the module
+  at ``mlp_in``, the MLP itself, which every family feeds the pre-MLP norm's output.
 
 Gemma 2/3 normalise the attention and MLP outputs before adding them to the stream
 (``post_attention_layernorm``, ``post_feedforward_layernorm``); TransformerLens' hooks,
@@ -30,6 +32,7 @@ class Family:
     attn_out: str
     mlp_out: str
     z: str
+    mlp_in: str = "mlp"
 
 
 _LLAMA = Family(residual_tuple=True, attn_out="self_attn", mlp_out="mlp", z="self_attn.o_proj")

@@ -29,6 +29,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from sae_runtime.errors import SAEFormatError, UnsupportedModelError
@@ -119,6 +120,17 @@ def _sae_hook_fake(hidden_states: torch.Tensor, residual: torch.Tensor | None, h
     return torch.empty_like(hidden_states)
 
 
+def _sae_stash(x: torch.Tensor, hook_id: int) -> torch.Tensor:
+    """A transcoder's MLP input, kept for its ``sae_hook`` on the MLP output (a copy of ``x``
+    flows on, so the compiled graph orders this op before the MLP, and so before the hook)."""
+    assert _STATE is not None, "sae_stash ran before SAEs were installed"
+    return _STATE.hooks[hook_id].stash_input(x)
+
+
+def _sae_stash_fake(x: torch.Tensor, hook_id: int) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
 _LIB = torch.library.Library("sae_steer", "FRAGMENT")  # kept alive for the op's lifetime
 
 
@@ -127,6 +139,9 @@ def _register_op() -> None:
         return  # idempotent: the module may be imported twice (e.g. reloads)
     compat.direct_register_custom_op(
         "sae_hook", _sae_hook, mutates_args=[], fake_impl=_sae_hook_fake, target_lib=_LIB
+    )
+    compat.direct_register_custom_op(
+        "sae_stash", _sae_stash, mutates_args=[], fake_impl=_sae_stash_fake, target_lib=_LIB
     )
 
 
@@ -154,17 +169,25 @@ def _wrap_output(mod: torch.nn.Module, hook_ids: list[int], residual_tuple: bool
     mod.forward = forward
 
 
-def _wrap_input(mod: torch.nn.Module, hook_ids: list[int]) -> None:
-    """Pass ``mod``'s first argument through the op before ``mod`` runs (hook_z)."""
+def _wrap_input(mod: torch.nn.Module, hook_ids: list[int], op=None) -> None:
+    """Pass ``mod``'s first argument through ``op`` (the hook by default: hook_z) before
+    ``mod`` runs, once per hook id, in order."""
     orig = mod.forward
     ids = tuple(hook_ids)
+    if op is None:
+        def op(x, hook_id):
+            return torch.ops.sae_steer.sae_hook(x, None, hook_id)
 
     def forward(x, *args, **kwargs):
         for hook_id in ids:
-            x = torch.ops.sae_steer.sae_hook(x, None, hook_id)
+            x = op(x, hook_id)
         return orig(x, *args, **kwargs)
 
     mod.forward = forward
+
+
+def _stash(x: torch.Tensor, hook_id: int) -> torch.Tensor:
+    return torch.ops.sae_steer.sae_stash(x, hook_id)
 
 
 def _patch_runner_class(cls: type) -> None:
@@ -244,9 +267,10 @@ def install(runner) -> None:
     shards: dict[int, _Shard] = {}
     report: list[dict] = []
     targets: dict[tuple[int, str], list[int]] = {}  # (block, site kind) -> hook ids, in order
+    stashes: dict[int, list[int]] = {}  # block -> transcoder hook ids reading its MLP input
     for entry in cfg.saes:
         hook_id = len(hooks)
-        bank = _bank(entry) if entry.vectors else None
+        bank = _bank(entry, hidden) if entry.vectors or entry.inline else None
         c = bank.config() if bank is not None else load_sae_config(entry.path, entry.hook_name)
         block = block_of(c.layer, c.site)
         if block not in all_layers:
@@ -274,14 +298,21 @@ def install(runner) -> None:
                 f"hidden size is {hidden}"
             )
         dtype_name, why = choose_sae_dtype(cfg.sae_dtype, model_dtype, device.type)
-        sae = (bank_sae(bank) if bank is not None else load_sae(entry.path, hook_name=entry.hook_name)
-               ).to(device, getattr(torch, dtype_name))
+        # an inline bank: one scratch decoder row per edit slot after its named vectors
+        scratch = max_slots if bank is not None and bank.inline else 0
+        sae = (bank_sae(bank, scratch) if bank is not None
+               else load_sae(entry.path, hook_name=entry.hook_name)).to(device, getattr(torch, dtype_name))
         gemm = "torch"
-        if device.type == "cpu":
+        if device.type == "cpu" and bank is None:  # a bank never encodes (its encoder is 0)
             sae, gemm = _with_cpu_gemm(sae)
-        hooks.append(HookTables(sae, max_tokens, max_slots, max_feats, max_watch))
+        hooks.append(HookTables(sae, max_tokens, max_slots, max_feats, max_watch,
+                                act_dtype=runner.model_config.dtype,
+                                inline_row=bank.inline_row if scratch else None))
         targets.setdefault((block, site), []).append(hook_id)
+        if c.transcoder:
+            stashes.setdefault(block, []).append(hook_id)
         report.append({"sae": hook_id, "id": entry.id, "block": block, "site": c.site,
+                       "input_site": c.input_site,
                        "dtype": dtype_name, "dtype_why": why, "gemm": gemm, "sharded": hook_id in shards})
         log.info("SAE %s (%s, d_sae=%d, %s: %s) at block %d %s, tp rank %d/%d, pp rank %d/%d",
                  entry.id, c.architecture, c.d_sae, dtype_name, why, block, c.site,
@@ -294,6 +325,10 @@ def install(runner) -> None:
             _wrap_input(layer.get_submodule(family.z), ids)
         else:
             _wrap_output(layer.get_submodule(getattr(family, site)), ids, residual_tuple=False)
+    # After the output wraps: where the MLP is also the mlp_out module (Llama), the stash
+    # wraps the hook's wrapper, so the input is kept before the MLP and its hook run.
+    for block, ids in stashes.items():
+        _wrap_input(layers[block].get_submodule(family.mlp_in), ids, op=_stash)
     addr = cfg.reads_addr
     publish = addr and ranks["tp_rank"] == 0
     _SHARDS.update(shards)
@@ -305,12 +340,16 @@ def install(runner) -> None:
 _REPORT: dict = {"installed": False}
 
 
-def _bank(entry) -> Bank:
-    """The steering-vector bank of ``entry`` (its layer's vectors, from every --vector file)."""
+def _bank(entry, d_model: int) -> Bank:
+    """The steering-vector bank of ``entry``: its layer's vectors, from every --vector file,
+    and whether it takes inline vectors (``--inline-vectors``; then it may have no named
+    vector)."""
     bank = _banks(tuple(map(tuple, entry.vectors))).get(entry.layer)
-    if bank is None:
+    if bank is None and not entry.inline:
         raise SAEFormatError(f"no steering vector for layer {entry.layer} in {entry.vectors}")
-    return bank
+    if bank is None:
+        return Bank(entry.layer, (), np.zeros((0, d_model), np.float32), inline=True)
+    return dataclasses.replace(bank, inline=entry.inline)
 
 
 @functools.cache

@@ -64,6 +64,7 @@ class Server:
 
 # Steering vectors of the shared server (tests/e2e/test_vectors.py): name -> (layers, seed)
 VECTORS = {"happy": ((1, 2), 11), "calm": ((0,), 12)}
+INLINE_LAYERS = "1,2"  # --inline-vectors of the shared server
 
 
 def write_vector_files(d: Path) -> dict[str, Path]:
@@ -176,7 +177,7 @@ def server(tiny_dir, tmp_path_factory):
     srv = start_server(tiny_dir / "tiny-llama", sae_dirs, tmp_path_factory.mktemp("server"),
                        "--chat-template", str(CHAT_TEMPLATE),
                        *(a for name, path in vec.items() for a in ("--vector", f"{name}={path}")),
-                       http=True)
+                       "--inline-vectors", INLINE_LAYERS, http=True)
     yield srv
     stop_server(srv, drain_check=True)
 

@@ -22,6 +22,7 @@ from sae_lens import SAE
 from transformers import AutoModelForCausalLM
 
 from sae_runtime.testing.hf_sites import edit_site, site_activations
+from tests.transcoder_refs import load_sae_lens_transcoder, transcoder_layer
 
 CLAMP, ABLATE, SCALE, ADD = 1, 2, 3, 4
 ALL, GENERATION_ONLY = 1, 2
@@ -42,20 +43,39 @@ class Edit:
     latch: bool = False
 
 
+def _is_transcoder(folder: Path) -> bool:
+    cfg = folder / "cfg.json"
+    return not cfg.is_file() or "transcoder" in json.loads(cfg.read_text()).get("architecture", "")
+
+
 class HFReference:
+    """Transcoders (sae-lens's ``Transcoder`` classes, or a Gemma Scope 2 folder as
+    sae-lens's loader reads it) encode the MLP's input and edit the MLP's output."""
+
     def __init__(self, model_dir, sae_dirs: dict, sae_order: tuple[str, ...]) -> None:
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        self.saes = {sid: SAE.load_from_disk(str(sae_dirs[sid]), device="cpu") for sid in sae_order}
         self.order = sae_order
-        self.sites = {}
+        self.saes, self.sites, self.transcoders = {}, {}, set()
         for sid in sae_order:
-            hook = json.loads((Path(sae_dirs[sid]) / "cfg.json").read_text())["metadata"]["hook_name"]
+            folder = Path(sae_dirs[sid])
+            if _is_transcoder(folder):
+                self.saes[sid] = load_sae_lens_transcoder(folder)
+                self.sites[sid] = (transcoder_layer(folder), "mlp_out")
+                self.transcoders.add(sid)
+                continue
+            self.saes[sid] = SAE.load_from_disk(str(folder), device="cpu")
+            hook = json.loads((folder / "cfg.json").read_text())["metadata"]["hook_name"]
             m = _HOOK.match(hook)
             self.sites[sid] = (int(m.group(1)), m.group(2))
 
+    def read_site(self, sid: str) -> tuple[int, str]:
+        """Where the SAE encodes from: its site, or a transcoder's MLP input."""
+        layer, site = self.sites[sid]
+        return (layer, "mlp_in") if sid in self.transcoders else (layer, site)
+
     def activation(self, ids: list[int], sid: str) -> torch.Tensor:
-        """Unedited activation at the SAE's site: [T, d]."""
-        return site_activations(self.model, torch.tensor([ids]), *self.sites[sid])[0]
+        """Unedited activation the SAE encodes (a transcoder: the MLP input): [T, d]."""
+        return site_activations(self.model, torch.tensor([ids]), *self.read_site(sid))[0]
 
     def latents(self, ids: list[int], sid: str) -> torch.Tensor:
         """sae-lens latents of the unedited activation at the SAE's site: [T, d_sae]."""
@@ -72,9 +92,17 @@ class HFReference:
                 if not mine:
                     continue
                 sae = self.saes[sid]
+                seen: dict[str, torch.Tensor] = {}
+                if sid in self.transcoders:  # keep the MLP input; edit the MLP output with it
 
-                def fn(h, sae=sae, mine=mine):  # h: [1, T, d]
-                    f = sae.encode(h)
+                    def grab(x, seen=seen):
+                        seen["x"] = x
+                        return x
+
+                    stack.enter_context(edit_site(self.model, *self.read_site(sid), grab))
+
+                def fn(h, sae=sae, mine=mine, seen=seen):  # h: [1, T, d]
+                    f = sae.encode(seen.get("x", h))
                     delta = torch.zeros_like(h)
                     for e in mine:
                         a = f[..., e.feature]

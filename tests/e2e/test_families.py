@@ -1,10 +1,14 @@
 """Every model family x hook site: steering and reads match the HF + sae-lens reference.
 
 One real server (compiled mode) per family, with four SAEs: resid_post (standard),
-attn_out (JumpReLU), mlp_out (TopK) and attn.hook_z (standard).
+attn_out (JumpReLU), mlp_out (TopK) and attn.hook_z (standard), and a transcoder on the
+same MLP as the mlp_out SAE (``FAMILY_TRANSCODERS``: the SAELens transcoder classes and
+a Gemma Scope 2 affine folder for Gemma 3).
 """
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -67,5 +71,35 @@ def test_list_saes_reports_sites(family):
     srv, _ = family
     with srv.client() as c:
         saes = {s.id: s for s in c.list_saes()}
-    assert {k: (v.layer, v.site) for k, v in saes.items()} == {
-        "resid": (1, 1), "attn": (1, 3), "mlp": (0, 4), "z": (2, 5)}
+    assert {k: (v.layer, v.site, v.input_site) for k, v in saes.items()} == {
+        "resid": (1, 1, 0), "attn": (1, 3, 0), "mlp": (0, 4, 0), "z": (2, 5, 0),
+        "tc": (0, 4, 6)}  # the transcoder reads the MLP input (6) and writes mlp_out (4)
+    assert saes["tc"].hook_name == "blocks.0.ln2.hook_normalized"
+    assert saes["tc"].hook_name_out == "blocks.0.hook_mlp_out"
+
+
+def test_transcoder_edits_in_a_mixed_batch(family):
+    """Concurrent: plain, a transcoder clamp, the transcoder and the mlp_out SAE (same MLP)
+    edited together, and a transcoder read; plain equals plain alone, every steered one
+    matches the reference, and the transcoder's latents are those of the MLP *input*."""
+    srv, ref = family
+    f_tc = int(ref.latents(PROMPT, "tc").sum(0).argmax())
+    f_mlp = int(ref.latents(PROMPT, "mlp").sum(0).argmax())
+    v_tc = 10.0 * float(ref.activation(PROMPT, "tc").norm(dim=-1).mean())
+    kw = dict(max_tokens=10, temperature=0.0, ignore_eos=True)
+    jobs = {"plain": {}, "tc": {"interventions": [clamp("tc", f_tc, v_tc)]},
+            "both": {"interventions": [clamp("mlp", f_mlp, 0.0), clamp("tc", f_tc, v_tc)]},
+            "read": {"reads": [read("tc", top_k=4)]}}
+    with srv.client() as c:
+        alone = c.generate_text(PROMPT, **kw)
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            futs = {k: pool.submit(c.generate_text, PROMPT, **kw, **v) for k, v in jobs.items()}
+            outs = {k: f.result() for k, f in futs.items()}
+    assert outs["plain"].token_ids == alone.token_ids == outs["read"].token_ids
+    for name, edits in (("tc", [Edit("tc", f_tc, CLAMP, v_tc)]),
+                        ("both", [Edit("mlp", f_mlp, CLAMP, 0.0), Edit("tc", f_tc, CLAMP, v_tc)])):
+        ids = outs[name].token_ids
+        check_teacher_forced(ref.logits(PROMPT + ids, edits, len(PROMPT)), len(PROMPT), ids)
+    dense = ref.latents(PROMPT + outs["read"].token_ids, "tc")
+    for f in outs["read"].features:
+        assert list(f.values) == pytest.approx(dense[f.position].topk(4).values.tolist(), abs=1e-4)

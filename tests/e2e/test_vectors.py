@@ -179,3 +179,145 @@ def test_cli_and_http_take_vectors(server):
             "vectors": [{"name": "happy", "strength": S, "layers": [1]}]})
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["token_ids"] == want.token_ids
+
+
+# --------------------------------------------------------------------------- inline vectors
+
+
+def _rand(seed: int, scale: float = 1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(HIDDEN, generator=g)
+    return v / v.norm() * scale
+
+
+def hf_inline(hf, ids, adds: list[tuple[torch.Tensor, int, float, set[int] | None]]):
+    """Logits with ``strength * v`` added to block ``layer``'s output (at: None = all)."""
+    T = len(ids)
+    with ExitStack() as stack:
+        for v, layer, strength, at in adds:
+            mask = torch.tensor([at is None or p in at for p in range(T)], dtype=torch.float32)
+
+            def hook(mod, args, out, v=v, mask=mask, strength=strength):
+                h = out[0] if isinstance(out, tuple) else out
+                h = h + strength * mask[None, :, None] * v
+                return (h, *out[1:]) if isinstance(out, tuple) else h
+
+            stack.enter_context(hf.model.layers[layer].register_forward_hook(hook))
+        with torch.no_grad():
+            return hf(torch.tensor([ids])).logits[0]
+
+
+def test_model_info_lists_the_inline_layers(server):
+    with server.client() as c:
+        info = c.model_info()
+    assert list(info.inline_vector_layers) == [1, 2] and info.max_inline_vectors == 4
+
+
+def test_inline_vectors_equal_adding_them_by_hand_in_hf(server, hf):
+    from clients.client import inline_vector
+
+    v1, v2 = _rand(1, 6.0), _rand(2, 6.0)
+    out = greedy(server, inline_vectors=[inline_vector(v1, 1, 1.5), inline_vector(v2, 2, -1.0)])
+    check_teacher_forced(hf_inline(hf, PROMPT + out.token_ids, [(v1, 1, 1.5, None), (v2, 2, -1.0, None)]),
+                         P, out.token_ids)
+    assert out.token_ids != greedy(server).token_ids, "the inline vectors had no effect"
+    # The same values inline as the server's named vector: the same tokens.
+    happy1 = directions("happy")[1]
+    assert (greedy(server, inline_vectors=[inline_vector(happy1, 1, S)]).token_ids
+            == greedy(server, [vector("happy", S, (1,))]).token_ids)
+    # Positions: only the first four generated tokens' activations.
+    sel = positions(generation_range(0, 4))
+    out = greedy(server, inline_vectors=[inline_vector(v1, 1, 2.0, at=sel)])
+    check_teacher_forced(hf_inline(hf, PROMPT + out.token_ids, [(v1, 1, 2.0, set(range(P, P + 4)))]),
+                         P, out.token_ids)
+
+
+def test_each_request_in_a_batch_gets_its_own_inline_vector(server, hf):
+    """Concurrent requests at one layer each add their own vector (one scratch row per
+    slot), beside a named vector and a plain request."""
+    from clients.client import inline_vector
+
+    vs = {i: _rand(10 + i, 6.0) for i in range(5)}
+    jobs = {i: dict(inline_vectors=[inline_vector(vs[i], 1, 1.0)]) for i in vs}
+    jobs["named"] = dict(vectors=[vector("happy", S, (1,))])
+    jobs["plain"] = {}
+    with cf.ThreadPoolExecutor(len(jobs)) as pool:
+        futs = {k: pool.submit(greedy, server, **kw) for k, kw in jobs.items()}
+        outs = {k: f.result().token_ids for k, f in futs.items()}
+    for i, v in vs.items():
+        check_teacher_forced(hf_inline(hf, PROMPT + outs[i], [(v, 1, 1.0, None)]), P, outs[i])
+    assert outs["plain"] == greedy(server).token_ids
+    assert outs["named"] == greedy(server, [vector("happy", S, (1,))]).token_ids
+    assert len({tuple(outs[i]) for i in vs}) > 1, "the vectors should not all give one output"
+
+
+def test_inline_vectors_are_in_the_cache_salt(server, hf):
+    from clients.client import inline_vector
+
+    prompt = [(5 * j + 2) % 500 + 3 for j in range(150)]
+    a_v, b_v = _rand(21, 6.0), _rand(22, 6.0)
+    with server.client() as c:
+        def run(v):
+            return c.generate_text(prompt, max_tokens=3, temperature=0.0, ignore_eos=True,
+                                   inline_vectors=[inline_vector(v, 1, 1.0)])
+        a = run(a_v)
+        assert a.usage.cached_prompt_tokens == 0
+        b = run(b_v)
+        assert b.usage.cached_prompt_tokens == 0, "another inline vector reused the first's KV"
+        again = run(a_v)
+        assert again.usage.cached_prompt_tokens > 0 and again.token_ids == a.token_ids
+    check_teacher_forced(hf_inline(hf, prompt + b.token_ids, [(b_v, 1, 1.0, None)]), len(prompt),
+                         b.token_ids)
+
+
+def test_bad_inline_vectors_are_invalid_argument(server):
+    from clients.client import inline_vector
+
+    ok = [0.1] * HIDDEN
+    nan = list(ok)
+    nan[7] = float("nan")
+    cases = [([inline_vector(ok[:-1], 1)], "inline_vectors[0].values:", "hidden size is 128"),
+             ([inline_vector(nan, 1)], "inline_vectors[0].values:", "values[7] is nan"),
+             ([inline_vector(ok, 0)], "inline_vectors[0].layer:", "takes no inline vectors"),
+             ([inline_vector(ok, 1), inline_vector(ok, 1, 2.0)], "inline_vectors[1].layer:", "one per layer"),
+             ([inline_vector(ok, 1)] * 5, "inline_vectors:", "at most 4"),
+             ([inline_vector(ok, 2, float("inf"))], "inline_vectors[0].strength:", "finite"),
+             ([inline_vector(ok, 2, at=positions(generation_range(5, 2)))],
+              "inline_vectors[0].positions.ranges[0]:", "")]
+    with server.client() as c:
+        for vs, field, words in cases:
+            with pytest.raises(grpc.RpcError) as ei:
+                c.generate_text(PROMPT, max_tokens=2, inline_vectors=vs)
+            assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+            assert ei.value.details().startswith(field) and words in ei.value.details(), ei.value.details()
+        assert c.health() == "SERVING"
+
+
+def test_cli_and_http_take_inline_vectors(server, tmp_path):
+    import numpy as np
+
+    from clients.client import inline_vector
+
+    v = _rand(31, 6.0)
+    want = greedy(server, inline_vectors=[inline_vector(v, 2, 1.5)])
+    np.save(tmp_path / "v.npy", v.numpy())
+    exe = str(Path(sys.executable).with_name("steer"))
+    run = subprocess.run(
+        [exe, "--target", server.target, "generate", "--prompt-ids", ",".join(map(str, PROMPT)),
+         "--max-tokens", str(N), "--temperature", "0", "--json",
+         "--inline-vector", f"{tmp_path / 'v.npy'}@2=1.5"],
+        capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    cli = json.loads(run.stdout)["token_ids"]
+    assert cli and cli == want.token_ids[: len(cli)]
+    with httpx.Client(timeout=120) as h:
+        model = h.get(server.http_url + "/models").json()["data"][0]["id"]
+        body = {"model": model, "prompt": PROMPT, "max_tokens": N, "temperature": 0,
+                "ignore_eos": True, "return_token_ids": True,
+                "inline_vectors": [{"values": v.tolist(), "layer": 2, "strength": 1.5}]}
+        r = h.post(server.http_url + "/completions", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["token_ids"] == want.token_ids
+        body["inline_vectors"][0]["values"] = v.tolist()[:5]
+        r = h.post(server.http_url + "/completions", json=body)
+        assert r.status_code == 400 and "inline_vectors[0].values" in r.text, r.text

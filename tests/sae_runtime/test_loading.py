@@ -133,7 +133,9 @@ def _mutate_gated(c, t):
         (lambda c, t: c.update(architecture="mystery"),
          r"cfg\.json: unknown SAE architecture 'mystery'; supported: "
          + ", ".join(registry.names())),
-        (lambda c, t: c.update(architecture="jumprelu_transcoder"), r"cfg\.json: .*transcoder"),
+        # a transcoder class must read an MLP input (tests/sae_runtime/test_transcoders.py)
+        (lambda c, t: c.update(architecture="jumprelu_transcoder"),
+         r"cfg\.json: transcoder input hook 'blocks\.\d+\.hook_resid_pre' is not supported"),
         (lambda c, t: c.update(metadata={"hook_name": "blocks.1.hook_mlp_in"}),
          r"cfg\.json: hook_name 'blocks\.1\.hook_mlp_in' is not supported"),
         (lambda c, t: c.update(metadata={"hook_name": "blocks.0.hook_resid_pre"}),
@@ -253,9 +255,10 @@ def test_malformed_gemma_scope(tmp_path, over, message):
         load_sae(_gemma(tmp_path, **over))
 
 
-def test_gemma_scope_rejects_transcoders_and_corrupt_archives(tmp_path):
-    with pytest.raises(SAEFormatError, match=r"holds transcoders"):
-        load_sae_config(_gemma(tmp_path, release="gemma-scope-2b-pt-transcoders"))
+def test_gemma_scope_reads_transcoder_releases_and_rejects_corrupt_archives(tmp_path):
+    c = load_sae_config(_gemma(tmp_path, release="gemma-scope-2b-pt-transcoders"))
+    assert (c.input_site, c.site, c.layer, c.hook_name, c.hook_name_out) == (
+        "mlp_in", "mlp_out", 4, "blocks.4.ln2.hook_normalized", "blocks.4.hook_mlp_out")
     d = _gemma(tmp_path / "c")
     (d / "params.npz").write_bytes(b"not a zip")
     with pytest.raises(SAEFormatError, match=r"params\.npz: cannot read npz archive"):
@@ -350,7 +353,8 @@ def test_sparsify_hook_from_folder_or_override(tmp_path):
 
 
 @pytest.mark.parametrize("cfg_over, t_over, message", [
-    ({"transcode": True}, None, r"cfg\.json: transcode=true \(a transcoder"),
+    ({"transcode": True, "skip_connection": True}, None,
+     r"sae\.safetensors: missing tensor 'W_skip'"),
     ({"skip_connection": True}, None, r"cfg\.json: skip_connection=true"),
     ({"activation": "batchtopk"}, None, r"cfg\.json: activation 'batchtopk' is not supported"),
     ({"activation": "groupmax", "k": 3}, None,

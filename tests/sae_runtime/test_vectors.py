@@ -111,3 +111,61 @@ def test_a_bank_add_edit_is_exactly_strength_times_the_vector(tmp_path, path):
     want[:6] += 1.5 * torch.from_numpy(dirs[2])
     want[3:6] += -2.0 * torch.from_numpy(dirs2[2])
     torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- inline vectors
+
+
+def test_the_planner_gives_each_request_its_inline_vector_in_its_own_scratch_row():
+    """An inline-only bank (no named vectors): two requests in one step, each with its own
+    vector; the hook adds exactly strength * v of each request to its rows, in every
+    step, and a token-id selector's several slots each carry the vector."""
+    import numpy as np
+
+    from sae_runtime import ops
+    from sae_runtime.payloads import EditPayload, RequestPayload
+    from sae_runtime.planner import ScheduledRequest, StepDescription, compile_request, plan_step
+    from sae_runtime.selectors import Selector
+    from sae_runtime.tables import HookTables
+    from sae_runtime.vectors import Bank, bank_sae
+
+    d = 8
+    bank = Bank(3, (), np.zeros((0, d), np.float32), inline=True)
+    assert bank.config().d_sae == 1 and bank.inline_row == 0
+    hook = HookTables(bank_sae(bank, scratch=4), max_tokens=32, max_slots=4, max_feats=1,
+                      staged=False, inline_row=bank.inline_row)
+    g = np.random.default_rng(0)
+    vecs = [g.standard_normal(d).astype(np.float32) for _ in range(3)]
+    strengths = [2.0, -0.5, 3.0]
+    every = Selector()
+    odd_tokens = Selector(token_ids=(7,))  # a token-id selector: one slot per run
+
+    def plan(i, sel):
+        ed = EditPayload(0, bank.inline_row, int(ops.Mode.ADD), strengths[i], sel,
+                         vector=vecs[i].astype("<f4").tobytes())
+        return compile_request(RequestPayload(f"r{i}", (ed,)), 4)
+
+    plans = [plan(0, every), plan(1, every), plan(2, odd_tokens)]
+    tokens = np.array([1, 2, 3, 4, 5, 6, 7, 8, 7, 1, 7, 7], dtype=np.int64)
+    step = StepDescription([ScheduledRequest("a", 0, 4, 0, plans[0]),
+                            ScheduledRequest("b", 4, 8, 0, plans[1]),
+                            ScheduledRequest("c", 8, 12, 0, plans[2])], token_ids=tokens)
+    for _ in range(2):  # a second step writes the rows again (the planner copies the rows)
+        plan_step([hook], step)
+        h = torch.randn(12, d)
+        out = hook.apply(h, None)
+        want = h.clone()
+        want[0:4] += strengths[0] * torch.from_numpy(vecs[0])
+        want[4:8] += strengths[1] * torch.from_numpy(vecs[1])
+        for r in (8, 10, 11):  # token 7 only
+            want[r] += strengths[2] * torch.from_numpy(vecs[2])
+        torch.testing.assert_close(out, want)
+        assert hook.n_slots == 4  # one edit row per slot: c's two runs of token 7 took two
+        assert all(int(p.edits[0]["feature"][0]) == bank.inline_row for p in plans)
+        hook.clear()
+        vecs.reverse(), strengths.reverse()
+        plans[0], plans[1] = plan(0, every), plan(1, every)
+        plans[2] = plan(2, odd_tokens)
+        step = StepDescription([ScheduledRequest("a", 0, 4, 0, plans[0]),
+                                ScheduledRequest("b", 4, 8, 0, plans[1]),
+                                ScheduledRequest("c", 8, 12, 0, plans[2])], token_ids=tokens)

@@ -57,6 +57,7 @@ class HookSite(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     HOOK_SITE_ATTN_OUT: _ClassVar[HookSite]
     HOOK_SITE_MLP_OUT: _ClassVar[HookSite]
     HOOK_SITE_Z: _ClassVar[HookSite]
+    HOOK_SITE_MLP_IN: _ClassVar[HookSite]
 INTERVENTION_MODE_UNSPECIFIED: InterventionMode
 INTERVENTION_MODE_CLAMP: InterventionMode
 INTERVENTION_MODE_ABLATE: InterventionMode
@@ -87,6 +88,7 @@ HOOK_SITE_RESID_PRE: HookSite
 HOOK_SITE_ATTN_OUT: HookSite
 HOOK_SITE_MLP_OUT: HookSite
 HOOK_SITE_Z: HookSite
+HOOK_SITE_MLP_IN: HookSite
 
 class Prompt(_message.Message):
     __slots__ = ("text", "token_ids", "messages")
@@ -216,6 +218,18 @@ class VectorSteer(_message.Message):
     positions: PositionSelector
     def __init__(self, name: _Optional[str] = ..., strength: _Optional[float] = ..., layers: _Optional[_Iterable[int]] = ..., positions: _Optional[_Union[PositionSelector, _Mapping]] = ...) -> None: ...
 
+class InlineVector(_message.Message):
+    __slots__ = ("values", "layer", "strength", "positions")
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    layer: int
+    strength: float
+    positions: PositionSelector
+    def __init__(self, values: _Optional[_Iterable[float]] = ..., layer: _Optional[int] = ..., strength: _Optional[float] = ..., positions: _Optional[_Union[PositionSelector, _Mapping]] = ...) -> None: ...
+
 class VectorInfo(_message.Message):
     __slots__ = ("name", "layers")
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -239,7 +253,7 @@ class GuardrailTrip(_message.Message):
     def __init__(self, guardrail: _Optional[int] = ..., sae: _Optional[str] = ..., feature: _Optional[int] = ..., position: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "sampling", "interventions", "request_id", "reads", "abort_when", "vectors")
+    __slots__ = ("prompt", "sampling", "interventions", "request_id", "reads", "abort_when", "vectors", "inline_vectors")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     INTERVENTIONS_FIELD_NUMBER: _ClassVar[int]
@@ -247,6 +261,7 @@ class GenerateRequest(_message.Message):
     READS_FIELD_NUMBER: _ClassVar[int]
     ABORT_WHEN_FIELD_NUMBER: _ClassVar[int]
     VECTORS_FIELD_NUMBER: _ClassVar[int]
+    INLINE_VECTORS_FIELD_NUMBER: _ClassVar[int]
     prompt: Prompt
     sampling: SamplingParams
     interventions: _containers.RepeatedCompositeFieldContainer[Intervention]
@@ -254,7 +269,8 @@ class GenerateRequest(_message.Message):
     reads: _containers.RepeatedCompositeFieldContainer[FeatureRead]
     abort_when: _containers.RepeatedCompositeFieldContainer[Guardrail]
     vectors: _containers.RepeatedCompositeFieldContainer[VectorSteer]
-    def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., interventions: _Optional[_Iterable[_Union[Intervention, _Mapping]]] = ..., request_id: _Optional[str] = ..., reads: _Optional[_Iterable[_Union[FeatureRead, _Mapping]]] = ..., abort_when: _Optional[_Iterable[_Union[Guardrail, _Mapping]]] = ..., vectors: _Optional[_Iterable[_Union[VectorSteer, _Mapping]]] = ...) -> None: ...
+    inline_vectors: _containers.RepeatedCompositeFieldContainer[InlineVector]
+    def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., interventions: _Optional[_Iterable[_Union[Intervention, _Mapping]]] = ..., request_id: _Optional[str] = ..., reads: _Optional[_Iterable[_Union[FeatureRead, _Mapping]]] = ..., abort_when: _Optional[_Iterable[_Union[Guardrail, _Mapping]]] = ..., vectors: _Optional[_Iterable[_Union[VectorSteer, _Mapping]]] = ..., inline_vectors: _Optional[_Iterable[_Union[InlineVector, _Mapping]]] = ...) -> None: ...
 
 class FeatureRead(_message.Message):
     __slots__ = ("sae", "top_k", "watch", "scope", "positions")
@@ -389,7 +405,7 @@ class ListSAEsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SAEInfo(_message.Message):
-    __slots__ = ("id", "format", "architecture", "hook_name", "site", "layer", "d_sae", "d_in", "dtype", "model_name", "k")
+    __slots__ = ("id", "format", "architecture", "hook_name", "site", "layer", "d_sae", "d_in", "dtype", "model_name", "k", "input_site", "hook_name_out")
     ID_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -401,6 +417,8 @@ class SAEInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SITE_FIELD_NUMBER: _ClassVar[int]
+    HOOK_NAME_OUT_FIELD_NUMBER: _ClassVar[int]
     id: str
     format: str
     architecture: str
@@ -412,7 +430,9 @@ class SAEInfo(_message.Message):
     dtype: str
     model_name: str
     k: int
-    def __init__(self, id: _Optional[str] = ..., format: _Optional[str] = ..., architecture: _Optional[str] = ..., hook_name: _Optional[str] = ..., site: _Optional[_Union[HookSite, str]] = ..., layer: _Optional[int] = ..., d_sae: _Optional[int] = ..., d_in: _Optional[int] = ..., dtype: _Optional[str] = ..., model_name: _Optional[str] = ..., k: _Optional[int] = ...) -> None: ...
+    input_site: HookSite
+    hook_name_out: str
+    def __init__(self, id: _Optional[str] = ..., format: _Optional[str] = ..., architecture: _Optional[str] = ..., hook_name: _Optional[str] = ..., site: _Optional[_Union[HookSite, str]] = ..., layer: _Optional[int] = ..., d_sae: _Optional[int] = ..., d_in: _Optional[int] = ..., dtype: _Optional[str] = ..., model_name: _Optional[str] = ..., k: _Optional[int] = ..., input_site: _Optional[_Union[HookSite, str]] = ..., hook_name_out: _Optional[str] = ...) -> None: ...
 
 class ListSAEsResponse(_message.Message):
     __slots__ = ("saes",)
@@ -425,7 +445,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model", "architecture", "num_layers", "hidden_size", "vocab_size", "max_model_len", "max_interventions", "dtype", "compiled", "max_read_top_k", "max_watch", "max_encode_inputs", "max_logprobs", "chat_template", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "distributed_executor_backend", "max_guardrails", "vectors")
+    __slots__ = ("model", "architecture", "num_layers", "hidden_size", "vocab_size", "max_model_len", "max_interventions", "dtype", "compiled", "max_read_top_k", "max_watch", "max_encode_inputs", "max_logprobs", "chat_template", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "distributed_executor_backend", "max_guardrails", "vectors", "inline_vector_layers", "max_inline_vectors")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -446,6 +466,8 @@ class GetModelInfoResponse(_message.Message):
     DISTRIBUTED_EXECUTOR_BACKEND_FIELD_NUMBER: _ClassVar[int]
     MAX_GUARDRAILS_FIELD_NUMBER: _ClassVar[int]
     VECTORS_FIELD_NUMBER: _ClassVar[int]
+    INLINE_VECTOR_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_INLINE_VECTORS_FIELD_NUMBER: _ClassVar[int]
     model: str
     architecture: str
     num_layers: int
@@ -466,7 +488,9 @@ class GetModelInfoResponse(_message.Message):
     distributed_executor_backend: str
     max_guardrails: int
     vectors: _containers.RepeatedCompositeFieldContainer[VectorInfo]
-    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_interventions: _Optional[int] = ..., dtype: _Optional[str] = ..., compiled: _Optional[bool] = ..., max_read_top_k: _Optional[int] = ..., max_watch: _Optional[int] = ..., max_encode_inputs: _Optional[int] = ..., max_logprobs: _Optional[int] = ..., chat_template: _Optional[bool] = ..., tensor_parallel_size: _Optional[int] = ..., pipeline_parallel_size: _Optional[int] = ..., data_parallel_size: _Optional[int] = ..., distributed_executor_backend: _Optional[str] = ..., max_guardrails: _Optional[int] = ..., vectors: _Optional[_Iterable[_Union[VectorInfo, _Mapping]]] = ...) -> None: ...
+    inline_vector_layers: _containers.RepeatedScalarFieldContainer[int]
+    max_inline_vectors: int
+    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_interventions: _Optional[int] = ..., dtype: _Optional[str] = ..., compiled: _Optional[bool] = ..., max_read_top_k: _Optional[int] = ..., max_watch: _Optional[int] = ..., max_encode_inputs: _Optional[int] = ..., max_logprobs: _Optional[int] = ..., chat_template: _Optional[bool] = ..., tensor_parallel_size: _Optional[int] = ..., pipeline_parallel_size: _Optional[int] = ..., data_parallel_size: _Optional[int] = ..., distributed_executor_backend: _Optional[str] = ..., max_guardrails: _Optional[int] = ..., vectors: _Optional[_Iterable[_Union[VectorInfo, _Mapping]]] = ..., inline_vector_layers: _Optional[_Iterable[int]] = ..., max_inline_vectors: _Optional[int] = ...) -> None: ...
 
 class GetFeatureRequest(_message.Message):
     __slots__ = ("sae", "index")
