@@ -15,6 +15,8 @@ HTTP_PORT ?= 8000
 # 8-topic corpus (make train-default), committed so `make serve` needs no training.
 EMBEDDED ?= server/embedded
 DEFAULT_SAE ?= $(EMBEDDED)/saes/topics_l1
+# `make serve` also serves the embedded MLP transcoder and takes inline vectors at every layer.
+DEFAULT_TRANSCODER ?= $(EMBEDDED)/saes/topics_tc1
 # The tiny random model + one SAE per architecture (tests and soak use it).
 DEFAULT_DIR ?= .cache/default
 
@@ -56,13 +58,16 @@ default-artifacts: setup
 
 serve: setup
 	$(BIN)/steerd serve --model $(EMBEDDED)/model --dtype float32 --sae $(DEFAULT_SAE) \
+		--sae $(DEFAULT_TRANSCODER) --inline-vectors all \
 		--host $(HOST) --port $(PORT) --http-port $(HTTP_PORT) \
 		--chat-template $(EMBEDDED)/chat_template.jinja
 
 # Regenerate the embedded default from scratch (corpus -> tokenizer -> model -> SAE -> labels);
-# about 20 minutes on 2 CPU cores. Writes $(EMBEDDED)/training_report.json.
+# about 28 minutes on 2 CPU cores. Writes $(EMBEDDED)/training_report.json and
+# $(EMBEDDED)/transcoder_report.json.
 train-default: setup
 	$(BIN)/python -m sae_runtime.default.train --out $(EMBEDDED) --seed 0
+	$(BIN)/python -m sae_runtime.default.transcoder_train --out $(EMBEDDED) --layer 1 --seed 0 --threads 1
 
 # ruff also enforces that only sae_runtime/vllm/ imports vllm (banned-api).
 lint: setup

@@ -8,7 +8,11 @@ a Gemma Scope 2 affine folder for Gemma 3).
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import atexit
+import contextlib
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -22,12 +26,40 @@ PROMPT = [5, 100, 200, 300, 45, 67, 12, 400]
 SITES = tuple(FAMILY_SAES)
 
 
+# The next families' servers start while this one's tests run (engine starts are mostly
+# single-threaded work: spawning, imports, tracing), so two of them overlap on two cores.
+# FAMILY_PREFETCH=0 starts each one when its tests begin.
+PREFETCH = int(os.environ.get("FAMILY_PREFETCH", "2"))
+_POOL = ThreadPoolExecutor(max(PREFETCH, 1), thread_name_prefix="family-start")
+_STARTS: dict[str, Future] = {}
+
+
+def _start(family: str, root: Path):
+    model = make_family_set(root, family)
+    sae_dirs = {name: root / "saes" / name for name in SITES}
+    return start_server(model, sae_dirs, root), model, sae_dirs
+
+
+def _stop_unused() -> None:
+    """Servers started ahead for families whose tests never ran (a -x stop, a filter)."""
+    for fut in _STARTS.values():
+        with contextlib.suppress(Exception):
+            srv, _, _ = fut.result()
+            srv.proc.kill()
+
+
+atexit.register(_stop_unused)
+
+
 @pytest.fixture(scope="module", params=FAMILY_CONFIGS)
 def family(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(request.param)
-    model = make_family_set(root, request.param)
-    sae_dirs = {name: root / "saes" / name for name in SITES}
-    srv = start_server(model, sae_dirs, root)
+    order = list(dict.fromkeys(  # the families this session runs, in test order
+        it.callspec.params["family"] for it in request.session.items
+        if "family" in getattr(getattr(it, "callspec", None), "params", {})))
+    for fam in order[order.index(request.param):][: PREFETCH + 1]:
+        if fam not in _STARTS:
+            _STARTS[fam] = _POOL.submit(_start, fam, tmp_path_factory.mktemp(fam))
+    srv, model, sae_dirs = _STARTS.pop(request.param).result()
     ref = HFReference(model, sae_dirs, SITES)
     yield srv, ref
     stop_server(srv)
