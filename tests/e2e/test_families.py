@@ -34,10 +34,12 @@ _POOL = ThreadPoolExecutor(max(PREFETCH, 1), thread_name_prefix="family-start")
 _STARTS: dict[str, Future] = {}
 
 
-def _start(family: str, root: Path):
+def _start(family: str, root: Path) -> Future:
+    """Make the family's files here (transformers' model building is not thread-safe) and
+    start its server in the background."""
     model = make_family_set(root, family)
     sae_dirs = {name: root / "saes" / name for name in SITES}
-    return start_server(model, sae_dirs, root), model, sae_dirs
+    return _POOL.submit(lambda: (start_server(model, sae_dirs, root), model, sae_dirs))
 
 
 def _stop_unused() -> None:
@@ -58,9 +60,13 @@ def family(request, tmp_path_factory):
         if "family" in getattr(getattr(it, "callspec", None), "params", {})))
     for fam in order[order.index(request.param):][: PREFETCH + 1]:
         if fam not in _STARTS:
-            _STARTS[fam] = _POOL.submit(_start, fam, tmp_path_factory.mktemp(fam))
+            _STARTS[fam] = _start(fam, tmp_path_factory.mktemp(fam))
     srv, model, sae_dirs = _STARTS.pop(request.param).result()
-    ref = HFReference(model, sae_dirs, SITES)
+    try:
+        ref = HFReference(model, sae_dirs, SITES)
+    except BaseException:
+        srv.proc.kill()
+        raise
     yield srv, ref
     stop_server(srv)
 
