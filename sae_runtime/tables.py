@@ -45,6 +45,8 @@ host waits for the previous upload before it writes the host tables again (``cle
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -59,6 +61,7 @@ from sae_runtime.edits import (
 )
 from sae_runtime.kernels import backend_for, read_topk, row_edits, splice_compact, splice_fixed
 from sae_runtime.saes.base import SAE
+from sae_runtime.tp_reads import ReadSplit
 
 READS_PER_REQUEST = 2
 """Read slots one request may use at one SAE per step: its own read and its guard read."""
@@ -74,6 +77,11 @@ def _capturing(t: torch.Tensor) -> bool:
 
 class HookTables:
     """Preallocated per-step tables of one hooked SAE (see the module docstring)."""
+
+    read_split: ReadSplit | None = None
+    """Set once by the worker under tensor parallelism (``sae_runtime.tp_reads``): this
+    rank's slice of the SAE's features; ``_read`` then computes that slice and merges the
+    ranks' candidates. None: the read is computed whole."""
 
     def __init__(self, sae: SAE, max_tokens: int, max_slots: int, max_feats: int,
                  max_watch: int = 0, *, staged: bool | None = None,
@@ -299,7 +307,16 @@ class HookTables:
         with a running top-k on CPU, the Triton tiled kernel on CUDA), so no ``[n, d_sae]``
         buffer exists; only a step with a pooled read, which needs every latent, computes the
         dense latents.
+
+        Under TP with a ``read_split`` every rank of the group reads (the planner plans the
+        reads on all of them, so all enter the all-gather or none): each computes its slice
+        of the features and the ranks' candidates are merged (``tp_reads``). A step with a
+        pooled read is computed whole by rank 0 alone (the one that publishes), its other
+        ranks skip it (the host-side ``read_pooled`` is the same on every rank).
         """
+        split = self.read_split
+        if split is not None and self.read_pooled and split.rank != 0:
+            return
         n = self.n_read
         rows = self.read_rows[:n]
         # [n, K] each reading row's edits at this SAE (windows applied; none: Mode.NONE)
@@ -309,7 +326,8 @@ class HookTables:
         watch_idx = self.rslot_watch[self.read_slot[:n], : self.read_w]
         k = self.read_k
         if not self.read_pooled:
-            vals, idx, watch = read_topk(self.sae, x, feat, mode, val, k, watch_idx)
+            read = split if split is not None else functools.partial(read_topk, self.sae)
+            vals, idx, watch = read(x, feat, mode, val, k, watch_idx)
             self.read_out = (vals, idx, watch, None)
             return
         acts = ops.read_latents(self.sae, x, feat, mode, val)  # [n, d_sae]

@@ -34,10 +34,12 @@ import torch
 
 from sae_runtime.errors import SAEFormatError, UnsupportedModelError
 from sae_runtime.hw import choose_sae_dtype
+from sae_runtime.kernels import read_topk
 from sae_runtime.loading import load_sae, load_sae_config
 from sae_runtime.payloads import worker_config
 from sae_runtime.planner import ReadSegment, collect_reads, plan_step, release_latches
 from sae_runtime.tables import HookTables
+from sae_runtime.tp_reads import ReadSplit, shardable
 from sae_runtime.vectors import Bank, bank_sae, build_banks
 from sae_runtime.vllm import compat
 from sae_runtime.vllm.cpu_rng import patch_cpu_seeded_rewind
@@ -65,9 +67,10 @@ class SteeringState:
 
     def prepare_step(self, runner) -> None:
         """Fill every hook's tables for the batch the runner is about to run."""
-        # A rank that publishes nothing computes no reads, except at sharded sites, whose
-        # all-gather every TP rank must enter alike (the decision reads the row counts).
-        read_hooks = None if self.publisher is not None else set(_SHARDS)
+        # A rank that publishes nothing computes no reads, except at sharded sites and
+        # where the reads are split over the TP ranks (tp_reads): there every TP rank must
+        # enter the all-gather alike (the decision reads the row counts).
+        read_hooks = None if self.publisher is not None else set(_SHARDS) | _SPLIT_READS
         self.segments = plan_step(self.hooks, describe_step(runner, self.plans), read_hooks)
 
     def publish_reads(self) -> None:
@@ -100,6 +103,26 @@ class _Shard:
 
 
 _SHARDS: dict[int, _Shard] = {}  # hook id -> this rank's slice, for sharded sites under TP
+_SPLIT_READS: set[int] = set()  # hook ids whose reads every TP rank computes a slice of
+_SPLIT_COUNT = {"gathers": 0}  # split reads this rank took part in (sae_hook_report)
+
+
+def _split_gather(t: torch.Tensor) -> torch.Tensor:
+    """A split read's all-gather of the ranks' candidates (``tp_reads.ReadSplit.gather``)."""
+    _SPLIT_COUNT["gathers"] += 1
+    if _SPLIT_COUNT["gathers"] == 1:
+        log.info("first feature read split over the TP ranks (this rank computed its slice)")
+    return compat.tp_all_gather(t.contiguous(), dim=-1)
+
+
+def _read_split(sae, ranks: dict[str, int], gemm: str) -> ReadSplit | None:
+    """This TP rank's share of ``sae``'s reads (``sae_runtime.tp_reads``), or None where
+    the reads stay whole on rank 0 (one rank, a TopK-family SAE)."""
+    if not shardable(sae, ranks["tp_size"]):
+        return None
+    with_gemm = (lambda part: _with_cpu_gemm(part)[0]) if gemm == "onednn" else None
+    return ReadSplit.build(sae, ranks["tp_size"], ranks["tp_rank"], _split_gather, read_topk,
+                           with_gemm)
 
 
 def _sae_hook(hidden_states: torch.Tensor, residual: torch.Tensor | None, hook_id: int) -> torch.Tensor:
@@ -308,15 +331,22 @@ def install(runner) -> None:
         hooks.append(HookTables(sae, max_tokens, max_slots, max_feats, max_watch,
                                 act_dtype=runner.model_config.dtype,
                                 inline_row=bank.inline_row if scratch else None))
+        if tp > 1 and cfg.reads_addr and bank is None:  # reads split by feature columns
+            hooks[-1].read_split = _read_split(sae, ranks, gemm)
+        split = hooks[-1].read_split
         targets.setdefault((block, site), []).append(hook_id)
         if c.transcoder:
             stashes.setdefault(block, []).append(hook_id)
         report.append({"sae": hook_id, "id": entry.id, "block": block, "site": c.site,
                        "input_site": c.input_site,
-                       "dtype": dtype_name, "dtype_why": why, "gemm": gemm, "sharded": hook_id in shards})
+                       "dtype": dtype_name, "dtype_why": why, "gemm": gemm, "sharded": hook_id in shards,
+                       "read_slice": None if split is None else [split.lo, split.hi]})
         log.info("SAE %s (%s, d_sae=%d, %s: %s) at block %d %s, tp rank %d/%d, pp rank %d/%d",
                  entry.id, c.architecture, c.d_sae, dtype_name, why, block, c.site,
                  ranks["tp_rank"], tp, ranks["pp_rank"], ranks["pp_size"])
+        if split is not None:
+            log.info("SAE %s: tp rank %d/%d reads features [%d, %d) of %d (tp_reads)",
+                     entry.id, ranks["tp_rank"], tp, split.lo, split.hi, c.d_sae)
     for (block, site), ids in targets.items():
         layer = layers[block]
         if site == "out":
@@ -332,6 +362,7 @@ def install(runner) -> None:
     addr = cfg.reads_addr
     publish = addr and ranks["tp_rank"] == 0
     _SHARDS.update(shards)
+    _SPLIT_READS.update(i for i, h in enumerate(hooks) if h is not None and h.read_split is not None)
     _STATE = SteeringState(hooks, ReadPublisher(addr) if publish else None)
     _REPORT.update(ranks=ranks, layers=sorted(layers), hooks=report, installed=True,
                    publishes=bool(publish), device=device.type)
@@ -392,7 +423,7 @@ class SteeringWorkerExtension:
         sits on every rank that must hold it."""
         runner = getattr(self, "model_runner", None)
         cls = type(runner)
-        return {**_REPORT, "runner": cls.__name__,
+        return {**_REPORT, "runner": cls.__name__, "split_reads": _SPLIT_COUNT["gathers"],
                 "runner_patched": bool(getattr(getattr(cls, "_model_forward", None),
                                                "_sae_wrapper", False))}
 
