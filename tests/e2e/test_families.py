@@ -47,7 +47,7 @@ def _stop_unused() -> None:
     for fut in _STARTS.values():
         with contextlib.suppress(Exception):
             srv, _, _ = fut.result()
-            srv.proc.kill()
+            stop_server(srv)  # SIGTERM: steerd stops its engine processes too (not SIGKILL)
 
 
 atexit.register(_stop_unused)
@@ -65,7 +65,7 @@ def family(request, tmp_path_factory):
     try:
         ref = HFReference(model, sae_dirs, SITES)
     except BaseException:
-        srv.proc.kill()
+        stop_server(srv)
         raise
     yield srv, ref
     stop_server(srv)
