@@ -66,15 +66,21 @@ def activations(model, data: list[tuple[list[int], list[int]]], layer: int, batc
             yield start + j, item, h
 
 
-@torch.no_grad()
-def site_activations(model, batch_ids: list[list[int]], layer: int) -> list[torch.Tensor]:
-    """Residual stream after decoder layer ``layer`` (``blocks.{layer}.hook_resid_post``)."""
+def pad_batch(batch_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of sequences right-padded with 0 to the longest."""
     width = max(len(x) for x in batch_ids)
     inp = torch.zeros(len(batch_ids), width, dtype=torch.int64)
     mask = torch.zeros_like(inp)
     for r, ids in enumerate(batch_ids):
         inp[r, : len(ids)] = torch.tensor(ids)
         mask[r, : len(ids)] = 1
+    return inp, mask
+
+
+@torch.no_grad()
+def site_activations(model, batch_ids: list[list[int]], layer: int) -> list[torch.Tensor]:
+    """Residual stream after decoder layer ``layer`` (``blocks.{layer}.hook_resid_post``)."""
+    inp, mask = pad_batch(batch_ids)
     hs = model(input_ids=inp, attention_mask=mask, output_hidden_states=True).hidden_states
     h = hs[layer + 1].float()  # hidden_states[0] is the embedding output
     return [h[r, : len(ids)] for r, ids in enumerate(batch_ids)]

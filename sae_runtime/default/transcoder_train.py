@@ -75,12 +75,7 @@ def mlp_io(model, batch_ids: list[list[int]], layer: int, edit=None):
     ``edit(mlp_in, mlp_out) -> new mlp_out`` (optional) replaces the MLP's output in the
     forward pass (the returned ``mlp_out`` is the clean one).
     """
-    width = max(len(x) for x in batch_ids)
-    inp = torch.zeros(len(batch_ids), width, dtype=torch.int64)
-    mask = torch.zeros_like(inp)
-    for r, ids in enumerate(batch_ids):
-        inp[r, : len(ids)] = torch.tensor(ids)
-        mask[r, : len(ids)] = 1
+    inp, mask = labels.pad_batch(batch_ids)
     got = {}
 
     def hook(_mod, args, output):

@@ -46,23 +46,11 @@ def directions(name: str) -> dict[int, torch.Tensor]:
 
 
 def hf_logits(hf, ids, adds: list[tuple[str, float, tuple[int, ...] | None, set[int] | None]]):
-    """Logits with ``strength * v[k]`` added to block k's output (positions: None = all)."""
-    T = len(ids)
-    with ExitStack() as stack:
-        for name, strength, layers, at in adds:
-            for k, v in directions(name).items():
-                if layers is not None and k not in layers:
-                    continue
-                mask = torch.tensor([at is None or p in at for p in range(T)], dtype=torch.float32)
-
-                def hook(mod, args, out, v=v, mask=mask, strength=strength):
-                    h = out[0] if isinstance(out, tuple) else out
-                    h = h + strength * mask[None, :, None] * v
-                    return (h, *out[1:]) if isinstance(out, tuple) else h
-
-                stack.enter_context(hf.model.layers[k].register_forward_hook(hook))
-        with torch.no_grad():
-            return hf(torch.tensor([ids])).logits[0]
+    """Logits with ``strength * v[k]`` of each named vector added to block k's output
+    (layers: None = all of the vector's; positions: None = all)."""
+    return hf_inline(hf, ids, [(v, k, strength, at) for name, strength, layers, at in adds
+                               for k, v in directions(name).items()
+                               if layers is None or k in layers])
 
 
 def greedy(server, vectors=(), prompt=PROMPT, n=N, **kw):
@@ -191,7 +179,8 @@ def _rand(seed: int, scale: float = 1.0) -> torch.Tensor:
 
 
 def hf_inline(hf, ids, adds: list[tuple[torch.Tensor, int, float, set[int] | None]]):
-    """Logits with ``strength * v`` added to block ``layer``'s output (at: None = all)."""
+    """Logits with ``strength * v`` added to block ``layer``'s output (at: None = all): a
+    plain forward hook on ``model.model.layers[layer]``."""
     T = len(ids)
     with ExitStack() as stack:
         for v, layer, strength, at in adds:
