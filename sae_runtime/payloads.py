@@ -5,8 +5,8 @@
   ``decode_request``; vLLM serialises ``extra_args`` itself, and bytes are msgpack-able).
   SAEs are named by their *index* in the server's SAE list (== the worker's hook id).
 - ``WorkerConfig``: the SAE list and table budgets, server -> every worker, once, in
-  ``VllmConfig.additional_config[CONFIG_KEY]`` as plain builtins (``to_builtins`` /
-  ``worker_config``; vLLM hashes ``additional_config`` as JSON).
+  ``VllmConfig.additional_config[CONFIG_KEY]`` as plain builtins (``additional_config`` /
+  ``worker_config``; vLLM keys its compile cache on ``AdditionalConfig.compute_hash``).
 - ``ReadRecord``: one request's reads of one SAE over consecutive positions in one step,
   worker -> server over the ZMQ side channel (a msgpack list of records per step).
 
@@ -15,10 +15,13 @@ Both ends import these classes; nothing else describes the layouts.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 
 import msgspec
 
+from sae_runtime.errors import SAEFormatError
 from sae_runtime.selectors import Selector
 
 EXTRA_ARGS_KEY = "sae_steering"  # key in SamplingParams.extra_args
@@ -98,6 +101,25 @@ class SAEEntry(msgspec.Struct, frozen=True):
     vectors: tuple[tuple[str, str], ...] = ()
     layer: int = -1
     inline: bool = False  # the bank also takes inline vectors (``--inline-vectors``)
+    # where the server found this SAE hooks (``placement``; "" unchecked). It is part of the
+    # compile-cache key, and a worker that loads the SAE elsewhere refuses to start.
+    placement: str = ""
+
+
+def placement(c) -> str:
+    """Where an SAE (an ``SAEConfig``) sits in the compiled graph: its site and block, and a
+    transcoder's input site, e.g. ``resid_post@1`` or ``mlp_out@0<mlp_in``."""
+    return f"{c.site}@{c.layer}" + (f"<{c.input_site}" if c.input_site else "")
+
+
+def check_placement(entry: SAEEntry, c) -> None:
+    """Refuse an SAE a worker loads elsewhere than the server found it (its files changed in
+    between): the compiled graph, cached under the server's placement, would hook the old
+    place."""
+    if entry.placement and entry.placement != placement(c):
+        raise SAEFormatError(
+            f"{entry.path}: SAE {entry.id!r} hooks {placement(c)} in the worker but "
+            f"{entry.placement} when the server read it; did its files change during startup?")
 
 
 class WorkerConfig(msgspec.Struct, frozen=True):
@@ -108,9 +130,37 @@ class WorkerConfig(msgspec.Struct, frozen=True):
     sae_dtype: str = "auto"
 
 
-def to_builtins(cfg: WorkerConfig) -> dict:
-    """``cfg`` as the JSON-able dict that goes in ``additional_config[CONFIG_KEY]``."""
-    return msgspec.to_builtins(cfg)
+class AdditionalConfig(Mapping):
+    """``VllmConfig.additional_config`` of a steered engine: ``{CONFIG_KEY: WorkerConfig as
+    builtins}``, with the ``compute_hash`` vLLM keys its compile cache on (vLLM takes a
+    ``SupportsHash`` object here).
+
+    The hash is that of the JSON, less ``reads_addr``: the reads socket is a fresh ``ipc://``
+    path every start, and in the hash it made every start a cache miss (compiling again,
+    about 20 s of a tiny model's start on 2 cores). Everything that shapes the graph stays
+    in: the SAE list with each one's ``placement``, the table budgets, the SAE dtype.
+    """
+
+    def __init__(self, cfg: WorkerConfig) -> None:
+        self._d = {CONFIG_KEY: msgspec.to_builtins(cfg)}
+
+    def __getitem__(self, key: str):
+        return self._d[key]
+
+    def __iter__(self):
+        return iter(self._d)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def compute_hash(self) -> str:
+        keyed = {**self._d[CONFIG_KEY], "reads_addr": None}
+        return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()
+
+
+def additional_config(cfg: WorkerConfig) -> AdditionalConfig:
+    """What goes in vLLM's ``additional_config`` for ``cfg``."""
+    return AdditionalConfig(cfg)
 
 
 def worker_config(additional_config: Mapping | None) -> WorkerConfig | None:

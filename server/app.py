@@ -21,6 +21,7 @@ from sae_runtime.features import FeatureLabels, load_beside
 from sae_runtime.guardrails import MAX_GUARDRAILS
 from sae_runtime.hw import LOW_PRECISION, cpu_info
 from sae_runtime.loading import load_sae_config
+from sae_runtime.payloads import placement
 from sae_runtime.saes.base import SAEConfig
 from sae_runtime.vectors import BANK_PREFIX, VectorIndex, bank_id, build_banks, is_bank
 from sae_runtime.vllm.families import block_of, family_of, supported
@@ -81,9 +82,11 @@ def engine_sae_entries(cfg: ServerConfig, saes: dict[str, SAEConfig]) -> list[di
     files = [(v.name, str(v.path)) for v in cfg.vectors]
     inline = ({bank_id(layer) for layer in cfg.inline_vector_layers(model_dims(cfg)[1])}
               if cfg.inline_vectors else set())
-    return [{"id": sid, "path": "", "vectors": files, "layer": c.layer, "inline": sid in inline}
+    return [{"id": sid, "path": "", "vectors": files, "layer": c.layer, "inline": sid in inline,
+             "placement": placement(c)}
             if is_bank(sid) else
-            {"id": sid, "path": str(src[sid].path), "hook_name": src[sid].hook_name}
+            {"id": sid, "path": str(src[sid].path), "hook_name": src[sid].hook_name,
+             "placement": placement(c)}
             for sid, c in saes.items()]
 
 

@@ -8,13 +8,12 @@ from typing import Any
 
 from sae_runtime.interventions import SteeringSpec
 from sae_runtime.payloads import (
-    CONFIG_KEY,
     EXTRA_ARGS_KEY,
     RequestPayload,
     SAEEntry,
     WorkerConfig,
+    additional_config,
     encode_request,
-    to_builtins,
 )
 from sae_runtime.reads import ReadSpec
 from sae_runtime.vllm import compat
@@ -73,9 +72,9 @@ def build_engine(s: EngineSettings) -> Any:
         data_parallel_size=s.data_parallel_size,
         distributed_executor_backend=s.distributed_executor_backend,
         worker_extension_cls=WORKER_EXTENSION,
-        additional_config={CONFIG_KEY: to_builtins(WorkerConfig(
+        additional_config=additional_config(WorkerConfig(
             saes=tuple(SAEEntry(**e) for e in s.saes), max_interventions=s.max_interventions,
-            max_watch=s.max_watch, reads_addr=s.reads_addr, sae_dtype=s.sae_dtype))},
+            max_watch=s.max_watch, reads_addr=s.reads_addr, sae_dtype=s.sae_dtype)),
         disable_log_stats=True,
         **extra,
     )

@@ -36,7 +36,7 @@ from sae_runtime.errors import SAEFormatError, UnsupportedModelError
 from sae_runtime.hw import choose_sae_dtype
 from sae_runtime.kernels import read_topk
 from sae_runtime.loading import load_sae, load_sae_config
-from sae_runtime.payloads import worker_config
+from sae_runtime.payloads import check_placement, worker_config
 from sae_runtime.planner import ReadSegment, collect_reads, plan_step, release_latches
 from sae_runtime.tables import HookTables
 from sae_runtime.tp_reads import ReadSplit, shardable
@@ -295,6 +295,7 @@ def install(runner) -> None:
         hook_id = len(hooks)
         bank = _bank(entry, hidden) if entry.vectors or entry.inline else None
         c = bank.config() if bank is not None else load_sae_config(entry.path, entry.hook_name)
+        check_placement(entry, c)
         block = block_of(c.layer, c.site)
         if block not in all_layers:
             raise SAEFormatError(
