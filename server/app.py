@@ -9,7 +9,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -30,9 +30,11 @@ from server.auth import BearerAuth, load_tokens
 from server.config import ServerConfig
 from server.metrics import Metrics
 from server.reads import ReadRouter
-from server.service import SteeringServicer
 from server.startup import ExpectedHook, HookPlacementError, apply_cpu_env_defaults, check_hooks
 from steering.v1 import steering_pb2 as pb
+
+if TYPE_CHECKING:  # the servicer imports vLLM: every check before the engine runs without it
+    from server.service import SteeringServicer
 
 log = logging.getLogger("steerd")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SteeringService"].full_name
@@ -221,6 +223,8 @@ async def build_server(cfg: ServerConfig, engine: Any, saes: dict[str, SAEConfig
                        labels: dict[str, FeatureLabels] | None = None,
                        sae_dtypes: dict[str, str] | None = None) -> Running:
     """Create and start the gRPC server around a running engine; returns the bound port."""
+    from server.service import SteeringServicer  # imports vLLM
+
     tokens = load_tokens(cfg.auth_tokens_file)
     server = grpc.aio.server(
         interceptors=[BearerAuth(tokens)] if tokens else [],

@@ -28,7 +28,7 @@ def _cfg(reads_addr: str, place: str = "resid_post@1", **kw) -> WorkerConfig:
 
 
 def _vllm_hash(tiny_dir, cfg: WorkerConfig) -> str:
-    from vllm.engine.arg_utils import EngineArgs
+    from sae_runtime.vllm.compat import AsyncEngineArgs as EngineArgs
 
     args = EngineArgs(model=str(tiny_dir / "tiny-llama"), max_model_len=256,
                       additional_config=additional_config(cfg))
