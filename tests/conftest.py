@@ -30,3 +30,24 @@ def tiny_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny")
     make_all(out)
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """Unit tests first, e2e after (stable otherwise): the shared e2e servers start in the
+    background meanwhile (``_e2e_servers_early``)."""
+    items.sort(key=lambda it: it.get_closest_marker("e2e") is not None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _e2e_servers_early(request):
+    """Start the shared e2e servers at the first test, in the background
+    (``tests.e2e.conftest.start_early``); stop the ones no test took."""
+    e2e = any(it.get_closest_marker("e2e") for it in request.session.items)
+    if not e2e or os.environ.get("E2E_EARLY", "1") == "0":
+        yield
+        return
+    from tests.e2e import conftest as e2e_conftest
+
+    e2e_conftest.start_early(request)
+    yield
+    e2e_conftest.stop_early_unused()

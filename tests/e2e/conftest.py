@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -9,6 +10,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,25 +173,79 @@ def stop_server(srv: Server, drain_check: bool = False) -> None:
         assert result["msgs"][-1].finish_reason
 
 
-@pytest.fixture(scope="session")
-def server(tiny_dir, tmp_path_factory):
+# --------------------------------------------------------------------------- early starts
+# The servers below start in the background at the session's first test (the unit tests run
+# first, ``tests/conftest.py``), so their starts (~100 s each, mostly one core's work:
+# spawning, imports, tracing) overlap the unit tests on the other core. An idle server
+# costs ~2% of a core. E2E_EARLY=0 starts each one when its first test needs it.
+EARLY_BUILDERS: dict[str, Callable] = {}  # fixture name -> builder(request) -> start thunk
+_EARLY_POOL = ThreadPoolExecutor(2, thread_name_prefix="early-start")
+_EARLY: dict[str, Future] = {}
+
+
+def early(name: str):
+    """Register ``builder(request) -> (() -> Server)`` as the way fixture ``name`` starts its
+    server; the builder makes files (in the calling thread), the thunk starts the server."""
+    def deco(builder: Callable) -> Callable:
+        EARLY_BUILDERS[name] = builder
+        return builder
+    return deco
+
+
+def start_early(request) -> None:
+    """Start, in the background, the server of every registered fixture the session uses."""
+    wanted = {f for it in request.session.items for f in getattr(it, "fixturenames", ())}
+    for name, builder in EARLY_BUILDERS.items():
+        if name in wanted and name not in _EARLY:
+            _EARLY[name] = _EARLY_POOL.submit(builder(request))
+
+
+def server_for(name: str, request) -> Server:
+    """Fixture ``name``'s server: the one started early, or one started now."""
+    fut = _EARLY.pop(name, None)
+    return fut.result() if fut is not None else EARLY_BUILDERS[name](request)()
+
+
+def stop_early_unused() -> None:
+    """Servers started early whose tests never ran (a -x stop, a failed dependency)."""
+    for fut in _EARLY.values():
+        with contextlib.suppress(Exception):
+            stop_server(fut.result())  # SIGTERM: steerd stops its engine processes too
+    _EARLY.clear()
+
+
+@early("server")
+def _shared_server(request) -> Callable[[], Server]:
+    tiny_dir, tmp = request.getfixturevalue("tiny_dir"), request.getfixturevalue("tmp_path_factory")
     sae_dirs = {sid: tiny_dir / "saes" / SAE_DIRS[sid] for sid in SAE_IDS}
-    vec = write_vector_files(tmp_path_factory.mktemp("vectors"))
-    srv = start_server(tiny_dir / "tiny-llama", sae_dirs, tmp_path_factory.mktemp("server"),
-                       "--chat-template", str(CHAT_TEMPLATE),
-                       *(a for name, path in vec.items() for a in ("--vector", f"{name}={path}")),
-                       "--inline-vectors", INLINE_LAYERS, http=True)
+    vec = write_vector_files(tmp.mktemp("vectors"))
+    log_dir = tmp.mktemp("server")
+    return lambda: start_server(
+        tiny_dir / "tiny-llama", sae_dirs, log_dir, "--chat-template", str(CHAT_TEMPLATE),
+        *(a for name, path in vec.items() for a in ("--vector", f"{name}={path}")),
+        "--inline-vectors", INLINE_LAYERS, http=True)
+
+
+@early("default_server")
+def _default_server(request) -> Callable[[], Server]:
+    embedded = Path(__file__).resolve().parents[2] / "server" / "embedded"
+    log_dir = request.getfixturevalue("tmp_path_factory").mktemp("default")
+    return lambda: start_server(embedded / "model", {"topics_l1": embedded / "saes" / "topics_l1"},
+                                log_dir, http=True)
+
+
+@pytest.fixture(scope="session")
+def server(request):
+    srv = server_for("server", request)
     yield srv
     stop_server(srv, drain_check=True)
 
 
 @pytest.fixture(scope="session")
-def default_server(tmp_path_factory):
+def default_server(request):
     """`steerd serve` on the embedded default (server/embedded: the 8-topic model and its
     labelled SAE ``topics_l1``), gRPC and HTTP, shared by the files that need it."""
-    embedded = Path(__file__).resolve().parents[2] / "server" / "embedded"
-    srv = start_server(embedded / "model", {"topics_l1": embedded / "saes" / "topics_l1"},
-                       tmp_path_factory.mktemp("default"), http=True)
+    srv = server_for("default_server", request)
     yield srv
     stop_server(srv)
 

@@ -19,7 +19,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from clients.client import SteeringClient, read
-from tests.e2e.conftest import SAE_DIRS, SAE_IDS, start_server, stop_server
+from tests.e2e.conftest import SAE_DIRS, SAE_IDS, early, server_for, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 CAP_BYTES = 64 * 1024
@@ -27,12 +27,19 @@ SLOTS = 4
 RES = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-@pytest.fixture(scope="module")
-def tight(tiny_dir, tmp_path_factory):
-    srv = start_server(
+@early("tight")
+def _tight_server(request):
+    tiny_dir, tmp = request.getfixturevalue("tiny_dir"), request.getfixturevalue("tmp_path_factory")
+    log_dir = tmp.mktemp("tight")
+    return lambda: start_server(
         tiny_dir / "tiny-llama", {sid: tiny_dir / "saes" / SAE_DIRS[sid] for sid in SAE_IDS},
-        tmp_path_factory.mktemp("tight"), "--max-stream-buffer-bytes", str(CAP_BYTES),
+        log_dir, "--max-stream-buffer-bytes", str(CAP_BYTES),
         "--max-concurrent-streams", str(SLOTS), "--log-format", "json")
+
+
+@pytest.fixture(scope="module")
+def tight(request):
+    srv = server_for("tight", request)
     yield srv
     stop_server(srv)
 
