@@ -14,11 +14,12 @@ with 64 / 128 distinct configs). With ``--tp2`` (default when there are >= 2 CPU
 block runs plain TP=2 vs our TP=2 engine on clamp16 and reads16 (on a model of the same
 depth with 8 heads instead of 9, which two ranks can split).
 
-Order per block: plain vLLM, then our engine with its mixes interleaved round by round (the
-order rotates each round, with a pause before each timed round so one round's read traffic
-has drained before the next starts), then plain vLLM again. Slow drift of the machine lands
-on both sides of every ratio; ``plain_drift`` reports how far the second plain half moved
-from the first.
+Per block, plain vLLM and our engine are started and stay alive side by side (the one not
+being timed idles), and every mix of both, plain included, is interleaved round by round
+(the order rotates each round, with a pause before each timed round so one round's read
+traffic has drained before the next starts). So the machine's drift lands on plain and
+steered rounds alike, round by round; ``plain_drift`` reports how far plain's second half
+of rounds moved from its first.
 
 Sized for the machine: the dummy model runs bfloat16 where the CPU has native bf16 matmuls
 and float32 where it would emulate them (``sae_runtime.hw``; ``--model-dtype``), and the
@@ -197,35 +198,40 @@ def summarise(rounds: list[tuple[float, list[float]]]) -> dict:
 
 async def run_block(model, saes, args, router, tp: int, mixes: list[str], plain: list[str],
                     rounds: dict[str, list], calibrate: bool = False) -> None:
-    """plain vLLM, our engine (``mixes`` interleaved), plain again: rounds into ``rounds``."""
-    for phase, with_sae, ms in ((0, False, plain), (1, True, mixes), (2, False, plain)):
-        engine = build(model, saes if with_sae else None, args, tp)
-        try:
-            runners = {}
+    """Plain vLLM and our engine, both started and alive side by side (the one not timed
+    idles: ~2% of a core), every mix of both interleaved round by round in rotating order,
+    so the machine's drift lands on plain and steered rounds alike: rounds into ``rounds``."""
+    engines = []
+    try:
+        runners = {}
+        for with_sae, ms in ((False, plain), (True, mixes)):
+            engines.append(build(model, saes if with_sae else None, args, tp))
             for mix in ms:
                 if mix == "reads16":
                     for i in range(args.requests + 8):
                         router.register(f"reads16-{i}")
-                runners[mix] = await mix_runner(engine, mix, args)
-            if calibrate and phase == 0:
-                t0 = time.perf_counter()
-                for mix in ms:
-                    await runners[mix]()
-                size_rounds(args, time.perf_counter() - t0, ms)
-            for r in range(args.rounds):
-                # Rotate the order each round, and let the previous round's reads drain from
-                # the router (this process) before the next one starts its clock.
-                for mix in ms[r % len(ms):] + ms[: r % len(ms)]:
-                    await asyncio.sleep(SETTLE_S)
-                    rounds.setdefault(key(mix, tp), []).append(await runners[mix]())
-            for mix in ms:
-                r = summarise(rounds[key(mix, tp)][-args.rounds:])
-                print(f"{key(mix, tp):12s} {r['tok_s']:8.1f} tok/s  TPOT p50 {r['tpot_ms_p50']:.1f} ms"
-                      f"  p99 {r['tpot_ms_p99']:.1f} ms  (phase {phase})", flush=True)
-        finally:
+                runners[mix] = await mix_runner(engines[-1], mix, args)
+        if calibrate:
+            t0 = time.perf_counter()
+            for mix in plain:
+                await runners[mix]()
+            size_rounds(args, time.perf_counter() - t0, plain)
+        order = plain + mixes
+        for r in range(args.rounds):
+            # Rotate the order each round, and let the previous round's reads drain from
+            # the router (this process) before the next one starts its clock.
+            for mix in order[r % len(order):] + order[: r % len(order)]:
+                await asyncio.sleep(SETTLE_S)
+                rounds.setdefault(key(mix, tp), []).append(await runners[mix]())
+        for mix in order:
+            r = summarise(rounds[key(mix, tp)])
+            print(f"{key(mix, tp):12s} {r['tok_s']:8.1f} tok/s  TPOT p50 {r['tpot_ms_p50']:.1f} ms"
+                  f"  p99 {r['tpot_ms_p99']:.1f} ms", flush=True)
+    finally:
+        for engine in engines:
             engine.shutdown()
-            del engine
-            gc.collect()
+        engines.clear()
+        gc.collect()
 
 
 def key(mix: str, tp: int) -> str:
@@ -244,17 +250,18 @@ def size_rounds(args, t_plain_round: float, plain: list[str]) -> None:
         return sum(BIG_REQUESTS if m in BIG else args.requests for m in mixes) * args.gen
 
     per_token = t_plain_round / tok(plain)
-    per_round = 2 * tok(plain) + tok(args.mixes)
-    starts = 3
+    per_round = tok(plain) + tok(args.mixes)
+    starts = 2  # plain and ours; the first two have started by now
     if args.tp2:
-        per_round += (2 * tok(["plain"]) + tok(args.tp2_mixes)) * args.tp2_cost
-        starts += 3
-    settle = SETTLE_S * (4 + len(args.mixes) + (2 + len(args.tp2_mixes)) * args.tp2)
+        per_round += (tok(["plain"]) + tok(args.tp2_mixes)) * args.tp2_cost
+        starts += 2
+    settle = SETTLE_S * (len(plain) + len(args.mixes) + (1 + len(args.tp2_mixes)) * args.tp2)
     per_round = per_round * per_token + settle
-    # Each engine still to start costs what the first one did up to here (start, compile,
-    # warm-up), at least ENGINE_START_S.
+    # Each engine still to start costs what each of the first two did up to here (start,
+    # compile, warm-up), at least ENGINE_START_S.
     spent = time.perf_counter() - T0
-    left = args.budget_min * 60 - spent - (starts - 1) * max(ENGINE_START_S, spent - t_plain_round)
+    left = (args.budget_min * 60 - spent
+            - (starts - 2) * max(ENGINE_START_S, (spent - t_plain_round) / 2))
     gen0 = args.gen
     # A slow machine (emulated bf16, few cores) shortens the generations before it drops
     # below two rounds: the per-token rate is what the ratios compare, and 2 rounds is the
@@ -297,8 +304,10 @@ async def main_async(args) -> dict:
     n = args.rounds
 
     def drift(k: str) -> float:
+        """How far the plain rounds' second half moved from their first (1.000 = none)."""
         rates = results[k]["tok_s_rounds"]
-        return round(statistics.median(rates[-n:]) / statistics.median(rates[:n]), 3)
+        h = len(rates) // 2
+        return round(statistics.median(rates[-h:]) / statistics.median(rates[:h]), 3)
 
     def ratio(mix: str, tp: int = 1) -> float:
         base = key("plain128" if mix in BIG else "plain", tp)
@@ -324,12 +333,14 @@ async def main_async(args) -> dict:
         "sae": f"4 standard SAEs, d_sae {args.d_sae}, hooked after blocks "
                f"{', '.join(map(str, SAE_LAYERS))}; single-SAE mixes use the block-15 one",
         "workload": f"{args.requests} concurrent requests (128 for plain128/clamp64/clamp128) x "
-                    f"{n} rounds per mix, mixes interleaved round by round in rotating order, "
-                    f"plain run before and after ({2 * n} rounds; median tokens/s; TPOT per "
-                    f"request over all rounds), prompt {args.prompt}, generate {args.gen}, "
+                    f"{n} rounds per mix; plain vLLM and our engine alive side by side, every "
+                    f"mix of both (plain too) interleaved round by round in rotating order "
+                    f"(median tokens/s; TPOT per request over all rounds), prompt "
+                    f"{args.prompt}, generate {args.gen}, "
                     f"max_num_seqs {max(args.concurrency, BIG_REQUESTS)}, greedy",
         "e2e": e2e,
         "tpot_p99_ratio": tpot,
+        "side_by_side": True,  # plain and ours alive at once, rounds interleaved
         "plain_drift": drift("plain"),
         "plain_drift_all": {k: drift(k) for k in results if "plain" in k},
         "raw": results,

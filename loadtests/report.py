@@ -90,10 +90,13 @@ PROFILE = ["", "## Where the read path spends its time", "",
            "- In bfloat16 on this CPU the same matmul takes ~100x longer than in float32 (no "
            "native bf16), so `--sae-dtype auto` computes SAEs in float32 here "
            "(`sae_runtime/hw.py`) and `make bench` runs its dummy model in float32.",
-           "- Under TP only rank 0 publishes reads, and the other ranks no longer compute them "
-           "(except at the head-sharded `z` site, whose all-gather every rank must enter). At "
-           "TP=2 the step then waits for rank 0's reads at the next all-reduce, which is why "
-           "tp2_reads16 trails; splitting the encode's columns over the ranks is the fix left.",
+           "- Under TP, reads of element-wise SAEs (standard, JumpReLU, gated) are split by "
+           "feature columns: each rank encodes its slice, keeps its local top-k and watched "
+           "values, and one all-gather per hook per step merges them; rank 0 publishes "
+           "(`sae_runtime/tp_reads.py`). Before, rank 0 encoded every feature while rank 1 "
+           "waited at the next all-reduce (tp2_reads16 0.782 of plain; split: 0.955 in "
+           "`docs/benchmarks_tp2_reads.json`, `python -m loadtests.bench_e2e --mixes reads16 "
+           "--rounds 2 --gen 16`). TopK-family SAEs and pooled reads stay on rank 0.",
            "- Idle (4 SAEs loaded, no edits): py-spy on the worker over 60 s of idle rounds "
            "(the same command) found our code in 0.4% of the samples (the op 0.2%, step "
            "planning under 0.1%); 76% is the compiled model itself. Consecutive idle rounds "
@@ -259,7 +262,12 @@ def main() -> None:
         tr = "1.000" if "plain" in k else (f"{tpot[k]:.3f}" if k in tpot else "-")
         out.append(f"| {label} | {r['tok_s']:.1f} | {ratio} | {r['tpot_ms_p50']:.1f} | "
                    f"{r['tpot_ms_p99']:.1f} | {tr} |")
-    if "plain_drift_all" in e2e:
+    if e2e.get("side_by_side") and "plain_drift_all" in e2e:
+        drifts = ", ".join(f"{k} {v:.3f}" for k, v in e2e["plain_drift_all"].items())
+        out += ["", f"Plain vLLM and our engine were alive side by side in each block, their "
+                f"rounds interleaved; plain's second half of rounds ran at this fraction of "
+                f"its first (machine drift; 1.000 = none): {drifts}."]
+    elif "plain_drift_all" in e2e:
         drifts = ", ".join(f"{k} {v:.3f}" for k, v in e2e["plain_drift_all"].items())
         out += ["", f"Plain vLLM ran before and after our engine in each block; the second half "
                 f"ran at this fraction of the first (machine drift; 1.000 = none): {drifts}."]
