@@ -11,7 +11,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# Every test engine gets vLLM's smallest CPU KV cache (1 GiB; the tiny models need MBs): up to
+# six engines are alive at once (the shared ones, three family servers), and `make test`'s
+# exported 2 GiB ran the 24 GiB machine out of memory there. TEST_KVCACHE_GIB overrides.
+os.environ["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("TEST_KVCACHE_GIB", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

@@ -116,7 +116,7 @@ def start_server(model_dir: Path, sae_dirs: dict[str, Path], log_dir: Path, *ext
     for sid, path in sae_dirs.items():
         cmd += ["--sae", f"{sid}={path}"]
     log = log_dir / "steerd.log"
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    env = dict(os.environ)  # VLLM_CPU_KVCACHE_SPACE: tests/conftest.py
     t0 = time.monotonic()
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)

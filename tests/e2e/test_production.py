@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from clients.client import SteeringClient, clamp
-from tests.e2e.conftest import SAE_DIRS, SAE_IDS, early, server_for, start_server, stop_server
+from tests.e2e.conftest import SAE_DIRS, SAE_IDS, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 TOKEN = "s3cret-token-for-tests"
@@ -46,30 +46,21 @@ def self_signed(tmp):
     return tmp / "cert.pem", tmp / "key.pem"
 
 
-@early("secure")
-def _secure_server(request):
-    tiny_dir, tmp = request.getfixturevalue("tiny_dir"), request.getfixturevalue("tmp_path_factory")
-    tmp = tmp.mktemp("secure")
+@pytest.fixture(scope="module")
+def secure(tiny_dir, tmp_path_factory):
+    # Not started early (tests/e2e/conftest.py): it would sit through the family servers'
+    # module, and memory, not CPU, is what runs short there.
+    tmp = tmp_path_factory.mktemp("secure")
     cert, key = self_signed(tmp)
     (tmp / "tokens").write_text(f"# accepted tokens\n{TOKEN}\nother-token\n")
     tls = {"tls_ca": str(cert), "tls_cert": str(cert), "tls_key": str(key)}
-
-    def start():
-        srv = start_server(
-            tiny_dir / "tiny-llama", {sid: tiny_dir / "saes" / SAE_DIRS[sid] for sid in SAE_IDS},
-            tmp, "--auth-tokens-file", str(tmp / "tokens"), "--tls-cert", str(cert),
-            "--tls-key", str(key), "--tls-client-ca", str(cert), "--max-concurrent-streams", "3",
-            "--max-distinct-configs", "2", "--max-prompt-tokens", "100",
-            "--max-new-tokens", "200", "--log-format", "json",
-            client_kwargs={"token": TOKEN, **tls}, host="localhost", http=True)
-        srv.tls = tls
-        return srv
-    return start
-
-
-@pytest.fixture(scope="module")
-def secure(request):
-    srv = server_for("secure", request)
+    srv = start_server(
+        tiny_dir / "tiny-llama", {sid: tiny_dir / "saes" / SAE_DIRS[sid] for sid in SAE_IDS}, tmp,
+        "--auth-tokens-file", str(tmp / "tokens"), "--tls-cert", str(cert), "--tls-key", str(key),
+        "--tls-client-ca", str(cert), "--max-concurrent-streams", "3", "--max-distinct-configs", "2",
+        "--max-prompt-tokens", "100", "--max-new-tokens", "200", "--log-format", "json",
+        client_kwargs={"token": TOKEN, **tls}, host="localhost", http=True)
+    srv.tls = tls
     yield srv
     if srv.proc.poll() is None:  # the engine-death test normally ends it
         stop_server(srv)  # SIGTERM, so steerd stops its engine processes too
