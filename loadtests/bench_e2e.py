@@ -306,7 +306,7 @@ async def main_async(args) -> dict:
     def drift(k: str) -> float:
         """How far the plain rounds' second half moved from their first (1.000 = none)."""
         rates = results[k]["tok_s_rounds"]
-        h = len(rates) // 2
+        h = max(1, len(rates) // 2)
         return round(statistics.median(rates[-h:]) / statistics.median(rates[:h]), 3)
 
     def ratio(mix: str, tp: int = 1) -> float:
