@@ -110,9 +110,9 @@ soak: default-artifacts
 # machine (model dtype by native bf16 support; rounds, and on slow machines shorter
 # generations, from a calibration round to fit BENCH_E2E_MIN minutes) and records the CPU;
 # the kernel grid is the full one (d_sae 16k/65k/131k x k 32/64/128 x tokens 1/64/512);
-# BENCH_KERNEL_FLAGS=--quick trims it. The e2e half starts six engines (plain, ours, plain
-# again; at TP=1 and TP=2): ~20 min on a 2-core bf16 machine, ~30 min at least on an
-# AVX2-only one, where the starts alone take ~15 min. BENCH_E2E_FLAGS adds bench_e2e options
+# BENCH_KERNEL_FLAGS=--quick trims it. The e2e half starts four engines (plain and ours,
+# alive side by side with their rounds interleaved; at TP=1 and TP=2): 23.7 min on a 2-core
+# AVX2-only EPYC, where the starts and warm-ups take most of it. BENCH_E2E_FLAGS adds bench_e2e options
 # (e.g. --mixes clamp16,reads16 --rounds 4 for a longer look at two mixes).
 BENCH_KERNEL_FLAGS ?=
 BENCH_E2E_FLAGS ?=
