@@ -108,12 +108,12 @@ def build(model: Path, saes: list[Path] | None, args, tp: int = 1):
     from vllm import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from sae_runtime.payloads import SAEEntry, WorkerConfig, additional_config
+    from sae_runtime.payloads import AdditionalConfig, SAEEntry, WorkerConfig
     from sae_runtime.vllm.engine import WORKER_EXTENSION
 
     kw = {}
     if saes is not None:
-        kw = dict(worker_extension_cls=WORKER_EXTENSION, additional_config=additional_config(
+        kw = dict(worker_extension_cls=WORKER_EXTENSION, additional_config=AdditionalConfig(
             WorkerConfig(
                 saes=tuple(SAEEntry(f"bench{i}", str(p)) for i, p in enumerate(saes)),
                 max_interventions=8, max_watch=0, reads_addr=args.reads_addr)))

@@ -262,15 +262,14 @@ def main() -> None:
         tr = "1.000" if "plain" in k else (f"{tpot[k]:.3f}" if k in tpot else "-")
         out.append(f"| {label} | {r['tok_s']:.1f} | {ratio} | {r['tpot_ms_p50']:.1f} | "
                    f"{r['tpot_ms_p99']:.1f} | {tr} |")
-    if e2e.get("side_by_side") and "plain_drift_all" in e2e:
+    if "plain_drift_all" in e2e:
         drifts = ", ".join(f"{k} {v:.3f}" for k, v in e2e["plain_drift_all"].items())
-        out += ["", f"Plain vLLM and our engine were alive side by side in each block, their "
-                f"rounds interleaved; plain's second half of rounds ran at this fraction of "
-                f"its first (machine drift; 1.000 = none): {drifts}."]
-    elif "plain_drift_all" in e2e:
-        drifts = ", ".join(f"{k} {v:.3f}" for k, v in e2e["plain_drift_all"].items())
-        out += ["", f"Plain vLLM ran before and after our engine in each block; the second half "
-                f"ran at this fraction of the first (machine drift; 1.000 = none): {drifts}."]
+        layout = ("Plain vLLM and our engine were alive side by side in each block, their "
+                  "rounds interleaved; plain's second half of rounds ran at this fraction of "
+                  "its first" if e2e.get("side_by_side") else
+                  "Plain vLLM ran before and after our engine in each block; the second half "
+                  "ran at this fraction of the first")
+        out += ["", f"{layout} (machine drift; 1.000 = none): {drifts}."]
     elif "plain_drift" in e2e:
         out += ["", f"Plain vLLM ran before and after our engine; its second half ran at "
                 f"{e2e['plain_drift']:.3f}x the first (machine drift over the run; 1.000 = none)."]

@@ -5,7 +5,7 @@
   ``decode_request``; vLLM serialises ``extra_args`` itself, and bytes are msgpack-able).
   SAEs are named by their *index* in the server's SAE list (== the worker's hook id).
 - ``WorkerConfig``: the SAE list and table budgets, server -> every worker, once, in
-  ``VllmConfig.additional_config[CONFIG_KEY]`` as plain builtins (``additional_config`` /
+  ``VllmConfig.additional_config[CONFIG_KEY]`` as plain builtins (``AdditionalConfig`` /
   ``worker_config``; vLLM keys its compile cache on ``AdditionalConfig.compute_hash``).
 - ``ReadRecord``: one request's reads of one SAE over consecutive positions in one step,
   worker -> server over the ZMQ side channel (a msgpack list of records per step).
@@ -156,11 +156,6 @@ class AdditionalConfig(Mapping):
     def compute_hash(self) -> str:
         keyed = {**self._d[CONFIG_KEY], "reads_addr": None}
         return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()
-
-
-def additional_config(cfg: WorkerConfig) -> AdditionalConfig:
-    """What goes in vLLM's ``additional_config`` for ``cfg``."""
-    return AdditionalConfig(cfg)
 
 
 def worker_config(additional_config: Mapping | None) -> WorkerConfig | None:

@@ -9,10 +9,10 @@ from typing import Any
 from sae_runtime.interventions import SteeringSpec
 from sae_runtime.payloads import (
     EXTRA_ARGS_KEY,
+    AdditionalConfig,
     RequestPayload,
     SAEEntry,
     WorkerConfig,
-    additional_config,
     encode_request,
 )
 from sae_runtime.reads import ReadSpec
@@ -72,7 +72,7 @@ def build_engine(s: EngineSettings) -> Any:
         data_parallel_size=s.data_parallel_size,
         distributed_executor_backend=s.distributed_executor_backend,
         worker_extension_cls=WORKER_EXTENSION,
-        additional_config=additional_config(WorkerConfig(
+        additional_config=AdditionalConfig(WorkerConfig(
             saes=tuple(SAEEntry(**e) for e in s.saes), max_interventions=s.max_interventions,
             max_watch=s.max_watch, reads_addr=s.reads_addr, sae_dtype=s.sae_dtype)),
         disable_log_stats=True,

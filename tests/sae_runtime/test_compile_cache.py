@@ -13,9 +13,9 @@ import pytest
 from sae_runtime.errors import SAEFormatError
 from sae_runtime.loading import load_sae_config
 from sae_runtime.payloads import (
+    AdditionalConfig,
     SAEEntry,
     WorkerConfig,
-    additional_config,
     check_placement,
     placement,
     worker_config,
@@ -31,7 +31,7 @@ def _vllm_hash(tiny_dir, cfg: WorkerConfig) -> str:
     from sae_runtime.vllm.compat import AsyncEngineArgs as EngineArgs
 
     args = EngineArgs(model=str(tiny_dir / "tiny-llama"), max_model_len=256,
-                      additional_config=additional_config(cfg))
+                      additional_config=AdditionalConfig(cfg))
     return args.create_engine_config().compute_hash()
 
 
@@ -44,7 +44,7 @@ def test_vllm_config_hash_ignores_the_reads_socket_and_keys_on_placement(tiny_di
 
 def test_the_worker_reads_back_every_field_including_the_reads_socket():
     cfg = _cfg("ipc:///tmp/r.sock", sae_dtype="float32")
-    assert worker_config(additional_config(cfg)) == cfg
+    assert worker_config(AdditionalConfig(cfg)) == cfg
 
 
 def test_placement_names_site_block_and_a_transcoders_input(tiny_dir):

@@ -19,7 +19,7 @@ import torch
 
 from sae_runtime import features as feats
 from sae_runtime.loading import load_sae_config
-from sae_runtime.payloads import SAEEntry, WorkerConfig, additional_config
+from sae_runtime.payloads import AdditionalConfig, SAEEntry, WorkerConfig
 from sae_runtime.testing.tiny import MODEL_DIR, corpus
 from server import convert
 from server.service import SteeringServicer
@@ -40,7 +40,7 @@ class Engine:
 
     def __init__(self, tokenizer, saes: dict[str, Path]):
         self.model_config = SimpleNamespace(max_model_len=512)
-        self.vllm_config = SimpleNamespace(additional_config=additional_config(WorkerConfig(
+        self.vllm_config = SimpleNamespace(additional_config=AdditionalConfig(WorkerConfig(
             saes=tuple(SAEEntry(id=k, path=str(p)) for k, p in saes.items()), max_interventions=8)))
         self.tokenizer = tokenizer
 
