@@ -54,7 +54,7 @@ proto-check: proto
 	git diff --exit-code -- proto/
 
 default-artifacts: setup
-	$(BIN)/python -m sae_runtime.testing.tiny --out $(DEFAULT_DIR)
+	$(BIN)/python -m tests.fixtures.tiny --out $(DEFAULT_DIR)
 
 serve: setup
 	$(BIN)/steerd serve --model $(EMBEDDED)/model --dtype float32 --sae $(DEFAULT_SAE) \
@@ -66,8 +66,8 @@ serve: setup
 # about 28 minutes on 2 CPU cores. Writes $(EMBEDDED)/training_report.json and
 # $(EMBEDDED)/transcoder_report.json.
 train-default: setup
-	$(BIN)/python -m sae_runtime.default.train --out $(EMBEDDED) --seed 0
-	$(BIN)/python -m sae_runtime.default.transcoder_train --out $(EMBEDDED) --layer 1 --seed 0 --threads 1
+	$(BIN)/python -m sae_runtime.training.train --out $(EMBEDDED) --seed 0
+	$(BIN)/python -m sae_runtime.training.transcoder_train --out $(EMBEDDED) --layer 1 --seed 0 --threads 1
 
 # ruff also enforces that only sae_runtime/vllm/ imports vllm (banned-api).
 lint: setup

@@ -108,7 +108,7 @@ def build(model: Path, saes: list[Path] | None, args, tp: int = 1):
     from vllm import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from sae_runtime.payloads import AdditionalConfig, SAEEntry, WorkerConfig
+    from sae_runtime.step.config import AdditionalConfig, SAEEntry, WorkerConfig
     from sae_runtime.vllm.engine import WORKER_EXTENSION
 
     kw = {}
@@ -130,9 +130,9 @@ async def mix_runner(engine, mix: str, args):
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
 
-    from sae_runtime.interventions import Intervention, SteeringSpec
     from sae_runtime.ops import Mode
-    from sae_runtime.reads import Read, ReadSpec
+    from sae_runtime.spec.interventions import Intervention, SteeringSpec
+    from sae_runtime.spec.reads import Read, ReadSpec
     from sae_runtime.vllm.engine import make_prompt, make_sampling_params
 
     n_requests = BIG_REQUESTS if mix in BIG else args.requests
@@ -149,9 +149,9 @@ async def mix_runner(engine, mix: str, args):
             n_cfg = int(mix.removeprefix("clamp"))
             spec = SteeringSpec((Intervention("bench0", 1000 + (i % n_cfg), Mode.CLAMP, 4.0),))
         elif mix == "cond16":
-            from sae_runtime.edits import Cond
-            from sae_runtime.interventions import Condition
-            from sae_runtime.selectors import Frame, Range, Selector
+            from sae_runtime.spec.interventions import Condition
+            from sae_runtime.spec.selectors import Frame, Range, Selector
+            from sae_runtime.step.edits import Cond
 
             window = Selector((Range(Frame.GENERATION, 0, args.gen // 2 + (i % 16)),))
             spec = SteeringSpec((Intervention(

@@ -33,7 +33,6 @@ from collections.abc import Callable
 import torch
 
 from sae_runtime import kernels, ops
-from sae_runtime.edits import POS_INF, EditTables
 from sae_runtime.kernels import (
     read_reference,
     read_tiled,
@@ -43,6 +42,7 @@ from sae_runtime.kernels import (
     splice_reference,
 )
 from sae_runtime.saes.base import SAE, SAEConfig
+from sae_runtime.step.edits import POS_INF, EditTables
 
 READ_EDITS = 4  # edits per reading token (a steered request that also reads)
 FORCED_TILE = 4096  # `tiled` column: always walk tiles this wide (the engine's default may not)

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from loadtests import bench_e2e as be
-from sae_runtime.preload import find_libs
+from loadtests.preload import find_libs
 
 
 def rss_mib(pid: int) -> float:

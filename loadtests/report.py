@@ -93,7 +93,7 @@ PROFILE = ["", "## Where the read path spends its time", "",
            "- Under TP, reads of element-wise SAEs (standard, JumpReLU, gated) are split by "
            "feature columns: each rank encodes its slice, keeps its local top-k and watched "
            "values, and one all-gather per hook per step merges them; rank 0 publishes "
-           "(`sae_runtime/tp_reads.py`). Before, rank 0 encoded every feature while rank 1 "
+           "(`sae_runtime/step/tp_reads.py`). Before, rank 0 encoded every feature while rank 1 "
            "waited at the next all-reduce (tp2_reads16 0.782 of plain; split: 0.955 in "
            "`docs/benchmarks_tp2_reads.json`, `python -m loadtests.bench_e2e --mixes reads16 "
            "--rounds 2 --gen 16`). TopK-family SAEs and pooled reads stay on rank 0.",

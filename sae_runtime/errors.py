@@ -23,7 +23,7 @@ class UnknownSAEError(SteeringError, LookupError):
     """A request names an SAE the server does not serve (gRPC NOT_FOUND)."""
 
     def __init__(self, field: str, sae_id: str, known: list[str]) -> None:
-        from sae_runtime.vectors import is_bank  # (vectors imports this module)
+        from sae_runtime.spec.vectors import is_bank  # (vectors imports this module)
 
         # steering-vector banks are hooks, not SAEs a request may name
         listed = ", ".join(sorted(k for k in known if not is_bank(k))) or "(none loaded)"

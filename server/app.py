@@ -17,13 +17,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sae_runtime.errors import SAEFormatError, UnsupportedModelError
-from sae_runtime.features import FeatureLabels, load_beside
-from sae_runtime.guardrails import MAX_GUARDRAILS
 from sae_runtime.hw import LOW_PRECISION, cpu_info
+from sae_runtime.labels.store import FeatureLabels, load_beside
 from sae_runtime.loading import load_sae_config
-from sae_runtime.payloads import placement
+from sae_runtime.loading.vectors import build_banks
 from sae_runtime.saes.base import SAEConfig
-from sae_runtime.vectors import BANK_PREFIX, VectorIndex, bank_id, build_banks, is_bank
+from sae_runtime.spec.guardrails import MAX_GUARDRAILS
+from sae_runtime.spec.vectors import BANK_PREFIX, VectorIndex, bank_id, is_bank
+from sae_runtime.step.config import placement
 from sae_runtime.vllm.families import block_of, family_of, supported
 from server import convert
 from server.auth import BearerAuth, load_tokens
@@ -44,7 +45,7 @@ def load_sae_configs(cfg: ServerConfig) -> dict[str, SAEConfig]:
     """Read and check every SAE's config, and its fit to the model, before the engine starts.
 
     Steering vectors (``--vector``) join the list as one bank per layer
-    (``sae_runtime.vectors``), after the SAEs: hooks like any other, checked the same way."""
+    (``sae_runtime.loading.vectors``), after the SAEs: hooks like any other, checked the same way."""
     saes = {s.id: load_sae_config(s.path, s.hook_name) for s in cfg.saes}
     for sid in saes:
         if is_bank(sid):

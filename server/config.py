@@ -33,7 +33,7 @@ class SAESource(BaseModel):
 
 
 class VectorSource(BaseModel):
-    """One ``--vector NAME=PATH`` entry (``sae_runtime.vectors``)."""
+    """One ``--vector NAME=PATH`` entry (``sae_runtime.loading.vectors``)."""
 
     model_config = ConfigDict(frozen=True)
 

@@ -11,21 +11,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sae_runtime import features as feats
-from sae_runtime.edits import Cond
 from sae_runtime.errors import (
     InvalidRequestError,
     NoChatTemplateError,
     NotLabelledError,
     UnknownSAEError,
 )
-from sae_runtime.guardrails import MAX_GUARDRAILS, Guardrail, GuardSpec
-from sae_runtime.interventions import Condition, Intervention, Scope, SteeringSpec
+from sae_runtime.labels import store as feats
 from sae_runtime.ops import Mode
-from sae_runtime.reads import Read, ReadScope, ReadSpec
 from sae_runtime.saes.base import SAEConfig
-from sae_runtime.selectors import GENERATION, Frame, Range, Selector
-from sae_runtime.vectors import VectorIndex, is_bank
+from sae_runtime.spec.guardrails import MAX_GUARDRAILS, Guardrail, GuardSpec
+from sae_runtime.spec.interventions import Condition, Intervention, Scope, SteeringSpec
+from sae_runtime.spec.reads import Read, ReadScope, ReadSpec
+from sae_runtime.spec.selectors import GENERATION, Frame, Range, Selector
+from sae_runtime.spec.vectors import VectorIndex, is_bank
+from sae_runtime.step.edits import Cond
 from steering.v1 import steering_pb2 as pb
 
 DEFAULT_MAX_TOKENS = 16
@@ -323,7 +323,7 @@ MAX_VECTORS = 8
 
 def vectors_from_pb(items, index: VectorIndex, saes: Mapping[str, SAEConfig], limits: Limits,
                     vocab_size: int) -> tuple[Intervention, ...]:
-    """GenerateRequest.vectors as ADD edits on the vector banks (``sae_runtime.vectors``)."""
+    """GenerateRequest.vectors as ADD edits on the vector banks (``sae_runtime.loading.vectors``)."""
     if len(items) > MAX_VECTORS:
         raise InvalidRequestError("vectors", f"{len(items)} vectors given; the server allows "
                                   f"at most {MAX_VECTORS} per request")
@@ -368,7 +368,7 @@ MAX_INLINE_VECTORS = 4
 def inline_vectors_from_pb(items, index: VectorIndex, saes: Mapping[str, SAEConfig],
                            limits: Limits, vocab_size: int) -> tuple[Intervention, ...]:
     """GenerateRequest.inline_vectors as ADD edits on the inline row of their layer's bank
-    (``sae_runtime.vectors``), each carrying its float32 values."""
+    (``sae_runtime.loading.vectors``), each carrying its float32 values."""
     if len(items) > MAX_INLINE_VECTORS:
         raise InvalidRequestError("inline_vectors", f"{len(items)} inline vectors given; the "
                                   f"server allows at most {MAX_INLINE_VECTORS} per request")
@@ -493,7 +493,7 @@ def get_feature(req: pb.GetFeatureRequest, saes: Mapping[str, SAEConfig],
                 labels: Mapping[str, feats.FeatureLabels], effects=None) -> feats.Feature:
     """The feature's record: its labels when its SAE has a labels file (else an empty label),
     with logit effects from the file or, where the file has none, from ``effects(sae, index)
-    -> sae_runtime.logit_effects.Effects`` (None: none asked). Blocking when ``effects`` loads
+    -> sae_runtime.labels.logit_effects.Effects`` (None: none asked). Blocking when ``effects`` loads
     weights: call it off the event loop."""
     from dataclasses import replace
 

@@ -3,7 +3,7 @@
     steerd labels build --model M --sae S --corpus FILE.txt [--tokens N] [--out PATH]
     steerd labels import-neuronpedia FILE [FILE ...] (--sae-dir DIR | --out PATH [--d-sae N])
 
-Both write ``feature_labels.json`` (schema in ``sae_runtime.features``) beside the SAE unless
+Both write ``feature_labels.json`` (schema in ``sae_runtime.labels.store``) beside the SAE unless
 ``--out`` says otherwise; the server loads it at startup.
 
 Neuronpedia explanations come as a JSON list (the old ``/api/explanation/export``) or JSON
@@ -25,8 +25,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from sae_runtime import features as feats
 from sae_runtime.errors import SteeringError
+from sae_runtime.labels import store as feats
 
 
 class NeuronpediaImportError(SteeringError):
@@ -82,7 +82,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from sae_runtime.labels_build import BuildConfig, build
+    from sae_runtime.labels.build import BuildConfig, build
 
     sae, at, hook = str(args.sae).partition("@")
     cfg = BuildConfig(model=args.model, sae=Path(sae), corpus=args.corpus, hook_name=hook if at else None,

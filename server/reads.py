@@ -20,7 +20,7 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-from sae_runtime.payloads import READ_DECODER, ReadRecord
+from sae_runtime.step.records import READ_DECODER, ReadRecord
 
 log = logging.getLogger("steerd.reads")
 

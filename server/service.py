@@ -33,12 +33,12 @@ from sae_runtime.errors import (
     ResourceLimitError,
     SteeringError,
 )
-from sae_runtime.features import FeatureLabels
-from sae_runtime.guardrails import GuardSpec
-from sae_runtime.interventions import SteeringSpec
-from sae_runtime.reads import Read, ReadScope, ReadSpec
+from sae_runtime.labels.store import FeatureLabels
 from sae_runtime.saes.base import SAEConfig
-from sae_runtime.vectors import VectorIndex, is_bank
+from sae_runtime.spec.guardrails import GuardSpec
+from sae_runtime.spec.interventions import SteeringSpec
+from sae_runtime.spec.reads import Read, ReadScope, ReadSpec
+from sae_runtime.spec.vectors import VectorIndex, is_bank
 from sae_runtime.vllm import engine as eng
 from server import convert
 from server.errors import abort_with
@@ -337,7 +337,7 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
                         engine_id: str) -> AsyncIterator[pb.GenerateResponse]:
         shown_id = inputs.request_id or engine_id
         guards = inputs.guards
-        # Guardrails ride as hidden reads after the request's own (``sae_runtime.guardrails``).
+        # Guardrails ride as hidden reads after the request's own (``sae_runtime.spec.guardrails``).
         all_reads = inputs.reads.reads + guards.reads()
         reads = ReadSpec(all_reads) if all_reads else None
         params = eng.make_sampling_params(
@@ -506,8 +506,8 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
     async def GetFeature(self, request: pb.GetFeatureRequest, context) -> pb.Feature:
         try:
             # Logit effects read the model's unembedding and the SAE's decoder on first use
-            # (sae_runtime.logit_effects): blocking, so off the event loop.
-            from sae_runtime import logit_effects
+            # (sae_runtime.labels.logit_effects): blocking, so off the event loop.
+            from sae_runtime.labels import logit_effects
 
             effects = logit_effects.for_engine(self.model, self.engine, self.saes, self.tokenizer)
             return convert.feature_to_pb(await asyncio.to_thread(

@@ -27,8 +27,8 @@ def _seed_everything():
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    """A tiny Llama model plus one SAE per architecture (see sae_runtime.testing.tiny)."""
-    from sae_runtime.testing.tiny import make_all
+    """A tiny Llama model plus one SAE per architecture (see tests.fixtures.tiny)."""
+    from tests.fixtures.tiny import make_all
 
     out = tmp_path_factory.mktemp("tiny")
     make_all(out)

@@ -31,7 +31,6 @@ import os
 import torch
 
 from sae_runtime import ops
-from sae_runtime.edits import EditTables
 from sae_runtime.kernels.compact import splice_compact
 from sae_runtime.kernels.decode import sparse_decode as sparse_decode_torch
 from sae_runtime.kernels.reference import (
@@ -42,6 +41,7 @@ from sae_runtime.kernels.reference import (
 )
 from sae_runtime.kernels.topk_read import read_tiled
 from sae_runtime.saes.base import SAE
+from sae_runtime.step.edits import EditTables
 
 log = logging.getLogger(__name__)
 _logged: set[tuple[str, str]] = set()

@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 
 from sae_runtime import ops, registry
-from sae_runtime.edits import EditTables
 from sae_runtime.kernels.reference import row_edits
 from sae_runtime.saes.base import SAE
+from sae_runtime.step.edits import EditTables
 
 
 def splice_compact(

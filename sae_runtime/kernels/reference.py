@@ -5,7 +5,7 @@
 - ``read_reference``: top-k and watched latents of reading rows, edits applied;
 - ``sparse_decode_reference``: sparse codes to decoder-space vectors.
 
-The tables (``sae_runtime.edits.EditTables``): token row t has slot ``tok_slot[t]`` (-1 =
+The tables (``sae_runtime.step.edits.EditTables``): token row t has slot ``tok_slot[t]`` (-1 =
 none) and position ``tok_pos[t]``; slot s owns edit rows ``slot_start[s] .. + slot_len[s]``.
 Splice semantics, for every token row t of ``h [T, d]`` (padding rows included):
 
@@ -41,8 +41,8 @@ from collections.abc import Callable
 import torch
 
 from sae_runtime import ops
-from sae_runtime.edits import POS_INF, Cond, EditTables
 from sae_runtime.saes.base import SAE
+from sae_runtime.step.edits import POS_INF, Cond, EditTables
 
 CondActivations = Callable[[torch.Tensor], torch.Tensor]
 """``cols [R, K] -> activations [R, K]`` of the same R rows the edits are taken for."""

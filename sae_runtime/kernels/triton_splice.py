@@ -58,10 +58,10 @@ import triton
 import triton.language as tl
 
 from sae_runtime import ops
-from sae_runtime.edits import EditTables
 from sae_runtime.kernels.reference import row_edits, splice_reference
 from sae_runtime.kernels.triton_topk_read import ACT_RULES, _act_rule
 from sae_runtime.saes.base import SAE
+from sae_runtime.step.edits import EditTables
 
 THRESHOLD_RULES = {"topk": 3, "abstopk": 4, "groupmax": 5}
 """TopK-family architectures the splice fuses with a per-row threshold, and their rule id."""

@@ -4,7 +4,7 @@
 - ``worker``: the worker extension; importing it patches decoder layers and the model
   runner inside the engine's worker process.
 - ``runner_v1``: the adapter from vLLM's V1 model runner to the step planner
-  (``sae_runtime.planner``): request ids, token rows, first positions, payloads.
+  (``sae_runtime.step.planner``): request ids, token rows, first positions, payloads.
 - ``cpu_rng``: the CPU seeded-generator fix (a vLLM 0.32 CPU bug).
 - ``side_channel``: the worker -> server publisher of feature reads.
 - ``engine``: builds the ``AsyncLLM`` and ``SamplingParams`` on the server side.

@@ -62,7 +62,7 @@ def cuda_compilation_config() -> dict:
     row count known only on the host) and its skip of unsteered steps would be frozen. So
     the hook op joins vLLM's own splitting ops (its default list, taken from vLLM itself) and
     graphs are piecewise: the pieces between hooks are still captured, the hook runs eagerly
-    between them (its splice is graph-safe anyway, ``sae_runtime.tables``).
+    between them (its splice is graph-safe anyway, ``sae_runtime.step.tables``).
     """
     probe = CompilationConfig(mode=CompilationMode.VLLM_COMPILE)
     probe.set_splitting_ops_for_v1("allgather_reducescatter")

@@ -6,16 +6,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from sae_runtime.interventions import SteeringSpec
-from sae_runtime.payloads import (
-    EXTRA_ARGS_KEY,
-    AdditionalConfig,
-    RequestPayload,
-    SAEEntry,
-    WorkerConfig,
-    encode_request,
-)
-from sae_runtime.reads import ReadSpec
+from sae_runtime.spec.interventions import SteeringSpec
+from sae_runtime.spec.payloads import EXTRA_ARGS_KEY, RequestPayload, encode_request
+from sae_runtime.spec.reads import ReadSpec
+from sae_runtime.step.config import AdditionalConfig, SAEEntry, WorkerConfig
 from sae_runtime.vllm import compat
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sae_runtime.payloads import decode_request
-from sae_runtime.planner import (
+from sae_runtime.spec.payloads import decode_request
+from sae_runtime.step.planner import (
     RequestPlan,
     ScheduledRequest,
     StepDescription,

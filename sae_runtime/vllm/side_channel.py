@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import zmq
 
-from sae_runtime.payloads import READ_ENCODER, ReadRecord
+from sae_runtime.step.records import READ_ENCODER, ReadRecord
 
 SNDHWM = 1024
 

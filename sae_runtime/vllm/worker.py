@@ -12,10 +12,10 @@ be frozen into the trace or ignored) and wraps the model runner's ``load_model``
   others; see ``families.py``) with one that passes the activation through the op once per
   SAE hooked there. The hook ids are closure constants, so unhooked modules trace no op.
 - ``_model_forward`` describes the scheduled batch (``runner_v1.describe_step``) and lets
-  the step planner (``sae_runtime.planner``, no vLLM) fill every hook's tables in place and
+  the step planner (``sae_runtime.step.planner``, no vLLM) fill every hook's tables in place and
   upload them before each forward; after it, it publishes the reads and clears the tables.
 
-The tables and the hook's computation are ``sae_runtime.tables.HookTables`` (no vLLM in
+The tables and the hook's computation are ``sae_runtime.step.tables.HookTables`` (no vLLM in
 there): preallocated once (fixed addresses, sized by the engine's token and sequence
 budgets); on CPU the kernels read the host-side row count to skip unsteered work, on CUDA
 the fused splice reads only the fixed-shape device tables.
@@ -36,11 +36,11 @@ from sae_runtime.errors import SAEFormatError, UnsupportedModelError
 from sae_runtime.hw import choose_sae_dtype
 from sae_runtime.kernels import read_topk
 from sae_runtime.loading import load_sae, load_sae_config
-from sae_runtime.payloads import check_placement, worker_config
-from sae_runtime.planner import ReadSegment, collect_reads, plan_step, release_latches
-from sae_runtime.tables import HookTables
-from sae_runtime.tp_reads import ReadSplit, shardable
-from sae_runtime.vectors import Bank, bank_sae, build_banks
+from sae_runtime.loading.vectors import Bank, bank_sae, build_banks
+from sae_runtime.step.config import check_placement, worker_config
+from sae_runtime.step.planner import ReadSegment, collect_reads, plan_step, release_latches
+from sae_runtime.step.tables import HookTables
+from sae_runtime.step.tp_reads import ReadSplit, shardable
 from sae_runtime.vllm import compat
 from sae_runtime.vllm.cpu_rng import patch_cpu_seeded_rewind
 from sae_runtime.vllm.families import LAYER_NAME, block_of, family_of, supported
@@ -116,7 +116,7 @@ def _split_gather(t: torch.Tensor) -> torch.Tensor:
 
 
 def _read_split(sae, ranks: dict[str, int], gemm: str) -> ReadSplit | None:
-    """This TP rank's share of ``sae``'s reads (``sae_runtime.tp_reads``), or None where
+    """This TP rank's share of ``sae``'s reads (``sae_runtime.step.tp_reads``), or None where
     the reads stay whole on rank 0 (one rank, a TopK-family SAE)."""
     if not shardable(sae, ranks["tp_size"]):
         return None

@@ -75,7 +75,7 @@ def write_vector_files(d: Path) -> dict[str, Path]:
     ``[n_layers, d_model]`` .npy with block 0 only. Vectors from ``random_directions``."""
     import numpy as np
 
-    from sae_runtime.testing.tiny import HIDDEN, LAYERS
+    from tests.fixtures.tiny import HIDDEN, LAYERS
     from tests.vector_files import random_directions, write_gguf
 
     (hl, hs), (cl, cs) = VECTORS["happy"], VECTORS["calm"]

@@ -4,7 +4,7 @@ The SAE math comes from the sae-lens package (``SAE.load_from_disk`` + ``encode`
 edit is the documented formula x <- x + sum_i (new_i - f_i(x)) W_dec[i], applied at the
 positions the intervention's scope selects (or at an explicit set of positions, ``Edit.at``,
 which a test computes by hand from a position selector's documented meaning), at the SAE's
-hook site in the HF model (``sae_runtime.testing.hf_sites``: TransformerLens' site
+hook site in the HF model (``sae_runtime.labels.hf_sites``: TransformerLens' site
 definitions on HF modules).
 Nothing here touches the server or its vLLM glue.
 """
@@ -21,7 +21,7 @@ import torch
 from sae_lens import SAE
 from transformers import AutoModelForCausalLM
 
-from sae_runtime.testing.hf_sites import edit_site, site_activations
+from sae_runtime.labels.hf_sites import edit_site, site_activations
 from tests.transcoder_refs import load_sae_lens_transcoder, transcoder_layer
 
 CLAMP, ABLATE, SCALE, ADD = 1, 2, 3, 4

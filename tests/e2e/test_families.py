@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from clients.client import clamp, read
-from sae_runtime.testing.tiny import FAMILY_CONFIGS, FAMILY_SAES, make_family_set
 from tests.e2e.conftest import start_server, stop_server
 from tests.e2e.reference import CLAMP, Edit, HFReference, check_teacher_forced
+from tests.fixtures.tiny import FAMILY_CONFIGS, FAMILY_SAES, make_family_set
 
 pytestmark = pytest.mark.e2e
 PROMPT = [5, 100, 200, 300, 45, 67, 12, 400]

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from clients.client import clamp, read
-from sae_runtime.testing.tiny import FAMILY_SAES, make_family_set
 from tests.e2e.conftest import (
     MAX_BATCHED_TOKENS,
     MAX_MODEL_LEN,
@@ -27,6 +26,7 @@ from tests.e2e.conftest import (
     stop_server,
 )
 from tests.e2e.reference import CLAMP, Edit, HFReference, check_teacher_forced
+from tests.fixtures.tiny import FAMILY_SAES, make_family_set
 
 pytestmark = pytest.mark.e2e
 PROMPTS = [[5, 100, 200, 300, 45, 67, 12, 400], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17] * 7]

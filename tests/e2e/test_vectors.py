@@ -22,9 +22,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from clients.client import generation_range, positions, vector
-from sae_runtime.testing.tiny import HIDDEN
 from tests.e2e.conftest import VECTORS
 from tests.e2e.reference import check_teacher_forced
+from tests.fixtures.tiny import HIDDEN
 from tests.vector_files import random_directions
 
 pytestmark = pytest.mark.e2e

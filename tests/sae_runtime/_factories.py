@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from sae_runtime import registry
-from sae_runtime.edits import POS_INF, EditTables
 from sae_runtime.saes.base import SAE, SAEConfig
+from sae_runtime.step.edits import POS_INF, EditTables
 
 K = 6  # active features (TopK family)
 

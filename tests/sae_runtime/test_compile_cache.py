@@ -12,7 +12,7 @@ import pytest
 
 from sae_runtime.errors import SAEFormatError
 from sae_runtime.loading import load_sae_config
-from sae_runtime.payloads import (
+from sae_runtime.step.config import (
     AdditionalConfig,
     SAEEntry,
     WorkerConfig,

@@ -9,17 +9,17 @@ import pytest
 import torch
 
 from sae_runtime import ops
-from sae_runtime.edits import POS_INF, Cond, edit_rows
 from sae_runtime.kernels import splice_compact, splice_reference
-from sae_runtime.payloads import CondPayload, EditPayload, ReadPayload, RequestPayload
-from sae_runtime.planner import (
+from sae_runtime.spec.payloads import CondPayload, EditPayload, ReadPayload, RequestPayload
+from sae_runtime.step.edits import POS_INF, Cond, edit_rows
+from sae_runtime.step.planner import (
     ScheduledRequest,
     StepDescription,
     compile_request,
     plan_step,
     release_latches,
 )
-from sae_runtime.tables import HookTables
+from sae_runtime.step.tables import HookTables
 from tests.sae_runtime._factories import random_sae
 
 D_IN, D_SAE = 16, 48

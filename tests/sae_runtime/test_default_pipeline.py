@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae_runtime.default import corpus, train
-from sae_runtime.features import FeatureLabels
+from sae_runtime.labels.store import FeatureLabels
+from sae_runtime.training import corpus, train
 
 EMBEDDED = Path(__file__).resolve().parents[2] / "server" / "embedded"
 

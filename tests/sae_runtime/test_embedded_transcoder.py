@@ -1,4 +1,4 @@
-"""The shipped MLP transcoder of the embedded default (``sae_runtime.default.transcoder_train``).
+"""The shipped MLP transcoder of the embedded default (``sae_runtime.training.transcoder_train``).
 
 It loads with the real sae-lens as a ``Transcoder``, its encoder is the plain SAELens formula
 on the MLP input (no ``b_dec`` subtraction), it predicts the MLP output of the HF model, and
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae_runtime.features import FeatureLabels
+from sae_runtime.labels.store import FeatureLabels
 
 sae_lens = pytest.importorskip("sae_lens")
 

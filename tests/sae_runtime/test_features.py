@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from sae_runtime import features as feats
 from sae_runtime.errors import SAEFormatError
+from sae_runtime.labels import store as feats
 
 
 def _write(tmp_path, records, **top):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from sae_runtime.errors import InvalidRequestError, UnknownSAEError
-from sae_runtime.interventions import Intervention, Scope, SteeringSpec
 from sae_runtime.ops import Mode
-from sae_runtime.payloads import EXTRA_ARGS_KEY, RequestPayload, decode_request, encode_request
-from sae_runtime.reads import Read, ReadScope, ReadSpec
 from sae_runtime.saes.base import SAEConfig
+from sae_runtime.spec.interventions import Intervention, Scope, SteeringSpec
+from sae_runtime.spec.payloads import EXTRA_ARGS_KEY, RequestPayload, decode_request, encode_request
+from sae_runtime.spec.reads import Read, ReadScope, ReadSpec
 
 SAES = {"a": SAEConfig("standard", 8, 100, "blocks.1.hook_resid_post", 1, "resid_post"),
         "b": SAEConfig("topk", 8, 50, "blocks.0.hook_resid_post", 0, "resid_post", k=4)}

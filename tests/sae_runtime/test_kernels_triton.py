@@ -225,7 +225,7 @@ def test_triton_splice_conditional_and_latched(arch, monkeypatch):
     """Conditional entries (GT / LT on another feature) and a latch: the kernel's on/off
     mask equals the reference's decision, and both equal an unconditional splice where
     every condition holds."""
-    from sae_runtime.edits import POS_INF, Cond
+    from sae_runtime.step.edits import POS_INF, Cond
 
     no_splice_fallback(monkeypatch)
     sae = random_sae(arch, 40, 96, seed=4)

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from sae_runtime import features as feats
-from sae_runtime.labels_build import BuildConfig, LabelsBuildError, auto_label, build
+from sae_runtime.labels import store as feats
+from sae_runtime.labels.build import BuildConfig, LabelsBuildError, auto_label, build
+from sae_runtime.labels.logit_effects import LogitEffects
 from sae_runtime.loading import load_sae_config
-from sae_runtime.logit_effects import LogitEffects
-from sae_runtime.testing.tiny import MODEL_DIR, corpus, make_family_model
+from tests.fixtures.tiny import MODEL_DIR, corpus, make_family_model
 
 TOKENS, CONTEXT = 900, 30
 

@@ -19,25 +19,25 @@ import pytest
 import torch
 
 from sae_runtime import ops
-from sae_runtime.edits import POS_INF
-from sae_runtime.interventions import Scope
 from sae_runtime.kernels import read_reference, row_edits
-from sae_runtime.payloads import (
+from sae_runtime.spec.interventions import Scope
+from sae_runtime.spec.payloads import (
     EXTRA_ARGS_KEY,
     EditPayload,
     ReadPayload,
     RequestPayload,
     encode_request,
 )
-from sae_runtime.planner import (
+from sae_runtime.spec.reads import ReadScope
+from sae_runtime.step.edits import POS_INF
+from sae_runtime.step.planner import (
     ScheduledRequest,
     StepDescription,
     collect_reads,
     compile_request,
     plan_step,
 )
-from sae_runtime.reads import ReadScope
-from sae_runtime.tables import HookTables
+from sae_runtime.step.tables import HookTables
 from tests.sae_runtime._factories import random_sae
 
 D_IN, D_SAE = 32, 64

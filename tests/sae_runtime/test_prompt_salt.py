@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from sae_runtime.interventions import Intervention, Scope, SteeringSpec
 from sae_runtime.ops import Mode
+from sae_runtime.spec.interventions import Intervention, Scope, SteeringSpec
 from sae_runtime.vllm.engine import make_prompt
 
 

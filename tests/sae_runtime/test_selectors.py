@@ -14,25 +14,18 @@ import torch
 
 from sae_runtime import ops
 from sae_runtime.errors import InvalidRequestError
-from sae_runtime.interventions import Intervention, Scope, SteeringSpec
 from sae_runtime.kernels import row_edits
-from sae_runtime.payloads import (
+from sae_runtime.saes.base import SAEConfig
+from sae_runtime.spec.interventions import Intervention, Scope, SteeringSpec
+from sae_runtime.spec.payloads import (
     EditPayload,
     ReadPayload,
     RequestPayload,
     decode_request,
     encode_request,
 )
-from sae_runtime.planner import (
-    ScheduledRequest,
-    StepDescription,
-    compile_request,
-    plan_step,
-    token_pieces,
-)
-from sae_runtime.reads import Read, ReadScope, ReadSpec
-from sae_runtime.saes.base import SAEConfig
-from sae_runtime.selectors import (
+from sae_runtime.spec.reads import Read, ReadScope, ReadSpec
+from sae_runtime.spec.selectors import (
     ALL,
     GENERATION,
     MAX_RANGES,
@@ -43,7 +36,14 @@ from sae_runtime.selectors import (
     Range,
     Selector,
 )
-from sae_runtime.tables import HookTables
+from sae_runtime.step.planner import (
+    ScheduledRequest,
+    StepDescription,
+    compile_request,
+    plan_step,
+    token_pieces,
+)
+from sae_runtime.step.tables import HookTables
 from tests.sae_runtime._factories import random_sae
 from tests.sae_runtime.test_planner import _dense_oracle
 
@@ -326,7 +326,7 @@ def test_v1_adapter_passes_the_step_tokens_only_when_a_request_selects_by_token(
     token-id request, and is not touched for others."""
     from types import SimpleNamespace
 
-    from sae_runtime.payloads import EXTRA_ARGS_KEY
+    from sae_runtime.spec.payloads import EXTRA_ARGS_KEY
     from sae_runtime.vllm.runner_v1 import RequestPlans, describe_step
 
     def req(payload, n):

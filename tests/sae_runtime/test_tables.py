@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from sae_runtime import kernels, ops, registry
-from sae_runtime.edits import POS_INF, edit_rows
 from sae_runtime.kernels import read_reference
-from sae_runtime.tables import HookTables
+from sae_runtime.step.edits import POS_INF, edit_rows
+from sae_runtime.step.tables import HookTables
 from tests.sae_runtime._factories import random_sae
 from tests.sae_runtime.test_kernels_fused import assert_reads_match
 

@@ -1,4 +1,4 @@
-"""Reads split over tensor-parallel ranks by feature columns (``sae_runtime.tp_reads``).
+"""Reads split over tensor-parallel ranks by feature columns (``sae_runtime.step.tp_reads``).
 
 Every rank's share is computed in this one process (``local_candidates`` on its
 ``slice_sae``), the all-gather is a concatenation in rank order, and the merge's result is
@@ -19,10 +19,11 @@ import threading
 import pytest
 import torch
 
-from sae_runtime import kernels, ops, registry, tp_reads
+from sae_runtime import kernels, ops, registry
 from sae_runtime.kernels import read_reference, read_topk
-from sae_runtime.tables import HookTables
-from sae_runtime.tp_reads import ReadSplit, bounds, local_candidates, merge, slice_sae
+from sae_runtime.step import tp_reads
+from sae_runtime.step.tables import HookTables
+from sae_runtime.step.tp_reads import ReadSplit, bounds, local_candidates, merge, slice_sae
 from tests.sae_runtime._factories import random_sae
 
 D_IN, D_SAE = 48, 200

@@ -17,11 +17,11 @@ import torch
 from safetensors.torch import save_file
 
 from sae_runtime import ops
-from sae_runtime.edits import POS_INF, edit_rows
 from sae_runtime.errors import SAEFormatError
 from sae_runtime.loading import load_sae, load_sae_config
-from sae_runtime.tables import HookTables
-from sae_runtime.testing.tiny import make_model, make_transcoder
+from sae_runtime.step.edits import POS_INF, edit_rows
+from sae_runtime.step.tables import HookTables
+from tests.fixtures.tiny import make_model, make_transcoder
 from tests.transcoder_refs import load_sae_lens_transcoder
 
 SAELENS_ARCHS = ["transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder"]
@@ -145,7 +145,7 @@ def test_cross_layer_transcoders_are_refused(tmp_path):
 @pytest.mark.parametrize("backend", ["compact", "reference"])
 def test_the_hook_encodes_the_stashed_mlp_input_and_edits_the_mlp_output(
         tmp_path, model_dir, backend, monkeypatch):
-    import sae_runtime.tables as tables_mod
+    import sae_runtime.step.tables as tables_mod
 
     monkeypatch.setattr(tables_mod, "backend_for", lambda device: backend)
     folder = make_transcoder(tmp_path / "tc", model_dir, layer=1, architecture="jumprelu_transcoder")

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from sae_runtime import ops
-from sae_runtime.edits import POS_INF, edit_rows
 from sae_runtime.errors import SAEFormatError
 from sae_runtime.kernels import splice_compact, splice_reference
-from sae_runtime.tables import HookTables
-from sae_runtime.vectors import VectorIndex, bank_sae, build_banks, load_vector_file
+from sae_runtime.loading.vectors import bank_sae, build_banks, load_vector_file
+from sae_runtime.spec.vectors import VectorIndex
+from sae_runtime.step.edits import POS_INF, edit_rows
+from sae_runtime.step.tables import HookTables
 from tests.vector_files import random_directions, write_gguf
 
 D = 24
@@ -123,11 +124,16 @@ def test_the_planner_gives_each_request_its_inline_vector_in_its_own_scratch_row
     import numpy as np
 
     from sae_runtime import ops
-    from sae_runtime.payloads import EditPayload, RequestPayload
-    from sae_runtime.planner import ScheduledRequest, StepDescription, compile_request, plan_step
-    from sae_runtime.selectors import Selector
-    from sae_runtime.tables import HookTables
-    from sae_runtime.vectors import Bank, bank_sae
+    from sae_runtime.loading.vectors import Bank, bank_sae
+    from sae_runtime.spec.payloads import EditPayload, RequestPayload
+    from sae_runtime.spec.selectors import Selector
+    from sae_runtime.step.planner import (
+        ScheduledRequest,
+        StepDescription,
+        compile_request,
+        plan_step,
+    )
+    from sae_runtime.step.tables import HookTables
 
     d = 8
     bank = Bank(3, (), np.zeros((0, d), np.float32), inline=True)

@@ -127,7 +127,7 @@ def test_status_mapping():
 def _labels(tmp_path):
     import json
 
-    from sae_runtime import features as feats
+    from sae_runtime.labels import store as feats
 
     (tmp_path / feats.LABELS_FILE).write_text(json.dumps({"format": feats.FORMAT, "d_sae": 100, "features": [
         {"index": 5, "label": "ocean: whale", "density": 0.1, "max_activation": 3.0,

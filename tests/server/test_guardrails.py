@@ -7,12 +7,12 @@ import asyncio
 
 import numpy as np
 
-from sae_runtime.edits import Cond
-from sae_runtime.guardrails import Guardrail, GuardSpec
-from sae_runtime.interventions import Condition
-from sae_runtime.payloads import ReadRecord
-from sae_runtime.reads import Read
-from sae_runtime.selectors import ALL, GENERATION
+from sae_runtime.spec.guardrails import Guardrail, GuardSpec
+from sae_runtime.spec.interventions import Condition
+from sae_runtime.spec.reads import Read
+from sae_runtime.spec.selectors import ALL, GENERATION
+from sae_runtime.step.edits import Cond
+from sae_runtime.step.records import ReadRecord
 from server.reads import RequestReads
 from server.service import _ReadFeed
 

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 from starlette.testclient import TestClient
 
-from sae_runtime.features import load_beside
+from sae_runtime.labels.store import load_beside
 from sae_runtime.loading import load_sae_config
 from server.metrics import Metrics
 from server.openai_api import build_app

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae_runtime import features as feats
-from sae_runtime.testing.tiny import MODEL_DIR, corpus
+from sae_runtime.labels import store as feats
 from server import convert
 from server.cli import main
 from steering.v1 import steering_pb2 as pb
+from tests.fixtures.tiny import MODEL_DIR, corpus
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -17,14 +17,14 @@ import grpc
 import pytest
 import torch
 
-from sae_runtime import features as feats
+from sae_runtime.labels import store as feats
 from sae_runtime.loading import load_sae_config
-from sae_runtime.payloads import AdditionalConfig, SAEEntry, WorkerConfig
-from sae_runtime.testing.tiny import MODEL_DIR, corpus
+from sae_runtime.step.config import AdditionalConfig, SAEEntry, WorkerConfig
 from server import convert
 from server.service import SteeringServicer
 from steering.v1 import steering_pb2 as pb
 from steering.v1 import steering_pb2_grpc as pb_grpc
+from tests.fixtures.tiny import MODEL_DIR, corpus
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -135,7 +135,7 @@ def test_get_feature_of_an_unlabelled_sae_returns_its_logit_effects(tiny_dir, tm
 
 
 def test_a_built_labels_file_serves_get_feature_and_search(tiny_dir, tmp_path):
-    from sae_runtime.labels_build import BuildConfig, build
+    from sae_runtime.labels.build import BuildConfig, build
 
     sae_dir = tiny_dir / "saes" / "resid_l1"
     text = tmp_path / "corpus.txt"

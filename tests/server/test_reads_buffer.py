@@ -6,8 +6,8 @@ import asyncio
 
 import numpy as np
 
-from sae_runtime.payloads import ReadRecord
-from sae_runtime.reads import Read, ReadScope, ReadSpec
+from sae_runtime.spec.reads import Read, ReadScope, ReadSpec
+from sae_runtime.step.records import ReadRecord
 from server.reads import RequestReads
 from server.service import _ReadFeed
 
@@ -54,7 +54,7 @@ def test_feed_hands_out_each_position_once_in_order_and_skips_unfed():
 
 
 def test_feed_keeps_only_positions_whose_token_the_read_selects():
-    from sae_runtime.selectors import Selector
+    from sae_runtime.spec.selectors import Selector
 
     async def go():
         b = RequestReads()

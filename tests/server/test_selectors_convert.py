@@ -15,10 +15,10 @@ from clients.client import (
     read,
 )
 from sae_runtime.errors import InvalidRequestError
-from sae_runtime.interventions import Scope
-from sae_runtime.reads import ReadScope
 from sae_runtime.saes.base import SAEConfig
-from sae_runtime.selectors import GENERATION, Frame, Range, Selector
+from sae_runtime.spec.interventions import Scope
+from sae_runtime.spec.reads import ReadScope
+from sae_runtime.spec.selectors import GENERATION, Frame, Range, Selector
 from server import convert
 from server.openai_api import CompletionBody, _from_steering, request_from_body
 from steering.v1 import steering_pb2 as pb

@@ -154,7 +154,7 @@ def test_control_characters_in_request_id_are_invalid_argument(rid):
 
 
 def test_read_buffer_forgets_sent_positions_and_ignores_late_copies():
-    from sae_runtime.reads import Read, ReadScope, ReadSpec
+    from sae_runtime.spec.reads import Read, ReadScope, ReadSpec
     from server.reads import RequestReads
     from server.service import _ReadFeed
     from tests.server.test_reads_buffer import rec

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from sae_runtime.errors import SAEFormatError
-from sae_runtime.features import TokenLogit
+from sae_runtime.labels.store import TokenLogit
 from sae_runtime.saes.base import SAEConfig
 
 DEFAULT_K = 10
@@ -205,10 +205,10 @@ _SHARED_LOCK = threading.Lock()
 
 def for_engine(model: str, engine, configs: Mapping[str, SAEConfig], tokenizer) -> LogitEffects:
     """The provider of a server: SAE directories from the engine's worker config
-    (``sae_runtime.payloads.WorkerConfig`` in ``vllm_config.additional_config``), the model
+    (``sae_runtime.spec.payloads.WorkerConfig`` in ``vllm_config.additional_config``), the model
     directory from ``model`` (a Hugging Face id resolves to its local cache). One per
     (model, SAEs), created on first use."""
-    from sae_runtime.payloads import worker_config
+    from sae_runtime.step.config import worker_config
 
     wc = worker_config(getattr(getattr(engine, "vllm_config", None), "additional_config", None))
     saes = {e.id: (e.path, e.hook_name) for e in wc.saes} if wc is not None else {}

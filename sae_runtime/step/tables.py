@@ -1,10 +1,10 @@
 """Per-step intervention and read tables of one hooked SAE, and the hook's computation.
 
-No vLLM in here: the step planner (``sae_runtime/planner.py``) fills these tables from the
+No vLLM in here: the step planner (``sae_runtime/step/planner.py``) fills these tables from the
 scheduled batch before each forward, and the custom op calls ``HookTables.apply`` inside it.
 
 Every table is allocated once, at its largest size (the engine's token and sequence
-budgets), so its address never changes. The edit layout (``sae_runtime.edits``):
+budgets), so its address never changes. The edit layout (``sae_runtime.step.edits``):
 
 - ``tok_slot [max_tokens]``: token row -> edit slot, -1 = the row has no edit here. One slot
   per scheduled request that edits at this hook, whatever its scopes;
@@ -13,7 +13,7 @@ budgets), so its address never changes. The edit layout (``sae_runtime.edits``):
 - ``slot_start / slot_len [max_slots]``: the contiguous run of edit rows slot s owns,
   ``[slot_start[s], slot_start[s] + slot_len[s])``, ``slot_len <= max_feats``;
 - ``edit_<column> [max_slots * max_feats]``: the edit rows, one column per field of the edit
-  record (``sae_runtime.edits.EDIT_DTYPE``); an edit applies at a row of its slot iff
+  record (``sae_runtime.step.edits.EDIT_DTYPE``); an edit applies at a row of its slot iff
   ``pos_lo <= tok_pos < pos_hi`` and its condition, if any, holds (``edits``);
 - ``latch_pos [max_latches + 1]``: persistent (never cleared by a step): the first position
   where each latched edit's condition held, ``POS_INF`` until then. ``alloc_latches`` /
@@ -51,7 +51,9 @@ import numpy as np
 import torch
 
 from sae_runtime import ops
-from sae_runtime.edits import (
+from sae_runtime.kernels import backend_for, read_topk, row_edits, splice_compact, splice_fixed
+from sae_runtime.saes.base import SAE
+from sae_runtime.step.edits import (
     COLUMN_FILL,
     COLUMN_TORCH_DTYPES,
     EDIT_COLUMNS,
@@ -59,9 +61,7 @@ from sae_runtime.edits import (
     Cond,
     EditTables,
 )
-from sae_runtime.kernels import backend_for, read_topk, row_edits, splice_compact, splice_fixed
-from sae_runtime.saes.base import SAE
-from sae_runtime.tp_reads import ReadSplit
+from sae_runtime.step.tp_reads import ReadSplit
 
 READS_PER_REQUEST = 2
 """Read slots one request may use at one SAE per step: its own read and its guard read."""
@@ -79,7 +79,7 @@ class HookTables:
     """Preallocated per-step tables of one hooked SAE (see the module docstring)."""
 
     read_split: ReadSplit | None = None
-    """Set once by the worker under tensor parallelism (``sae_runtime.tp_reads``): this
+    """Set once by the worker under tensor parallelism (``sae_runtime.step.tp_reads``): this
     rank's slice of the SAE's features; ``_read`` then computes that slice and merges the
     ranks' candidates. None: the read is computed whole."""
 

@@ -18,8 +18,8 @@ Schema (``"format": "steerd.feature_labels/1"``)::
 Only ``index`` and ``label`` are required, so labels from elsewhere (e.g. Neuronpedia
 explanations, ``steerd labels import-neuronpedia``) can be converted in a few lines.
 ``score`` orders a search's matches (higher is a better exemplar of its label);
-``sae_runtime.default.labels`` writes every field but ``promoted``/``suppressed``;
-``sae_runtime.labels_build`` (``steerd labels build``) writes the statistics below.
+``sae_runtime.training.labels`` writes every field but ``promoted``/``suppressed``;
+``sae_runtime.labels.build`` (``steerd labels build``) writes the statistics below.
 
 Fields, as the labellers define them (every activation is ``sae_runtime.ops.encode`` of the
 SAE's input at its site; a feature *fires* on a token where its activation is non-zero):
@@ -33,7 +33,7 @@ SAE's input at its site; a feature *fires* on a token where its activation is no
 - ``examples``: top-activating tokens, strongest first, at distinct positions: ``context``
   is the text just before the token, ``token`` the token, ``after`` (optional) the text
   just after it;
-- ``promoted`` / ``suppressed``: the feature's *logit effects* (``sae_runtime.logit_effects``):
+- ``promoted`` / ``suppressed``: the feature's *logit effects* (``sae_runtime.labels.logit_effects``):
   the tokens whose logits its decoder direction raises / lowers most through the model's
   final norm gain and unembedding, ``logit`` the change per unit activation, largest
   magnitude first. Empty where the SAE's site does not write the residual stream; the

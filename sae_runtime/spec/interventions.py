@@ -15,14 +15,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 
-from sae_runtime.edits import Cond
 from sae_runtime.errors import InvalidRequestError, UnknownSAEError
 from sae_runtime.ops import Mode
-from sae_runtime.payloads import CondPayload, EditPayload
 from sae_runtime.saes.base import SAEConfig
-from sae_runtime.selectors import ALL as _ALL
-from sae_runtime.selectors import GENERATION as _GENERATION
-from sae_runtime.selectors import Selector
+from sae_runtime.spec.payloads import CondPayload, EditPayload
+from sae_runtime.spec.selectors import ALL as _ALL
+from sae_runtime.spec.selectors import GENERATION as _GENERATION
+from sae_runtime.spec.selectors import Selector
+from sae_runtime.step.edits import Cond
 
 
 class Scope(IntEnum):
@@ -87,7 +87,7 @@ class Intervention:
     when: Condition | None = None  # a conditional edit (the condition reads the same SAE)
     latch: bool = False  # with ``when``: stays on once the condition has held
     vector: bytes | None = None  # an inline vector (float32 little-endian [d_model]) on a
-    # vector bank's inline row: the ADD edit adds value * vector (``sae_runtime.vectors``)
+    # vector bank's inline row: the ADD edit adds value * vector (``sae_runtime.loading.vectors``)
 
     @property
     def selector(self) -> Selector:

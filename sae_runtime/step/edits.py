@@ -1,8 +1,8 @@
 """The edit record: one fixed-width row per edit a request makes at one hook.
 
 Every intervention ends up as exactly one row of ``EDIT_DTYPE`` (built by the planner,
-``sae_runtime.planner``, from the request's payload) and, per step, as one row of the
-hook's edit tables (``sae_runtime.tables.HookTables``), which the kernels read through
+``sae_runtime.step.planner``, from the request's payload) and, per step, as one row of the
+hook's edit tables (``sae_runtime.step.tables.HookTables``), which the kernels read through
 ``EditTables``:
 
     feature         int64    SAE feature index
@@ -15,7 +15,7 @@ hook's edit tables (``sae_runtime.tables.HookTables``), which the kernels read t
     latch           int64    -1, or the id of this edit's latch (``EditTables.latch_pos``)
 
 Windows are half-open and absolute: an intervention's position selector
-(``sae_runtime.selectors``) becomes one row per window when its prompt length is known
+(``sae_runtime.spec.selectors``) becomes one row per window when its prompt length is known
 (``ALL`` = ``[0, POS_INF)``, ``GENERATION_ONLY`` = ``[prompt_len, POS_INF)``; ``POS_INF``
 stands for "no end"). A selector with token ids is resolved per step instead: the planner
 emits rows whose windows are the runs of matching positions in the step.
@@ -38,7 +38,7 @@ from enum import IntEnum
 import numpy as np
 import torch
 
-from sae_runtime.selectors import POS_INF  # ``pos_hi`` of an edit without an end
+from sae_runtime.spec.selectors import POS_INF  # ``pos_hi`` of an edit without an end
 
 NO_CONDITION = -1
 NO_LATCH = -1

@@ -22,7 +22,7 @@ from collections import Counter
 
 import torch
 
-from sae_runtime.default import corpus, sae_train
+from sae_runtime.training import corpus, sae_train
 
 log = logging.getLogger(__name__)
 

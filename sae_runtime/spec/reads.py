@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from sae_runtime.errors import InvalidRequestError, UnknownSAEError
-from sae_runtime.payloads import ReadPayload
 from sae_runtime.saes.base import SAEConfig
-from sae_runtime.selectors import ALL, GENERATION, PROMPT, Selector
+from sae_runtime.spec.payloads import ReadPayload
+from sae_runtime.spec.selectors import ALL, GENERATION, PROMPT, Selector
 
 
 class ReadScope(IntEnum):

@@ -8,7 +8,7 @@ at least ``TOPICAL`` gets the label ``"<topic>: <top tokens>"``; others ``"mixed
 tokens>"``. Top tokens are the ones with the highest mean activation per occurrence. ``score = selectivity * coverage`` ranks a topic's broad features (they
 fire across the whole topic) above word-specific ones; search uses it to order matches.
 
-Output is ``feature_labels.json`` (schema in ``sae_runtime.features``) beside the SAE.
+Output is ``feature_labels.json`` (schema in ``sae_runtime.labels.store``) beside the SAE.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from sae_runtime.default.corpus import GENERAL, TOPICS
+from sae_runtime.training.corpus import GENERAL, TOPICS
 
 TOPICAL = 0.5
 N_EXAMPLES = 5
@@ -178,7 +178,7 @@ def label_features(model, tokenizer, encode_fn, docs: list[tuple[str, list[str]]
         "labelling_tokens": n_tokens,
         "site_norm": round(norm_sum / max(n_tokens, 1), 4),
         "method": ("per-feature statistics over a topic-labelled synthetic corpus "
-                   "(sae_runtime/default/labels.py)"),
+                   "(sae_runtime/training/labels.py)"),
         "dead_features": [f for f in range(d_sae) if fires[f] == 0],
         "features": features,
     }

@@ -1,7 +1,7 @@
 """Regenerate the embedded default from scratch: corpus -> tokenizer -> model -> SAE -> labels.
 
-    python -m sae_runtime.default.train --out server/embedded          # full (~20 min, 2 cores)
-    python -m sae_runtime.default.train --out /tmp/toy --size toy       # seconds; the smoke test
+    python -m sae_runtime.training.train --out server/embedded          # full (~20 min, 2 cores)
+    python -m sae_runtime.training.train --out /tmp/toy --size toy       # seconds; the smoke test
 
 Writes ``OUT/model`` (Hugging Face Llama directory, bf16), ``OUT/saes/<name>`` (SAELens
 ``cfg.json`` + ``sae_weights.safetensors`` + ``feature_labels.json``) and
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from sae_runtime.default import calibrate, corpus, labels, lm, sae_train
+from sae_runtime.training import calibrate, corpus, labels, lm, sae_train
 
-log = logging.getLogger("sae_runtime.default.train")
+log = logging.getLogger("sae_runtime.training.train")
 
 SAE_NAME = "topics_l1"
 
@@ -156,7 +156,7 @@ def run(out: Path, size_name: str, seed: int) -> dict:
     # model_name = the served directory's name, so steerd sees no model mismatch to warn about
     sae_train.save_saelens(params, sae_dir, k=size.sae.k, hook_name=hook_name,
                            model_name=model_dir.name, dtype=dtype,
-                           extra={"trained_by": "sae_runtime.default.train", "seed": seed})
+                           extra={"trained_by": "sae_runtime.training.train", "seed": seed})
     log.info("SAE quality: %s", quality)
 
     t2 = time.time()
@@ -164,7 +164,7 @@ def run(out: Path, size_name: str, seed: int) -> dict:
     timings["labels_s"] = round(time.time() - t2, 1)
     timings["total_s"] = round(time.time() - t0, 1)
     report = {
-        "command": (f"python -m sae_runtime.default.train --out {out} --size {size_name} --seed {seed}"
+        "command": (f"python -m sae_runtime.training.train --out {out} --size {size_name} --seed {seed}"
                     f" --threads {torch.get_num_threads()}"),
         "seed": seed, "size": size_name, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,

@@ -1,6 +1,6 @@
 """Train a ReLU MLP transcoder for the embedded default model and save it in SAELens 6 format.
 
-    python -m sae_runtime.default.transcoder_train --out server/embedded --layer 1 --seed 0 --threads 1
+    python -m sae_runtime.training.transcoder_train --out server/embedded --layer 1 --seed 0 --threads 1
 
 A transcoder reads the MLP's *input* of decoder layer ``L`` (HF: the input of
 ``model.layers[L].mlp``, the output of ``post_attention_layernorm``; TransformerLens
@@ -19,8 +19,8 @@ are folded into the encoder, so every ``W_dec`` row has unit norm and feature ac
 comparable across features (a clamp value is a length along a unit direction).
 
 Writes ``OUT/saes/topics_tc{L}/`` (``cfg.json``, ``sae_weights.safetensors``,
-``feature_labels.json`` from ``sae_runtime.default.labels``) and ``OUT/transcoder_report.json``.
-Data come from the same corpus generator as ``sae_runtime.default.train`` (its SAE data seed
+``feature_labels.json`` from ``sae_runtime.training.labels``) and ``OUT/transcoder_report.json``.
+Data come from the same corpus generator as ``sae_runtime.training.train`` (its SAE data seed
 ``seed + 2``, held-out seed ``seed + 1``, labelling seed ``seed + 3``).
 """
 
@@ -38,9 +38,9 @@ from types import SimpleNamespace
 
 import torch
 
-from sae_runtime.default import corpus, labels, lm
+from sae_runtime.training import corpus, labels, lm
 
-log = logging.getLogger("sae_runtime.default.transcoder_train")
+log = logging.getLogger("sae_runtime.training.transcoder_train")
 
 SAE_LENS_VERSION = "6.54.12"
 
@@ -354,7 +354,7 @@ def run(out: Path, layer: int, seed: int, cfg: TCConfig) -> dict:
     name = sae_name(layer)
     sae_dir = out / "saes" / name
     save_saelens(params, sae_dir, layer=layer, model_name=model_dir.name,
-                 extra={"trained_by": "sae_runtime.default.transcoder_train", "seed": seed})
+                 extra={"trained_by": "sae_runtime.training.transcoder_train", "seed": seed})
     t1 = time.time()
     lab = label(model, tokenizer, params, list(corpus.documents(cfg.label_docs, seed + 3)), layer)
     labels.write(lab, sae_dir)
@@ -362,7 +362,7 @@ def run(out: Path, layer: int, seed: int, cfg: TCConfig) -> dict:
     timings["total_s"] = round(time.time() - t0, 1)
     best = best_per_topic(lab)
     report = {
-        "command": (f"python -m sae_runtime.default.transcoder_train --out {out} --layer {layer}"
+        "command": (f"python -m sae_runtime.training.transcoder_train --out {out} --layer {layer}"
                     f" --seed {seed} --threads {torch.get_num_threads()}"),
         "seed": seed, "machine": f"{_cpu_model()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,

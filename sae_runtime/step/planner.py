@@ -5,7 +5,7 @@ the step in the project's own terms and calls ``plan_step``:
 
 - ``compile_request(payload, prompt_len)`` turns a request's decoded payload, once per
   request, into a ``RequestPlan``: per hook its edit rows (``edits.EDIT_DTYPE``, request
-  order, one per window of each edit's position selector, ``sae_runtime.selectors``) and
+  order, one per window of each edit's position selector, ``sae_runtime.spec.selectors``) and
   its reads (with windows too);
 - a ``StepDescription`` lists the scheduled requests: request id, token rows
   ``[start, end)`` of the flattened batch, the position of the first row, and the plan;
@@ -40,10 +40,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sae_runtime.edits import NO_CONDITION, Cond, edit_rows
-from sae_runtime.payloads import ReadRecord, RequestPayload
-from sae_runtime.selectors import Selector
-from sae_runtime.tables import HookTables
+from sae_runtime.spec.payloads import RequestPayload
+from sae_runtime.spec.selectors import Selector
+from sae_runtime.step.edits import NO_CONDITION, Cond, edit_rows
+from sae_runtime.step.records import ReadRecord
+from sae_runtime.step.tables import HookTables
 
 
 @dataclass(frozen=True)

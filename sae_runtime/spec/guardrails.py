@@ -17,10 +17,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sae_runtime.errors import InvalidRequestError
-from sae_runtime.interventions import Condition
-from sae_runtime.reads import Read
 from sae_runtime.saes.base import SAEConfig
-from sae_runtime.selectors import ALL, GENERATION, Selector
+from sae_runtime.spec.interventions import Condition
+from sae_runtime.spec.reads import Read
+from sae_runtime.spec.selectors import ALL, GENERATION, Selector
 
 MAX_GUARDRAILS = 8
 """Most guardrails one request may carry (and so the most features one guard read watches)."""

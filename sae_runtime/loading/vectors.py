@@ -47,19 +47,9 @@ import torch
 
 from sae_runtime.errors import SAEFormatError
 from sae_runtime.saes.base import SAE, SAEConfig
-
-BANK_PREFIX = "vectors@"
-"""Bank ids are ``vectors@L{layer}``: in the server's SAE list, never named by requests."""
+from sae_runtime.spec.vectors import BANK_PREFIX, bank_id, is_bank
 
 _TRAILING_INT = re.compile(r"(\d+)$")
-
-
-def is_bank(sae_id: str) -> bool:
-    return sae_id.startswith(BANK_PREFIX)
-
-
-def bank_id(layer: int) -> str:
-    return f"{BANK_PREFIX}L{layer}"
 
 
 def load_vector_file(path: str | Path) -> dict[int, np.ndarray]:
@@ -229,20 +219,3 @@ def bank_sae(bank: Bank, scratch: int = 0) -> SAE:
     cfg = dataclasses.replace(bank.config(), d_sae=n)
     return SAE(cfg, W_enc=torch.zeros(d, n), W_dec=W_dec, b_enc=torch.zeros(n),
                b_dec=torch.zeros(d))
-
-
-@dataclass(frozen=True)
-class VectorIndex:
-    """Where each named vector lives: name -> {layer: (bank id, row)}; and the layers that
-    take inline vectors: layer -> (bank id, inline row)."""
-
-    rows: Mapping[str, Mapping[int, tuple[str, int]]]
-    inline: Mapping[int, tuple[str, int]] = dataclasses.field(default_factory=dict)
-
-    @staticmethod
-    def of(banks: Sequence[Bank]) -> VectorIndex:
-        rows: dict[str, dict[int, tuple[str, int]]] = {}
-        for b in banks:
-            for i, name in enumerate(b.names):
-                rows.setdefault(name, {})[b.layer] = (b.id, i)
-        return VectorIndex(rows, {b.layer: (b.id, b.inline_row) for b in banks if b.inline})

@@ -9,7 +9,7 @@ kind of state an SAE turns into a topic feature.
 Sentences are built from templates whose slots take topic words, so word order, function
 words and openers are shared across topics and only the content words tell topics apart.
 
-    python -m sae_runtime.default.corpus --docs 5 --seed 0   # print a sample
+    python -m sae_runtime.training.corpus --docs 5 --seed 0   # print a sample
 """
 
 from __future__ import annotations

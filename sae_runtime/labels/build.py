@@ -3,7 +3,7 @@
 The model runs in plain torch (Hugging Face ``transformers``, float32, CPU) over the corpus,
 tokenized with the model's tokenizer and cut into contexts of ``context`` tokens (each
 prefixed with BOS where the tokenizer has one; the BOS position is not counted). The SAE's
-site is hooked as ``sae_runtime.testing.hf_sites`` describes it, and every token's activation
+site is hooked as ``sae_runtime.labels.hf_sites`` describes it, and every token's activation
 is encoded with ``sae_runtime.ops.encode``. Per feature (a feature *fires* where its
 activation is non-zero):
 
@@ -15,7 +15,7 @@ activation is non-zero):
   a Python push per firing token;
 - ``top_tokens``: tokens ranked by activation mass (the sum of the feature's activations
   over the token's occurrences), exact, from a sparse (feature, token) accumulator;
-- ``promoted`` / ``suppressed``: logit effects (``sae_runtime.logit_effects``);
+- ``promoted`` / ``suppressed``: logit effects (``sae_runtime.labels.logit_effects``);
 - ``label``: made from the tokens the feature is most specific to and its promoted tokens,
   e.g. ``"whale, reef, ship → sail"`` (no language model involved). Specific means the
   highest mean activation per occurrence among tokens seen at least ``MIN_TOKEN_COUNT``
@@ -43,9 +43,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sae_runtime import features as feats
-from sae_runtime import logit_effects as lfx
 from sae_runtime.errors import SAEFormatError, SteeringError
+from sae_runtime.labels import logit_effects as lfx
+from sae_runtime.labels import store as feats
 
 FORMAT_VERSION = 1  # of the .partial checkpoint
 MIN_TOKEN_COUNT = 5  # occurrences a token needs to name a feature in its label
@@ -191,9 +191,9 @@ def build(cfg: BuildConfig, *, restart: bool = False, progress: bool = True,
     hook: rounded up to a whole batch) were done and the run stopped after checkpointing."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from sae_runtime.labels.hf_sites import _SITES, edit_site
     from sae_runtime.loading import load_sae
     from sae_runtime.ops import encode
-    from sae_runtime.testing.hf_sites import _SITES, edit_site
 
     _check_inputs(cfg)
     sae = load_sae(cfg.sae, cfg.hook_name)
@@ -354,7 +354,7 @@ def _result(cfg: BuildConfig, sae, st: _Stats, ctxs: list[list[int]], tokenizer,
         "d_sae": d_sae,
         "labelling_tokens": st.n_tokens,
         "site_norm": round(st.norm_sum / max(st.n_tokens, 1), 5),
-        "method": "steerd labels build (sae_runtime/labels_build.py): per-feature statistics over "
+        "method": "steerd labels build (sae_runtime/labels/build.py): per-feature statistics over "
                   "a text corpus; labels from top tokens and promoted tokens",
         "build": identity,
         "logit_effects_unavailable": reason,

@@ -1,0 +1,92 @@
+"""What every worker is told once, at engine start: the SAE list and the tables' budgets.
+
+``WorkerConfig`` travels server -> every worker in ``VllmConfig.additional_config[CONFIG_KEY]``
+as plain builtins (``AdditionalConfig`` / ``worker_config``); vLLM keys its compile cache on
+``AdditionalConfig.compute_hash``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+
+import msgspec
+
+from sae_runtime.errors import SAEFormatError
+
+CONFIG_KEY = "sae_steering"  # key in VllmConfig.additional_config
+
+
+class SAEEntry(msgspec.Struct, frozen=True):
+    id: str
+    path: str
+    hook_name: str | None = None  # overrides the hook name the SAE's files give
+    # a steering-vector bank instead of an SAE (``sae_runtime.loading.vectors``): the (name, file)
+    # pairs of every --vector, and the layer this bank holds
+    vectors: tuple[tuple[str, str], ...] = ()
+    layer: int = -1
+    inline: bool = False  # the bank also takes inline vectors (``--inline-vectors``)
+    # where the server found this SAE hooks (``placement``; "" unchecked). It is part of the
+    # compile-cache key, and a worker that loads the SAE elsewhere refuses to start.
+    placement: str = ""
+
+
+def placement(c) -> str:
+    """Where an SAE (an ``SAEConfig``) sits in the compiled graph: its site and block, and a
+    transcoder's input site, e.g. ``resid_post@1`` or ``mlp_out@0<mlp_in``."""
+    return f"{c.site}@{c.layer}" + (f"<{c.input_site}" if c.input_site else "")
+
+
+def check_placement(entry: SAEEntry, c) -> None:
+    """Refuse an SAE a worker loads elsewhere than the server found it (its files changed in
+    between): the compiled graph, cached under the server's placement, would hook the old
+    place."""
+    if entry.placement and entry.placement != placement(c):
+        raise SAEFormatError(
+            f"{entry.path}: SAE {entry.id!r} hooks {placement(c)} in the worker but "
+            f"{entry.placement} when the server read it; did its files change during startup?")
+
+
+class WorkerConfig(msgspec.Struct, frozen=True):
+    saes: tuple[SAEEntry, ...]  # in server order: index == hook id
+    max_interventions: int  # edits per request (the tables' slot width)
+    max_watch: int = 0
+    reads_addr: str | None = None  # ZMQ address the worker pushes reads to
+    sae_dtype: str = "auto"
+
+
+class AdditionalConfig(Mapping):
+    """``VllmConfig.additional_config`` of a steered engine: ``{CONFIG_KEY: WorkerConfig as
+    builtins}``, with the ``compute_hash`` vLLM keys its compile cache on (vLLM takes a
+    ``SupportsHash`` object here).
+
+    The hash is that of the JSON, less ``reads_addr``: the reads socket is a fresh ``ipc://``
+    path every start, and in the hash it made every start a cache miss (compiling again,
+    about 20 s of a tiny model's start on 2 cores). Everything that shapes the graph stays
+    in: the SAE list with each one's ``placement``, the table budgets, the SAE dtype.
+    """
+
+    def __init__(self, cfg: WorkerConfig) -> None:
+        self._d = {CONFIG_KEY: msgspec.to_builtins(cfg)}
+
+    def __getitem__(self, key: str):
+        return self._d[key]
+
+    def __iter__(self):
+        return iter(self._d)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def compute_hash(self) -> str:
+        keyed = {**self._d[CONFIG_KEY], "reads_addr": None}
+        return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()
+
+
+def worker_config(additional_config: Mapping | None) -> WorkerConfig | None:
+    """The worker config in vLLM's ``additional_config`` (None: no SAEs configured)."""
+    raw = (additional_config or {}).get(CONFIG_KEY)
+    return None if not raw else msgspec.convert(raw, WorkerConfig)
+
+

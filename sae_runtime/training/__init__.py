@@ -1,0 +1,3 @@
+"""Offline: how the embedded default (``server/embedded``) was made — corpus, tokenizer,
+model, SAE, transcoder, labels and calibration (``make train-default``). Neither the server
+nor the worker imports this package."""
