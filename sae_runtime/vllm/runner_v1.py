@@ -1,4 +1,5 @@
-"""Adapter from vLLM's V1 model runner (CPU and the GPU V1 runner) to the step planner.
+"""Adapter from vLLM's V1 model runner (CPU and the GPU V1 runner) to the step planner
+(``runner_v2`` is the one for Model Runner V2, the CUDA default).
 
 Builds a ``planner.StepDescription`` from the runner's state just before
 ``_model_forward``: request order ``input_batch.req_ids``, token rows from the CPU copy of
@@ -47,6 +48,12 @@ class RequestPlans:
             plan = self._plans[req_id] = compile_request(decode_request(extra),
                                                          int(req.num_prompt_tokens))
         return plan
+
+    def drop(self, req_id: str) -> None:
+        """Forget one request's plan (its latches go back); no-op for an unknown id."""
+        plan = self._plans.pop(req_id, None)
+        if plan is not None and self._on_drop is not None:
+            self._on_drop(plan)
 
     def retain(self, live) -> None:
         """Forget requests not in ``live`` (finished or aborted: vLLM dropped them)."""
