@@ -180,3 +180,5 @@ def test_list_saes_and_model_info(server):
     assert all(s.d_in == 128 and s.d_sae == 256 for s in saes.values())
     assert (info.architecture, info.hidden_size, info.num_layers, info.vocab_size) == ("LlamaForCausalLM", 128, 3, 512)
     assert info.compiled and info.max_model_len == 256 and info.max_interventions == 8
+    # vLLM's CPU build runs Model Runner V1 and captures no CUDA graphs (the workers' report)
+    assert (info.device, info.model_runner, info.cudagraph_mode) == ("cpu", "v1", "NONE")
