@@ -1,8 +1,11 @@
-"""Every vLLM symbol this project touches, in one place (pinned to vllm 0.32.x).
+"""The vLLM imports and version-specific calls of the glue, in one place (pinned to vllm
+0.32.x).
 
 An upgrade that moves or renames one of these breaks here first; the module paths inside
 decoder layers that the hooks wrap are in ``families.py``, and the model-family e2e tests
-fail if a hook stops landing.
+fail if a hook stops landing. ``symbols.py`` lists every vLLM symbol the glue touches (these
+imports and the attributes the runner adapters read), checked against the CUDA wheel by
+``make check-cuda-wheel``.
 """
 
 from __future__ import annotations
@@ -142,8 +145,8 @@ def parallel_ranks(vllm_config) -> dict[str, int]:
     out = {}
     for name, get in (("tp", get_tp_group), ("pp", get_pp_group)):
         try:
-            g = get()
-            out[f"{name}_rank"], out[f"{name}_size"] = int(g.rank_in_group), int(g.world_size)
+            group = get()
+            out[f"{name}_rank"], out[f"{name}_size"] = int(group.rank_in_group), int(group.world_size)
         except (AssertionError, AttributeError):  # group not initialised (single process)
             out[f"{name}_rank"], out[f"{name}_size"] = 0, 1
     pc = vllm_config.parallel_config

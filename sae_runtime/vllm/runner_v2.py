@@ -127,12 +127,13 @@ class RunnerV2:
             scheduled.append(sr)
             if plan.needs_tokens:
                 token_reqs.append((i, sr))
-        tokens = self._tokens(ib, token_reqs) if token_reqs else None
+        tokens = self._tokens(input_batch, token_reqs) if token_reqs else None
         return StepDescription(scheduled, tokens)
 
-    def _tokens(self, ib, token_reqs: list[tuple[int, ScheduledRequest]]) -> np.ndarray:
+    def _tokens(self, input_batch, token_reqs: list[tuple[int, ScheduledRequest]]) -> np.ndarray:
         """The step's token ids at the rows of requests with token-id selectors (other
         rows -1): prefill rows from the host copy, decode rows from the device."""
+        ib = input_batch
         n = int(ib.num_tokens)
         tokens = np.full(n, -1, dtype=np.int64)
         device_rows = []
