@@ -184,5 +184,16 @@ check-cuda-wheel:
 	else echo "check-cuda-wheel: cached $$whl"; fi; \
 	$(CHECK_PY) -m sae_runtime.vllm.wheel_check "$$whl"
 
+# On a GPU machine that has torch and Triton but no vLLM, no network and no .venv (run from
+# the repo root with its own python3; at most ~10 minutes): the CUDA kernel and table tests
+# (through pytest when installed), the hook captured in a CUDA graph and replayed over
+# changing tables under set_sync_debug_mode("error"), the cost of a captured hook, and the
+# kernel benchmark with bandwidth against the device's peak -> docs/benchmarks_gpu.{json,md}
+# (loadtests/gpu_check.py). DRY_RUN=1, on any machine: the plan, the imports and the parts a
+# CPU can run; writes nothing under docs/.
+GPU_PY ?= $(if $(and $(DRY_RUN),$(wildcard $(BIN)/python)),$(BIN)/python,python3)
+gpu-check:
+	$(GPU_PY) -m loadtests.gpu_check $(if $(DRY_RUN),--dry-run) --out-dir docs
+
 clean-venv:
 	rm -rf $(VENV)

@@ -27,8 +27,6 @@ tests force ``tables._capturing`` to True and check that path:
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -36,21 +34,15 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from sae_runtime import kernels, registry
 from sae_runtime.step import tables as tables_mod
-from sae_runtime.step.edits import POS_INF, Cond, edit_rows
+from sae_runtime.step.edits import POS_INF
 from sae_runtime.step.tables import HookTables
+from tests.sae_runtime import _steps as steps
 from tests.sae_runtime._factories import random_sae
+from tests.sae_runtime._steps import fill, transcoder
 
 D_IN, D_SAE = 24, 48
 T = 20  # the captured size: every step pads to it
 MAX_SLOTS, MAX_FEATS = 4, 3
-
-
-def transcoder(arch: str, seed: int):
-    """A random ``arch`` SAE that reads ``mlp_in`` and writes ``mlp_out``."""
-    sae = random_sae(arch, D_IN, D_SAE, seed=seed, apply_b_dec_to_input=False)
-    cfg = dataclasses.replace(sae.cfg, site="mlp_out", hook_name="blocks.1.hook_mlp_out",
-                              input_site="mlp_in")
-    return dataclasses.replace(sae, cfg=cfg)
 
 
 CASES = [(arch, False) for arch in registry.names()] + [("jumprelu", True), ("topk", True)]
@@ -61,62 +53,16 @@ COMPILE_CASES = [("jumprelu", False), ("topk", False), ("groupmax", False),
 
 
 def make_sae(arch: str, is_transcoder: bool):
-    return transcoder(arch, 3) if is_transcoder else random_sae(arch, D_IN, D_SAE, seed=3)
+    return (transcoder(arch, D_IN, D_SAE, 3) if is_transcoder
+            else random_sae(arch, D_IN, D_SAE, seed=3))
 
 
-@dataclasses.dataclass
-class Request:
-    rows: dict[int, np.ndarray]  # per hook (one table set here: key 0) -> EDIT_DTYPE rows
-    pos: int = 0  # the next position it computes
+def make_requests(g: np.random.Generator, hooks: list[HookTables]):
+    return steps.make_requests(g, hooks, D_SAE, MAX_FEATS)
 
 
-def make_requests(g: np.random.Generator, hooks: list[HookTables]) -> list[Request]:
-    """Three requests with unconditional, conditional (GT / LT) and latched edits; each
-    latched row holds a latch id in every hook (same ids: same allocation order)."""
-    out = []
-    for r in range(3):
-        n = int(g.integers(1, MAX_FEATS + 1))
-        rows = edit_rows(n)
-        rows["feature"] = g.integers(0, D_SAE, n)
-        rows["mode"] = g.integers(1, 5, n)
-        rows["value"] = g.normal(0, 3, n)
-        rows["pos_lo"] = g.integers(0, 4, n)
-        rows["pos_hi"] = POS_INF
-        if r > 0:  # conditions on another feature, one of them latched
-            rows["cond_feature"] = g.integers(0, D_SAE, n)
-            rows["cond_op"] = g.choice([int(Cond.GT), int(Cond.LT)], n)
-            rows["cond_threshold"] = 0.05
-        if r == 2:
-            ids = [h.alloc_latches(1) for h in hooks]
-            assert all(np.array_equal(ids[0], i) for i in ids)
-            rows["latch"][0] = ids[0][0]
-            rows["cond_op"][0] = int(Cond.LT)  # holds where the feature is off: it fires
-        out.append(Request({0: rows}))
-    return out
-
-
-def schedule(g: np.random.Generator, requests: list[Request]) -> list[tuple[int, int, int, Request]]:
-    """One step: some requests, each ``(a, b, pos0, request)`` rows ``[a, b)`` at positions
-    ``pos0..``, in a random order; rows up to ``T`` are padding."""
-    picked = [r for r in requests if g.random() < 0.8] or requests[:1]
-    g.shuffle(picked)
-    out, a = [], 0
-    for req in picked:
-        n = int(g.integers(1, 6)) if req.pos == 0 else 1  # a prefill chunk, then decodes
-        n = min(n, T - a)
-        if n <= 0:
-            break
-        out.append((a, a + n, req.pos, req))
-        req.pos += n
-        a += n
-    return out
-
-
-def fill(hook: HookTables, step) -> None:
-    hook.clear()
-    for a, b, pos0, req in step:
-        hook.add_edits(a, b, pos0, req.rows[0])
-    hook.upload()
+def schedule(g: np.random.Generator, requests):
+    return steps.schedule(g, requests, T)
 
 
 @pytest.fixture
