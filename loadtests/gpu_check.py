@@ -53,7 +53,8 @@ import torch
 from loadtests import bench_kernels
 from sae_runtime import kernels
 from sae_runtime.ops import Mode
-from sae_runtime.step.edits import POS_INF, edit_rows
+from sae_runtime.spec.payloads import EditPayload, RequestPayload
+from sae_runtime.step.planner import ScheduledRequest, StepDescription, compile_request, plan_step
 from sae_runtime.step.tables import HookTables
 from tests.sae_runtime._factories import random_sae
 from tests.sae_runtime._steps import fill, make_requests, schedule, transcoder
@@ -169,7 +170,7 @@ def replay_case(arch: str, is_transcoder: bool, device: str, d_in: int = 576,
     twin = HookTables(sae, rows, slots, feats)  # the same device, run eagerly
     host = HookTables(sae_host, rows, slots, feats)  # the CPU path on the host
     rng = np.random.default_rng(0)
-    requests = make_requests(rng, [hook, twin, host], d_sae, feats, n=4)
+    requests = make_requests(rng, d_sae, feats, n=4)
     h_in = torch.zeros(rows, d_in, device=device)
     x_in = torch.zeros(rows, d_in, device=device)
     graph = None
@@ -191,9 +192,7 @@ def replay_case(arch: str, is_transcoder: bool, device: str, d_in: int = 576,
         step = schedule(rng, requests, rows)
         for t in (twin, host):
             fill(t, step)
-        hook.clear()  # waits for the previous upload (outside the sync check)
-        for a, b, pos0, req in step:
-            hook.add_edits(a, b, pos0, req.rows)
+        fill(hook, step)  # the planner's writes and its upload, as the worker runs them
         h = torch.randn(rows, d_in, generator=g)
         x = torch.randn(rows, d_in, generator=g)
         h_in.copy_(h)
@@ -202,13 +201,12 @@ def replay_case(arch: str, is_transcoder: bool, device: str, d_in: int = 576,
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
             try:
-                hook.upload()
+                hook.upload()  # again, under the check: a copy into the fixed mirrors
                 graph.replay()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
             torch.cuda.synchronize()
         else:
-            hook.upload()
             out = _body(hook, is_transcoder, h_in, x_in)
         want = _body(twin, is_transcoder, h_in.clone(), x_in.clone())
         worst_twin = max(worst_twin, float((out - want).abs().max()))
@@ -272,12 +270,12 @@ def _graph_cost_row(sae, arch: str, d_sae: int, rows: int, device: str) -> dict:
            "empty_us": us(empty)}
     res["plain_us"] = us(hooked)  # tables clear: every row tok_slot -1
     rng = np.random.default_rng(0)
-    for a in range(rows):  # one request per row, 4 unconditional clamps each
-        edits = edit_rows(4)
-        edits["feature"] = rng.integers(0, d_sae, 4)
-        edits["mode"], edits["value"], edits["pos_hi"] = int(Mode.CLAMP), 3.0, POS_INF
-        hook.add_edits(a, a + 1, 10, edits)
-    hook.upload()
+    clamps = RequestPayload(rid="c", edits=tuple(  # 4 unconditional clamps
+        EditPayload(0, int(f), int(Mode.CLAMP), 3.0) for f in rng.choice(d_sae, 4, replace=False)))
+    plan = compile_request(clamps, 4)
+    hook.clear()
+    plan_step([hook], StepDescription([ScheduledRequest(f"r{a}", a, a + 1, 10, plan)
+                                       for a in range(rows)]))  # one request per row
     res["steered_us"] = us(hooked)
     hook.clear()
     return res

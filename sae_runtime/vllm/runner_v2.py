@@ -36,14 +36,13 @@ them and the server refuses to serve.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from sae_runtime.step.planner import ScheduledRequest, StepDescription
-from sae_runtime.vllm.runner_v1 import RequestPlans
+from sae_runtime.vllm.runner_v1 import DeviceTokens, RequestPlans, TokenReader
 
 
 @dataclass(frozen=True)
@@ -54,31 +53,6 @@ class V2Request:
     sampling_params: object | None
     num_prompt_tokens: int
     prefill_tokens: np.ndarray | None  # int32 [prefill_len]; only when the plan needs tokens
-
-
-TokenReader = Callable[[torch.Tensor, int], np.ndarray]
-"""``(input_ids, n) -> host int array [n]``: the first ``n`` token ids the step consumes."""
-
-
-class DeviceTokens:
-    """Reads a step's ``input_ids`` to the host: a pinned buffer, one copy, one event wait
-    (on CUDA); a CPU tensor is read in place."""
-
-    def __init__(self, capacity: int = 0) -> None:
-        self._buf: torch.Tensor | None = None
-        self._capacity = capacity
-        self._event = None
-
-    def __call__(self, ids: torch.Tensor, n: int) -> np.ndarray:
-        if ids.device.type == "cpu":
-            return ids[:n].numpy()
-        if self._buf is None or self._buf.numel() < n:
-            self._buf = torch.empty(max(n, self._capacity), dtype=ids.dtype, pin_memory=True)
-            self._event = torch.cuda.Event()
-        self._buf[:n].copy_(ids[:n], non_blocking=True)
-        self._event.record()
-        self._event.synchronize()
-        return self._buf[:n].numpy()
 
 
 class RunnerV2:

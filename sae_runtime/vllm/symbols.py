@@ -195,7 +195,7 @@ SYMBOLS: tuple[Sym, ...] = (
     _typed(V1_RUNNER, "input_ids", CPU_GPU_BUFFER, runner="v1"),
     _typed(V1_RUNNER, "discard_request_mask", CPU_GPU_BUFFER, runner="v1"),
     *_attrs(V1_CPU_RUNNER, "load_model", runner="v1"),
-    *_attrs(CPU_GPU_BUFFER, "np", runner="v1"),
+    *_attrs(CPU_GPU_BUFFER, "np", "gpu", runner="v1"),
     *_attrs(V1_BATCH, "req_ids", "num_reqs", "num_computed_tokens_cpu", "generators",
             runner="v1"),
     *_attrs(CACHED_REQUEST, "num_prompt_tokens", runner="v1"),

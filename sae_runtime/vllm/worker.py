@@ -49,7 +49,7 @@ from sae_runtime.step.tp_reads import ReadSplit, shardable
 from sae_runtime.vllm import compat
 from sae_runtime.vllm.cpu_rng import patch_cpu_seeded_rewind
 from sae_runtime.vllm.families import LAYER_NAME, block_of, family_of, supported
-from sae_runtime.vllm.runner_v1 import RequestPlans, describe_step
+from sae_runtime.vllm.runner_v1 import DeviceTokens, RequestPlans, describe_step
 from sae_runtime.vllm.runner_v2 import RunnerV2, unsupported
 from sae_runtime.vllm.side_channel import ReadPublisher
 
@@ -69,12 +69,15 @@ class SteeringState:
         self.publisher = publisher  # None: this rank does not publish reads
         # by vLLM request id, dropped when the request finishes (its latches given back)
         self.plans = RequestPlans(on_drop=lambda plan: release_latches(self.hooks, plan))
-        self.v2 = RunnerV2(self.plans)  # used only under Model Runner V2
+        self.tokens = DeviceTokens()  # a GPU step's input ids, for token-id selectors
+        self.v2 = RunnerV2(self.plans, self.tokens)  # used only under Model Runner V2
         self.segments: list[ReadSegment] = []
 
     def prepare_step(self, runner) -> None:
         """Fill every hook's tables for the batch a V1 runner is about to run."""
-        self._plan(describe_step(runner, self.plans))
+        with compat.gpu_sync_allowed():  # only token-id selectors on a GPU wait
+            step = describe_step(runner, self.plans, self.tokens)
+        self._plan(step)
 
     def prepare_step_v2(self, runner, input_batch, batch_desc) -> None:
         """Fill every hook's tables for the batch V2's ``prepare_inputs`` just built."""

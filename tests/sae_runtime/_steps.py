@@ -1,6 +1,8 @@
-"""Steps of a running batch for table tests: requests with persistent edit rows (windows,
-GT / LT conditions, a latch), scheduled in changing groups and orders, each step written
-into ``HookTables`` the way the planner writes them (``add_edits``, ``upload``).
+"""Steps of a running batch for table tests: requests whose payloads carry unconditional,
+conditional (GT / LT) and latched edits, scheduled in changing groups and orders (a prefill
+chunk, then one row a step), each step planned into ``HookTables`` by the step planner
+itself (``compile_request``, ``StepDescription``, ``plan_step``), so the tests follow
+whatever the planner and the tables do inside.
 
 No pytest here: ``loadtests/gpu_check.py`` (``make gpu-check``) uses it on a GPU machine
 that may have only torch and Triton.
@@ -12,7 +14,16 @@ import dataclasses
 
 import numpy as np
 
-from sae_runtime.step.edits import POS_INF, Cond, edit_rows
+from sae_runtime.spec.interventions import Scope
+from sae_runtime.spec.payloads import CondPayload, EditPayload, RequestPayload
+from sae_runtime.step.edits import Cond
+from sae_runtime.step.planner import (
+    RequestPlan,
+    ScheduledRequest,
+    StepDescription,
+    compile_request,
+    plan_step,
+)
 from sae_runtime.step.tables import HookTables
 from tests.sae_runtime._factories import random_sae
 
@@ -27,34 +38,39 @@ def transcoder(arch: str, d_in: int, d_sae: int, seed: int):
 
 @dataclasses.dataclass
 class Request:
-    rows: np.ndarray  # EDIT_DTYPE rows at the hook
+    req_id: str
+    payload: RequestPayload
+    prompt_len: int
     pos: int = 0  # the next position it computes
+    plans: dict[int, RequestPlan] = dataclasses.field(default_factory=dict)
+
+    def plan(self, hook: HookTables) -> RequestPlan:
+        """This request's plan for one table set (twins keep separate plans: a plan holds
+        the request's latch state)."""
+        return self.plans.setdefault(id(hook), compile_request(self.payload, self.prompt_len))
 
 
-def make_requests(g: np.random.Generator, hooks: list[HookTables], d_sae: int,
-                  max_feats: int, n: int = 3) -> list[Request]:
-    """``n`` requests: the first with unconditional edits, the others with conditional ones
-    (GT / LT on another feature), the last one's first row latched. A latched row holds a
-    latch id in every hook of ``hooks`` (the same id: same allocation order)."""
+def make_requests(g: np.random.Generator, d_sae: int, max_feats: int,
+                  n: int = 3) -> list[Request]:
+    """``n`` requests at hook 0, each with distinct features: the first unconditional (all
+    positions, or generated ones only), the others conditional (GT / LT on another
+    feature), the last one's first edit latched (LT: it holds where the feature is off, so
+    it fires)."""
     out = []
     for r in range(n):
         k = int(g.integers(1, max_feats + 1))
-        rows = edit_rows(k)
-        rows["feature"] = g.integers(0, d_sae, k)
-        rows["mode"] = g.integers(1, 5, k)
-        rows["value"] = g.normal(0, 3, k)
-        rows["pos_lo"] = g.integers(0, 4, k)
-        rows["pos_hi"] = POS_INF
-        if r > 0:
-            rows["cond_feature"] = g.integers(0, d_sae, k)
-            rows["cond_op"] = g.choice([int(Cond.GT), int(Cond.LT)], k)
-            rows["cond_threshold"] = 0.05
-        if r == n - 1:
-            ids = [h.alloc_latches(1) for h in hooks]
-            assert all(np.array_equal(ids[0], i) for i in ids)
-            rows["latch"][0] = ids[0][0]
-            rows["cond_op"][0] = int(Cond.LT)  # holds where the feature is off: it fires
-        out.append(Request(rows))
+        feats = g.choice(d_sae, size=2 * k, replace=False)
+        edits = []
+        for j in range(k):
+            when = None
+            if r > 0:
+                op = int(Cond.LT) if (r == n - 1 and j == 0) else int(g.choice([1, 2]))
+                when = CondPayload(int(feats[k + j]), op, 0.05, latch=r == n - 1 and j == 0)
+            scope = Scope.ALL if g.random() < 0.5 else Scope.GENERATION_ONLY
+            edits.append(EditPayload(0, int(feats[j]), int(g.integers(1, 5)),
+                                     float(g.normal(0, 3)), scope.selector, when))
+        out.append(Request(f"r{r}", RequestPayload(rid=f"r{r}", edits=tuple(edits)),
+                           prompt_len=int(g.integers(1, 4))))
     return out
 
 
@@ -77,8 +93,7 @@ def schedule(g: np.random.Generator, requests: list[Request],
 
 
 def fill(hook: HookTables, step) -> None:
-    """Clear ``hook`` and write ``step`` into it, as ``planner.plan_step`` does."""
+    """Clear ``hook`` and plan ``step`` into it (hook id 0), as the worker does each step."""
     hook.clear()
-    for a, b, pos0, req in step:
-        hook.add_edits(a, b, pos0, req.rows)
-    hook.upload()
+    plan_step([hook], StepDescription([ScheduledRequest(req.req_id, a, b, pos0, req.plan(hook))
+                                       for a, b, pos0, req in step]))

@@ -57,8 +57,8 @@ def make_sae(arch: str, is_transcoder: bool):
             else random_sae(arch, D_IN, D_SAE, seed=3))
 
 
-def make_requests(g: np.random.Generator, hooks: list[HookTables]):
-    return steps.make_requests(g, hooks, D_SAE, MAX_FEATS)
+def make_requests(g: np.random.Generator):
+    return steps.make_requests(g, D_SAE, MAX_FEATS)
 
 
 def schedule(g: np.random.Generator, requests):
@@ -95,7 +95,7 @@ def test_graph_body_compiles_whole_without_scalar_reads(arch, is_transcoder, cap
     hook = HookTables(sae, T, MAX_SLOTS, MAX_FEATS, staged=True)
     twin = HookTables(sae, T, MAX_SLOTS, MAX_FEATS, staged=True)
     rng = np.random.default_rng(0)
-    requests = make_requests(rng, [hook, twin])
+    requests = make_requests(rng)
     body, twin_body = body_for(hook, is_transcoder), body_for(twin, is_transcoder)
     g = torch.Generator().manual_seed(0)
     body(*inputs(g))  # warm-up outside the capture, as vLLM does (the backend log fires)
@@ -120,7 +120,7 @@ def test_graph_traced_once_replays_over_changing_tables(arch, is_transcoder, mon
     hook = HookTables(sae, T, MAX_SLOTS, MAX_FEATS, staged=True)  # the captured one
     twin = HookTables(sae, T, MAX_SLOTS, MAX_FEATS, staged=False)  # the CPU path, eager
     rng = np.random.default_rng(1)
-    requests = make_requests(rng, [hook, twin])
+    requests = make_requests(rng)
     body, twin_body = body_for(hook, is_transcoder), body_for(twin, is_transcoder)
     g = torch.Generator().manual_seed(1)
     monkeypatch.delenv(kernels.ENV, raising=False)

@@ -286,7 +286,7 @@ def test_triton_splice_replays_over_changing_tables(arch, monkeypatch):
     hook = HookTables(sae, T, MAX_SLOTS, MAX_FEATS, staged=True)
     twin = HookTables(sae, T, MAX_SLOTS, MAX_FEATS, staged=False)  # host tables, no upload
     rng = np.random.default_rng(2)
-    requests = make_requests(rng, [hook, twin])
+    requests = make_requests(rng)
     edits = hook.edits  # one set of tensors for every launch
     g = torch.Generator().manual_seed(2)
     for _ in range(3):
