@@ -19,7 +19,7 @@ tests force ``tables._capturing`` to True and check that path:
     mirrors): splice for every architecture, conditions, latches that persist across
     steps, the transcoder stash, rows past the step's tokens as padding. Each replay
     equals an independent eager twin (the CPU path, ``splice_compact``, fed the same
-    steps), and the latches match.
+    steps; the latch state is the tables' business: only its effect on outputs is compared).
 
 (c), the Triton kernels over changing tables, runs in Triton's interpreter
 (``test_kernels_triton.py::test_triton_splice_replays_over_changing_tables``).
@@ -109,7 +109,6 @@ def test_graph_body_compiles_whole_without_scalar_reads(arch, is_transcoder, cap
             fill(twin, step)
             x = inputs(g)
             torch.testing.assert_close(compiled(*x), twin_body(*x), atol=1e-5, rtol=1e-5)
-            assert torch.equal(hook.latch_pos, twin.latch_pos)
 
 
 @pytest.mark.parametrize("arch,is_transcoder", CASES)
@@ -137,8 +136,7 @@ def test_graph_traced_once_replays_over_changing_tables(arch, is_transcoder, mon
         fill(twin, step)
         x = inputs(g)
         out, want = graph(*x), twin_body(*x)
-        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
-        assert torch.equal(hook.latch_pos, twin.latch_pos)
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)  # latches' effect included
         padding = range(max(b for _, b, _, _ in step), T)
         assert torch.equal(out[list(padding)], x[0][list(padding)])
         steered += int(not torch.equal(out, x[0]))
