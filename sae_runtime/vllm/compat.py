@@ -1,8 +1,11 @@
-"""Every vLLM symbol this project touches, in one place (pinned to vllm 0.32.x).
+"""The vLLM imports and version-specific calls of the glue, in one place (pinned to vllm
+0.32.x).
 
 An upgrade that moves or renames one of these breaks here first; the module paths inside
 decoder layers that the hooks wrap are in ``families.py``, and the model-family e2e tests
-fail if a hook stops landing.
+fail if a hook stops landing. ``symbols.py`` lists every vLLM symbol the glue touches (these
+imports and the attributes the runner adapters read), checked against the CUDA wheel by
+``make check-cuda-wheel``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from vllm.v1.engine.async_llm import AsyncLLM  # noqa: F401
 
 
 def model_runner_classes() -> list[type]:
-    """Model runner classes whose ``load_model`` / ``_model_forward`` we wrap."""
+    """V1 model runner classes whose ``load_model`` / ``_model_forward`` we wrap (V2:
+    ``v2_runner_class``)."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     classes: list[type] = [GPUModelRunner]
@@ -28,6 +32,62 @@ def model_runner_classes() -> list[type]:
     except ImportError:
         pass
     return classes
+
+
+def v2_runner_class() -> type:
+    """Model Runner V2 (vLLM's CUDA default; its CPU runner is a subclass). Same class name
+    as V1's runner, another module."""
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+
+    return GPUModelRunner
+
+
+def is_v2_runner(runner) -> bool:
+    return isinstance(runner, v2_runner_class())
+
+
+def gpu_sync_allowed():
+    """vLLM's permission for a deliberate device sync inside ``execute_model`` (checked
+    only under ``VLLM_GPU_SYNC_CHECK``; a no-op context otherwise)."""
+    from vllm.utils.gpu_sync_debug import gpu_sync_allowed as allowed
+
+    return allowed()
+
+
+def cudagraph_mode(runner) -> str:
+    """The runner's CUDA graph mode name (``NONE``, ``PIECEWISE``, ``FULL_AND_PIECEWISE``,
+    ...): vLLM resolves it in place when it sets up the KV cache, so it is final after
+    startup."""
+    mode = runner.vllm_config.compilation_config.cudagraph_mode
+    return "NONE" if mode is None else mode.name
+
+
+def is_full_graph(batch_desc) -> bool:
+    """Whether V2 runs this step (its ``BatchExecutionDescriptor``) as a FULL graph replay."""
+    from vllm.config.compilation import CUDAGraphMode
+
+    return batch_desc.cg_mode == CUDAGraphMode.FULL
+
+
+def graph_refusals(mode: str) -> list[str]:
+    """Why the hook op cannot run correctly under CUDA graph mode ``mode`` (empty: it can).
+
+    Full graphs replay the op as captured, without its Python: reads (a row count known
+    only on the host) and host-side skips would be frozen (docs/gpu.md). Breakable CUDA
+    graphs ignore ``splitting_ops`` and capture the op into a segment.
+    """
+    from vllm import envs
+    from vllm.config.compilation import CUDAGraphMode
+
+    why = []
+    m = CUDAGraphMode[mode]
+    if m.has_full_cudagraphs():
+        why.append(f"CUDA graph mode {mode} replays full graphs, which would freeze the "
+                   "SAE hook (build_engine passes PIECEWISE with the hook as a split point)")
+    if m.has_piecewise_cudagraphs() and envs.VLLM_USE_BREAKABLE_CUDAGRAPH:
+        why.append("VLLM_USE_BREAKABLE_CUDAGRAPH=1 captures the SAE hook into graph "
+                   "segments (it ignores splitting_ops); set it to 0")
+    return why
 
 
 HOOK_OP = "sae_steer::sae_hook"
@@ -85,8 +145,8 @@ def parallel_ranks(vllm_config) -> dict[str, int]:
     out = {}
     for name, get in (("tp", get_tp_group), ("pp", get_pp_group)):
         try:
-            g = get()
-            out[f"{name}_rank"], out[f"{name}_size"] = int(g.rank_in_group), int(g.world_size)
+            group = get()
+            out[f"{name}_rank"], out[f"{name}_size"] = int(group.rank_in_group), int(group.world_size)
         except (AssertionError, AttributeError):  # group not initialised (single process)
             out[f"{name}_rank"], out[f"{name}_size"] = 0, 1
     pc = vllm_config.parallel_config
