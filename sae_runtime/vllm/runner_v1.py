@@ -18,8 +18,6 @@ the tokens sampled by the previous step; a GPU adapter must take them from
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from sae_runtime.spec.payloads import decode_request
 from sae_runtime.step.planner import (
     RequestPlan,
@@ -32,10 +30,8 @@ from sae_runtime.step.planner import (
 class RequestPlans:
     """Compiled payloads of the requests the runner holds, by vLLM request id."""
 
-    def __init__(self, on_drop: Callable[[RequestPlan], None] | None = None) -> None:
-        """``on_drop(plan)``: called for each plan forgotten (its latches go back)."""
+    def __init__(self) -> None:
         self._plans: dict[str, RequestPlan] = {}
-        self._on_drop = on_drop
 
     def __len__(self) -> int:
         return len(self._plans)
@@ -52,9 +48,7 @@ class RequestPlans:
         """Forget requests not in ``live`` (finished or aborted: vLLM dropped them)."""
         if len(self._plans) > 0:
             for req_id in self._plans.keys() - live:
-                plan = self._plans.pop(req_id)
-                if self._on_drop is not None:
-                    self._on_drop(plan)
+                del self._plans[req_id]
 
 
 def describe_step(runner, plans: RequestPlans) -> StepDescription:
