@@ -200,6 +200,8 @@ def check_request(spec: SteeringSpec, reads: ReadSpec, guards: GuardSpec,
                     f"({', '.join(f'{k}: {v}' for k, v in by_field.items())}); the server "
                     f"allows at most {width} per layer per request, named and inline "
                     f"vectors together (steerd serve --max-interventions)")
+    if guards.guards and reads.pooled:
+        raise InvalidRequestError("abort_when", "guardrails are not taken with pooled reads")
     n = needs(spec, reads, guards, saes)
     guard_reads = {r.sae for r in guards.reads()}
     ww = watch_width(caps.max_watch)
@@ -215,8 +217,6 @@ def check_request(spec: SteeringSpec, reads: ReadSpec, guards: GuardSpec,
         if len(r.watch) > ww:
             raise InvalidRequestError(f"reads[{j}].watch", f"{len(r.watch)} features watched; "
                                       f"the server allows at most {caps.max_watch}")
-    if guards.guards and reads.pooled:
-        raise InvalidRequestError("abort_when", "guardrails are not taken with pooled reads")
     for sae in guard_reads:
         if n.watch[sae] > ww:
             raise InvalidRequestError("abort_when", f"the guardrails on {sae!r} watch "

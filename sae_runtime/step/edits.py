@@ -30,12 +30,13 @@ activation of feature ``cond_feature`` of the same SAE, encoded from the same in
 activation ``x`` as the edit itself (before the request's edits there). A latched edit
 (``latch >= 0``) also applies at every position at or after the first one where its
 condition held. That first position is the latch's state, ``POS_INF`` until the condition
-holds. A request keeps its latch states on the host (``planner.RequestPlan.latch_state``,
-and its compiled rows' ``latch`` is the index there); for a step the planner copies them
-into ``EditTables.latch_pos`` at the rows' own indices (a table row's ``latch`` is its own
-row index), the op lowers them in place on the device without a host sync, and after the
-forward the planner reads them back. So there is one latch state per edit row of a step
-and none can run out.
+holds; the rows of one latched edit (one per window of its selector) share it, so it
+holds in every window once it held in one. A request keeps its latch states on the host
+(``planner.RequestPlan.latch_state``, and its compiled rows' ``latch`` is the index
+there); for a step the planner copies them into ``EditTables.latch_pos`` (a table row's
+``latch`` is the index of the first of the step's rows sharing its state), the op lowers
+them in place on the device without a host sync, and after the forward the planner reads
+them back. So a step has at most one latch state per edit row and none can run out.
 """
 
 from __future__ import annotations

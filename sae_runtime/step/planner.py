@@ -81,8 +81,9 @@ class RequestPlan:
 
     ``edits[h]``: the request's edit rows at hook ``h`` (``edits.EDIT_DTYPE``), one per
     window of each edit's selector, in request order. A latched row's ``latch`` is the
-    index of its state in ``latch_state[h]`` (the first position its condition held,
-    ``POS_INF`` until then; the planner loads it into each step's tables and reads it back).
+    index of its edit's state in ``latch_state[h]`` (the first position the condition held
+    inside the edit's selector, ``POS_INF`` until then; the planner loads it into each
+    step's tables and reads it back).
     A hook in ``token_rules`` has edits with token ids (``by_token`` rows):
     ``token_rules[h][i]`` is row i's condition (None = none).
     """
@@ -119,13 +120,16 @@ def _rule(sel: Selector) -> TokenRule | None:
 
 def _edit_table(items: list[EditPayload], prompt_len: int) -> tuple[np.ndarray, int]:
     """One hook's edits as edit rows, built by column name (one row per window), and how
-    many of them are latched (their ``latch``: 0, 1, ... in row order)."""
+    many latch states they keep: one per latched edit, shared by its windows' rows (their
+    ``latch``: 0, 1, ... in request order), so a latch set in one window holds in all."""
     cols: dict[str, list] = {c: [] for c in ("feature", "mode", "value", "pos_lo", "pos_hi",
                                             "cond_feature", "cond_op", "cond_threshold",
                                             "latch", "by_token")}
     n_latch = 0
     for ed in items:
         w = ed.when
+        latch = n_latch if w is not None and w.latch else NO_LATCH
+        n_latch += int(latch != NO_LATCH)
         for lo, hi in ed.positions.windows(prompt_len):
             cols["feature"].append(ed.feature)
             cols["mode"].append(ed.mode)
@@ -135,8 +139,7 @@ def _edit_table(items: list[EditPayload], prompt_len: int) -> tuple[np.ndarray, 
             cols["cond_feature"].append(NO_CONDITION if w is None else w.feature)
             cols["cond_op"].append(Cond.NONE if w is None else w.op)
             cols["cond_threshold"].append(0.0 if w is None else w.threshold)
-            cols["latch"].append(n_latch if w is not None and w.latch else NO_LATCH)
-            n_latch += int(w is not None and w.latch)
+            cols["latch"].append(latch)
             cols["by_token"].append(int(ed.positions.by_token))
     return edit_rows(len(cols["feature"]), **cols), n_latch
 

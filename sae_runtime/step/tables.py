@@ -23,9 +23,9 @@ The edit layout (``sae_runtime.step.edits``):
   (``sae_runtime.step.edits.COLUMNS``); an edit applies at a row of its slot iff
   ``pos_lo <= tok_pos < pos_hi``, its token matches (``by_token``) and its condition, if
   any, holds (``edits``);
-- ``latch_pos [edit_rows + 1]``: the step's latch states, one per edit row: the planner
-  loads each latched row's state from its request (``add_edits``), the op lowers it in
-  place, and ``clear`` (after the forward) hands it back to the request;
+- ``latch_pos [edit_rows + 1]``: the step's latch states, at most one per edit row: the
+  planner loads each latched edit's state from its request (``add_edits``), the op lowers
+  it in place, and ``clear`` (after the forward) hands it back to the request;
 - ``rows [max_tokens]``: the rows with a slot, compacted (the CPU path's index);
 - ``read_rows / read_slot / read_pool [read_rows]``, ``rslot_watch [read_slots,
   watch_width]``: rows that read, their read slot and pool slot (the sink
@@ -256,10 +256,14 @@ class HookTables:
         latched = np.flatnonzero(edits["latch"] >= 0)
         if len(latched):
             assert latch_state is not None
-            ids = e + latched  # a latched row keeps its state at its own row index
-            t["edit_latch"][ids] = ids
-            t["latch_pos"][ids] = latch_state[edits["latch"][latched]]
-            self._latch_owners.append((latch_state, edits["latch"][latched], ids))
+            # each state sits at the row index of the first of its rows (the windows of one
+            # latched edit share it)
+            state, first, which = np.unique(edits["latch"][latched], return_index=True,
+                                            return_inverse=True)
+            entry = e + latched[first]
+            t["edit_latch"][e + latched] = entry[which]
+            t["latch_pos"][entry] = latch_state[state]
+            self._latch_owners.append((latch_state, state, entry))
         if match is not None:
             t["tok_match"][a:b, :n] = match
             self._match_until = max(self._match_until, b)
@@ -407,7 +411,7 @@ class HookTables:
             watch[c] = acts.gather(1, watch_idx[c])
             a32 = acts.to(torch.float32)
             psum.index_add_(0, pool[c], a32)
-            pmax.index_reduce_(0, pool[c], a32, "amax")
+            pmax.scatter_reduce_(0, pool[c, None].expand_as(a32), a32, "amax")
         self.read_out = (vals, idx, watch, (psum[: self.n_pool], pmax[: self.n_pool]))
 
     def read_out_host(self) -> tuple | None:

@@ -220,3 +220,36 @@ def test_the_planner_keeps_each_latched_request_its_own_latch_state(staged):
     for i in range(2):
         assert int(plans[i].latch_state[0][0]) == latch_at[i].get(0, POS_INF)
     assert latch_at[0] != latch_at[1] and all(latch_at), "pick seeds where the latches differ"
+
+
+def test_a_latch_set_in_one_window_holds_in_the_selectors_other_windows():
+    """A latched edit whose selector has two windows keeps one latch: once its condition
+    held in the first window, the edit is on in the second one too, where the condition
+    fails (the rule in docs/controls.md and the HF reference of tests/e2e/reference.py)."""
+    from sae_runtime.spec.selectors import Frame, Range, Selector
+
+    sae = random_sae("standard", D_IN, D_SAE, seed=3)
+    x = torch.randn(10, D_IN, generator=torch.Generator().manual_seed(6)) * 2
+    acts = ops.encode(sae, x)
+    # held in the first window, not at the start of the second (per-window latches differ)
+    c, thr = next((c, float(acts[:, c].median())) for c in range(D_SAE)
+                  if (acts[:3, c] > acts[:, c].median()).any()
+                  and acts[6, c] <= acts[:, c].median())
+    sel = Selector((Range(Frame.ABSOLUTE, 0, 3), Range(Frame.ABSOLUTE, 6)))
+    f = next(f for f in range(D_SAE) if f != c)
+    edit = EditPayload(0, f, int(ops.Mode.CLAMP), 5.0, sel, when=CondPayload(c, int(Cond.GT), thr, True))
+    plan = compile_request(RequestPayload("r", (edit,)), 4)
+    assert plan.edits[0]["latch"].tolist() == [0, 0] and len(plan.latch_state[0]) == 1
+    hook = HookTables(sae, max_tokens=64, max_slots=4, max_feats=4, staged=False)
+    first = next(p for p in range(3) if acts[p, c] > thr)
+    for lo, hi in [(0, 5), (5, 8), (8, 10)]:  # a prefill chunk, then two more steps
+        plan_step([hook], StepDescription([ScheduledRequest("r", 0, hi - lo, lo, plan)]))
+        h = torch.zeros(hi - lo, D_IN)
+        out = hook.apply(h, x[lo:hi])
+        for r, p in enumerate(range(lo, hi)):
+            on = (p < 3 or p >= 6) and (bool(acts[p, c] > thr) or p >= first)
+            a = acts[p, f]
+            want = (5.0 - a) * sae.W_dec[f] if on else torch.zeros(D_IN)
+            torch.testing.assert_close(out[r], want, rtol=1e-5, atol=1e-5)
+        hook.clear()
+    assert int(plan.latch_state[0][0]) == first
