@@ -118,19 +118,24 @@ def _rule(sel: Selector) -> TokenRule | None:
     return TokenRule(np.asarray(sorted(sel.token_ids), dtype=np.int64), sel.exclude_token_ids)
 
 
-def _edit_table(items: list[EditPayload], prompt_len: int) -> tuple[np.ndarray, int]:
-    """One hook's edits as edit rows, built by column name (one row per window), and how
-    many latch states they keep: one per latched edit, shared by its windows' rows (their
-    ``latch``: 0, 1, ... in request order), so a latch set in one window holds in all."""
+def _edit_table(items: list[EditPayload], prompt_len: int
+                ) -> tuple[np.ndarray, int, tuple[TokenRule | None, ...]]:
+    """One hook's edits as edit rows, built by column name (one row per window); how many
+    latch states they keep: one per latched edit, shared by its windows' rows (their
+    ``latch``: 0, 1, ... in request order), so a latch set in one window holds in all; and
+    each row's token condition."""
     cols: dict[str, list] = {c: [] for c in ("feature", "mode", "value", "pos_lo", "pos_hi",
                                             "cond_feature", "cond_op", "cond_threshold",
                                             "latch", "by_token")}
     n_latch = 0
+    rules: list[TokenRule | None] = []
     for ed in items:
         w = ed.when
-        latch = n_latch if w is not None and w.latch else NO_LATCH
+        wins = ed.positions.windows(prompt_len)
+        rules += [_rule(ed.positions)] * len(wins)
+        latch = n_latch if w is not None and w.latch and wins else NO_LATCH
         n_latch += int(latch != NO_LATCH)
-        for lo, hi in ed.positions.windows(prompt_len):
+        for lo, hi in wins:
             cols["feature"].append(ed.feature)
             cols["mode"].append(ed.mode)
             cols["value"].append(ed.value)
@@ -141,7 +146,7 @@ def _edit_table(items: list[EditPayload], prompt_len: int) -> tuple[np.ndarray, 
             cols["cond_threshold"].append(0.0 if w is None else w.threshold)
             cols["latch"].append(latch)
             cols["by_token"].append(int(ed.positions.by_token))
-    return edit_rows(len(cols["feature"]), **cols), n_latch
+    return edit_rows(len(cols["feature"]), **cols), n_latch, tuple(rules)
 
 
 def compile_request(payload: RequestPayload | None, prompt_len: int) -> RequestPlan:
@@ -153,7 +158,7 @@ def compile_request(payload: RequestPayload | None, prompt_len: int) -> RequestP
         by_hook.setdefault(ed.sae, []).append(ed)
     edits, hulls, token_rules, latch_state, inline = {}, {}, {}, {}, {}
     for hook_id, items in by_hook.items():
-        table, n_latch = _edit_table(items, prompt_len)
+        table, n_latch, rules = _edit_table(items, prompt_len)
         if not len(table):  # every selector here resolved to no position
             continue
         edits[hook_id] = table
@@ -161,8 +166,7 @@ def compile_request(payload: RequestPayload | None, prompt_len: int) -> RequestP
         if n_latch:
             latch_state[hook_id] = np.full(n_latch, POS_INF, dtype=np.int64)
         if table["by_token"].any():
-            token_rules[hook_id] = tuple(_rule(ed.positions) for ed in items
-                                         for _ in ed.positions.windows(prompt_len))
+            token_rules[hook_id] = rules
         for ed in items:
             if ed.vector is not None:  # one inline vector per bank and request (the server)
                 inline[hook_id] = np.frombuffer(ed.vector, dtype="<f4")
