@@ -170,10 +170,10 @@ def test_named_and_inline_vectors_on_one_bank_fill_it_and_no_more(server, hf):
 
 
 def test_a_pooled_encode_over_many_rows_beside_streaming_readers(server, ref):
-    """32 inputs (--max-encode-inputs) of 200 tokens pooled at two SAEs: 6,400 rows over a
-    hundred steps, beside streams that read the same SAEs unpooled; the worker computes the
-    dense latents pooling needs a bounded chunk at a time (``budget.pool_chunk_rows``)."""
-    inputs = [prompt_of(i, 200) for i in range(32)]
+    """12 inputs of 200 tokens pooled at two SAEs: 2,400 rows over about 40 steps, beside
+    streams that read the same SAEs unpooled; the worker computes the dense latents pooling
+    needs a bounded chunk at a time (``budget.pool_chunk_rows``)."""
+    inputs = [prompt_of(i, 200) for i in range(12)]
     reads = [read(SAE, 3, watch=[2, 40]), read("tk", 2)]
 
     def stream(i):
@@ -181,8 +181,8 @@ def test_a_pooled_encode_over_many_rows_beside_streaming_readers(server, ref):
             return c.generate_text(prompt_of(100 + i, 30), max_tokens=12, temperature=0.0,
                                    ignore_eos=True, reads=[read(SAE, 4), read("tk", 2, watch=[1])])
 
-    with cf.ThreadPoolExecutor(5) as pool:
-        side = [pool.submit(stream, i) for i in range(4)]
+    with cf.ThreadPoolExecutor(3) as pool:
+        side = [pool.submit(stream, i) for i in range(3)]
         with server.client(timeout=600) as c:
             results = c.encode(inputs, reads)
         side = [f.result() for f in side]
