@@ -112,7 +112,7 @@ def run_splice(sae: SAE, k: int, T: int, reps: int, device: str, peak: float | N
          "pos_lo": torch.zeros(k, dtype=torch.long, device=device),
          "pos_hi": torch.full((k,), POS_INF, dtype=torch.long, device=device)}, k)
     res = {"kernel": "splice", "device": device, "d_in": d_in, "d_sae": d_sae, "k": k, "tokens": T}
-    res["compact_ms"] = _time(lambda: splice_compact(h, h, sae, rows, tok_slot, tables), reps, cuda)
+    res["compact_ms"] = _time(lambda: splice_compact(h, h, sae, rows, tables), reps, cuda)
     res["reference_ms"] = _time(lambda: splice_reference(h, h, sae, tables), reps, cuda)
     res["dense_ms"] = _time(lambda: dense_splice(h, sae, feat.expand(T, k), mode.expand(T, k),
                                                  val.expand(T, k)), reps, cuda)

@@ -22,7 +22,6 @@ from sae_runtime.labels.store import FeatureLabels, load_beside
 from sae_runtime.loading import load_sae_config
 from sae_runtime.loading.vectors import build_banks
 from sae_runtime.saes.base import SAEConfig
-from sae_runtime.spec.guardrails import MAX_GUARDRAILS
 from sae_runtime.spec.vectors import BANK_PREFIX, VectorIndex, bank_id, is_bank
 from sae_runtime.step.config import placement
 from sae_runtime.vllm.families import block_of, family_of, supported
@@ -168,7 +167,7 @@ def start_engine(cfg: ServerConfig, reads_addr: str | None,
         model=cfg.model,
         saes=engine_sae_entries(cfg, saes if saes is not None else load_sae_configs(cfg)),
         max_interventions=cfg.max_interventions,
-        max_watch=max(cfg.max_watch, MAX_GUARDRAILS),  # a guard read watches <= MAX_GUARDRAILS
+        max_watch=cfg.max_watch,  # the watch tables' width: sae_runtime.spec.budget.watch_width
         sae_dtype=cfg.sae_dtype,
         reads_addr=reads_addr,
         dtype=cfg.dtype,

@@ -20,6 +20,7 @@ from sae_runtime.errors import (
 from sae_runtime.labels import store as feats
 from sae_runtime.ops import Mode
 from sae_runtime.saes.base import SAEConfig
+from sae_runtime.spec import budget
 from sae_runtime.spec.guardrails import MAX_GUARDRAILS, Guardrail, GuardSpec
 from sae_runtime.spec.interventions import Condition, Intervention, Scope, SteeringSpec
 from sae_runtime.spec.reads import Read, ReadScope, ReadSpec
@@ -161,6 +162,7 @@ def generate_inputs_from_pb(
     if req.inline_vectors:
         spec = SteeringSpec(spec.interventions + inline_vectors_from_pb(
             req.inline_vectors, vectors or VectorIndex({}), saes, limits, vocab_size))
+    budget.check_request(spec, reads, guards, saes, limits)
     return GenerateInputs(
         prompt_text=prompt.text, prompt_ids=prompt.ids, prompt_messages=prompt.messages,
         max_tokens=max_tokens, temperature=temperature,
@@ -281,6 +283,8 @@ def reads_from_pb(items, *, saes: Mapping[str, SAEConfig], limits: Limits, field
     spec = ReadSpec(tuple(out), pooled=pooled)
     spec.validate(saes, max_top_k=limits.max_read_top_k, max_watch=limits.max_watch, prefix=field,
                   vocab_size=limits.vocab_size)
+    if pooled:  # Encode's whole request (a Generate's reads are checked with the rest of it)
+        budget.check_request(SteeringSpec(), spec, GuardSpec(), saes, limits)
     return spec
 
 
@@ -329,7 +333,6 @@ def vectors_from_pb(items, index: VectorIndex, saes: Mapping[str, SAEConfig], li
                                   f"at most {MAX_VECTORS} per request")
     out: list[Intervention] = []
     seen: dict[str, int] = {}
-    rows: dict[str, int] = {}
     for j, v in enumerate(items):
         field = f"vectors[{j}]"
         if v.name not in index.rows:
@@ -352,12 +355,7 @@ def vectors_from_pb(items, index: VectorIndex, saes: Mapping[str, SAEConfig], li
             pos.validate(f"{field}.positions", vocab_size)
         for layer in dict.fromkeys(want):
             bank, row = layers[layer]
-            rows[bank] = rows.get(bank, 0) + (pos.max_windows if pos is not None else 1)
             out.append(Intervention(bank, row, Mode.ADD, strength, Scope.ALL, pos))
-    for bank, n in rows.items():
-        if n > limits.max_interventions:
-            raise InvalidRequestError("vectors", f"the vectors at {bank} need {n} edit rows; the "
-                                      f"server allows at most {limits.max_interventions}")
     return tuple(out)
 
 

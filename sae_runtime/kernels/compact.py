@@ -1,9 +1,8 @@
 """Compact splice (torch): only the rows that intervene do any work.
 
 Semantics equal ``reference.splice_reference`` restricted to ``rows``: the host lists the
-token rows with an intervention (``rows [R]``) and their slots (``row_slot [R]``); each
-row's edits, masked by their position windows (and conditions), come from
-``reference.row_edits``. Instead
+token rows with an intervention (``rows [R]``); each row's edits, masked by their position
+windows, token matches and conditions, come from ``reference.row_edits``. Instead
 of gathering ``[R, K, d_in]`` encoder columns, the union U of features used in this step is
 gathered once: ``pre = x @ W_enc[:, U]`` is ``[R, |U|]`` and the decode is one
 ``[R, |U|] @ [|U|, d_in]`` product. With R = 0 the output is an exact copy of ``h``.
@@ -26,7 +25,6 @@ def splice_compact(
     resid: torch.Tensor,  # [T, d]
     sae: SAE,
     rows: torch.Tensor,  # [R] int64 token rows that intervene
-    row_slot: torch.Tensor,  # [R] int64 slot of each row
     tables: EditTables,
     conditions: bool = False,
 ) -> torch.Tensor:
@@ -37,7 +35,7 @@ def splice_compact(
     arch = registry.get(sae.cfg.architecture)
     x, scale = ops.encoder_input(sae, resid[rows].to(sae.W_enc.dtype))  # [R, d], [R|1, 1]
     cond = (lambda cols: ops._column_activations(sae, x, cols)) if conditions else None
-    feat, mode, val = row_edits(tables, row_slot, tables.tok_pos[rows], cond)  # [R, K]
+    feat, mode, val = row_edits(tables, rows, cond)  # [R, K]
     union, inv = torch.unique(feat, return_inverse=True)  # [U], [R, K]
     if arch.needs_full_preactivation:
         pre_full = ops.dense_pre(sae, x)  # [R, d_sae]

@@ -13,8 +13,10 @@ Splice semantics, for every token row t of ``h [T, d]`` (padding rows included):
     out[t] = h[t]
     if s >= 0:
         x = resid[t]                     # the true residual-stream value at the hook
-        for e in slot_start[s] .. slot_start[s] + slot_len[s] - 1:
+        for k in 0 .. slot_len[s] - 1:
+            e = slot_start[s] + k
             if not pos_lo[e] <= p < pos_hi[e]: continue      # outside the edit's window
+            if by_token[e] and not tok_match[t, k]: continue # the row's token is not selected
             if cond_op[e] != NONE:                           # a conditional edit
                 ok = f_c(x) > thr[e] (GT) or < thr[e] (LT), c = cond_feature[e]
                 if latch[e] >= 0:
@@ -50,21 +52,22 @@ CondActivations = Callable[[torch.Tensor], torch.Tensor]
 
 def row_edits(
     tables: EditTables,
-    slot: torch.Tensor,  # [R] int64 slot of each row, -1 = none
-    pos: torch.Tensor,  # [R] int64 absolute position of each row
+    rows: torch.Tensor,  # [R] int64 token rows (indices into tok_slot / tok_pos / tok_match)
     cond_act: CondActivations | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(feature, mode, value) [R, K]``: each row's slot's edits, ``K = tables.width``.
 
-    An entry past the slot's length, outside the edit's position window, or of a row
-    without a slot has mode ``Mode.NONE`` (it contributes nothing). So has a conditional
-    entry whose condition does not hold at the row (and whose latch is not set at or
-    before it); ``cond_act`` gives the activations the conditions compare (the caller's
-    rows, encoded as the SAE encodes them). Without ``cond_act`` every conditional entry
-    is off: the host passes it whenever a step holds one (``HookTables.n_cond``). Latches
-    are lowered in place (``EditTables.latch_pos``). Fixed shapes, no host reads: every
-    kernel and the reads take a row's edits from here.
+    An entry past the slot's length, outside the edit's position window, of a row whose
+    token its token-id selector does not pick (``by_token`` and not ``tok_match``), or of
+    a row without a slot has mode ``Mode.NONE`` (it contributes nothing). So has a
+    conditional entry whose condition does not hold at the row (and whose latch is not set
+    at or before it); ``cond_act`` gives the activations the conditions compare (the
+    caller's rows, encoded as the SAE encodes them). Without ``cond_act`` every conditional
+    entry is off: the host passes it whenever a step holds one (``HookTables.n_cond``).
+    Latches are lowered in place (``EditTables.latch_pos``). Fixed shapes, no host reads:
+    every kernel and the reads take a row's edits from here.
     """
+    slot, pos = tables.tok_slot[rows], tables.tok_pos[rows]
     k = torch.arange(tables.width, device=slot.device)  # [K]
     has = slot >= 0
     s = slot.clamp(min=0)
@@ -72,6 +75,7 @@ def row_edits(
     e = torch.where(live, tables.slot_start[s][:, None] + k[None, :], 0)  # [R, K] edit rows
     p = pos[:, None]
     live = live & (tables.pos_lo[e] <= p) & (p < tables.pos_hi[e])
+    live = live & ((tables.by_token[e] == 0) | (tables.tok_match[rows] != 0))
     op = tables.cond_op[e]
     if cond_act is None:
         live = live & (op == int(Cond.NONE))
@@ -107,7 +111,7 @@ def splice_reference(
 ) -> torch.Tensor:
     T = h.shape[0]
     x = resid.to(sae.W_enc.dtype)
-    feat, mode, val = row_edits(tables, tables.tok_slot[:T], tables.tok_pos[:T],
+    feat, mode, val = row_edits(tables, torch.arange(T, device=h.device),
                                 lambda cols: ops.feature_activations(sae, x, cols))  # [T, K]
     delta = ops.intervention_delta(sae, x, feat, mode, val)
     return h + delta.to(h.dtype)

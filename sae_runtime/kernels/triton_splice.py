@@ -8,7 +8,8 @@ Semantics (``reference.splice_reference``), one program per token row t of ``h [
         xin = encoder input of resid[t]              # torch: ops.encoder_input, all T rows
         for k in range(K):                           # one [BLOCK_K] vector of edit rows
             e = slot_start[s] + k                    # masked off: k >= slot_len[s], or
-            live = pos_lo[e] <= p < pos_hi[e]        #   p outside the edit's window
+            live = pos_lo[e] <= p < pos_hi[e]        #   p outside the edit's window, or
+            live &= not by_token[e] or tok_match[t, k]  # the row's token not selected
             i, m, v = feature[e], mode[e], value[e]
             pre  = xin . W_enc[:, i] + b_enc[i]      # element-wise rules: touched columns only
                  | pre_full[t, i]                    # TopK family: gathered (see below)
@@ -117,10 +118,10 @@ def _threshold_rule(pre, feat, live, t, kth_ptr, stride_kth, rs_ptr, group,
 @triton.jit
 def _splice_kernel(
     h_ptr, xin_ptr, scale_ptr, out_ptr, tok_slot_ptr, tok_pos_ptr, start_ptr, len_ptr,
-    feat_ptr, mode_ptr, val_ptr, lo_ptr, hi_ptr,
+    feat_ptr, mode_ptr, val_ptr, lo_ptr, hi_ptr, by_token_ptr, match_ptr,
     we_ptr, wd_ptr, b_ptr, thr_ptr, rs_ptr, bmag_ptr, rmag_ptr, pre_ptr, kth_ptr, on_ptr,
     D, K, group,
-    stride_h, stride_x, stride_o,
+    stride_h, stride_x, stride_o, stride_m,
     stride_we0, stride_we1, stride_wd0, stride_wd1, stride_p, stride_kth,
     ACT: tl.constexpr, HAS_RS: tl.constexpr, HAS_SCALE: tl.constexpr, COND: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -138,6 +139,9 @@ def _splice_kernel(
     lo = tl.load(lo_ptr + e, mask=kmask, other=0)
     hi = tl.load(hi_ptr + e, mask=kmask, other=0)
     kmask = kmask & (lo <= p) & (p < hi)  # the edit's position window
+    by_tok = tl.load(by_token_ptr + e, mask=kmask, other=0)
+    hit = tl.load(match_ptr + t * stride_m + kk, mask=kmask & (by_tok != 0), other=1)
+    kmask = kmask & ((by_tok == 0) | (hit != 0))  # the row's token (token-id selectors)
     feat = tl.load(feat_ptr + e, mask=kmask, other=0)
     mode = tl.load(mode_ptr + e, mask=kmask, other=_NONE)
     val = tl.load(val_ptr + e, mask=kmask, other=0.0).to(tl.float32)
@@ -236,13 +240,13 @@ def splice_triton(
     on = dummy
     if conditions:
         x = resid.to(sae.W_enc.dtype)
-        _, mode, _ = row_edits(tables, tables.tok_slot[:T], tables.tok_pos[:T],
+        _, mode, _ = row_edits(tables, torch.arange(T, device=h.device),
                                lambda cols: ops.feature_activations(sae, x, cols))
         on = (mode != ops.Mode.NONE).to(torch.int8).contiguous()  # [T, K]
     _splice_kernel[(T,)](
         h, xin, scale_t, out, tables.tok_slot, tables.tok_pos, tables.slot_start,
         tables.slot_len, tables.feature, tables.mode, tables.value, tables.pos_lo,
-        tables.pos_hi,
+        tables.pos_hi, tables.by_token, tables.tok_match,
         sae.W_enc, sae.W_dec, sae.b_enc,
         sae.threshold if sae.threshold is not None else dummy,
         sae.rank_scale if sae.rank_scale is not None else dummy,
@@ -250,7 +254,8 @@ def splice_triton(
         sae.r_mag if sae.r_mag is not None else dummy,
         pre_full, kth, on,
         D, K, group,
-        h.stride(0), xin.stride(0), out.stride(0), *sae.W_enc.stride(), *sae.W_dec.stride(),
+        h.stride(0), xin.stride(0), out.stride(0), tables.tok_match.stride(0),
+        *sae.W_enc.stride(), *sae.W_dec.stride(),
         pre_full.stride(0), kth.stride(0),
         ACT=SPLICE_RULES[name], HAS_RS=sae.rank_scale is not None, HAS_SCALE=scale is not None,
         COND=conditions,

@@ -107,8 +107,8 @@ class SteeringSpec:
 
         Modes, scopes and frames are typed (``Mode``, ``Scope``, ``selectors.Frame``); the
         proto converter has already rejected unset and unknown numbers
-        (``server.convert.spec_from_pb``). Each window of a selector is one edit row, and a
-        request's edit rows at one SAE must fit the tables' width (``max_interventions``).
+        (``server.convert.spec_from_pb``). Whether the request's edit rows fit the worker's
+        tables (each window of a selector is one row) is ``sae_runtime.spec.budget``'s check.
         """
         if len(self.interventions) > max_interventions:
             raise InvalidRequestError(
@@ -141,16 +141,6 @@ class SteeringSpec:
                         f"got {iv.when.sae!r} (conditions on another hook are not supported)")
             elif iv.latch:
                 raise InvalidRequestError(f"{field}.latch", "latch needs a condition (when)")
-        rows: dict[str, int] = {}
-        for iv in self.interventions:
-            rows[iv.sae] = rows.get(iv.sae, 0) + iv.selector.max_windows
-        for sae, n in rows.items():
-            if n > max_interventions:
-                raise InvalidRequestError(
-                    "interventions",
-                    f"the interventions on SAE {sae!r} need {n} edit rows (one per position "
-                    f"range, plus one for an excluded range set); the server allows at most "
-                    f"{max_interventions} per SAE per request")
 
     def canonical(self) -> list[list]:
         """Order-free, normalised form: equal specs give equal lists. A scope and the

@@ -3,25 +3,36 @@
 No vLLM in here: the step planner (``sae_runtime/step/planner.py``) fills these tables from the
 scheduled batch before each forward, and the custom op calls ``HookTables.apply`` inside it.
 
-Every table is allocated once, at its largest size (the engine's token and sequence
-budgets), so its address never changes. The edit layout (``sae_runtime.step.edits``):
+Every table is allocated once, at its largest size, so its address never changes. The
+sizes come from one place, ``sae_runtime.spec.budget.TableSizes`` (the engine's
+``max_num_seqs`` and ``max_num_batched_tokens``, ``--max-interventions`` and
+``--max-watch``), which the server's admission check uses too: any step of admitted
+requests fits, so the ``assert``s below state invariants, not limits a request can hit.
+The edit layout (``sae_runtime.step.edits``):
 
 - ``tok_slot [max_tokens]``: token row -> edit slot, -1 = the row has no edit here. One slot
-  per scheduled request that edits at this hook, whatever its scopes;
+  per scheduled request that edits at this hook, whatever its selectors;
 - ``tok_pos [max_tokens]``: the absolute position of each row that has a slot (the per-token
   position table the kernels mask windows with);
-- ``slot_start / slot_len [max_slots]``: the contiguous run of edit rows slot s owns,
-  ``[slot_start[s], slot_start[s] + slot_len[s])``, ``slot_len <= max_feats``;
-- ``edit_<column> [max_slots * max_feats]``: the edit rows, one column per field of the edit
-  record (``sae_runtime.step.edits.EDIT_DTYPE``); an edit applies at a row of its slot iff
-  ``pos_lo <= tok_pos < pos_hi`` and its condition, if any, holds (``edits``);
-- ``latch_pos [max_latches + 1]``: persistent (never cleared by a step): the first position
-  where each latched edit's condition held, ``POS_INF`` until then. ``alloc_latches`` /
-  ``free_latches`` hand ids out per request (the planner);
-- ``rows / row_slot [max_tokens]``: the rows with a slot, compacted (the CPU path's index);
-- ``read_rows / read_slot [2 * max_tokens]``, ``rslot_watch [2 * max_slots, max_watch]``:
-  rows that read, their read slot, each read slot's watch list (a request may read one SAE
-  twice: its own read and its guardrails' hidden read);
+- ``tok_match [max_tokens, edit_width]`` (int8): for a row of a request with token-id
+  selectors, whether the row's token matches edit k of its slot (read only where the edit
+  row's ``by_token`` is set, so other rows need no clearing);
+- ``slot_start / slot_len [edit_slots]``: the contiguous run of edit rows slot s owns,
+  ``[slot_start[s], slot_start[s] + slot_len[s])``, ``slot_len <= edit_width``;
+- ``edit_<column> [edit_rows]``: the edit rows, one column per field of the edit record
+  (``sae_runtime.step.edits.COLUMNS``); an edit applies at a row of its slot iff
+  ``pos_lo <= tok_pos < pos_hi``, its token matches (``by_token``) and its condition, if
+  any, holds (``edits``);
+- ``latch_pos [edit_rows + 1]``: the step's latch states, at most one per edit row: the
+  planner loads each latched edit's state from its request (``add_edits``), the op lowers
+  it in place, and ``clear`` (after the forward) hands it back to the request;
+- ``rows [max_tokens]``: the rows with a slot, compacted (the CPU path's index);
+- ``read_rows / read_slot / read_pool [read_rows]``, ``rslot_watch [read_slots,
+  watch_width]``: rows that read, their read slot and pool slot (the sink
+  ``pool_slots`` for a read that does not pool), each read slot's watch list (a request may
+  read one SAE twice: its own read and its guardrails' hidden read);
+- ``pool_sum / pool_max [pool_slots + 1, d_sae]`` (float32, device only): the pooled
+  reads' sums and maxima (``Encode``), one row per pooled read of the step plus the sink;
 - ``stash [max_tokens, d_in]`` (transcoders only): the MLP input of this step, copied by
   ``stash_input`` (the ``sae_stash`` op before the MLP) for ``apply`` (after it).
 
@@ -53,6 +64,7 @@ import torch
 from sae_runtime import ops
 from sae_runtime.kernels import backend_for, read_topk, row_edits, splice_compact, splice_fixed
 from sae_runtime.saes.base import SAE
+from sae_runtime.spec.budget import TableSizes, pool_chunk_rows
 from sae_runtime.step.edits import (
     COLUMN_FILL,
     COLUMN_TORCH_DTYPES,
@@ -62,13 +74,6 @@ from sae_runtime.step.edits import (
     EditTables,
 )
 from sae_runtime.step.tp_reads import ReadSplit
-
-READS_PER_REQUEST = 2
-"""Read slots one request may use at one SAE per step: its own read and its guard read."""
-
-LATCH_HEADROOM = 4
-"""Latches per hook, as a multiple of the edit rows one step holds (requests held by the
-runner may outnumber those scheduled in one step)."""
 
 
 def _capturing(t: torch.Tensor) -> bool:
@@ -85,31 +90,36 @@ class HookTables:
 
     def __init__(self, sae: SAE, max_tokens: int, max_slots: int, max_feats: int,
                  max_watch: int = 0, *, staged: bool | None = None,
-                 max_latches: int | None = None, act_dtype: torch.dtype | None = None,
-                 inline_row: int | None = None) -> None:
-        """``max_slots``: scheduled requests per step (one edit slot and one read slot
-        each); ``max_feats``: edits one request may make at this hook; ``act_dtype``: the
-        model's activation dtype (a transcoder's stashed MLP input keeps it);
-        ``inline_row``: a vector bank taking inline vectors, whose decoder rows from
-        ``inline_row`` on are one scratch row per slot (``write_inline``)."""
+                 act_dtype: torch.dtype | None = None, inline_row: int | None = None) -> None:
+        """The engine's budgets: ``max_tokens`` = ``max_num_batched_tokens``, ``max_slots`` =
+        ``max_num_seqs``, ``max_feats`` = ``--max-interventions``, ``max_watch`` =
+        ``--max-watch``; every table's size follows from them (``self.sizes``,
+        ``budget.TableSizes``). ``act_dtype``: the model's activation dtype (a transcoder's
+        stashed MLP input keeps it); ``inline_row``: a vector bank taking inline vectors,
+        whose decoder rows from ``inline_row`` on are one scratch row per edit slot
+        (``write_inline``)."""
         dev = sae.W_enc.device
         self.sae = sae
-        self.max_slots = max_slots
-        self.max_feats = max_feats
+        self.sizes = z = TableSizes.of(max_num_seqs=max_slots, max_num_batched_tokens=max_tokens,
+                                       max_interventions=max_feats, max_watch=max_watch)
+        self.max_slots = z.edit_slots
+        self.max_feats = z.edit_width
         self.staged = dev.type != "cpu" if staged is None else staged
-        max_edits = max_slots * max_feats
         shapes = {
-            "tok_slot": ((max_tokens,), torch.int64, -1),
-            "tok_pos": ((max_tokens,), torch.int64, 0),
-            "rows": ((max_tokens,), torch.int64, 0),
-            "row_slot": ((max_tokens,), torch.int64, 0),
-            "slot_start": ((max_slots,), torch.int64, 0),
-            "slot_len": ((max_slots,), torch.int64, 0),
-            **{f"edit_{c}": ((max_edits,), COLUMN_TORCH_DTYPES[c], COLUMN_FILL.get(c, 0))
+            "tok_slot": ((z.max_tokens,), torch.int64, -1),
+            "tok_pos": ((z.max_tokens,), torch.int64, 0),
+            "tok_match": ((z.max_tokens, z.edit_width), torch.int8, 0),
+            "rows": ((z.max_tokens,), torch.int64, 0),
+            "slot_start": ((z.edit_slots,), torch.int64, 0),
+            "slot_len": ((z.edit_slots,), torch.int64, 0),
+            **{f"edit_{c}": ((z.edit_rows,), COLUMN_TORCH_DTYPES[c], COLUMN_FILL.get(c, 0))
                for c in EDIT_COLUMNS},
-            "read_rows": ((READS_PER_REQUEST * max_tokens,), torch.int64, 0),
-            "read_slot": ((READS_PER_REQUEST * max_tokens,), torch.int64, 0),
-            "rslot_watch": ((READS_PER_REQUEST * max_slots, max(max_watch, 1)), torch.int64, 0),
+            # the step's latch states, one per edit row, and the sink (stays POS_INF)
+            "latch_pos": ((z.edit_rows + 1,), torch.int64, POS_INF),
+            "read_rows": ((z.read_rows,), torch.int64, 0),
+            "read_slot": ((z.read_rows,), torch.int64, 0),
+            "read_pool": ((z.read_rows,), torch.int64, z.pool_slots),
+            "rslot_watch": ((z.read_slots, z.watch_width), torch.int64, 0),
         }
         pin = dev.type == "cuda"
         self.host = {n: torch.full(s, f, dtype=dt, pin_memory=pin) for n, (s, dt, f) in shapes.items()}
@@ -120,21 +130,29 @@ class HookTables:
             self.dev = self.host
         for n, t in self.dev.items():  # the kernels read the device tables
             setattr(self, n, t)
-        # Latches outlive a step, so only the device holds them (the op lowers them).
-        self.max_latches = max_latches if max_latches is not None else LATCH_HEADROOM * max_edits
-        self.latch_pos = torch.full((self.max_latches + 1,), POS_INF, dtype=torch.int64, device=dev)
-        self._free_latches = list(range(self.max_latches - 1, -1, -1))
+        # The step's latch states come back to the host after the forward (``clear``).
+        self._latch_back = (torch.empty(z.edit_rows, dtype=torch.int64, pin_memory=pin)
+                            if self.staged else self.host["latch_pos"])
+        self._latch_owners: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._latch_pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._latch_done: torch.cuda.Event | None = None
         self.edits = EditTables.build(
             self.dev["tok_slot"], self.dev["tok_pos"], self.dev["slot_start"],
-            self.dev["slot_len"], {c: self.dev[f"edit_{c}"] for c in EDIT_COLUMNS}, max_feats,
-            self.latch_pos)
+            self.dev["slot_len"], {c: self.dev[f"edit_{c}"] for c in EDIT_COLUMNS}, z.edit_width,
+            self.dev["latch_pos"], self.dev["tok_match"])
+        # Pooled reads (Encode): sums and maxima of d_sae latents per pooled read, at fixed
+        # addresses allocated here, so the engine's memory profile counts them.
+        self.pool_sum = torch.zeros(z.pool_slots + 1, sae.cfg.d_sae, dtype=torch.float32,
+                                    device=dev)
+        self.pool_max = torch.full_like(self.pool_sum, -float("inf"))
+        self.pool_chunk = pool_chunk_rows(sae.cfg.d_sae)
         # A transcoder encodes the MLP input but edits the MLP output: ``stash_input`` copies
         # the input here (a fixed address, so a captured graph replays it) before the MLP.
-        self.stash = (torch.zeros(max_tokens, sae.cfg.d_in, dtype=act_dtype or sae.W_enc.dtype,
+        self.stash = (torch.zeros(z.max_tokens, sae.cfg.d_in, dtype=act_dtype or sae.W_enc.dtype,
                                   device=dev) if sae.cfg.transcoder else None)
         self.inline_row = -1 if inline_row is None else inline_row
-        if inline_row is not None and sae.cfg.d_sae < inline_row + max_slots:
-            raise ValueError(f"a bank with inline row {inline_row} needs {max_slots} scratch "
+        if inline_row is not None and sae.cfg.d_sae < inline_row + z.edit_slots:
+            raise ValueError(f"a bank with inline row {inline_row} needs {z.edit_slots} scratch "
                              f"rows; it has {sae.cfg.d_sae - inline_row}")
         self.n_rows = 0
         self.n_slots = 0
@@ -142,59 +160,118 @@ class HookTables:
         self.n_cond = 0  # conditional edit rows this step
         self.n_read = 0
         self.n_rslots = 0
+        self.n_pool = 0  # pooled reads this step
         self.read_k = 0  # largest top_k asked this step
         self.read_w = 0  # longest watch list this step
-        self.read_pooled = False  # some read this step wants dense latents for pooling
-        self.read_out: tuple | None = None  # (topk values, topk indices, watch values, dense)
+        self.read_out: tuple | None = None  # (topk values, topk indices, watch values, pools)
         self._dirty_until = 0  # host tok_slot[:_dirty_until] may be != -1
         self._dev_dirty = 0  # device tok_slot[:_dev_dirty] may be != -1
+        self._match_until = 0  # tok_match[:_match_until] written this step
         self._upload_done: torch.cuda.Event | None = None
+
+    @property
+    def read_pooled(self) -> bool:
+        """Some read this step pools (the host-side count is the same on every TP rank)."""
+        return self.n_pool > 0
 
     # ------------------------------------------------------------------ host side
 
     def clear(self) -> None:
-        """Forget this step's edits and reads (after the forward)."""
+        """Forget this step's edits and reads (after the forward); its latch states go back
+        to their requests (``settle_latches``)."""
         self._wait_upload()
+        self.settle_latches()  # (a no-op unless no plan ran since the last forward)
+        if self._latch_owners:
+            if self.staged:  # device -> pinned host, read by settle_latches before the next plan
+                n = self.n_edits
+                self._latch_back[:n].copy_(self.dev["latch_pos"][:n], non_blocking=True)
+                if self.latch_pos.is_cuda:
+                    self._latch_done = torch.cuda.Event()
+                    self._latch_done.record()
+            self._latch_pending, self._latch_owners = self._latch_owners, []
+            if not self.staged:
+                self.settle_latches()
         if self._dirty_until:
             self._np["tok_slot"][: self._dirty_until] = -1
         self.n_rows = self.n_slots = self.n_edits = self.n_cond = self._dirty_until = 0
-        self.n_read = self.n_rslots = self.read_k = self.read_w = 0
-        self.read_pooled = False
+        self.n_read = self.n_rslots = self.n_pool = self.read_k = self.read_w = 0
+        self._match_until = 0
         self.read_out = None
 
-    def add_read_rows(self, a: int, b: int, top_k: int, watch: tuple[int, ...], pooled: bool) -> int:
-        """Token rows [a, b) are read; returns the offset of the first one in the read output."""
-        s = self.n_rslots
-        if s >= self.max_slots:  # cannot happen: one read slot per scheduled request at most
-            raise RuntimeError("SAE read slot table overflow")
+    def settle_latches(self) -> None:
+        """Hand the last step's latch states back to their requests (the planner calls it
+        before it plans a step; on CPU ``clear`` already did)."""
+        if not self._latch_pending:
+            return
+        if self._latch_done is not None:
+            self._latch_done.synchronize()
+            self._latch_done = None
+        back = self._latch_back.numpy()
+        for state, idx, rows in self._latch_pending:
+            state[idx] = back[rows]
+        self._latch_pending = []
+
+    def add_read_rows(self, a: int, b: int, top_k: int, watch: tuple[int, ...],
+                      pooled: bool) -> tuple[int, int]:
+        """Token rows [a, b) are read; returns the offset of the first one in the read output
+        and the read's pool slot (-1: not pooled)."""
+        z = self.sizes
+        s, r = self.n_rslots, self.n_read
+        # Invariants (budget): a request reads an SAE at most READS_PER_SAE times, pooled
+        # at most POOLED_READS_PER_SAE, over its own rows; watch lists fit watch_width.
+        assert s < z.read_slots and r + b - a <= z.read_rows and len(watch) <= z.watch_width
         t = self._np
         t["rslot_watch"][s, : len(watch)] = watch
-        r = self.n_read
         t["read_rows"][r : r + b - a] = np.arange(a, b)
         t["read_slot"][r : r + b - a] = s
+        pool = -1
+        if pooled:
+            assert self.n_pool < z.pool_slots
+            pool = self.n_pool
+            self.n_pool += 1
+        t["read_pool"][r : r + b - a] = z.pool_slots if pool < 0 else pool
         self.n_read, self.n_rslots = r + b - a, s + 1
         self.read_k = max(self.read_k, top_k)
         self.read_w = max(self.read_w, len(watch))
-        self.read_pooled |= pooled
-        return r
+        return r, pool
 
-    def add_edits(self, a: int, b: int, pos0: int, edits: np.ndarray) -> int:
+    def add_edits(self, a: int, b: int, pos0: int, edits: np.ndarray, *,
+                  match: np.ndarray | None = None,
+                  latch_state: np.ndarray | None = None) -> int:
         """Token rows [a, b), at positions pos0.., apply ``edits`` (``edits.EDIT_DTYPE`` rows,
-        each masked by its window) in a fresh slot; returns the slot."""
+        each masked by its window) in a fresh slot; returns the slot.
+
+        ``match [b - a, len(edits)]``: whether each row's token matches each edit's token
+        ids (read where ``by_token`` is set). ``latch_state``: the request's latch states at
+        this hook (``RequestPlan.latch_state``), indexed by the rows' ``latch``; they are
+        loaded into the step's latch table and handed back after the forward.
+        """
         s, e, n = self.n_slots, self.n_edits, len(edits)
-        if s >= self.max_slots:  # cannot happen: one slot per scheduled request
-            raise RuntimeError("SAE slot table overflow")
-        if n > self.max_feats:  # cannot happen: the server caps edits per request
-            raise RuntimeError(f"{n} edits at one hook; the tables hold {self.max_feats}")
+        # Invariants (budget): one slot per scheduled request; a request's rows at one SAE
+        # fit edit_width (the server's admission check counts every window of every edit).
+        assert s < self.sizes.edit_slots and n <= self.sizes.edit_width
         t = self._np
         for c in EDIT_COLUMNS:
             t[f"edit_{c}"][e : e + n] = edits[c]
+        latched = np.flatnonzero(edits["latch"] >= 0)
+        if len(latched):
+            assert latch_state is not None
+            # each state sits at the row index of the first of its rows (the windows of one
+            # latched edit share it)
+            state, first, which = np.unique(edits["latch"][latched], return_index=True,
+                                            return_inverse=True)
+            entry = e + latched[first]
+            t["edit_latch"][e + latched] = entry[which]
+            t["latch_pos"][entry] = latch_state[state]
+            self._latch_owners.append((latch_state, state, entry))
+        if match is not None:
+            t["tok_match"][a:b, :n] = match
+            self._match_until = max(self._match_until, b)
         t["slot_start"][s], t["slot_len"][s] = e, n
         t["tok_slot"][a:b] = s
         t["tok_pos"][a:b] = np.arange(pos0, pos0 + b - a)
         r = self.n_rows
         t["rows"][r : r + b - a] = np.arange(a, b)
-        t["row_slot"][r : r + b - a] = s
         self.n_rows, self.n_slots, self.n_edits = r + b - a, s + 1, e + n
         self.n_cond += int(np.count_nonzero(edits["cond_op"] != Cond.NONE))
         self._dirty_until = max(self._dirty_until, b)
@@ -203,29 +280,13 @@ class HookTables:
     def write_inline(self, slot: int, vector: np.ndarray) -> int:
         """Copy a request's inline vector into ``slot``'s scratch decoder row; returns the
         row. The forward that reads it runs before the next step writes again."""
-        if self.inline_row < 0:
-            raise RuntimeError("an inline vector at a hook that takes none")
-        if slot >= self.max_slots:
-            raise RuntimeError("SAE slot table overflow")
-        if vector.shape != (self.sae.cfg.d_in,):
-            raise RuntimeError(f"inline vector of shape {vector.shape} at a bank of width "
-                               f"{self.sae.cfg.d_in}")
+        # Invariants: the server sends inline vectors only to banks that take them, of the
+        # model's width (``server.convert.inline_vectors_from_pb``); one slot per request.
+        assert self.inline_row >= 0 and slot < self.sizes.edit_slots
+        assert vector.shape == (self.sae.cfg.d_in,)
         row = self.inline_row + slot
         self.sae.W_dec[row].copy_(torch.from_numpy(np.array(vector, dtype=np.float32)))
         return row
-
-    def alloc_latches(self, n: int) -> np.ndarray:
-        """``n`` latch ids, reset to "not yet held" (``POS_INF``); raises when none are left."""
-        if n > len(self._free_latches):
-            raise RuntimeError(
-                f"out of latches: {self.max_latches} are in use by the requests held (each "
-                "latched edit row holds one for its request's lifetime)")
-        ids = np.array([self._free_latches.pop() for _ in range(n)], dtype=np.int64)
-        self.latch_pos[torch.from_numpy(ids).to(self.latch_pos.device)] = POS_INF
-        return ids
-
-    def free_latches(self, ids) -> None:
-        self._free_latches.extend(int(i) for i in ids)
 
     def upload(self) -> None:
         """Copy the prefixes this step filled to the device mirrors (no-op unless staged).
@@ -236,11 +297,12 @@ class HookTables:
         if not self.staged:
             return
         n_tok = max(self._dirty_until, self._dev_dirty)
-        spans = {"tok_slot": n_tok, "tok_pos": self._dirty_until,
-                 "rows": self.n_rows, "row_slot": self.n_rows,
+        spans = {"tok_slot": n_tok, "tok_pos": self._dirty_until, "tok_match": self._match_until,
+                 "rows": self.n_rows,
                  "slot_start": self.n_slots, "slot_len": self.n_slots,
                  **{f"edit_{c}": self.n_edits for c in EDIT_COLUMNS},
-                 "read_rows": self.n_read, "read_slot": self.n_read,
+                 "latch_pos": self.n_edits if self._latch_owners else 0,
+                 "read_rows": self.n_read, "read_slot": self.n_read, "read_pool": self.n_read,
                  "rslot_watch": self.n_rslots}
         for name, n in spans.items():
             if n:
@@ -295,8 +357,8 @@ class HookTables:
         if skip:
             return h.clone()
         if backend == "compact" and not capturing:
-            return splice_compact(h, resid, self.sae, self.rows[:n], self.row_slot[:n],
-                                  self.edits, conditions=self.n_cond > 0)
+            return splice_compact(h, resid, self.sae, self.rows[:n], self.edits,
+                                  conditions=self.n_cond > 0)
         # A capture freezes the choice: a captured graph always evaluates conditions.
         return splice_fixed(h, resid, self.sae, self.edits, conditions=capturing or self.n_cond > 0)
 
@@ -305,8 +367,11 @@ class HookTables:
 
         Top-k values and watch lists come from ``kernels.read_topk`` (a column-tiled encode
         with a running top-k on CPU, the Triton tiled kernel on CUDA), so no ``[n, d_sae]``
-        buffer exists; only a step with a pooled read, which needs every latent, computes the
-        dense latents.
+        buffer exists. A step with a pooled read, which needs every latent of its rows,
+        computes dense latents ``pool_chunk`` rows at a time (``budget.pool_chunk_rows``:
+        about ``POOL_CHUNK_BYTES``) and folds each chunk into the preallocated sums and
+        maxima (``pool_sum`` / ``pool_max``, by each row's pool slot; rows that do not pool
+        fold into the sink row), so no ``[n, d_sae]`` buffer exists either.
 
         Under TP with a ``read_split`` every rank of the group reads (the planner plans the
         reads on all of them, so all enter the all-gather or none): each computes its slice
@@ -322,7 +387,7 @@ class HookTables:
         # [n, K] each reading row's edits at this SAE (windows applied; none: Mode.NONE)
         x = resid[rows].to(self.sae.W_enc.dtype)
         cond = (lambda cols: ops.feature_activations(self.sae, x, cols)) if self.n_cond else None
-        feat, mode, val = row_edits(self.edits, self.tok_slot[rows], self.tok_pos[rows], cond)
+        feat, mode, val = row_edits(self.edits, rows, cond)
         watch_idx = self.rslot_watch[self.read_slot[:n], : self.read_w]
         k = self.read_k
         if not self.read_pooled:
@@ -330,12 +395,31 @@ class HookTables:
             vals, idx, watch = read(x, feat, mode, val, k, watch_idx)
             self.read_out = (vals, idx, watch, None)
             return
-        acts = ops.read_latents(self.sae, x, feat, mode, val)  # [n, d_sae]
-        vals, idx = acts.topk(k, dim=1) if k else (acts[:, :0], acts[:, :0].long())
-        self.read_out = (vals, idx, acts.gather(1, watch_idx), acts)
+        vals = torch.empty(n, k, dtype=x.dtype, device=x.device)
+        idx = torch.empty(n, k, dtype=torch.int64, device=x.device)
+        watch = torch.empty(n, watch_idx.shape[1], dtype=x.dtype, device=x.device)
+        psum, pmax = self.pool_sum, self.pool_max
+        for r in (slice(0, self.n_pool), slice(-1, None)):  # this step's pools and the sink
+            psum[r].zero_()
+            pmax[r].fill_(-float("inf"))
+        pool = self.read_pool[:n]
+        for c0 in range(0, n, self.pool_chunk):
+            c = slice(c0, min(n, c0 + self.pool_chunk))
+            acts = ops.read_latents(self.sae, x[c], feat[c], mode[c], val[c])  # [chunk, d_sae]
+            if k:
+                vals[c], idx[c] = acts.topk(k, dim=1)
+            watch[c] = acts.gather(1, watch_idx[c])
+            a32 = acts.to(torch.float32)
+            psum.index_add_(0, pool[c], a32)
+            pmax.scatter_reduce_(0, pool[c, None].expand_as(a32), a32, "amax")
+        self.read_out = (vals, idx, watch, (psum[: self.n_pool], pmax[: self.n_pool]))
 
     def read_out_host(self) -> tuple | None:
-        """This step's reads on the host (one device-to-host copy per tensor)."""
+        """This step's reads on the host (one device-to-host copy per tensor): ``(values
+        [n, k], indices [n, k], watched [n, w], pools)``, ``pools`` = ``(sums, maxima)
+        [n_pool, d_sae]`` of the step's pooled reads (by pool slot), or None."""
         if self.read_out is None:
             return None
-        return tuple(None if t is None else t.cpu() for t in self.read_out)
+        vals, idx, watch, pools = self.read_out
+        return (vals.cpu(), idx.cpu(), watch.cpu(),
+                None if pools is None else tuple(p.cpu() for p in pools))

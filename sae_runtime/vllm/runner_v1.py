@@ -61,10 +61,8 @@ class DeviceTokens:
 class RequestPlans:
     """Compiled payloads of the requests the runner holds, by vLLM request id."""
 
-    def __init__(self, on_drop: Callable[[RequestPlan], None] | None = None) -> None:
-        """``on_drop(plan)``: called for each plan forgotten (its latches go back)."""
+    def __init__(self) -> None:
         self._plans: dict[str, RequestPlan] = {}
-        self._on_drop = on_drop
 
     def __len__(self) -> int:
         return len(self._plans)
@@ -78,18 +76,14 @@ class RequestPlans:
         return plan
 
     def drop(self, req_id: str) -> None:
-        """Forget one request's plan (its latches go back); no-op for an unknown id."""
-        plan = self._plans.pop(req_id, None)
-        if plan is not None and self._on_drop is not None:
-            self._on_drop(plan)
+        """Forget one request's plan (its latch states with it); no-op for an unknown id."""
+        self._plans.pop(req_id, None)
 
     def retain(self, live) -> None:
         """Forget requests not in ``live`` (finished or aborted: vLLM dropped them)."""
         if len(self._plans) > 0:
             for req_id in self._plans.keys() - live:
-                plan = self._plans.pop(req_id)
-                if self._on_drop is not None:
-                    self._on_drop(plan)
+                del self._plans[req_id]
 
 
 def describe_step(runner, plans: RequestPlans,

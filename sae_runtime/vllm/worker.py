@@ -42,8 +42,9 @@ from sae_runtime.hw import choose_sae_dtype
 from sae_runtime.kernels import read_topk
 from sae_runtime.loading import load_sae, load_sae_config
 from sae_runtime.loading.vectors import Bank, bank_sae, build_banks
+from sae_runtime.spec.budget import TableSizes
 from sae_runtime.step.config import check_placement, worker_config
-from sae_runtime.step.planner import ReadSegment, collect_reads, plan_step, release_latches
+from sae_runtime.step.planner import ReadSegment, collect_reads, plan_step
 from sae_runtime.step.tables import HookTables
 from sae_runtime.step.tp_reads import ReadSplit, shardable
 from sae_runtime.vllm import compat
@@ -67,8 +68,8 @@ class SteeringState:
     def __init__(self, hooks: list[HookTables | None], publisher: ReadPublisher | None) -> None:
         self.hooks = hooks  # indexed like the server's SAE list: hook id == SAE index
         self.publisher = publisher  # None: this rank does not publish reads
-        # by vLLM request id, dropped when the request finishes (its latches given back)
-        self.plans = RequestPlans(on_drop=lambda plan: release_latches(self.hooks, plan))
+        # by vLLM request id, dropped when the request finishes (its latch states with it)
+        self.plans = RequestPlans()
         self.tokens = DeviceTokens()  # a GPU step's input ids, for token-id selectors
         self.v2 = RunnerV2(self.plans, self.tokens)  # used only under Model Runner V2
         self.segments: list[ReadSegment] = []
@@ -358,10 +359,14 @@ def install(runner) -> None:
     layers = {i: mod for i, mod in all_layers.items() if not compat.is_pp_missing_layer(mod)}
     hidden = runner.model_config.get_hidden_size()
     sched = runner.scheduler_config
+    # every table's size follows from these (``sae_runtime.spec.budget.TableSizes``), the
+    # numbers the server's admission check is written against
     max_tokens = int(sched.max_num_batched_tokens)
-    max_slots = int(sched.max_num_seqs)  # one edit slot and one read slot per request
+    max_slots = int(sched.max_num_seqs)
     max_feats = cfg.max_interventions
     max_watch = cfg.max_watch
+    sizes = TableSizes.of(max_num_seqs=max_slots, max_num_batched_tokens=max_tokens,
+                          max_interventions=max_feats, max_watch=max_watch)
     device = next(model.parameters()).device
     model_dtype = str(runner.model_config.dtype).removeprefix("torch.")
     tp = ranks["tp_size"]
@@ -402,7 +407,7 @@ def install(runner) -> None:
             )
         dtype_name, why = choose_sae_dtype(cfg.sae_dtype, model_dtype, device.type)
         # an inline bank: one scratch decoder row per edit slot after its named vectors
-        scratch = max_slots if bank is not None and bank.inline else 0
+        scratch = sizes.edit_slots if bank is not None and bank.inline else 0
         sae = (bank_sae(bank, scratch) if bank is not None
                else load_sae(entry.path, hook_name=entry.hook_name)).to(device, getattr(torch, dtype_name))
         gemm = "torch"

@@ -84,15 +84,16 @@ def test_each_selector_kind_matches_the_reference(server, ref, feature, name):
 
 def test_token_id_selector_on_a_chunked_prompt(server, ref):
     """A prompt over the 64-token step budget, with the token at many scattered positions:
-    each prefill chunk needs several edit slots for the one request."""
+    more separate runs in each prefill chunk than one slot has edit rows (the request still
+    takes one slot: the runs are a per-row token match, ``tok_match``)."""
     prompt = [(7 * i + 3) % 500 + 3 for i in range(150)]  # 150 distinct tokens
     toks = prompt[:100:5]  # every 5th position of the first 100
     sel = positions(token_ids=toks)
     out = greedy(server, [clamp(SAE, 5, 30.0, at=sel)], prompt=prompt, n=6)
     full = prompt + out.token_ids
     at = frozenset(p for p, t in enumerate(full) if t in toks)
-    # the first 64-token chunk alone has more separate positions than one slot holds
-    # (--max-interventions 8 edit rows)
+    # the first 64-token chunk alone has more separate positions than one slot has edit
+    # rows (--max-interventions 8)
     assert sum(p < 64 for p in at) > 8
     check_teacher_forced(ref.logits(full, [Edit(SAE, 5, CLAMP, 30.0, at=at)], len(prompt)),
                          len(prompt), out.token_ids)

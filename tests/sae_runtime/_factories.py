@@ -56,10 +56,13 @@ def random_sae(arch: str, d_in: int, d_sae: int, *, normalization: str = "none",
 def edit_tables(tok_slot: torch.Tensor, feat: torch.Tensor, mode: torch.Tensor,
                 val: torch.Tensor, *, tok_pos: torch.Tensor | None = None,
                 pos_lo: torch.Tensor | None = None, pos_hi: torch.Tensor | None = None,
-                slot_len: torch.Tensor | None = None) -> EditTables:
+                slot_len: torch.Tensor | None = None, by_token: torch.Tensor | None = None,
+                tok_match: torch.Tensor | None = None) -> EditTables:
     """Kernel edit tables from per-slot edits ``feat/mode/val [S, K]``: slot s owns edit
     rows ``s*K .. s*K + slot_len[s]`` (all K by default), windows ``[pos_lo, pos_hi)``
-    (``[S, K]``, default: every position), token positions ``tok_pos`` (default 0)."""
+    (``[S, K]``, default: every position), token positions ``tok_pos`` (default 0), token
+    conditions ``by_token [S, K]`` (default none) with each token row's matches
+    ``tok_match [T, K]``."""
     S, K = feat.shape
     dev = feat.device
     cols = {"feature": feat.reshape(-1).long(), "mode": mode.reshape(-1).int(),
@@ -68,9 +71,13 @@ def edit_tables(tok_slot: torch.Tensor, feat: torch.Tensor, mode: torch.Tensor,
                        else pos_lo.reshape(-1).long()),
             "pos_hi": (torch.full((S * K,), POS_INF, dtype=torch.int64, device=dev)
                        if pos_hi is None else pos_hi.reshape(-1).long())}
+    if by_token is not None:
+        cols["by_token"] = by_token.reshape(-1).int()
+    if tok_match is not None:
+        tok_match = tok_match.to(torch.int8).contiguous()
     if tok_pos is None:
         tok_pos = torch.zeros_like(tok_slot)
     if slot_len is None:
         slot_len = torch.full((S,), K, dtype=torch.int64, device=dev)
     start = torch.arange(S, dtype=torch.int64, device=dev) * K
-    return EditTables.build(tok_slot, tok_pos, start, slot_len, cols, K)
+    return EditTables.build(tok_slot, tok_pos, start, slot_len, cols, K, tok_match=tok_match)

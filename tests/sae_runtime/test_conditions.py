@@ -17,7 +17,6 @@ from sae_runtime.step.planner import (
     StepDescription,
     compile_request,
     plan_step,
-    release_latches,
 )
 from sae_runtime.step.tables import HookTables
 from tests.sae_runtime._factories import random_sae
@@ -76,11 +75,8 @@ def _rows(sae, x, n: int, latch: bool) -> np.ndarray:
 
 def _hook(sae, rows, x_len):
     tables = HookTables(sae, max_tokens=64, max_slots=4, max_feats=4, max_watch=4, staged=False)
-    if (rows["latch"] >= 0).any():
-        ids = tables.alloc_latches(int((rows["latch"] >= 0).sum()))
-        rows = rows.copy()
-        rows["latch"][rows["latch"] >= 0] = ids
-    tables.add_edits(0, x_len, 0, rows)
+    state = np.full(int((rows["latch"] >= 0).sum()), POS_INF, dtype=np.int64)
+    tables.add_edits(0, x_len, 0, rows, latch_state=state)
     return tables
 
 
@@ -96,8 +92,7 @@ def test_conditional_edits_apply_only_where_the_condition_holds(arch, path):
     if path == "reference":
         out = splice_reference(h, x, sae, tables.edits)
     else:
-        out = splice_compact(h, x, sae, tables.rows[:12], tables.row_slot[:12], tables.edits,
-                             conditions=True)
+        out = splice_compact(h, x, sae, tables.rows[:12], tables.edits, conditions=True)
     want = h + _oracle(sae, x, list(range(12)), rows)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     # the conditions really split the rows: some rows get the conditional edits, some not
@@ -115,40 +110,48 @@ def test_without_the_host_flag_conditional_entries_are_off_not_on():
     rows = _rows(sae, x, 12, latch=False)
     tables = _hook(sae, rows, 12)
     h = torch.randn(12, D_IN)
-    out = splice_compact(h, x, sae, tables.rows[:12], tables.row_slot[:12], tables.edits)
+    out = splice_compact(h, x, sae, tables.rows[:12], tables.edits)
     torch.testing.assert_close(out, h + _oracle(sae, x, list(range(12)), rows[2:]),
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("staged", [False, True])
 @pytest.mark.parametrize("path", ["reference", "compact"])
-def test_a_latch_stays_on_after_the_first_hit_across_steps(path):
+def test_a_latch_stays_on_after_the_first_hit_across_steps(path, staged):
+    """The request's latch state (its plan's, on the host) is loaded into the step's
+    tables with its rows, lowered in the op, and handed back after the forward (``clear``;
+    staged: through a device-to-host copy settled before the next plan)."""
     sae = random_sae("standard", D_IN, D_SAE, seed=5)
     x = torch.randn(10, D_IN, generator=torch.Generator().manual_seed(2)) * 2
     rows = _rows(sae, x, 10, latch=True)
     splice = (lambda h, x, t: splice_reference(h, x, sae, t.edits)) if path == "reference" else (
-        lambda h, x, t: splice_compact(h, x, sae, t.rows[: t.n_rows], t.row_slot[: t.n_rows],
-                                       t.edits, conditions=True))
-    tables = HookTables(sae, max_tokens=64, max_slots=4, max_feats=4, staged=False)
-    (lid,) = tables.alloc_latches(1)
-    rows["latch"][0] = lid
-    # step 1: positions 0..5 (a prefill chunk); step 2..: one position each (decode)
+        lambda h, x, t: splice_compact(h, x, sae, t.rows[: t.n_rows], t.edits, conditions=True))
+    tables = HookTables(sae, max_tokens=64, max_slots=4, max_feats=4, staged=staged)
+    state = np.full(1, POS_INF, dtype=np.int64)  # RequestPlan.latch_state of one hook
+    # step 1: positions 0..5 (a prefill chunk); step 2..: one position each (decode), the
+    # request in another slot (a plain request's slot first) from the third step on
     acts = ops.encode(sae, x)
     c, thr = int(rows["cond_feature"][0]), float(rows["cond_threshold"][0])
     first_hit = next(p for p in range(10) if acts[p, c] > thr)
     latch_at: dict[int, int] = {}
-    for lo, hi in [(0, 6), (6, 7), (7, 8), (8, 9), (9, 10)]:
-        tables.clear()
-        if tables.n_rows == 0:
-            tables.add_edits(0, hi - lo, lo, rows)
-        h = torch.randn(hi - lo, D_IN)
+    for step, (lo, hi) in enumerate([(0, 6), (6, 7), (7, 8), (8, 9), (9, 10)]):
+        tables.settle_latches()  # what plan_step does first
+        n = hi - lo
+        if step >= 2:
+            tables.add_edits(n, n + 1, 0, rows[2:])  # another request, first slot
+        tables.add_edits(0, n, lo, rows, latch_state=state)
+        tables.upload()
+        h = torch.randn(n, D_IN)
         xs = x[lo:hi]
-        pad = torch.zeros(64 - (hi - lo), D_IN)  # the reference reads every table row
-        got = splice(torch.cat([h, pad]), torch.cat([xs, pad]), tables)[: hi - lo]
+        pad = torch.zeros(64 - n, D_IN)  # the reference reads every table row
+        got = splice(torch.cat([h, pad]), torch.cat([xs, pad]), tables)[:n]
         want = h + _oracle(sae, xs, list(range(lo, hi)), rows, latch_at)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         if any(acts[p, c] > thr for p in range(lo, hi)):
             latch_at.setdefault(0, next(p for p in range(lo, hi) if acts[p, c] > thr))
-    assert int(tables.latch_pos[lid]) == first_hit
+        tables.clear()
+    tables.settle_latches()
+    assert int(state[0]) == first_hit
     # the latch made a difference: some later position had the condition false
     assert any(not acts[p, c] > thr for p in range(first_hit + 1, 10)), "pick another seed"
 
@@ -169,25 +172,84 @@ def test_reads_see_conditional_edits_only_where_they_apply():
     assert holds.any() and not holds.all()
 
 
-def test_the_planner_gives_each_latched_request_its_own_latches_and_takes_them_back():
+@pytest.mark.parametrize("staged", [False, True])
+def test_the_planner_keeps_each_latched_request_its_own_latch_state(staged):
+    """Two requests with the same latched edit, their rows in different slots and orders
+    step by step: each one's latch state stays its own (the first position its condition
+    held in its own rows), and the edits equal the per-row oracle with that latch."""
     sae = random_sae("standard", D_IN, D_SAE, seed=3)
-    hook = HookTables(sae, max_tokens=64, max_slots=4, max_feats=4, staged=False, max_latches=3)
-    latched = EditPayload(0, 1, int(ops.Mode.CLAMP), 2.0, when=CondPayload(4, int(Cond.GT), 0.5, True))
+    hook = HookTables(sae, max_tokens=64, max_slots=4, max_feats=4, staged=staged)
+    g = torch.Generator().manual_seed(4)
+    xs = [torch.randn(9, D_IN, generator=g) * 2 for _ in range(2)]
+    rows = _rows(sae, torch.cat(xs), 18, latch=True)
+    c, thr = int(rows["cond_feature"][0]), float(rows["cond_threshold"][0])
+    edit = EditPayload(0, int(rows["feature"][0]), int(rows["mode"][0]), float(rows["value"][0]),
+                       when=CondPayload(c, int(Cond.GT), thr, True))
     plain = EditPayload(0, 2, int(ops.Mode.ADD), 1.0, when=CondPayload(4, int(Cond.LT), 0.5))
-    plans = [compile_request(RequestPayload(f"r{i}", (latched, plain),
-                                            (ReadPayload(0, 2, ()),)), 4) for i in range(2)]
+    plans = [compile_request(RequestPayload(f"r{i}", (edit, plain), (ReadPayload(0, 2, ()),)), 4)
+             for i in range(2)]
     assert plans[0].edits[0]["cond_op"].tolist() == [Cond.GT, Cond.LT]
-    step = StepDescription([ScheduledRequest("a", 0, 4, 0, plans[0]),
-                            ScheduledRequest("b", 4, 8, 0, plans[1])])
-    plan_step([hook], step)
-    ids = [int(p.edits[0]["latch"][0]) for p in plans]
-    assert sorted(ids) == sorted(set(ids)) and all(i >= 0 for i in ids)
-    assert [int(p.edits[0]["latch"][1]) for p in plans] == [-1, -1]  # not latched
-    assert len(hook._free_latches) == 1
-    hook.clear()
-    plan_step([hook], step)  # scheduled again: keeps its latches
-    assert [int(p.edits[0]["latch"][0]) for p in plans] == ids and len(hook._free_latches) == 1
-    release_latches([hook], plans[0])
-    assert len(hook._free_latches) == 2
-    with pytest.raises(RuntimeError, match="out of latches"):
-        hook.alloc_latches(3)
+    assert plans[0].edits[0]["latch"].tolist() == [0, -1]  # index into its latch state
+    assert plans[0].latch_state[0] is not plans[1].latch_state[0]
+    # (rows per request) per step: request 0 prefills 0..5 while request 1 waits, then both
+    # decode, in swapped order from the third step
+    schedule = [[(0, 0, 6)], [(1, 0, 5), (0, 6, 7)], [(0, 7, 8), (1, 5, 6)],
+                [(1, 6, 9), (0, 8, 9)]]
+    latch_at = [dict(), dict()]
+    for step in schedule:
+        reqs, row = [], 0
+        for i, lo, hi in step:
+            reqs.append(ScheduledRequest(f"r{i}", row, row + hi - lo, lo, plans[i]))
+            row += hi - lo
+        plan_step([hook], StepDescription(reqs))
+        h = torch.zeros(64, D_IN)
+        resid = torch.zeros(64, D_IN)
+        for (i, lo, hi), sr in zip(step, reqs, strict=True):
+            resid[sr.start : sr.end] = xs[i][lo:hi]
+        out = splice_reference(h, resid, sae, hook.edits)
+        for (i, lo, hi), sr in zip(step, reqs, strict=True):
+            rs = plans[i].edits[0].copy()
+            want = _oracle(sae, xs[i][lo:hi], list(range(lo, hi)), rs, latch_at[i])
+            torch.testing.assert_close(out[sr.start : sr.end], want, rtol=1e-5, atol=1e-5)
+            acts = ops.encode(sae, xs[i][lo:hi])[:, c]
+            hits = [p for p, a in zip(range(lo, hi), acts, strict=True) if a > thr]
+            if hits:
+                latch_at[i].setdefault(0, hits[0])
+        hook.clear()
+    hook.settle_latches()
+    for i in range(2):
+        assert int(plans[i].latch_state[0][0]) == latch_at[i].get(0, POS_INF)
+    assert latch_at[0] != latch_at[1] and all(latch_at), "pick seeds where the latches differ"
+
+
+def test_a_latch_set_in_one_window_holds_in_the_selectors_other_windows():
+    """A latched edit whose selector has two windows keeps one latch: once its condition
+    held in the first window, the edit is on in the second one too, where the condition
+    fails (the rule in docs/controls.md and the HF reference of tests/e2e/reference.py)."""
+    from sae_runtime.spec.selectors import Frame, Range, Selector
+
+    sae = random_sae("standard", D_IN, D_SAE, seed=3)
+    x = torch.randn(10, D_IN, generator=torch.Generator().manual_seed(6)) * 2
+    acts = ops.encode(sae, x)
+    # held in the first window, not at the start of the second (per-window latches differ)
+    c, thr = next((c, float(acts[:, c].median())) for c in range(D_SAE)
+                  if (acts[:3, c] > acts[:, c].median()).any()
+                  and acts[6, c] <= acts[:, c].median())
+    sel = Selector((Range(Frame.ABSOLUTE, 0, 3), Range(Frame.ABSOLUTE, 6)))
+    f = next(f for f in range(D_SAE) if f != c)
+    edit = EditPayload(0, f, int(ops.Mode.CLAMP), 5.0, sel, when=CondPayload(c, int(Cond.GT), thr, True))
+    plan = compile_request(RequestPayload("r", (edit,)), 4)
+    assert plan.edits[0]["latch"].tolist() == [0, 0] and len(plan.latch_state[0]) == 1
+    hook = HookTables(sae, max_tokens=64, max_slots=4, max_feats=4, staged=False)
+    first = next(p for p in range(3) if acts[p, c] > thr)
+    for lo, hi in [(0, 5), (5, 8), (8, 10)]:  # a prefill chunk, then two more steps
+        plan_step([hook], StepDescription([ScheduledRequest("r", 0, hi - lo, lo, plan)]))
+        h = torch.zeros(hi - lo, D_IN)
+        out = hook.apply(h, x[lo:hi])
+        for r, p in enumerate(range(lo, hi)):
+            on = (p < 3 or p >= 6) and (bool(acts[p, c] > thr) or p >= first)
+            a = acts[p, f]
+            want = (5.0 - a) * sae.W_dec[f] if on else torch.zeros(D_IN)
+            torch.testing.assert_close(out[r], want, rtol=1e-5, atol=1e-5)
+        hook.clear()
+    assert int(plan.latch_state[0][0]) == first

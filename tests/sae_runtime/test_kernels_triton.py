@@ -65,6 +65,8 @@ def test_triton_splice_fuses_all_but_top_afa():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", [0, 1, 37])
 def test_triton_splice(arch, dtype, T, monkeypatch):
+    """Windows and token conditions masked in the kernel (``conditions=False``: the
+    kernel's own masks; at T = 37 also True: the torch pass that decides conditions)."""
     if arch in triton_splice.SPLICE_RULES:
         no_splice_fallback(monkeypatch)  # the fused kernel runs (top-AFA falls back)
     sae = random_sae(arch, 48, 200).to("cpu", dtype)
@@ -77,14 +79,16 @@ def test_triton_splice(arch, dtype, T, monkeypatch):
     lo = torch.randint(0, 20, (S, K))  # windows: some tokens inside, some outside
     hi = lo + torch.randint(0, 20, (S, K))
     tables = edit_tables(tok_slot, feat, mode, val, tok_pos=torch.randint(0, 40, (T + 3,)),
-                         pos_lo=lo, pos_hi=hi, slot_len=torch.tensor([3, 2, 0, 3]))
+                         pos_lo=lo, pos_hi=hi, slot_len=torch.tensor([3, 2, 0, 3]),
+                         by_token=torch.rand(S, K) < 0.5, tok_match=torch.rand(T + 3, K) < 0.5)
     h = torch.randn(T, 48).to(dtype)
     resid = (h.float() + torch.randn(T, 48)).to(dtype)
-    got = triton_splice.splice_triton(h, resid, sae, tables)
     want = splice_reference(h, resid, sae, tables)
-    assert_splice_matches(got, want, dtype)
-    untouched = tok_slot[:T] < 0
-    assert torch.equal(got[untouched], h[untouched])
+    for conditions in (False, True) if T == 37 else (False,):
+        got = triton_splice.splice_triton(h, resid, sae, tables, conditions)
+        assert_splice_matches(got, want, dtype)
+        untouched = tok_slot[:T] < 0
+        assert torch.equal(got[untouched], h[untouched])
 
 
 @pytest.mark.parametrize("arch", sorted(triton_splice.SPLICE_RULES))

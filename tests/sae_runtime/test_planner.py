@@ -141,7 +141,7 @@ def test_planned_tables_apply_exactly_the_oracle_edits(name, staged):
                     if items := _oracle_edits(payload, prompt_len, pos0 + t - a, hook_id):
                         per_row[t] = items
             # The tables' view of each row (windows applied) lists the oracle's edits...
-            feat, mode, val = row_edits(hook.edits, hook.tok_slot[:T], hook.tok_pos[:T])
+            feat, mode, val = row_edits(hook.edits, torch.arange(T))
             for t in range(T):
                 live = mode[t] != ops.Mode.NONE
                 got = [(int(f), int(m), float(v)) for f, m, v in

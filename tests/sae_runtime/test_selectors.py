@@ -7,6 +7,8 @@ The oracle decides from the selector's fields alone (not from ``Selector.windows
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import msgspec
 import numpy as np
 import pytest
@@ -16,6 +18,8 @@ from sae_runtime import ops
 from sae_runtime.errors import InvalidRequestError
 from sae_runtime.kernels import row_edits
 from sae_runtime.saes.base import SAEConfig
+from sae_runtime.spec import budget
+from sae_runtime.spec.guardrails import GuardSpec
 from sae_runtime.spec.interventions import Intervention, Scope, SteeringSpec
 from sae_runtime.spec.payloads import (
     EditPayload,
@@ -41,7 +45,7 @@ from sae_runtime.step.planner import (
     StepDescription,
     compile_request,
     plan_step,
-    token_pieces,
+    token_match,
 )
 from sae_runtime.step.tables import HookTables
 from tests.sae_runtime._factories import random_sae
@@ -157,15 +161,19 @@ SAES = {"s": SAEConfig("standard", 8, 100, "blocks.1.hook_resid_post", 1, "resid
 
 
 def test_edit_rows_per_sae_are_capped():
+    """Each window of a selector is one edit row; the budget caps a request's rows per SAE."""
+    caps = SimpleNamespace(max_interventions=3, max_watch=4, max_guardrails=8)
     two = Selector((Range(A, 0, 2), Range(A, 5, 6)))
     ok = SteeringSpec((Intervention("s", 1, ops.Mode.CLAMP, 1.0, positions=two),
                        Intervention("s", 2, ops.Mode.ADD, 1.0)))
     ok.validate(SAES, max_interventions=3, vocab_size=512)
+    assert budget.check_request(ok, ReadSpec(), GuardSpec(), SAES, caps).edit_rows == {"s": 3}
     over = SteeringSpec((Intervention("s", 1, ops.Mode.CLAMP, 1.0, positions=two),
                          Intervention("s", 2, ops.Mode.ADD, 1.0,
                                       positions=Selector((Range(A, 0, 2),), exclude_ranges=True))))
+    over.validate(SAES, max_interventions=3, vocab_size=512)
     with pytest.raises(InvalidRequestError, match="need 4 edit rows") as ei:
-        over.validate(SAES, max_interventions=3, vocab_size=512)
+        budget.check_request(over, ReadSpec(), GuardSpec(), SAES, caps)
     assert ei.value.field == "interventions"
     with pytest.raises(InvalidRequestError) as ei:
         SteeringSpec((Intervention("s", 1, ops.Mode.CLAMP, 1.0, positions=Selector(token_ids=(600,))),)
@@ -265,7 +273,6 @@ def test_token_id_rows_give_exactly_the_oracle_edits(name):
     plans = {i: compile_request(p, n) for i, (p, n, _) in enumerate(REQUESTS)}
     seqs = {i: _tokens(seed, 80) for i, (_, _, seed) in enumerate(REQUESTS)}
     g = torch.Generator().manual_seed(0)
-    used_slots = 0
     for step in STEPS[name]:
         T = max(b for _, _, b, _ in step) + 2
         flat = np.zeros(T, dtype=np.int32)
@@ -273,14 +280,15 @@ def test_token_id_rows_give_exactly_the_oracle_edits(name):
             flat[a:b] = seqs[i][pos0 : pos0 + b - a]
         reqs = [ScheduledRequest(f"r{i}", a, b, pos0, plans[i]) for i, a, b, pos0 in step]
         plan_step([hook], StepDescription(reqs, flat))
-        used_slots = max(used_slots, hook.n_slots - sum(plans[i].edits != {} for i, *_ in step))
+        # one slot per request that edits, however many runs its tokens make
+        assert hook.n_slots == sum(plans[i].edits != {} for i, *_ in step)
         want = {}
         for i, a, b, pos0 in step:
             payload, n, _ = REQUESTS[i]
             for t in range(a, b):
                 if items := _oracle(payload, n, pos0 + t - a, seqs[i][pos0 + t - a]):
                     want[t] = sorted(items)
-        feat, mode, val = row_edits(hook.edits, hook.tok_slot[:T], hook.tok_pos[:T])
+        feat, mode, val = row_edits(hook.edits, torch.arange(T))
         for t in range(T):
             live = mode[t] != ops.Mode.NONE
             got = sorted((int(f), int(m), float(v)) for f, m, v in
@@ -293,20 +301,37 @@ def test_token_id_rows_give_exactly_the_oracle_edits(name):
         want_out = _dense_oracle(hook.sae, h, h + residual, want)
         torch.testing.assert_close(out, want_out, atol=1e-4, rtol=1e-4)
         hook.clear()
-    assert used_slots > 0, "no step needed more than one slot for a request"
 
 
-def test_token_pieces_fit_the_width_and_cover_runs():
-    plan = compile_request(SPECIAL, 30)
-    rows = plan.edits[0]
-    toks = np.array([BOS, NL, NL, 20, NL, 21, 22, BOS, 20, NL, 20, NL, 20, 20, BOS, BOS])
-    pos = np.arange(40, 40 + len(toks))
-    pieces = token_pieces(rows, plan.token_rules[0], pos, toks, width=2)
-    assert all(len(p) <= 2 for _, _, p in pieces)
-    got = sorted((int(lo), int(hi)) for _, _, p in pieces for lo, hi in zip(p["pos_lo"], p["pos_hi"], strict=True))
-    assert got == [(40, 43), (44, 45), (47, 48), (49, 50), (51, 52), (54, 56)]
-    assert [(a, b) for a, b, _ in pieces] == [(0, 5), (7, 10), (11, 16)]
-    assert token_pieces(rows, plan.token_rules[0], pos[3:4], toks[3:4], width=2) == []
+def test_token_match_marks_each_rows_token_per_edit():
+    plan = compile_request(MIXED, 9)
+    rules = plan.token_rules[0]
+    assert plan.edits[0]["by_token"].tolist() == [0, 1, 1] and rules[0] is None
+    toks = np.array([BOS, NL, NL, 20, NL, 21])
+    m = token_match(rules, toks)
+    assert m.dtype == np.int8 and m.shape == (6, 3)
+    assert m[:, 0].tolist() == [1] * 6  # no token condition (its by_token is 0 anyway)
+    assert m[:, 1].tolist() == m[:, 2].tolist() == [1, 0, 0, 1, 0, 1]  # NL excluded
+
+
+def test_one_slot_holds_a_request_whose_tokens_alternate():
+    """The case that once split a request into one slot per run of matching tokens: a
+    full-width request of token-id edits over a prompt alternating a matching and another
+    token, beside a full batch of other requests. Each request takes one slot."""
+    n_req, width = 6, 4
+    hook = HookTables(random_sae("standard", D_IN, D_SAE, seed=2), 64, n_req, width)
+    alt = RequestPayload(rid="alt", edits=tuple(
+        EditPayload(0, f, AD, 0.5, Selector(token_ids=(NL,))) for f in range(width)))
+    other = RequestPayload(rid="o", edits=_edits((3, C, 1.0, ALL)))
+    toks = np.array([NL if t % 2 else 20 for t in range(40)] + [0] * 5, dtype=np.int32)
+    reqs = [ScheduledRequest("alt", 0, 40, 0, compile_request(alt, 40))]
+    reqs += [ScheduledRequest(f"o{i}", 40 + i, 41 + i, 7, compile_request(other, 3))
+             for i in range(n_req - 1)]
+    plan_step([hook], StepDescription(reqs, toks))
+    assert hook.n_slots == n_req
+    feat, mode, _ = row_edits(hook.edits, torch.arange(40))
+    on = (mode != ops.Mode.NONE).sum(1)
+    assert on.tolist() == [width if t % 2 else 0 for t in range(40)]
 
 
 def test_multi_window_reads_read_the_hull_and_report_through_covers():
@@ -348,5 +373,5 @@ def test_v1_adapter_passes_the_step_tokens_only_when_a_request_selects_by_token(
     assert describe_step(runner(WINDOWS), RequestPlans()).token_ids is None
     hook = HookTables(random_sae("standard", D_IN, D_SAE, seed=2), MAX_TOKENS, MAX_SEQS, WIDTH)
     plan_step([hook], step)
-    feat, mode, _ = row_edits(hook.edits, hook.tok_slot[:6], hook.tok_pos[:6])
+    feat, mode, _ = row_edits(hook.edits, torch.arange(6))
     assert [bool((m != ops.Mode.NONE).any()) for m in mode] == [True, False, True, False, False, False]

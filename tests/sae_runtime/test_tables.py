@@ -127,13 +127,13 @@ def test_reads_of_edited_and_plain_rows_equal_the_reference(arch, staged):
     h, residual = torch.randn(T, D_IN, generator=g), torch.randn(T, D_IN, generator=g)
     edits = _fill(tables, [(0, 10, 3), (20, 30, 1)], g)
     # Two reading requests: rows 5..14 (top-8, watching 2 features), rows 25..29 (top-3).
-    off_a = tables.add_read_rows(5, 15, 8, (7, 11), pooled=False)
-    off_b = tables.add_read_rows(25, 30, 3, (), pooled=False)
-    assert (off_a, off_b) == (0, 10)
+    off_a, pool_a = tables.add_read_rows(5, 15, 8, (7, 11), pooled=False)
+    off_b, pool_b = tables.add_read_rows(25, 30, 3, (), pooled=False)
+    assert (off_a, off_b, pool_a, pool_b) == (0, 10, -1, -1)
     tables.upload()
     tables.apply(h, residual)
-    vals, idx, watch, dense = tables.read_out_host()
-    assert dense is None and vals.shape == (15, 8) and watch.shape == (15, 2)
+    vals, idx, watch, pools = tables.read_out_host()
+    assert pools is None and vals.shape == (15, 8) and watch.shape == (15, 2)
     resid = h + residual
     for rows, off, k, w in ((range(5, 15), off_a, 8, [7, 11]), (range(25, 30), off_b, 3, [])):
         rows = list(rows)
@@ -152,15 +152,52 @@ def test_reads_of_edited_and_plain_rows_equal_the_reference(arch, staged):
                            torch.float32)
 
 
-def test_pooled_read_returns_dense_latents():
+@pytest.mark.parametrize("staged", [False, True])
+def test_pooled_reads_fold_bounded_chunks_into_sums_and_maxima(monkeypatch, staged):
+    """A step with two pooled reads (one of an edited request) and a plain one: each pooled
+    read's sums and maxima equal the dense reference's over its rows, the top-k and watch
+    values equal the reference's, and no dense latents exist for more than ``pool_chunk``
+    rows at once (the preallocated pools are the only ``d_sae``-wide buffers that last)."""
     sae = random_sae("jumprelu", D_IN, D_SAE, seed=5)
-    tables = HookTables(sae, max_tokens=16, max_slots=4, max_feats=2, max_watch=1)
-    h = torch.randn(6, D_IN)
-    tables.add_read_rows(1, 4, 2, (), pooled=True)
+    tables = HookTables(sae, max_tokens=32, max_slots=4, max_feats=3, max_watch=2, staged=staged)
+    assert tables.pool_sum.shape == (tables.sizes.pool_slots + 1, D_SAE)
+    tables.pool_chunk = 3
+    widest = []
+    real = ops.read_latents
+
+    def spy(sae_, x, *a):
+        widest.append(x.shape[0])
+        return real(sae_, x, *a)
+
+    monkeypatch.setattr(ops, "read_latents", spy)
+    g = torch.Generator().manual_seed(6)
+    h = torch.randn(20, D_IN, generator=g) * 2
+    edits = _fill(tables, [(10, 20, 3)], g)
+    segs = [tables.add_read_rows(0, 7, 2, (5,), pooled=True),
+            tables.add_read_rows(7, 10, 4, (), pooled=False),
+            tables.add_read_rows(10, 20, 3, (1, 9), pooled=True)]
+    assert [p for _, p in segs] == [0, -1, 1]
+    tables.upload()
     tables.apply(h, None)
-    dense = tables.read_out_host()[3]
-    none = torch.zeros(3, 0, dtype=torch.int64)
-    torch.testing.assert_close(dense, ops.read_latents(sae, h[1:4], none, none.int(), none.float()))
+    vals, idx, watch, (psum, pmax) = tables.read_out_host()
+    assert max(widest) == 3 and sum(widest) == 20
+    assert psum.shape == pmax.shape == (2, D_SAE)
+    for (off, pool), (lo, hi), k, w in zip(segs, [(0, 7), (7, 10), (10, 20)], [2, 4, 3],
+                                           [[5], [], [1, 9]], strict=True):
+        rows = list(range(lo, hi))
+        feat = torch.zeros(len(rows), 3, dtype=torch.int64)
+        mode = torch.zeros(len(rows), 3, dtype=torch.int32)
+        value = torch.zeros(len(rows), 3)
+        for r, t in enumerate(rows):
+            for j, (i, m, v) in enumerate(edits.get(t, [])):
+                feat[r, j], mode[r, j], value[r, j] = i, m, v
+        dense = real(sae, h[rows], feat, mode, value)  # [rows, d_sae], the reference
+        sl = slice(off, off + len(rows))
+        torch.testing.assert_close(vals[sl, :k], dense.topk(k, dim=1).values)
+        torch.testing.assert_close(watch[sl, : len(w)], dense[:, w])
+        if pool >= 0:
+            torch.testing.assert_close(psum[pool], dense.sum(0), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(pmax[pool], dense.max(0).values)
 
 
 # --------------------------------------------------------------------------- CUDA graphs

@@ -107,7 +107,7 @@ def test_a_bank_add_edit_is_exactly_strength_times_the_vector(tmp_path, path):
     h = torch.randn(16, D)
     x = h + torch.randn(16, D)
     out = (splice_reference(h, x, sae, tables.edits) if path == "reference" else
-           splice_compact(h, x, sae, tables.rows[:6], tables.row_slot[:6], tables.edits))
+           splice_compact(h, x, sae, tables.rows[:6], tables.edits))
     want = h.clone()
     want[:6] += 1.5 * torch.from_numpy(dirs[2])
     want[3:6] += -2.0 * torch.from_numpy(dirs2[2])
@@ -120,7 +120,7 @@ def test_a_bank_add_edit_is_exactly_strength_times_the_vector(tmp_path, path):
 def test_the_planner_gives_each_request_its_inline_vector_in_its_own_scratch_row():
     """An inline-only bank (no named vectors): two requests in one step, each with its own
     vector; the hook adds exactly strength * v of each request to its rows, in every
-    step, and a token-id selector's several slots each carry the vector."""
+    step, and a token-id selector's rows (one slot, whatever its runs) carry the vector."""
     import numpy as np
 
     from sae_runtime import ops
@@ -144,7 +144,7 @@ def test_the_planner_gives_each_request_its_inline_vector_in_its_own_scratch_row
     vecs = [g.standard_normal(d).astype(np.float32) for _ in range(3)]
     strengths = [2.0, -0.5, 3.0]
     every = Selector()
-    odd_tokens = Selector(token_ids=(7,))  # a token-id selector: one slot per run
+    odd_tokens = Selector(token_ids=(7,))  # a token-id selector: two runs, one slot
 
     def plan(i, sel):
         ed = EditPayload(0, bank.inline_row, int(ops.Mode.ADD), strengths[i], sel,
@@ -166,7 +166,7 @@ def test_the_planner_gives_each_request_its_inline_vector_in_its_own_scratch_row
         for r in (8, 10, 11):  # token 7 only
             want[r] += strengths[2] * torch.from_numpy(vecs[2])
         torch.testing.assert_close(out, want)
-        assert hook.n_slots == 4  # one edit row per slot: c's two runs of token 7 took two
+        assert hook.n_slots == 3  # one slot per request: c's two runs of token 7 take one
         assert all(int(p.edits[0]["feature"][0]) == bank.inline_row for p in plans)
         hook.clear()
         vecs.reverse(), strengths.reverse()
