@@ -199,21 +199,20 @@ def test_closing_a_stream_aborts_the_engine_request(server, oai, model):
         pass
     assert set(_idle(server).values()) == {0}
     m = server.metrics()
-    assert m['steerd_requests_total{code="CANCELLED",method="/v1/completions"}'] >= 6
+    assert m['steerd_requests_total{code="CANCELLED",door="http",method="Generate"}'] >= 6
 
 
 def test_http_requests_count_in_the_shared_metrics(server, oai, model):
-    def count(method, code):
-        return server.metrics().get(f'steerd_requests_total{{code="{code}",method="{method}"}}', 0)
+    def count(code):
+        return server.metrics().get(
+            f'steerd_requests_total{{code="{code}",door="http",method="Generate"}}', 0)
 
-    before = (count("/v1/chat/completions", "OK"), count("/v1/completions", "INVALID_ARGUMENT"),
-              server.metrics()["steerd_generated_tokens_total"])
+    before = (count("OK"), count("INVALID_ARGUMENT"), server.metrics()["steerd_generated_tokens_total"])
     oai.chat.completions.create(model=model, messages=[{"role": "user", "content": "a"}],
                                 max_tokens=3, extra_body={"ignore_eos": True})
     with pytest.raises(openai.BadRequestError):
         oai.completions.create(model=model, prompt="a", max_tokens=0)
-    after = (count("/v1/chat/completions", "OK"), count("/v1/completions", "INVALID_ARGUMENT"),
-             server.metrics()["steerd_generated_tokens_total"])
+    after = (count("OK"), count("INVALID_ARGUMENT"), server.metrics()["steerd_generated_tokens_total"])
     assert after == (before[0] + 1, before[1] + 1, before[2] + 3)
 
 

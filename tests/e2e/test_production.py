@@ -224,8 +224,8 @@ def _wait_idle(srv, timeout=60.0):
 
 def test_metrics_report_requests_and_latencies(secure):
     m = secure.metrics()
-    assert m['steerd_requests_total{code="OK",method="Generate"}'] >= 1
-    assert m['steerd_requests_total{code="INVALID_ARGUMENT",method="Generate"}'] >= 1
+    assert m['steerd_requests_total{code="OK",door="grpc",method="Generate"}'] >= 1
+    assert m['steerd_requests_total{code="INVALID_ARGUMENT",door="grpc",method="Generate"}'] >= 1
     assert m["steerd_ttft_seconds_count"] >= 1 and m["steerd_tpot_seconds_count"] >= 1
     assert m["steerd_generated_tokens_total"] >= 1 and m["steerd_interventions_total"] >= 1
 
