@@ -228,7 +228,9 @@ def build_app(core: Core, *, model: str, auth: Auth | None = None,
             stream = await core.generate(bodies.generate_request(body), auth.caller(authorization))
         except HttpError as e:
             return fail(e, call)
-        except SteeringError as e:
+        except Exception as e:  # noqa: BLE001 - a domain error, or a JSON 500 (logged)
+            if not isinstance(e, SteeringError):
+                log.error("HTTP %s failed", request.url.path, exc_info=e)
             return fail(http_error(e, bodies.field_table(body)), call)
         shaper = shape.Shaper(body, model)
         if body.stream:
@@ -289,7 +291,9 @@ def build_app(core: Core, *, model: str, auth: Auth | None = None,
                 out = await fn(request)
             except HttpError as e:
                 return fail(e, call)
-            except SteeringError as e:
+            except Exception as e:  # noqa: BLE001 - a domain error, or a JSON 500 (logged)
+                if not isinstance(e, SteeringError):
+                    log.error("HTTP %s %s failed", request.method, path, exc_info=e)
                 return fail(http_error(e), call)
             call.end()
             return JSONResponse(out)

@@ -166,7 +166,8 @@ def test_chat_errors_and_bad_json(server, oai, model):
         oai.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}],
                                     max_completion_tokens=0)
     assert ei.value.body["param"] == "max_completion_tokens"
-    r = httpx.post(server.http_url + "/completions", content=b"{not json", timeout=30)
+    r = httpx.post(server.http_url + "/completions", content=b"{not json", timeout=30,
+                   headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_argument"
     r = httpx.post(server.http_url + "/completions", json={"model": model}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"

@@ -7,14 +7,14 @@ import asyncio
 
 import numpy as np
 
+from sae_runtime.ops import Cond
 from sae_runtime.spec.guardrails import Guardrail, GuardSpec
 from sae_runtime.spec.interventions import Condition
 from sae_runtime.spec.reads import Read
 from sae_runtime.spec.selectors import ALL, GENERATION
-from sae_runtime.ops import Cond
 from sae_runtime.step.records import ReadRecord
-from server.core.reads import RequestReads
 from server.core.feed import ReadFeed
+from server.core.reads import RequestReads
 
 
 def rec(read, pos0, watch_rows):

@@ -8,8 +8,8 @@ import numpy as np
 
 from sae_runtime.spec.reads import Read, ReadScope, ReadSpec
 from sae_runtime.step.records import ReadRecord
-from server.core.reads import RequestReads
 from server.core.feed import ReadFeed
+from server.core.reads import RequestReads
 
 
 def rec(pos0, n, k=2, sae=0, base=0.0, pooled=False):
