@@ -61,6 +61,10 @@ from server.core.validate import Generation, Limits
 
 log = logging.getLogger("steerd")
 
+STALL_S = 0.05
+"""A door that has not taken a stream's chunk after this long (its write held by flow
+control) is decoupled from the engine side (``Core.stream``)."""
+
 GUARDRAIL_MISSING_READ = ("pass", "trip")
 """What a guardrail does at a position whose guard read never arrived: ``pass`` (the
 position is not checked; logged) or ``trip`` (fail closed: the stream ends as if it had
@@ -126,6 +130,7 @@ class Core:
         self.trip_missing = guardrail_missing_read == "trip"
         self.active_streams = 0
         self.configs: Counter[str] = Counter()  # cache salt -> in-flight requests using it
+        self._stalls = StallWatch(STALL_S)
         m = self.metrics
         m.active_streams.set_function(lambda: self.active_streams)
         m.distinct_configs.set_function(lambda: len(self.configs))
@@ -220,27 +225,53 @@ class Core:
     async def stream(self, admitted: Admitted) -> AsyncIterator[Chunk]:
         """Run an admitted request; releases its slot when the stream ends (or is closed).
 
-        The engine side runs in its own task and hands chunks over through an ``Outbox``,
-        so a client that stops reading stalls only this generator (its write waits on the
-        connection's flow control), not the engine request. What piles up in between is
-        capped at ``max_stream_buffer_bytes``: past it the engine request is aborted, its
-        reads and unsent chunks dropped, its slot given back, and the stream ends with
+        While the door keeps up, the stream pulls each chunk straight from the engine side
+        and hands it over in the same task (no hop). A door that does not come back for the
+        next chunk within ``STALL_S`` (its write is held by flow control: the client is not
+        reading) is decoupled: from then on the engine side runs in its own task and hands
+        chunks over through an ``Outbox``, so a stalled client stalls only this generator,
+        not the engine request. What piles up in between is capped at
+        ``max_stream_buffer_bytes``: past it the engine request is aborted, its reads and
+        unsent chunks dropped, its slot given back, and the stream ends with
         RESOURCE_EXHAUSTED as soon as the client takes what its window already holds.
         """
         engine_id = uuid.uuid4().hex
-        box = Outbox(self.max_stream_buffer_bytes)
-        producer = asyncio.create_task(self._produce(
-            self._generate(admitted, engine_id, box.part), box, admitted.release,
-            admitted.gen.request_id or engine_id))
+        part = max(self.max_stream_buffer_bytes // 4, 1)
+        gen = self._generate(admitted, engine_id, part)
+        shown_id = admitted.gen.request_id or engine_id
+        loop = asyncio.get_running_loop()
+        box: Outbox | None = None
+        producer: asyncio.Task | None = None
+        handing = self._stalls.watch()
+
+        def decouple() -> None:
+            nonlocal box, producer
+            box = Outbox(self.max_stream_buffer_bytes, part)
+            producer = asyncio.create_task(self._produce(gen, box, admitted.release, shown_id))
+
+        handing.decouple = decouple
         try:
+            while box is None:
+                try:
+                    chunk, _ = await anext(gen)
+                except StopAsyncIteration:
+                    return
+                handing.since = loop.time()
+                yield chunk  # returns once the door has taken it (the transport, for gRPC)
+                handing.since = None
+            self._stalls.forget(handing)
             while (item := await box.get()) is not None:
                 chunk, size, exempt = item
-                yield chunk  # returns once the door has taken it (the transport, for gRPC)
+                yield chunk
                 box.sent(size, exempt)
         finally:
-            producer.cancel()
+            self._stalls.forget(handing)
             admitted.release()
-            await asyncio.wait([producer])  # its cleanup aborts the engine request
+            if producer is not None:
+                producer.cancel()
+                await asyncio.wait([producer])  # its cleanup aborts the engine request
+            else:
+                await gen.aclose()  # aborts the engine request if it has not finished
 
     async def collect(self, stream: AsyncIterator[Chunk]) -> list[Chunk]:
         """A whole (non-streamed) generation, capped like a stream: past
@@ -296,9 +327,10 @@ class Core:
         finished = False
         try:
             prompt = eng.make_prompt(ids, spec, caller.tenant)
-            async for out in self.engine.generate(prompt, params, engine_id):
-                finished = out.finished
-                yield out
+            async with contextlib.aclosing(self.engine.generate(prompt, params, engine_id)) as outs:
+                async for out in outs:
+                    finished = out.finished
+                    yield out
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - mapped, never leaked
@@ -556,6 +588,48 @@ class Core:
             inline_vector_layers=tuple(sorted(self.vectors.inline)),
             max_inline_vectors=validate.MAX_INLINE_VECTORS if self.vectors.inline else 0,
         )
+
+
+class Handover:
+    """One stream handing its chunks to the door directly: ``since`` is when the door got
+    the current one (None while the stream is pulling the next); ``decouple`` moves the
+    engine side into its own task."""
+
+    __slots__ = ("since", "decouple")
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+        self.decouple: Callable[[], None] = lambda: None
+
+
+class StallWatch:
+    """Finds streams whose door has held a chunk longer than ``stall_s`` and decouples
+    them: one task for all streams, ticking while any is watched, so a stream's chunk costs
+    two assignments, not a timer."""
+
+    def __init__(self, stall_s: float) -> None:
+        self.stall_s = stall_s
+        self.streams: set[Handover] = set()
+        self._task: asyncio.Task | None = None
+
+    def watch(self) -> Handover:
+        h = Handover()
+        self.streams.add(h)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        return h
+
+    def forget(self, h: Handover) -> None:
+        self.streams.discard(h)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.streams:
+            await asyncio.sleep(self.stall_s / 2)
+            now = loop.time()
+            for h in [h for h in self.streams if h.since is not None and now - h.since > self.stall_s]:
+                self.streams.discard(h)
+                h.decouple()
 
 
 def sae_info(sae_id: str, cfg: SAEConfig, dtype: str, labelled: bool) -> SAEInfo:

@@ -9,7 +9,8 @@ core does that (``server.core.validate``), naming fields by the API's paths
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import IntEnum
 
 import numpy as np
@@ -167,10 +168,11 @@ class Chunk:
     token_ids: list[int]
     text: str
     first_position: int
-    prompt_token_ids: list[int] = field(default_factory=list)
-    logprobs: list[PositionLogprobs] = field(default_factory=list)
-    prompt_logprobs: list[PositionLogprobs] = field(default_factory=list)
-    features: list[FeatureActivations] = field(default_factory=list)
+    # empty tuples when absent (most chunks): no list allocated per chunk
+    prompt_token_ids: Sequence[int] = ()
+    logprobs: Sequence[PositionLogprobs] = ()
+    prompt_logprobs: Sequence[PositionLogprobs] = ()
+    features: Sequence[FeatureActivations] = ()
     finish_reason: FinishReason | None = None
     guardrail: GuardrailTrip | None = None
     usage: Usage | None = None
@@ -192,17 +194,14 @@ def merge_chunks(chunks: list[Chunk]) -> Chunk:
     ``first_position`` and the prompt's ids are the first one's, the last one's finish
     reason, guardrail and usage win."""
     first = chunks[0]
-    out = Chunk(first.request_id, [], "", first.first_position, list(first.prompt_token_ids))
-    texts = []
+    out = Chunk(first.request_id, [t for c in chunks for t in c.token_ids],
+                "".join(c.text for c in chunks), first.first_position, first.prompt_token_ids,
+                [e for c in chunks for e in c.logprobs],
+                [e for c in chunks for e in c.prompt_logprobs],
+                [f for c in chunks for f in c.features])
     for c in chunks:
-        out.token_ids += c.token_ids
-        texts.append(c.text)
-        out.logprobs += c.logprobs
-        out.prompt_logprobs += c.prompt_logprobs
-        out.features += c.features
         if c.finish_reason is not None:
             out.finish_reason, out.guardrail, out.usage = c.finish_reason, c.guardrail, c.usage
-    out.text = "".join(texts)
     return out
 
 

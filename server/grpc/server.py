@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import grpc
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -69,46 +68,19 @@ class GrpcDoor:
 
 
 def add_servicer(servicer: SteeringServicer, server: grpc.aio.Server) -> None:
-    """Register the service like the generated ``add_..._to_server``, but parse requests here.
-
-    gRPC would answer a message it cannot parse (say, invalid UTF-8 in a string field) with
-    INTERNAL; parsing it ourselves makes that INVALID_ARGUMENT with the parser's reason.
-    """
+    """Register the service like the generated ``add_..._to_server``, but without a request
+    deserializer: each method parses its raw request itself (``SteeringServicer._parse``),
+    so a message gRPC could not parse is INVALID_ARGUMENT, not INTERNAL, with no wrapper
+    between gRPC and the method's own generator."""
     handlers = {}
     for m in pb.DESCRIPTOR.services_by_name["SteeringService"].methods:
-        req_cls, resp_cls = getattr(pb, m.input_type.name), getattr(pb, m.output_type.name)
-        impl = getattr(servicer, m.name)
+        resp_cls = getattr(pb, m.output_type.name)
         make = (grpc.unary_stream_rpc_method_handler if m.server_streaming
                 else grpc.unary_unary_rpc_method_handler)
-        wrap = _parse_stream if m.server_streaming else _parse_unary
-        handlers[m.name] = make(wrap(impl, req_cls, servicer.metrics, m.name),
+        handlers[m.name] = make(getattr(servicer, m.name),
                                 response_serializer=resp_cls.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
-
-
-async def _parse(raw: bytes, cls, context, metrics: Metrics, method: str):
-    try:
-        return cls.FromString(raw)
-    except DecodeError as e:
-        metrics.call(method, DOOR).end(code=Code.INVALID_ARGUMENT)
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"request is not a valid {cls.DESCRIPTOR.full_name}: {e}")
-
-
-def _parse_unary(impl, cls, metrics: Metrics, method: str):
-    async def handler(raw, context):
-        return await impl(await _parse(raw, cls, context, metrics, method), context)
-
-    return handler
-
-
-def _parse_stream(impl, cls, metrics: Metrics, method: str):
-    async def handler(raw, context):
-        async for msg in impl(await _parse(raw, cls, context, metrics, method), context):
-            yield msg
-
-    return handler
 
 
 class BearerAuth(grpc.aio.ServerInterceptor):

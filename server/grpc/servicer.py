@@ -14,9 +14,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from sae_runtime.errors import InternalServerError, SteeringError
 from server.auth import Auth
+from server.core.errors import Code
 from server.core.types import Caller
 from server.grpc import convert
 from server.grpc.errors import abort_with
@@ -50,10 +52,25 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
             err = InternalServerError("internal error")
         await abort_with(context, err)
 
-    async def _unary(self, method: str, context, work: Callable[[], Awaitable[T]], empty: T) -> T:
+    async def _parse(self, request, cls, method: str, context):
+        """``request`` as ``cls``: ``add_servicer`` hands the raw bytes (so a message gRPC
+        could not parse, e.g. invalid UTF-8 in a string, is INVALID_ARGUMENT with the
+        parser's reason instead of INTERNAL); the generated registration hands messages."""
+        if not isinstance(request, bytes):
+            return request
+        try:
+            return cls.FromString(request)
+        except DecodeError as e:
+            self.metrics.call(method, DOOR).end(code=Code.INVALID_ARGUMENT)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"request is not a valid {cls.DESCRIPTOR.full_name}: {e}")
+
+    async def _unary(self, method: str, request, cls, context,
+                     work: Callable[[object], Awaitable[T]], empty: T) -> T:
+        request = await self._parse(request, cls, method, context)
         call = self.metrics.call(method, DOOR)
         try:
-            out = await work()
+            out = await work(request)
         except asyncio.CancelledError as e:
             call.end(e)
             raise
@@ -64,8 +81,9 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
         call.end()
         return out
 
-    async def Generate(self, request: pb.GenerateRequest,
+    async def Generate(self, request: pb.GenerateRequest | bytes,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        request = await self._parse(request, pb.GenerateRequest, "Generate", context)
         call = self.metrics.call("Generate", DOOR)
         try:
             stream = await self.core.generate(convert.generate_request(request),
@@ -90,35 +108,40 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
             await stream.aclose()
             call.end()
 
-    async def Encode(self, request: pb.EncodeRequest, context) -> pb.EncodeResponse:
-        async def work():
-            results = await self.core.encode(convert.encode_request(request), self._caller(context))
+    async def Encode(self, request: pb.EncodeRequest | bytes, context) -> pb.EncodeResponse:
+        async def work(req):
+            results = await self.core.encode(convert.encode_request(req), self._caller(context))
             return pb.EncodeResponse(results=[convert.encode_result(r) for r in results])
 
-        return await self._unary("Encode", context, work, pb.EncodeResponse())
+        return await self._unary("Encode", request, pb.EncodeRequest, context, work,
+                                 pb.EncodeResponse())
 
     async def ListSAEs(self, request, context) -> pb.ListSAEsResponse:
-        async def work():
+        async def work(req):
             return pb.ListSAEsResponse(saes=[convert.sae_info(s) for s in self.core.list_saes()])
 
-        return await self._unary("ListSAEs", context, work, pb.ListSAEsResponse())
+        return await self._unary("ListSAEs", request, pb.ListSAEsRequest, context, work,
+                                 pb.ListSAEsResponse())
 
-    async def GetFeature(self, request: pb.GetFeatureRequest, context) -> pb.Feature:
-        async def work():
-            return convert.feature(await self.core.get_feature(request.sae, request.index))
+    async def GetFeature(self, request: pb.GetFeatureRequest | bytes, context) -> pb.Feature:
+        async def work(req):
+            return convert.feature(await self.core.get_feature(req.sae, req.index))
 
-        return await self._unary("GetFeature", context, work, pb.Feature())
+        return await self._unary("GetFeature", request, pb.GetFeatureRequest, context, work,
+                                 pb.Feature())
 
-    async def SearchFeatures(self, request: pb.SearchFeaturesRequest,
+    async def SearchFeatures(self, request: pb.SearchFeaturesRequest | bytes,
                              context) -> pb.SearchFeaturesResponse:
-        async def work():
-            found = self.core.search_features(request.query, request.sae, request.limit)
+        async def work(req):
+            found = self.core.search_features(req.query, req.sae, req.limit)
             return pb.SearchFeaturesResponse(features=[convert.feature(f) for f in found])
 
-        return await self._unary("SearchFeatures", context, work, pb.SearchFeaturesResponse())
+        return await self._unary("SearchFeatures", request, pb.SearchFeaturesRequest, context,
+                                 work, pb.SearchFeaturesResponse())
 
     async def GetModelInfo(self, request, context) -> pb.GetModelInfoResponse:
-        async def work():
+        async def work(req):
             return convert.model_info(self.core.model_info())
 
-        return await self._unary("GetModelInfo", context, work, pb.GetModelInfoResponse())
+        return await self._unary("GetModelInfo", request, pb.GetModelInfoRequest, context, work,
+                                 pb.GetModelInfoResponse())
