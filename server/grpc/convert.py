@@ -156,8 +156,15 @@ def feature_activations(f: t.FeatureActivations) -> pb.FeatureActivations:
 
 
 def chunk(c: t.Chunk) -> pb.GenerateResponse:
-    msg = pb.GenerateResponse(request_id=c.request_id, token_ids=c.token_ids, text=c.text,
+    """A chunk as a GenerateResponse (once per token per stream: kept lean; a repeated field
+    given to the constructor costs more than an append)."""
+    msg = pb.GenerateResponse(request_id=c.request_id, text=c.text,
                               first_position=c.first_position)
+    ids = c.token_ids
+    if len(ids) == 1:
+        msg.token_ids.append(ids[0])
+    elif ids:
+        msg.token_ids.extend(ids)
     if c.prompt_token_ids:
         msg.prompt_token_ids.extend(c.prompt_token_ids)
     if c.features:
