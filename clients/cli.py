@@ -94,7 +94,7 @@ def _token_ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated token ids") from None
 
 
-def _selector(ranges, exclude_ranges: bool, token_ids=(), exclude_token_ids: bool = False):
+def selector_arg(ranges, exclude_ranges: bool, token_ids=(), exclude_token_ids: bool = False):
     """The PositionSelector the flags describe, or None when no position flag is given."""
     if not ranges and not token_ids and not exclude_ranges and not exclude_token_ids:
         return None
@@ -102,7 +102,7 @@ def _selector(ranges, exclude_ranges: bool, token_ids=(), exclude_token_ids: boo
                      exclude_token_ids=exclude_token_ids)
 
 
-def _reads(topks, watches, scope: str | None, at=None):
+def reads_arg(topks, watches, scope: str | None, at=None):
     """Merge --read SAE:TOPK and --watch SAE:FEATURE into one FeatureRead per SAE (in order)."""
     order: list[str] = []
     k: dict[str, int] = {}
@@ -265,13 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         g.add_argument(f"--{kind}", dest="edits", action="append", default=None,
                        type=_edit(kind, with_value), metavar=meta, help=f"{helptext} (repeatable)")
-    g.add_argument("--when", type=_condition, default=None, metavar="SAE:FEATURE>T",
+    g.add_argument("--when", type=condition_arg, default=None, metavar="SAE:FEATURE>T",
                    help="apply the edits only at positions where this feature of the edits' "
                         "SAE is > T (or < T with '<'), encoded from the same activation")
     g.add_argument("--latch", action="store_true",
                    help="with --when: once the condition has held, keep the edits on for the "
                         "rest of the request")
-    g.add_argument("--vector", dest="vectors", action="append", type=_vector, default=None,
+    g.add_argument("--vector", dest="vectors", action="append", type=vector_arg, default=None,
                    metavar="NAME=STRENGTH[@L,L,...]",
                    help="add the server's steering vector NAME times STRENGTH (at the given "
                         "layers only; the edit's --positions apply; repeatable)")
@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add this request's own vector (a 1-D .npy of d_model floats) times "
                         "STRENGTH (default 1) to block L's output (a layer the server takes "
                         "inline vectors at; the edit's --positions apply; repeatable)")
-    g.add_argument("--abort-when", dest="abort_when", action="append", type=_condition,
+    g.add_argument("--abort-when", dest="abort_when", action="append", type=condition_arg,
                    default=None, metavar="SAE:FEATURE>T",
                    help="guardrail: stop as soon as the feature crosses T at a generated "
                         "position (finish_reason 'feature'; repeatable)")
@@ -329,14 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _condition(text: str):
+def condition_arg(text: str):
     try:
         return parse_condition(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _interventions(edits, scope: str | None, at=None, cond=None, latch: bool = False):
+def interventions_arg(edits, scope: str | None, at=None, cond=None, latch: bool = False):
     makers = {
         "clamp": lambda s, f, v: clamp(s, f, v, scope, at=at),
         "ablate": lambda s, f, v: ablate(s, f, scope, at=at),
@@ -349,7 +349,7 @@ def _interventions(edits, scope: str | None, at=None, cond=None, latch: bool = F
     return out
 
 
-def _vector(text: str):
+def vector_arg(text: str):
     name, sep, rest = text.partition("=")
     strength, _, layers = rest.partition("@")
     try:
@@ -380,7 +380,7 @@ def _inline(text: str):
     return values.astype(float).tolist(), layer_n, st
 
 
-def _guards(conds, on_prompt: bool):
+def guards_arg(conds, on_prompt: bool):
     every = positions() if on_prompt else None  # an empty selector: every position
     return [guardrail(c, at=every) for c in conds or ()]
 
@@ -417,18 +417,18 @@ def _generate(client: SteeringClient, args) -> int:
         args.messages if args.messages else prompt,
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed, stop=args.stop, request_id=args.request_id,
-        interventions=_interventions(
+        interventions=interventions_arg(
             args.edits, "generation_only" if args.generation_only else None,
-            _selector(args.positions, args.exclude_ranges, args.token_ids, args.exclude_token_ids),
+            selector_arg(args.positions, args.exclude_ranges, args.token_ids, args.exclude_token_ids),
             args.when, args.latch),
-        reads=_reads(args.read_topk, args.watch, args.read_scope,
-                     _selector(args.read_positions, args.read_exclude_ranges)),
+        reads=reads_arg(args.read_topk, args.watch, args.read_scope,
+                     selector_arg(args.read_positions, args.read_exclude_ranges)),
         logprobs=args.logprobs, prompt_logprobs=args.prompt_logprobs,
-        abort_when=_guards(args.abort_when, args.abort_on_prompt),
-        vectors=[vector(n, st, ls, at=_selector(args.positions, args.exclude_ranges,
+        abort_when=guards_arg(args.abort_when, args.abort_on_prompt),
+        vectors=[vector(n, st, ls, at=selector_arg(args.positions, args.exclude_ranges,
                                                  args.token_ids, args.exclude_token_ids))
                  for n, st, ls in args.vectors or ()],
-        inline_vectors=[inline_vector(vals, layer, st, at=_selector(
+        inline_vectors=[inline_vector(vals, layer, st, at=selector_arg(
             args.positions, args.exclude_ranges, args.token_ids, args.exclude_token_ids))
             for vals, layer, st in args.inline_vectors or ()],
     )

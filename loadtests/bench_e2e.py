@@ -282,7 +282,7 @@ T0 = time.perf_counter()
 
 async def main_async(args) -> dict:
     from sae_runtime.hw import cpu_info
-    from server.reads import ReadRouter
+    from server.core.reads import ReadRouter
 
     cpu = cpu_info()
     if args.model_dtype == "auto":

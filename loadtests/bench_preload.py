@@ -37,7 +37,7 @@ def rss_mib(pid: int) -> float:
 
 async def run(args) -> dict:
     from sae_runtime.hw import cpu_info
-    from server.reads import ReadRouter
+    from server.core.reads import ReadRouter
 
     cpu = cpu_info()
     if args.model_dtype == "auto":

@@ -313,7 +313,7 @@ class Driver:
 # ---------------------------------------------------------------------------- servers
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -428,7 +428,7 @@ def server_env() -> tuple[dict[str, str], dict[str, str]]:
 
 def make_servers(args, logs: Path) -> tuple[Proc, Proc]:
     bin_dir = Path(sys.executable).parent
-    vport, hport, gport = _free_port(), _free_port(), _free_port()
+    vport, hport, gport = free_port(), free_port(), free_port()
     flags = engine_flags(args.dtype)
     vflags = [x for k, v in flags.items() for x in ((k,) if v is None else (k, v))]
     vllm = Proc("vllm serve", [sys.executable, "-m", "loadtests.bench_serve", "--vllm-cli", "serve",

@@ -22,7 +22,7 @@ def read_sequence_errors(reads: Sequence[tuple[str, int | None]], prompt: Sequen
     ``reads``: (SAE id, scope) per requested read, scope None for a read with a position
     selector (then only duplicates, order, token ids and the fed range are checked).
     ``features``: (SAE id, position, token id) per FeatureActivations as they arrived.
-    The rule (README, "Feature reads"): position p is reported once token p has been fed,
+    The rule (docs/api.md, "Feature reads"): position p is reported once token p has been fed,
     and the last generated token never is, so the fed positions are 0 .. prompt + generated
     - 2 (the whole prompt when nothing was generated); a scoped read covers all of them (ALL), those < len(prompt) (PROMPT) or those
     >= len(prompt) (GENERATION), each exactly once, in increasing order, carrying the token

@@ -1,4 +1,4 @@
-"""Domain errors. The server maps each class to one gRPC status code."""
+"""Domain errors. The server's core maps each class to one status code (``server.core.errors``)."""
 
 from __future__ import annotations
 
@@ -23,11 +23,10 @@ class UnknownSAEError(SteeringError, LookupError):
     """A request names an SAE the server does not serve (gRPC NOT_FOUND)."""
 
     def __init__(self, field: str, sae_id: str, known: list[str]) -> None:
-        from sae_runtime.spec.vectors import is_bank  # (vectors imports this module)
-
-        # steering-vector banks are hooks, not SAEs a request may name
-        listed = ", ".join(sorted(k for k in known if not is_bank(k))) or "(none loaded)"
-        super().__init__(f"{field}: unknown SAE {sae_id!r}; loaded SAEs: {listed}")
+        """``known``: the SAE ids a request may name, as the caller lists them."""
+        listed = ", ".join(sorted(known)) or "(none loaded)"
+        self.description = f"unknown SAE {sae_id!r}; loaded SAEs: {listed}"
+        super().__init__(f"{field}: {self.description}")
         self.field = field
         self.sae_id = sae_id
 
@@ -57,6 +56,7 @@ class NoChatTemplateError(SteeringError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.description = message
 
 
 class EngineUnavailableError(SteeringError):

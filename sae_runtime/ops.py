@@ -42,6 +42,15 @@ class Mode(IntEnum):
     ADD = 4
 
 
+class Cond(IntEnum):
+    """Comparison of a conditional edit or a guardrail; the numbers match
+    ``steering.v1.Comparison``. ``NONE``: unconditional (the edit record's empty value)."""
+
+    NONE = 0
+    GT = 1
+    LT = 2
+
+
 def normalize(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(x_n, c)``: the normalised input and the per-token output scale ``c [..., 1]``.
 

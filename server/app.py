@@ -1,62 +1,79 @@
-"""Server assembly: engine start, gRPC server with health and reflection, shutdown."""
+"""Server assembly: checks and port binds before the engine, the engine, the core, both
+doors and the metrics port, shutdown.
+
+Order matters: everything that can refuse to start (SAE and model files, labels, the chat
+template, the tokens file, TLS files, busy or bad ports) is checked before vLLM is even
+imported, so a mistake costs seconds, not an engine start, and is told as one line.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import grpc
-from google.protobuf.message import DecodeError
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from typing import Any
 
 from sae_runtime.errors import SAEFormatError, UnsupportedModelError
 from sae_runtime.hw import LOW_PRECISION, cpu_info
 from sae_runtime.labels.store import FeatureLabels, load_beside
 from sae_runtime.loading import load_sae_config
-from sae_runtime.loading.vectors import build_banks
+from sae_runtime.loading.vectors import Bank, build_banks
 from sae_runtime.saes.base import SAEConfig
-from sae_runtime.spec.vectors import BANK_PREFIX, VectorIndex, bank_id, is_bank
+from sae_runtime.spec.vectors import VectorIndex
 from sae_runtime.step.config import placement
 from sae_runtime.vllm.families import block_of, family_of, supported
-from server import convert
-from server.auth import BearerAuth, load_tokens
+from server.auth import Auth, load_tokens
 from server.config import ServerConfig
-from server.metrics import Metrics
-from server.reads import ReadRouter
-from server.startup import ExpectedHook, HookPlacementError, apply_cpu_env_defaults, check_hooks
-from steering.v1 import steering_pb2 as pb
-
-if TYPE_CHECKING:  # the servicer imports vLLM: every check before the engine runs without it
-    from server.service import SteeringServicer
+from server.core.metrics import Metrics
+from server.core.reads import ReadRouter
+from server.core.validate import Limits
+from server.grpc.server import GrpcDoor
+from server.http.server import ConnectionLimits, HttpServer, ssl_options
+from server.startup import (
+    ExpectedHook,
+    HookPlacementError,
+    StartupError,
+    apply_cpu_env_defaults,
+    check_hooks,
+    load_tls,
+)
 
 log = logging.getLogger("steerd")
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SteeringService"].full_name
 
 
-def load_sae_configs(cfg: ServerConfig) -> dict[str, SAEConfig]:
-    """Read and check every SAE's config, and its fit to the model, before the engine starts.
+@dataclass(frozen=True)
+class Hooks:
+    """What the workers hook, in hook-id order: the SAEs, then the steering-vector banks
+    (hooks of their own kind: never in the SAE list requests name)."""
 
-    Steering vectors (``--vector``) join the list as one bank per layer
-    (``sae_runtime.loading.vectors``), after the SAEs: hooks like any other, checked the same way."""
+    saes: dict[str, SAEConfig]
+    banks: tuple[Bank, ...] = ()
+
+    @property
+    def configs(self) -> dict[str, SAEConfig]:
+        """Hook id -> the config its hook is placed by (a bank's is its pseudo-SAE's)."""
+        return {**self.saes, **{b.id: b.config() for b in self.banks}}
+
+
+def load_hooks(cfg: ServerConfig) -> Hooks:
+    """Read and check every SAE's config and the vector banks, and their fit to the model,
+    before the engine starts."""
     saes = {s.id: load_sae_config(s.path, s.hook_name) for s in cfg.saes}
-    for sid in saes:
-        if is_bank(sid):
-            raise SAEFormatError(f"--sae {sid}: SAE ids may not start with {BANK_PREFIX!r}")
-    for bank in vector_banks(cfg):
-        saes[bank.id] = bank.config()
-    if saes:
-        check_model_fit(cfg, saes)
-    return saes
+    banks = tuple(vector_banks(cfg))
+    for b in banks:
+        if b.id in saes:
+            raise SAEFormatError(f"--sae {b.id}: the id is taken by the steering vectors of "
+                                 f"layer {b.layer}; name the SAE otherwise")
+    hooks = Hooks(saes, banks)
+    if saes or banks:
+        check_model_fit(cfg, hooks)
+    return hooks
 
 
-def vector_banks(cfg: ServerConfig) -> list:
+def vector_banks(cfg: ServerConfig) -> list[Bank]:
     """The steering-vector banks of ``--vector`` and ``--inline-vectors`` (checked against
     the model), by layer; none without either."""
     if not cfg.vectors and not cfg.inline_vectors:
@@ -68,28 +85,29 @@ def vector_banks(cfg: ServerConfig) -> list:
 
 def model_dims(cfg: ServerConfig) -> tuple[int, int]:
     """(hidden size, number of blocks) of the served model."""
-    from transformers import AutoConfig
-
-    try:
-        hf = AutoConfig.from_pretrained(cfg.model, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise UnsupportedModelError(f"{cfg.model}: cannot read the model config: {e}") from None
+    hf = _hf_config(cfg)
     hf = getattr(hf, "text_config", hf)
     return hf.hidden_size, hf.num_hidden_layers
 
 
-def engine_sae_entries(cfg: ServerConfig, saes: dict[str, SAEConfig]) -> list[dict]:
-    """What the workers load, in hook order: SAE directories, then vector banks."""
+def _hf_config(cfg: ServerConfig):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(cfg.model, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UnsupportedModelError(f"{cfg.model}: cannot read the model config: {e}") from None
+
+
+def engine_sae_entries(cfg: ServerConfig, hooks: Hooks) -> list[dict]:
+    """What the workers load (``WorkerConfig.saes``), in hook order: SAE directories, then
+    vector banks."""
     src = {s.id: s for s in cfg.saes}
     files = [(v.name, str(v.path)) for v in cfg.vectors]
-    inline = ({bank_id(layer) for layer in cfg.inline_vector_layers(model_dims(cfg)[1])}
-              if cfg.inline_vectors else set())
-    return [{"id": sid, "path": "", "vectors": files, "layer": c.layer, "inline": sid in inline,
-             "placement": placement(c)}
-            if is_bank(sid) else
-            {"id": sid, "path": str(src[sid].path), "hook_name": src[sid].hook_name,
-             "placement": placement(c)}
-            for sid, c in saes.items()]
+    return ([{"id": sid, "path": str(src[sid].path), "hook_name": src[sid].hook_name,
+              "placement": placement(c)} for sid, c in hooks.saes.items()]
+            + [{"id": b.id, "path": "", "vectors": files, "layer": b.layer, "inline": b.inline,
+                "placement": placement(b.config())} for b in hooks.banks])
 
 
 def load_labels(cfg: ServerConfig, saes: dict[str, SAEConfig]) -> dict[str, FeatureLabels]:
@@ -116,26 +134,9 @@ def load_chat_template(path) -> str | None:
     return text
 
 
-async def start_http(cfg: ServerConfig, servicer: SteeringServicer) -> Any:
-    """The OpenAI-compatible HTTP server on --http-port (same engine, auth, caps, metrics)."""
-    from server.openai_api import HttpServer, build_app, ssl_options
-
-    app = build_app(servicer, model=cfg.model, tokens=load_tokens(cfg.auth_tokens_file),
-                    max_body_bytes=cfg.max_message_bytes)
-    http = HttpServer(app, cfg.host, cfg.http_port, grace_s=cfg.grace_period_s,
-                      ssl=ssl_options(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca))
-    await http.start()
-    return http
-
-
-def check_model_fit(cfg: ServerConfig, saes: dict[str, SAEConfig]) -> None:
-    """The model family has hook support, and each SAE's layer and width fit the model."""
-    from transformers import AutoConfig
-
-    try:
-        hf = AutoConfig.from_pretrained(cfg.model, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise UnsupportedModelError(f"{cfg.model}: cannot read the model config: {e}") from None
+def check_model_fit(cfg: ServerConfig, hooks: Hooks) -> None:
+    """The model family has hook support, and each hook's layer and width fit the model."""
+    hf = _hf_config(cfg)
     archs = getattr(hf, "architectures", None)
     if family_of(archs) is None:
         raise UnsupportedModelError(
@@ -144,8 +145,8 @@ def check_model_fit(cfg: ServerConfig, saes: dict[str, SAEConfig]) -> None:
     n_layers, hidden = hf.num_hidden_layers, hf.hidden_size
     heads = hf.num_attention_heads
     head_dim = getattr(hf, "head_dim", None) or hidden // heads
-    src = {s.id: s.path for s in cfg.saes} | {b: "--vector" for b in saes if is_bank(b)}
-    for sid, c in saes.items():
+    src = {s.id: s.path for s in cfg.saes} | {b.id: "--vector" for b in hooks.banks}
+    for sid, c in hooks.configs.items():
         block = block_of(c.layer, c.site)
         if not 0 <= block < n_layers:
             raise SAEFormatError(
@@ -159,13 +160,12 @@ def check_model_fit(cfg: ServerConfig, saes: dict[str, SAEConfig]) -> None:
                 f"{c.hook_name} is {want}")
 
 
-def start_engine(cfg: ServerConfig, reads_addr: str | None,
-                 saes: dict[str, SAEConfig] | None = None) -> Any:
+def start_engine(cfg: ServerConfig, reads_addr: str | None, hooks: Hooks | None = None) -> Any:
     from sae_runtime.vllm.engine import EngineSettings, build_engine  # imports vLLM
 
     return build_engine(EngineSettings(
         model=cfg.model,
-        saes=engine_sae_entries(cfg, saes if saes is not None else load_sae_configs(cfg)),
+        saes=engine_sae_entries(cfg, hooks if hooks is not None else load_hooks(cfg)),
         max_interventions=cfg.max_interventions,
         max_watch=cfg.max_watch,  # the watch tables' width: sae_runtime.spec.budget.watch_width
         sae_dtype=cfg.sae_dtype,
@@ -186,139 +186,87 @@ def start_engine(cfg: ServerConfig, reads_addr: str | None,
     ))
 
 
-def expected_hooks(saes: dict[str, SAEConfig]) -> list[ExpectedHook]:
+def expected_hooks(hooks: Hooks) -> list[ExpectedHook]:
     return [ExpectedHook(i, sid, c.hook_name, block_of(c.layer, c.site))
-            for i, (sid, c) in enumerate(saes.items())]
+            for i, (sid, c) in enumerate(hooks.configs.items())]
 
 
-async def verify_hooks(cfg: ServerConfig, engine: Any, saes: dict[str, SAEConfig]) -> dict[str, str]:
-    """Ask every worker what it installed (``check_hooks``); SAE id -> compute dtype."""
+async def verify_hooks(cfg: ServerConfig, engine: Any, hooks: Hooks) -> dict[str, str]:
+    """Ask every worker what it installed (``check_hooks``); hook id -> compute dtype."""
     from sae_runtime.vllm.engine import hook_reports
 
     reports = await hook_reports(engine)
     world = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
-    by_index = check_hooks(reports, expected_hooks(saes), world_size=world, reads=bool(saes))
-    ids = list(saes)
+    by_index = check_hooks(reports, expected_hooks(hooks), world_size=world,
+                           reads=bool(hooks.saes or hooks.banks))
+    ids = list(hooks.configs)
     why = {h["sae"]: h["dtype_why"] for r in reports for h in r.get("hooks", ())}
     for i, dt in sorted(by_index.items()):
         owners = sorted({(r["ranks"]["dp_rank"], r["ranks"]["pp_rank"], r["ranks"]["tp_rank"])
                          for r in reports if any(h["sae"] == i for h in r.get("hooks", ()))})
-        print(f"steerd: SAE {ids[i]} installed on {len(owners)} rank(s) (dp/pp/tp: "
-              f"{', '.join('/'.join(map(str, o)) for o in owners)}); computes in {dt} "
-              f"({why[i]})", flush=True)
+        log.info("SAE %s installed on %d rank(s) (dp/pp/tp: %s); computes in %s (%s)", ids[i],
+                 len(owners), ", ".join("/".join(map(str, o)) for o in owners), dt, why[i])
     return {ids[i]: dt for i, dt in by_index.items()}
 
 
-@dataclass
-class Running:
-    server: grpc.aio.Server
-    port: int
-    health: health.aio.HealthServicer
-    servicer: SteeringServicer
-    dead: asyncio.Event
-
-
-async def build_server(cfg: ServerConfig, engine: Any, saes: dict[str, SAEConfig],
-                       router: ReadRouter | None = None, metrics: Metrics | None = None,
-                       labels: dict[str, FeatureLabels] | None = None,
-                       sae_dtypes: dict[str, str] | None = None) -> Running:
-    """Create and start the gRPC server around a running engine; returns the bound port."""
-    from server.service import SteeringServicer  # imports vLLM
-
-    tokens = load_tokens(cfg.auth_tokens_file)
-    server = grpc.aio.server(
-        interceptors=[BearerAuth(tokens)] if tokens else [],
-        options=[("grpc.max_receive_message_length", cfg.max_message_bytes),
-                 ("grpc.max_send_message_length", max(cfg.max_message_bytes, 64 * 1024 * 1024))],
-    )
-    dead = asyncio.Event()
-    health_servicer = health.aio.HealthServicer()
-
-    def on_engine_dead() -> None:
-        dead.set()
-
-    limits = convert.Limits(
-        max_interventions=cfg.max_interventions, vocab_size=engine.model_config.get_vocab_size(),
+def limits_of(cfg: ServerConfig, vocab_size: int) -> Limits:
+    return Limits(
+        max_interventions=cfg.max_interventions, vocab_size=vocab_size,
         max_read_top_k=cfg.max_read_top_k, max_watch=cfg.max_watch,
         max_encode_inputs=cfg.max_encode_inputs, max_prompt_tokens=cfg.max_prompt_tokens,
         max_new_tokens=cfg.max_new_tokens, max_logprobs=cfg.max_logprobs,
     )
-    servicer = SteeringServicer(
-        engine, model=cfg.model, saes=saes, limits=limits, compiled=not cfg.enforce_eager,
-        router=router, on_engine_dead=on_engine_dead,
-        sae_dtypes=sae_dtypes,
-        metrics=metrics, max_concurrent_streams=cfg.max_concurrent_streams,
-        max_distinct_configs=cfg.max_distinct_configs, labels=labels,
-        chat_template=load_chat_template(cfg.chat_template),
-        max_stream_buffer_bytes=cfg.max_stream_buffer_bytes,
-        vectors=VectorIndex.of(vector_banks(cfg)) if cfg.vectors or cfg.inline_vectors else None,
-    )
-    add_servicer(servicer, server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    addr = f"{cfg.host}:{cfg.port}"
-    if cfg.tls_cert is not None:
-        creds = grpc.ssl_server_credentials(
-            [(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())],
-            root_certificates=cfg.tls_client_ca.read_bytes() if cfg.tls_client_ca else None,
-            require_client_auth=cfg.tls_client_ca is not None,
-        )
-        port = server.add_secure_port(addr, creds)
-    else:
-        port = server.add_insecure_port(addr)
-    if port == 0:
-        raise OSError(f"cannot bind {cfg.host}:{cfg.port}")
-    await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Running(server, port, health_servicer, servicer, dead)
 
 
-def add_servicer(servicer: SteeringServicer, server: grpc.aio.Server) -> None:
-    """Register the service like the generated ``add_..._to_server``, but parse requests here.
+@dataclass
+class Ports:
+    """Every port the server listens on, bound before the engine starts."""
 
-    gRPC would answer a message it cannot parse (say, invalid UTF-8 in a string field) with
-    INTERNAL; parsing it ourselves makes that INVALID_ARGUMENT with the parser's reason.
-    """
-    handlers = {}
-    for m in pb.DESCRIPTOR.services_by_name["SteeringService"].methods:
-        req_cls, resp_cls = getattr(pb, m.input_type.name), getattr(pb, m.output_type.name)
-        impl = getattr(servicer, m.name)
-        make = grpc.unary_stream_rpc_method_handler if m.server_streaming else grpc.unary_unary_rpc_method_handler
-        wrapped = _parse_stream(impl, req_cls) if m.server_streaming else _parse_unary(impl, req_cls)
-        handlers[m.name] = make(wrapped, response_serializer=resp_cls.SerializeToString)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+    grpc: GrpcDoor
+    http: HttpServer | None
+    metrics: HttpServer | None
+
+    async def close(self) -> None:
+        for s in (self.http, self.metrics):
+            if s is not None:
+                await s.stop()
 
 
-async def _parse(raw: bytes, cls, context):
+def bind_ports(cfg: ServerConfig, auth: Auth, metrics: Metrics) -> Ports:
+    """Bind the gRPC, HTTP and metrics ports (a busy or bad one refuses to start here)."""
+    tls = load_tls(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+    if cfg.metrics_port is not None and cfg.metrics_port != 0 and \
+            cfg.metrics_port in (cfg.port, cfg.http_port):
+        raise StartupError(f"--metrics-port {cfg.metrics_port}: the same port as --port or "
+                           "--http-port")
+    grpc_door = GrpcDoor(host=cfg.host, port=cfg.port, auth=auth, metrics=metrics,
+                         max_message_bytes=cfg.max_message_bytes, tls=tls)
+    ssl = ssl_options(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+    http = mserver = None
     try:
-        return cls.FromString(raw)
-    except DecodeError as e:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"request is not a valid {cls.DESCRIPTOR.full_name}: {e}")
+        if cfg.http_port is not None:
+            http = HttpServer(cfg.host, cfg.http_port, grace_s=cfg.grace_period_s, ssl=ssl,
+                              limits=ConnectionLimits(cfg.http_max_connections,
+                                                      cfg.http_header_timeout_s,
+                                                      cfg.http_idle_timeout_s))
+        if cfg.metrics_port is not None:
+            exposed = not _loopback(cfg.metrics_host)
+            mserver = HttpServer(cfg.metrics_host, cfg.metrics_port, grace_s=0.1,
+                                 ssl=ssl if exposed else None, option="--metrics-port")
+    except BaseException:
+        if http is not None:
+            http._sock.close()
+        raise
+    return Ports(grpc_door, http, mserver)
 
 
-def _parse_unary(impl, cls):
-    async def handler(raw, context):
-        return await impl(await _parse(raw, cls, context), context)
-
-    return handler
+def _loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
-def _parse_stream(impl, cls):
-    async def handler(raw, context):
-        async for msg in impl(await _parse(raw, cls, context), context):
-            yield msg
-
-    return handler
-
-
-async def _watch_engine(engine: Any, dead: asyncio.Event) -> None:
+async def _watch_engine(core, dead: asyncio.Event) -> None:
     while not dead.is_set():
-        if getattr(engine, "errored", False):
+        if core.engine_dead:
             dead.set()
             return
         await asyncio.sleep(1.0)
@@ -326,9 +274,13 @@ async def _watch_engine(engine: Any, dead: asyncio.Event) -> None:
 
 async def serve(cfg: ServerConfig) -> int:
     """Run until SIGTERM/SIGINT (exit 0) or until the engine dies (exit 1)."""
-    saes = load_sae_configs(cfg)
-    labels = load_labels(cfg, saes)  # a bad label file fails here, before the engine starts
-    load_chat_template(cfg.chat_template)  # so does a bad --chat-template
+    from server.core.service import Core  # imports vLLM: after every check that can refuse
+    from server.http.app import HttpLimits, build_app, metrics_app
+
+    hooks = load_hooks(cfg)
+    labels = load_labels(cfg, hooks.saes)  # a bad label file fails here, before the engine starts
+    chat_template = load_chat_template(cfg.chat_template)  # so does a bad --chat-template
+    auth = Auth(tuple(load_tokens(cfg.auth_tokens_file)), cfg.cache_salt_per_token)
     ranks = cfg.tensor_parallel_size * cfg.pipeline_parallel_size * cfg.data_parallel_size
     if cfg.distributed_executor_backend == "ray":
         from sae_runtime.vllm.engine import ray_supported
@@ -338,56 +290,74 @@ async def serve(cfg: ServerConfig) -> int:
                 "--distributed-executor-backend ray: vLLM's executor for this platform "
                 f"({'cpu' if _cpu_platform() else 'this device'}) has no Ray support in this "
                 "vLLM version; use mp (one node) or run on GPUs")
+    metrics = Metrics()
+    ports = bind_ports(cfg, auth, metrics)
     if _cpu_platform():
         for line in apply_cpu_env_defaults(ranks):
-            print(f"steerd: {line}", flush=True)
+            log.info("%s", line)
     # The read socket opens only after every check that can refuse to start has passed.
-    router = ReadRouter(cfg.reads_address) if saes else None
+    router = ReadRouter(cfg.reads_address) if hooks.saes or hooks.banks else None
     if router is not None:
         router.start()
     t0 = time.monotonic()
-    engine = start_engine(cfg, router.addr if router else None, saes)
+    engine = start_engine(cfg, router.addr if router else None, hooks)
     started = time.monotonic() - t0
     try:
-        sae_dtypes = await verify_hooks(cfg, engine, saes)
+        sae_dtypes = await verify_hooks(cfg, engine, hooks)
     except HookPlacementError as e:
-        print(f"steerd: error: {e}", file=sys.stderr, flush=True)
+        log.error("error: %s", e)
         engine.shutdown()
         if router is not None:
             router.close()
+        await ports.close()
         return 1
-    metrics = Metrics()
-    run = await build_server(cfg, engine, saes, router, metrics, labels, sae_dtypes)
-    _log_startup(cfg, engine, saes, run.port, started, sae_dtypes)
-    if cfg.metrics_port is not None:
-        mport = metrics.serve(cfg.metrics_port, cfg.host)
-        print(f"steerd: metrics on http://{cfg.host}:{mport}/metrics", flush=True)
-    http = await start_http(cfg, run.servicer) if cfg.http_port is not None else None
-    if http is not None:
-        print(f"steerd: OpenAI-compatible HTTP on {http.scheme}://{cfg.host}:{http.port}/v1",
-              flush=True)
+    dead = asyncio.Event()
+    core = Core(
+        engine, model=cfg.model, saes=hooks.saes, labels=labels,
+        limits=limits_of(cfg, engine.model_config.get_vocab_size()),
+        compiled=not cfg.enforce_eager, router=router, on_engine_dead=dead.set,
+        sae_dtypes=sae_dtypes, metrics=metrics, chat_template=chat_template,
+        max_concurrent_streams=cfg.max_concurrent_streams,
+        max_distinct_configs=cfg.max_distinct_configs,
+        max_stream_buffer_bytes=cfg.max_stream_buffer_bytes,
+        vectors=VectorIndex.of(hooks.banks), guardrail_missing_read=cfg.guardrail_missing_read,
+    )
+    await ports.grpc.start(core)
+    _log_startup(cfg, engine, hooks.configs, ports.grpc.port, started, sae_dtypes, auth)
+    if ports.metrics is not None:
+        exposed = not _loopback(cfg.metrics_host)
+        mport = await ports.metrics.start(metrics_app(metrics, auth if exposed else Auth()))
+        log.info("metrics on %s://%s:%d/metrics%s", ports.metrics.scheme, cfg.metrics_host,
+                 mport, " (bearer token required)" if exposed and auth.on else "")
+    if ports.http is not None:
+        app = build_app(core, model=cfg.model, auth=auth, limits=HttpLimits(
+            max_body_bytes=cfg.max_message_bytes, body_timeout_s=cfg.http_body_timeout_s,
+            allowed_hosts=cfg.allowed_hosts(),
+            allowed_origins=tuple(o.strip() for o in cfg.http_allowed_origins.split(",")
+                                  if o.strip())))
+        hport = await ports.http.start(app, lambda: metrics.rejected.labels("http_connections").inc())
+        log.info("OpenAI-compatible HTTP on %s://%s:%d/v1", ports.http.scheme, cfg.host, hport)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    watcher = asyncio.create_task(_watch_engine(engine, run.dead))
-    dead_wait = asyncio.create_task(run.dead.wait())
+    watcher = asyncio.create_task(_watch_engine(core, dead))
+    dead_wait = asyncio.create_task(dead.wait())
     stop_wait = asyncio.create_task(stop.wait())
     await asyncio.wait({dead_wait, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-    engine_died = run.dead.is_set()
+    engine_died = dead.is_set()
     for t in (watcher, dead_wait, stop_wait):
         t.cancel()
 
     if engine_died:
-        for name in ("", SERVICE_NAME):
-            await run.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await run.health.enter_graceful_shutdown()
+        await ports.grpc.not_serving()
+    await ports.grpc.health.enter_graceful_shutdown()
     # After an engine death the in-flight streams have already been told UNAVAILABLE by
     # their handlers; a short grace lets those statuses reach the clients.
     grace = min(2.0, cfg.grace_period_s) if engine_died else cfg.grace_period_s
     log.info("shutting down: draining streams for up to %.1fs", grace)
-    await asyncio.gather(run.server.stop(grace), http.stop() if http else asyncio.sleep(0))
+    await asyncio.gather(ports.grpc.server.stop(grace), ports.close())
     engine.shutdown()
     if router is not None:
         router.close()
@@ -410,30 +380,29 @@ def _cpu_platform() -> bool:
     return on_cpu()
 
 
-def _log_startup(cfg, engine, saes, port, started_s, sae_dtypes) -> None:
+def _log_startup(cfg, engine, configs, port, started_s, sae_dtypes, auth: Auth) -> None:
     mc = engine.model_config
     device = "cpu" if _cpu_platform() else "gpu"
     par = (f"tp {cfg.tensor_parallel_size}, pp {cfg.pipeline_parallel_size}, "
            f"dp {cfg.data_parallel_size}, executor {cfg.distributed_executor_backend}")
-    print(f"steerd: model {cfg.model} ({(mc.hf_config.architectures or ['?'])[0]}, "
-          f"dtype {str(mc.dtype).removeprefix('torch.')}, max_model_len {mc.max_model_len}, "
-          f"{'eager' if cfg.enforce_eager else 'compiled'}, device {device}, {par}); engine "
-          f"started in {started_s:.1f}s", flush=True)
+    log.info("model %s (%s, dtype %s, max_model_len %d, %s, device %s, %s); engine started in "
+             "%.1fs", cfg.model, (mc.hf_config.architectures or ["?"])[0],
+             str(mc.dtype).removeprefix("torch."), mc.max_model_len,
+             "eager" if cfg.enforce_eager else "compiled", device, par, started_s)
     from sae_runtime.vllm.engine import runtime_info
 
-    print(f"steerd: runtime: {runtime_info(engine).line()}", flush=True)
+    log.info("runtime: %s", runtime_info(engine).line())
     if device == "cpu" and str(mc.dtype).removeprefix("torch.") in LOW_PRECISION and \
             str(mc.dtype).removeprefix("torch.") not in cpu_info().native:
         log.warning("the model runs in %s, which this CPU (%s) emulates (matmuls ~100x slower "
                     "than float32); pass --dtype float32 for speed", mc.dtype, cpu_info().describe())
-    for sid, c in saes.items():
-        print(f"steerd: SAE {sid}: format {c.format}, architecture {c.architecture}, "
-              f"site {c.site}, layer {c.layer}, width {c.d_sae}, d_model {c.d_in}, "
-              f"dtype {sae_dtypes.get(sid, '?')}" + (f", k {c.k}" if c.k else ""),
-              flush=True)
+    for sid, c in configs.items():
+        log.info("SAE %s: format %s, architecture %s, site %s, layer %d, width %d, d_model %d, "
+                 "dtype %s%s", sid, c.format, c.architecture, c.site, c.layer, c.d_sae, c.d_in,
+                 sae_dtypes.get(sid, "?"), f", k {c.k}" if c.k else "")
         if c.model_name and not _same_model(c.model_name, cfg.model):
             log.warning("SAE %s was trained on %r, which differs from the served model %s",
                         sid, c.model_name, cfg.model)
     security = ("mTLS" if cfg.tls_client_ca else "TLS") if cfg.tls_cert else "plaintext"
-    auth = "bearer-token auth" if load_tokens(cfg.auth_tokens_file) else "no auth"
-    print(f"steerd: listening on {cfg.host}:{port} ({security}, {auth})", flush=True)
+    log.info("listening on %s:%d (%s, %s)", cfg.host, port, security,
+             "bearer-token auth" if auth.on else "no auth")

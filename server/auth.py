@@ -1,73 +1,86 @@
-"""Optional bearer-token authentication (``authorization: Bearer <token>`` metadata or header).
+"""Bearer-token authentication shared by both doors (``authorization: Bearer <token>``, gRPC
+metadata or HTTP header).
 
-Health checks and reflection stay open so load balancers and tools can probe the server.
-Tokens are compared in constant time. The message never says which part was wrong.
+Tokens are compared in constant time; a refusal never says which part was wrong. A caller's
+tenant is a digest of its token: with auth on, the prefix cache is salted by it (unless
+``--no-cache-salt-per-token``), so one tenant cannot learn another's prompts from
+``cached_tokens``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
-from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
+from sae_runtime.errors import SteeringError
+from server.core.types import ANONYMOUS, Caller
 
-OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+class AuthConfigError(SteeringError):
+    """The tokens file cannot be used (a startup error: auth must never be off by mistake)."""
 
 
 def load_tokens(path: Path | None) -> list[bytes]:
-    """Tokens from ``path`` (one per line, # comments) and STEERD_AUTH_TOKENS (comma-separated)."""
+    """Tokens from ``path`` (one per line, # comments) and STEERD_AUTH_TOKENS (comma-separated).
+
+    A file that cannot be read, or that holds no token, is an ``AuthConfigError``: a server
+    told to check tokens never starts without any.
+    """
     tokens: list[str] = []
     if path is not None:
-        tokens += [ln.strip() for ln in Path(path).read_text().splitlines()
-                   if ln.strip() and not ln.lstrip().startswith("#")]
+        try:
+            text = Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise AuthConfigError(f"--auth-tokens-file {path}: cannot read it: {e}") from None
+        from_file = [ln.strip() for ln in text.splitlines()
+                     if ln.strip() and not ln.lstrip().startswith("#")]
+        if not from_file:
+            raise AuthConfigError(f"--auth-tokens-file {path}: holds no token (one per line; "
+                                  "# starts a comment); refusing to start with auth off")
+        tokens += from_file
     tokens += [t.strip() for t in os.environ.get("STEERD_AUTH_TOKENS", "").split(",") if t.strip()]
     return [t.encode() for t in tokens]
+
+
+def bearer_token(authorization: str) -> bytes | None:
+    """The token of an ``authorization`` value ``Bearer <token>``; None for anything else."""
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip().encode()
 
 
 def bearer_ok(authorization: str, tokens: list[bytes]) -> bool:
     """Whether an ``authorization`` value (gRPC metadata or HTTP header) is ``Bearer <token>``
     with an accepted token. Both front ends call this one check."""
-    scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not token:
+    given = bearer_token(authorization)
+    if given is None:
         return False
-    given = token.strip().encode()
     # compare against every token so timing does not reveal which one nearly matched
     return any([hmac.compare_digest(given, t) for t in tokens])
 
 
-class BearerAuth(grpc.aio.ServerInterceptor):
-    def __init__(self, tokens: Iterable[bytes]) -> None:
-        self.tokens = list(tokens)
+@dataclass(frozen=True)
+class Auth:
+    """The server's auth setting: accepted tokens (none: auth off) and whether callers'
+    requests are salted by their token in the prefix cache."""
 
-    def _ok(self, metadata) -> bool:
-        value = next((v for k, v in metadata or () if k == "authorization"), "")
-        return bearer_ok(value, self.tokens)
+    tokens: tuple[bytes, ...] = ()
+    salt_by_token: bool = True
 
-    async def intercept_service(self, continuation, details):
-        if details.method.startswith(OPEN_SERVICES) or self._ok(details.invocation_metadata):
-            return await continuation(details)
-        handler = await continuation(details)
-        return _deny(handler)
+    @property
+    def on(self) -> bool:
+        return bool(self.tokens)
 
+    def ok(self, authorization: str) -> bool:
+        return not self.tokens or bearer_ok(authorization, list(self.tokens))
 
-def _deny(handler):
-    msg = "missing or invalid bearer token (send metadata 'authorization: Bearer <token>')"
-
-    async def unary(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, msg)
-
-    async def stream(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, msg)
-        yield  # pragma: no cover - makes this an async generator
-
-    if handler is None:
-        return None
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(
-            stream, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
-    return grpc.unary_unary_rpc_method_handler(
-        unary, request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer)
+    def caller(self, authorization: str) -> Caller:
+        """The caller of an accepted request (its tenant when auth is on and salting)."""
+        if not self.tokens or not self.salt_by_token:
+            return ANONYMOUS
+        token = bearer_token(authorization) or b""
+        return Caller(tenant=hashlib.sha256(b"steerd-tenant:" + token).hexdigest()[:32])

@@ -146,11 +146,25 @@ class ServerConfig(BaseModel):
                     "aborted. Counted after what the connection's flow-control window already "
                     "carries to the client.",
     )
+    guardrail_missing_read: Literal["pass", "trip"] = Field(
+        default="pass",
+        description="What a guardrail (abort_when) does at a position whose guard read never "
+                    "arrived from the worker (logged as 'feature reads incomplete'): pass (the "
+                    "position is not checked) or trip (fail closed: the stream ends with "
+                    "finish_reason FEATURE and value NaN).",
+    )
     # ---- security
     auth_tokens_file: Path | None = Field(
         default=None,
         description="File with accepted bearer tokens, one per line; or set STEERD_AUTH_TOKENS "
-                    "(comma-separated). Clients send 'authorization: Bearer <token>'.",
+                    "(comma-separated). Clients send 'authorization: Bearer <token>'. A file "
+                    "with no token is a startup error.",
+    )
+    cache_salt_per_token: bool = Field(
+        default=True,
+        description="With auth on, salt every request's prefix cache by the caller's token, so "
+                    "one tenant cannot learn another's prompts from cached_tokens (tenants "
+                    "then share no cached prefixes).",
     )
     tls_cert: Path | None = Field(default=None, description="PEM server certificate (enables TLS).")
     tls_key: Path | None = Field(default=None, description="PEM private key of --tls-cert.")
@@ -161,6 +175,11 @@ class ServerConfig(BaseModel):
     metrics_port: int | None = Field(
         default=None, ge=0, le=65535, description="Serve Prometheus metrics on this port (off by default)."
     )
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="Address the metrics port binds. Anything but loopback exposes it: it then "
+                    "uses --tls-* and requires a bearer token when auth is on.",
+    )
     log_format: Literal["text", "json"] = Field(default="text", description="Log line format.")
     # ---- OpenAI-compatible HTTP (same engine, validation, caps, auth and metrics)
     http_port: int | None = Field(
@@ -168,6 +187,25 @@ class ServerConfig(BaseModel):
         description="Also serve the OpenAI-compatible HTTP API (/v1/completions, "
                     "/v1/chat/completions, /v1/models) on this port (off by default; 0 picks one).",
     )
+    http_max_connections: int = Field(
+        default=256, ge=1,
+        description="Most open HTTP connections; more are closed as they arrive.")
+    http_header_timeout_s: float = Field(
+        default=10.0, gt=0,
+        description="Seconds an HTTP connection has to send a request's headers (slowloris).")
+    http_body_timeout_s: float = Field(
+        default=30.0, gt=0, description="Seconds an HTTP request has to send its whole body.")
+    http_idle_timeout_s: float = Field(
+        default=5.0, gt=0, description="Seconds an idle keep-alive HTTP connection stays open.")
+    http_allowed_hosts: str = Field(
+        default="",
+        description="Host names the HTTP port answers to, comma-separated, or '*' for any. "
+                    "Default: localhost, 127.0.0.1 and ::1 when --host is a loopback address "
+                    "(a web page cannot reach the server through DNS rebinding), else any.")
+    http_allowed_origins: str = Field(
+        default="",
+        description="Browser origins (scheme://host[:port]) besides the server's own that may "
+                    "call the HTTP API, comma-separated. Requests from other sites get 403.")
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServerConfig:
@@ -198,6 +236,17 @@ class ServerConfig(BaseModel):
         if any(x < 0 for x in layers):
             raise ValueError(f"--inline-vectors {v!r}: block numbers start at 0")
         return ",".join(str(x) for x in sorted(set(layers)))
+
+    def allowed_hosts(self) -> tuple[str, ...] | None:
+        """``http_allowed_hosts`` as names (None: any host)."""
+        v = self.http_allowed_hosts.strip()
+        if v == "*":
+            return None
+        if v:
+            return tuple(h.strip().lower().strip("[]") for h in v.split(",") if h.strip())
+        if self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127."):
+            return ("localhost", "127.0.0.1", "::1", self.host)
+        return None
 
     def inline_vector_layers(self, n_layers: int) -> tuple[int, ...]:
         """The blocks that take inline vectors (``inline_vectors``) in a model of

@@ -1,4 +1,5 @@
-"""Startup decisions that need no engine: vLLM CPU defaults and the hook-placement check.
+"""Startup decisions that need no engine: vLLM CPU defaults, TLS files, and the
+hook-placement check.
 
 ``check_hooks`` is the "never serve silently unsteered" rule: after the engine starts, every
 worker reports (``collective_rpc("sae_hook_report")``) its ranks, the decoder blocks it
@@ -16,9 +17,38 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from sae_runtime.errors import SteeringError
 from sae_runtime.hw import cpu_env_defaults
+
+
+class StartupError(SteeringError):
+    """The server cannot start as configured (a busy port, an unusable TLS or tokens file);
+    raised before the engine starts, told as one line."""
+
+
+def load_tls(cert: Path | None, key: Path | None,
+             client_ca: Path | None) -> tuple[bytes, bytes, bytes | None] | None:
+    """``(key, cert, client CA)`` PEM bytes, checked as a TLS server would load them (a
+    certificate that does not match its key, a file that is not PEM); None without TLS."""
+    if cert is None or key is None:
+        return None
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(str(cert), str(key))
+    except (OSError, ssl.SSLError) as e:
+        raise StartupError(f"--tls-cert {cert} / --tls-key {key}: cannot use them: "
+                           f"{e.strerror or e.reason or e}") from None
+    try:
+        if client_ca is not None:
+            ctx.load_verify_locations(str(client_ca))
+        return key.read_bytes(), cert.read_bytes(), client_ca.read_bytes() if client_ca else None
+    except (OSError, ssl.SSLError) as e:
+        raise StartupError(f"--tls-client-ca {client_ca}: cannot use it: "
+                           f"{getattr(e, 'strerror', None) or getattr(e, 'reason', None) or e}") from None
 
 
 class HookPlacementError(SteeringError):

@@ -191,7 +191,7 @@ def build(cfg: BuildConfig, *, restart: bool = False, progress: bool = True,
     hook: rounded up to a whole batch) were done and the run stopped after checkpointing."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sae_runtime.labels.hf_sites import _SITES, edit_site
+    from sae_runtime.labels.hf_sites import SITES, edit_site
     from sae_runtime.loading import load_sae
     from sae_runtime.ops import encode
 
@@ -204,9 +204,9 @@ def build(cfg: BuildConfig, *, restart: bool = False, progress: bool = True,
     ctxs = contexts(ids, cfg.context, tokenizer.bos_token_id)
     offset = 0 if tokenizer.bos_token_id is None else 1  # corpus tokens start here in a context
     model = AutoModelForCausalLM.from_pretrained(str(cfg.model), dtype=torch.float32).eval()
-    if model.config.model_type not in _SITES:
+    if model.config.model_type not in SITES:
         raise LabelsBuildError(f"model type {model.config.model_type!r} is not supported by labels "
-                               f"build (supported: {', '.join(_SITES)})")
+                               f"build (supported: {', '.join(SITES)})")
     n_layers = model.config.get_text_config().num_hidden_layers
     if sae.cfg.layer >= n_layers:
         raise LabelsBuildError(f"SAE {cfg.sae} hooks layer {sae.cfg.layer} ({sae.cfg.hook_name}) "

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 
 # model_type -> (attn_out module, mlp_out module, module whose input is hook_z)
-_SITES = {
+SITES = {
     "llama": ("self_attn", "mlp", "self_attn.o_proj"),
     "mistral": ("self_attn", "mlp", "self_attn.o_proj"),
     "qwen2": ("self_attn", "mlp", "self_attn.o_proj"),
@@ -37,7 +37,7 @@ def edit_site(model: torch.nn.Module, layer: int, site: str,
     MLP module (every family feeds it the pre-MLP norm's output). Use ``fn`` that returns
     its input unchanged to just observe.
     """
-    attn, mlp, z = _SITES[model.config.model_type]
+    attn, mlp, z = SITES[model.config.model_type]
     block = layer - 1 if site == "resid_pre" else layer
     blk = layers(model)[block]
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from enum import IntEnum
 from typing import Literal, Protocol
 
 import torch
@@ -31,6 +32,19 @@ HookSite = Literal["resid_post", "resid_pre", "mlp_out", "attn_out", "z"]
 - ``z``: per-head attention outputs, concatenated, before the output projection
   (``blocks.L.attn.hook_z``); ``d_in = n_heads * d_head``.
 """
+
+
+class Site(IntEnum):
+    """Every hook site by number (``HookSite`` and ``InputSite``'s ``mlp_in``, upper case);
+    the numbers match ``steering.v1.HookSite``."""
+
+    RESID_POST = 1
+    RESID_PRE = 2
+    ATTN_OUT = 3
+    MLP_OUT = 4
+    Z = 5
+    MLP_IN = 6
+
 
 Normalization = Literal["none", "constant_scale", "token_norm", "layer_norm"]
 """Input normalisation applied before encoding and inverted after decoding.

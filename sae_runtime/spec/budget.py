@@ -113,7 +113,7 @@ class TableSizes:
 
 
 class RequestCaps(Protocol):
-    """The server caps a request is checked against (``server.convert.Limits`` has them)."""
+    """The server caps a request is checked against (``server.core.validate.Limits`` has them)."""
 
     max_interventions: int
     max_watch: int

@@ -5,7 +5,7 @@ positions of a selector (ranges only; default: generated positions). The worker 
 nothing new for it: the server adds one hidden *guard read* per SAE (the guarded features
 as a watch list, over the generated positions, or every position when some guardrail
 watches prompt positions) to the request's reads, and checks the values as they arrive
-(``server.service``), holding back each token until the reads of the positions before it
+(``server.core.feed``), holding back each token until the reads of the positions before it
 are in. A trip at position p ends the stream with the tokens at positions <= p: the
 activation at p shapes token p + 1, which is never returned. A trip on a prompt position
 returns no token at all.
@@ -13,6 +13,7 @@ returns no token at all.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -68,13 +69,15 @@ class GuardSpec:
         return tuple(Read(sae, 0, tuple(f), positions=ALL if prompt[sae] else GENERATION)
                      for sae, f in by_sae.items())
 
-    def first_trip(self, position: int, prompt_len: int,
-                   value_of) -> tuple[int, float] | None:
+    def first_trip(self, position: int, prompt_len: int, value_of,
+                   trip_missing: bool = False) -> tuple[int, float] | None:
         """``(guardrail index, value)`` of the first guardrail that trips at ``position``;
-        ``value_of(sae, feature)`` gives the activation there."""
+        ``value_of(sae, feature)`` gives the activation there, NaN where it is missing (a
+        read that never arrived). A missing value never holds a condition; with
+        ``trip_missing`` (fail closed) it trips the guardrail, with value NaN."""
         for j, g in enumerate(self.guards):
             if g.covers(position, prompt_len):
                 v = value_of(g.condition.sae, g.condition.feature)
-                if g.condition.holds(v):
+                if g.condition.holds(v) or (trip_missing and math.isnan(v)):
                     return j, v
         return None

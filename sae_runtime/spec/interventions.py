@@ -16,13 +16,12 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from sae_runtime.errors import InvalidRequestError, UnknownSAEError
-from sae_runtime.ops import Mode
+from sae_runtime.ops import Cond, Mode
 from sae_runtime.saes.base import SAEConfig
 from sae_runtime.spec.payloads import CondPayload, EditPayload
 from sae_runtime.spec.selectors import ALL as _ALL
 from sae_runtime.spec.selectors import GENERATION as _GENERATION
-from sae_runtime.spec.selectors import Selector
-from sae_runtime.step.edits import Cond
+from sae_runtime.spec.selectors import Selector, check_scope_or_positions
 
 
 class Scope(IntEnum):
@@ -62,9 +61,9 @@ class Condition:
     threshold: float
 
     def validate(self, field: str, saes: Mapping[str, SAEConfig]) -> None:
-        check_sae_feature(field, self.sae, self.feature, saes)
         if self.op not in (Cond.GT, Cond.LT):
             raise InvalidRequestError(f"{field}.op", "must be set (GT or LT)")
+        check_sae_feature(field, self.sae, self.feature, saes)
         if not math.isfinite(self.threshold):
             raise InvalidRequestError(f"{field}.threshold",
                                       f"must be finite, got {self.threshold}")
@@ -82,8 +81,8 @@ class Intervention:
     feature: int
     mode: Mode
     value: float = 0.0
-    scope: Scope = Scope.ALL
-    positions: Selector | None = None  # set: overrides ``scope`` (the converter allows one)
+    scope: Scope | None = None  # None: unset (every position, unless ``positions``)
+    positions: Selector | None = None  # set or ``scope``, not both (``SteeringSpec.validate``)
     when: Condition | None = None  # a conditional edit (the condition reads the same SAE)
     latch: bool = False  # with ``when``: stays on once the condition has held
     vector: bytes | None = None  # an inline vector (float32 little-endian [d_model]) on a
@@ -92,7 +91,15 @@ class Intervention:
     @property
     def selector(self) -> Selector:
         """The positions this intervention edits (``positions``, else the scope's selector)."""
-        return self.positions if self.positions is not None else self.scope.selector
+        if self.positions is not None:
+            return self.positions
+        return (self.scope or Scope.ALL).selector
+
+    @property
+    def edit_value(self) -> float:
+        """The value the edit record carries: ``value``, but 0 for ABLATE (which clamps to 0
+        whatever ``value`` says), so equal edits salt and plan alike."""
+        return 0.0 if self.mode == Mode.ABLATE else float(self.value)
 
 
 @dataclass(frozen=True)
@@ -105,9 +112,9 @@ class SteeringSpec:
                  vocab_size: int = 2**31) -> None:
         """Raise InvalidRequestError / UnknownSAEError naming the offending field.
 
-        Modes, scopes and frames are typed (``Mode``, ``Scope``, ``selectors.Frame``); the
-        proto converter has already rejected unset and unknown numbers
-        (``server.convert.spec_from_pb``). Whether the request's edit rows fit the worker's
+        Modes, scopes and frames are typed (``Mode``, ``Scope``, ``selectors.Frame``); a
+        front door has already refused numbers or names outside them. An unset mode
+        (``Mode.NONE``) is refused here. Whether the request's edit rows fit the worker's
         tables (each window of a selector is one row) is ``sae_runtime.spec.budget``'s check.
         """
         if len(self.interventions) > max_interventions:
@@ -119,6 +126,9 @@ class SteeringSpec:
         seen: dict[tuple[str, int], int] = {}
         for j, iv in enumerate(self.interventions):
             field = f"interventions[{j}]"
+            if iv.mode == Mode.NONE:
+                raise InvalidRequestError(f"{field}.mode", "must be set (CLAMP, ABLATE, SCALE or ADD)")
+            check_scope_or_positions(field, iv.scope, iv.positions)
             check_sae_feature(field, iv.sae, iv.feature, saes)
             if not math.isfinite(iv.value):
                 raise InvalidRequestError(f"{field}.value", f"must be finite, got {iv.value}")
@@ -147,8 +157,7 @@ class SteeringSpec:
         selector it is sugar for are the same thing (``Intervention.selector``)."""
         rows = []
         for iv in self.interventions:
-            value = 0.0 if iv.mode == Mode.ABLATE else float(iv.value)
-            row = [iv.sae, int(iv.feature), int(iv.mode), value, iv.selector.canonical()]
+            row = [iv.sae, int(iv.feature), int(iv.mode), iv.edit_value, iv.selector.canonical()]
             if iv.when is not None:  # unconditional specs keep the salt they had before
                 row.append([*iv.when.canonical(), bool(iv.latch)])
             if iv.vector is not None:
@@ -168,7 +177,7 @@ class SteeringSpec:
         ranges, scope GENERATION_ONLY)."""
         return any(iv.selector.prompt_relative for iv in self.interventions)
 
-    def cache_salt(self, prompt_len: int | None = None) -> str | None:
+    def cache_salt(self, prompt_len: int | None = None, tenant: str | None = None) -> str | None:
         """Prefix-cache salt: None for no interventions (shares plain KV), else a spec hash.
 
         Requests with the same interventions share cached KV; steered KV never reaches a
@@ -176,11 +185,17 @@ class SteeringSpec:
         per spec (admission and the prompt both ask). With ``prompt_len``, a spec whose
         positions depend on the prompt length (``prompt_relative``) also salts by it: the
         same tokens at the same positions are edited differently under another prompt
-        length (a follow-up prompt that contains an earlier generation, above all).
+        length (a follow-up prompt that contains an earlier generation, above all). With
+        ``tenant`` (a digest of the caller's credentials) every request is salted by it,
+        steered or not, so one tenant's cached prompts never show in another's
+        ``cached_tokens``.
         """
-        if prompt_len is None or self._salt is None or not self.prompt_relative:
-            return self._salt
-        return f"{self._salt}:p{int(prompt_len)}"
+        salt = self._salt
+        if prompt_len is not None and salt is not None and self.prompt_relative:
+            salt = f"{salt}:p{int(prompt_len)}"
+        if tenant is not None:
+            salt = f"t:{tenant}" + (f":{salt}" if salt else "")
+        return salt
 
     @functools.cached_property
     def _salt(self) -> str | None:
@@ -190,10 +205,10 @@ class SteeringSpec:
         return "sae:" + hashlib.sha256(blob).hexdigest()[:32]
 
     def to_payload(self, sae_index: Mapping[str, int]) -> tuple[EditPayload, ...]:
-        """The edits as ``RequestPayload.edits`` (ABLATE carries value 0)."""
+        """The edits as ``RequestPayload.edits`` (values as ``Intervention.edit_value``)."""
         return tuple(
-            EditPayload(sae_index[iv.sae], int(iv.feature), int(iv.mode),
-                        0.0 if iv.mode == Mode.ABLATE else float(iv.value), iv.selector,
+            EditPayload(sae_index[iv.sae], int(iv.feature), int(iv.mode), iv.edit_value,
+                        iv.selector,
                         None if iv.when is None else CondPayload(
                             int(iv.when.feature), int(iv.when.op), float(iv.when.threshold),
                             bool(iv.latch)), iv.vector)

@@ -9,7 +9,7 @@ from enum import IntEnum
 from sae_runtime.errors import InvalidRequestError, UnknownSAEError
 from sae_runtime.saes.base import SAEConfig
 from sae_runtime.spec.payloads import ReadPayload
-from sae_runtime.spec.selectors import ALL, GENERATION, PROMPT, Selector
+from sae_runtime.spec.selectors import ALL, GENERATION, PROMPT, Selector, check_scope_or_positions
 
 
 class ReadScope(IntEnum):
@@ -29,13 +29,15 @@ class Read:
     sae: str
     top_k: int = 0
     watch: tuple[int, ...] = ()
-    scope: ReadScope = ReadScope.ALL
-    positions: Selector | None = None  # set: overrides ``scope`` (the converter allows one)
+    scope: ReadScope | None = None  # None: unset (every position, unless ``positions``)
+    positions: Selector | None = None  # set or ``scope``, not both (``ReadSpec.validate``)
 
     @property
     def selector(self) -> Selector:
         """The positions this read reports (``positions``, else the scope's selector)."""
-        return self.positions if self.positions is not None else self.scope.selector
+        if self.positions is not None:
+            return self.positions
+        return (self.scope or ReadScope.ALL).selector
 
     def covers(self, position: int, prompt_len: int, token_id: int | None = None) -> bool:
         """Whether ``position`` is reported (the server waits for exactly these)."""
@@ -58,6 +60,7 @@ class ReadSpec:
         seen: dict[str, int] = {}
         for j, r in enumerate(self.reads):
             field = f"{prefix}[{j}]"
+            check_scope_or_positions(field, r.scope, r.positions)
             if r.sae not in saes:
                 raise UnknownSAEError(f"{field}.sae", r.sae, list(saes))
             if r.sae in seen:
@@ -87,7 +90,7 @@ class ReadSpec:
                 seen_w.add(f)
             if r.positions is not None:
                 # The worker computes a read over the hull of its windows; the server keeps
-                # the positions the selector picks, token ids included (server.service).
+                # the positions the selector picks, token ids included (server.core.feed).
                 r.positions.validate(f"{field}.positions", vocab_size)
 
     def to_payload(self, sae_index: Mapping[str, int]) -> tuple[ReadPayload, ...]:

@@ -205,6 +205,14 @@ class Selector(msgspec.Struct, array_like=True, frozen=True):
         return (token_id in self.token_ids) != self.exclude_token_ids
 
 
+def check_scope_or_positions(field: str, scope, positions: Selector | None) -> None:
+    """A scope is sugar for a selector: an intervention or a read sets one or the other,
+    never both (``field`` is the intervention's or read's path; the error names its
+    ``positions``). Unset scope is None."""
+    if scope is not None and positions is not None:
+        raise InvalidRequestError(f"{field}.positions", "set scope or positions, not both")
+
+
 ALL = Selector()
 """Every position (``Scope.ALL``, ``ReadScope.ALL``)."""
 GENERATION = Selector((Range(Frame.GENERATION),))

@@ -1,6 +1,9 @@
 """What a request can name of the steering vectors: the vector banks' ids and where each
 named vector (and each layer's inline row) lives (``VectorIndex``). The files and the banks
-themselves are ``sae_runtime.loading.vectors``."""
+themselves are ``sae_runtime.loading.vectors``.
+
+Banks are hooks of their own kind, not SAEs: the server keeps them apart from its SAE list
+(requests cannot name them as SAEs), and only the worker treats a bank as a pseudo-SAE."""
 
 from __future__ import annotations
 
@@ -13,8 +16,7 @@ if TYPE_CHECKING:
     from sae_runtime.loading.vectors import Bank
 
 BANK_PREFIX = "vectors@"
-"""Bank ids are ``vectors@L{layer}``: in the server's SAE list, never named by requests."""
-
+"""Bank ids are ``vectors@L{layer}``: hook ids, never named by requests."""
 
 
 def is_bank(sae_id: str) -> bool:
@@ -27,11 +29,14 @@ def bank_id(layer: int) -> str:
 
 @dataclass(frozen=True)
 class VectorIndex:
-    """Where each named vector lives: name -> {layer: (bank id, row)}; and the layers that
-    take inline vectors: layer -> (bank id, inline row)."""
+    """Where each named vector lives: name -> {layer: (bank id, row)}; the layers that
+    take inline vectors: layer -> (bank id, inline row); the bank ids in hook order (after
+    the SAEs'); and the model's hidden size (an inline vector's length)."""
 
     rows: Mapping[str, Mapping[int, tuple[str, int]]]
     inline: Mapping[int, tuple[str, int]] = dataclasses.field(default_factory=dict)
+    banks: tuple[str, ...] = ()
+    d_model: int = 0
 
     @staticmethod
     def of(banks: Sequence[Bank]) -> VectorIndex:
@@ -39,4 +44,6 @@ class VectorIndex:
         for b in banks:
             for i, name in enumerate(b.names):
                 rows.setdefault(name, {})[b.layer] = (b.id, i)
-        return VectorIndex(rows, {b.layer: (b.id, b.inline_row) for b in banks if b.inline})
+        return VectorIndex(rows, {b.layer: (b.id, b.inline_row) for b in banks if b.inline},
+                           tuple(b.id for b in banks),
+                           banks[0].matrix.shape[1] if banks else 0)

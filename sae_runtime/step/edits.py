@@ -42,23 +42,17 @@ them back. So a step has at most one latch state per edit row and none can run o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import IntEnum
 
 import numpy as np
 import torch
 
+from sae_runtime.ops import Cond  # noqa: F401 - the cond_op column's values (defined beside Mode)
 from sae_runtime.positions import POS_INF  # ``pos_hi`` of an edit without an end
 
 NO_CONDITION = -1
 NO_LATCH = -1
 
 
-class Cond(IntEnum):
-    """Comparison of a conditional edit; the numbers match ``steering.v1.Comparison``."""
-
-    NONE = 0  # unconditional
-    GT = 1
-    LT = 2
 
 
 @dataclass(frozen=True)

@@ -281,7 +281,7 @@ class HookTables:
         """Copy a request's inline vector into ``slot``'s scratch decoder row; returns the
         row. The forward that reads it runs before the next step writes again."""
         # Invariants: the server sends inline vectors only to banks that take them, of the
-        # model's width (``server.convert.inline_vectors_from_pb``); one slot per request.
+        # model's width (``server.core.validate.inline_vector_edits``); one slot per request.
         assert self.inline_row >= 0 and slot < self.sizes.edit_slots
         assert vector.shape == (self.sae.cfg.d_in,)
         row = self.inline_row + slot

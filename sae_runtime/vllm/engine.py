@@ -135,14 +135,15 @@ on_cpu = compat.on_cpu
 ray_supported = compat.ray_supported
 
 
-def make_prompt(token_ids: list[int], spec: SteeringSpec) -> Any:
+def make_prompt(token_ids: list[int], spec: SteeringSpec, tenant: str | None = None) -> Any:
     """A token prompt; steered requests get a cache salt so their KV is never shared.
 
     The salt includes the prompt length when the spec's positions depend on it (generation
     windows, positions from the prompt's end): a later prompt that contains this one's
-    generation must not reuse KV that was edited as "generated" (``SteeringSpec.cache_salt``).
+    generation must not reuse KV that was edited as "generated"; and the caller's
+    ``tenant`` when given (``SteeringSpec.cache_salt``).
     """
-    salt = spec.cache_salt(len(token_ids))
+    salt = spec.cache_salt(len(token_ids), tenant)
     if salt is None:
         return compat.TokensPrompt(prompt_token_ids=token_ids)
     return compat.TokensPrompt(prompt_token_ids=token_ids, cache_salt=salt)

@@ -1,7 +1,7 @@
 """Worker -> server transport for feature reads (ZMQ PUSH/PULL over an IPC socket).
 
 One message per engine step that has reads: a msgpack list of ``payloads.ReadRecord`` (the
-schema both ends import; ``server/reads.py`` decodes it). PUSH/PULL is ordered and
+schema both ends import; ``server/core/reads.py`` decodes it). PUSH/PULL is ordered and
 loss-free; the send blocks when the server falls ``SNDHWM`` messages behind (backpressure instead of loss or unbounded memory).
 """
 

@@ -1,5 +1,5 @@
 // steerd playground: plain vs steered continuations, feature search, feature cards and a
-// per-token heatmap. Talks only to steerd's HTTP API (README "HTTP"); no build step.
+// per-token heatmap. Talks only to steerd's HTTP API (docs/api.md, "OpenAI-compatible HTTP"); no build step.
 
 const TOP_K = 5; // features per token shown on hover
 const $ = (id) => document.getElementById(id);
@@ -168,9 +168,13 @@ async function showCard(sae, index) {
 
 // ------------------------------------------------------------------------------ edits
 
-// Clamp/add start from the feature's measured steer value, else its largest activation.
+// A new edit starts where the text stays fluent: 0.75 x the stream's norm at the site
+// (site_norm, from the labels), else the measured steer value or the largest activation.
+// The slider reaches 2x that, past the labeller's (strong) steer value.
+const FLUENT = 0.75;
+
 function addEdit(f) {
-  const base = f.steer_value || f.max_activation || 1;
+  const base = (f.site_norm ? FLUENT * f.site_norm : 0) || f.steer_value || f.max_activation || 1;
   state.edits.push({ sae: f.sae, index: f.index, label: f.label, mode: "clamp", value: base, base,
                      where: "all", start: "", end: "" });
   renderEdits();
@@ -215,7 +219,7 @@ function renderEdits() {
   }));
 }
 
-// The proto's Intervention as the HTTP body spells it (README "HTTP").
+// The proto's Intervention as the HTTP body spells it (docs/api.md).
 function intervention(e) {
   const iv = { sae: e.sae, feature: e.index, mode: e.mode, value: e.mode === "ablate" ? 0 : Number(e.value) };
   if (e.where === "generation") iv.scope = "generation_only";

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from clients.cli import _interventions, build_parser
+from clients.cli import build_parser, interventions_arg
 from steering.v1 import steering_pb2 as pb
 
 
@@ -15,7 +15,7 @@ def parse(*argv):
 def test_edits_in_order_with_modes_and_scope():
     a = parse("--prompt", "hi", "--clamp", "res:l1:3=2.5", "--ablate", "s:4", "--scale", "s:5=0.5",
               "--add", "s:6=-3")
-    ivs = _interventions(a.edits, "generation_only")
+    ivs = interventions_arg(a.edits, "generation_only")
     assert [(i.sae, i.feature, i.mode, i.value) for i in ivs] == [
         ("res:l1", 3, pb.INTERVENTION_MODE_CLAMP, 2.5), ("s", 4, pb.INTERVENTION_MODE_ABLATE, 0.0),
         ("s", 5, pb.INTERVENTION_MODE_SCALE, 0.5), ("s", 6, pb.INTERVENTION_MODE_ADD, -3.0)]
@@ -44,11 +44,11 @@ def test_prompt_is_required_and_exclusive():
 
 
 def test_reads_merge_per_sae_in_order():
-    from clients.cli import _reads
+    from clients.cli import reads_arg
 
     a = parse("--prompt", "hi", "--read", "b:4", "--watch", "a:7", "--watch", "b:2", "--watch", "a:1",
               "--read-scope", "generation")
-    reads = _reads(a.read_topk, a.watch, a.read_scope)
+    reads = reads_arg(a.read_topk, a.watch, a.read_scope)
     assert [(r.sae, r.top_k, list(r.watch), r.scope) for r in reads] == [
         ("b", 4, [2], pb.READ_SCOPE_GENERATION), ("a", 0, [7, 1], pb.READ_SCOPE_GENERATION)]
 

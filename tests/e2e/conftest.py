@@ -87,7 +87,7 @@ def write_vector_files(d: Path) -> dict[str, Path]:
     return {"happy": happy, "calm": d / "calm.npy"}
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -104,9 +104,9 @@ def start_server(model_dir: Path, sae_dirs: dict[str, Path], log_dir: Path, *ext
 
     With ``http`` the OpenAI-compatible front end listens too (``Server.http_url``).
     """
-    port, mport = _free_port(), _free_port()
+    port, mport = free_port(), free_port()
     extra = ("--host", host, "--metrics-port", str(mport), *extra)
-    hport = _free_port() if http else None
+    hport = free_port() if http else None
     if hport is not None:
         extra = (*extra, "--http-port", str(hport))
     cmd = [_steerd(), "serve", "--model", str(model_dir), "--dtype", "float32",

@@ -149,7 +149,7 @@ def test_hundred_cancelled_streams_leak_nothing(server):
     import random
 
     rng = random.Random(7)
-    key = 'steerd_requests_total{code="CANCELLED",method="Generate"}'
+    key = 'steerd_requests_total{code="CANCELLED",door="grpc",method="Generate"}'
     before = server.metrics().get(key, 0.0)
 
     def one(i):

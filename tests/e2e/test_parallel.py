@@ -21,7 +21,7 @@ from clients.client import clamp, read
 from tests.e2e.conftest import (
     MAX_BATCHED_TOKENS,
     MAX_MODEL_LEN,
-    _free_port,
+    free_port,
     start_server,
     stop_server,
 )
@@ -72,7 +72,7 @@ def _ray_supported() -> bool:
 def ray_head(log_dir):
     """A local Ray head on loopback only; steerd (vLLM's Ray executor) attaches to it."""
     ray = str(Path(sys.executable).with_name("ray"))
-    port = _free_port()
+    port = free_port()
     env_add = {"RAY_ADDRESS": f"127.0.0.1:{port}", "VLLM_HOST_IP": "127.0.0.1",
                "RAY_USAGE_STATS_ENABLED": "0"}
     subprocess.run([ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),

@@ -120,6 +120,7 @@ def test_playground_steers_and_shows_reads(default_server, browser, tmp_path):
     d.get(base + "/")
     _wait(d, lambda d: model in d.find_element(By.ID, "model-info").text, 30, "model info")
     assert SAE in d.find_element(By.ID, "model-info").text
+    assert "vectors@" not in d.find_element(By.ID, "model-info").text  # banks are not SAEs
 
     d.find_element(By.ID, "search").send_keys("ocean")
     d.find_element(By.ID, "search-go").click()
@@ -131,12 +132,16 @@ def test_playground_steers_and_shows_reads(default_server, browser, tmp_path):
     results[0].find_element(By.CSS_SELECTOR, '[data-testid="add-edit"]').click()
     (edit,) = _testids(d, "edit")
     value = edit.find_element(By.CSS_SELECTOR, '[data-testid="edit-value"]')
-    assert float(value.get_attribute("value")) == pytest.approx(top.steer_value, rel=1e-5)
-    strong = float(round(top.steer_value))  # typed in
+    # a new edit starts where text stays fluent (0.75 x site_norm, README), below the
+    # labeller's strong steer value, and the slider goes past that
+    assert top.site_norm > 0
+    assert float(value.get_attribute("value")) == pytest.approx(0.75 * top.site_norm, rel=1e-5)
+    slider = edit.find_element(By.CSS_SELECTOR, '[data-testid="edit-slider"]')
+    assert float(slider.get_attribute("max")) > top.steer_value > 0.75 * top.site_norm
+    strong = float(round(0.75 * top.site_norm))  # typed in
     assert strong > 2 * top.max_activation  # strong: over twice its largest activation
     value.clear()
     value.send_keys(str(strong))
-    slider = edit.find_element(By.CSS_SELECTOR, '[data-testid="edit-slider"]')
     assert float(slider.get_attribute("value")) == pytest.approx(strong, rel=1e-2)
 
     prompt = d.find_element(By.ID, "prompt")

@@ -58,7 +58,7 @@ def secure(tiny_dir, tmp_path_factory):
         tiny_dir / "tiny-llama", {sid: tiny_dir / "saes" / SAE_DIRS[sid] for sid in SAE_IDS}, tmp,
         "--auth-tokens-file", str(tmp / "tokens"), "--tls-cert", str(cert), "--tls-key", str(key),
         "--tls-client-ca", str(cert), "--max-concurrent-streams", "3", "--max-distinct-configs", "2",
-        "--max-prompt-tokens", "100", "--max-new-tokens", "200", "--log-format", "json",
+        "--max-prompt-tokens", "200", "--max-new-tokens", "200", "--log-format", "json",
         client_kwargs={"token": TOKEN, **tls}, host="localhost", http=True)
     srv.tls = tls
     yield srv
@@ -155,17 +155,31 @@ def test_length_caps_are_invalid_argument(secure):
                 c.generate_text([1, 2], **kw)
             assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and text in ei.value.details()
         with pytest.raises(grpc.RpcError) as ei:
-            c.generate_text([3] * 101, max_tokens=1)
-        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 100" in ei.value.details()
+            c.generate_text([3] * 201, max_tokens=1)
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 200" in ei.value.details()
     import openai
 
     with _oai(secure) as o:
         model = o.models.list().data[0].id
         for kw, param, text in (({"max_tokens": 201}, "max_tokens", "cap of 200"),
-                                ({"prompt": [3] * 101}, "prompt", "at most 100")):
+                                ({"prompt": [3] * 201}, "prompt", "at most 200")):
             with pytest.raises(openai.BadRequestError) as ei:
                 o.completions.create(model=model, **{"prompt": [1, 2], **kw})
             assert ei.value.body["param"] == param and text in ei.value.body["message"]
+
+
+def test_one_tenant_never_reads_anothers_prompts_from_the_prefix_cache(secure):
+    """With auth on, every request is salted by its caller's token (--cache-salt-per-token,
+    the default): a token's repeated prompt hits the cache, another token's never does."""
+    prompt = [(7 * i) % 500 + 3 for i in range(150)]  # over one 128-token KV block
+    with secure.client(token=TOKEN) as a, secure.client(token="other-token") as b:
+        a.generate_text(prompt, max_tokens=1)
+        again = a.generate_text(prompt, max_tokens=1)
+        other = b.generate_text(prompt, max_tokens=1)
+        other_again = b.generate_text(prompt, max_tokens=1)
+    assert again.usage.cached_prompt_tokens > 0, "prefix caching is not on"
+    assert other.usage.cached_prompt_tokens == 0, "a tenant read another's cached prompt"
+    assert other_again.usage.cached_prompt_tokens > 0
 
 
 def test_concurrency_and_distinct_config_caps_are_resource_exhausted(secure):
@@ -224,8 +238,8 @@ def _wait_idle(srv, timeout=60.0):
 
 def test_metrics_report_requests_and_latencies(secure):
     m = secure.metrics()
-    assert m['steerd_requests_total{code="OK",method="Generate"}'] >= 1
-    assert m['steerd_requests_total{code="INVALID_ARGUMENT",method="Generate"}'] >= 1
+    assert m['steerd_requests_total{code="OK",door="grpc",method="Generate"}'] >= 1
+    assert m['steerd_requests_total{code="INVALID_ARGUMENT",door="grpc",method="Generate"}'] >= 1
     assert m["steerd_ttft_seconds_count"] >= 1 and m["steerd_tpot_seconds_count"] >= 1
     assert m["steerd_generated_tokens_total"] >= 1 and m["steerd_interventions_total"] >= 1
 

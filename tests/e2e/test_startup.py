@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -75,8 +76,26 @@ def refused(tiny_dir, tmp_path_factory):
         "ray": ("--model", model, "--sae", str(sae), "--tensor-parallel-size", "2",
                 "--distributed-executor-backend", "ray"),
     }
-    procs = {k: launch(*a) for k, a in cases.items()}
-    return {k: finish(p) for k, p in procs.items()} | {"sae": sae}
+    # refused while binding, before the engine (issue 25, part 3)
+    (tmp / "tokens").write_text("# no token yet\n")
+    (tmp / "cert.pem").write_text("not a certificate")
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    cases |= {
+        "tokens": ("--model", model, "--sae", str(sae), "--auth-tokens-file", str(tmp / "tokens")),
+        "tls": ("--model", model, "--sae", str(sae), "--tls-cert", str(tmp / "cert.pem"),
+                "--tls-key", str(tmp / "cert.pem")),
+        "busy": ("--model", model, "--sae", str(sae), "--http-port", str(busy.getsockname()[1])),
+        "metrics": ("--model", model, "--sae", str(sae), "--metrics-port",
+                    str(busy.getsockname()[1])),
+    }
+    try:
+        procs = {k: launch(*a) for k, a in cases.items()}
+        # ten refused starts at once on two cores: each is mostly imports
+        return {k: finish(p, timeout=300) for k, p in procs.items()} | {"sae": sae}
+    finally:
+        busy.close()
 
 
 def test_sae_layer_out_of_range(refused):
@@ -120,7 +139,7 @@ def test_unpatched_model_runner_refuses_to_serve_unsteered(tiny_dir):
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
     assert "cpu_model_runner.CPUModelRunner (v1) is not one sae_runtime patches" in r.stderr
     assert "refusing to serve unsteered" in r.stderr
-    assert "listening on" not in r.stdout
+    assert "listening on" not in r.stdout + r.stderr
 
 
 def test_ray_executor_on_a_platform_without_ray_is_refused_before_the_engine(refused):
@@ -131,3 +150,17 @@ def test_ray_executor_on_a_platform_without_ray_is_refused_before_the_engine(ref
     r = refused["ray"]
     assert r.returncode == 2, r.stderr[-2000:]
     assert "--distributed-executor-backend ray" in r.stderr and "use mp" in r.stderr
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("tokens", "holds no token"),
+    ("tls", "cannot use them"),
+    ("busy", "--http-port: cannot bind"),
+    ("metrics", "--metrics-port: cannot bind"),
+])
+def test_bad_auth_tls_or_ports_are_refused_in_one_line_before_the_engine(refused, case, needle):
+    r = refused[case]
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("steerd: error:")]
+    assert len(errors) == 1 and needle in errors[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "EngineCore" not in r.stdout + r.stderr

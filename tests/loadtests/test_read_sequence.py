@@ -1,6 +1,6 @@
 """The Locust read-sequence check on hand-made streams (loadtests/read_sequence.py).
 
-Each case is written out by hand from the README's rule (position p is reported once token
+Each case is written out by hand from the rule in docs/api.md (position p is reported once token
 p has been fed; the last generated token never is; each selected position exactly once, in
 order, carrying the token it consumes), then broken in one way.
 """

@@ -1,4 +1,4 @@
-"""The capacity budget at the gRPC/HTTP door: ``generate_inputs_from_pb`` runs
+"""The capacity budget at the doors' shared check: ``server.core.validate.generation`` runs
 ``sae_runtime.spec.budget.check_request`` over the whole request, vectors and inline
 vectors included (they are appended after the interventions' own validation)."""
 
@@ -18,18 +18,19 @@ from clients.client import (
 from sae_runtime.errors import InvalidRequestError
 from sae_runtime.saes.base import SAEConfig
 from sae_runtime.spec.vectors import VectorIndex
-from server import convert
+from server.core import validate
+from server.grpc import convert
 
 SAES = {"s": SAEConfig("standard", 8, 100, "blocks.1.hook_resid_post", 1, "resid_post"),
         "vectors@L1": SAEConfig("standard", 8, 2, "blocks.1.hook_resid_post", 1, "resid_post")}
-INDEX = VectorIndex({"happy": {1: ("vectors@L1", 0)}}, inline={1: ("vectors@L1", 1)})
-LIMITS = convert.Limits(max_interventions=3, vocab_size=512, max_read_top_k=10, max_watch=4)
+INDEX = VectorIndex({"happy": {1: ("vectors@L1", 0)}}, inline={1: ("vectors@L1", 1)}, d_model=8)
+LIMITS = validate.Limits(max_interventions=3, vocab_size=512, max_read_top_k=10, max_watch=4)
 build = SteeringClient.build_request
 
 
 def conv(**kw):
-    return convert.generate_inputs_from_pb(build([1, 2, 3], **kw), saes=SAES, limits=LIMITS,
-                                           vectors=INDEX)
+    return validate.generation(convert.generate_request(build([1, 2, 3], **kw)), saes=SAES,
+                               limits=LIMITS, vectors=INDEX)
 
 
 def spread(n: int):

@@ -1,4 +1,4 @@
-"""Chat rendering, logprob conversion and OpenAI body -> proto mapping, without an engine."""
+"""Chat rendering, logprob conversion and OpenAI body -> core mapping, without an engine."""
 
 from __future__ import annotations
 
@@ -10,14 +10,26 @@ from transformers import AutoTokenizer
 
 from clients.client import SteeringClient
 from sae_runtime.errors import InvalidRequestError, NoChatTemplateError
-from server import convert
-from server.openai_api import ChatBody, CompletionBody, http_param, request_from_body
+from sae_runtime.ops import Mode
+from sae_runtime.spec.interventions import Intervention, Scope
+from sae_runtime.spec.reads import Read, ReadScope
+from sae_runtime.spec.vectors import VectorIndex
+from server.core import validate
+from server.core.prompts import render_chat
+from server.core.service import logprobs_of
+from server.grpc import convert
+from server.http.bodies import ChatBody, CompletionBody, body_field, field_table, generate_request
 from steering.v1 import steering_pb2 as pb
 from tests.e2e.reference import render_chat_reference
 
 EMBEDDED = Path(__file__).resolve().parents[2] / "server" / "embedded" / "model"
 TEMPLATE = (Path(__file__).resolve().parents[1] / "e2e" / "chat_template.jinja").read_text()
-LIMITS = convert.Limits(max_interventions=3, vocab_size=512, max_logprobs=5)
+LIMITS = validate.Limits(max_interventions=3, vocab_size=512, max_logprobs=5)
+
+
+def conv(req: pb.GenerateRequest):
+    return validate.generation(convert.generate_request(req), saes={}, limits=LIMITS,
+                               vectors=VectorIndex({}))
 MSGS = (("system", "be brief"), ("user", "the ocean wave"))
 
 
@@ -28,7 +40,7 @@ def tok():
 
 def test_render_chat_uses_the_override_file(tok):
     assert tok.chat_template is None  # the embedded model has none of its own
-    ids = convert.render_chat(tok, MSGS, TEMPLATE, "m")
+    ids = render_chat(tok, MSGS, TEMPLATE, "m")
     assert ids == render_chat_reference(tok, TEMPLATE, MSGS)
     assert ids[0] == tok.bos_token_id  # the template adds BOS; nothing else does
 
@@ -37,38 +49,36 @@ def test_render_chat_uses_the_tokenizers_own_template(tok):
     own = "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
     tok2 = AutoTokenizer.from_pretrained(EMBEDDED)
     tok2.chat_template = own
-    assert convert.render_chat(tok2, MSGS, None, "m") == render_chat_reference(tok2, own, MSGS)
+    assert render_chat(tok2, MSGS, None, "m") == render_chat_reference(tok2, own, MSGS)
 
 
 def test_render_chat_errors(tok):
     with pytest.raises(NoChatTemplateError, match="model /models/x has no chat template"):
-        convert.render_chat(tok, MSGS, None, "/models/x")
+        render_chat(tok, MSGS, None, "/models/x")
     with pytest.raises(InvalidRequestError) as ei:
-        convert.render_chat(tok, (("tool", "x"),), TEMPLATE, "m", field="inputs[1]")
+        render_chat(tok, (("tool", "x"),), TEMPLATE, "m", field="inputs[1]")
     assert ei.value.field == "inputs[1].messages" and "unknown role tool" in str(ei.value)
 
 
 def test_messages_and_logprobs_validate():
     req = SteeringClient.build_request([{"role": "user", "content": "hi"}, ("assistant", "")],
                                        logprobs=5, prompt_logprobs=0)
-    got = convert.generate_inputs_from_pb(req, saes={}, limits=LIMITS)
-    assert got.prompt_messages == (("user", "hi"), ("assistant", ""))
+    got = conv(req)
+    assert got.prompt.messages == (("user", "hi"), ("assistant", ""))
     assert (got.logprobs, got.prompt_logprobs) == (5, 0)
-    assert convert.generate_inputs_from_pb(SteeringClient.build_request("x"), saes={},
-                                           limits=LIMITS).logprobs is None
+    assert conv(SteeringClient.build_request("x")).logprobs is None
     for kw, field in (({"logprobs": 6}, "sampling.logprobs"),
                       ({"prompt_logprobs": 6}, "sampling.prompt_logprobs")):
         with pytest.raises(InvalidRequestError) as ei:
-            convert.generate_inputs_from_pb(SteeringClient.build_request("x", **kw), saes={},
-                                            limits=LIMITS)
+            conv(SteeringClient.build_request("x", **kw))
         assert ei.value.field == field and "cap of 5" in str(ei.value)
     bad = SteeringClient.build_request([("", "x")])
     with pytest.raises(InvalidRequestError) as ei:
-        convert.generate_inputs_from_pb(bad, saes={}, limits=LIMITS)
+        conv(bad)
     assert ei.value.field == "prompt.messages.messages[0].role"
     empty = pb.GenerateRequest(prompt=pb.Prompt(messages=pb.ChatMessages()))
     with pytest.raises(InvalidRequestError, match="at least one message"):
-        convert.generate_inputs_from_pb(empty, saes={}, limits=LIMITS)
+        conv(empty)
 
 
 @dataclass
@@ -78,22 +88,22 @@ class LP:  # the shape of vllm.logprobs.Logprob
     decoded_token: str
 
 
-def test_logprobs_to_pb_orders_top_by_rank_with_chosen_first():
+def test_logprobs_order_top_by_rank_with_chosen_first():
     # vLLM inserts the chosen token first, then the top n; a chosen token inside the top n
     # is not repeated (the dict has n entries), outside it the dict has n + 1
     inside = {7: LP(-1.2, 2, "b"), 3: LP(-0.5, 1, "a"), 9: LP(-2.0, 3, "c")}
     outside = {8: LP(-5.0, 40, "z"), 3: LP(-0.5, 1, "a"), 7: LP(-1.2, 2, "b"), 9: LP(-2.0, 3, "c")}
-    a, b = convert.logprobs_to_pb([inside, outside], 3)
+    a, b = logprobs_of([inside, outside], 3)
     assert (a.chosen.token_id, a.chosen.rank, a.chosen.token) == (7, 2, "b")
     assert [t.token_id for t in a.top] == [3, 7, 9] and [t.rank for t in a.top] == [1, 2, 3]
     assert (b.chosen.token_id, b.chosen.rank) == (8, 40) and [t.token_id for t in b.top] == [3, 7, 9]
-    (z,) = convert.logprobs_to_pb([{4: LP(-0.1, 1, "q")}], 0)
+    (z,) = logprobs_of([{4: LP(-0.1, 1, "q")}], 0)
     assert z.chosen.token_id == 4 and not z.top
-    (m,) = convert.logprobs_to_pb([{4: LP(float("-inf"), 500, "q")}], 0)
+    (m,) = logprobs_of([{4: LP(float("-inf"), 500, "q")}], 0)
     assert m.chosen.logprob == -9999.0
 
 
-def test_openai_bodies_map_onto_the_proto():
+def test_openai_bodies_map_onto_the_core_request():
     body = CompletionBody.model_validate({
         "model": "m", "prompt": [[5, 6, 7]], "max_tokens": 9, "temperature": 0, "seed": 3,
         "stop": "END", "logprobs": 2, "top_k": 4, "ignore_eos": True, "prompt_logprobs": 1,
@@ -101,25 +111,23 @@ def test_openai_bodies_map_onto_the_proto():
                            "scope": "generation_only"}],
         "reads": [{"sae": "s", "top_k": 2, "watch": [1], "scope": "prompt"}],
         "request_id": "r", "user": "ignored", "some_future_field": 1})
-    req = request_from_body(body)
-    assert list(req.prompt.token_ids.ids) == [5, 6, 7] and req.request_id == "r"
-    s = req.sampling
-    assert (s.max_tokens, s.temperature, s.seed, list(s.stop), s.logprobs, s.top_k, s.ignore_eos,
-            s.prompt_logprobs) == (9, 0.0, 3, ["END"], 2, 4, True, 1)
-    assert req.interventions[0] == pb.Intervention(sae="s", feature=3, mode=pb.INTERVENTION_MODE_CLAMP,
-                                                   value=2.5, scope=pb.SCOPE_GENERATION_ONLY)
-    assert req.reads[0] == pb.FeatureRead(sae="s", top_k=2, watch=[1], scope=pb.READ_SCOPE_PROMPT)
-    assert not s.HasField("top_p")
+    req = generate_request(body)
+    assert req.prompt.ids == (5, 6, 7) and req.request_id == "r"
+    assert (req.max_tokens, req.temperature, req.seed, req.stop, req.logprobs, req.top_k,
+            req.ignore_eos, req.prompt_logprobs) == (9, 0.0, 3, ("END",), 2, 4, True, 1)
+    assert req.interventions[0] == Intervention("s", 3, Mode.CLAMP, 2.5, Scope.GENERATION_ONLY)
+    assert req.reads[0] == Read("s", 2, (1,), ReadScope.PROMPT)
+    assert req.top_p is None and not req.fit_max_tokens
 
     chat = ChatBody.model_validate({"model": "m", "messages": [
         {"role": "system", "content": "x"},
         {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
         "logprobs": True, "top_logprobs": 3, "max_completion_tokens": 4})
-    req = request_from_body(chat)
-    assert [(m.role, m.content) for m in req.prompt.messages.messages] == [("system", "x"), ("user", "ab")]
-    assert (req.sampling.logprobs, req.sampling.max_tokens) == (3, 4)
-    assert not request_from_body(ChatBody.model_validate(
-        {"model": "m", "messages": [{"role": "user", "content": "x"}]})).sampling.HasField("logprobs")
+    req = generate_request(chat)
+    assert req.prompt.messages == (("system", "x"), ("user", "ab"))
+    assert (req.logprobs, req.max_tokens, req.fit_max_tokens) == (3, 4, True)
+    assert generate_request(ChatBody.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "x"}]})).logprobs is None
 
 
 @pytest.mark.parametrize("body, field", [
@@ -137,7 +145,7 @@ def test_openai_bodies_map_onto_the_proto():
 def test_openai_bodies_we_cannot_honour_are_refused(body, field):
     cls = ChatBody if "messages" in body else CompletionBody
     with pytest.raises(InvalidRequestError) as ei:
-        request_from_body(cls.model_validate({"model": "m", **body}))
+        generate_request(cls.model_validate({"model": "m", **body}))
     assert ei.value.field == field
 
 
@@ -155,8 +163,12 @@ def test_openai_bodies_we_cannot_honour_are_refused(body, field):
     ("interventions[0].feature", False, "interventions[0].feature"),
     ("reads[1].watch[0]", True, "reads[1].watch[0]"),
 ])
-def test_proto_fields_name_the_body_field(field, chat, want):
-    assert http_param(field, chat) == want
+def test_core_fields_name_the_body_field(field, chat, want):
+    body = (ChatBody.model_validate({"model": "m", "messages": []}) if chat
+            else CompletionBody(model="m", prompt="x"))
+    assert body_field(field, field_table(body)) == want
     chat_body = ChatBody.model_validate({"model": "m", "messages": [], "max_completion_tokens": 3})
-    assert http_param("sampling.max_tokens", True, chat_body) == "max_completion_tokens"
-    assert http_param("sampling.stop[0]", False, CompletionBody(model="m", prompt="x", stop="s")) == "stop"
+    assert body_field("sampling.max_tokens", field_table(chat_body)) == "max_completion_tokens"
+    assert body_field("sampling.stop[0]", field_table(
+        CompletionBody(model="m", prompt="x", stop="s"))) == "stop"
+    assert body_field("abort_when[2].condition.feature", field_table(body)) == "abort_when[2].feature"

@@ -7,14 +7,14 @@ import asyncio
 
 import numpy as np
 
+from sae_runtime.ops import Cond
 from sae_runtime.spec.guardrails import Guardrail, GuardSpec
 from sae_runtime.spec.interventions import Condition
 from sae_runtime.spec.reads import Read
 from sae_runtime.spec.selectors import ALL, GENERATION
-from sae_runtime.step.edits import Cond
 from sae_runtime.step.records import ReadRecord
-from server.reads import RequestReads
-from server.service import _ReadFeed
+from server.core.feed import ReadFeed
+from server.core.reads import RequestReads
 
 
 def rec(read, pos0, watch_rows):
@@ -41,7 +41,7 @@ def test_first_trip_in_position_order_with_the_user_read_untouched():
         user = Read("a", 0, (9,))
         hidden = guards.reads()  # one read of SAE a watching (3, 5) at every position
         b = RequestReads()
-        feed = _ReadFeed(b, (user, *hidden), prompt=[7, 8, 9], shown=1)
+        feed = ReadFeed(b, (user, *hidden), prompt=[7, 8, 9], shown=1)
         # positions 0..2 prompt, 3.. generated; watch (3, 5) values per position
         b.add(rec(1, 0, [[5.0, 0.0], [0.0, 0.0], [0.0, 0.0]]))  # 0: f3 > 1 but prompt: guard 0
         b.add(rec(0, 0, [[1.0], [2.0], [3.0]]))                  # watches generated only
@@ -60,6 +60,6 @@ def test_first_trip_in_position_order_with_the_user_read_untouched():
 def test_a_lost_guard_read_never_trips():
     guards = GuardSpec((Guardrail(Condition("a", 3, Cond.LT, 100.0)),))
     b = RequestReads()
-    feed = _ReadFeed(b, guards.reads(), prompt=[1, 2], shown=0)
+    feed = ReadFeed(b, guards.reads(), prompt=[1, 2], shown=0)
     feed.generated = [3, 4]
     assert feed.first_trip(guards, feed.fed()) is None  # NaN < 100 is False

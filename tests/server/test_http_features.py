@@ -1,5 +1,5 @@
-"""The playground's HTTP JSON routes (server/http_features.py) on the embedded default's SAE
-and labels, in-process through the real app (``openai_api.build_app``), no engine.
+"""The playground's HTTP JSON routes on the embedded default's SAE and labels, in-process
+through the real app (``server.http.app.build_app``) over the core, with a stand-in engine.
 
 References are the files on disk (cfg.json, feature_labels.json) read here with ``json``,
 and the tokenizer's decode of a whole sequence."""
@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from starlette.testclient import TestClient
 
 from sae_runtime.labels.store import load_beside
 from sae_runtime.loading import load_sae_config
-from server.metrics import Metrics
-from server.openai_api import build_app
+from server.auth import Auth
+from server.core.service import Core
+from server.core.validate import Limits
+from server.http.app import build_app
+from tests.server.engines import FakeEngine
 
 EMBEDDED = Path(__file__).resolve().parents[2] / "server" / "embedded"
 SAE_DIR = EMBEDDED / "saes" / "topics_l1"
@@ -25,27 +27,25 @@ RAW_LABELS = json.loads((SAE_DIR / "feature_labels.json").read_text())
 TOKEN = "s3cret"
 
 
-def _servicer():
+def _core() -> Core:
     from transformers import AutoTokenizer
 
     cfg = load_sae_config(SAE_DIR)
     tok = AutoTokenizer.from_pretrained(EMBEDDED / "model")
-    return SimpleNamespace(
-        metrics=Metrics(), saes={"topics_l1": cfg},
-        labels={"topics_l1": load_beside(SAE_DIR, "topics_l1", cfg.d_sae)},
-        sae_dtypes={"topics_l1": "float32"}, tokenizer=tok, max_model_len=256,
-        limits=SimpleNamespace(vocab_size=len(tok)))
+    return Core(FakeEngine(tok, max_model_len=256, saes={"topics_l1": SAE_DIR}), model="m",
+                saes={"topics_l1": cfg}, labels={"topics_l1": load_beside(SAE_DIR, "topics_l1", cfg.d_sae)},
+                sae_dtypes={"topics_l1": "float32"},
+                limits=Limits(max_interventions=8, vocab_size=len(tok)), compiled=False)
 
 
 @pytest.fixture(scope="module")
 def servicer():
-    return _servicer()
+    return _core()
 
 
 @pytest.fixture(scope="module")
 def http(servicer):
-    app = build_app(servicer, model="m", tokens=[], max_body_bytes=1 << 20)
-    with TestClient(app) as c:
+    with TestClient(build_app(servicer, model="m")) as c:
         yield c
 
 
@@ -133,22 +133,23 @@ def test_token_pieces_are_each_token_decoded(http, servicer):
     _error(http.post("/v1/token_pieces", json={"token_ids": [1, vocab]}), 400, "token_ids[1]")
     _error(http.post("/v1/token_pieces", json={"token_ids": [1.5]}), 400, "token_ids[0]")
     _error(http.post("/v1/token_pieces", json={"token_ids": [1] * 257}), 400, "token_ids")
-    _error(http.post("/v1/token_pieces", content=b"{nope"), 400, None)
+    _error(http.post("/v1/token_pieces", content=b"{nope",
+                     headers={"content-type": "application/json"}), 400, None)
 
 
-def test_metrics_are_labelled_by_route_template(servicer):
-    srv = _servicer()
-    with TestClient(build_app(srv, model="m", tokens=[], max_body_bytes=1 << 20)) as c:
+def test_metrics_are_labelled_by_core_method_and_door(servicer):
+    srv = _core()
+    with TestClient(build_app(srv, model="m")) as c:
         c.get("/v1/features/topics_l1/39")
         c.get("/v1/features/topics_l1/40")
         c.get("/v1/features/topics_l1/5000")
     req = srv.metrics.requests
-    assert req.labels("/v1/features/{sae}/{index}", "OK")._value.get() == 2
-    assert req.labels("/v1/features/{sae}/{index}", "INVALID_ARGUMENT")._value.get() == 1
+    assert req.labels("GetFeature", "http", "OK")._value.get() == 2
+    assert req.labels("GetFeature", "http", "INVALID_ARGUMENT")._value.get() == 1
 
 
 def test_json_routes_follow_auth_and_the_page_does_not(servicer):
-    app = build_app(servicer, model="m", tokens=[TOKEN.encode()], max_body_bytes=1 << 20)
+    app = build_app(servicer, model="m", auth=Auth((TOKEN.encode(),)))
     with TestClient(app) as c:
         for res in (c.get("/v1/saes"), c.get("/v1/features/search", params={"q": "ocean"}),
                     c.get("/v1/features/topics_l1/39"),

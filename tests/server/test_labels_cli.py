@@ -17,9 +17,8 @@ import pytest
 import torch
 
 from sae_runtime.labels import store as feats
-from server import convert
 from server.cli import main
-from steering.v1 import steering_pb2 as pb
+from server.core import validate
 from tests.fixtures.tiny import MODEL_DIR, corpus
 
 
@@ -90,8 +89,7 @@ def test_build_then_import_keeps_stats_and_replaces_labels(tiny_dir, tmp_path, s
     assert recs[untouched["index"]] == untouched
     # the server's search finds the imported words
     labels = {"s": feats.load_beside(sae_copy, "s", 256)}
-    saes = {"s": object()}
-    found = convert.search_features(pb.SearchFeaturesRequest(query="sailing sea"), saes, labels)
+    found = feats.search(labels, "sailing sea", validate.search_args("sailing sea", 0))
     assert [f.index for f in found] == [a["index"]]
 
 

@@ -1,6 +1,6 @@
 """GetFeature / SearchFeatures over a real in-process gRPC server, with a stand-in engine.
 
-The engine is a stand-in (the servicer reads only its model config, tokenizer and the worker
+The engine is a stand-in (the core reads only its model config, tokenizer and the worker
 config it was started with); the weights are the tiny model's and SAEs' real files. Logit
 effects are checked against the HF model's own ``lm_head`` and final norm applied to the
 decoder row read straight from the SAE's safetensors.
@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -19,12 +18,13 @@ import torch
 
 from sae_runtime.labels import store as feats
 from sae_runtime.loading import load_sae_config
-from sae_runtime.step.config import AdditionalConfig, SAEEntry, WorkerConfig
-from server import convert
-from server.service import SteeringServicer
+from server.core.service import Core
+from server.core.validate import Limits
+from server.grpc.servicer import SteeringServicer
 from steering.v1 import steering_pb2 as pb
 from steering.v1 import steering_pb2_grpc as pb_grpc
 from tests.fixtures.tiny import MODEL_DIR, corpus
+from tests.server.engines import FakeEngine
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -33,22 +33,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-class Engine:
-    """What the servicer reads of an AsyncLLM for feature RPCs."""
-
-    def __init__(self, tokenizer, saes: dict[str, Path]):
-        self.model_config = SimpleNamespace(max_model_len=512)
-        self.vllm_config = SimpleNamespace(additional_config=AdditionalConfig(WorkerConfig(
-            saes=tuple(SAEEntry(id=k, path=str(p)) for k, p in saes.items()), max_interventions=8)))
-        self.tokenizer = tokenizer
-
-    def get_tokenizer(self):
-        return self.tokenizer
-
-    def get_num_unfinished_requests(self) -> int:
-        return 0
 
 
 def write_z_sae(out: Path) -> Path:
@@ -80,10 +64,10 @@ def _servicer(tiny_dir: Path, saes: dict[str, Path], labels=None) -> SteeringSer
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_dir / MODEL_DIR)
-    return SteeringServicer(
-        Engine(tok, saes), model=str(tiny_dir / MODEL_DIR),
+    return SteeringServicer(Core(
+        FakeEngine(tok, max_model_len=512, saes=saes), model=str(tiny_dir / MODEL_DIR),
         saes={k: load_sae_config(p) for k, p in saes.items()},
-        limits=convert.Limits(max_interventions=8, vocab_size=512), compiled=False, labels=labels)
+        limits=Limits(max_interventions=8, vocab_size=512), compiled=False, labels=labels))
 
 
 def _hf_reference(tiny_dir: Path, sae_dir: Path, index: int, k: int = 10):
@@ -124,7 +108,7 @@ def test_get_feature_of_an_unlabelled_sae_returns_its_logit_effects(tiny_dir, tm
     assert [t.token_id for t in f.promoted][:3] == hi.indices.tolist()[:3]
     assert [t.logit for t in f.promoted] == pytest.approx(hi.values.tolist(), rel=1e-4, abs=1e-4)
     assert [t.logit for t in f.suppressed] == pytest.approx(lo.values.tolist(), rel=1e-4, abs=1e-4)
-    assert f.promoted[0].token == s.tokenizer.decode([hi.indices[0].item()])
+    assert f.promoted[0].token == s.core.tokenizer.decode([hi.indices[0].item()])
     assert got["f7again"] == f
     z = got["z"]
     assert not z.promoted and not z.suppressed and "hook_z" in z.logit_effects_unavailable

@@ -8,8 +8,8 @@ import numpy as np
 
 from sae_runtime.spec.reads import Read, ReadScope, ReadSpec
 from sae_runtime.step.records import ReadRecord
-from server.reads import RequestReads
-from server.service import _ReadFeed
+from server.core.feed import ReadFeed
+from server.core.reads import RequestReads
 
 
 def rec(pos0, n, k=2, sae=0, base=0.0, pooled=False):
@@ -40,7 +40,7 @@ def test_feed_hands_out_each_position_once_in_order_and_skips_unfed():
     async def go():
         b = RequestReads()
         spec = ReadSpec((Read("a", 2, (), ReadScope.ALL),))
-        feed = _ReadFeed(b, spec.reads, prompt=[7, 8, 9])
+        feed = ReadFeed(b, spec.reads, prompt=[7, 8, 9])
         b.add(rec(0, 2))
         assert [f.position for f in feed.take()] == [0, 1]
         b.add(rec(3, 1))  # position 2 missing: 3 must wait to keep order
@@ -60,7 +60,7 @@ def test_feed_keeps_only_positions_whose_token_the_read_selects():
         b = RequestReads()
         # Report positions consuming token 8 or 11 (prompt and generated alike).
         spec = ReadSpec((Read("a", 2, (), ReadScope.ALL, Selector(token_ids=(8, 11))),))
-        feed = _ReadFeed(b, spec.reads, prompt=[7, 8, 9])
+        feed = ReadFeed(b, spec.reads, prompt=[7, 8, 9])
         feed.generated = [11, 12, 13]  # positions 3, 4 fed; 5 not yet
         b.add(rec(0, 5))  # the worker reads the whole window
         out = feed.take()
@@ -70,7 +70,7 @@ def test_feed_keeps_only_positions_whose_token_the_read_selects():
                               Selector(token_ids=(8, 11), exclude_token_ids=True)),))
         b2 = RequestReads()
         b2.add(rec(0, 5))
-        feed2 = _ReadFeed(b2, excl.reads, prompt=[7, 8, 9])
+        feed2 = ReadFeed(b2, excl.reads, prompt=[7, 8, 9])
         feed2.generated = [11, 12, 13]
         assert [f.position for f in feed2.take()] == [0, 2, 4]
     asyncio.run(go())

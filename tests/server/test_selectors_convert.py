@@ -19,17 +19,24 @@ from sae_runtime.saes.base import SAEConfig
 from sae_runtime.spec.interventions import Scope
 from sae_runtime.spec.reads import ReadScope
 from sae_runtime.spec.selectors import GENERATION, Frame, Range, Selector
-from server import convert
-from server.openai_api import CompletionBody, _from_steering, request_from_body
+from sae_runtime.spec.vectors import VectorIndex
+from server.core import validate
+from server.grpc import convert
+from server.http.bodies import CompletionBody, field_table, generate_request
+from server.http.errors import http_error
 from steering.v1 import steering_pb2 as pb
 
 SAES = {"s": SAEConfig("standard", 8, 100, "blocks.1.hook_resid_post", 1, "resid_post")}
-LIMITS = convert.Limits(max_interventions=4, vocab_size=512, max_read_top_k=10, max_watch=4)
+LIMITS = validate.Limits(max_interventions=4, vocab_size=512, max_read_top_k=10, max_watch=4)
 build = SteeringClient.build_request
 
 
+def check(req):
+    return validate.generation(req, saes=SAES, limits=LIMITS, vectors=VectorIndex({}))
+
+
 def conv(req):
-    return convert.generate_inputs_from_pb(req, saes=SAES, limits=LIMITS)
+    return check(convert.generate_request(req))
 
 
 def test_round_trip_and_scope_sugar():
@@ -94,22 +101,21 @@ def test_http_body_uses_the_same_conversion():
         "positions": {"ranges": [{"frame": "generation", "start": 0, "end": 20}],
                       "token_ids": [7], "exclude_token_ids": True}}],
         reads=[{"sae": "s", "top_k": 2, "positions": {"ranges": [{"frame": "prompt", "start": -3}]}}])
-    req = request_from_body(body)
-    got = conv(req)
+    got = check(generate_request(body))
     (iv,) = got.spec.interventions
     assert iv.selector == Selector((Range(Frame.GENERATION, 0, 20),), False, (7,), True)
     assert got.reads.reads[0].selector == Selector((Range(Frame.PROMPT, -3),))
-    assert got.reads.reads[0].scope == ReadScope.ALL
+    assert got.reads.reads[0].scope is None and ReadScope.ALL.selector == Selector()
     # an error names the body field, as every HTTP validation error does
     bad = CompletionBody(model="m", prompt="hi", interventions=[{
         "sae": "s", "feature": 3, "mode": "add", "value": 2.0,
         "positions": {"ranges": [{"frame": "absolute", "start": 4, "end": 1}]}}])
     with pytest.raises(InvalidRequestError) as ei:
-        conv(request_from_body(bad))
-    err = _from_steering(ei.value, chat=False, body=bad)
+        check(generate_request(bad))
+    err = http_error(ei.value, field_table(bad))
     assert err.status == 400 and err.body["error"]["param"] == "interventions[0].positions.ranges[0]"
     neg = CompletionBody(model="m", prompt="hi", interventions=[{
         "sae": "s", "feature": 3, "mode": "add", "positions": {"token_ids": [-1]}}])
     with pytest.raises(InvalidRequestError) as ei:
-        request_from_body(neg)
+        generate_request(neg)
     assert ei.value.field == "interventions[0].positions.token_ids[0]"

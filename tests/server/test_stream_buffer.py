@@ -1,4 +1,4 @@
-"""The servicer's stream buffer, admission order and id checks, against a scripted engine.
+"""The core's stream buffer, admission order and id checks, against a scripted engine.
 
 The engine is a stand-in (pure conversion and flow logic, as tests/server allows); the same
 behaviours run against the real engine in tests/e2e/test_backpressure.py.
@@ -13,62 +13,32 @@ import pytest
 
 from clients.client import SteeringClient
 from sae_runtime.errors import InvalidRequestError, ResourceLimitError
-from server import convert
-from server.service import SteeringServicer
+from server.core.service import Core
+from server.core.validate import Limits
+from server.grpc import convert
+from tests.server.engines import FakeEngine as ScriptedEngine
 
 build = SteeringClient.build_request
 
 
-class ScriptedEngine:
-    """Emits one token per step (``step_s`` apart) until max_tokens; records aborts."""
-
-    def __init__(self, step_s: float = 0.001, fail_after: int | None = None,
-                 text_len: int = 100) -> None:
-        self.model_config = SimpleNamespace(max_model_len=100_000)
-        self.step_s = step_s
-        self.text = "x" * text_len
-        self.fail_after = fail_after
-        self.aborted: list[str] = []
-        self.steps = 0
-        self.running = 0
-
-    def get_tokenizer(self):
-        return SimpleNamespace(encode=lambda text: [1] * len(text), chat_template=None)
-
-    def get_num_unfinished_requests(self) -> int:
-        return self.running
-
-    async def generate(self, prompt, params, request_id):
-        self.running += 1
-        try:
-            n = params.max_tokens
-            for i in range(n):
-                await asyncio.sleep(self.step_s)
-                self.steps += 1
-                if self.fail_after is not None and i == self.fail_after:
-                    raise RuntimeError("boom")
-                done = i == n - 1
-                yield SimpleNamespace(
-                    finished=done, prompt_logprobs=None, num_cached_tokens=0,
-                    outputs=[SimpleNamespace(token_ids=[7], text=self.text, logprobs=None,
-                                             finish_reason="length" if done else None)])
-        finally:
-            self.running -= 1
-
-    async def abort(self, request_id):
-        self.aborted.append(request_id)
+def core(engine, **kw) -> Core:
+    return Core(engine, model="m", saes={}, limits=Limits(max_interventions=8, vocab_size=100),
+                compiled=False, **kw)
 
 
-def servicer(engine, **kw) -> SteeringServicer:
-    limits = convert.Limits(max_interventions=8, vocab_size=100)
-    return SteeringServicer(engine, model="m", saes={}, limits=limits, compiled=False, **kw)
+def admit(c: Core, req):
+    return asyncio.run(c.admit_generate(convert.generate_request(req)))
+
+
+async def start(c: Core, req):
+    return c.stream(await c.admit_generate(convert.generate_request(req)))
 
 
 def test_a_stalled_consumer_ends_resource_exhausted_and_frees_everything():
     async def go():
         eng = ScriptedEngine()
-        s = servicer(eng, max_stream_buffer_bytes=2048)
-        stream = s.generate_stream(s.prepare_generate(build([1, 2], max_tokens=10_000)))
+        s = core(eng, max_stream_buffer_bytes=2048)
+        stream = await start(s, build([1, 2], max_tokens=10_000))
         first = await anext(stream)  # then the client stops reading
         assert first.token_ids == [7]
         for _ in range(200):
@@ -90,8 +60,8 @@ def test_a_stalled_consumer_ends_resource_exhausted_and_frees_everything():
 def test_a_reading_consumer_gets_every_token_under_a_small_cap():
     async def go():
         eng = ScriptedEngine()
-        s = servicer(eng, max_stream_buffer_bytes=4096)
-        msgs = [m async for m in s.generate_stream(s.prepare_generate(build([1], max_tokens=300)))]
+        s = core(eng, max_stream_buffer_bytes=4096)
+        msgs = [m async for m in await start(s, build([1], max_tokens=300))]
         assert sum(len(m.token_ids) for m in msgs) == 300 and msgs[-1].finish_reason
         assert not eng.aborted and s.active_streams == 0
 
@@ -101,8 +71,8 @@ def test_a_reading_consumer_gets_every_token_under_a_small_cap():
 def test_closing_the_stream_aborts_the_engine_request():
     async def go():
         eng = ScriptedEngine()
-        s = servicer(eng)
-        stream = s.generate_stream(s.prepare_generate(build([1], max_tokens=10_000)))
+        s = core(eng)
+        stream = await start(s, build([1], max_tokens=10_000))
         await anext(stream)
         await stream.aclose()  # what gRPC does when the client cancels
         assert len(eng.aborted) == 1 and eng.running == 0 and s.active_streams == 0
@@ -115,10 +85,10 @@ def test_an_engine_failure_reaches_the_consumer_after_the_messages_before_it():
 
     async def go():
         eng = ScriptedEngine(fail_after=5)
-        s = servicer(eng)
+        s = core(eng)
         got = []
         with pytest.raises(InternalServerError):
-            async for m in s.generate_stream(s.prepare_generate(build([1], max_tokens=50))):
+            async for m in await start(s, build([1], max_tokens=50)):
                 got.append(m)
         assert sum(len(m.token_ids) for m in got) == 5 and s.active_streams == 0
 
@@ -127,41 +97,41 @@ def test_an_engine_failure_reaches_the_consumer_after_the_messages_before_it():
 
 def test_a_full_server_refuses_before_parsing_or_tokenizing():
     eng = ScriptedEngine()
-    s = servicer(eng, max_concurrent_streams=1)
-    held = s.prepare_generate(build([1], max_tokens=3))
+    s = core(eng, max_concurrent_streams=1)
+    held = admit(s, build([1], max_tokens=3))
     calls = []
     s.tokenizer = SimpleNamespace(encode=lambda t: calls.append(t) or [1], chat_template=None)
     with pytest.raises(ResourceLimitError, match="1 concurrent streams"):
-        s.prepare_generate(build("some text", max_tokens=3))
+        admit(s, build("some text", max_tokens=3))
     with pytest.raises(ResourceLimitError):  # refused before validation too
-        s.prepare_generate(build("", max_tokens=0))
+        admit(s, build("", max_tokens=0))
     assert calls == []
     held.release()
     held.release()  # idempotent: the slot is given back once
     assert s.active_streams == 0
-    s.prepare_generate(build("ok", max_tokens=3))
+    admit(s, build("ok", max_tokens=3))
     assert calls == ["ok"]
 
 
 @pytest.mark.parametrize("rid", ["a\nINFO steerd: forged", "a\rb", "\x1b[31mred", "a\u2028b",
                                  "a\x00b", "\u202eevil", "a\x7f"])
 def test_control_characters_in_request_id_are_invalid_argument(rid):
-    s = servicer(ScriptedEngine())
+    s = core(ScriptedEngine())
     with pytest.raises(InvalidRequestError) as ei:
-        s.prepare_generate(build([1], max_tokens=1, request_id=rid))
+        admit(s, build([1], max_tokens=1, request_id=rid))
     assert ei.value.field == "request_id" and "control character" in str(ei.value)
-    s.prepare_generate(build([1], max_tokens=1, request_id="trace-42/ünïcode é"))  # printable is fine
+    admit(s, build([1], max_tokens=1, request_id="trace-42/ünïcode é"))  # printable is fine
 
 
 def test_read_buffer_forgets_sent_positions_and_ignores_late_copies():
     from sae_runtime.spec.reads import Read, ReadScope, ReadSpec
-    from server.reads import RequestReads
-    from server.service import _ReadFeed
+    from server.core.feed import ReadFeed
+    from server.core.reads import RequestReads
     from tests.server.test_reads_buffer import rec
 
     async def go():
         b = RequestReads()
-        feed = _ReadFeed(b, ReadSpec((Read("a", 2, (), ReadScope.ALL),)).reads, prompt=[7, 8, 9])
+        feed = ReadFeed(b, ReadSpec((Read("a", 2, (), ReadScope.ALL),)).reads, prompt=[7, 8, 9])
         b.add(rec(0, 3))
         assert [f.position for f in feed.take()] == [0, 1, 2] and b.by_pos == {}
         b.add(rec(1, 3, base=50.0))  # a recomputed chunk straddling the sent positions
@@ -175,8 +145,8 @@ def test_read_buffer_forgets_sent_positions_and_ignores_late_copies():
 def test_a_lagging_reader_gets_the_backlog_as_one_message_with_nothing_lost():
     async def go():
         eng = ScriptedEngine()
-        s = servicer(eng)
-        stream = s.generate_stream(s.prepare_generate(build([1, 2], max_tokens=40)))
+        s = core(eng)
+        stream = await start(s, build([1, 2], max_tokens=40))
         first = await anext(stream)
         await asyncio.sleep(0.2)  # the engine finishes meanwhile
         rest = [m async for m in stream]
@@ -192,14 +162,15 @@ def test_over_grpc_a_call_never_read_is_ended_and_the_status_arrives_when_read()
     """Real grpc.aio server and client on port 0: the blocked write is what stalls."""
     import grpc
 
-    from server.app import add_servicer
+    from server.grpc.server import add_servicer
+    from server.grpc.servicer import SteeringServicer
     from steering.v1 import steering_pb2_grpc as pb_grpc
 
     async def go():
         eng = ScriptedEngine(step_s=0.0005, text_len=1000)
-        s = servicer(eng, max_stream_buffer_bytes=16 * 1024)
+        s = core(eng, max_stream_buffer_bytes=16 * 1024)
         server = grpc.aio.server()
-        add_servicer(s, server)
+        add_servicer(SteeringServicer(s), server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         try:
@@ -224,6 +195,6 @@ def test_over_grpc_a_call_never_read_is_ended_and_the_status_arrives_when_read()
                 assert "client is not reading" in ei.value.details() and 0 < n < eng.steps
         finally:
             await server.stop(0)
-        assert s.metrics.requests.labels("Generate", "RESOURCE_EXHAUSTED")._value.get() == 1
+        assert s.metrics.requests.labels("Generate", "grpc", "RESOURCE_EXHAUSTED")._value.get() == 1
 
     asyncio.run(go())
