@@ -30,7 +30,7 @@ from server import convert
 from server.auth import BearerAuth, load_tokens
 from server.config import ServerConfig
 from server.metrics import Metrics
-from server.reads import ReadRouter
+from server.reads import ReadRouter, RecordLimits, min_message_bytes
 from server.startup import ExpectedHook, HookPlacementError, apply_cpu_env_defaults, check_hooks
 from steering.v1 import steering_pb2 as pb
 
@@ -160,17 +160,21 @@ def check_model_fit(cfg: ServerConfig, saes: dict[str, SAEConfig]) -> None:
                 f"{c.hook_name} is {want}")
 
 
-def start_engine(cfg: ServerConfig, reads_addr: str | None,
-                 saes: dict[str, SAEConfig] | None = None) -> Any:
-    from sae_runtime.vllm.engine import EngineSettings, build_engine  # imports vLLM
+def engine_settings(cfg: ServerConfig, reads_addr: str | None,
+                    saes: dict[str, SAEConfig] | None = None, reads_keys=None) -> Any:
+    """What this server passes to vLLM (``EngineSettings``): ``steerd serve`` and every
+    ``steerd node`` build it here, so an engine node cannot drift from the API node."""
+    from sae_runtime.vllm.engine import EngineSettings  # imports vLLM
 
-    return build_engine(EngineSettings(
+    return EngineSettings(
         model=cfg.model,
         saes=engine_sae_entries(cfg, saes if saes is not None else load_sae_configs(cfg)),
         max_interventions=cfg.max_interventions,
         max_watch=max(cfg.max_watch, MAX_GUARDRAILS),  # a guard read watches <= MAX_GUARDRAILS
         sae_dtype=cfg.sae_dtype,
         reads_addr=reads_addr,
+        reads_keys=reads_keys,
+        reads_max_message_bytes=cfg.reads_max_message_bytes,
         dtype=cfg.dtype,
         max_model_len=cfg.max_model_len,
         max_num_seqs=cfg.max_num_seqs,
@@ -184,7 +188,31 @@ def start_engine(cfg: ServerConfig, reads_addr: str | None,
         data_parallel_size=cfg.data_parallel_size,
         distributed_executor_backend=(None if cfg.distributed_executor_backend == "auto"
                                       else cfg.distributed_executor_backend),
-    ))
+    )
+
+
+def start_engine(cfg: ServerConfig, reads_addr: str | None,
+                 saes: dict[str, SAEConfig] | None = None, reads_keys=None) -> Any:
+    from sae_runtime.vllm.engine import build_engine  # imports vLLM
+
+    return build_engine(engine_settings(cfg, reads_addr, saes, reads_keys))
+
+
+def check_reads_cap(cfg: ServerConfig, saes: dict[str, SAEConfig]) -> None:
+    """--reads-max-message-bytes must carry one position of the largest read."""
+    need = min_message_bytes(tuple(c.d_sae for c in saes.values()), cfg.max_read_top_k,
+                             max(cfg.max_watch, MAX_GUARDRAILS))
+    if saes and cfg.reads_max_message_bytes < need:
+        raise ValueError(f"--reads-max-message-bytes {cfg.reads_max_message_bytes}: one position "
+                         f"of the widest read needs {need} bytes (pooled sums of the widest "
+                         "SAE, --max-read-top-k, --max-watch); raise it")
+
+
+def read_limits(cfg: ServerConfig, saes: dict[str, SAEConfig], engine: Any) -> RecordLimits:
+    """What a worker's read record may hold, from this server's caps and the engine."""
+    return RecordLimits(d_sae=tuple(c.d_sae for c in saes.values()),
+                        max_top_k=cfg.max_read_top_k, max_watch=max(cfg.max_watch, MAX_GUARDRAILS),
+                        max_positions=int(engine.model_config.max_model_len))
 
 
 def expected_hooks(saes: dict[str, SAEConfig]) -> list[ExpectedHook]:
@@ -342,13 +370,19 @@ async def serve(cfg: ServerConfig) -> int:
     if _cpu_platform():
         for line in apply_cpu_env_defaults(ranks):
             print(f"steerd: {line}", flush=True)
+    check_reads_cap(cfg, saes)
+    metrics = Metrics()
     # The read socket opens only after every check that can refuse to start has passed.
-    router = ReadRouter(cfg.reads_address) if saes else None
+    router = ReadRouter(cfg.reads_address, max_message_bytes=cfg.reads_max_message_bytes,
+                        dropped_metric=metrics.reads_dropped) if saes else None
     if router is not None:
         router.start()
     t0 = time.monotonic()
-    engine = start_engine(cfg, router.addr if router else None, saes)
+    engine = start_engine(cfg, router.addr if router else None, saes,
+                          router.keys if router else None)
     started = time.monotonic() - t0
+    if router is not None:
+        router.limits = read_limits(cfg, saes, engine)
     try:
         sae_dtypes = await verify_hooks(cfg, engine, saes)
     except HookPlacementError as e:
@@ -357,7 +391,6 @@ async def serve(cfg: ServerConfig) -> int:
         if router is not None:
             router.close()
         return 1
-    metrics = Metrics()
     run = await build_server(cfg, engine, saes, router, metrics, labels, sae_dtypes)
     _log_startup(cfg, engine, saes, run.port, started, sae_dtypes)
     if cfg.metrics_port is not None:

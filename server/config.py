@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from sae_runtime.step.config import DEFAULT_READS_MAX_MESSAGE_BYTES
+
 
 class SAESource(BaseModel):
     """One ``--sae [NAME=]PATH[@HOOK]`` entry."""
@@ -108,9 +110,16 @@ class ServerConfig(BaseModel):
     )
     reads_address: str | None = Field(
         default=None,
-        description="ZMQ address workers push feature reads to (default: an ipc:// socket, "
-                    "one node). For a Ray executor spanning nodes give tcp://HOST:PORT with "
-                    "an address of this host that the workers can reach.",
+        description="ZMQ address workers push feature reads to (default: an ipc:// socket in a "
+                    "private 0700 directory, one node). When engines run on other nodes give "
+                    "tcp://HOST:PORT with an address of this host they can reach: steerd "
+                    "binds it with ZMQ CURVE (fresh keys every start; peers without them "
+                    "cannot deliver).",
+    )
+    reads_max_message_bytes: int = Field(
+        default=DEFAULT_READS_MAX_MESSAGE_BYTES, ge=1024 * 1024,
+        description="Largest feature-reads message from a worker; workers split a step's "
+                    "reads to fit, and the server drops (and counts) a larger one.",
     )
     enforce_eager: bool = Field(
         default=False, description="Run the model eagerly instead of compiled (debugging)."

@@ -9,7 +9,13 @@ from typing import Any
 from sae_runtime.spec.interventions import SteeringSpec
 from sae_runtime.spec.payloads import EXTRA_ARGS_KEY, RequestPayload, encode_request
 from sae_runtime.spec.reads import ReadSpec
-from sae_runtime.step.config import AdditionalConfig, SAEEntry, WorkerConfig
+from sae_runtime.step.config import (
+    DEFAULT_READS_MAX_MESSAGE_BYTES,
+    AdditionalConfig,
+    ReadsKeys,
+    SAEEntry,
+    WorkerConfig,
+)
 from sae_runtime.vllm import compat
 
 log = logging.getLogger(__name__)
@@ -27,6 +33,8 @@ class EngineSettings:
     max_watch: int = 0
     sae_dtype: str = "auto"
     reads_addr: str | None = None  # ZMQ address the worker pushes feature reads to
+    reads_keys: ReadsKeys | None = None  # CURVE keys of a tcp:// reads channel
+    reads_max_message_bytes: int = DEFAULT_READS_MAX_MESSAGE_BYTES
     dtype: str = "auto"
     max_model_len: int | None = None
     max_num_seqs: int = 64
@@ -68,7 +76,8 @@ def build_engine(s: EngineSettings) -> Any:
         worker_extension_cls=WORKER_EXTENSION,
         additional_config=AdditionalConfig(WorkerConfig(
             saes=tuple(SAEEntry(**e) for e in s.saes), max_interventions=s.max_interventions,
-            max_watch=s.max_watch, reads_addr=s.reads_addr, sae_dtype=s.sae_dtype)),
+            max_watch=s.max_watch, reads_addr=s.reads_addr, sae_dtype=s.sae_dtype,
+            reads_keys=s.reads_keys, reads_max_message_bytes=s.reads_max_message_bytes)),
         disable_log_stats=True,
         **extra,
     )

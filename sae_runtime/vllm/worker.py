@@ -364,7 +364,8 @@ def install(runner) -> None:
     publish = addr and ranks["tp_rank"] == 0
     _SHARDS.update(shards)
     _SPLIT_READS.update(i for i, h in enumerate(hooks) if h is not None and h.read_split is not None)
-    _STATE = SteeringState(hooks, ReadPublisher(addr) if publish else None)
+    _STATE = SteeringState(hooks, ReadPublisher(addr, cfg.reads_keys, cfg.reads_max_message_bytes)
+                           if publish else None)
     _REPORT.update(ranks=ranks, layers=sorted(layers), hooks=report, installed=True,
                    publishes=bool(publish), device=device.type)
 
