@@ -26,12 +26,18 @@ from sae_runtime.spec.guardrails import MAX_GUARDRAILS
 from sae_runtime.spec.vectors import BANK_PREFIX, VectorIndex, bank_id, is_bank
 from sae_runtime.step.config import placement
 from sae_runtime.vllm.families import block_of, family_of, supported
-from server import convert
+from server import convert, nodes
 from server.auth import BearerAuth, load_tokens
 from server.config import ServerConfig
 from server.metrics import Metrics
 from server.reads import ReadRouter, RecordLimits, min_message_bytes
-from server.startup import ExpectedHook, HookPlacementError, apply_cpu_env_defaults, check_hooks
+from server.startup import (
+    ExpectedHook,
+    HookPlacementError,
+    apply_cpu_env_defaults,
+    check_hooks,
+    node_lines,
+)
 from steering.v1 import steering_pb2 as pb
 
 if TYPE_CHECKING:  # the servicer imports vLLM: every check before the engine runs without it
@@ -186,8 +192,17 @@ def engine_settings(cfg: ServerConfig, reads_addr: str | None,
         tensor_parallel_size=cfg.tensor_parallel_size,
         pipeline_parallel_size=cfg.pipeline_parallel_size,
         data_parallel_size=cfg.data_parallel_size,
-        distributed_executor_backend=(None if cfg.distributed_executor_backend == "auto"
-                                      else cfg.distributed_executor_backend),
+        distributed_executor_backend=("mp" if nodes.spans_nodes(cfg) else None)
+        if cfg.distributed_executor_backend == "auto" else cfg.distributed_executor_backend,
+        nnodes=cfg.nnodes,
+        node_rank=cfg.node_rank,
+        master_addr=cfg.master_addr,
+        master_port=cfg.master_port,
+        data_parallel_size_local=cfg.data_parallel_size_local,
+        data_parallel_address=cfg.data_parallel_address,
+        data_parallel_rpc_port=cfg.data_parallel_rpc_port,
+        data_parallel_start_rank=cfg.data_parallel_start_rank,
+        reads_lost_after_s=cfg.node_timeout_s if nodes.spans_nodes(cfg) else None,
     )
 
 
@@ -220,13 +235,21 @@ def expected_hooks(saes: dict[str, SAEConfig]) -> list[ExpectedHook]:
             for i, (sid, c) in enumerate(saes.items())]
 
 
-async def verify_hooks(cfg: ServerConfig, engine: Any, saes: dict[str, SAEConfig]) -> dict[str, str]:
-    """Ask every worker what it installed (``check_hooks``); SAE id -> compute dtype."""
-    from sae_runtime.vllm.engine import hook_reports
+async def verify_hooks(cfg: ServerConfig, engine: Any, saes: dict[str, SAEConfig],
+                       reads_addr: str | None = None) -> dict[str, str]:
+    """Ask every worker, on every node, what it installed (``check_hooks``); SAE id ->
+    compute dtype. Every worker must have been built from this server's worker config."""
+    from sae_runtime.step.config import config_hash
+    from sae_runtime.vllm.engine import hook_reports, worker_config_of
 
     reports = await hook_reports(engine)
     world = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
-    by_index = check_hooks(reports, expected_hooks(saes), world_size=world, reads=bool(saes))
+    expect = config_hash(worker_config_of(engine_settings(cfg, reads_addr, saes)))
+    by_index = check_hooks(reports, expected_hooks(saes), world_size=world, reads=bool(saes),
+                           config_hash=expect, reads_addr=reads_addr)
+    if nodes.spans_nodes(cfg):
+        for line in node_lines(reports):
+            print(f"steerd: {line}", flush=True)
     ids = list(saes)
     why = {h["sae"]: h["dtype_why"] for r in reports for h in r.get("hooks", ())}
     for i, dt in sorted(by_index.items()):
@@ -358,7 +381,8 @@ async def serve(cfg: ServerConfig) -> int:
     saes = load_sae_configs(cfg)
     labels = load_labels(cfg, saes)  # a bad label file fails here, before the engine starts
     load_chat_template(cfg.chat_template)  # so does a bad --chat-template
-    ranks = cfg.tensor_parallel_size * cfg.pipeline_parallel_size * cfg.data_parallel_size
+    nodes.check_layout(cfg, "serve", bool(saes))
+    ranks = nodes.local_ranks(cfg)  # the workers on this node (all of them on one node)
     if cfg.distributed_executor_backend == "ray":
         from sae_runtime.vllm.engine import ray_supported
 
@@ -367,6 +391,9 @@ async def serve(cfg: ServerConfig) -> int:
                 "--distributed-executor-backend ray: vLLM's executor for this platform "
                 f"({'cpu' if _cpu_platform() else 'this device'}) has no Ray support in this "
                 "vLLM version; use mp (one node) or run on GPUs")
+    nodes.check_pp_eager(cfg, _cpu_platform())
+    for line in nodes.network_env_defaults(cfg):
+        print(f"steerd: {line}", flush=True)
     if _cpu_platform():
         for line in apply_cpu_env_defaults(ranks):
             print(f"steerd: {line}", flush=True)
@@ -378,13 +405,16 @@ async def serve(cfg: ServerConfig) -> int:
     if router is not None:
         router.start()
     t0 = time.monotonic()
-    engine = start_engine(cfg, router.addr if router else None, saes,
-                          router.keys if router else None)
+    # the workers' reads address: across nodes what the user gave (every node was given it)
+    reads_addr = (cfg.reads_address if nodes.spans_nodes(cfg) else router.addr) if router else None
+    engine = start_engine(cfg, reads_addr, saes, router.keys if router else None)
     started = time.monotonic() - t0
     if router is not None:
         router.limits = read_limits(cfg, saes, engine)
     try:
-        sae_dtypes = await verify_hooks(cfg, engine, saes)
+        if router is not None and router.keys is not None and nodes.spans_nodes(cfg):
+            await nodes.hand_over_keys(engine, router.keys)
+        sae_dtypes = await verify_hooks(cfg, engine, saes, reads_addr)
     except HookPlacementError as e:
         print(f"steerd: error: {e}", file=sys.stderr, flush=True)
         engine.shutdown()
@@ -406,12 +436,15 @@ async def serve(cfg: ServerConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     watcher = asyncio.create_task(_watch_engine(engine, run.dead))
+    node_watch = (asyncio.create_task(nodes.watch_engines(engine, run.dead, cfg.node_timeout_s))
+                  if nodes.spans_nodes(cfg) else None)
     dead_wait = asyncio.create_task(run.dead.wait())
     stop_wait = asyncio.create_task(stop.wait())
     await asyncio.wait({dead_wait, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
     engine_died = run.dead.is_set()
-    for t in (watcher, dead_wait, stop_wait):
-        t.cancel()
+    for t in (watcher, dead_wait, stop_wait, node_watch):
+        if t is not None:
+            t.cancel()
 
     if engine_died:
         for name in ("", SERVICE_NAME):

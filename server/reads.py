@@ -270,9 +270,16 @@ class ReadRouter:
         while True:
             try:
                 raw = await self._sock.recv(copy=False)
-                self.route(raw.buffer)
             except asyncio.CancelledError:
                 raise
+            except zmq.Again:  # a wake-up with nothing to read
+                continue
+            except zmq.ZMQError as e:  # the socket's own trouble, not a peer's message
+                log.warning("reads channel: receive failed: %s", e)
+                await asyncio.sleep(0.1)
+                continue
+            try:
+                self.route(raw.buffer)
             except Exception as e:  # nothing a peer sends may stop routing for everyone
                 self._drop("malformed", repr(e))
 

@@ -71,11 +71,15 @@ class WorkerConfig(msgspec.Struct, frozen=True):
     # other than the API node, whose server hands them over at startup: ``sae_reads_keys``)
     reads_keys: ReadsKeys | None = None
     reads_max_message_bytes: int = DEFAULT_READS_MAX_MESSAGE_BYTES
+    # engines across nodes: a worker exits when the server's tcp:// read socket has been
+    # unreachable this long (its API node is gone); None: no watch (one node)
+    reads_lost_after_s: float | None = None
 
 
 # How a worker reaches the server's read socket. None of it shapes the compiled graph, and
 # the address and keys are fresh every start: kept out of the compile-cache key.
-READS_CHANNEL_FIELDS = ("reads_addr", "reads_keys", "reads_max_message_bytes")
+READS_CHANNEL_FIELDS = ("reads_addr", "reads_keys", "reads_max_message_bytes",
+                        "reads_lost_after_s")
 
 
 def config_hash(cfg: WorkerConfig) -> str:

@@ -16,6 +16,7 @@ positions.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -111,6 +112,10 @@ class ReadPublisher:
         self.lost_after_s = lost_after_s
         self._sock: zmq.Socket | None = None
         self._lock = threading.Lock()
+        # its own context, destroyed at exit: a socket left open (or its monitor) would
+        # block the context's termination, and with it the worker's exit
+        self._ctx = zmq.Context()
+        atexit.register(self.close)
         if keys is not None and on_lost is not None:
             self._connect()
 
@@ -124,6 +129,7 @@ class ReadPublisher:
             if self.keys == keys and self._sock is not None:
                 return
             if self._sock is not None:
+                self._sock.disable_monitor()
                 self._sock.close(linger=0)
                 self._sock = None
             self.keys = keys
@@ -134,7 +140,7 @@ class ReadPublisher:
         with self._lock:
             if self._sock is not None:
                 return self._sock
-            sock = zmq.Context.instance().socket(zmq.PUSH)
+            sock = self._ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.SNDHWM, SNDHWM)
             sock.setsockopt(zmq.LINGER, 1000)
             if self.needs_keys:
@@ -157,11 +163,12 @@ class ReadPublisher:
         up, down_since = False, None
         while True:
             timeout = 1000 if down_since is not None else None
-            if mon.poll(timeout):
-                try:
-                    ev = parse_monitor_message(mon.recv_multipart())["event"]
-                except zmq.ZMQError:  # the socket was closed
-                    return
+            try:
+                ev = (parse_monitor_message(mon.recv_multipart())["event"]
+                      if mon.poll(timeout) else None)
+            except zmq.ZMQError:  # the socket or its context was closed
+                return
+            if ev is not None:
                 if ev == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                     up, down_since = True, None
                 elif ev == zmq.EVENT_DISCONNECTED and up and down_since is None:
@@ -190,10 +197,11 @@ class ReadPublisher:
             log.error("reads of %d record(s) not sent: %s", len(records), e)
 
     def close(self) -> None:
+        """Close the socket and its monitor at once (reads not yet sent are dropped)."""
         with self._lock:
-            if self._sock is not None:
-                self._sock.close(linger=0)
-                self._sock = None
+            self._sock = None
+            if not self._ctx.closed:
+                self._ctx.destroy(linger=0)
 
 
 def pid_exit(code: int = 1) -> Callable[[], None]:
