@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import ipaddress
 import logging
 import os
 import shutil
+import socket
 import stat
 import tempfile
 from collections import Counter
@@ -186,6 +188,23 @@ def _private_ipc(addr: str | None) -> tuple[str, Path | None]:
     return addr, made
 
 
+def _bindable(addr: str) -> str:
+    """``addr`` with a host name resolved to its address (ZMQ binds addresses, not names):
+    every node can then be given the same ``tcp://NODE0_NAME:PORT``, e.g. a Kubernetes
+    leader's DNS name, which node 0 resolves to its own address."""
+    if not addr.startswith("tcp://"):
+        return addr
+    host, _, port = addr.removeprefix("tcp://").rpartition(":")
+    if host in ("*", "") or host.startswith("["):
+        return addr
+    try:
+        ipaddress.ip_address(host)
+        return addr
+    except ValueError:
+        ip = socket.getaddrinfo(host, int(port), socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+        return f"tcp://{ip}:{port}"
+
+
 class ReadRouter:
     """Owns the PULL socket; one asyncio task routes records to registered requests."""
 
@@ -223,7 +242,7 @@ class ReadRouter:
         self._sock.setsockopt(zmq.MAXMSGSIZE, 2 * max_message_bytes)
         if addr.startswith("tcp://"):
             self._secure()
-        self._sock.bind(addr)
+        self._sock.bind(_bindable(addr))
         self.addr = self._sock.getsockopt_string(zmq.LAST_ENDPOINT) if addr.startswith("tcp://") else addr
         self._requests: dict[str, RequestReads] = {}
 

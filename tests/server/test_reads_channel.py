@@ -230,3 +230,15 @@ def test_tcp_refuses_to_start_without_curve(monkeypatch):
     monkeypatch.setattr(zmq, "has", lambda what: False if what == "curve" else True)
     with pytest.raises(ValueError, match=r"no CURVE support .*zmq.has\('curve'\)"):
         ReadRouter("tcp://127.0.0.1:0")
+
+
+def test_a_tcp_host_name_is_bound_at_its_address_and_reached_by_name():
+    async def go(make):
+        r = make("tcp://localhost:0")  # every node given the same name (a k8s leader's DNS name)
+        assert r.addr.startswith("tcp://127.0.0.1:")
+        buf = r.register("r")
+        pub = ReadPublisher(r.addr.replace("127.0.0.1", "localhost"), r.keys)
+        pub.send([rec(pos0=0, n=1)])
+        assert await until(lambda: buf.complete({0: {0}}))
+        pub.close()
+    run(go)
