@@ -242,3 +242,26 @@ def test_a_tcp_host_name_is_bound_at_its_address_and_reached_by_name():
         assert await until(lambda: buf.complete({0: {0}}))
         pub.close()
     run(go)
+
+
+def test_a_watching_worker_gives_up_once_the_server_has_been_gone_long_enough():
+    """An engine node's worker watches the API node's read socket: a server that goes away
+    for longer than ``lost_after_s`` calls ``on_lost`` (the worker exits); one that was
+    reached again in time does not."""
+    async def go(make):
+        r = make("tcp://127.0.0.1:0")
+        lost = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        pub = ReadPublisher(r.addr, r.keys, on_lost=lambda: loop.call_soon_threadsafe(lost.set),
+                            lost_after_s=1.5)
+        buf = r.register("r")
+        pub.send([rec(pos0=0, n=1)])
+        assert await until(lambda: buf.complete({0: {0}}))
+        await asyncio.sleep(1.0)
+        assert not lost.is_set()  # connected and quiet: nothing to give up on
+        t0 = loop.time()
+        r.close()  # the API node goes away
+        await asyncio.wait_for(lost.wait(), 10)
+        assert loop.time() - t0 >= 1.5
+        pub.close()
+    run(go)
