@@ -223,7 +223,7 @@ def _load(srv: Server, n: int, max_tokens: int, reads: bool) -> tuple[float, lis
         with srv.client() as c:
             return prompt, c.generate_text(prompt, max_tokens=max_tokens, temperature=0.0,
                                            ignore_eos=True,
-                                           reads=[read("resid_post", top_k=4)] if reads else [])
+                                           reads=[read("resid", top_k=4)] if reads else [])
     t0 = time.monotonic()
     with cf.ThreadPoolExecutor(n) as ex:
         outs = list(ex.map(one, range(n)))
@@ -253,7 +253,7 @@ def test_both_nodes_hold_ranks_and_reads_cross_the_link_exactly_once(layout, dep
         full = prompt + out.token_ids
         seen = [f.position for f in out.features]
         assert seen == list(range(len(full) - 1)), seen  # each position once, in order
-        dense = ref.latents(full, "resid_post")
+        dense = ref.latents(full, "resid")
         for f in out.features:
             assert list(f.values) == pytest.approx(dense[f.position].topk(4).values.tolist(), abs=1e-4)
         positions += len(seen)
@@ -298,7 +298,7 @@ def _stream(srv: Server, s: Stream, i: int) -> None:
     with srv.client(timeout=300) as c:
         try:
             for _ in c.generate([5 + i, 17, 33, 2, 90, 41, 7, 8], max_tokens=200, temperature=0.0,
-                                ignore_eos=True, reads=[read("resid_post", top_k=4)]):
+                                ignore_eos=True, reads=[read("resid", top_k=4)]):
                 s.messages += 1
                 s.first.set()
             s.code = grpc.StatusCode.OK
