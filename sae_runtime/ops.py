@@ -135,10 +135,10 @@ def edited_values(mode: torch.Tensor, value: torch.Tensor, act: torch.Tensor) ->
     Padding entries (Mode.NONE) keep ``act``, so they add nothing.
     """
     out = act
-    out = torch.where(mode == Mode.CLAMP, value, out)
-    out = torch.where(mode == Mode.ABLATE, torch.zeros_like(act), out)
-    out = torch.where(mode == Mode.SCALE, act * value, out)
-    out = torch.where(mode == Mode.ADD, act + value, out)
+    out = torch.where(mode == int(Mode.CLAMP), value, out)
+    out = torch.where(mode == int(Mode.ABLATE), torch.zeros_like(act), out)
+    out = torch.where(mode == int(Mode.SCALE), act * value, out)
+    out = torch.where(mode == int(Mode.ADD), act + value, out)
     return out
 
 
@@ -169,7 +169,7 @@ def read_latents(
     if feat.numel() == 0:
         return acts
     new = edited_values(mode, value.to(acts.dtype), acts.gather(1, feat))
-    real = mode != Mode.NONE
+    real = mode != int(Mode.NONE)
     rows = torch.arange(acts.shape[0], device=acts.device)[:, None].expand_as(feat)
     acts[rows[real], feat[real]] = new[real]
     return acts

@@ -486,6 +486,9 @@ def _log_startup(cfg, engine, saes, port, started_s, sae_dtypes) -> None:
           f"dtype {str(mc.dtype).removeprefix('torch.')}, max_model_len {mc.max_model_len}, "
           f"{'eager' if cfg.enforce_eager else 'compiled'}, device {device}, {par}); engine "
           f"started in {started_s:.1f}s", flush=True)
+    from sae_runtime.vllm.engine import runtime_info
+
+    print(f"steerd: runtime: {runtime_info(engine).line()}", flush=True)
     if device == "cpu" and str(mc.dtype).removeprefix("torch.") in LOW_PRECISION and \
             str(mc.dtype).removeprefix("torch.") not in cpu_info().native:
         log.warning("the model runs in %s, which this CPU (%s) emulates (matmuls ~100x slower "

@@ -530,6 +530,7 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
         mc = self.engine.model_config
         hf = mc.hf_config
         par = self.engine.vllm_config.parallel_config
+        rt = eng.runtime_info(self.engine)
         return pb.GetModelInfoResponse(
             model=self.model,
             architecture=(getattr(hf, "architectures", None) or [""])[0],
@@ -553,6 +554,7 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
             pipeline_parallel_size=par.pipeline_parallel_size,
             data_parallel_size=par.data_parallel_size,
             distributed_executor_backend=str(par.distributed_executor_backend or ""),
+            device=rt.device, model_runner=rt.model_runner, cudagraph_mode=rt.cudagraph_mode,
         )
 
 

@@ -4,10 +4,13 @@
 worker reports (``collective_rpc("sae_hook_report")``) its ranks, the decoder blocks it
 holds and the hooks it installed; steerd serves only when every configured SAE sits on
 exactly the ranks that hold its block (every TP rank of the owning pipeline stage, in every
-data-parallel replica), on a model runner whose step wrapper is ours, and when exactly one
-rank per stage publishes reads. Across nodes the reports come from every node; each names
-its node (``node_label``), and a node started with other SAEs, budgets or engine settings
-than this server, or pushing reads elsewhere, is refused by name.
+data-parallel replica), on a model runner whose step wrappers are ours (V1's
+``_model_forward``, or V2's ``add_requests`` / ``prepare_inputs`` / ``execute_model``), with
+no reason the worker found for the hooks to misbehave (``refusals``: full CUDA graphs, an
+engine feature the adapter cannot place rows for), and when exactly one rank per stage
+publishes reads. Across nodes the reports come from every node; each names its node
+(``node_label``), and a node started with other SAEs, budgets or engine settings than this
+server, or pushing reads elsewhere, is refused by name.
 """
 
 from __future__ import annotations
@@ -123,10 +126,16 @@ def check_hooks(reports: Sequence[Mapping], expected: Sequence[ExpectedHook], *,
     check_same_config(reports, config_hash, reads_addr)
     for r in reports:
         if not r.get("runner_patched"):
+            kind = r.get("runner_kind", "?")
             raise HookPlacementError(
-                f"{_where(r)}: model runner {r.get('runner')} is not one sae_runtime patches, "
-                "so its hooks would never run; refusing to serve unsteered (see "
-                "sae_runtime/vllm/compat.py model_runner_classes)")
+                f"{_where(r)}: model runner {r.get('runner')} ({kind}) is not one "
+                "sae_runtime patches, so its hooks would never run; refusing to serve "
+                "unsteered (see sae_runtime/vllm/compat.py model_runner_classes, "
+                "v2_runner_class)")
+        if r.get("refusals"):
+            raise HookPlacementError(
+                f"{_where(r)}: SAE hooks cannot run correctly on this engine: "
+                f"{'; '.join(r['refusals'])}; refusing to serve")
         if not r.get("installed"):
             raise HookPlacementError(
                 f"{_where(r)}: no SAE was installed (the runner's load_model never reached "

@@ -74,10 +74,10 @@ def row_edits(
     live = live & (tables.pos_lo[e] <= p) & (p < tables.pos_hi[e])
     op = tables.cond_op[e]
     if cond_act is None:
-        live = live & (op == Cond.NONE)
+        live = live & (op == int(Cond.NONE))
     else:
-        live = live & ((op == Cond.NONE) | condition_on(tables, e, op, live, p, cond_act))
-    mode = torch.where(live, tables.mode[e], torch.full_like(tables.mode[e], ops.Mode.NONE))
+        live = live & ((op == int(Cond.NONE)) | condition_on(tables, e, op, live, p, cond_act))
+    mode = torch.where(live, tables.mode[e], torch.full_like(tables.mode[e], int(ops.Mode.NONE)))
     return tables.feature[e], mode, tables.value[e]
 
 
@@ -88,7 +88,7 @@ def condition_on(tables: EditTables, e: torch.Tensor, op: torch.Tensor, live: to
     Lowers the latches of entries whose condition holds (persistent, in place)."""
     a = cond_act(tables.cond_feature[e].clamp(min=0)).to(torch.float32)
     thr = tables.cond_threshold[e]
-    ok = torch.where(op == Cond.GT, a > thr, a < thr) & live & (op != Cond.NONE)
+    ok = torch.where(op == int(Cond.GT), a > thr, a < thr) & live & (op != int(Cond.NONE))
     lid = tables.latch[e]
     latched = lid >= 0
     sink = tables.latch_pos.numel() - 1  # stays POS_INF: every other entry scatters POS_INF

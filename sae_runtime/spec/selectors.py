@@ -40,10 +40,7 @@ from enum import IntEnum
 import msgspec
 
 from sae_runtime.errors import InvalidRequestError
-
-POS_INF = 2**62
-"""End of a window without an end (larger than any position vLLM can reach); the edit
-record's ``pos_hi`` uses it too (``sae_runtime.step.edits``)."""
+from sae_runtime.positions import POS_INF  # the end of a window without an end
 
 MAX_RANGES = 8
 """Ranges one selector may list (each resolved window is one edit row: see ``max_windows``)."""

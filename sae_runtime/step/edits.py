@@ -38,7 +38,7 @@ from enum import IntEnum
 import numpy as np
 import torch
 
-from sae_runtime.spec.selectors import POS_INF  # ``pos_hi`` of an edit without an end
+from sae_runtime.positions import POS_INF  # ``pos_hi`` of an edit without an end
 
 NO_CONDITION = -1
 NO_LATCH = -1

@@ -1,8 +1,11 @@
-"""Every vLLM symbol this project touches, in one place (pinned to vllm 0.32.x).
+"""The vLLM imports and version-specific calls of the glue, in one place (pinned to vllm
+0.32.x).
 
 An upgrade that moves or renames one of these breaks here first; the module paths inside
 decoder layers that the hooks wrap are in ``families.py``, and the model-family e2e tests
-fail if a hook stops landing.
+fail if a hook stops landing. ``symbols.py`` lists every vLLM symbol the glue touches (these
+imports and the attributes the runner adapters read), checked against the CUDA wheel by
+``make check-cuda-wheel``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from vllm.v1.engine.async_llm import AsyncLLM  # noqa: F401
 
 
 def model_runner_classes() -> list[type]:
-    """Model runner classes whose ``load_model`` / ``_model_forward`` we wrap."""
+    """V1 model runner classes whose ``load_model`` / ``_model_forward`` we wrap (V2:
+    ``v2_runner_class``)."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     classes: list[type] = [GPUModelRunner]
@@ -28,6 +32,62 @@ def model_runner_classes() -> list[type]:
     except ImportError:
         pass
     return classes
+
+
+def v2_runner_class() -> type:
+    """Model Runner V2 (vLLM's CUDA default; its CPU runner is a subclass). Same class name
+    as V1's runner, another module."""
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+
+    return GPUModelRunner
+
+
+def is_v2_runner(runner) -> bool:
+    return isinstance(runner, v2_runner_class())
+
+
+def gpu_sync_allowed():
+    """vLLM's permission for a deliberate device sync inside ``execute_model`` (checked
+    only under ``VLLM_GPU_SYNC_CHECK``; a no-op context otherwise)."""
+    from vllm.utils.gpu_sync_debug import gpu_sync_allowed as allowed
+
+    return allowed()
+
+
+def cudagraph_mode(runner) -> str:
+    """The runner's CUDA graph mode name (``NONE``, ``PIECEWISE``, ``FULL_AND_PIECEWISE``,
+    ...): vLLM resolves it in place when it sets up the KV cache, so it is final after
+    startup."""
+    mode = runner.vllm_config.compilation_config.cudagraph_mode
+    return "NONE" if mode is None else mode.name
+
+
+def is_full_graph(batch_desc) -> bool:
+    """Whether V2 runs this step (its ``BatchExecutionDescriptor``) as a FULL graph replay."""
+    from vllm.config.compilation import CUDAGraphMode
+
+    return batch_desc.cg_mode == CUDAGraphMode.FULL
+
+
+def graph_refusals(mode: str) -> list[str]:
+    """Why the hook op cannot run correctly under CUDA graph mode ``mode`` (empty: it can).
+
+    Full graphs replay the op as captured, without its Python: reads (a row count known
+    only on the host) and host-side skips would be frozen (docs/gpu.md). Breakable CUDA
+    graphs ignore ``splitting_ops`` and capture the op into a segment.
+    """
+    from vllm import envs
+    from vllm.config.compilation import CUDAGraphMode
+
+    why = []
+    m = CUDAGraphMode[mode]
+    if m.has_full_cudagraphs():
+        why.append(f"CUDA graph mode {mode} replays full graphs, which would freeze the "
+                   "SAE hook (build_engine passes PIECEWISE with the hook as a split point)")
+    if m.has_piecewise_cudagraphs() and envs.VLLM_USE_BREAKABLE_CUDAGRAPH:
+        why.append("VLLM_USE_BREAKABLE_CUDAGRAPH=1 captures the SAE hook into graph "
+                   "segments (it ignores splitting_ops); set it to 0")
+    return why
 
 
 HOOK_OP = "sae_steer::sae_hook"
@@ -85,8 +145,8 @@ def parallel_ranks(vllm_config) -> dict[str, int]:
     out = {}
     for name, get in (("tp", get_tp_group), ("pp", get_pp_group)):
         try:
-            g = get()
-            out[f"{name}_rank"], out[f"{name}_size"] = int(g.rank_in_group), int(g.world_size)
+            group = get()
+            out[f"{name}_rank"], out[f"{name}_size"] = int(group.rank_in_group), int(group.world_size)
         except (AssertionError, AttributeError):  # group not initialised (single process)
             out[f"{name}_rank"], out[f"{name}_size"] = 0, 1
     pc = vllm_config.parallel_config
@@ -163,31 +223,32 @@ def fail_engine(engine) -> None:
     engine.output_processor.propagate_error(EngineDeadError())
 
 
-def headless_config(args):
+def headless_config(engine_args):
     """The ``VllmConfig`` of an engine node (``vllm serve --headless``'s
     ``create_engine_config(headless=True)``)."""
     from vllm.usage.usage_lib import UsageContext
 
-    return args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER, headless=True)
+    return engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER,
+                                            headless=True)
 
 
-def node_role(cfg) -> str:
+def node_role(vllm_config) -> str:
     """``"workers"``: this node holds tensor/pipeline ranks of an engine led from another
     node; ``"engines"``: it runs whole data-parallel engines for a front end elsewhere."""
-    return "workers" if cfg.parallel_config.node_rank_within_dp > 0 else "engines"
+    return "workers" if vllm_config.parallel_config.node_rank_within_dp > 0 else "engines"
 
 
-def run_headless(cfg, log_stats: bool = False) -> None:
+def run_headless(vllm_config, log_stats: bool = False) -> None:
     """Run this node's part until its processes end: vLLM's ``run_headless``
     (``vllm/entrypoints/cli/serve.py``) from a config instead of the serve argparse
     namespace. ``workers``: ``MultiprocExecutor(monitor_workers=False)`` and its inline
     worker monitor; ``engines``: ``CoreEngineProcManager`` handshaking with node 0's front
     end over ``tcp://``. A ``SystemExit`` (the caller's SIGTERM handler) shuts them down."""
-    pc = cfg.parallel_config
-    if node_role(cfg) == "workers":
+    pc = vllm_config.parallel_config
+    if node_role(vllm_config) == "workers":
         from vllm.v1.executor.multiproc_executor import MultiprocExecutor
 
-        executor = MultiprocExecutor(cfg, monitor_workers=False)
+        executor = MultiprocExecutor(vllm_config, monitor_workers=False)
         try:
             executor.start_worker_monitor(inline=True)
         finally:
@@ -199,30 +260,10 @@ def run_headless(cfg, log_stats: bool = False) -> None:
 
     manager = CoreEngineProcManager(
         local_engine_count=pc.data_parallel_size_local, start_index=pc.data_parallel_rank,
-        local_start_index=0, vllm_config=cfg, local_client=False,
+        local_start_index=0, vllm_config=vllm_config, local_client=False,
         handshake_address=get_tcp_uri(pc.data_parallel_master_ip, pc.data_parallel_rpc_port),
-        executor_class=Executor.get_class(cfg), log_stats=log_stats)
+        executor_class=Executor.get_class(vllm_config), log_stats=log_stats)
     try:
         manager.monitor_engine_liveness()
     finally:
-        manager.shutdown(timeout=cfg.shutdown_timeout)
-
-
-def cpu_dense_gemm(w):
-    """``x -> x @ w`` (``w [K, N]``) through vLLM's prepacked oneDNN GEMM, the kernel vLLM's
-    own CPU linear layers use; None where vLLM was built without oneDNN.
-
-    At decode sizes it is several times faster than torch's matmul on the same weights
-    (``[32, 576] @ [576, 16384]`` fp32, one thread: 13 ms against 50 ms, measured here).
-    """
-    from vllm import _custom_ops as ops
-
-    if not getattr(ops, "_supports_onednn", False):
-        return None
-    handler = ops.create_onednn_mm(w, 32)
-
-    def mm(x):
-        return ops.onednn_mm(handler, x, None)
-
-    mm.handler = handler  # the primitive lives as long as the function
-    return mm
+        manager.shutdown(timeout=vllm_config.shutdown_timeout)

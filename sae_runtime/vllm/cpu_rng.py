@@ -21,22 +21,22 @@ def patch_cpu_seeded_rewind(cls: type) -> None:
     orig_sample, orig_book = cls.sample_tokens, cls._bookkeeping_sync
 
     @functools.wraps(orig_sample)
-    def sample_tokens(self, *args, **kwargs):
-        self._sae_rng_saved = discarded_generator_states(self)
+    def sample_tokens(runner, *args, **kwargs):
+        runner._sae_rng_saved = discarded_generator_states(runner)
         try:
-            return orig_sample(self, *args, **kwargs)
+            return orig_sample(runner, *args, **kwargs)
         finally:
-            self._sae_rng_saved = None
+            runner._sae_rng_saved = None
 
     @functools.wraps(orig_book)
-    def _bookkeeping_sync(self, *args, **kwargs):
-        saved = getattr(self, "_sae_rng_saved", None)
+    def _bookkeeping_sync(runner, *args, **kwargs):
+        saved = getattr(runner, "_sae_rng_saved", None)
         if not saved:
-            return orig_book(self, *args, **kwargs)
-        gens = self.input_batch.generators
+            return orig_book(runner, *args, **kwargs)
+        gens = runner.input_batch.generators
         held = {i: gens.pop(i) for i in saved if i in gens}
         try:
-            return orig_book(self, *args, **kwargs)
+            return orig_book(runner, *args, **kwargs)
         finally:
             for i, g in held.items():
                 g.set_state(saved[i])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,11 +74,15 @@ def engine_args(s: EngineSettings) -> Any:
     """``AsyncEngineArgs`` with the SAE worker extension and its ``AdditionalConfig``: the
     API node's engine and every engine node's are built here alike.
 
-    On CUDA (compiled) the hook op runs outside captured graphs
-    (``compat.cuda_compilation_config``); on CPU vLLM captures no graphs.
+    On CUDA (compiled) with hooks, CUDA graphs are PIECEWISE and the hook op is a split
+    point, so it runs eagerly every step (``compat.cuda_compilation_config``; vLLM's
+    default FULL_AND_PIECEWISE would replay decode steps with the op frozen in, see
+    docs/gpu.md for what keeping full graphs needs). Without hooks vLLM keeps its default.
+    Either model runner (V2, the CUDA default, or V1 with VLLM_USE_V2_MODEL_RUNNER=0) is
+    patched; on CPU vLLM builds V1 and captures no graphs.
     """
     extra: dict[str, Any] = {}
-    if not s.enforce_eager and compat.on_cuda():
+    if s.saes and not s.enforce_eager and compat.on_cuda():
         extra["compilation_config"] = compat.cuda_compilation_config()
     return compat.AsyncEngineArgs(
         model=s.model,
@@ -121,9 +126,54 @@ def node_config(s: EngineSettings) -> Any:
 
 
 async def hook_reports(engine: Any) -> list[dict]:
-    """Every worker's ``sae_hook_report`` (ranks, blocks held, hooks installed), from every
-    data-parallel engine."""
-    return await compat.collective_rpc_every_engine(engine, "sae_hook_report")
+    """Every worker's ``sae_hook_report`` (ranks, blocks held, hooks installed, runtime),
+    from every data-parallel engine; the runtime is kept for ``runtime_info``."""
+    reports = await compat.collective_rpc_every_engine(engine, "sae_hook_report")
+    _RUNTIME[engine] = RuntimeInfo.of(reports)
+    return reports
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """Where the engine runs, as its workers reported it (``worker.runtime_report``)."""
+
+    device: str = ""  # "cuda (NVIDIA H200)", "cpu"
+    model_runner: str = ""  # "v1" / "v2"
+    cudagraph_mode: str = ""  # vLLM's resolved mode: NONE, PIECEWISE, FULL_AND_PIECEWISE, ...
+    runner_class: str = ""
+
+    @staticmethod
+    def of(reports: list[dict]) -> RuntimeInfo:
+        """The workers' runtime; fields on which they disagree list every value ("a|b")."""
+        def joined(f) -> str:
+            return "|".join(sorted({f(r) for r in reports}))
+
+        def device(r) -> str:
+            name = r.get("device_name", "")
+            return r.get("device", "?") + (f" ({name})" if name and name != "cpu" else "")
+
+        return RuntimeInfo(joined(device), joined(lambda r: r.get("runner_kind", "?")),
+                           joined(lambda r: r.get("cudagraph_mode", "?")),
+                           joined(lambda r: r.get("runner", "?")))
+
+    def line(self) -> str:
+        """The startup line (``steerd: runtime: ...``)."""
+        graphs = {"NONE": "none (eager or CPU)",
+                  "PIECEWISE": "PIECEWISE (the SAE hook runs eagerly between captured pieces)",
+                  }.get(self.cudagraph_mode, self.cudagraph_mode)
+        return (f"device {self.device}, model runner {self.model_runner} "
+                f"({self.runner_class}), CUDA graphs {graphs}")
+
+
+_RUNTIME: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def runtime_info(engine: Any) -> RuntimeInfo:
+    """What the workers reported at startup (``hook_reports``); empty fields before it."""
+    try:
+        return _RUNTIME.get(engine, RuntimeInfo())
+    except TypeError:  # an engine object that takes no weak reference (test fakes)
+        return RuntimeInfo()
 
 
 async def reads_keys_to_every_worker(engine: Any, keys: dict) -> list:

@@ -1,4 +1,5 @@
-"""Adapter from vLLM's V1 model runner (CPU and the GPU V1 runner) to the step planner.
+"""Adapter from vLLM's V1 model runner (CPU and the GPU V1 runner) to the step planner
+(``runner_v2`` is the one for Model Runner V2, the CUDA default).
 
 Builds a ``planner.StepDescription`` from the runner's state just before
 ``_model_forward``: request order ``input_batch.req_ids``, token rows from the CPU copy of
@@ -11,14 +12,18 @@ no longer holds the request.
 When a scheduled request selects positions by token id, the step's input token ids come
 from ``runner.input_ids.np`` (the host side of vLLM's ``CpuGpuBuffer``, filled by
 ``_prepare_inputs`` before ``_model_forward``): on CPU that is the very tensor the model
-reads, so no device sync. (On a GPU V1 runner with async scheduling the host copy lacks
-the tokens sampled by the previous step; a GPU adapter must take them from
-``input_batch.token_ids_cpu`` after the update, or from the device.)
+reads, so no device sync. On a GPU, under async scheduling (vLLM's default), the host copy
+lacks the tokens sampled by the previous step (``_prepare_input_ids`` scatters them on the
+device), so such steps read ``runner.input_ids.gpu`` back (``DeviceTokens``: one copy to
+pinned memory and one wait).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+
+import numpy as np
+import torch
 
 from sae_runtime.spec.payloads import decode_request
 from sae_runtime.step.planner import (
@@ -27,6 +32,30 @@ from sae_runtime.step.planner import (
     StepDescription,
     compile_request,
 )
+
+TokenReader = Callable[[torch.Tensor, int], np.ndarray]
+"""``(input_ids, n) -> host int array [n]``: the first ``n`` token ids the step consumes."""
+
+
+class DeviceTokens:
+    """Reads a step's ``input_ids`` to the host: a pinned buffer, one copy, one event wait
+    (on CUDA); a CPU tensor is read in place."""
+
+    def __init__(self, capacity: int = 0) -> None:
+        self._buf: torch.Tensor | None = None
+        self._capacity = capacity
+        self._event = None
+
+    def __call__(self, ids: torch.Tensor, n: int) -> np.ndarray:
+        if ids.device.type == "cpu":
+            return ids[:n].numpy()
+        if self._buf is None or self._buf.numel() < n:
+            self._buf = torch.empty(max(n, self._capacity), dtype=ids.dtype, pin_memory=True)
+            self._event = torch.cuda.Event()
+        self._buf[:n].copy_(ids[:n], non_blocking=True)
+        self._event.record()
+        self._event.synchronize()
+        return self._buf[:n].numpy()
 
 
 class RequestPlans:
@@ -48,6 +77,12 @@ class RequestPlans:
                                                          int(req.num_prompt_tokens))
         return plan
 
+    def drop(self, req_id: str) -> None:
+        """Forget one request's plan (its latches go back); no-op for an unknown id."""
+        plan = self._plans.pop(req_id, None)
+        if plan is not None and self._on_drop is not None:
+            self._on_drop(plan)
+
     def retain(self, live) -> None:
         """Forget requests not in ``live`` (finished or aborted: vLLM dropped them)."""
         if len(self._plans) > 0:
@@ -57,8 +92,10 @@ class RequestPlans:
                     self._on_drop(plan)
 
 
-def describe_step(runner, plans: RequestPlans) -> StepDescription:
-    """The step ``runner`` is about to run, in the planner's terms."""
+def describe_step(runner, plans: RequestPlans,
+                  read_tokens: TokenReader | None = None) -> StepDescription:
+    """The step ``runner`` is about to run, in the planner's terms. ``read_tokens`` reads
+    the device's input ids where the host copy may be stale (a GPU runner)."""
     batch = runner.input_batch
     requests = runner.requests
     plans.retain(requests.keys())
@@ -76,5 +113,11 @@ def describe_step(runner, plans: RequestPlans) -> StepDescription:
         scheduled.append(ScheduledRequest(req_id, int(qsl[i]), int(qsl[i + 1]),
                                           int(computed[i]), plan))
         needs_tokens |= plan.needs_tokens
-    tokens = runner.input_ids.np if needs_tokens else None
+    tokens = None
+    if needs_tokens:
+        if runner.device.type == "cpu":
+            tokens = runner.input_ids.np
+        else:
+            tokens = (read_tokens or DeviceTokens())(runner.input_ids.gpu,
+                                                     int(qsl[batch.num_reqs]))
     return StepDescription(scheduled, tokens)

@@ -11,9 +11,14 @@ be frozen into the trace or ignored) and wraps the model runner's ``load_model``
   decoder layer for residual sites, its attention/MLP/output-projection submodule for the
   others; see ``families.py``) with one that passes the activation through the op once per
   SAE hooked there. The hook ids are closure constants, so unhooked modules trace no op.
-- ``_model_forward`` describes the scheduled batch (``runner_v1.describe_step``) and lets
-  the step planner (``sae_runtime.step.planner``, no vLLM) fill every hook's tables in place and
-  upload them before each forward; after it, it publishes the reads and clears the tables.
+- V1 runners (CPU, and CUDA with ``VLLM_USE_V2_MODEL_RUNNER=0``): ``_model_forward``
+  describes the scheduled batch (``runner_v1.describe_step``) and lets the step planner
+  (``sae_runtime.step.planner``, no vLLM) fill every hook's tables in place and upload them
+  before each forward; after it, it publishes the reads and clears the tables.
+- Model Runner V2 (the CUDA default): ``add_requests`` keeps each new request's payload,
+  ``prepare_inputs`` describes the step from V2's ``InputBatch`` (``runner_v2``) and fills
+  the tables before any forward path runs, ``execute_model`` publishes the reads and clears
+  the tables.
 
 The tables and the hook's computation are ``sae_runtime.step.tables.HookTables`` (no vLLM in
 there): preallocated once (fixed addresses, sized by the engine's token and sequence
@@ -45,7 +50,8 @@ from sae_runtime.step.tp_reads import ReadSplit, shardable
 from sae_runtime.vllm import compat
 from sae_runtime.vllm.cpu_rng import patch_cpu_seeded_rewind
 from sae_runtime.vllm.families import LAYER_NAME, block_of, family_of, supported
-from sae_runtime.vllm.runner_v1 import RequestPlans, describe_step
+from sae_runtime.vllm.runner_v1 import DeviceTokens, RequestPlans, describe_step
+from sae_runtime.vllm.runner_v2 import RunnerV2, unsupported
 from sae_runtime.vllm.side_channel import ReadPublisher, pid_exit
 
 log = logging.getLogger("sae_runtime.worker")
@@ -64,29 +70,50 @@ class SteeringState:
         self.publisher = publisher  # None: this rank does not publish reads
         # by vLLM request id, dropped when the request finishes (its latches given back)
         self.plans = RequestPlans(on_drop=lambda plan: release_latches(self.hooks, plan))
+        self.tokens = DeviceTokens()  # a GPU step's input ids, for token-id selectors
+        self.v2 = RunnerV2(self.plans, self.tokens)  # used only under Model Runner V2
         self.segments: list[ReadSegment] = []
 
     def prepare_step(self, runner) -> None:
-        """Fill every hook's tables for the batch the runner is about to run."""
+        """Fill every hook's tables for the batch a V1 runner is about to run."""
+        with compat.gpu_sync_allowed():  # only token-id selectors on a GPU wait
+            step = describe_step(runner, self.plans, self.tokens)
+        self._plan(step)
+
+    def prepare_step_v2(self, runner, input_batch, batch_desc) -> None:
+        """Fill every hook's tables for the batch V2's ``prepare_inputs`` just built."""
+        with compat.gpu_sync_allowed():  # only token-id selectors at decode rows wait
+            step = self.v2.describe(input_batch, runner.req_states.req_id_to_index.keys())
+        if step.requests and compat.is_full_graph(batch_desc):
+            # check_hooks refuses engines with FULL graphs, so this is configuration drift:
+            # the replay would run the op as captured (no reads, frozen host decisions).
+            raise RuntimeError(
+                "a steered step was dispatched to a FULL CUDA graph; SAE hooks need the op "
+                "to run outside full graphs (sae_runtime/vllm/compat.cuda_compilation_config)")
+        self._plan(step)
+
+    def _plan(self, step) -> None:
         # A rank that publishes nothing computes no reads, except at sharded sites and
         # where the reads are split over the TP ranks (tp_reads): there every TP rank must
         # enter the all-gather alike (the decision reads the row counts).
         read_hooks = None if self.publisher is not None else set(_SHARDS) | _SPLIT_READS
-        self.segments = plan_step(self.hooks, describe_step(runner, self.plans), read_hooks)
+        self.segments = plan_step(self.hooks, step, read_hooks)
 
     def publish_reads(self) -> None:
         """Send this step's reads to the server, one record per segment."""
         if not self.segments or self.publisher is None:
             return
-        records = collect_reads(self.hooks, self.segments)
+        with compat.gpu_sync_allowed():  # the reads' device-to-host copies
+            records = collect_reads(self.hooks, self.segments)
         if records:
             self.publisher.send(records)
 
     def end_step(self) -> None:
         self.segments = []
-        for hook in self.hooks:
-            if hook is not None:
-                hook.clear()
+        with compat.gpu_sync_allowed():  # waits for the step's table upload
+            for hook in self.hooks:
+                if hook is not None:
+                    hook.clear()
 
 
 _STATE: SteeringState | None = None
@@ -221,21 +248,21 @@ def _patch_runner_class(cls: type) -> None:
         orig_load = cls.load_model
 
         @functools.wraps(orig_load)
-        def load_model(self, *args, **kwargs):
-            orig_load(self, *args, **kwargs)
-            install(self)
+        def load_model(runner, *args, **kwargs):
+            orig_load(runner, *args, **kwargs)
+            install(runner)
 
         cls.load_model = load_model
     if "_model_forward" in cls.__dict__:
         orig_fwd = cls._model_forward
 
         @functools.wraps(orig_fwd)
-        def _model_forward(self, *args, **kwargs):
+        def _model_forward(runner, *args, **kwargs):
             if _STATE is None:
-                return orig_fwd(self, *args, **kwargs)
-            _STATE.prepare_step(self)
+                return orig_fwd(runner, *args, **kwargs)
+            _STATE.prepare_step(runner)
             try:
-                out = orig_fwd(self, *args, **kwargs)
+                out = orig_fwd(runner, *args, **kwargs)
                 _STATE.publish_reads()
                 return out
             finally:
@@ -245,6 +272,58 @@ def _patch_runner_class(cls: type) -> None:
         cls._model_forward = _model_forward
     if "sample_tokens" in cls.__dict__ and "_bookkeeping_sync" in cls.__dict__:
         patch_cpu_seeded_rewind(cls)
+    cls._sae_patched = True
+
+
+V2_WRAPPED = ("add_requests", "prepare_inputs", "execute_model")
+"""Model Runner V2 methods the worker wraps (each carries the ``_sae_wrapper`` mark)."""
+
+
+def _patch_runner_class_v2(cls: type) -> None:
+    """Wrap Model Runner V2 (``runner_v2``): ``load_model`` installs the hooks,
+    ``add_requests`` keeps the new requests' payloads, ``prepare_inputs`` fills the tables
+    (before every forward path: FULL replay, piecewise, eager), ``execute_model`` publishes
+    the reads and clears the tables."""
+    if "_sae_patched" in cls.__dict__:
+        return
+    orig_load, orig_add = cls.load_model, cls.add_requests
+    orig_prepare, orig_execute = cls.prepare_inputs, cls.execute_model
+
+    @functools.wraps(orig_load)
+    def load_model(runner, *args, **kwargs):
+        orig_load(runner, *args, **kwargs)
+        install(runner)
+
+    @functools.wraps(orig_add)
+    def add_requests(runner, scheduler_output, *args, **kwargs):
+        out = orig_add(runner, scheduler_output, *args, **kwargs)
+        if _STATE is not None:
+            _STATE.v2.add(scheduler_output)
+        return out
+
+    @functools.wraps(orig_prepare)
+    def prepare_inputs(runner, scheduler_output, batch_req_state, batch_desc, *args, **kwargs):
+        input_batch = orig_prepare(runner, scheduler_output, batch_req_state, batch_desc,
+                                   *args, **kwargs)
+        if _STATE is not None:
+            _STATE.prepare_step_v2(runner, input_batch, batch_desc)
+        return input_batch
+
+    @functools.wraps(orig_execute)
+    def execute_model(runner, *args, **kwargs):
+        if _STATE is None:
+            return orig_execute(runner, *args, **kwargs)
+        try:
+            out = orig_execute(runner, *args, **kwargs)
+            _STATE.publish_reads()
+            return out
+        finally:
+            _STATE.end_step()
+
+    for fn in (add_requests, prepare_inputs, execute_model):
+        fn._sae_wrapper = True  # the startup check looks for these marks
+    cls.load_model, cls.add_requests = load_model, add_requests
+    cls.prepare_inputs, cls.execute_model = prepare_inputs, execute_model
     cls._sae_patched = True
 
 
@@ -377,7 +456,7 @@ def install(runner) -> None:
     _STATE = SteeringState(hooks, _CHANNEL if publish else None)
     vc = runner.vllm_config
     _REPORT.update(ranks=ranks, layers=sorted(layers), hooks=report, installed=True,
-                   publishes=publish, device=device.type, node=compat.node_of(vc),
+                   publishes=publish, node=compat.node_of(vc),
                    config_hash=config_hash(cfg), reads_addr=addr,
                    engine={"model": runner.model_config.model, "dtype": model_dtype,
                            "max_model_len": int(runner.model_config.max_model_len),
@@ -437,14 +516,12 @@ class SteeringWorkerExtension:
 
     def sae_hook_report(self) -> dict:
         """What this worker installed (``collective_rpc``): its ranks, the decoder blocks it
-        holds, each hooked SAE (index, id, block, site, dtype), and whether its model runner
-        is one this module patched. The server refuses to serve unless every configured SAE
-        sits on every rank that must hold it."""
-        runner = getattr(self, "model_runner", None)
-        cls = type(runner)
-        return {**_REPORT, "runner": cls.__name__, "split_reads": _SPLIT_COUNT["gathers"],
-                "runner_patched": bool(getattr(getattr(cls, "_model_forward", None),
-                                               "_sae_wrapper", False)),
+        holds, each hooked SAE (index, id, block, site, dtype), and its runtime
+        (``runtime_report``: device, model runner, CUDA graph mode, whether the runner's
+        step methods are wrapped, and anything that makes steering unsafe). The server
+        refuses to serve unless every configured SAE sits on every rank that must hold it."""
+        return {**_REPORT, **runtime_report(getattr(self, "model_runner", None)),
+                "split_reads": _SPLIT_COUNT["gathers"],
                 "reads_keys": _CHANNEL is not None and _CHANNEL.keys is not None}
 
     def sae_reads_keys(self, keys: dict) -> bool:
@@ -458,6 +535,33 @@ class SteeringWorkerExtension:
         return True
 
 
+def runtime_report(runner) -> dict:
+    """``device`` (cpu / cuda), ``device_name``, ``runner`` (module.class), ``runner_kind``
+    (v1 / v2), ``runner_patched`` (the step methods of that kind carry our wrapper's mark),
+    ``cudagraph_mode`` (vLLM's, as resolved when the KV cache was set up) and ``refusals``
+    (reasons the hooks cannot run correctly here; the server refuses to serve on any)."""
+    cls = type(runner)
+    kind = "v2" if compat.is_v2_runner(runner) else "v1"
+    wrapped = V2_WRAPPED if kind == "v2" else ("_model_forward",)
+    device = getattr(runner, "device", None)
+    dev_type = getattr(device, "type", "?")
+    mode = compat.cudagraph_mode(runner) if runner is not None else "NONE"
+    refusals = []
+    if runner is not None and kind == "v2":
+        refusals += unsupported(runner.vllm_config)
+    refusals += compat.graph_refusals(mode)
+    return {
+        "device": dev_type,
+        "device_name": torch.cuda.get_device_name(device) if dev_type == "cuda" else "cpu",
+        "runner": f"{cls.__module__}.{cls.__qualname__}",
+        "runner_kind": kind,
+        "runner_patched": all(getattr(getattr(cls, m, None), "_sae_wrapper", False)
+                              for m in wrapped),
+        "cudagraph_mode": mode,
+        "refusals": refusals,
+    }
+
+
 
 _register_op()
 # SKIP_PATCH_ENV leaves the runners unpatched: tests use it to prove that startup then
@@ -465,3 +569,4 @@ _register_op()
 if os.environ.get(SKIP_PATCH_ENV) != "1":
     for _cls in compat.model_runner_classes():
         _patch_runner_class(_cls)
+    _patch_runner_class_v2(compat.v2_runner_class())

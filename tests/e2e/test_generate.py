@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
 
 import pytest
 
@@ -180,3 +181,13 @@ def test_list_saes_and_model_info(server):
     assert all(s.d_in == 128 and s.d_sae == 256 for s in saes.values())
     assert (info.architecture, info.hidden_size, info.num_layers, info.vocab_size) == ("LlamaForCausalLM", 128, 3, 512)
     assert info.compiled and info.max_model_len == 256 and info.max_interventions == 8
+    # what the workers reported: vLLM's CPU build runs Model Runner V1 and captures no CUDA
+    # graphs; on CUDA, V2 (vLLM's default) with piecewise graphs split at the hook
+    from sae_runtime.vllm.engine import on_cpu
+
+    if on_cpu():
+        assert (info.device, info.model_runner, info.cudagraph_mode) == ("cpu", "v1", "NONE")
+    else:
+        runner = "v1" if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "0" else "v2"
+        assert info.device.startswith("cuda (") and info.model_runner == runner
+        assert info.cudagraph_mode == "PIECEWISE"

@@ -108,8 +108,9 @@ def test_duplicate_sae_ids(refused):
 
 
 def test_unpatched_model_runner_refuses_to_serve_unsteered(tiny_dir):
-    """A runner whose step wrapper is not ours (Model Runner V2 on GPU is the known case)
-    must fail startup, never serve: simulated by leaving the CPU runner unpatched."""
+    """A runner whose step wrapper is not ours (a vLLM upgrade that renames a wrapped
+    method, a runner class compat does not list) must fail startup, never serve: simulated
+    by leaving the CPU runner unpatched."""
     from sae_runtime.vllm.worker import SKIP_PATCH_ENV
 
     # eager: the check is on the runner's step wrapper, not on compilation (saves ~40 s)
@@ -117,7 +118,7 @@ def test_unpatched_model_runner_refuses_to_serve_unsteered(tiny_dir):
               "--max-model-len", "128", "--sae", str(tiny_dir / "saes" / "resid_l1"),
               env={SKIP_PATCH_ENV: "1"}, timeout=300)
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "CPUModelRunner is not one sae_runtime patches" in r.stderr
+    assert "cpu_model_runner.CPUModelRunner (v1) is not one sae_runtime patches" in r.stderr
     assert "refusing to serve unsteered" in r.stderr
     assert "listening on" not in r.stdout
 

@@ -258,3 +258,44 @@ def test_triton_splice_conditional_and_latched(arch, monkeypatch):
     plain = splice_reference(h, resid, sae, edit_tables(tok_slot, feat, mode, val,
                                                         tok_pos=torch.arange(T)))
     assert not torch.allclose(got, plain)  # the conditions switched some entries off
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "topk", "groupmax"])  # rule, threshold, group
+def test_triton_splice_replays_over_changing_tables(arch, monkeypatch):
+    """The kernel launched again and again on the same table tensors (a CUDA graph replays
+    launches with the pointers it captured), the tables rewritten in place between
+    launches by the planner (``plan_step``, ``upload``): conditions, a latch persisting
+    across steps, padding rows. Each launch equals the reference on a twin (host tables,
+    no upload) fed the same steps."""
+    import numpy as np
+
+    from sae_runtime.step.tables import HookTables
+    from tests.sae_runtime.test_graph_capture import (
+        D_IN,
+        MAX_FEATS,
+        MAX_SLOTS,
+        T,
+        fill,
+        make_requests,
+        make_sae,
+        schedule,
+    )
+
+    no_splice_fallback(monkeypatch)
+    sae = make_sae(arch, False)
+    hook = HookTables(sae, T, MAX_SLOTS, MAX_FEATS, staged=True)
+    twin = HookTables(sae, T, MAX_SLOTS, MAX_FEATS, staged=False)  # host tables, no upload
+    rng = np.random.default_rng(2)
+    requests = make_requests(rng)
+    edits = hook.edits  # one set of tensors for every launch
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        step = schedule(rng, requests)
+        fill(hook, step)
+        fill(twin, step)
+        h = torch.randn(T, D_IN, generator=g)
+        resid = h + torch.randn(T, D_IN, generator=g)
+        got = triton_splice.splice_triton(h, resid, sae, edits, conditions=True)
+        want = splice_reference(h, resid, sae, twin.edits)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert hook.edits.tok_slot.data_ptr() == edits.tok_slot.data_ptr()

@@ -341,7 +341,7 @@ def test_v1_adapter_passes_the_step_tokens_only_when_a_request_selects_by_token(
             input_batch=SimpleNamespace(req_ids=["a"], num_reqs=1,
                                         num_computed_tokens_cpu=np.array([0])),
             query_start_loc=SimpleNamespace(np=np.array([0, 4])),
-            input_ids=SimpleNamespace(np=ids))
+            input_ids=SimpleNamespace(np=ids), device=torch.device("cpu"))
 
     step = describe_step(runner(SPECIAL), RequestPlans())
     assert step.token_ids is ids

@@ -56,7 +56,29 @@ def test_missing_on_one_tp_rank_is_refused_naming_the_hook():
 def test_unpatched_runner_is_refused():
     reps = tp2_pp2()
     reps[2].update(runner_patched=False, runner="GPUModelRunnerV2")
-    with pytest.raises(HookPlacementError, match="GPUModelRunnerV2 is not one sae_runtime patches"):
+    with pytest.raises(HookPlacementError, match="GPUModelRunnerV2 .* is not one sae_runtime patches"):
+        check_hooks(reps, EXPECTED, world_size=4, reads=True)
+
+
+def test_v2_runner_passes_when_patched_and_is_refused_when_not():
+    """Model Runner V2 (the CUDA default) serves like V1 when its step methods are ours,
+    and is refused, naming it, when they are not."""
+    v2 = "vllm.v1.worker.gpu.model_runner.GPUModelRunner"
+    reps = [dict(r, runner=v2, runner_kind="v2", device="cuda", cudagraph_mode="PIECEWISE",
+                 refusals=[]) for r in tp2_pp2()]
+    check_hooks(reps, EXPECTED, world_size=4, reads=True)
+    reps[3]["runner_patched"] = False
+    with pytest.raises(HookPlacementError, match=r"gpu.model_runner.GPUModelRunner \(v2\) is not"):
+        check_hooks(reps, EXPECTED, world_size=4, reads=True)
+
+
+def test_a_worker_refusal_is_refused_with_its_reason():
+    """What the worker found unsafe (full CUDA graphs, speculative decoding under V2)
+    stops the server, with the worker's reason in the message."""
+    reps = tp2_pp2()
+    reps[1]["refusals"] = ["CUDA graph mode FULL_AND_PIECEWISE replays full graphs"]
+    with pytest.raises(HookPlacementError,
+                       match="tp 1/2, pp 0/2.*FULL_AND_PIECEWISE replays full graphs"):
         check_hooks(reps, EXPECTED, world_size=4, reads=True)
 
 

@@ -445,7 +445,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model", "architecture", "num_layers", "hidden_size", "vocab_size", "max_model_len", "max_interventions", "dtype", "compiled", "max_read_top_k", "max_watch", "max_encode_inputs", "max_logprobs", "chat_template", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "distributed_executor_backend", "max_guardrails", "vectors", "inline_vector_layers", "max_inline_vectors")
+    __slots__ = ("model", "architecture", "num_layers", "hidden_size", "vocab_size", "max_model_len", "max_interventions", "dtype", "compiled", "max_read_top_k", "max_watch", "max_encode_inputs", "max_logprobs", "chat_template", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "distributed_executor_backend", "max_guardrails", "vectors", "inline_vector_layers", "max_inline_vectors", "device", "model_runner", "cudagraph_mode")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -468,6 +468,9 @@ class GetModelInfoResponse(_message.Message):
     VECTORS_FIELD_NUMBER: _ClassVar[int]
     INLINE_VECTOR_LAYERS_FIELD_NUMBER: _ClassVar[int]
     MAX_INLINE_VECTORS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_RUNNER_FIELD_NUMBER: _ClassVar[int]
+    CUDAGRAPH_MODE_FIELD_NUMBER: _ClassVar[int]
     model: str
     architecture: str
     num_layers: int
@@ -490,7 +493,10 @@ class GetModelInfoResponse(_message.Message):
     vectors: _containers.RepeatedCompositeFieldContainer[VectorInfo]
     inline_vector_layers: _containers.RepeatedScalarFieldContainer[int]
     max_inline_vectors: int
-    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_interventions: _Optional[int] = ..., dtype: _Optional[str] = ..., compiled: _Optional[bool] = ..., max_read_top_k: _Optional[int] = ..., max_watch: _Optional[int] = ..., max_encode_inputs: _Optional[int] = ..., max_logprobs: _Optional[int] = ..., chat_template: _Optional[bool] = ..., tensor_parallel_size: _Optional[int] = ..., pipeline_parallel_size: _Optional[int] = ..., data_parallel_size: _Optional[int] = ..., distributed_executor_backend: _Optional[str] = ..., max_guardrails: _Optional[int] = ..., vectors: _Optional[_Iterable[_Union[VectorInfo, _Mapping]]] = ..., inline_vector_layers: _Optional[_Iterable[int]] = ..., max_inline_vectors: _Optional[int] = ...) -> None: ...
+    device: str
+    model_runner: str
+    cudagraph_mode: str
+    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_interventions: _Optional[int] = ..., dtype: _Optional[str] = ..., compiled: _Optional[bool] = ..., max_read_top_k: _Optional[int] = ..., max_watch: _Optional[int] = ..., max_encode_inputs: _Optional[int] = ..., max_logprobs: _Optional[int] = ..., chat_template: _Optional[bool] = ..., tensor_parallel_size: _Optional[int] = ..., pipeline_parallel_size: _Optional[int] = ..., data_parallel_size: _Optional[int] = ..., distributed_executor_backend: _Optional[str] = ..., max_guardrails: _Optional[int] = ..., vectors: _Optional[_Iterable[_Union[VectorInfo, _Mapping]]] = ..., inline_vector_layers: _Optional[_Iterable[int]] = ..., max_inline_vectors: _Optional[int] = ..., device: _Optional[str] = ..., model_runner: _Optional[str] = ..., cudagraph_mode: _Optional[str] = ...) -> None: ...
 
 class GetFeatureRequest(_message.Message):
     __slots__ = ("sae", "index")
