@@ -31,7 +31,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: FORCE check-cuda-wheel gpu-check browser-deps setup serve test test-fast test-triton test-parallel-extra lint bench bench-preload bench-serve loadtest soak proto proto-check clean-venv default-artifacts train-default
+.PHONY: FORCE check-cuda-wheel gpu-check browser-deps setup serve test test-fast test-triton test-parallel-extra test-multinode lint bench bench-preload bench-serve loadtest soak proto proto-check clean-venv default-artifacts train-default
 
 setup: $(STAMP)/project
 
@@ -158,6 +158,15 @@ RAY_SPEC ?= ray==2.60.0
 test-parallel-extra: setup
 	$(BIN)/pip install --quiet "$(RAY_SPEC)"
 	$(BIN)/python -m pytest -q -ra -m parallel_extra tests/e2e/test_parallel.py
+
+# Multi-node serving on vLLM's mp executor, across two network namespaces on this machine
+# (tests/e2e/test_multinode.py via tests/e2e/netns.py: veth pair on 10.77.0.0/24, each node
+# with private /dev/shm, /tmp and IPC; torn down afterwards). Root only (ip netns, unshare
+# --mount); skipped with the reason otherwise. Not in `make test`: its own engine starts
+# take longer than `make test` has left (wall time in docs/deploy.md).
+test-multinode: setup
+	flock /tmp/engine.lock $(BIN)/python -m tests.e2e.netns -- $(BIN)/python -m pytest -q -ra \
+		-p no:cacheprovider --basetemp {work}/pytest tests/e2e/test_multinode.py
 
 test-fast: lint
 	$(BIN)/python -m pytest -q -ra -m "not e2e"

@@ -22,13 +22,15 @@ from sae_runtime.labels.store import FeatureLabels, load_beside
 from sae_runtime.loading import load_sae_config
 from sae_runtime.loading.vectors import Bank, build_banks
 from sae_runtime.saes.base import SAEConfig
+from sae_runtime.spec.budget import watch_width
 from sae_runtime.spec.vectors import VectorIndex
 from sae_runtime.step.config import placement
 from sae_runtime.vllm.families import block_of, family_of, supported
+from server import nodes
 from server.auth import Auth, load_tokens
 from server.config import ServerConfig
 from server.core.metrics import Metrics
-from server.core.reads import ReadRouter
+from server.core.reads import ReadRouter, RecordLimits, min_message_bytes
 from server.core.validate import Limits
 from server.grpc.server import GrpcDoor
 from server.http.server import ConnectionLimits, HttpServer, ssl_options
@@ -39,6 +41,7 @@ from server.startup import (
     apply_cpu_env_defaults,
     check_hooks,
     load_tls,
+    node_lines,
 )
 
 log = logging.getLogger("steerd")
@@ -160,16 +163,21 @@ def check_model_fit(cfg: ServerConfig, hooks: Hooks) -> None:
                 f"{c.hook_name} is {want}")
 
 
-def start_engine(cfg: ServerConfig, reads_addr: str | None, hooks: Hooks | None = None) -> Any:
-    from sae_runtime.vllm.engine import EngineSettings, build_engine  # imports vLLM
+def engine_settings(cfg: ServerConfig, reads_addr: str | None, hooks: Hooks | None = None,
+                    reads_keys=None) -> Any:
+    """What this server passes to vLLM (``EngineSettings``): ``steerd serve`` and every
+    ``steerd node`` build it here, so an engine node cannot drift from the API node."""
+    from sae_runtime.vllm.engine import EngineSettings  # imports vLLM
 
-    return build_engine(EngineSettings(
+    return EngineSettings(
         model=cfg.model,
         saes=engine_sae_entries(cfg, hooks if hooks is not None else load_hooks(cfg)),
         max_interventions=cfg.max_interventions,
         max_watch=cfg.max_watch,  # the watch tables' width: sae_runtime.spec.budget.watch_width
         sae_dtype=cfg.sae_dtype,
         reads_addr=reads_addr,
+        reads_keys=reads_keys,
+        reads_max_message_bytes=cfg.reads_max_message_bytes,
         dtype=cfg.dtype,
         max_model_len=cfg.max_model_len,
         max_num_seqs=cfg.max_num_seqs,
@@ -181,9 +189,44 @@ def start_engine(cfg: ServerConfig, reads_addr: str | None, hooks: Hooks | None 
         tensor_parallel_size=cfg.tensor_parallel_size,
         pipeline_parallel_size=cfg.pipeline_parallel_size,
         data_parallel_size=cfg.data_parallel_size,
-        distributed_executor_backend=(None if cfg.distributed_executor_backend == "auto"
-                                      else cfg.distributed_executor_backend),
-    ))
+        distributed_executor_backend=("mp" if nodes.spans_nodes(cfg) else None)
+        if cfg.distributed_executor_backend == "auto" else cfg.distributed_executor_backend,
+        nnodes=cfg.nnodes,
+        node_rank=cfg.node_rank,
+        master_addr=cfg.master_addr,
+        master_port=cfg.master_port,
+        data_parallel_size_local=cfg.data_parallel_size_local,
+        data_parallel_address=cfg.data_parallel_address,
+        data_parallel_rpc_port=cfg.data_parallel_rpc_port,
+        data_parallel_start_rank=cfg.data_parallel_start_rank,
+        reads_lost_after_s=cfg.node_timeout_s if nodes.spans_nodes(cfg) else None,
+    )
+
+
+def start_engine(cfg: ServerConfig, reads_addr: str | None, hooks: Hooks | None = None,
+                 reads_keys=None) -> Any:
+    from sae_runtime.vllm.engine import build_engine  # imports vLLM
+
+    return build_engine(engine_settings(cfg, reads_addr, hooks, reads_keys))
+
+
+def check_reads_cap(cfg: ServerConfig, hooks: Hooks) -> None:
+    """--reads-max-message-bytes must carry one position of the largest read."""
+    configs = hooks.configs
+    need = min_message_bytes(tuple(c.d_sae for c in configs.values()), cfg.max_read_top_k,
+                             watch_width(cfg.max_watch))
+    if configs and cfg.reads_max_message_bytes < need:
+        raise ValueError(f"--reads-max-message-bytes {cfg.reads_max_message_bytes}: one position "
+                         f"of the widest read needs {need} bytes (pooled sums of the widest "
+                         "SAE, --max-read-top-k, --max-watch); raise it")
+
+
+def read_limits(cfg: ServerConfig, hooks: Hooks, engine: Any) -> RecordLimits:
+    """What a worker's read record may hold, from this server's caps and the engine (by
+    hook id: the SAEs, then the vector banks)."""
+    return RecordLimits(d_sae=tuple(c.d_sae for c in hooks.configs.values()),
+                        max_top_k=cfg.max_read_top_k, max_watch=watch_width(cfg.max_watch),
+                        max_positions=int(engine.model_config.max_model_len))
 
 
 def expected_hooks(hooks: Hooks) -> list[ExpectedHook]:
@@ -191,14 +234,22 @@ def expected_hooks(hooks: Hooks) -> list[ExpectedHook]:
             for i, (sid, c) in enumerate(hooks.configs.items())]
 
 
-async def verify_hooks(cfg: ServerConfig, engine: Any, hooks: Hooks) -> dict[str, str]:
-    """Ask every worker what it installed (``check_hooks``); hook id -> compute dtype."""
-    from sae_runtime.vllm.engine import hook_reports
+async def verify_hooks(cfg: ServerConfig, engine: Any, hooks: Hooks,
+                       reads_addr: str | None = None) -> dict[str, str]:
+    """Ask every worker, on every node, what it installed (``check_hooks``); hook id ->
+    compute dtype. Every worker must have been built from this server's worker config."""
+    from sae_runtime.step.config import config_hash
+    from sae_runtime.vllm.engine import hook_reports, worker_config_of
 
     reports = await hook_reports(engine)
     world = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
+    expect = config_hash(worker_config_of(engine_settings(cfg, reads_addr, hooks)))
     by_index = check_hooks(reports, expected_hooks(hooks), world_size=world,
-                           reads=bool(hooks.saes or hooks.banks))
+                           reads=bool(hooks.saes or hooks.banks), config_hash=expect,
+                           reads_addr=reads_addr)
+    if nodes.spans_nodes(cfg):
+        for line in node_lines(reports):
+            log.info("%s", line)
     ids = list(hooks.configs)
     why = {h["sae"]: h["dtype_why"] for r in reports for h in r.get("hooks", ())}
     for i, dt in sorted(by_index.items()):
@@ -281,7 +332,9 @@ async def serve(cfg: ServerConfig) -> int:
     labels = load_labels(cfg, hooks.saes)  # a bad label file fails here, before the engine starts
     chat_template = load_chat_template(cfg.chat_template)  # so does a bad --chat-template
     auth = Auth(tuple(load_tokens(cfg.auth_tokens_file)), cfg.cache_salt_per_token)
-    ranks = cfg.tensor_parallel_size * cfg.pipeline_parallel_size * cfg.data_parallel_size
+    has_hooks = bool(hooks.saes or hooks.banks)
+    nodes.check_layout(cfg, "serve", has_hooks)
+    ranks = nodes.local_ranks(cfg)  # the workers on this node (all of them on one node)
     if cfg.distributed_executor_backend == "ray":
         from sae_runtime.vllm.engine import ray_supported
 
@@ -290,20 +343,31 @@ async def serve(cfg: ServerConfig) -> int:
                 "--distributed-executor-backend ray: vLLM's executor for this platform "
                 f"({'cpu' if _cpu_platform() else 'this device'}) has no Ray support in this "
                 "vLLM version; use mp (one node) or run on GPUs")
+    nodes.check_pp_eager(cfg, _cpu_platform())
+    check_reads_cap(cfg, hooks)
     metrics = Metrics()
     ports = bind_ports(cfg, auth, metrics)
+    for line in nodes.network_env_defaults(cfg):
+        log.info("%s", line)
     if _cpu_platform():
         for line in apply_cpu_env_defaults(ranks):
             log.info("%s", line)
     # The read socket opens only after every check that can refuse to start has passed.
-    router = ReadRouter(cfg.reads_address) if hooks.saes or hooks.banks else None
+    router = ReadRouter(cfg.reads_address, max_message_bytes=cfg.reads_max_message_bytes,
+                        dropped_metric=metrics.reads_dropped) if has_hooks else None
     if router is not None:
         router.start()
     t0 = time.monotonic()
-    engine = start_engine(cfg, router.addr if router else None, hooks)
+    # the workers' reads address: across nodes what the user gave (every node was given it)
+    reads_addr = (cfg.reads_address if nodes.spans_nodes(cfg) else router.addr) if router else None
+    engine = start_engine(cfg, reads_addr, hooks, router.keys if router else None)
     started = time.monotonic() - t0
+    if router is not None:
+        router.limits = read_limits(cfg, hooks, engine)
     try:
-        sae_dtypes = await verify_hooks(cfg, engine, hooks)
+        if router is not None and router.keys is not None and nodes.spans_nodes(cfg):
+            await nodes.hand_over_keys(engine, router.keys)
+        sae_dtypes = await verify_hooks(cfg, engine, hooks, reads_addr)
     except HookPlacementError as e:
         log.error("error: %s", e)
         engine.shutdown()
@@ -343,12 +407,15 @@ async def serve(cfg: ServerConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     watcher = asyncio.create_task(_watch_engine(core, dead))
+    node_watch = (asyncio.create_task(nodes.watch_engines(engine, dead, cfg.node_timeout_s))
+                  if nodes.spans_nodes(cfg) else None)
     dead_wait = asyncio.create_task(dead.wait())
     stop_wait = asyncio.create_task(stop.wait())
     await asyncio.wait({dead_wait, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
     engine_died = dead.is_set()
-    for t in (watcher, dead_wait, stop_wait):
-        t.cancel()
+    for t in (watcher, dead_wait, stop_wait, node_watch):
+        if t is not None:
+            t.cancel()
 
     if engine_died:
         await ports.grpc.not_serving()
@@ -406,3 +473,51 @@ def _log_startup(cfg, engine, configs, port, started_s, sae_dtypes, auth: Auth) 
     security = ("mTLS" if cfg.tls_client_ca else "TLS") if cfg.tls_cert else "plaintext"
     log.info("listening on %s:%d (%s, %s)", cfg.host, port, security,
              "bearer-token auth" if auth.on else "no auth")
+
+
+def run_node(cfg: ServerConfig) -> int:
+    """``steerd node``: this node's share of an engine led by ``steerd serve`` on node 0,
+    until its processes end (exit 1: a worker or engine died, or node 0 went away) or
+    SIGTERM/SIGINT (exit 0)."""
+    hooks = load_hooks(cfg)
+    has_hooks = bool(hooks.saes or hooks.banks)
+    nodes.check_layout(cfg, "node", has_hooks)
+    check_reads_cap(cfg, hooks)
+    for line in nodes.network_env_defaults(cfg):
+        log.info("node: %s", line)
+    on_cpu = _cpu_platform()
+    nodes.check_pp_eager(cfg, on_cpu)
+    if on_cpu:
+        for line in apply_cpu_env_defaults(nodes.local_ranks(cfg)):
+            log.info("node: %s", line)
+    from sae_runtime.vllm.engine import node_config, node_role, run_headless
+
+    vcfg = node_config(engine_settings(cfg, cfg.reads_address if has_hooks else None, hooks))
+    pc = vcfg.parallel_config
+    if node_role(vcfg) == "workers":
+        log.info("node: node rank %d of %d: %d worker(s) of the engine led from %s:%s",
+                 pc.node_rank, pc.nnodes, nodes.local_ranks(cfg), pc.master_addr, pc.master_port)
+    else:
+        log.info("node: data-parallel engine(s) %d..%d of %d for the front end at %s:%s",
+                 pc.data_parallel_rank, pc.data_parallel_rank + pc.data_parallel_size_local - 1,
+                 pc.data_parallel_size, pc.data_parallel_master_ip, pc.data_parallel_rpc_port)
+    stopping = False
+
+    def stop(signum, frame) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        run_headless(vcfg)
+    except SystemExit:
+        if stopping:
+            log.info("node: stopped")
+            return 0
+        raise
+    log.error("node: this node's workers or engines ended (one died, or node 0 is gone); "
+              "exiting with status 1")
+    return 1

@@ -47,6 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Start the engine and serve steering.v1.SteeringService.")
     _add_config_options(serve)
     serve.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    node = sub.add_parser(
+        "node", help="run another node's share of an engine led by steerd serve on node 0",
+        description="A headless engine node (vLLM's --headless): tensor/pipeline-parallel "
+                    "workers (--nnodes N --node-rank R) or data-parallel engines "
+                    "(--data-parallel-size-local, --data-parallel-start-rank) for the steerd "
+                    "serve on node 0. Give it the same flags as node 0 (model, --sae, --vector, "
+                    "engine and parallel options, --reads-address): it builds the same workers; "
+                    "node 0 refuses a node whose SAEs or engine settings differ. The API options "
+                    "(--host, --port, auth, TLS, HTTP) are accepted and ignored.")
+    _add_config_options(node)
+    node.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     from server import labels_cli
 
     labels_cli.add_parser(sub)
@@ -65,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         values["saes"] = tuple(SAESource.parse(s) for s in values.get("saes", []))
         values["vectors"] = tuple(VectorSource.parse(s) for s in values.get("vectors", []))
         cfg = ServerConfig(**values)
+        if args.command == "node":
+            from server.app import run_node
+
+            return run_node(cfg)
         code = asyncio.run(_serve(cfg))
     except (ValidationError, ValueError, SteeringError) as e:
         print(f"steerd: error: {e}", file=sys.stderr)

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from sae_runtime.step.config import DEFAULT_READS_MAX_MESSAGE_BYTES
+
 
 class SAESource(BaseModel):
     """One ``--sae [NAME=]PATH[@HOOK]`` entry."""
@@ -106,11 +108,51 @@ class ServerConfig(BaseModel):
         description="vLLM executor for several ranks: mp (processes on this node), ray "
                     "(a Ray cluster, multi-node), auto = vLLM's choice.",
     )
+    # ---- engines across nodes (vLLM's mp executor; names and meanings are vLLM's)
+    nnodes: int = Field(
+        default=1, ge=1,
+        description="Nodes the engine's ranks span (vLLM's --nnodes): tensor/pipeline parallel "
+                    "across machines. Node 0 runs steerd serve, the others steerd node with the "
+                    "same flags and their --node-rank.")
+    node_rank: int = Field(default=0, ge=0, description="This node's index (vLLM's --node-rank).")
+    master_addr: str = Field(
+        default="127.0.0.1",
+        description="Node 0's address for torch.distributed across nodes (vLLM's --master-addr).")
+    master_port: int = Field(
+        default=29501, ge=1, le=65535,
+        description="Node 0's torch.distributed port (vLLM's --master-port).")
+    data_parallel_size_local: int | None = Field(
+        default=None, ge=0,
+        description="Data-parallel engines on this node (vLLM's --data-parallel-size-local); "
+                    "fewer than --data-parallel-size puts the rest on other nodes.")
+    data_parallel_address: str | None = Field(
+        default=None,
+        description="Node 0's address engines on other nodes reach for data parallel "
+                    "(vLLM's --data-parallel-address; default: --master-addr).")
+    data_parallel_rpc_port: int = Field(
+        default=29550, ge=1, le=65535,
+        description="Node 0's data-parallel handshake port (vLLM's --data-parallel-rpc-port).")
+    data_parallel_start_rank: int | None = Field(
+        default=None, ge=0,
+        description="steerd node: the first data-parallel rank this node runs (vLLM's "
+                    "--data-parallel-start-rank).")
+    node_timeout_s: float = Field(
+        default=60.0, gt=0,
+        description="Engines across nodes: how long an engine may stay silent before the API "
+                    "node counts it gone (in-flight streams end UNAVAILABLE, steerd exits 1), "
+                    "and how long an engine node outlives an unreachable API node (it exits 1).")
     reads_address: str | None = Field(
         default=None,
-        description="ZMQ address workers push feature reads to (default: an ipc:// socket, "
-                    "one node). For a Ray executor spanning nodes give tcp://HOST:PORT with "
-                    "an address of this host that the workers can reach.",
+        description="ZMQ address workers push feature reads to (default: an ipc:// socket in a "
+                    "private 0700 directory, one node). When engines run on other nodes give "
+                    "tcp://HOST:PORT with an address of this host they can reach: steerd "
+                    "binds it with ZMQ CURVE (fresh keys every start; peers without them "
+                    "cannot deliver).",
+    )
+    reads_max_message_bytes: int = Field(
+        default=DEFAULT_READS_MAX_MESSAGE_BYTES, ge=1024 * 1024,
+        description="Largest feature-reads message from a worker; workers split a step's "
+                    "reads to fit, and the server drops (and counts) a larger one.",
     )
     enforce_eager: bool = Field(
         default=False, description="Run the model eagerly instead of compiled (debugging)."

@@ -9,7 +9,9 @@ data-parallel replica), on a model runner whose step wrappers are ours (V1's
 ``_model_forward``, or V2's ``add_requests`` / ``prepare_inputs`` / ``execute_model``), with
 no reason the worker found for the hooks to misbehave (``refusals``: full CUDA graphs, an
 engine feature the adapter cannot place rows for), and when exactly one rank per stage
-publishes reads.
+publishes reads. Across nodes the reports come from every node; each names its node
+(``node_label``), and a node started with other SAEs, budgets or engine settings than this
+server, or pushing reads elsewhere, is refused by name.
 """
 
 from __future__ import annotations
@@ -65,7 +67,9 @@ class ExpectedHook:
 
 def apply_cpu_env_defaults(ranks: int, env: dict[str, str] | None = None) -> list[str]:
     """Set vLLM's CPU variables the user left unset (``hw.cpu_env_defaults``) in ``env``
-    (default ``os.environ``, inherited by the engine's processes); returns one line each."""
+    (default ``os.environ``, inherited by the engine's processes); returns one line each.
+    ``ranks``: the ranks on *this* node (``server.nodes.local_ranks``), which is what vLLM
+    binds one CPU set each to."""
     env = os.environ if env is None else env
     lines = []
     for var, (value, why) in cpu_env_defaults(dict(env), ranks).items():
@@ -74,20 +78,74 @@ def apply_cpu_env_defaults(ranks: int, env: dict[str, str] | None = None) -> lis
     return lines
 
 
+def node_label(r: Mapping) -> str:
+    """The node a worker report comes from: its address (vLLM's ``VLLM_HOST_IP``), host
+    name and node rank; "" for a report without one."""
+    n = r.get("node")
+    if not n:
+        return ""
+    return f"node {n.get('host', '?')} ({n.get('hostname', '?')}, node rank {n.get('node_rank', '?')})"
+
+
 def _where(r: Mapping) -> str:
     rk = r.get("ranks") or {}
+    node = node_label(r)
     return (f"worker tp {rk.get('tp_rank', '?')}/{rk.get('tp_size', '?')}, "
             f"pp {rk.get('pp_rank', '?')}/{rk.get('pp_size', '?')}, "
-            f"dp {rk.get('dp_rank', '?')}")
+            f"dp {rk.get('dp_rank', '?')}" + (f" on {node}" if node else ""))
+
+
+def node_lines(reports: Sequence[Mapping]) -> list[str]:
+    """One line per node: which ranks (dp/pp/tp) it holds, in rank order."""
+    by_node: dict[str, list[tuple]] = {}
+    for r in reports:
+        rk = r.get("ranks") or {}
+        by_node.setdefault(node_label(r) or "this node", []).append(
+            (rk.get("dp_rank", 0), rk.get("pp_rank", 0), rk.get("tp_rank", 0)))
+    return [f"{node} holds rank(s) dp/pp/tp {', '.join('/'.join(map(str, o)) for o in sorted(rs))}"
+            for node, rs in sorted(by_node.items(), key=lambda kv: min(kv[1]))]
+
+
+def check_same_config(reports: Sequence[Mapping], config_hash: str | None,
+                      reads_addr: str | None) -> None:
+    """Every worker, on every node, was built from this server's worker config (same SAEs,
+    vectors, budgets: ``config_hash``), pushes reads to this server's socket, holds the
+    reads keys when it publishes over ``tcp://``, and runs the same engine settings as the
+    others. vLLM does not compare an engine node's config with node 0's; a mismatch here
+    would hook other SAEs or size the tables differently on that node."""
+    for r in reports:
+        if config_hash is not None and r.get("config_hash") not in (None, config_hash):
+            raise HookPlacementError(
+                f"{_where(r)} was started with other SAEs, vectors or table budgets than this "
+                "server (its worker config differs); give every node the same --sae, "
+                "--vector, --inline-vectors and --max-* flags")
+        if reads_addr is not None and r.get("reads_addr") not in (None, reads_addr):
+            raise HookPlacementError(
+                f"{_where(r)} pushes feature reads to {r.get('reads_addr')}, but this server "
+                f"listens on {reads_addr}; give every node the same --reads-address")
+        if (r.get("publishes") and str(r.get("reads_addr") or "").startswith("tcp://")
+                and r.get("reads_keys") is False):
+            raise HookPlacementError(f"{_where(r)} publishes reads but has no reads-channel keys")
+    engines = [(r, r["engine"]) for r in reports if r.get("engine")]
+    for r, e in engines[1:]:
+        first, e0 = engines[0]
+        diff = sorted(k for k in e0.keys() | e.keys() if e0.get(k) != e.get(k))
+        if diff:
+            raise HookPlacementError(
+                f"{_where(r)} runs {', '.join(f'{k}={e.get(k)!r}' for k in diff)} but "
+                f"{_where(first)} runs {', '.join(f'{k}={e0.get(k)!r}' for k in diff)}; give "
+                "every node the same engine flags")
 
 
 def check_hooks(reports: Sequence[Mapping], expected: Sequence[ExpectedHook], *,
-                world_size: int, reads: bool) -> dict[int, str]:
+                world_size: int, reads: bool, config_hash: str | None = None,
+                reads_addr: str | None = None) -> dict[int, str]:
     """Raise ``HookPlacementError`` unless every SAE is installed where it must be.
 
     ``world_size`` is tensor x pipeline parallel (the workers of one engine); with data
-    parallelism more reports arrive, in whole multiples. Returns each SAE index's compute
-    dtype as the workers chose it (they agree, or this raises).
+    parallelism more reports arrive, in whole multiples. ``config_hash`` / ``reads_addr``:
+    what every worker must report (``check_same_config``). Returns each SAE index's
+    compute dtype as the workers chose it (they agree, or this raises).
     """
     if not expected:
         return {}
@@ -95,6 +153,7 @@ def check_hooks(reports: Sequence[Mapping], expected: Sequence[ExpectedHook], *,
         raise HookPlacementError(
             f"{len(reports)} worker(s) answered the hook check; expected a multiple of "
             f"{world_size} (tensor x pipeline parallel)")
+    check_same_config(reports, config_hash, reads_addr)
     for r in reports:
         if not r.get("runner_patched"):
             kind = r.get("runner_kind", "?")

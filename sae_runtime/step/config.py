@@ -16,6 +16,9 @@ import msgspec
 from sae_runtime.errors import SAEFormatError
 
 CONFIG_KEY = "sae_steering"  # key in VllmConfig.additional_config
+# Largest reads message a worker sends (``--reads-max-message-bytes``); the publisher splits a
+# step's records to fit and the server drops anything larger.
+DEFAULT_READS_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 class SAEEntry(msgspec.Struct, frozen=True):
@@ -48,12 +51,43 @@ def check_placement(entry: SAEEntry, c) -> None:
             f"{entry.placement} when the server read it; did its files change during startup?")
 
 
+class ReadsKeys(msgspec.Struct, frozen=True):
+    """ZMQ CURVE keys (Z85 text) of a ``tcp://`` reads channel, made by the server at every
+    start: its public key, and the one client keypair it accepts (its ZAP handler admits
+    ``client_public`` only). Secrets: never in the compile-cache key, never logged."""
+
+    server_public: str
+    client_public: str
+    client_secret: str
+
+
 class WorkerConfig(msgspec.Struct, frozen=True):
     saes: tuple[SAEEntry, ...]  # in server order: index == hook id
     max_interventions: int  # edits per request (the tables' slot width)
     max_watch: int = 0
     reads_addr: str | None = None  # ZMQ address the worker pushes reads to
     sae_dtype: str = "auto"
+    # the reads channel's CURVE keys (tcp:// only; None on ipc://, and on an engine node
+    # other than the API node, whose server hands them over at startup: ``sae_reads_keys``)
+    reads_keys: ReadsKeys | None = None
+    reads_max_message_bytes: int = DEFAULT_READS_MAX_MESSAGE_BYTES
+    # engines across nodes: a worker exits when the server's tcp:// read socket has been
+    # unreachable this long (its API node is gone); None: no watch (one node)
+    reads_lost_after_s: float | None = None
+
+
+# How a worker reaches the server's read socket. None of it shapes the compiled graph, and
+# the address and keys are fresh every start: kept out of the compile-cache key.
+READS_CHANNEL_FIELDS = ("reads_addr", "reads_keys", "reads_max_message_bytes",
+                        "reads_lost_after_s")
+
+
+def config_hash(cfg: WorkerConfig) -> str:
+    """What the compiled graph depends on: the JSON of ``cfg`` less the reads channel
+    (``READS_CHANNEL_FIELDS``). Also each worker's fingerprint in its hook report, so the
+    API node refuses an engine node started with other SAEs or budgets."""
+    keyed = {**msgspec.to_builtins(cfg), **dict.fromkeys(READS_CHANNEL_FIELDS)}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()
 
 
 class AdditionalConfig(Mapping):
@@ -61,10 +95,11 @@ class AdditionalConfig(Mapping):
     builtins}``, with the ``compute_hash`` vLLM keys its compile cache on (vLLM takes a
     ``SupportsHash`` object here).
 
-    The hash is that of the JSON, less ``reads_addr``: the reads socket is a fresh ``ipc://``
-    path every start, and in the hash it made every start a cache miss (compiling again,
-    about 20 s of a tiny model's start on 2 cores). Everything that shapes the graph stays
-    in: the SAE list with each one's ``placement``, the table budgets, the SAE dtype.
+    The hash is ``config_hash``: the JSON less the reads channel. The reads socket is a
+    fresh ``ipc://`` path (or fresh CURVE keys) every start, and in the hash it made every
+    start a cache miss (compiling again, about 20 s of a tiny model's start on 2 cores); the
+    keys are secrets besides. Everything that shapes the graph stays in: the SAE list with
+    each one's ``placement``, the table budgets, the SAE dtype.
     """
 
     def __init__(self, cfg: WorkerConfig) -> None:
@@ -80,8 +115,7 @@ class AdditionalConfig(Mapping):
         return len(self._d)
 
     def compute_hash(self) -> str:
-        keyed = {**self._d[CONFIG_KEY], "reads_addr": None}
-        return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()
+        return config_hash(msgspec.convert(self._d[CONFIG_KEY], WorkerConfig))
 
 
 def worker_config(additional_config: Mapping | None) -> WorkerConfig | None:

@@ -168,8 +168,9 @@ def is_pp_missing_layer(mod) -> bool:
     return isinstance(mod, PPMissingLayer)
 
 
-async def collective_rpc_every_engine(engine, method: str) -> list:
-    """``collective_rpc(method)`` on the workers of *every* data-parallel engine, flattened.
+async def collective_rpc_every_engine(engine, method: str, args: tuple = ()) -> list:
+    """``collective_rpc(method, args)`` on the workers of *every* data-parallel engine (on
+    every node), flattened.
 
     ``AsyncLLM.collective_rpc`` asks only the first engine of a data-parallel client; the
     DP clients' ``call_utility_all_async`` reaches each engine.
@@ -177,9 +178,95 @@ async def collective_rpc_every_engine(engine, method: str) -> list:
     core = engine.engine_core
     call_all = getattr(core, "call_utility_all_async", None)
     if call_all is None:  # a single engine
-        return list(await engine.collective_rpc(method))
-    per_engine = await call_all("collective_rpc", method, None, (), None)
+        return list(await engine.collective_rpc(method, args=args))
+    per_engine = await call_all("collective_rpc", method, None, args, None)
     return [r for results in per_engine for r in results]
+
+
+# ---------------------------------------------------------------- engines across nodes
+
+
+def host_ip() -> str:
+    """The address vLLM advertises for this process's sockets (``VLLM_HOST_IP``, else its
+    guess from the default route)."""
+    from vllm.utils.network_utils import get_ip
+
+    return get_ip()
+
+
+def node_of(vllm_config) -> dict:
+    """Which node this worker runs on: its ``node_rank`` (tensor/pipeline across nodes),
+    the address vLLM advertises for it, and the host name."""
+    import socket
+
+    return {"node_rank": int(vllm_config.parallel_config.node_rank), "host": host_ip(),
+            "hostname": socket.gethostname()}
+
+
+def engine_pings(engine) -> list:
+    """One awaitable per engine core (every data-parallel engine, local or on another node)
+    that answers once that core's busy loop is free: a utility call that touches no worker
+    (``is_sleeping``), so a core stuck on a dead node's rank does not answer either."""
+    core = engine.engine_core
+    engines = getattr(core, "core_engines", None)
+    if engines is None or not hasattr(core, "_call_utility_async"):
+        return [core.call_utility_async("is_sleeping")]
+    return [core._call_utility_async("is_sleeping", engine=e) for e in engines]
+
+
+def fail_engine(engine) -> None:
+    """Mark the engine dead as vLLM does when its core dies: ``errored`` turns True and every
+    ``generate`` in flight raises ``EngineDeadError`` (``AsyncLLM``'s output handler path)."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    engine.engine_core.resources.engine_dead = True
+    engine.output_processor.propagate_error(EngineDeadError())
+
+
+def headless_config(engine_args):
+    """The ``VllmConfig`` of an engine node (``vllm serve --headless``'s
+    ``create_engine_config(headless=True)``)."""
+    from vllm.usage.usage_lib import UsageContext
+
+    return engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER,
+                                            headless=True)
+
+
+def node_role(vllm_config) -> str:
+    """``"workers"``: this node holds tensor/pipeline ranks of an engine led from another
+    node; ``"engines"``: it runs whole data-parallel engines for a front end elsewhere."""
+    return "workers" if vllm_config.parallel_config.node_rank_within_dp > 0 else "engines"
+
+
+def run_headless(vllm_config, log_stats: bool = False) -> None:
+    """Run this node's part until its processes end: vLLM's ``run_headless``
+    (``vllm/entrypoints/cli/serve.py``) from a config instead of the serve argparse
+    namespace. ``workers``: ``MultiprocExecutor(monitor_workers=False)`` and its inline
+    worker monitor; ``engines``: ``CoreEngineProcManager`` handshaking with node 0's front
+    end over ``tcp://``. A ``SystemExit`` (the caller's SIGTERM handler) shuts them down."""
+    pc = vllm_config.parallel_config
+    if node_role(vllm_config) == "workers":
+        from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+
+        executor = MultiprocExecutor(vllm_config, monitor_workers=False)
+        try:
+            executor.start_worker_monitor(inline=True)
+        finally:
+            executor.shutdown()
+        return
+    from vllm.utils.network_utils import get_tcp_uri
+    from vllm.v1.engine.utils import CoreEngineProcManager
+    from vllm.v1.executor import Executor
+
+    manager = CoreEngineProcManager(
+        local_engine_count=pc.data_parallel_size_local, start_index=pc.data_parallel_rank,
+        local_start_index=0, vllm_config=vllm_config, local_client=False,
+        handshake_address=get_tcp_uri(pc.data_parallel_master_ip, pc.data_parallel_rpc_port),
+        executor_class=Executor.get_class(vllm_config), log_stats=log_stats)
+    try:
+        manager.monitor_engine_liveness()
+    finally:
+        manager.shutdown(timeout=vllm_config.shutdown_timeout)
 
 
 def cpu_dense_gemm(w):

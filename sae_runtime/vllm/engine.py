@@ -10,7 +10,13 @@ from typing import Any
 from sae_runtime.spec.interventions import SteeringSpec
 from sae_runtime.spec.payloads import EXTRA_ARGS_KEY, RequestPayload, encode_request
 from sae_runtime.spec.reads import ReadSpec
-from sae_runtime.step.config import AdditionalConfig, SAEEntry, WorkerConfig
+from sae_runtime.step.config import (
+    DEFAULT_READS_MAX_MESSAGE_BYTES,
+    AdditionalConfig,
+    ReadsKeys,
+    SAEEntry,
+    WorkerConfig,
+)
 from sae_runtime.vllm import compat
 
 log = logging.getLogger(__name__)
@@ -28,6 +34,8 @@ class EngineSettings:
     max_watch: int = 0
     sae_dtype: str = "auto"
     reads_addr: str | None = None  # ZMQ address the worker pushes feature reads to
+    reads_keys: ReadsKeys | None = None  # CURVE keys of a tcp:// reads channel
+    reads_max_message_bytes: int = DEFAULT_READS_MAX_MESSAGE_BYTES
     dtype: str = "auto"
     max_model_len: int | None = None
     max_num_seqs: int = 64
@@ -40,10 +48,31 @@ class EngineSettings:
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
     distributed_executor_backend: str | None = None  # None: vLLM's choice; "mp" or "ray"
+    # engines across nodes (vLLM's names and meanings)
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29501
+    data_parallel_size_local: int | None = None
+    data_parallel_address: str | None = None
+    data_parallel_rpc_port: int | None = None
+    data_parallel_start_rank: int | None = None
+    # engine nodes: how long a worker outlives an unreachable API node (None: no watch)
+    reads_lost_after_s: float | None = None
 
 
-def build_engine(s: EngineSettings) -> Any:
-    """Start an AsyncLLM (engine core in its own process) with the SAE worker extension.
+def worker_config_of(s: EngineSettings) -> WorkerConfig:
+    """What every worker of this engine is told (``additional_config``)."""
+    return WorkerConfig(
+        saes=tuple(SAEEntry(**e) for e in s.saes), max_interventions=s.max_interventions,
+        max_watch=s.max_watch, reads_addr=s.reads_addr, sae_dtype=s.sae_dtype,
+        reads_keys=s.reads_keys, reads_max_message_bytes=s.reads_max_message_bytes,
+        reads_lost_after_s=s.reads_lost_after_s)
+
+
+def engine_args(s: EngineSettings) -> Any:
+    """``AsyncEngineArgs`` with the SAE worker extension and its ``AdditionalConfig``: the
+    API node's engine and every engine node's are built here alike.
 
     On CUDA (compiled) with hooks, CUDA graphs are PIECEWISE and the hook op is a split
     point, so it runs eagerly every step (``compat.cuda_compilation_config``; vLLM's
@@ -55,7 +84,7 @@ def build_engine(s: EngineSettings) -> Any:
     extra: dict[str, Any] = {}
     if s.saes and not s.enforce_eager and compat.on_cuda():
         extra["compilation_config"] = compat.cuda_compilation_config()
-    args = compat.AsyncEngineArgs(
+    return compat.AsyncEngineArgs(
         model=s.model,
         tokenizer=s.model,
         dtype=s.dtype,
@@ -70,14 +99,30 @@ def build_engine(s: EngineSettings) -> Any:
         pipeline_parallel_size=s.pipeline_parallel_size,
         data_parallel_size=s.data_parallel_size,
         distributed_executor_backend=s.distributed_executor_backend,
+        nnodes=s.nnodes,
+        node_rank=s.node_rank,
+        master_addr=s.master_addr,
+        master_port=s.master_port,
+        data_parallel_size_local=s.data_parallel_size_local,
+        data_parallel_address=s.data_parallel_address,
+        data_parallel_rpc_port=s.data_parallel_rpc_port,
+        data_parallel_start_rank=s.data_parallel_start_rank,
         worker_extension_cls=WORKER_EXTENSION,
-        additional_config=AdditionalConfig(WorkerConfig(
-            saes=tuple(SAEEntry(**e) for e in s.saes), max_interventions=s.max_interventions,
-            max_watch=s.max_watch, reads_addr=s.reads_addr, sae_dtype=s.sae_dtype)),
+        additional_config=AdditionalConfig(worker_config_of(s)),
         disable_log_stats=True,
         **extra,
     )
-    return compat.AsyncLLM.from_engine_args(args)
+
+
+def build_engine(s: EngineSettings) -> Any:
+    """Start an AsyncLLM (engine core in its own process) with the SAE worker extension."""
+    return compat.AsyncLLM.from_engine_args(engine_args(s))
+
+
+def node_config(s: EngineSettings) -> Any:
+    """The ``VllmConfig`` of an engine node (``steerd node``): ``compat.run_headless`` runs
+    it; ``compat.node_role`` says whether it holds workers or whole engines."""
+    return compat.headless_config(engine_args(s))
 
 
 async def hook_reports(engine: Any) -> list[dict]:
@@ -131,8 +176,15 @@ def runtime_info(engine: Any) -> RuntimeInfo:
         return RuntimeInfo()
 
 
+async def reads_keys_to_every_worker(engine: Any, keys: dict) -> list:
+    """``sae_reads_keys(keys)`` on every worker of every engine, on every node."""
+    return await compat.collective_rpc_every_engine(engine, "sae_reads_keys", (keys,))
+
+
 on_cpu = compat.on_cpu
 ray_supported = compat.ray_supported
+engine_pings = compat.engine_pings
+fail_engine = compat.fail_engine
 
 
 def make_prompt(token_ids: list[int], spec: SteeringSpec, tenant: str | None = None) -> Any:
@@ -186,3 +238,7 @@ def make_sampling_params(
         skip_reading_prefix_cache=True if (reads is not None and reads.wants_prompt)
         or spec.latched else None,
     )
+
+
+node_role = compat.node_role
+run_headless = compat.run_headless

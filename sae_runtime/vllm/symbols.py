@@ -60,6 +60,12 @@ PLATFORM = "vllm.platforms.interface:Platform"
 WORKER = "vllm.v1.worker.gpu_worker:Worker"
 CPU_WORKER = "vllm.v1.worker.cpu_worker:CPUWorker"
 ROW_LINEAR = "vllm.model_executor.layers.linear:RowParallelLinear"
+BG_RESOURCES = "vllm.v1.engine.core_client:BackgroundResources"
+OUTPUT_PROCESSOR = "vllm.v1.engine.output_processor:OutputProcessor"
+USAGE_CONTEXT = "vllm.usage.usage_lib:UsageContext"
+MP_EXECUTOR = "vllm.v1.executor.multiproc_executor:MultiprocExecutor"
+ENGINE_PROCS = "vllm.v1.engine.utils:CoreEngineProcManager"
+EXECUTOR = "vllm.v1.executor.abstract:Executor"
 
 RUNNERS = (V1_RUNNER, V1_CPU_RUNNER, V2_RUNNER)
 
@@ -68,7 +74,8 @@ RUNNERS = (V1_RUNNER, V1_CPU_RUNNER, V2_RUNNER)
 class Sym:
     """One vLLM symbol. ``path``: "" (the module itself), ``Name`` (a top-level name),
     ``Class.attr`` (an attribute, method, field or enum member), or ``function.param``
-    (with ``kind="param"``: a keyword the glue passes)."""
+    (with ``kind="param"``: a keyword the glue passes; ``Class.param``: a keyword of its
+    constructor)."""
 
     module: str
     path: str = ""
@@ -112,7 +119,11 @@ SYMBOLS: tuple[Sym, ...] = (
         "vllm.v1.worker.gpu.input_batch", "vllm.v1.worker.gpu.cudagraph_utils",
         "vllm.v1.worker.gpu.states", "vllm.v1.core.sched.output", "vllm.v1.utils",
         "vllm.config.vllm", "vllm.config.model", "vllm.config.scheduler",
-        "vllm.config.parallel", "vllm.v1.worker.gpu_worker", "vllm.v1.worker.cpu_worker")],
+        "vllm.config.parallel", "vllm.v1.worker.gpu_worker", "vllm.v1.worker.cpu_worker",
+        # engines across nodes (compat: headless nodes, liveness)
+        "vllm.utils.network_utils", "vllm.v1.engine.exceptions", "vllm.usage.usage_lib",
+        "vllm.v1.executor", "vllm.v1.executor.abstract", "vllm.v1.executor.multiproc_executor",
+        "vllm.v1.engine.utils", "vllm.v1.engine.output_processor")],
     # ---------------------------------------------------------------- imports
     # re-exported lazily (vllm/__init__.py); its type names the defining class
     Sym("vllm", "SamplingParams", "class", type=(SAMPLING_PARAMS,)),
@@ -135,6 +146,40 @@ SYMBOLS: tuple[Sym, ...] = (
     Sym("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "class", "v1"),
     Sym("vllm.v1.worker.cpu_model_runner", "CPUModelRunner", "class", "v1"),
     Sym("vllm.v1.worker.gpu.model_runner", "GPUModelRunner", "class", "v2"),
+    Sym("vllm.utils.network_utils", "get_ip", "function"),
+    Sym("vllm.utils.network_utils", "get_tcp_uri", "function"),
+    Sym("vllm.v1.engine.exceptions", "EngineDeadError", "class"),
+    Sym("vllm.usage.usage_lib", "UsageContext", "class"),
+    Sym("vllm.v1.executor.multiproc_executor", "MultiprocExecutor", "class", type=(MP_EXECUTOR,)),
+    Sym("vllm.v1.engine.utils", "CoreEngineProcManager", "class", type=(ENGINE_PROCS,)),
+    Sym("vllm.v1.executor", "Executor", "class", type=(EXECUTOR,)),
+    # ---------------------------------------------------------------- engines across nodes
+    *_attrs(ENGINE_ARGS, "nnodes", "node_rank", "master_addr", "master_port",
+            "data_parallel_size_local", "data_parallel_address", "data_parallel_rpc_port",
+            "data_parallel_start_rank", "create_engine_config"),
+    *_mod("vllm.engine.arg_utils", "AsyncEngineArgs.create_engine_config.usage_context",
+          "AsyncEngineArgs.create_engine_config.headless", kind="param"),
+    *_attrs(USAGE_CONTEXT, "OPENAI_API_SERVER"),
+    *_attrs(PARALLEL_CONFIG, "node_rank", "node_rank_within_dp", "data_parallel_size_local",
+            "data_parallel_master_ip", "data_parallel_rpc_port"),
+    *_attrs(VLLM_CONFIG, "shutdown_timeout"),
+    *_attrs(MP_EXECUTOR, "start_worker_monitor", "shutdown"),
+    *_mod("vllm.v1.executor.multiproc_executor", "MultiprocExecutor.monitor_workers",
+          "MultiprocExecutor.start_worker_monitor.inline", kind="param"),
+    *_attrs(ENGINE_PROCS, "monitor_engine_liveness", "shutdown"),
+    *_mod("vllm.v1.engine.utils", *(f"CoreEngineProcManager.{k}" for k in (
+        "local_engine_count", "start_index", "local_start_index", "vllm_config",
+        "local_client", "handshake_address", "executor_class", "log_stats")),
+          "CoreEngineProcManager.shutdown.timeout", kind="param"),
+    *_attrs(EXECUTOR, "get_class"),
+    # liveness: a utility call per engine core that touches no worker, and failing the
+    # engine as vLLM does when its core dies
+    *_attrs(ASYNC_CORE_CLIENT, "core_engines", "call_utility_async", "_call_utility_async"),
+    _typed(ASYNC_CORE_CLIENT, "resources", BG_RESOURCES),
+    *_attrs(BG_RESOURCES, "engine_dead"),
+    Sym("vllm.v1.engine.core", "EngineCore.is_sleeping"),
+    _typed(ASYNC_LLM, "output_processor", OUTPUT_PROCESSOR),
+    *_attrs(OUTPUT_PROCESSOR, "propagate_error"),
     # ---------------------------------------------------------------- engine side
     *_attrs(ENGINE_ARGS, "model", "tokenizer", "dtype", "max_model_len", "max_num_seqs",
             "max_num_batched_tokens", "enforce_eager", "enable_prefix_caching", "seed",
@@ -171,7 +216,7 @@ SYMBOLS: tuple[Sym, ...] = (
     _typed(VLLM_CONFIG, "compilation_config", COMPILATION_CONFIG),
     *_attrs(VLLM_CONFIG, "additional_config", "speculative_config"),
     *_attrs(MODEL_CONFIG, "hf_config", "dtype", "max_model_len", "get_hidden_size",
-            "get_vocab_size", "get_total_num_hidden_layers"),
+            "get_vocab_size", "get_total_num_hidden_layers", "model", "enforce_eager", "seed"),
     *_attrs(SCHED_CONFIG, "max_num_batched_tokens", "max_num_seqs"),
     *_attrs(PARALLEL_CONFIG, "data_parallel_index", "data_parallel_rank",
             "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",

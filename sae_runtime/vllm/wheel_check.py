@@ -197,7 +197,12 @@ def find(src: Sources, sym: Sym) -> str | None:
             return f"{'.'.join(parts[:i])} is a {kind}, it has no attribute {part}"
         if found is None:
             return f"{sym.module}:{'.'.join(parts[:i])} has no {part}"
-    kind, _, node = found
+    kind, mod, node = found
+    if param is not None and kind == "class":  # a keyword of the class's constructor
+        init = _class_attr(src, mod, node, "__init__")  # type: ignore[arg-type]
+        if init is None:
+            return f"{sym.module}:{'.'.join(parts)} has no __init__"
+        kind, _, node = init
     if param is not None:
         if kind != "function":
             return f"{sym.module}:{'.'.join(parts)} is a {kind}, not a function"

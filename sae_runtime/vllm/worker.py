@@ -34,6 +34,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+import msgspec
 import numpy as np
 import torch
 
@@ -43,7 +44,7 @@ from sae_runtime.kernels import read_topk
 from sae_runtime.loading import load_sae, load_sae_config
 from sae_runtime.loading.vectors import Bank, bank_sae, build_banks
 from sae_runtime.spec.budget import TableSizes
-from sae_runtime.step.config import check_placement, worker_config
+from sae_runtime.step.config import ReadsKeys, check_placement, config_hash, worker_config
 from sae_runtime.step.planner import ReadSegment, collect_reads, plan_step
 from sae_runtime.step.tables import HookTables
 from sae_runtime.step.tp_reads import ReadSplit, shardable
@@ -52,7 +53,7 @@ from sae_runtime.vllm.cpu_rng import patch_cpu_seeded_rewind
 from sae_runtime.vllm.families import LAYER_NAME, block_of, family_of, supported
 from sae_runtime.vllm.runner_v1 import DeviceTokens, RequestPlans, describe_step
 from sae_runtime.vllm.runner_v2 import RunnerV2, unsupported
-from sae_runtime.vllm.side_channel import ReadPublisher
+from sae_runtime.vllm.side_channel import ReadPublisher, pid_exit
 
 log = logging.getLogger("sae_runtime.worker")
 
@@ -445,15 +446,32 @@ def install(runner) -> None:
     for block, ids in stashes.items():
         _wrap_input(layers[block].get_submodule(family.mlp_in), ids, op=_stash)
     addr = cfg.reads_addr
-    publish = addr and ranks["tp_rank"] == 0
+    publish = bool(addr) and ranks["tp_rank"] == 0
+    # Across nodes every worker (publishing or not) holds a connection to the server's read
+    # socket and exits when the API node has been unreachable for reads_lost_after_s: vLLM's
+    # engine nodes never notice node 0 is gone otherwise (they wait on it forever).
+    watch = bool(addr) and addr.startswith("tcp://") and cfg.reads_lost_after_s is not None
+    global _CHANNEL
+    if publish or watch:
+        _CHANNEL = ReadPublisher(addr, cfg.reads_keys, cfg.reads_max_message_bytes,
+                                 on_lost=pid_exit(1) if watch else None,
+                                 lost_after_s=cfg.reads_lost_after_s or 0.0)
     _SHARDS.update(shards)
     _SPLIT_READS.update(i for i, h in enumerate(hooks) if h is not None and h.read_split is not None)
-    _STATE = SteeringState(hooks, ReadPublisher(addr) if publish else None)
+    _STATE = SteeringState(hooks, _CHANNEL if publish else None)
+    vc = runner.vllm_config
     _REPORT.update(ranks=ranks, layers=sorted(layers), hooks=report, installed=True,
-                   publishes=bool(publish))
+                   publishes=publish, node=compat.node_of(vc),
+                   config_hash=config_hash(cfg), reads_addr=addr,
+                   engine={"model": runner.model_config.model, "dtype": model_dtype,
+                           "max_model_len": int(runner.model_config.max_model_len),
+                           "max_num_seqs": max_slots, "max_num_batched_tokens": max_tokens,
+                           "enforce_eager": bool(runner.model_config.enforce_eager),
+                           "seed": runner.model_config.seed})
 
 
 _REPORT: dict = {"installed": False}
+_CHANNEL: ReadPublisher | None = None  # this worker's connection to the server's read socket
 
 
 def _bank(entry, d_model: int) -> Bank:
@@ -508,7 +526,18 @@ class SteeringWorkerExtension:
         step methods are wrapped, and anything that makes steering unsafe). The server
         refuses to serve unless every configured SAE sits on every rank that must hold it."""
         return {**_REPORT, **runtime_report(getattr(self, "model_runner", None)),
-                "split_reads": _SPLIT_COUNT["gathers"]}
+                "split_reads": _SPLIT_COUNT["gathers"],
+                "reads_keys": _CHANNEL is not None and _CHANNEL.keys is not None}
+
+    def sae_reads_keys(self, keys: dict) -> bool:
+        """Take the ``tcp://`` reads channel's CURVE keys from the API node (an engine node
+        builds its config without them: the server makes fresh ones at every start and hands
+        them over through vLLM's own control channel before it serves). True when this
+        worker holds a channel that now has them."""
+        if _CHANNEL is None:
+            return False
+        _CHANNEL.set_keys(msgspec.convert(keys, ReadsKeys))
+        return True
 
 
 def runtime_report(runner) -> dict:

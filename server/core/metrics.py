@@ -43,6 +43,13 @@ class Metrics:
                                       registry=r)
         self.rejected = Counter("steerd_rejected", "Requests refused by a server cap", ["cap"],
                                 registry=r)
+        self.reads_dropped = Counter(
+            "steerd_reads_dropped",
+            "Reads side-channel records or messages dropped, by reason: unknown_request (a "
+            "finished or cancelled request's late step, or a made-up id), malformed (sizes, "
+            "SAE, positions or features out of range, or not a record list), oversized (a "
+            "message over --reads-max-message-bytes), unauthenticated (a peer that failed the "
+            "CURVE handshake)", ["reason"], registry=r)
 
     def call(self, method: str, door: str) -> Call:
         """Start counting one call (``Call.end`` counts it)."""

@@ -14,6 +14,7 @@ from sae_runtime.errors import SAEFormatError
 from sae_runtime.loading import load_sae_config
 from sae_runtime.step.config import (
     AdditionalConfig,
+    ReadsKeys,
     SAEEntry,
     WorkerConfig,
     check_placement,
@@ -38,6 +39,10 @@ def _vllm_hash(tiny_dir, cfg: WorkerConfig) -> str:
 def test_vllm_config_hash_ignores_the_reads_socket_and_keys_on_placement(tiny_dir):
     a = _vllm_hash(tiny_dir, _cfg("ipc:///tmp/steerd-reads-1.sock"))
     assert a == _vllm_hash(tiny_dir, _cfg("ipc:///tmp/steerd-reads-2.sock"))
+    # a tcp:// channel's fresh CURVE keys (secrets) and the message cap: no cache miss
+    keys = ReadsKeys("S" * 40, "C" * 40, "secret" + "x" * 34)
+    assert a == _vllm_hash(tiny_dir, _cfg("tcp://10.0.0.1:5557", reads_keys=keys,
+                                          reads_max_message_bytes=1 << 20))
     assert a != _vllm_hash(tiny_dir, _cfg("ipc:///tmp/steerd-reads-1.sock", "resid_post@2"))
     assert a != _vllm_hash(tiny_dir, _cfg("ipc:///tmp/steerd-reads-1.sock", max_watch=4))
 
@@ -45,6 +50,8 @@ def test_vllm_config_hash_ignores_the_reads_socket_and_keys_on_placement(tiny_di
 def test_the_worker_reads_back_every_field_including_the_reads_socket():
     cfg = _cfg("ipc:///tmp/r.sock", sae_dtype="float32")
     assert worker_config(AdditionalConfig(cfg)) == cfg
+    keyed = _cfg("tcp://10.0.0.1:5557", reads_keys=ReadsKeys("a", "b", "c"))
+    assert worker_config(AdditionalConfig(keyed)) == keyed
 
 
 def test_placement_names_site_block_and_a_transcoders_input(tiny_dir):

@@ -295,9 +295,11 @@ def test_the_checker_reports_what_a_tree_lacks(tmp_path):
         z.writestr("vllm/__init__.py", "from .a import A as B\n")
         z.writestr("vllm/a.py", "class Base:\n    def m(self):\n        self.x = 1\n"
                                 "class A(Base):\n    y: int = 0\n    def f(self, p, q=1):\n"
-                                "        pass\n")
+                                "        pass\n    def __init__(self, k=0):\n        pass\n")
     syms = [Sym("vllm.a", "A.m"), Sym("vllm.a", "A.x"), Sym("vllm.a", "A.y"),
             Sym("vllm", "B.x"), Sym("vllm.a", "A.f.q", "param"), Sym("vllm.a", "A", "class"),
-            Sym("vllm.a", "A.z"), Sym("vllm.b", "", "module"), Sym("vllm.a", "A.f.r", "param")]
+            Sym("vllm.a", "A.k", "param"),  # a keyword of A's constructor
+            Sym("vllm.a", "A.z"), Sym("vllm.b", "", "module"), Sym("vllm.a", "A.f.r", "param"),
+            Sym("vllm.a", "A.j", "param")]
     missing = wheel_check.check(syms, wheel_check.WheelSources(whl))
-    assert [str(s) for s, _ in missing] == ["vllm.a:A.z", "vllm.b", "vllm.a:A.f.r"]
+    assert [str(s) for s, _ in missing] == ["vllm.a:A.z", "vllm.b", "vllm.a:A.f.r", "vllm.a:A.j"]
