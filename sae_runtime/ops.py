@@ -29,7 +29,9 @@ from enum import IntEnum
 import torch
 
 from sae_runtime import registry
+from sae_runtime.saes import clt as clt_math
 from sae_runtime.saes.base import SAE
+from sae_runtime.saes.clt import CLT
 
 
 class Mode(IntEnum):
@@ -155,6 +157,22 @@ def intervention_delta(
     coef = edited_values(mode, value.to(act.dtype), act) - act  # [R, K]
     delta = torch.einsum("rk,rkd->rd", coef, sae.W_dec[feat])
     return delta if scale is None else delta * scale
+
+
+def clt_intervention_delta(
+    clt: CLT, slot: int, x: torch.Tensor, feat: torch.Tensor, mode: torch.Tensor,
+    value: torch.Tensor,
+) -> torch.Tensor:
+    """What edits of CLT slot ``slot``'s features add to every output slot ``l >= slot``.
+
+    ``x [R, d_in]`` is the slot's input (its features' activations are read from it, as for
+    an SAE); ``feat``, ``mode``, ``value`` ``[R, K]`` are per-slot feature indices, Modes and
+    values. Returns ``[R, L - slot, d_in]``: entry ``[r, l - slot]`` is added to output slot
+    ``l``; a clamp of feature ``j`` to ``v`` contributes ``(v - f_j(x)) W_dec[slot][j, l - slot]``.
+    """
+    act = clt_math.encode_layer(clt, x, slot).gather(1, feat)  # [R, K]
+    coef = edited_values(mode, value.to(act.dtype), act) - act
+    return clt_math.edit_delta(clt, slot, feat, coef)
 
 
 def read_latents(
