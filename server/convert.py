@@ -42,7 +42,7 @@ _FINISH = {
 }
 _SITE = {"resid_post": pb.HOOK_SITE_RESID_POST, "resid_pre": pb.HOOK_SITE_RESID_PRE,
          "attn_out": pb.HOOK_SITE_ATTN_OUT, "mlp_out": pb.HOOK_SITE_MLP_OUT, "z": pb.HOOK_SITE_Z,
-         "mlp_in": pb.HOOK_SITE_MLP_IN}
+         "mlp_in": pb.HOOK_SITE_MLP_IN, "ln2_normalized": pb.HOOK_SITE_MLP_IN}
 
 
 @dataclass(frozen=True)

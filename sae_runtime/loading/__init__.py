@@ -131,14 +131,25 @@ def parse_hook_name(hook_name: str, source: str) -> tuple[int, HookSite]:
     return layer, site
 
 
-# Where a transcoder reads: the MLP's input after the pre-MLP norm, under the names the
-# libraries give it (TransformerLens ``ln2.hook_normalized``; SAELens' Gemma Scope 2 loader
-# ``hook_mlp_in`` with ``hf_hook_name`` ``...pre_feedforward_layernorm.output``; circuit-tracer
-# / mwhanna ``mlp.hook_in``; module paths such as sparsify's ``layers.L.mlp`` with
-# ``transcode``).
-_TRANSCODER_IN_RE = re.compile(r"^blocks\.(\d+)\.(?:ln2\.hook_normalized|hook_mlp_in|mlp\.hook_in)$")
+# Where a transcoder reads, under the names the libraries give it: TransformerLens
+# ``ln2.hook_normalized`` (the pre-MLP norm's normalised input without its weight: SAELens'
+# Gemma Scope transcoders, circuit-tracer sets) and the MLP's input itself, circuit-tracer /
+# mwhanna ``mlp.hook_in`` and SAELens' Gemma Scope 2 ``hook_mlp_in`` (its ``hf_hook_name`` is
+# ``...pre_feedforward_layernorm.output``; plain TransformerLens' ``hook_mlp_in`` would be the
+# pre-norm stream). Module paths such as sparsify's ``layers.L.mlp`` with ``transcode`` read
+# the MLP's input too.
+_TRANSCODER_IN_RE = re.compile(r"^blocks\.(\d+)\.(ln2\.hook_normalized|hook_mlp_in|mlp\.hook_in)$")
+_TRANSCODER_IN_SITES = {"ln2.hook_normalized": "ln2_normalized", "hook_mlp_in": "mlp_in",
+                        "mlp.hook_in": "mlp_in"}
 TRANSCODER_HOOKS = ("input blocks.L.ln2.hook_normalized, blocks.L.hook_mlp_in or "
                     "blocks.L.mlp.hook_in, output blocks.L.hook_mlp_out")
+
+
+def transcoder_input_site(hook_in: str) -> str:
+    """The ``SAEConfig.input_site`` a transcoder input hook names: ``ln2_normalized`` for
+    ``blocks.L.ln2.hook_normalized`` (without the norm's weight), else ``mlp_in``."""
+    m = _TRANSCODER_IN_RE.match(hook_in)
+    return _TRANSCODER_IN_SITES[m.group(2)] if m else "mlp_in"
 
 
 def is_transcoder_input(hook_name: str) -> bool:

@@ -33,7 +33,7 @@ import torch
 from safetensors import safe_open
 
 from sae_runtime.errors import SAEFormatError
-from sae_runtime.loading import gemma_scope_2_clt, parse_transcoder_hooks
+from sae_runtime.loading import gemma_scope_2_clt, parse_transcoder_hooks, transcoder_input_site
 from sae_runtime.loading._files import (
     build_sae,
     check_shapes,
@@ -278,7 +278,7 @@ def _set_plan(path: Path, hook_name: str | None) -> tuple[SAEConfig, Path]:
             model_name=str(raw.get("model_name") or ""), dtype=_dtype(f, "W_enc"), format=NAME,
             training_architecture="circuit_tracer_" + ("jumprelu_" if jump else "")
             + ("skip_" if "W_skip" in shapes else "") + "transcoder",
-            input_site="mlp_in", hook_name_out=f"blocks.{layer}.{hook_out}")
+            input_site=transcoder_input_site(hook), hook_name_out=f"blocks.{layer}.{hook_out}")
     except ValueError as e:
         raise SAEFormatError(f"{path}: {e}") from None
     return cfg, f
