@@ -67,7 +67,7 @@ class CLTTrainConfig:
     dead_after_tokens: int = 1_000_000
     resample_at: tuple[int, ...] = (500, 1000, 1500)
     save_dtype: str = "bfloat16"
-    steer_multiples: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0)
+    steer_multiples: tuple[float, ...] = (2.0, 4.0, 6.0, 8.0, 10.0, 12.0)
     steer_prompts: int = 16
     steer_tokens: int = 24
 
@@ -253,7 +253,9 @@ def spliced_loss(model, stream: torch.Tensor, seq_len: int, p: dict, bos_id: int
                  max_windows: int = 64) -> dict:
     """Next-token loss clean vs with every MLP output replaced by the CLT's prediction (the
     replacement model: slot ``s`` encodes the MLP input of the replaced forward; BOS positions
-    kept clean), and with every MLP output zeroed."""
+    kept clean), with one layer's MLP output replaced at a time (``spliced_loss_per_layer``,
+    as ``transcoder_train.spliced_loss`` measures its layer), and with every MLP output
+    zeroed."""
     n = min(max_windows, (stream.numel() - 1) // seq_len)
     x = stream[: n * seq_len + 1]
     inp, tgt = x[:-1].view(n, seq_len), x[1:].view(n, seq_len)
@@ -284,13 +286,30 @@ def spliced_loss(model, stream: torch.Tensor, seq_len: int, p: dict, bos_id: int
             for h in handles:
                 h.remove()
 
+    def replace_one(target):
+        # Only layer ``target``'s MLP output is replaced; slots <= target encode the clean
+        # forward's MLP inputs (the replacement changes nothing before it).
+        def make(layer):
+            def fn(_mod, args, output):
+                feats[layer] = torch.relu(args[0].float() @ p["W_enc"][layer] + p["b_enc"][layer])
+                if layer != target:
+                    return output
+                pred = p["b_dec"][layer] + sum(feats[s] @ p[f"W_dec_{s}"][:, layer - s]
+                                               for s in range(layer + 1))
+                return torch.where(keep[..., None], pred.to(output.dtype), output)
+            return fn
+        return make
+
     clean = loss()
     spliced = with_hooks(replace)
+    per_layer = [with_hooks(replace_one(t)) for t in range(L)]
     ablated = with_hooks(lambda _i: lambda _m, _a, o: torch.where(keep[..., None],
                                                                     torch.zeros_like(o), o))
     assert len(feats) == L
     return {"clean_loss": round(clean, 4), "spliced_loss": round(spliced, 4),
-            "loss_increase": round(spliced - clean, 4), "mlp_zero_ablation_loss": round(ablated, 4)}
+            "loss_increase": round(spliced - clean, 4),
+            "spliced_loss_per_layer": [round(v, 4) for v in per_layer],
+            "mlp_zero_ablation_loss": round(ablated, 4)}
 
 
 # ---------------------------------------------------------------- saving and labels
@@ -472,7 +491,7 @@ def run(out: Path, seed: int, cfg: CLTTrainConfig) -> dict:
     quality = evaluate(saved, ex, ey)
     held = lm.pack([t for t, _ in held_docs], tokenizer)
     quality.update(spliced_loss(model, held, lm.LMConfig().seq_len, saved, tokenizer.bos_token_id))
-    log.info("CLT quality: %s", quality)
+    log.info("CLT quality: %s", quality)  # before anything below can fail
     clt_dir = out / "saes" / NAME
     save_circuit_tracer(saved, clt_dir, model_name=model_dir.name, dtype=dtype,
                         extra={"trained_by": "sae_runtime.training.clt_train", "seed": seed})
