@@ -61,7 +61,7 @@ class CLTTrainConfig:
     steps: int = 2000
     batch: int = 1024
     lr: float = 1e-3
-    l1: float = 0.3
+    l1: float = 0.1
     """L1 coefficient on sum_{s,i} f_si ||W_dec[s][i]|| / RMS(||y - mean y||)."""
     l1_warmup: float = 0.05
     dead_after_tokens: int = 1_000_000
