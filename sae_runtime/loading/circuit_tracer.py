@@ -37,6 +37,7 @@ from sae_runtime.loading import gemma_scope_2_clt, parse_transcoder_hooks, trans
 from sae_runtime.loading._files import (
     build_sae,
     check_shapes,
+    safetensors_dtype,
     safetensors_shapes,
     safetensors_tensors,
 )
@@ -127,7 +128,7 @@ def read_clt_config(path: Path) -> CLTConfig:
         check_shapes(dec, safetensors_shapes(dec), {f"W_dec_{i}": (F, L - i, d)}, origin)
         if jump:
             signed |= bool((safetensors_tensors(f, [f"threshold_{i}"])[f"threshold_{i}"] < 0).any())
-    dtype = _dtype(enc[0], "W_enc_0")
+    dtype = safetensors_dtype(enc[0], "W_enc_0")
     try:
         return CLTConfig(kind="clt", n_layers=L, d_in=d, d_sae=F,
                          activation=("jumprelu_signed" if signed else "jumprelu") if jump else "relu",
@@ -187,12 +188,6 @@ def _listed(path: Path, raw: dict[str, Any]) -> list[Path] | None:
             raise SAEFormatError(f"{path / CONFIG}: transcoders[{i}]: missing file {f}")
         out.append(f)
     return out
-
-
-def _dtype(f: Path, name: str) -> str:
-    from sae_runtime.loading._files import safetensors_dtype
-
-    return safetensors_dtype(f, name)
 
 
 # ---------------------------------------------------------------- transcoder_set (as SAEs)
@@ -275,7 +270,8 @@ def _set_plan(path: Path, hook_name: str | None) -> tuple[SAEConfig, Path]:
         cfg = SAEConfig(
             architecture="jumprelu" if jump else "standard", d_in=d, d_sae=F, hook_name=hook,
             layer=layer, site="mlp_out", apply_b_dec_to_input=False,
-            model_name=str(raw.get("model_name") or ""), dtype=_dtype(f, "W_enc"), format=NAME,
+            model_name=str(raw.get("model_name") or ""), dtype=safetensors_dtype(f, "W_enc"),
+            format=NAME,
             training_architecture="circuit_tracer_" + ("jumprelu_" if jump else "")
             + ("skip_" if "W_skip" in shapes else "") + "transcoder",
             input_site=transcoder_input_site(hook), hook_name_out=f"blocks.{layer}.{hook_out}")
