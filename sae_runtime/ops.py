@@ -23,13 +23,17 @@ per-token scale ``c(x)`` (the second value of ``normalize``), so the edit that k
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from enum import IntEnum
 
 import torch
 
 from sae_runtime import registry
+from sae_runtime.errors import SAEFormatError
+from sae_runtime.saes import clt as clt_math
 from sae_runtime.saes.base import SAE
+from sae_runtime.saes.clt import CLT
 
 
 class Mode(IntEnum):
@@ -164,6 +168,47 @@ def intervention_delta(
     coef = edited_values(mode, value.to(act.dtype), act) - act  # [R, K]
     delta = torch.einsum("rk,rkd->rd", coef, sae.W_dec[feat])
     return delta if scale is None else delta * scale
+
+
+def fold_norm_weight(sae: SAE, gain: torch.Tensor, bias: torch.Tensor | None = None) -> SAE:
+    """``sae`` (reading TransformerLens' ``ln2.hook_normalized``, ``x_hat``) rewritten to read
+    the MLP input ``m = x_hat * gain + bias`` instead, with the same activations:
+
+        x_hat @ W_enc + b_enc = m @ (W_enc / gain[:, None]) + (b_enc - (bias / gain) @ W_enc)
+
+    Exact up to rounding (computed in float64). A zero ``gain`` entry erases that coordinate of
+    ``x_hat`` from the MLP input: such a model cannot serve the SAE, and it is refused.
+    Only encoder-side tensors change; the decoder (an edit's direction) is untouched.
+    """
+    cfg = sae.cfg
+    assert cfg.normalization == "none" and not cfg.apply_b_dec_to_input, "a transcoder's input"
+    g = gain.to(torch.float64)
+    if g.shape != (cfg.d_in,) or bool((g == 0).any()):
+        raise SAEFormatError(f"{cfg.hook_name}: the pre-MLP norm's weight ({tuple(g.shape)}, "
+                             f"{int((g == 0).sum())} zero entries) cannot be divided out of the "
+                             "MLP input to give ln2.hook_normalized")
+    W = sae.W_enc.to(torch.float64)
+    b_enc = sae.b_enc.to(torch.float64)
+    if bias is not None:
+        b_enc = b_enc - (bias.to(torch.float64) / g) @ W
+    return dataclasses.replace(sae, W_enc=(W / g[:, None]).to(sae.W_enc.dtype).contiguous(),
+                               b_enc=b_enc.to(sae.b_enc.dtype), enc_gemm=None)
+
+
+def clt_intervention_delta(
+    clt: CLT, slot: int, x: torch.Tensor, feat: torch.Tensor, mode: torch.Tensor,
+    value: torch.Tensor,
+) -> torch.Tensor:
+    """What edits of CLT slot ``slot``'s features add to every output slot ``l >= slot``.
+
+    ``x [R, d_in]`` is the slot's input (its features' activations are read from it, as for
+    an SAE); ``feat``, ``mode``, ``value`` ``[R, K]`` are per-slot feature indices, Modes and
+    values. Returns ``[R, L - slot, d_in]``: entry ``[r, l - slot]`` is added to output slot
+    ``l``; a clamp of feature ``j`` to ``v`` contributes ``(v - f_j(x)) W_dec[slot][j, l - slot]``.
+    """
+    act = clt_math.encode_layer(clt, x, slot).gather(1, feat)  # [R, K]
+    coef = edited_values(mode, value.to(act.dtype), act) - act
+    return clt_math.edit_delta(clt, slot, feat, coef)
 
 
 def read_latents(

@@ -52,6 +52,18 @@ def load_sae_lens_transcoder(path: Path):
         return SAE.load_from_disk(str(path), device="cpu", converter=convert)
 
 
+def transcoder_input_site(path: Path) -> str:
+    """Where a test transcoder folder reads, by TransformerLens' definitions:
+    ``ln2_normalized`` for ``blocks.L.ln2.hook_normalized`` (the norm's normalised input,
+    without its weight), else the MLP's input (Gemma Scope 2: ``pre_feedforward_layernorm``
+    output)."""
+    path = Path(path).resolve()
+    if (path / "cfg.json").is_file():
+        hook = json.loads((path / "cfg.json").read_text())["metadata"]["hook_name"]
+        return "ln2_normalized" if hook.endswith(".ln2.hook_normalized") else "mlp_in"
+    return "mlp_in"
+
+
 def transcoder_layer(path: Path) -> int:
     """The block a test transcoder folder reads (its hook name or its folder name)."""
     path = Path(path).resolve()

@@ -12,16 +12,28 @@ from contextlib import contextmanager
 
 import torch
 
-# model_type -> (attn_out module, mlp_out module, module whose input is hook_z)
+# model_type -> (attn_out module, mlp_out module, module whose input is hook_z, pre-MLP norm)
 SITES = {
-    "llama": ("self_attn", "mlp", "self_attn.o_proj"),
-    "mistral": ("self_attn", "mlp", "self_attn.o_proj"),
-    "qwen2": ("self_attn", "mlp", "self_attn.o_proj"),
-    "qwen3": ("self_attn", "mlp", "self_attn.o_proj"),
-    "gemma2": ("post_attention_layernorm", "post_feedforward_layernorm", "self_attn.o_proj"),
-    "gemma3_text": ("post_attention_layernorm", "post_feedforward_layernorm", "self_attn.o_proj"),
-    "gpt2": ("attn", "mlp", "attn.c_proj"),
+    "llama": ("self_attn", "mlp", "self_attn.o_proj", "post_attention_layernorm"),
+    "mistral": ("self_attn", "mlp", "self_attn.o_proj", "post_attention_layernorm"),
+    "qwen2": ("self_attn", "mlp", "self_attn.o_proj", "post_attention_layernorm"),
+    "qwen3": ("self_attn", "mlp", "self_attn.o_proj", "post_attention_layernorm"),
+    "gemma2": ("post_attention_layernorm", "post_feedforward_layernorm", "self_attn.o_proj",
+               "pre_feedforward_layernorm"),
+    "gemma3_text": ("post_attention_layernorm", "post_feedforward_layernorm", "self_attn.o_proj",
+                    "pre_feedforward_layernorm"),
+    "gpt2": ("attn", "mlp", "attn.c_proj", "ln_2"),
 }
+
+
+def tl_normalized(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """TransformerLens' ``hook_normalized`` of a norm module with input ``x``: RMSNorm
+    ``x / sqrt(mean(x^2) + eps)``, LayerNorm ``(x - mean) / sqrt(var + eps)``; the norm's
+    weight and bias are not applied (``components/rms_norm.py``, ``layer_norm.py``)."""
+    eps = next(getattr(norm, a) for a in ("variance_epsilon", "eps") if hasattr(norm, a))
+    if isinstance(norm, torch.nn.LayerNorm):
+        x = x - x.mean(-1, keepdim=True)
+    return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
 
 
 def layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -34,10 +46,12 @@ def edit_site(model: torch.nn.Module, layer: int, site: str,
     """Replace the activation at (layer, site) by ``fn(activation)`` ([batch, T, d]) while active.
 
     resid_pre of layer L is the output of layer L-1; ``mlp_in`` is the input of the block's
-    MLP module (every family feeds it the pre-MLP norm's output). Use ``fn`` that returns
-    its input unchanged to just observe.
+    MLP module (every family feeds it the pre-MLP norm's output); ``ln2_normalized`` is
+    TransformerLens' ``ln2.hook_normalized`` computed from the pre-MLP norm's input
+    (``tl_normalized``), observe only: ``fn``'s result is not fed back. Use ``fn`` that
+    returns its input unchanged to just observe.
     """
-    attn, mlp, z = SITES[model.config.model_type]
+    attn, mlp, z, norm = SITES[model.config.model_type]
     block = layer - 1 if site == "resid_pre" else layer
     blk = layers(model)[block]
 
@@ -62,6 +76,13 @@ def edit_site(model: torch.nn.Module, layer: int, site: str,
         h = blk.get_submodule(z).register_forward_pre_hook(in_hook, with_kwargs=True)
     elif site == "mlp_in":  # a transcoder's input: the MLP's input (after the pre-MLP norm)
         h = blk.get_submodule("mlp").register_forward_pre_hook(in_hook, with_kwargs=True)
+    elif site == "ln2_normalized":
+        module = blk.get_submodule(norm)
+
+        def norm_hook(mod, args, kwargs):
+            fn(tl_normalized(mod, args[0] if args else next(iter(kwargs.values()))))
+
+        h = module.register_forward_pre_hook(norm_hook, with_kwargs=True)
     else:
         raise ValueError(f"unknown site {site!r}")
     try:

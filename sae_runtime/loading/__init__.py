@@ -6,20 +6,77 @@
 | ``saelens``   | ``cfg.json`` + ``sae_weights.safetensors``                    | ``sae_lens``    |
 | ``gemma_scope`` | ``params.npz`` (Gemma Scope) or ``params.safetensors`` (Gemma Scope 2) | ``gemma_scope`` |
 | ``llama_scope`` | ``hyperparams.json`` + ``checkpoints/final.safetensors``   | ``llama_scope`` |
+| ``circuit_tracer`` | ``config.yaml`` + ``layer_{i}.safetensors`` (a per-layer ``transcoder_set``; one layer per SAE) | ``circuit_tracer`` |
 
 Every loader returns the SAELens tensor layout (``sae_runtime.saes.base``) in float32 and a
 ``SAEConfig`` whose ``format`` names the format. ``hook_name`` (``NAME=PATH@HOOK`` on the
-command line) overrides the hook the files give or imply.
+command line) overrides the hook the files give or imply. Each format is a module with the
+``SAEFormat`` interface.
+
+Cross-layer transcoders and multi-layer crosscoders are not SAEs (a feature writes several
+layers); ``load_clt`` reads them into ``sae_runtime.saes.clt.CLT`` (modules with the
+``CLTFormat`` interface):
+
+| format           | directory holds                                                    | module |
+| ---------------- | ------------------------------------------------------------------ | ------ |
+| ``circuit_tracer`` | ``config.yaml`` (``cross_layer_transcoder``) + ``W_enc_{i}``/``W_dec_{i}.safetensors`` | ``circuit_tracer`` |
+| ``gemma_scope_2``  | ``params_layer_{i}.safetensors`` under ``clt/`` or ``crosscoder/`` | ``gemma_scope_2_clt`` |
+
+``load_sae`` on a CLT folder raises, saying so.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from types import ModuleType
+from typing import Protocol
+
+import torch
 
 from sae_runtime.errors import SAEFormatError
 from sae_runtime.saes.base import SAE, HookSite, SAEConfig
+from sae_runtime.saes.clt import CLT, CLTConfig
+
+
+class SAEFormat(Protocol):
+    """A module that reads one on-disk SAE format."""
+
+    NAME: str
+    """Format name (``SAEConfig.format``)."""
+    LAYOUT: str
+    """What a directory of this format holds (for error messages)."""
+
+    def detect(self, path: Path) -> bool:
+        """True when directory ``path`` looks like this format (cheap: file names)."""
+        ...
+
+    def read_config(self, path: Path, hook_name: str | None = None) -> SAEConfig:
+        """The config, with tensor names and shapes checked from file headers."""
+        ...
+
+    def load(self, path: Path, hook_name: str | None = None) -> SAE:
+        """The SAE, every tensor float32."""
+        ...
+
+
+class CLTFormat(Protocol):
+    """A module that reads one on-disk format of cross-layer transcoders / crosscoders."""
+
+    NAME: str
+    LAYOUT: str
+
+    def detect_clt(self, path: Path) -> bool:
+        """True when directory ``path`` looks like this format."""
+        ...
+
+    def read_clt_config(self, path: Path) -> CLTConfig:
+        """The config, with every file's tensors and shapes checked from headers."""
+        ...
+
+    def load_clt(self, path: Path, dtype: torch.dtype = torch.float32) -> CLT:
+        """The CLT, each tensor cast to ``dtype`` as it is read (a CLT's decoder is large:
+        the model's dtype avoids a float32 copy)."""
+        ...
 
 _SAELENS_RE = re.compile(
     r"^blocks\.(\d+)\.(hook_resid_post|hook_resid_pre|hook_mlp_out|hook_attn_out|attn\.hook_z)$"
@@ -74,14 +131,25 @@ def parse_hook_name(hook_name: str, source: str) -> tuple[int, HookSite]:
     return layer, site
 
 
-# Where a transcoder reads: the MLP's input after the pre-MLP norm, under the names the
-# libraries give it (TransformerLens ``ln2.hook_normalized``; SAELens' Gemma Scope 2 loader
-# ``hook_mlp_in`` with ``hf_hook_name`` ``...pre_feedforward_layernorm.output``; circuit-tracer
-# / mwhanna ``mlp.hook_in``; module paths such as sparsify's ``layers.L.mlp`` with
-# ``transcode``).
-_TRANSCODER_IN_RE = re.compile(r"^blocks\.(\d+)\.(?:ln2\.hook_normalized|hook_mlp_in|mlp\.hook_in)$")
+# Where a transcoder reads, under the names the libraries give it: TransformerLens
+# ``ln2.hook_normalized`` (the pre-MLP norm's normalised input without its weight: SAELens'
+# Gemma Scope transcoders, circuit-tracer sets) and the MLP's input itself, circuit-tracer /
+# mwhanna ``mlp.hook_in`` and SAELens' Gemma Scope 2 ``hook_mlp_in`` (its ``hf_hook_name`` is
+# ``...pre_feedforward_layernorm.output``; plain TransformerLens' ``hook_mlp_in`` would be the
+# pre-norm stream). Module paths such as sparsify's ``layers.L.mlp`` with ``transcode`` read
+# the MLP's input too.
+_TRANSCODER_IN_RE = re.compile(r"^blocks\.(\d+)\.(ln2\.hook_normalized|hook_mlp_in|mlp\.hook_in)$")
+_TRANSCODER_IN_SITES = {"ln2.hook_normalized": "ln2_normalized", "hook_mlp_in": "mlp_in",
+                        "mlp.hook_in": "mlp_in"}
 TRANSCODER_HOOKS = ("input blocks.L.ln2.hook_normalized, blocks.L.hook_mlp_in or "
                     "blocks.L.mlp.hook_in, output blocks.L.hook_mlp_out")
+
+
+def transcoder_input_site(hook_in: str) -> str:
+    """The ``SAEConfig.input_site`` a transcoder input hook names: ``ln2_normalized`` for
+    ``blocks.L.ln2.hook_normalized`` (without the norm's weight), else ``mlp_in``."""
+    m = _TRANSCODER_IN_RE.match(hook_in)
+    return _TRANSCODER_IN_SITES[m.group(2)] if m else "mlp_in"
 
 
 def is_transcoder_input(hook_name: str) -> bool:
@@ -126,14 +194,44 @@ def detect_format(path: str | Path) -> str:
     return _detect(path)[1].NAME
 
 
-def _formats() -> list[ModuleType]:
-    from sae_runtime.loading import gemma_scope, llama_scope, sae_lens, sparsify
+def load_clt(path: str | Path, dtype: torch.dtype = torch.float32) -> CLT:
+    """Load the cross-layer transcoder or crosscoder in directory ``path`` in ``dtype``."""
+    p, fmt = _detect_clt(path)
+    return fmt.load_clt(p, dtype)
+
+
+def load_clt_config(path: str | Path) -> CLTConfig:
+    """Config of the CLT in ``path``, with every file's tensors and shapes checked."""
+    p, fmt = _detect_clt(path)
+    return fmt.read_clt_config(p)
+
+
+def is_clt(path: str | Path) -> bool:
+    """True when directory ``path`` holds a CLT or crosscoder (not an SAE)."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    from sae_runtime.loading import circuit_tracer
+
+    if circuit_tracer.detect(p):
+        return circuit_tracer.read_yaml(p)["model_kind"] == circuit_tracer.CLT_KIND
+    return any(fmt.detect_clt(p) for fmt in _clt_formats())
+
+
+def _formats() -> list[SAEFormat]:
+    from sae_runtime.loading import circuit_tracer, gemma_scope, llama_scope, sae_lens, sparsify
 
     # sparsify before SAELens: both have cfg.json; the weights file tells them apart.
-    return [sparsify, sae_lens, gemma_scope, llama_scope]
+    return [sparsify, sae_lens, gemma_scope, llama_scope, circuit_tracer]
 
 
-def _detect(path: str | Path) -> tuple[Path, ModuleType]:
+def _clt_formats() -> list[CLTFormat]:
+    from sae_runtime.loading import circuit_tracer, gemma_scope_2_clt
+
+    return [circuit_tracer, gemma_scope_2_clt]
+
+
+def _detect(path: str | Path) -> tuple[Path, SAEFormat]:
     p = Path(path)
     if not p.is_dir():
         raise SAEFormatError(f"{p}: not a directory")
@@ -141,5 +239,23 @@ def _detect(path: str | Path) -> tuple[Path, ModuleType]:
     for fmt in formats:
         if fmt.detect(p):
             return p, fmt
+    for clt_fmt in _clt_formats():
+        if clt_fmt.detect_clt(p):
+            raise SAEFormatError(
+                f"{p}: a cross-layer transcoder or crosscoder ({clt_fmt.NAME}), not an SAE: "
+                "load it with sae_runtime.loading.load_clt; serving CLTs is not implemented yet")
     expected = "; ".join(f"{fmt.LAYOUT} ({fmt.NAME})" for fmt in formats)
     raise SAEFormatError(f"{p}: no recognised SAE format; expected one of: {expected}")
+
+
+def _detect_clt(path: str | Path) -> tuple[Path, CLTFormat]:
+    p = Path(path)
+    if not p.is_dir():
+        raise SAEFormatError(f"{p}: not a directory")
+    formats = _clt_formats()
+    for fmt in formats:
+        if fmt.detect_clt(p):
+            return p, fmt
+    expected = "; ".join(f"{fmt.LAYOUT} ({fmt.NAME})" for fmt in formats)
+    raise SAEFormatError(f"{p}: no recognised cross-layer transcoder format; expected one of: "
+                         f"{expected}")

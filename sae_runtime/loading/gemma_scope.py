@@ -13,9 +13,11 @@
 
 - Transcoders (Gemma Scope 2 ``transcoder/`` and ``transcoder_all/`` folders, ``..._affine``
   with an ``affine_skip_connection [d_in, d_out]``; Gemma Scope ``gemma-scope-2b-pt-
-  transcoders``): JumpReLU latents of the MLP input (after ``pre_feedforward_layernorm``)
-  writing ``mlp_out`` (after ``post_feedforward_layernorm``), as SAELens' ``gemma_3`` and
-  ``gemma_2_transcoder`` loaders define them. The skip is checked and not used (an edit
+  transcoders``): JumpReLU latents of the MLP input side writing ``mlp_out`` (after
+  ``post_feedforward_layernorm``), as SAELens' loaders define them: Gemma Scope 2 reads the
+  MLP's input (``pre_feedforward_layernorm`` output; ``gemma_3``: ``blocks.L.hook_mlp_in``),
+  Gemma Scope reads it without the norm's weight (``gemma_2_transcoder``:
+  ``blocks.L.ln2.hook_normalized``, TransformerLens' normalised input). The skip is checked and not used (an edit
   moves the latents only). Cross-layer transcoders (``clt``) are refused.
 
 The math (``f = relu(pre) * (pre > threshold)``, ``pre = x @ W_enc + b_enc``, no ``b_dec``
@@ -32,7 +34,12 @@ from pathlib import Path
 import torch
 
 from sae_runtime.errors import SAEFormatError
-from sae_runtime.loading import is_transcoder_input, parse_hook_name, parse_transcoder_hooks
+from sae_runtime.loading import (
+    is_transcoder_input,
+    parse_hook_name,
+    parse_transcoder_hooks,
+    transcoder_input_site,
+)
 from sae_runtime.loading._files import (
     build_sae,
     check_shapes,
@@ -53,8 +60,12 @@ _RELEASE_SITE = re.compile(r"-(res|mlp|att)(?=$|[-_.])")
 _RELEASE_SITES: dict[str, HookSite] = {"res": "resid_post", "mlp": "mlp_out", "att": "z"}
 _GS2_SITES: dict[str, HookSite] = {"resid_post": "resid_post", "mlp_out": "mlp_out",
                                    "attn_out": "z"}
+# A transcoder's input: Gemma Scope's (``.npz``) read the pre-MLP norm's normalised input
+# without its weight (SAELens ``gemma_2_transcoder``: ``ln2.hook_normalized``), Gemma Scope 2's
+# the MLP's input (``hf_hook_point_in`` ``pre_feedforward_layernorm.output``; SAELens
+# ``gemma_3``: ``hook_mlp_in``).
 _SITE_HOOK = {"resid_post": "hook_resid_post", "mlp_out": "hook_mlp_out", "z": "attn.hook_z",
-              "mlp_in": "ln2.hook_normalized"}  # mlp_in: a transcoder's input
+              "mlp_in": "hook_mlp_in", "ln2_normalized": "ln2.hook_normalized"}
 _MODELS = re.compile(r"gemma-scope-(2b|9b|27b)-(pt|it)")
 
 
@@ -106,7 +117,8 @@ def _config(path: Path, hook_name: str | None, shapes: dict[str, tuple[int, ...]
     extra: dict = {}
     if is_transcoder_input(hook_name):  # a transcoder: reads the MLP input, writes mlp_out
         layer, site = parse_transcoder_hooks(hook_name, None, str(f)), "mlp_out"
-        extra = {"input_site": "mlp_in", "hook_name_out": f"blocks.{layer}.hook_mlp_out",
+        extra = {"input_site": transcoder_input_site(hook_name),
+                 "hook_name_out": f"blocks.{layer}.hook_mlp_out",
                  "training_architecture": "jumprelu_skip_transcoder"
                  if "affine_skip_connection" in shapes else "jumprelu_transcoder"}
         if "affine_skip_connection" in shapes:  # checked; an edit never uses the skip
@@ -152,7 +164,7 @@ def _hook_from_folders(path: Path, f: Path) -> str:
         m = _RELEASE_SITE.search(part)
         site = gs2 or (_RELEASE_SITES[m.group(1)] if m else None)
         if "transcoder" in part:  # transcoder/, transcoder_all/, gemma-scope-2b-pt-transcoders
-            site = "mlp_in"
+            site = "ln2_normalized" if f.suffix == ".npz" else "mlp_in"
         if site is not None:
             break
     if layer is None or site is None:

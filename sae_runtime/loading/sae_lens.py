@@ -17,7 +17,9 @@ Reads the SAELens 6 layout (``metadata.hook_name``, ``k`` at top level), the old
   ``topk``.
 - Transcoders (``transcoder``, ``skip_transcoder``, ``jumprelu_transcoder``,
   ``jumprelu_skip_transcoder``): served as ``standard`` / ``jumprelu`` reading the MLP input
-  (``hook_name``: ``blocks.L.ln2.hook_normalized``, ``hook_mlp_in`` or ``mlp.hook_in``) and
+  (``hook_name``: ``blocks.L.ln2.hook_normalized``, the normalised input without the
+  norm's weight, as TransformerLens defines it; ``hook_mlp_in`` or ``mlp.hook_in``, the
+  MLP's input itself; ``saes.base.InputSite``) and
   writing ``hook_name_out`` (``blocks.L.hook_mlp_out``); ``d_out`` must equal ``d_in``. A
   skip transcoder's ``W_skip`` is checked and not used: edits move ``f`` only.
 
@@ -41,7 +43,7 @@ from typing import Any
 import torch
 
 from sae_runtime.errors import SAEFormatError
-from sae_runtime.loading import parse_hook_name, parse_transcoder_hooks
+from sae_runtime.loading import parse_hook_name, parse_transcoder_hooks, transcoder_input_site
 from sae_runtime.loading._files import (
     architecture_or_error,
     build_sae,
@@ -163,7 +165,7 @@ def _plan(path: Path, hook_name: str | None) -> _Plan:
         hook_out = raw.get("hook_name_out") or meta.get("hook_name_out")
         layer = parse_transcoder_hooks(str(hook), hook_out and str(hook_out), str(cfg_path))
         site = "mlp_out"
-        transcoder_kwargs = {"input_site": "mlp_in",
+        transcoder_kwargs = {"input_site": transcoder_input_site(str(hook)),
                              "hook_name_out": str(hook_out or f"blocks.{layer}.hook_mlp_out")}
         if raw.get("apply_b_dec_to_input"):
             raise SAEFormatError(f"{cfg_path}: apply_b_dec_to_input is true, which a transcoder "

@@ -63,19 +63,27 @@ Normalization = Literal["none", "constant_scale", "token_norm", "layer_norm"]
 
 NORMALIZATIONS: tuple[str, ...] = ("none", "constant_scale", "token_norm", "layer_norm")
 
-InputSite = Literal["", "mlp_in"]
+InputSite = Literal["", "mlp_in", "ln2_normalized"]
 """Where the SAE *reads* when that differs from where it writes (``SAEConfig.site``).
 
 - ``""``: it encodes the activation it edits (every SAE).
-- ``mlp_in``: the input of block ``layer``'s MLP, after the pre-MLP norm (TransformerLens
-  ``blocks.L.ln2.hook_normalized``; SAELens' Gemma Scope 2 loader calls it
-  ``blocks.L.hook_mlp_in``). A **transcoder** reads there and writes ``mlp_out``: its
-  latents come from the MLP input and an edit moves the MLP output,
-  ``mlp_out += (v - f_i(x_in)) W_dec[i]``. An affine skip (``W_skip x_in``) is part of the
-  transcoder's reconstruction only; an edit leaves it (and the MLP's true output) alone.
+- ``mlp_in``: the input of block ``layer``'s MLP, the pre-MLP norm's output *with* its
+  weight (circuit-tracer ``blocks.L.mlp.hook_in``; SAELens' Gemma Scope 2 loader names it
+  ``blocks.L.hook_mlp_in`` with ``hf_hook_name`` ``...pre_feedforward_layernorm.output``).
+- ``ln2_normalized``: TransformerLens ``blocks.L.ln2.hook_normalized``, the pre-MLP norm's
+  normalised input *without* its weight (RMSNorm: ``x / rms(x)``; LayerNorm: ``(x -
+  mean) / std``); the MLP input is this times the weight (Gemma: ``1 + weight``), plus the
+  bias of a LayerNorm. SAELens' Gemma Scope transcoders (``gemma_2_transcoder``) and
+  circuit-tracer's ``ln2.hook_normalized`` sets read it. The worker serves it from the MLP
+  input by folding the weight into the encoder (``ops.fold_norm_weight``).
+
+A **transcoder** reads at one of these and writes ``mlp_out``: its latents come from the
+MLP input side and an edit moves the MLP output, ``mlp_out += (v - f_i(x_in)) W_dec[i]``. An
+affine skip (``W_skip x_in``) is part of the transcoder's reconstruction only; an edit
+leaves it (and the MLP's true output) alone.
 """
 
-INPUT_SITES: tuple[str, ...] = ("", "mlp_in")
+INPUT_SITES: tuple[str, ...] = ("", "mlp_in", "ln2_normalized")
 
 
 @dataclass(frozen=True)
@@ -121,7 +129,8 @@ class SAEConfig:
     class its files name (``jumprelu_skip_transcoder``, served as ``jumprelu`` reading
     ``mlp_in``)."""
     input_site: str = ""
-    """One of ``INPUT_SITES`` (see ``InputSite``): ``mlp_in`` for a transcoder."""
+    """One of ``INPUT_SITES`` (see ``InputSite``): ``mlp_in`` or ``ln2_normalized`` for a
+    transcoder."""
     hook_name_out: str = ""
     """A transcoder's output hook as its files name it (``blocks.L.hook_mlp_out``)."""
 

@@ -3,8 +3,10 @@
     python -m sae_runtime.training.transcoder_train --out server/embedded --layer 1 --seed 0 --threads 1
 
 A transcoder reads the MLP's *input* of decoder layer ``L`` (HF: the input of
-``model.layers[L].mlp``, the output of ``post_attention_layernorm``; TransformerLens
-``blocks.L.ln2.hook_normalized``) and predicts the MLP's *output* (``blocks.L.hook_mlp_out``).
+``model.layers[L].mlp``, the output of ``post_attention_layernorm`` with its weight;
+circuit-tracer and SAELens' mwhanna loader: ``blocks.L.mlp.hook_in``, which SAELens reads
+with ``fold_ln: false``; TransformerLens' ``ln2.hook_normalized`` would be the same without
+the norm's weight) and predicts the MLP's *output* (``blocks.L.hook_mlp_out``).
 The math is SAELens' ``transcoder`` architecture (``sae_lens/saes/transcoder.py``):
 
     f  = relu(x_in @ W_enc + b_enc)             # [N, d_sae]; no b_dec subtraction on the input
@@ -111,7 +113,7 @@ def collect(model, tokenizer, docs, layer: int, batch: int = 64) -> tuple[torch.
 
 class MLPInputSite:
     """Adapter for ``labels.label_features``: a model whose ``hidden_states[layer + 1]`` is the
-    input of ``layers[layer].mlp`` (``blocks.L.ln2.hook_normalized``) instead of the residual."""
+    input of ``layers[layer].mlp`` (``blocks.L.mlp.hook_in``) instead of the residual."""
 
     def __init__(self, model, layer: int):
         self.model, self.layer = model, layer
@@ -285,8 +287,9 @@ def save_saelens(params: dict[str, torch.Tensor], out: Path, *, layer: int, mode
         "architecture": "transcoder", "d_in": d_in, "d_out": params["W_dec"].shape[1],
         "d_sae": d_sae, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": False,
         "normalize_activations": "none", "reshape_activations": "none",
-        "metadata": {"hook_name": f"blocks.{layer}.ln2.hook_normalized",
+        "metadata": {"hook_name": f"blocks.{layer}.mlp.hook_in",
                      "hook_name_out": f"blocks.{layer}.hook_mlp_out", "model_name": model_name,
+                     "model_from_pretrained_kwargs": {"fold_ln": False},
                      "sae_lens_version": SAE_LENS_VERSION, **(extra or {})},
     }
     (out / "cfg.json").write_text(json.dumps(cfg, indent=1))
@@ -320,7 +323,7 @@ def best_per_topic(lab: dict) -> dict:
     return out
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
             if line.startswith("Model name:"):
@@ -364,9 +367,9 @@ def run(out: Path, layer: int, seed: int, cfg: TCConfig) -> dict:
     report = {
         "command": (f"python -m sae_runtime.training.transcoder_train --out {out} --layer {layer}"
                     f" --seed {seed} --threads {torch.get_num_threads()}"),
-        "seed": seed, "machine": f"{_cpu_model()}, {torch.get_num_threads()} threads",
+        "seed": seed, "machine": f"{cpu_model()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
-        "transcoder": {"name": name, "hook_name": f"blocks.{layer}.ln2.hook_normalized",
+        "transcoder": {"name": name, "hook_name": f"blocks.{layer}.mlp.hook_in",
                        "hook_name_out": f"blocks.{layer}.hook_mlp_out", "layer": layer,
                        "train_tokens": x.shape[0], "eval_tokens": ex.shape[0],
                        **asdict(cfg), **stats, **quality,

@@ -43,6 +43,7 @@ from sae_runtime.hw import choose_sae_dtype
 from sae_runtime.kernels import read_topk
 from sae_runtime.loading import load_sae, load_sae_config
 from sae_runtime.loading.vectors import Bank, bank_sae, build_banks
+from sae_runtime.ops import fold_norm_weight
 from sae_runtime.spec.budget import TableSizes
 from sae_runtime.step.config import ReadsKeys, check_placement, config_hash, worker_config
 from sae_runtime.step.planner import ReadSegment, collect_reads, plan_step
@@ -50,7 +51,7 @@ from sae_runtime.step.tables import HookTables
 from sae_runtime.step.tp_reads import ReadSplit, shardable
 from sae_runtime.vllm import compat
 from sae_runtime.vllm.cpu_rng import patch_cpu_seeded_rewind
-from sae_runtime.vllm.families import LAYER_NAME, block_of, family_of, supported
+from sae_runtime.vllm.families import LAYER_NAME, block_of, family_of, mlp_norm_affine, supported
 from sae_runtime.vllm.runner_v1 import DeviceTokens, RequestPlans, describe_step
 from sae_runtime.vllm.runner_v2 import RunnerV2, unsupported
 from sae_runtime.vllm.side_channel import ReadPublisher, pid_exit
@@ -409,8 +410,13 @@ def install(runner) -> None:
         dtype_name, why = choose_sae_dtype(cfg.sae_dtype, model_dtype, device.type)
         # an inline bank: one scratch decoder row per edit slot after its named vectors
         scratch = sizes.edit_slots if bank is not None and bank.inline else 0
-        sae = (bank_sae(bank, scratch) if bank is not None
-               else load_sae(entry.path, hook_name=entry.hook_name)).to(device, getattr(torch, dtype_name))
+        if bank is not None:
+            sae = bank_sae(bank, scratch)
+        else:
+            sae = load_sae(entry.path, hook_name=entry.hook_name)
+            if c.input_site == "ln2_normalized":  # served from the MLP input: fold the weight in
+                sae = fold_norm_weight(sae, *mlp_norm_affine(layers[block], family))
+        sae = sae.to(device, getattr(torch, dtype_name))
         gemm = "torch"
         if device.type == "cpu" and bank is None:  # a bank never encodes (its encoder is 0)
             sae, gemm = _with_cpu_gemm(sae)

@@ -639,7 +639,7 @@ def sae_info(sae_id: str, cfg: SAEConfig, dtype: str, labelled: bool) -> SAEInfo
         id=sae_id, format=cfg.format, architecture=cfg.architecture, hook_name=cfg.hook_name,
         site=Site[cfg.site.upper()], layer=cfg.layer, d_sae=cfg.d_sae, d_in=cfg.d_in,
         dtype=dtype, model_name=cfg.model_name, k=cfg.k or 0,
-        input_site=Site[cfg.input_site.upper()] if cfg.input_site else None,
+        input_site=Site.MLP_IN if cfg.input_site else None,  # hook_name says which (proto)
         hook_name_out=cfg.hook_name_out, labelled=labelled)
 
 

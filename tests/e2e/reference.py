@@ -22,7 +22,11 @@ from sae_lens import SAE
 from transformers import AutoModelForCausalLM
 
 from sae_runtime.labels.hf_sites import edit_site, site_activations
-from tests.transcoder_refs import load_sae_lens_transcoder, transcoder_layer
+from tests.transcoder_refs import (
+    load_sae_lens_transcoder,
+    transcoder_input_site,
+    transcoder_layer,
+)
 
 CLAMP, ABLATE, SCALE, ADD = 1, 2, 3, 4
 ALL, GENERATION_ONLY = 1, 2
@@ -50,18 +54,20 @@ def _is_transcoder(folder: Path) -> bool:
 
 class HFReference:
     """Transcoders (sae-lens's ``Transcoder`` classes, or a Gemma Scope 2 folder as
-    sae-lens's loader reads it) encode the MLP's input and edit the MLP's output."""
+    sae-lens's loader reads it) encode the MLP's input side (``ln2.hook_normalized`` as
+    TransformerLens defines it, or the MLP's input) and edit the MLP's output."""
 
     def __init__(self, model_dir, sae_dirs: dict, sae_order: tuple[str, ...]) -> None:
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.order = sae_order
-        self.saes, self.sites, self.transcoders = {}, {}, set()
+        self.saes, self.sites = {}, {}
+        self.transcoders: dict[str, str] = {}  # transcoder id -> where it reads
         for sid in sae_order:
             folder = Path(sae_dirs[sid])
             if _is_transcoder(folder):
                 self.saes[sid] = load_sae_lens_transcoder(folder)
                 self.sites[sid] = (transcoder_layer(folder), "mlp_out")
-                self.transcoders.add(sid)
+                self.transcoders[sid] = transcoder_input_site(folder)
                 continue
             self.saes[sid] = SAE.load_from_disk(str(folder), device="cpu")
             hook = json.loads((folder / "cfg.json").read_text())["metadata"]["hook_name"]
@@ -71,7 +77,7 @@ class HFReference:
     def read_site(self, sid: str) -> tuple[int, str]:
         """Where the SAE encodes from: its site, or a transcoder's MLP input."""
         layer, site = self.sites[sid]
-        return (layer, "mlp_in") if sid in self.transcoders else (layer, site)
+        return (layer, self.transcoders[sid]) if sid in self.transcoders else (layer, site)
 
     def activation(self, ids: list[int], sid: str) -> torch.Tensor:
         """Unedited activation the SAE encodes (a transcoder: the MLP input): [T, d]."""

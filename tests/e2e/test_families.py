@@ -19,7 +19,7 @@ import pytest
 from clients.client import clamp, read
 from tests.e2e.conftest import start_server, stop_server
 from tests.e2e.reference import CLAMP, Edit, HFReference, check_teacher_forced
-from tests.fixtures.tiny import FAMILY_CONFIGS, FAMILY_SAES, make_family_set
+from tests.fixtures.tiny import FAMILY_CONFIGS, FAMILY_SAES, FAMILY_TRANSCODERS, make_family_set
 
 pytestmark = pytest.mark.e2e
 PROMPT = [5, 100, 200, 300, 45, 67, 12, 400]
@@ -105,14 +105,16 @@ def test_reads_at_site_match_reference(family, site):
         assert list(f.watch_values) == pytest.approx([float(dense[f.position, 3])], abs=1e-4)
 
 
-def test_list_saes_reports_sites(family):
+def test_list_saes_reports_sites(family, request):
     srv, _ = family
     with srv.client() as c:
         saes = {s.id: s for s in c.list_saes()}
     assert {k: (v.layer, v.site, v.input_site) for k, v in saes.items()} == {
         "resid": (1, 1, 0), "attn": (1, 3, 0), "mlp": (0, 4, 0), "z": (2, 5, 0),
-        "tc": (0, 4, 6)}  # the transcoder reads the MLP input (6) and writes mlp_out (4)
-    assert saes["tc"].hook_name == "blocks.0.ln2.hook_normalized"
+        "tc": (0, 4, 6)}  # the transcoder reads the MLP input side (6) and writes mlp_out (4)
+    # SAELens transcoders read ln2.hook_normalized, Gemma Scope 2's the MLP input itself
+    gs2 = FAMILY_TRANSCODERS[request.node.callspec.params["family"]][1] == "gemma_scope_2"
+    assert saes["tc"].hook_name == ("blocks.0.hook_mlp_in" if gs2 else "blocks.0.ln2.hook_normalized")
     assert saes["tc"].hook_name_out == "blocks.0.hook_mlp_out"
 
 

@@ -33,7 +33,9 @@ def setup():
     tc_dir = TC_DIRS[0]
     cfg = json.loads((tc_dir / "cfg.json").read_text())
     layer = int(cfg["metadata"]["hook_name"].split(".")[1])
-    assert cfg["metadata"]["hook_name"] == f"blocks.{layer}.ln2.hook_normalized"
+    # trained on the MLP's input (the norm's output with its weight): mlp.hook_in, not
+    # TransformerLens' ln2.hook_normalized (the same without the weight)
+    assert cfg["metadata"]["hook_name"] == f"blocks.{layer}.mlp.hook_in"
     assert cfg["metadata"]["hook_name_out"] == f"blocks.{layer}.hook_mlp_out"
     lens = sae_lens.SAE.load_from_disk(str(tc_dir), device="cpu")
     raw = load_file(str(tc_dir / "sae_weights.safetensors"))

@@ -257,8 +257,10 @@ def test_malformed_gemma_scope(tmp_path, over, message):
 
 def test_gemma_scope_reads_transcoder_releases_and_rejects_corrupt_archives(tmp_path):
     c = load_sae_config(_gemma(tmp_path, release="gemma-scope-2b-pt-transcoders"))
+    # Gemma Scope transcoders read the pre-MLP norm without its weight (SAELens
+    # gemma_2_transcoder: blocks.L.ln2.hook_normalized, TransformerLens' definition)
     assert (c.input_site, c.site, c.layer, c.hook_name, c.hook_name_out) == (
-        "mlp_in", "mlp_out", 4, "blocks.4.ln2.hook_normalized", "blocks.4.hook_mlp_out")
+        "ln2_normalized", "mlp_out", 4, "blocks.4.ln2.hook_normalized", "blocks.4.hook_mlp_out")
     d = _gemma(tmp_path / "c")
     (d / "params.npz").write_bytes(b"not a zip")
     with pytest.raises(SAEFormatError, match=r"params\.npz: cannot read npz archive"):

@@ -9,6 +9,7 @@ rule is the issue's: ``mlp_out += (v - f_i(x_in)) W_dec[i]``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -45,7 +46,7 @@ def test_saelens_transcoders_encode_as_sae_lens_does(tmp_path, model_dir, arch):
     ref = load_sae_lens_transcoder(folder)
     assert type(ref).__name__.lower().replace("_", "") == arch.replace("_", "")
     c = ours.cfg
-    assert (c.transcoder, c.input_site, c.site, c.layer) == (True, "mlp_in", "mlp_out", 1)
+    assert (c.transcoder, c.input_site, c.site, c.layer) == (True, "ln2_normalized", "mlp_out", 1)
     assert c.hook_name == "blocks.1.ln2.hook_normalized" and c.hook_name_out == "blocks.1.hook_mlp_out"
     assert c.architecture == ("jumprelu" if arch.startswith("jumprelu") else "standard")
     assert c.training_architecture == arch and not c.apply_b_dec_to_input
@@ -187,3 +188,69 @@ def test_an_sae_without_a_transcoder_has_no_stash(model_dir, tmp_path):
     with pytest.raises(AssertionError):
         tables.stash_input(torch.zeros(2, 8))
     assert np.all(tables._np["tok_slot"] == -1)
+
+
+def _tl_llama(hf_model):
+    """TransformerLens' own HookedTransformer holding the weights of the HF Llama."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions import convert_llama_weights
+
+    c = hf_model.config
+    cfg = HookedTransformerConfig(
+        d_model=c.hidden_size, d_head=c.hidden_size // c.num_attention_heads,
+        n_heads=c.num_attention_heads, d_mlp=c.intermediate_size, n_layers=c.num_hidden_layers,
+        n_ctx=c.max_position_embeddings, d_vocab=c.vocab_size, act_fn="silu",
+        normalization_type="RMS", positional_embedding_type="rotary",
+        rotary_dim=c.hidden_size // c.num_attention_heads, final_rms=True, gated_mlp=True,
+        eps=c.rms_norm_eps, n_key_value_heads=c.num_key_value_heads,
+        original_architecture="LlamaForCausalLM", rotary_base=10000, dtype=torch.float32)
+    tl = HookedTransformer(cfg)
+    tl.load_state_dict(convert_llama_weights(hf_model, cfg), strict=False)
+    return tl.eval()
+
+
+def test_ln2_hook_normalized_transcoders_read_the_norm_without_its_weight(tmp_path):
+    """SAELens' ``blocks.L.ln2.hook_normalized`` is TransformerLens' hook: the pre-MLP
+    RMSNorm's ``x / rms(x)`` *before* its weight (the oracle here is TransformerLens itself
+    on the same weights). The worker serves it from the MLP's input by folding the norm's
+    weight into the encoder; reading the MLP input as is would be off by that weight."""
+    from transformers import AutoModelForCausalLM
+
+    from sae_runtime.vllm.families import FAMILIES, mlp_norm_affine
+    from tests.fixtures.tiny import make_family_model
+
+    model_dir = tmp_path / "llama"
+    make_family_model(model_dir, "llama", layers=2)  # pre-MLP norm weights ~ 1 +- 0.4
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    folder = make_transcoder(tmp_path / "tc", model_dir, layer=1, architecture="jumprelu_transcoder")
+    ids = torch.randint(3, 512, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        _, cache = _tl_llama(hf).run_with_cache(ids)
+    want = load_sae_lens_transcoder(folder).encode(cache["blocks.1.ln2.hook_normalized"][0]).detach()
+    assert (want > 0).any()
+    sae = load_sae(folder)
+    assert sae.cfg.input_site == "ln2_normalized" and sae.cfg.transcoder
+    # what the worker does: stash the MLP's input, fold the norm's weight into the encoder
+    from sae_runtime.labels.hf_sites import site_activations
+
+    mlp_in = site_activations(hf, ids, 1, "mlp_in")[0]
+    served = ops.fold_norm_weight(sae, *mlp_norm_affine(hf.model.layers[1], FAMILIES["LlamaForCausalLM"]))
+    torch.testing.assert_close(ops.encode(served, mlp_in), want, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(ops.encode(sae, mlp_in), want, atol=1e-2)  # the weight matters here
+    torch.testing.assert_close(served.W_dec, sae.W_dec, atol=0, rtol=0)  # edits move the same way
+
+
+def test_folding_a_layernorm_bias_and_refusing_a_zero_weight():
+    from tests.sae_runtime._factories import random_sae
+
+    sae = random_sae("standard", 8, 16, seed=0)
+    sae = type(sae)(dataclasses.replace(sae.cfg, input_site="ln2_normalized", site="mlp_out",
+                                        apply_b_dec_to_input=False),
+                    sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec)
+    g = torch.Generator().manual_seed(1)
+    x_hat, w, b = torch.randn(5, 8, generator=g), torch.rand(8, generator=g) + 0.5, torch.randn(8, generator=g)
+    folded = ops.fold_norm_weight(sae, w, b)
+    torch.testing.assert_close(ops.encode(folded, x_hat * w + b), ops.encode(sae, x_hat), atol=1e-5, rtol=1e-5)
+    w[3] = 0
+    with pytest.raises(SAEFormatError, match="1 zero entries"):
+        ops.fold_norm_weight(sae, w, b)
