@@ -43,7 +43,7 @@ from types import SimpleNamespace
 import torch
 
 from sae_runtime.training import calibrate, corpus, labels, lm
-from sae_runtime.training.transcoder_train import cpu_model, best_per_topic
+from sae_runtime.training.transcoder_train import best_per_topic, cpu_model
 
 log = logging.getLogger("sae_runtime.training.clt_train")
 
