@@ -28,7 +28,7 @@ import torch
 from sae_runtime.spec.payloads import decode_request
 from sae_runtime.step.planner import (
     RequestPlan,
-    ScheduledRequest,
+    StepColumns,
     StepDescription,
     compile_request,
 )
@@ -75,6 +75,19 @@ class RequestPlans:
                                                          int(req.num_prompt_tokens))
         return plan
 
+    def lookup(self, req_ids, requests) -> list[RequestPlan | None]:
+        """The plan of each of ``req_ids`` (None where ``requests``, the runner's requests by
+        id, does not hold it)."""
+        known = self._plans
+        out: list[RequestPlan | None] = []
+        for req_id in req_ids:
+            plan = known.get(req_id)
+            if plan is None:
+                req = requests.get(req_id)
+                plan = None if req is None else self.get(req_id, req)
+            out.append(plan)
+        return out
+
     def drop(self, req_id: str) -> None:
         """Forget one request's plan (its latch states with it); no-op for an unknown id."""
         self._plans.pop(req_id, None)
@@ -88,30 +101,29 @@ class RequestPlans:
 
 def describe_step(runner, plans: RequestPlans,
                   read_tokens: TokenReader | None = None) -> StepDescription:
-    """The step ``runner`` is about to run, in the planner's terms. ``read_tokens`` reads
-    the device's input ids where the host copy may be stale (a GPU runner)."""
+    """The step ``runner`` is about to run, in the planner's terms (as columns:
+    ``planner.StepColumns``). ``read_tokens`` reads the device's input ids where the host
+    copy may be stale (a GPU runner)."""
     batch = runner.input_batch
     requests = runner.requests
     plans.retain(requests.keys())
     qsl = runner.query_start_loc.np
     computed = batch.num_computed_tokens_cpu
-    scheduled = []
-    needs_tokens = False
-    for i, req_id in enumerate(batch.req_ids[: batch.num_reqs]):
-        req = requests.get(req_id)
-        if req is None:
-            continue
-        plan = plans.get(req_id, req)
-        if plan.empty:
-            continue
-        scheduled.append(ScheduledRequest(req_id, int(qsl[i]), int(qsl[i + 1]),
-                                          int(computed[i]), plan))
-        needs_tokens |= plan.needs_tokens
+    n = batch.num_reqs
+    req_ids = batch.req_ids[:n]
+    got = plans.lookup(req_ids, requests)
+    keep = [i for i, p in enumerate(got) if p is not None and not p.empty]
+    if not keep:
+        return StepDescription([])
+    step_plans = [got[i] for i in keep]
+    idx = np.array(keep, dtype=np.int64)
+    cols = StepColumns([req_ids[i] for i in keep], step_plans,
+                       qsl[idx].astype(np.int64), qsl[idx + 1].astype(np.int64),
+                       computed[idx].astype(np.int64))
     tokens = None
-    if needs_tokens:
+    if any(p.needs_tokens for p in step_plans):
         if runner.device.type == "cpu":
             tokens = runner.input_ids.np
         else:
-            tokens = (read_tokens or DeviceTokens())(runner.input_ids.gpu,
-                                                     int(qsl[batch.num_reqs]))
-    return StepDescription(scheduled, tokens)
+            tokens = (read_tokens or DeviceTokens())(runner.input_ids.gpu, int(qsl[n]))
+    return StepDescription.of_columns(cols, tokens)
