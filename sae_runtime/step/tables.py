@@ -187,6 +187,7 @@ class HookTables:
         self.n_slots = 0
         self.n_edits = 0
         self.n_cond = 0  # conditional edit rows this step
+        self.edit_k = 0  # the most edit rows one slot has this step
         self.n_read = 0
         self.n_rslots = 0
         self.n_pool = 0  # pooled reads this step
@@ -223,6 +224,7 @@ class HookTables:
         if self._dirty_until:
             self._np["tok_slot"][: self._dirty_until] = -1
         self.n_rows = self.n_slots = self.n_edits = self.n_cond = self._dirty_until = 0
+        self.edit_k = 0
         self.n_read = self.n_rslots = self.n_pool = self.read_k = self.read_w = 0
         self._match_until = 0
         self.read_out = None
@@ -358,9 +360,25 @@ class HookTables:
         r = self.n_rows
         t["rows"][r : r + total] = rows
         self.n_rows, self.n_slots, self.n_edits = r + total, s + n, e + n_edits
+        self.edit_k = max(self.edit_k, int(counts.max()))
         self.n_cond += int(np.count_nonzero(edits["cond_op"] != Cond.NONE))
         self._dirty_until = max(self._dirty_until, int(b.max()))
         return s
+
+    def placed(self, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``kernels.reference.placed_edits`` of this step's compacted rows (``rows``), from
+        the host tables with numpy (a few microseconds where torch's small ops take tens;
+        the CPU path's kernels read the same tables)."""
+        t = self._np
+        r = t["rows"][: self.n_rows]
+        s = t["tok_slot"][r]  # every compacted row has a slot
+        k = np.arange(width)
+        live = k[None, :] < t["slot_len"][s][:, None]
+        e = np.where(live, t["slot_start"][s][:, None] + k[None, :], 0)
+        p = t["tok_pos"][r][:, None]
+        live &= (t["edit_pos_lo"][e] <= p) & (p < t["edit_pos_hi"][e])
+        live &= (t["edit_by_token"][e] == 0) | (t["tok_match"][r, :width] != 0)
+        return torch.from_numpy(e), torch.from_numpy(live), torch.from_numpy(p)
 
     def write_inline(self, slot: int, vector: np.ndarray) -> int:
         """Copy a request's inline vector into ``slot``'s scratch decoder row; returns the
@@ -442,8 +460,10 @@ class HookTables:
         if skip:
             return h.clone()
         if backend == "compact" and not capturing:
+            k = max(self.edit_k, 1)
             return splice_compact(h, resid, self.sae, self.rows[:n], self.edits,
-                                  conditions=self.n_cond > 0)
+                                  conditions=self.n_cond > 0, width=k,
+                                  placed=None if self.staged else self.placed(k))
         # A capture freezes the choice: a captured graph always evaluates conditions.
         return splice_fixed(h, resid, self.sae, self.edits, conditions=capturing or self.n_cond > 0)
 
@@ -472,7 +492,7 @@ class HookTables:
         # [n, K] each reading row's edits at this SAE (windows applied; none: Mode.NONE)
         x = resid[rows].to(self.sae.W_enc.dtype)
         cond = (lambda cols: ops.feature_activations(self.sae, x, cols)) if self.n_cond else None
-        feat, mode, val = row_edits(self.edits, rows, cond)
+        feat, mode, val = row_edits(self.edits, rows, cond, max(self.edit_k, 1))
         watch_idx = self.rslot_watch[self.read_slot[:n], : self.read_w]
         k = self.read_k
         if not self.read_pooled:
