@@ -330,7 +330,8 @@ class _HookBatch:
             self.local = np.arange(int(own.sum())) - np.repeat(np.cumsum(own) - own, own)
         # token conditions: one key per (edit row, token id) of each row's rule
         self.tok_member = np.array([hook_id in plans[j].token_rules for j in members], dtype=bool)
-        if self.tok_member.any():
+        self.has_tokens = bool(self.tok_member.any())
+        if self.has_tokens:
             rules = [r for j in members for r in
                      plans[j].token_rules.get(hook_id, (None,) * len(plans[j].edits[hook_id]))]
             self.has_rule = np.array([r is not None for r in rules], dtype=bool)
@@ -446,8 +447,8 @@ def _plan_edits(hook: HookTables, hb: _HookBatch, cols: StepColumns,
         latch = LatchLoad(row_state, np.concatenate(hb.latch_owners), hb.latch_owners,
                           hb.owner, hb.local)
     match = None
-    tm = act & hb.tok_member
-    if tm.any():
+    tm = act & hb.tok_member if hb.has_tokens else None
+    if tm is not None and tm.any():
         # the adapter passes the step's tokens whenever a plan needs them
         assert tokens is not None
         idx = np.flatnonzero(tm)
@@ -462,8 +463,12 @@ def _plan_edits(hook: HookTables, hb: _HookBatch, cols: StepColumns,
         hit = (hb.keys[at] == q) if len(hb.keys) else np.zeros(len(q), dtype=bool)
         value = np.where(hb.has_rule[erow], hit ^ hb.exclude[erow], True).astype(np.int8)
         match = (mrow, k, value)
-    hook.add_edit_batch(a[act], b[act], (pos0 + a - start)[act], rows, counts, match=match,
-                        latch=latch)
+    p = pos0 + a - start
+    if keep is None:  # every request edits here: the batch's rows as they are
+        hook.add_edit_batch(a, b, p, rows, counts, match=match, latch=latch,
+                            key=None if hb.inline else hb)
+    else:
+        hook.add_edit_batch(a[act], b[act], p[act], rows, counts, match=match, latch=latch)
 
 
 def _plan_reads(hook: HookTables, hook_id: int, hb: _HookBatch, cols: StepColumns,

@@ -181,6 +181,8 @@ class HookTables:
         if inline_row is not None and sae.cfg.d_sae < inline_row + z.edit_slots:
             raise ValueError(f"a bank with inline row {inline_row} needs {z.edit_slots} scratch "
                              f"rows; it has {sae.cfg.d_sae - inline_row}")
+        self._kept: tuple | None = None  # (key, widest slot, conditional rows, latch
+        # layout) of the edit rows the step's first batch left (``add_edit_batch``)
         self.plan_batch: tuple | None = None  # the planner's rows of the scheduled requests
         # (``planner._HookBatch``), reused while the same requests are scheduled
         self.n_rows = 0
@@ -313,7 +315,7 @@ class HookTables:
     def add_edit_batch(self, a: np.ndarray, b: np.ndarray, pos0: np.ndarray,
                        edits: np.ndarray, counts: np.ndarray, *,
                        match: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-                       latch: LatchLoad | None = None) -> int:
+                       latch: LatchLoad | None = None, key: object | None = None) -> int:
         """Requests ``i = 0..n-1``, in order, each in a fresh slot: token rows ``[a[i], b[i])``
         (``b > a``) at positions ``pos0[i]..`` apply the request's ``counts[i]`` edit rows,
         the next ones of ``edits`` (``edits.EDIT_DTYPE``, the requests' rows concatenated,
@@ -323,35 +325,52 @@ class HookTables:
         ``rows`` matches edit k of its slot; read where ``by_token`` is set). ``latch``:
         the requests' latch states (``LatchLoad``), loaded into the step's latch table and
         handed back to their requests after the forward.
+
+        ``key``: an object that stands for ``edits``, ``counts`` and ``latch.row_state`` (the
+        planner's ``_HookBatch`` when every one of its requests is in the step). When the
+        step's first batch had the same key in the previous step too, its edit rows, slot
+        ranges and latch layout are still in the tables (``clear`` keeps them) and are not
+        written again; positions, token rows, matches and latch states always are.
         """
         s, e, n = self.n_slots, self.n_edits, len(a)
         n_edits = len(edits)
-        # Invariants (budget): one slot per scheduled request; a request's rows at one SAE
-        # fit edit_width (the server's admission check counts every window of every edit).
-        assert s + n <= self.sizes.edit_slots and int(counts.max()) <= self.sizes.edit_width
         t = self._np
-        for c in EDIT_COLUMNS:
-            t[f"edit_{c}"][e : e + n_edits] = edits[c]
-        if latch is not None:
-            latched = np.flatnonzero(latch.row_state >= 0)
-            if len(latched):
-                # each state sits at the row index of the first of its rows (the windows of
-                # one latched edit share it)
-                state, first, which = np.unique(latch.row_state[latched], return_index=True,
-                                                return_inverse=True)
-                entry = e + latched[first]
-                t["edit_latch"][e + latched] = entry[which]
-                loaded = latch.values[state]
-                t["latch_pos"][entry] = loaded
-                self._latch_owners.append((latch.owners, latch.owner[state],
-                                           latch.local[state], entry, loaded))
+        first = s == 0 and e == 0
+        kept = self._kept if first and key is not None else None
+        if kept is not None and kept[0] is key:
+            _, k_max, n_cond, layout = kept
+        else:
+            k_max = int(counts.max())
+            # Invariants (budget): one slot per scheduled request; a request's rows at one
+            # SAE fit edit_width (the server's admission check counts every window).
+            assert s + n <= self.sizes.edit_slots and k_max <= self.sizes.edit_width
+            for c in EDIT_COLUMNS:
+                t[f"edit_{c}"][e : e + n_edits] = edits[c]
+            t["slot_start"][s : s + n] = e + np.cumsum(counts) - counts
+            t["slot_len"][s : s + n] = counts
+            n_cond = int(np.count_nonzero(edits["cond_op"] != Cond.NONE))
+            layout = None
+            if latch is not None:
+                latched = np.flatnonzero(latch.row_state >= 0)
+                # each state sits at the row index of the first of its rows (the windows
+                # of one latched edit share it)
+                state, first_row, which = np.unique(latch.row_state[latched],
+                                                    return_index=True, return_inverse=True)
+                t["edit_latch"][e + latched] = e + latched[first_row][which]
+                layout = (state, latched[first_row])
+        if first:
+            self._kept = None if key is None else (key, k_max, n_cond, layout)
+        if layout is not None and len(layout[0]):
+            state, entry = layout[0], e + layout[1]
+            loaded = latch.values[state]
+            t["latch_pos"][entry] = loaded
+            self._latch_owners.append((latch.owners, latch.owner[state], latch.local[state],
+                                       entry, loaded))
         if match is not None:
             rows, k, value = match
             if len(rows):
                 t["tok_match"][rows, k] = value
                 self._match_until = max(self._match_until, int(rows.max()) + 1)
-        t["slot_start"][s : s + n] = e + np.cumsum(counts) - counts
-        t["slot_len"][s : s + n] = counts
         lens = b - a
         total = int(lens.sum())
         rows, which = row_spans(a, lens, total)
@@ -360,8 +379,8 @@ class HookTables:
         r = self.n_rows
         t["rows"][r : r + total] = rows
         self.n_rows, self.n_slots, self.n_edits = r + total, s + n, e + n_edits
-        self.edit_k = max(self.edit_k, int(counts.max()))
-        self.n_cond += int(np.count_nonzero(edits["cond_op"] != Cond.NONE))
+        self.edit_k = max(self.edit_k, k_max)
+        self.n_cond += n_cond
         self._dirty_until = max(self._dirty_until, int(b.max()))
         return s
 

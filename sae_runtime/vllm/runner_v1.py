@@ -115,11 +115,16 @@ def describe_step(runner, plans: RequestPlans,
     keep = [i for i, p in enumerate(got) if p is not None and not p.empty]
     if not keep:
         return StepDescription([])
-    step_plans = [got[i] for i in keep]
-    idx = np.array(keep, dtype=np.int64)
-    cols = StepColumns([req_ids[i] for i in keep], step_plans,
-                       qsl[idx].astype(np.int64), qsl[idx + 1].astype(np.int64),
-                       computed[idx].astype(np.int64))
+    if len(keep) == n:  # every scheduled request is steered
+        step_plans, ids = got, list(req_ids)
+        cols = StepColumns(ids, step_plans, qsl[:n].astype(np.int64),
+                           qsl[1 : n + 1].astype(np.int64), computed[:n].astype(np.int64))
+    else:
+        step_plans = [got[i] for i in keep]
+        idx = np.array(keep, dtype=np.int64)
+        cols = StepColumns([req_ids[i] for i in keep], step_plans,
+                           qsl[idx].astype(np.int64), qsl[idx + 1].astype(np.int64),
+                           computed[idx].astype(np.int64))
     tokens = None
     if any(p.needs_tokens for p in step_plans):
         if runner.device.type == "cpu":
