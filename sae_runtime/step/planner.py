@@ -498,8 +498,13 @@ def collect_reads(hooks: Sequence[HookTables | None], segments: Sequence[ReadSeg
     records: list[ReadRecord] = []
     host = {i: hook.read_out_host() for i in {s.hook_id for s in segments}
             if (hook := hooks[i]) is not None}
+    # each hook's outputs in the records' dtypes once, then sliced per segment
+    arrays = {i: (vals.to(torch.float32).numpy(), idx.to(torch.int32).numpy(),
+                  watch.to(torch.float32).numpy(), pools)
+              for i, out in host.items() if out is not None
+              for vals, idx, watch, pools in (out,)}
     for seg in segments:
-        out = host.get(seg.hook_id)
+        out = arrays.get(seg.hook_id)
         if out is None:  # the hooked layer did not run (cannot happen in a full forward)
             continue
         vals, idx, watch, pools = out
@@ -510,7 +515,6 @@ def collect_reads(hooks: Sequence[HookTables | None], segments: Sequence[ReadSeg
             psum, pmax = (p[seg.pool].numpy().tobytes() for p in pools)
         records.append(ReadRecord(
             rid=seg.rid, read=seg.index, sae=seg.hook_id, pos0=seg.pos0, n=seg.n, k=k,
-            idx=idx[sl, :k].to(torch.int32).numpy().tobytes(),
-            val=vals[sl, :k].to(torch.float32).numpy().tobytes(),
-            w=w, wv=watch[sl, :w].to(torch.float32).numpy().tobytes(), psum=psum, pmax=pmax))
+            idx=idx[sl, :k].tobytes(), val=vals[sl, :k].tobytes(),
+            w=w, wv=watch[sl, :w].tobytes(), psum=psum, pmax=pmax))
     return records

@@ -63,6 +63,8 @@ class RequestPlans:
 
     def __init__(self) -> None:
         self._plans: dict[str, RequestPlan] = {}
+        self.last: tuple | None = None  # describe_step's previous (request ids, their
+        # plans, the steered ones' places, whether any needs tokens), while none is dropped
 
     def __len__(self) -> int:
         return len(self._plans)
@@ -91,12 +93,14 @@ class RequestPlans:
     def drop(self, req_id: str) -> None:
         """Forget one request's plan (its latch states with it); no-op for an unknown id."""
         self._plans.pop(req_id, None)
+        self.last = None
 
     def retain(self, live) -> None:
         """Forget requests not in ``live`` (finished or aborted: vLLM dropped them)."""
         if len(self._plans) > 0:
             for req_id in self._plans.keys() - live:
                 del self._plans[req_id]
+                self.last = None
 
 
 def describe_step(runner, plans: RequestPlans,
@@ -111,8 +115,16 @@ def describe_step(runner, plans: RequestPlans,
     computed = batch.num_computed_tokens_cpu
     n = batch.num_reqs
     req_ids = batch.req_ids[:n]
-    got = plans.lookup(req_ids, requests)
-    keep = [i for i, p in enumerate(got) if p is not None and not p.empty]
+    last = plans.last
+    if last is not None and last[0] == req_ids:  # the same requests as the step before
+        _, got, keep, needs_tokens = last
+    else:
+        got = plans.lookup(req_ids, requests)
+        keep = [i for i, p in enumerate(got) if p is not None and not p.empty]
+        needs_tokens = any(got[i].needs_tokens for i in keep)
+        # (a request the runner does not hold yet is looked up again next step)
+        held = all(p is not None for p in got)
+        plans.last = (req_ids, got, keep, needs_tokens) if held else None
     if not keep:
         return StepDescription([])
     if len(keep) == n:  # every scheduled request is steered
@@ -126,7 +138,7 @@ def describe_step(runner, plans: RequestPlans,
                            qsl[idx].astype(np.int64), qsl[idx + 1].astype(np.int64),
                            computed[idx].astype(np.int64))
     tokens = None
-    if any(p.needs_tokens for p in step_plans):
+    if needs_tokens:
         if runner.device.type == "cpu":
             tokens = runner.input_ids.np
         else:
