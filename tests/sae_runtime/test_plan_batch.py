@@ -239,3 +239,41 @@ def test_topk_columns_count_or_threshold_give_the_same_members(n_cols, scaled):
     member = rank.gather(1, cols).numpy() >= kth
     want = np.where(member, np.maximum(pre.gather(1, cols).numpy(), 0), 0)
     np.testing.assert_array_equal(got.numpy(), want)
+
+
+def test_describe_step_follows_the_runners_requests_step_to_step():
+    """``runner_v1.describe_step`` reuses its previous lookup while the runner schedules the
+    same requests: the columns must still follow every change (a request swapped for
+    another at the same count, one finishing, a plain one, positions advancing)."""
+    from types import SimpleNamespace
+
+    from sae_runtime.spec.payloads import EXTRA_ARGS_KEY, encode_request
+    from sae_runtime.vllm.runner_v1 import RequestPlans, describe_step
+
+    g = np.random.default_rng(0)
+
+    def request(i: int, steered: bool):
+        extra = {EXTRA_ARGS_KEY: encode_request(_payload(g, f"s{i}"))} if steered else None
+        return SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra),
+                               num_prompt_tokens=3)
+
+    pool = {f"q{i}": request(i, i % 4 != 0) for i in range(8)}
+    plans = RequestPlans()
+    schedule = [["q1", "q2", "q3"], ["q1", "q2", "q3"], ["q1", "q5", "q3"], ["q1", "q5", "q3"],
+                ["q5", "q3"], ["q4", "q5", "q3"], ["q4", "q5", "q3"], ["q2", "q1"]]
+    for step, ids in enumerate(schedule):
+        computed = np.array([step + j for j in range(len(ids))], dtype=np.int64)
+        runner = SimpleNamespace(
+            input_batch=SimpleNamespace(req_ids=list(ids), num_reqs=len(ids),
+                                        num_computed_tokens_cpu=computed),
+            requests={r: pool[r] for r in ids},
+            query_start_loc=SimpleNamespace(np=np.arange(len(ids) + 1, dtype=np.int32)),
+            device=torch.device("cpu"), input_ids=SimpleNamespace(np=np.zeros(8, np.int64)))
+        cols = describe_step(runner, plans).cols()
+        want = [j for j, r in enumerate(ids) if not plans._plans[r].empty]
+        assert list(cols.req_ids) == [ids[j] for j in want]
+        assert [p.rid for p in cols.plans] == [f"s{ids[j][1:]}" for j in want]
+        assert all(p is plans._plans[r] for p, r in zip(cols.plans, cols.req_ids, strict=True))
+        np.testing.assert_array_equal(cols.start, want)
+        np.testing.assert_array_equal(cols.end, np.array(want) + 1)
+        np.testing.assert_array_equal(cols.pos0, computed[want])
