@@ -8,11 +8,14 @@ the step in the project's own terms and calls ``plan_step``:
   order, one per window of each edit's position selector, ``sae_runtime.spec.selectors``) and
   its reads (with windows too);
 - a ``StepDescription`` lists the scheduled requests: request id, token rows
-  ``[start, end)`` of the flattened batch, the position of the first row, and the plan;
-  plus the token each row consumes, which only token-id selectors read;
-- ``plan_step`` fills each hook's tables (``HookTables.add_edits`` /
-  ``add_read_rows``), uploads them, and returns the read segments; ``collect_reads``
-  turns the forward's read outputs into ``payloads.ReadRecord`` s for the side channel.
+  ``[start, end)`` of the flattened batch, the position of the first row, and the plan
+  (``ScheduledRequest`` s, or the same as columns: ``StepColumns``); plus the token each
+  row consumes, which only token-id selectors read;
+- ``plan_step`` fills each hook's tables for all requests at once (``_HookBatch``: the
+  requests' rows concatenated once while the same plans are scheduled;
+  ``HookTables.add_edit_batch`` / ``add_read_batch``), uploads them, and returns the read
+  segments; ``collect_reads`` turns the forward's read outputs into
+  ``payloads.ReadRecord`` s for the side channel.
 
 Nothing here raises on request data: the server admitted only requests whose needs fit
 the tables (``sae_runtime.spec.budget.check_request``), and the tables hold any step of
@@ -27,10 +30,11 @@ work (a generation-only request's prompt rows, above all).
 
 Token-id selectors ("every position whose token is in this set") are resolved here, per
 step, on the host: ``token_match`` compares the tokens the request's rows consume with each
-edit's token ids, and ``HookTables.add_edits`` writes the result into the hook's
-``tok_match`` table, which every kernel applies beside the window mask. So a request takes
-exactly one edit slot per hook in every step, whatever its selectors, and a step can
-never need more slots than it has requests (``sae_runtime.spec.budget``).
+edit's token ids (``_plan_edits`` does it for all requests at once), and
+``HookTables.add_edit_batch`` writes the result into the hook's ``tok_match`` table,
+which every kernel applies beside the window mask. So a request takes exactly one edit
+slot per hook in every step, whatever its selectors, and a step can never need more slots
+than it has requests (``sae_runtime.spec.budget``).
 
 Reads are computed over the hull of a read's windows in the step; the server keeps the
 positions the selector picks (``reads.Read.covers``), so multi-window reads cost one read
