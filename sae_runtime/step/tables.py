@@ -384,15 +384,17 @@ class HookTables:
         self._dirty_until = max(self._dirty_until, int(b.max()))
         return s
 
-    def placed(self, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``kernels.reference.placed_edits`` of this step's compacted rows (``rows``), from
-        the host tables with numpy (a few microseconds where torch's small ops take tens;
-        the CPU path's kernels read the same tables)."""
+    def placed(self, width: int, rows: np.ndarray | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``kernels.reference.placed_edits`` of token rows ``rows`` (default: this step's
+        compacted rows, ``rows``), from the host tables with numpy (a few microseconds where
+        torch's small ops take tens; the CPU path's kernels read the same tables)."""
         t = self._np
-        r = t["rows"][: self.n_rows]
-        s = t["tok_slot"][r]  # every compacted row has a slot
+        r = t["rows"][: self.n_rows] if rows is None else rows
+        slot = t["tok_slot"][r]
+        s = np.maximum(slot, 0)
         k = np.arange(width)
-        live = k[None, :] < t["slot_len"][s][:, None]
+        live = (slot >= 0)[:, None] & (k[None, :] < t["slot_len"][s][:, None])
         e = np.where(live, t["slot_start"][s][:, None] + k[None, :], 0)
         p = t["tok_pos"][r][:, None]
         live &= (t["edit_pos_lo"][e] <= p) & (p < t["edit_pos_hi"][e])
@@ -511,7 +513,9 @@ class HookTables:
         # [n, K] each reading row's edits at this SAE (windows applied; none: Mode.NONE)
         x = resid[rows].to(self.sae.W_enc.dtype)
         cond = (lambda cols: ops.feature_activations(self.sae, x, cols)) if self.n_cond else None
-        feat, mode, val = row_edits(self.edits, rows, cond, max(self.edit_k, 1))
+        k = max(self.edit_k, 1)
+        placed = None if self.staged else self.placed(k, self._np["read_rows"][:n])
+        feat, mode, val = row_edits(self.edits, rows, cond, k, placed)
         watch_idx = self.rslot_watch[self.read_slot[:n], : self.read_w]
         k = self.read_k
         if not self.read_pooled:

@@ -202,10 +202,15 @@ def test_batched_planning_fills_the_tables_a_request_by_request_fill_does(seed, 
         for h in range(N_HOOKS):
             _assert_same_tables(twins[0][h], twins[1][h], segs[1], h)
             hook = twins[0][h]
+            k = max(hook.edit_k, 1)
             if not staged and hook.n_rows:  # the CPU path's host-side placement
-                k = max(hook.edit_k, 1)
                 want = placed_edits(hook.edits, hook.rows[: hook.n_rows], k)
                 for x, y in zip(hook.placed(k), want, strict=True):
+                    assert torch.equal(x, y)
+            if not staged and hook.n_read:  # reading rows, some of them without a slot
+                rows = hook.read_rows[: hook.n_read]
+                want = placed_edits(hook.edits, rows, k)
+                for x, y in zip(hook.placed(k, rows.numpy()), want, strict=True):
                     assert torch.equal(x, y)
             _forward(g, (twins[0][h], twins[1][h]))
     for tables in twins:
