@@ -445,10 +445,13 @@ class HookTables:
 
     # ------------------------------------------------------------------ inside the forward
 
-    def _skips_edits(self, t: torch.Tensor) -> bool:
+    def _skips_edits(self, t: torch.Tensor, backend: str | None = None) -> bool:
         """True when this step's edits may be skipped: no edit rows, a backend that skips
-        (the reference computes every row), and not in a capture (it would freeze the skip)."""
-        return self.n_rows == 0 and backend_for(t.device) != "reference" and not _capturing(t)
+        (the reference computes every row), and not in a capture (it would freeze the skip).
+        ``backend``: ``backend_for(t.device)`` where the caller has it."""
+        if self.n_rows:
+            return False
+        return (backend or backend_for(t.device)) != "reference" and not _capturing(t)
 
     def stash_input(self, x: torch.Tensor) -> torch.Tensor:
         """A transcoder's MLP input ``x [T, d_in]``: kept for ``apply`` (which runs on the MLP
@@ -469,7 +472,7 @@ class HookTables:
                 "sae_steer::sae_hook in vLLM's splitting_ops (the engine does on CUDA)")
         # The host's row counts may skip work, except in a capture (it would freeze the skip).
         n = self.n_rows
-        skip = self._skips_edits(h)
+        skip = self._skips_edits(h, backend)
         if skip and self.n_read == 0:
             return h.clone()
         if self.stash is not None:  # the activation the SAE encodes
