@@ -130,12 +130,16 @@ def feature_activations(sae: SAE, x: torch.Tensor, cols: torch.Tensor) -> torch.
     return _column_activations(sae, sae_input(sae, x), cols)
 
 
-def _column_activations(sae: SAE, xin: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+def _column_activations(sae: SAE, xin: torch.Tensor, cols: torch.Tensor,
+                        pre_full: torch.Tensor | None = None) -> torch.Tensor:
+    """``pre_full``: ``dense_pre(sae, xin)`` when the caller has it (an architecture that
+    needs the full pre-activation computes it here otherwise)."""
     arch = registry.get(sae.cfg.architecture)
     if arch.needs_full_preactivation:
         # Gather from the one full computation: a separately rounded column could fall on
         # the other side of the k-th value and flip membership.
-        pre_full = dense_pre(sae, xin)  # [R, d_sae]
+        if pre_full is None:
+            pre_full = dense_pre(sae, xin)  # [R, d_sae]
         return arch.activate_columns(sae, pre_full.gather(1, cols), cols, pre_full, xin)
     w = sae.W_enc.t()[cols]  # [R, n, d_in]
     pre_cols = torch.einsum("rd,rnd->rn", xin, w) + sae.b_enc[cols]

@@ -27,21 +27,25 @@ def splice_compact(
     rows: torch.Tensor,  # [R] int64 token rows that intervene
     tables: EditTables,
     conditions: bool = False,
+    width: int | None = None,
+    placed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``conditions``: some edit row of this step is conditional (the host knows)."""
+    """``conditions``: some edit row of this step is conditional; ``width``: no slot of the
+    step has more edit rows; ``placed``: ``reference.placed_edits`` of ``rows``, computed
+    beforehand (``row_edits``; all three known on the host)."""
     out = h.clone()
     if rows.numel() == 0:
         return out
     arch = registry.get(sae.cfg.architecture)
     x, scale = ops.encoder_input(sae, resid[rows].to(sae.W_enc.dtype))  # [R, d], [R|1, 1]
-    cond = (lambda cols: ops._column_activations(sae, x, cols)) if conditions else None
-    feat, mode, val = row_edits(tables, rows, cond)  # [R, K]
+    # one full pre-activation (TopK) serves the conditions and the edits
+    pre_full = ops.dense_pre(sae, x) if arch.needs_full_preactivation else None  # [R, d_sae]
+    cond = (lambda cols: ops._column_activations(sae, x, cols, pre_full)) if conditions else None
+    feat, mode, val = row_edits(tables, rows, cond, width, placed)  # [R, K]
     union, inv = torch.unique(feat, return_inverse=True)  # [U], [R, K]
-    if arch.needs_full_preactivation:
-        pre_full = ops.dense_pre(sae, x)  # [R, d_sae]
+    if pre_full is not None:
         pre_u = pre_full[:, union]
     else:
-        pre_full = None
         pre_u = x @ sae.W_enc[:, union] + sae.b_enc[union]  # [R, U]
     pre = pre_u.gather(1, inv)  # [R, K]
     act = arch.activate_columns(sae, pre, feat, pre_full, x)

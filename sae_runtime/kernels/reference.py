@@ -1,6 +1,7 @@
 """Reference kernels: the specification every faster path must match.
 
-- ``row_edits``: the edits that apply at given token rows, from a hook's edit tables;
+- ``row_edits``: the edits that apply at given token rows, from a hook's edit tables
+  (``placed_edits``: its part before conditions, which a CPU host may compute beforehand);
 - ``splice_reference``: apply a step's interventions (below);
 - ``read_reference``: top-k and watched latents of reading rows, edits applied;
 - ``sparse_decode_reference``: sparse codes to decoder-space vectors.
@@ -54,8 +55,12 @@ def row_edits(
     tables: EditTables,
     rows: torch.Tensor,  # [R] int64 token rows (indices into tok_slot / tok_pos / tok_match)
     cond_act: CondActivations | None = None,
+    width: int | None = None,
+    placed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(feature, mode, value) [R, K]``: each row's slot's edits, ``K = tables.width``.
+    """``(feature, mode, value) [R, K]``: each row's slot's edits, ``K = width`` or
+    ``tables.width``. A host that knows no slot of the step is longer than ``width``
+    (``HookTables.edit_k``) passes it: the entries it drops are past every slot's length.
 
     An entry past the slot's length, outside the edit's position window, of a row whose
     token its token-id selector does not pick (``by_token`` and not ``tok_match``), or of
@@ -66,23 +71,38 @@ def row_edits(
     entry is off: the host passes it whenever a step holds one (``HookTables.n_cond``).
     Latches are lowered in place (``EditTables.latch_pos``). Fixed shapes, no host reads:
     every kernel and the reads take a row's edits from here.
+
+    ``placed = (e, live, p)``: ``placed_edits`` of these rows, computed beforehand (the CPU
+    host does it with numpy: ``HookTables.placed``).
     """
+    e, live, p = placed_edits(tables, rows, width) if placed is None else placed
+    op = tables.cond_op[e]
+    if cond_act is None:
+        live = live & (op == int(Cond.NONE))
+    else:
+        live = live & ((op == int(Cond.NONE)) | condition_on(tables, e, op, live, p, cond_act))
+    mode = tables.mode[e]
+    mode = torch.where(live, mode, torch.full_like(mode, int(ops.Mode.NONE)))
+    return tables.feature[e], mode, tables.value[e]
+
+
+def placed_edits(tables: EditTables, rows: torch.Tensor, width: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(e, live, p)``: for rows ``rows [R]``, the edit row of each of their slot's entries
+    ``e [R, K]`` (0 past the slot's length), whether it is live before conditions ``[R, K]``
+    (inside the slot, the window holds the row's position, the token matches) and each
+    row's position ``p [R, 1]``. ``width``: as in ``row_edits``."""
     slot, pos = tables.tok_slot[rows], tables.tok_pos[rows]
-    k = torch.arange(tables.width, device=slot.device)  # [K]
+    width = tables.width if width is None else width
+    k = torch.arange(width, device=slot.device)  # [K]
     has = slot >= 0
     s = slot.clamp(min=0)
     live = has[:, None] & (k[None, :] < tables.slot_len[s][:, None])  # [R, K]
     e = torch.where(live, tables.slot_start[s][:, None] + k[None, :], 0)  # [R, K] edit rows
     p = pos[:, None]
     live = live & (tables.pos_lo[e] <= p) & (p < tables.pos_hi[e])
-    live = live & ((tables.by_token[e] == 0) | (tables.tok_match[rows] != 0))
-    op = tables.cond_op[e]
-    if cond_act is None:
-        live = live & (op == int(Cond.NONE))
-    else:
-        live = live & ((op == int(Cond.NONE)) | condition_on(tables, e, op, live, p, cond_act))
-    mode = torch.where(live, tables.mode[e], torch.full_like(tables.mode[e], int(ops.Mode.NONE)))
-    return tables.feature[e], mode, tables.value[e]
+    live = live & ((tables.by_token[e] == 0) | (tables.tok_match[rows, :width] != 0))
+    return e, live, p
 
 
 def condition_on(tables: EditTables, e: torch.Tensor, op: torch.Tensor, live: torch.Tensor,

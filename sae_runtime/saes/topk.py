@@ -15,6 +15,12 @@ import torch
 
 from sae_runtime.saes.base import SAE, register
 
+COUNT_COLUMNS = 2
+"""Up to this many columns per row, membership is decided by counting the features that rank
+above each column (``rows x columns x d_sae`` comparisons) instead of a top-k of every
+feature: on the AVX2 EPYC, [64, 1024] with k = 16, one thread: 72 us for one column, 132
+for two, 230 for the top-k."""
+
 
 class TopKArchitecture:
     name = "topk"
@@ -32,11 +38,16 @@ class TopKArchitecture:
 
     def activate_columns(self, sae, pre_cols, cols, pre_full, xin=None):
         assert pre_full is not None, "TopK needs the full pre-activation"
-        if sae.rank_scale is None:
-            kth = pre_full.topk(_k(sae), dim=-1, sorted=True).values[..., -1:]  # [..., 1]
-            return torch.relu(pre_cols) * (pre_cols >= kth)
-        kth = (pre_full * sae.rank_scale).topk(_k(sae), dim=-1, sorted=True).values[..., -1:]
-        return torch.relu(pre_cols) * (pre_cols * sae.rank_scale[cols] >= kth)
+        rank, rank_cols = pre_full, pre_cols
+        if sae.rank_scale is not None:
+            rank, rank_cols = pre_full * sae.rank_scale, pre_cols * sae.rank_scale[cols]
+        if pre_cols.dim() == 2 and pre_cols.shape[1] <= COUNT_COLUMNS:
+            # member iff fewer than k features rank strictly above it: the same test as
+            # ``>= the k-th largest`` (ties included), without a top-k of every feature
+            above = (rank[:, None, :] > rank_cols[:, :, None]).sum(-1, dtype=torch.int32)
+            return torch.relu(pre_cols) * (above < _k(sae))
+        kth = rank.topk(_k(sae), dim=-1, sorted=True).values[..., -1:]  # [..., 1]
+        return torch.relu(pre_cols) * (rank_cols >= kth)
 
 
 def _k(sae: SAE) -> int:

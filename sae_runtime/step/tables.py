@@ -57,6 +57,7 @@ host waits for the previous upload before it writes the host tables again (``cle
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -78,6 +79,31 @@ from sae_runtime.step.tp_reads import ReadSplit
 
 def _capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+@dataclass(frozen=True)
+class LatchLoad:
+    """The latch states a batch of requests loads into one step (``add_edit_batch``).
+
+    ``row_state [rows]``: for each edit row of the batch, the index of its state in
+    ``values`` (-1: not latched); ``values [S]``: the states; state ``j`` lives at
+    ``owners[owner[j]][local[j]]`` (a request's ``RequestPlan.latch_state`` array), where
+    the step's final value is written back after the forward.
+    """
+
+    row_state: np.ndarray  # [rows] int64
+    values: np.ndarray  # [S] int64
+    owners: list[np.ndarray]
+    owner: np.ndarray  # [S] int64
+    local: np.ndarray  # [S] int64
+
+
+def row_spans(a: np.ndarray, lens: np.ndarray, total: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of spans ``[a[i], a[i] + lens[i])`` concatenated, and each one's span index."""
+    if total == len(a) and bool((lens == 1).all()):  # one row each (a decode step)
+        return a.astype(np.int64, copy=False), np.arange(len(a))
+    which = np.repeat(np.arange(len(a)), lens)
+    return np.arange(total) + np.repeat(a - (np.cumsum(lens) - lens), lens), which
 
 
 class HookTables:
@@ -133,8 +159,9 @@ class HookTables:
         # The step's latch states come back to the host after the forward (``clear``).
         self._latch_back = (torch.empty(z.edit_rows, dtype=torch.int64, pin_memory=pin)
                             if self.staged else self.host["latch_pos"])
-        self._latch_owners: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        self._latch_pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._latch_owners: list[tuple] = []  # (owners, owner, local, entry, loaded) per
+        # batch of latched rows this step (``add_edit_batch``)
+        self._latch_pending: list[tuple] = []
         self._latch_done: torch.cuda.Event | None = None
         self.edits = EditTables.build(
             self.dev["tok_slot"], self.dev["tok_pos"], self.dev["slot_start"],
@@ -154,10 +181,15 @@ class HookTables:
         if inline_row is not None and sae.cfg.d_sae < inline_row + z.edit_slots:
             raise ValueError(f"a bank with inline row {inline_row} needs {z.edit_slots} scratch "
                              f"rows; it has {sae.cfg.d_sae - inline_row}")
+        self._kept: tuple | None = None  # (key, widest slot, conditional rows, latch
+        # layout) of the edit rows the step's first batch left (``add_edit_batch``)
+        self.plan_batch: tuple | None = None  # the planner's rows of the scheduled requests
+        # (``planner._HookBatch``), reused while the same requests are scheduled
         self.n_rows = 0
         self.n_slots = 0
         self.n_edits = 0
         self.n_cond = 0  # conditional edit rows this step
+        self.edit_k = 0  # the most edit rows one slot has this step
         self.n_read = 0
         self.n_rslots = 0
         self.n_pool = 0  # pooled reads this step
@@ -194,6 +226,7 @@ class HookTables:
         if self._dirty_until:
             self._np["tok_slot"][: self._dirty_until] = -1
         self.n_rows = self.n_slots = self.n_edits = self.n_cond = self._dirty_until = 0
+        self.edit_k = 0
         self.n_read = self.n_rslots = self.n_pool = self.read_k = self.read_w = 0
         self._match_until = 0
         self.read_out = None
@@ -207,33 +240,52 @@ class HookTables:
             self._latch_done.synchronize()
             self._latch_done = None
         back = self._latch_back.numpy()
-        for state, idx, rows in self._latch_pending:
-            state[idx] = back[rows]
+        for owners, owner, local, entry, loaded in self._latch_pending:
+            now = back[entry]
+            # a state only changes where a condition held this step: hand back those
+            for i in np.flatnonzero(now != loaded).tolist():
+                owners[owner[i]][local[i]] = now[i]
         self._latch_pending = []
 
     def add_read_rows(self, a: int, b: int, top_k: int, watch: tuple[int, ...],
                       pooled: bool) -> tuple[int, int]:
         """Token rows [a, b) are read; returns the offset of the first one in the read output
-        and the read's pool slot (-1: not pooled)."""
+        and the read's pool slot (-1: not pooled). One read of ``add_read_batch``."""
+        w = np.asarray(watch, dtype=np.int64)[None, :]
+        offs, pools = self.add_read_batch(np.array([a]), np.array([b]), np.array([top_k]),
+                                          w, np.array([w.shape[1]]), np.array([pooled]))
+        return int(offs[0]), int(pools[0])
+
+    def add_read_batch(self, a: np.ndarray, b: np.ndarray, top_k: np.ndarray,
+                       watch: np.ndarray, n_watch: np.ndarray,
+                       pooled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Reads ``i = 0..n-1``, in order, each of token rows ``[a[i], b[i])`` (``b > a``), one
+        read slot each; ``watch [n, >= max(n_watch)]`` their watch lists (row i's first
+        ``n_watch[i]`` entries), ``pooled [n]`` bool. Returns each read's offset of its first
+        row in the read output and its pool slot (-1: not pooled)."""
         z = self.sizes
-        s, r = self.n_rslots, self.n_read
+        s, r, n = self.n_rslots, self.n_read, len(a)
+        lens = b - a
+        total = int(lens.sum())
+        w = int(n_watch.max())
         # Invariants (budget): a request reads an SAE at most READS_PER_SAE times, pooled
         # at most POOLED_READS_PER_SAE, over its own rows; watch lists fit watch_width.
-        assert s < z.read_slots and r + b - a <= z.read_rows and len(watch) <= z.watch_width
+        assert s + n <= z.read_slots and r + total <= z.read_rows and w <= z.watch_width
         t = self._np
-        t["rslot_watch"][s, : len(watch)] = watch
-        t["read_rows"][r : r + b - a] = np.arange(a, b)
-        t["read_slot"][r : r + b - a] = s
-        pool = -1
-        if pooled:
-            assert self.n_pool < z.pool_slots
-            pool = self.n_pool
-            self.n_pool += 1
-        t["read_pool"][r : r + b - a] = z.pool_slots if pool < 0 else pool
-        self.n_read, self.n_rslots = r + b - a, s + 1
-        self.read_k = max(self.read_k, top_k)
-        self.read_w = max(self.read_w, len(watch))
-        return r, pool
+        if w:
+            t["rslot_watch"][s : s + n, :w] = watch[:, :w]
+        offs = r + np.cumsum(lens) - lens
+        pools = np.where(pooled, self.n_pool + np.cumsum(pooled) - 1, -1)
+        n_pool = self.n_pool + int(np.count_nonzero(pooled))
+        assert n_pool <= z.pool_slots
+        rows, which = row_spans(a, lens, total)
+        t["read_rows"][r : r + total] = rows
+        t["read_slot"][r : r + total] = s + which
+        t["read_pool"][r : r + total] = np.where(pools < 0, z.pool_slots, pools)[which]
+        self.n_read, self.n_rslots, self.n_pool = r + total, s + n, n_pool
+        self.read_k = max(self.read_k, int(top_k.max()))
+        self.read_w = max(self.read_w, w)
+        return offs, pools
 
     def add_edits(self, a: int, b: int, pos0: int, edits: np.ndarray, *,
                   match: np.ndarray | None = None,
@@ -244,38 +296,110 @@ class HookTables:
         ``match [b - a, len(edits)]``: whether each row's token matches each edit's token
         ids (read where ``by_token`` is set). ``latch_state``: the request's latch states at
         this hook (``RequestPlan.latch_state``), indexed by the rows' ``latch``; they are
-        loaded into the step's latch table and handed back after the forward.
+        loaded into the step's latch table and handed back after the forward. One request
+        of ``add_edit_batch``.
         """
-        s, e, n = self.n_slots, self.n_edits, len(edits)
-        # Invariants (budget): one slot per scheduled request; a request's rows at one SAE
-        # fit edit_width (the server's admission check counts every window of every edit).
-        assert s < self.sizes.edit_slots and n <= self.sizes.edit_width
-        t = self._np
-        for c in EDIT_COLUMNS:
-            t[f"edit_{c}"][e : e + n] = edits[c]
-        latched = np.flatnonzero(edits["latch"] >= 0)
-        if len(latched):
-            assert latch_state is not None
-            # each state sits at the row index of the first of its rows (the windows of one
-            # latched edit share it)
-            state, first, which = np.unique(edits["latch"][latched], return_index=True,
-                                            return_inverse=True)
-            entry = e + latched[first]
-            t["edit_latch"][e + latched] = entry[which]
-            t["latch_pos"][entry] = latch_state[state]
-            self._latch_owners.append((latch_state, state, entry))
+        n = len(edits)
+        tok_match = None
         if match is not None:
-            t["tok_match"][a:b, :n] = match
-            self._match_until = max(self._match_until, b)
-        t["slot_start"][s], t["slot_len"][s] = e, n
-        t["tok_slot"][a:b] = s
-        t["tok_pos"][a:b] = np.arange(pos0, pos0 + b - a)
+            tok_match = (np.repeat(np.arange(a, b), n), np.tile(np.arange(n), b - a),
+                         np.asarray(match).reshape(-1))
+        latch = None
+        if latch_state is not None:
+            latch = LatchLoad(edits["latch"], latch_state, [latch_state],
+                              np.zeros(len(latch_state), dtype=np.int64),
+                              np.arange(len(latch_state)))
+        return self.add_edit_batch(np.array([a]), np.array([b]), np.array([pos0]), edits,
+                                   np.array([n]), match=tok_match, latch=latch)
+
+    def add_edit_batch(self, a: np.ndarray, b: np.ndarray, pos0: np.ndarray,
+                       edits: np.ndarray, counts: np.ndarray, *,
+                       match: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+                       latch: LatchLoad | None = None, key: object | None = None) -> int:
+        """Requests ``i = 0..n-1``, in order, each in a fresh slot: token rows ``[a[i], b[i])``
+        (``b > a``) at positions ``pos0[i]..`` apply the request's ``counts[i]`` edit rows,
+        the next ones of ``edits`` (``edits.EDIT_DTYPE``, the requests' rows concatenated,
+        each masked by its window). Returns the first request's slot (the others follow).
+
+        ``match = (rows, k, value)``: ``tok_match[rows, k] = value`` (whether token row
+        ``rows`` matches edit k of its slot; read where ``by_token`` is set). ``latch``:
+        the requests' latch states (``LatchLoad``), loaded into the step's latch table and
+        handed back to their requests after the forward.
+
+        ``key``: an object that stands for ``edits``, ``counts`` and ``latch.row_state`` (the
+        planner's ``_HookBatch`` when every one of its requests is in the step). When the
+        step's first batch had the same key in the previous step too, its edit rows, slot
+        ranges and latch layout are still in the tables (``clear`` keeps them) and are not
+        written again; positions, token rows, matches and latch states always are.
+        """
+        s, e, n = self.n_slots, self.n_edits, len(a)
+        n_edits = len(edits)
+        t = self._np
+        first = s == 0 and e == 0
+        kept = self._kept if first and key is not None else None
+        if kept is not None and kept[0] is key:
+            _, k_max, n_cond, layout = kept
+        else:
+            k_max = int(counts.max())
+            # Invariants (budget): one slot per scheduled request; a request's rows at one
+            # SAE fit edit_width (the server's admission check counts every window).
+            assert s + n <= self.sizes.edit_slots and k_max <= self.sizes.edit_width
+            for c in EDIT_COLUMNS:
+                t[f"edit_{c}"][e : e + n_edits] = edits[c]
+            t["slot_start"][s : s + n] = e + np.cumsum(counts) - counts
+            t["slot_len"][s : s + n] = counts
+            n_cond = int(np.count_nonzero(edits["cond_op"] != Cond.NONE))
+            layout = None
+            if latch is not None:
+                latched = np.flatnonzero(latch.row_state >= 0)
+                # each state sits at the row index of the first of its rows (the windows
+                # of one latched edit share it)
+                state, first_row, which = np.unique(latch.row_state[latched],
+                                                    return_index=True, return_inverse=True)
+                t["edit_latch"][e + latched] = e + latched[first_row][which]
+                layout = (state, latched[first_row])
+        if first:
+            self._kept = None if key is None else (key, k_max, n_cond, layout)
+        if layout is not None and len(layout[0]):
+            state, entry = layout[0], e + layout[1]
+            loaded = latch.values[state]
+            t["latch_pos"][entry] = loaded
+            self._latch_owners.append((latch.owners, latch.owner[state], latch.local[state],
+                                       entry, loaded))
+        if match is not None:
+            rows, k, value = match
+            if len(rows):
+                t["tok_match"][rows, k] = value
+                self._match_until = max(self._match_until, int(rows.max()) + 1)
+        lens = b - a
+        total = int(lens.sum())
+        rows, which = row_spans(a, lens, total)
+        t["tok_slot"][rows] = s + which
+        t["tok_pos"][rows] = rows + (pos0 - a)[which]
         r = self.n_rows
-        t["rows"][r : r + b - a] = np.arange(a, b)
-        self.n_rows, self.n_slots, self.n_edits = r + b - a, s + 1, e + n
-        self.n_cond += int(np.count_nonzero(edits["cond_op"] != Cond.NONE))
-        self._dirty_until = max(self._dirty_until, b)
+        t["rows"][r : r + total] = rows
+        self.n_rows, self.n_slots, self.n_edits = r + total, s + n, e + n_edits
+        self.edit_k = max(self.edit_k, k_max)
+        self.n_cond += n_cond
+        self._dirty_until = max(self._dirty_until, int(b.max()))
         return s
+
+    def placed(self, width: int, rows: np.ndarray | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``kernels.reference.placed_edits`` of token rows ``rows`` (default: this step's
+        compacted rows, ``rows``), from the host tables with numpy (a few microseconds where
+        torch's small ops take tens; the CPU path's kernels read the same tables)."""
+        t = self._np
+        r = t["rows"][: self.n_rows] if rows is None else rows
+        slot = t["tok_slot"][r]
+        s = np.maximum(slot, 0)
+        k = np.arange(width)
+        live = (slot >= 0)[:, None] & (k[None, :] < t["slot_len"][s][:, None])
+        e = np.where(live, t["slot_start"][s][:, None] + k[None, :], 0)
+        p = t["tok_pos"][r][:, None]
+        live &= (t["edit_pos_lo"][e] <= p) & (p < t["edit_pos_hi"][e])
+        live &= (t["edit_by_token"][e] == 0) | (t["tok_match"][r, :width] != 0)
+        return torch.from_numpy(e), torch.from_numpy(live), torch.from_numpy(p)
 
     def write_inline(self, slot: int, vector: np.ndarray) -> int:
         """Copy a request's inline vector into ``slot``'s scratch decoder row; returns the
@@ -321,10 +445,13 @@ class HookTables:
 
     # ------------------------------------------------------------------ inside the forward
 
-    def _skips_edits(self, t: torch.Tensor) -> bool:
+    def _skips_edits(self, t: torch.Tensor, backend: str | None = None) -> bool:
         """True when this step's edits may be skipped: no edit rows, a backend that skips
-        (the reference computes every row), and not in a capture (it would freeze the skip)."""
-        return self.n_rows == 0 and backend_for(t.device) != "reference" and not _capturing(t)
+        (the reference computes every row), and not in a capture (it would freeze the skip).
+        ``backend``: ``backend_for(t.device)`` where the caller has it."""
+        if self.n_rows:
+            return False
+        return (backend or backend_for(t.device)) != "reference" and not _capturing(t)
 
     def stash_input(self, x: torch.Tensor) -> torch.Tensor:
         """A transcoder's MLP input ``x [T, d_in]``: kept for ``apply`` (which runs on the MLP
@@ -345,7 +472,7 @@ class HookTables:
                 "sae_steer::sae_hook in vLLM's splitting_ops (the engine does on CUDA)")
         # The host's row counts may skip work, except in a capture (it would freeze the skip).
         n = self.n_rows
-        skip = self._skips_edits(h)
+        skip = self._skips_edits(h, backend)
         if skip and self.n_read == 0:
             return h.clone()
         if self.stash is not None:  # the activation the SAE encodes
@@ -357,8 +484,10 @@ class HookTables:
         if skip:
             return h.clone()
         if backend == "compact" and not capturing:
+            k = max(self.edit_k, 1)
             return splice_compact(h, resid, self.sae, self.rows[:n], self.edits,
-                                  conditions=self.n_cond > 0)
+                                  conditions=self.n_cond > 0, width=k,
+                                  placed=None if self.staged else self.placed(k))
         # A capture freezes the choice: a captured graph always evaluates conditions.
         return splice_fixed(h, resid, self.sae, self.edits, conditions=capturing or self.n_cond > 0)
 
@@ -387,7 +516,9 @@ class HookTables:
         # [n, K] each reading row's edits at this SAE (windows applied; none: Mode.NONE)
         x = resid[rows].to(self.sae.W_enc.dtype)
         cond = (lambda cols: ops.feature_activations(self.sae, x, cols)) if self.n_cond else None
-        feat, mode, val = row_edits(self.edits, rows, cond)
+        k = max(self.edit_k, 1)
+        placed = None if self.staged else self.placed(k, self._np["read_rows"][:n])
+        feat, mode, val = row_edits(self.edits, rows, cond, k, placed)
         watch_idx = self.rslot_watch[self.read_slot[:n], : self.read_w]
         k = self.read_k
         if not self.read_pooled:

@@ -28,7 +28,7 @@ import torch
 from sae_runtime.spec.payloads import decode_request
 from sae_runtime.step.planner import (
     RequestPlan,
-    ScheduledRequest,
+    StepColumns,
     StepDescription,
     compile_request,
 )
@@ -63,6 +63,8 @@ class RequestPlans:
 
     def __init__(self) -> None:
         self._plans: dict[str, RequestPlan] = {}
+        self.last: tuple | None = None  # describe_step's previous (request ids, their
+        # plans, the steered ones' places, whether any needs tokens), while none is dropped
 
     def __len__(self) -> int:
         return len(self._plans)
@@ -75,43 +77,70 @@ class RequestPlans:
                                                          int(req.num_prompt_tokens))
         return plan
 
+    def lookup(self, req_ids, requests) -> list[RequestPlan | None]:
+        """The plan of each of ``req_ids`` (None where ``requests``, the runner's requests by
+        id, does not hold it)."""
+        known = self._plans
+        out: list[RequestPlan | None] = []
+        for req_id in req_ids:
+            plan = known.get(req_id)
+            if plan is None:
+                req = requests.get(req_id)
+                plan = None if req is None else self.get(req_id, req)
+            out.append(plan)
+        return out
+
     def drop(self, req_id: str) -> None:
         """Forget one request's plan (its latch states with it); no-op for an unknown id."""
         self._plans.pop(req_id, None)
+        self.last = None
 
     def retain(self, live) -> None:
         """Forget requests not in ``live`` (finished or aborted: vLLM dropped them)."""
         if len(self._plans) > 0:
             for req_id in self._plans.keys() - live:
                 del self._plans[req_id]
+                self.last = None
 
 
 def describe_step(runner, plans: RequestPlans,
                   read_tokens: TokenReader | None = None) -> StepDescription:
-    """The step ``runner`` is about to run, in the planner's terms. ``read_tokens`` reads
-    the device's input ids where the host copy may be stale (a GPU runner)."""
+    """The step ``runner`` is about to run, in the planner's terms (as columns:
+    ``planner.StepColumns``). ``read_tokens`` reads the device's input ids where the host
+    copy may be stale (a GPU runner)."""
     batch = runner.input_batch
     requests = runner.requests
     plans.retain(requests.keys())
     qsl = runner.query_start_loc.np
     computed = batch.num_computed_tokens_cpu
-    scheduled = []
-    needs_tokens = False
-    for i, req_id in enumerate(batch.req_ids[: batch.num_reqs]):
-        req = requests.get(req_id)
-        if req is None:
-            continue
-        plan = plans.get(req_id, req)
-        if plan.empty:
-            continue
-        scheduled.append(ScheduledRequest(req_id, int(qsl[i]), int(qsl[i + 1]),
-                                          int(computed[i]), plan))
-        needs_tokens |= plan.needs_tokens
+    n = batch.num_reqs
+    req_ids = batch.req_ids[:n]
+    last = plans.last
+    if last is not None and last[0] == req_ids:  # the same requests as the step before
+        _, got, keep, needs_tokens = last
+    else:
+        got = plans.lookup(req_ids, requests)
+        keep = [i for i, p in enumerate(got) if p is not None and not p.empty]
+        needs_tokens = any(got[i].needs_tokens for i in keep)
+        # (a request the runner does not hold yet is looked up again next step)
+        held = all(p is not None for p in got)
+        plans.last = (req_ids, got, keep, needs_tokens) if held else None
+    if not keep:
+        return StepDescription([])
+    if len(keep) == n:  # every scheduled request is steered
+        step_plans, ids = got, list(req_ids)
+        cols = StepColumns(ids, step_plans, qsl[:n].astype(np.int64),
+                           qsl[1 : n + 1].astype(np.int64), computed[:n].astype(np.int64))
+    else:
+        step_plans = [got[i] for i in keep]
+        idx = np.array(keep, dtype=np.int64)
+        cols = StepColumns([req_ids[i] for i in keep], step_plans,
+                           qsl[idx].astype(np.int64), qsl[idx + 1].astype(np.int64),
+                           computed[idx].astype(np.int64))
     tokens = None
     if needs_tokens:
         if runner.device.type == "cpu":
             tokens = runner.input_ids.np
         else:
-            tokens = (read_tokens or DeviceTokens())(runner.input_ids.gpu,
-                                                     int(qsl[batch.num_reqs]))
-    return StepDescription(scheduled, tokens)
+            tokens = (read_tokens or DeviceTokens())(runner.input_ids.gpu, int(qsl[n]))
+    return StepDescription.of_columns(cols, tokens)
