@@ -11,7 +11,8 @@ calls, timed piece by piece:
   and compiled once per request (``RequestPlans``), in the warm-up steps, as in the worker;
   ``compile_us_per_req`` is that one-off cost (decode + ``compile_request``), measured apart;
 - ``plan``: ``planner.plan_step`` (fills the hook's tables and uploads them: a no-op on
-  CPU, where the kernels read the host tables);
+  CPU, where the kernels read the host tables; ``--staged`` keeps separate device-side
+  tables on CPU too, so ``plan`` includes the prefix copies a GPU worker enqueues);
 - ``op``: ``HookTables.apply(h, residual)`` on random activations of the step's token rows,
   the call the worker's custom op ``sae_steer::sae_hook`` makes at a residual site (the
   op's dispatch from the compiled graph is not included);
@@ -334,6 +335,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: the planner is single-threaded Python, and "
                          "a shared machine's other cores are not ours)")
+    ap.add_argument("--staged", action="store_true",
+                    help="separate device tables on CPU too (plan then includes the upload "
+                         "copies; on a GPU the tables are always staged)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None, help="write the results as JSON (loadtests.report "
                                                 "renders docs/benchmarks_step.json)")
@@ -357,9 +361,12 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     load0 = os.getloadavg()
     rows, saes = [], {}
+    staged = False
     for name in args.saes.split(","):
         sae, saes[name] = sae_named(name, args.synthetic_arch, args.device)
-        hook = HookTables(sae, MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS, MAX_INTERVENTIONS)
+        hook = HookTables(sae, MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS, MAX_INTERVENTIONS,
+                          staged=True if args.staged else None)
+        staged = hook.staged
         print(f"\n{name}: {saes[name]}", flush=True)
         print(f"  {'phase':<7} {'workload':<12} {'B':>4} {'K':>3} {'rows':>5}"
               f" {'host us/step':>13} {'host us/req':>12} {'op us/step':>11} {'step us':>10}",
@@ -378,7 +385,7 @@ def main(argv: list[str] | None = None) -> dict:
            "cpu": cpu.as_dict(), "torch": torch.__version__,
            "python": platform.python_version(), "threads": torch.get_num_threads(),
            "load_avg": {"start": list(load0), "end": list(os.getloadavg())},
-           "mode": "quick" if args.quick else "full",
+           "mode": "quick" if args.quick else "full", "staged": staged,
            "tables": {"max_num_seqs": MAX_NUM_SEQS, "max_num_batched_tokens":
                       MAX_NUM_BATCHED_TOKENS, "max_interventions": MAX_INTERVENTIONS},
            "saes": saes, "workloads": {w: WORKLOADS[w] for w in workloads},

@@ -216,7 +216,11 @@ def step_section(docs: Path) -> list[str]:
            "request advancing by its rows between steps. Tables sized for max_num_seqs "
            f"{s['tables']['max_num_seqs']}, max_num_batched_tokens "
            f"{s['tables']['max_num_batched_tokens']}, --max-interventions "
-           f"{s['tables']['max_interventions']}. Medians over the timed steps of each cell "
+           f"{s['tables']['max_interventions']}; "
+           + ("staged (device-side tables: `plan` includes the upload copies). " if s.get("staged")
+              else "not staged (on CPU the kernels read the host tables: the upload is a "
+              "no-op). ")
+           + "Medians over the timed steps of each cell "
            "(after warm-up), in µs; `host` = describe + plan + collect + clear (what the "
            "worker's Python spends per step besides the op), `op` = the hook computation "
            "itself. B scheduled requests hold K distinct configs (request i holds config "
@@ -225,8 +229,8 @@ def step_section(docs: Path) -> list[str]:
            "column is an upper bound.", ""]
     out += [f"- `{p}`: {d}" for p, d in s["phases"].items()]
     out += [f"- `{w}`: {d}" for w, d in s["workloads"].items()]
-    out += ["", "Against the issue's targets (host ≤ 100 µs/step at B=64, K=16 decode; "
-            "unsteered steps ≤ 10 µs):", ""]
+    out += ["", "Targets: host ≤ 100 µs per step at B=64, K=16 decode; unsteered steps "
+            "≤ 10 µs. This run:", ""]
     out += [line for sae in s["saes"] if (line := _step_headline(s["rows"], sae))]
     for sae, info in s["saes"].items():
         rows = [r for r in s["rows"] if r["sae"] == sae]
