@@ -116,8 +116,8 @@ WORKLOADS = {
 PHASES = {"decode": "every request decodes one row",
           "mixed": f"one request in {PREFILL_EVERY} (at least one) prefills a "
                    f"{PREFILL_CHUNK}-token chunk, the others decode"}
-FULL = {"b": (1, 32, 64, 256), "k": (1, 16, 64), "warmup": 3, "min_reps": 5, "max_reps": 50,
-        "cell_s": 3.0}
+FULL = {"b": (1, 32, 64, 256), "k": (1, 16, 64), "warmup": 3, "min_reps": 5, "max_reps": 200,
+        "cell_s": 2.0}
 QUICK = {"b": (1, 64), "k": (1, 16), "warmup": 1, "min_reps": 3, "max_reps": 10, "cell_s": 0.5}
 PARTS = ("describe", "plan", "op", "collect", "clear")
 
@@ -206,6 +206,8 @@ class Runner:
 
 def make_runner(b: int, k: int, phase: str, workload: str, d_sae: int, device: str,
                 seed: int = 0) -> Runner:
+    """``b`` requests in one batch: request ``i`` holds config ``i % k`` and, in a mixed
+    step, prefills a chunk when ``i % PREFILL_EVERY == 0`` (else it decodes)."""
     cfgs = configs(workload, k, d_sae, seed)
     prefill = np.zeros(b, dtype=bool)
     if phase == "mixed":
@@ -372,7 +374,8 @@ def main(argv: list[str] | None = None) -> dict:
               f" {'host us/step':>13} {'host us/req':>12} {'op us/step':>11} {'step us':>10}",
               flush=True)
         for phase, w, b, k in cells(grid, workloads, phases):
-            r = run_cell(hook, name, phase, w, b, k, args.device, grid)
+            with torch.inference_mode():  # as vLLM's worker runs the model
+                r = run_cell(hook, name, phase, w, b, k, args.device, grid)
             rows.append(r)
             print(f"  {phase:<7} {w:<12} {b:>4} {k:>3} {r['rows']:>5} {r['host_us']:>13.1f}"
                   f" {r['host_us_per_req']:>12.2f} {r['op_us']:>11.1f} {r['step_us']:>10.1f}",
@@ -386,6 +389,7 @@ def main(argv: list[str] | None = None) -> dict:
            "python": platform.python_version(), "threads": torch.get_num_threads(),
            "load_avg": {"start": list(load0), "end": list(os.getloadavg())},
            "mode": "quick" if args.quick else "full", "staged": staged,
+           "grid": {k: list(v) if isinstance(v, tuple) else v for k, v in grid.items()},
            "tables": {"max_num_seqs": MAX_NUM_SEQS, "max_num_batched_tokens":
                       MAX_NUM_BATCHED_TOKENS, "max_interventions": MAX_INTERVENTIONS},
            "saes": saes, "workloads": {w: WORKLOADS[w] for w in workloads},

@@ -220,8 +220,10 @@ def step_section(docs: Path) -> list[str]:
            + ("staged (device-side tables: `plan` includes the upload copies). " if s.get("staged")
               else "not staged (on CPU the kernels read the host tables: the upload is a "
               "no-op). ")
-           + "Medians over the timed steps of each cell "
-           "(after warm-up), in µs; `host` = describe + plan + collect + clear (what the "
+           + "Medians over the timed steps of each cell ("
+           + (f"{g['warmup']} warm-up steps, then {g['min_reps']} to {g['max_reps']} timed "
+              f"steps, up to {g['cell_s']:g} s" if (g := s.get("grid")) else "after warm-up")
+           + "), in µs; `host` = describe + plan + collect + clear (what the "
            "worker's Python spends per step besides the op), `op` = the hook computation "
            "itself. B scheduled requests hold K distinct configs (request i holds config "
            "i mod K). On CPU the TopK pre-activation goes through torch's matmul here; the "
