@@ -31,7 +31,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: FORCE check-cuda-wheel gpu-check browser-deps setup serve test test-fast test-triton test-parallel-extra test-multinode lint bench bench-preload bench-serve loadtest soak proto proto-check clean-venv default-artifacts train-default
+.PHONY: FORCE check-cuda-wheel gpu-check browser-deps setup serve test test-fast test-triton test-parallel-extra test-multinode lint bench bench-preload bench-serve bench-step loadtest soak proto proto-check clean-venv default-artifacts train-default
 
 setup: $(STAMP)/project
 
@@ -155,6 +155,15 @@ bench-preload: setup
 BENCH_SERVE_FLAGS ?=
 bench-serve: setup
 	$(BIN)/python -m loadtests.bench_serve $(BENCH_SERVE_FLAGS) --out docs/benchmarks_serve.json
+	$(BIN)/python -m loadtests.report docs > docs/benchmarks.md
+
+# One hook's per-step cost without an engine: describe + plan + clear (host) and the op, for
+# B requests x K configs x decode/mixed prefill x clamp/conditional+window/token ids/reads and
+# unsteered, on the embedded SAE and a synthetic d_sae 65536 one (docs/benchmarks_step.json;
+# BENCH_STEP_FLAGS=--quick trims the grid).
+BENCH_STEP_FLAGS ?=
+bench-step: setup
+	$(BIN)/python -m loadtests.bench_step $(BENCH_STEP_FLAGS) --out docs/benchmarks_step.json
 	$(BIN)/python -m loadtests.report docs > docs/benchmarks.md
 
 # Data-parallel and Ray engines (tests/e2e/test_parallel.py, marker parallel_extra): not in

@@ -177,6 +177,78 @@ def serve_section(docs: Path) -> list[str]:
     return out
 
 
+STEP_COLUMNS = ("phase", "workload", "B", "K", "rows", "describe", "plan", "collect + clear",
+                "host µs/step", "host µs/req", "op µs/step", "op µs/req", "step µs")
+
+
+def _step_headline(rows: list[dict], sae: str) -> str:
+    """Host time at the issue's two targets (B=64, K=16 decode clamp; unsteered B=64 decode)."""
+    def pick(workload: str, k: int) -> dict | None:
+        return next((r for r in rows if r["sae"] == sae and r["phase"] == "decode" and
+                     r["workload"] == workload and r["B"] == 64 and r["K"] == k), None)
+
+    clamp, idle = pick("clamp", 16), pick("unsteered", 0)
+    parts = []
+    if clamp:
+        parts.append(f"B=64, K=16 decode clamp: host {clamp['host_us']:.0f} µs/step "
+                     f"({clamp['host_us_per_req']:.1f} µs/request), op {clamp['op_us']:.0f} µs")
+    if idle:
+        parts.append(f"unsteered B=64 decode (SAE loaded): host {idle['host_us']:.1f} µs/step, "
+                     f"op {idle['op_us']:.1f} µs (a copy of the activations)")
+    return f"- {sae}: " + "; ".join(parts) + "." if parts else ""
+
+
+def step_section(docs: Path) -> list[str]:
+    """One hook's per-step cost (``make bench-step``, docs/benchmarks_step.json), when run."""
+    f = docs / "benchmarks_step.json"
+    if not f.exists():
+        return []
+    s = json.loads(f.read_text())
+    load = s["load_avg"]
+    out = ["", "## Per-step host cost (make bench-step)", "",
+           f"`{s['command']}` (`make bench-step` runs it) on {s['device']}, torch {s['torch']}, "
+           f"{s['threads']} torch thread(s); wall time {s['wall_s'] / 60:.1f} min; 1-minute load "
+           f"average {load['start'][0]:.2f} at the start, {load['end'][0]:.2f} at the end. "
+           "No engine: each cell runs the worker's per-step sequence for one hooked SAE on the "
+           "public APIs it calls (`runner_v1.describe_step` on a stand-in for vLLM's V1 runner, "
+           "`planner.plan_step`, `HookTables.apply` on random activations of the step's rows, "
+           "`planner.collect_reads` when the step reads, `HookTables.clear`), with every "
+           "request advancing by its rows between steps. Tables sized for max_num_seqs "
+           f"{s['tables']['max_num_seqs']}, max_num_batched_tokens "
+           f"{s['tables']['max_num_batched_tokens']}, --max-interventions "
+           f"{s['tables']['max_interventions']}; "
+           + ("staged (device-side tables: `plan` includes the upload copies). " if s.get("staged")
+              else "not staged (on CPU the kernels read the host tables: the upload is a "
+              "no-op). ")
+           + "Medians over the timed steps of each cell ("
+           + (f"{g['warmup']} warm-up steps, then {g['min_reps']} to {g['max_reps']} timed "
+              f"steps, up to {g['cell_s']:g} s" if (g := s.get("grid")) else "after warm-up")
+           + "), in µs; `host` = describe + plan + collect + clear (what the "
+           "worker's Python spends per step besides the op), `op` = the hook computation "
+           "itself. B scheduled requests hold K distinct configs (request i holds config "
+           "i mod K). On CPU the TopK pre-activation goes through torch's matmul here; the "
+           "worker uses vLLM's prepacked oneDNN GEMM where available, so a TopK SAE's op "
+           "column is an upper bound.", ""]
+    out += [f"- `{p}`: {d}" for p, d in s["phases"].items()]
+    out += [f"- `{w}`: {d}" for w, d in s["workloads"].items()]
+    out += ["", "Targets: host ≤ 100 µs per step at B=64, K=16 decode; unsteered steps "
+            "≤ 10 µs. This run:", ""]
+    out += [line for sae in s["saes"] if (line := _step_headline(s["rows"], sae))]
+    for sae, info in s["saes"].items():
+        rows = [r for r in s["rows"] if r["sae"] == sae]
+        out += ["", f"### {sae}: {info['architecture']}, d_sae {info['d_sae']}, d_in "
+                f"{info['d_in']} ({info['source']})", "",
+                "| " + " | ".join(STEP_COLUMNS) + " |", "| --- | --- |" + " ---: |" * 11]
+        for r in rows:
+            cells = [r["phase"], r["workload"], str(r["B"]), str(r["K"]), str(r["rows"]),
+                     f"{r['describe_us']:.0f}", f"{r['plan_us']:.0f}",
+                     f"{r['collect_us'] + r['clear_us']:.0f}", f"{r['host_us']:.0f}",
+                     f"{r['host_us_per_req']:.1f}", f"{r['op_us']:.0f}",
+                     f"{r['op_us_per_req']:.1f}", f"{r['step_us']:.0f}"]
+            out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
 SERVE_FINDINGS = [
     "", "Findings from the committed run (AVX2-only AMD EPYC, 2 cores, shared with other work; "
     "rounds of one mode vary by up to ±15%, so differences within ~0.05 are noise):", "",
@@ -281,7 +353,7 @@ def main() -> None:
             "benchmarks.json), so ratios within about ±0.05 of 1 mean "
             "\"no measurable cost\", not \"faster\". The engine numbers measure the model side; "
             "both runs drive `AsyncLLM` directly (no gRPC), so the comparison isolates the hooks.", "",
-            ] + serve_section(docs) + preload_section(docs) + PROFILE + kernel_tables(kern)
+            ] + serve_section(docs) + step_section(docs) + preload_section(docs) + PROFILE + kernel_tables(kern)
     print("\n".join(out))
 
 
