@@ -250,29 +250,21 @@ def step_section(docs: Path) -> list[str]:
 
 
 SERVE_FINDINGS = [
-    "", "Findings from the committed run (AVX2-only AMD EPYC, 2 cores, shared with other work; "
-    "rounds of one mode vary by up to ±15%, so differences within ~0.05 are noise):", "",
-    "- Plain HTTP: no measurable cost against `vllm serve`. The front end is not the "
-    "bottleneck: steerd's own process spent 0.16 CPU s per 1,000 streamed tokens (proto -> "
-    "dict -> JSON -> SSE per chunk, `server/openai_api.py`) against 0.19 for `vllm serve`'s "
-    "API process, so `openai_api.py` is unchanged.",
-    "- Steered (16 clamp configs): the extra time is in the engine (1.31 vs 1.16 engine CPU s "
-    "per 1,000 tokens for plain). A micro-profile of one decode step's SAE work outside the "
-    "engine (32 rows, 16 configs, the embedded TopK SAE, d_sae 1024; cProfile, shares only, "
-    "the machine was loaded) puts ~30% in per-request Python planning (`planner.plan_step`, "
-    "`HookTables.add_edits`), ~23% in the TopK dense pre-activation (`ops.dense_pre`, torch's "
-    "matmul; a TopK clamp needs the token's full pre-activation), ~20% in the compact "
-    "splice's own Python and `row_edits`, ~8% in `topk`. On a 3.8M-parameter model a decode "
-    "step is only ~22 ms, so this fixed per-step cost shows; vectorising the planning across "
-    "requests and giving `dense_pre` the prepacked oneDNN GEMM the reads already use are the "
-    "obvious next steps.",
-    "- gRPC plain missed: its front end spent 0.24 CPU s per 1,000 tokens (one grpc.aio "
-    "stream message per token costs more in Python's gRPC stack than an SSE chunk through "
-    "uvicorn), the engine 20% more per token than in the HTTP rounds (consistent with requests "
-    "reaching the engine spread out in time: smaller batches), and TTFT p99 was 5.3 s against a p50 of 208 ms: "
-    "a few streams stalled for seconds. A quick run on the same machine an hour earlier had "
-    "gRPC at 1.06 and TTFT p99 397 ms, so the stalls are intermittent and not yet explained "
-    "(the benchmark's own grpc.aio client shares the 2 cores too).",
+    "", "Findings from the committed run (AVX2-only AMD EPYC, 2 cores, shared with other work: "
+    "other engineers' unit tests ran during part of it, 1-minute load average up to ~7; "
+    "rounds of one mode ranged from 1064 to 1840 tok/s, and the rotating order spreads that "
+    "load over all four modes, so differences within ~0.05 are noise):", "",
+    "- Plain HTTP (0.99): no measurable cost against `vllm serve`. steerd's own process spent "
+    "0.11 CPU s per 1,000 streamed tokens (proto -> dict -> JSON -> SSE per chunk) against "
+    "0.13 for `vllm serve`'s API process.",
+    "- Steered, 16 distinct clamp configs (1.02, TPOT p50 19.80 ms against 19.72 ms plain): "
+    "the ~4 ms per step the steered rows used to add (0.78-0.94 of `vllm serve` in earlier "
+    "runs) is gone with the batched step planner: `make bench-step` puts the host time of a "
+    "B=64, K=16 decode clamp step at 115 µs (1,647 µs before), and the engine spent 0.91 "
+    "CPU s per 1,000 tokens steered against 0.90 plain.",
+    "- gRPC plain (1.08, TTFT p99 261 ms): no stalls in this run (an earlier run had "
+    "multi-second TTFT p99 stalls before the stream-buffer change); its front end spends 0.15 "
+    "CPU s per 1,000 tokens, more than HTTP's 0.11 (one grpc.aio stream message per token).",
 ]
 
 
