@@ -26,9 +26,9 @@ from sae_runtime.errors import InvalidRequestError
 from sae_runtime.spec.payloads import ActPayload
 from sae_runtime.spec.selectors import Selector
 
-SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out")
-"""The sites activation reads serve (``blocks.L.hook_<site>``); ``resid_pre`` of block 0
-(the embeddings) is not one."""
+SITES = ("resid_pre", "attn_out", "mlp_out", "resid_post")
+"""The sites activation reads serve (``blocks.L.hook_<site>``), in a block's forward order;
+``resid_pre`` of block 0 (the embeddings) is not one."""
 
 _HOOK = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_post|attn_out|mlp_out)$")
 
