@@ -8,7 +8,10 @@ from the same run (``plain`` for 32 requests, ``plain128`` for the 128-request m
 
 Mixes: ``idle`` (no edits), ``clamp1`` (one clamp config for all), ``clamp16`` (16 distinct
 configs), ``cond16`` (16 distinct configs, each a clamp inside a generation window and
-conditional on another feature of the same SAE), ``reads16`` (every request reads top-16), ``sae4x16`` (16 configs, each clamping
+conditional on another feature of the same SAE), ``reads16`` (every request reads top-16),
+``acts1`` (every request reads one layer's raw activations, ``blocks.15.hook_resid_post``,
+per token: ``activation_reads``; our engine declares that one site for every mix, so the
+other rows include its declared-but-unused op), ``sae4x16`` (16 configs, each clamping
 one feature in each of the 4 SAEs), ``clamp64`` / ``clamp128`` (128 requests in one batch
 with 64 / 128 distinct configs). With ``--tp2`` (default when there are >= 2 CPUs) a second
 block runs plain TP=2 vs our TP=2 engine on clamp16 and reads16 (on a model of the same
@@ -60,10 +63,13 @@ MODEL_CFG = {
 # same depth and MLP width with 8 heads (4 KV) of 64, so hidden 512.
 MODEL_CFG_TP2 = {**MODEL_CFG, "hidden_size": 512, "num_attention_heads": 8, "num_key_value_heads": 4}
 
-MIXES = ["idle", "clamp1", "clamp16", "cond16", "reads16", "sae4x16", "clamp64", "clamp128"]
+MIXES = ["idle", "clamp1", "clamp16", "cond16", "reads16", "acts1", "sae4x16", "clamp64",
+         "clamp128"]
 TP2_MIXES = ["clamp16", "reads16"]
 BIG = {"clamp64", "clamp128", "plain128"}  # 128 requests in one batch
 SAE_LAYERS = (15, 5, 10, 25)  # SAE i hooks blocks.{SAE_LAYERS[i]}.hook_resid_post
+ACT_SITE = "blocks.15.hook_resid_post"  # the activation site our engine declares (acts1)
+READING = ("reads16", "acts1")  # mixes whose requests the router must know
 SETTLE_S = 1.0  # idle pause before each timed round
 BIG_REQUESTS = 128
 
@@ -116,7 +122,8 @@ def build(model: Path, saes: list[Path] | None, args, tp: int = 1):
         kw = dict(worker_extension_cls=WORKER_EXTENSION, additional_config=AdditionalConfig(
             WorkerConfig(
                 saes=tuple(SAEEntry(f"bench{i}", str(p)) for i, p in enumerate(saes)),
-                max_interventions=8, max_watch=0, reads_addr=args.reads_addr)))
+                max_interventions=8, max_watch=0, reads_addr=args.reads_addr,
+                act_sites=(ACT_SITE,))))
     set_parallel_env(tp)
     return AsyncLLM.from_engine_args(AsyncEngineArgs(
         model=str(model), load_format="dummy", skip_tokenizer_init=True, dtype=args.model_dtype,
@@ -132,6 +139,7 @@ async def mix_runner(engine, mix: str, args):
 
     from sae_runtime.ops import Mode
     from sae_runtime.spec.interventions import Intervention, SteeringSpec
+    from sae_runtime.spec.payloads import ActPayload
     from sae_runtime.spec.reads import Read, ReadSpec
     from sae_runtime.vllm.engine import make_prompt, make_sampling_params
 
@@ -142,7 +150,7 @@ async def mix_runner(engine, mix: str, args):
         if mix.startswith("plain"):
             return SamplingParams(max_tokens=args.gen, ignore_eos=True, temperature=0.0, detokenize=False,
                                   output_kind=RequestOutputKind.DELTA), TokensPrompt(prompt_token_ids=prompt(i))
-        spec, reads = SteeringSpec(), None
+        spec, reads, acts = SteeringSpec(), None, ()
         if mix == "clamp1":
             spec = SteeringSpec((Intervention("bench0", 123, Mode.CLAMP, 4.0),))
         elif mix in ("clamp16", "clamp64", "clamp128"):
@@ -162,9 +170,12 @@ async def mix_runner(engine, mix: str, args):
                                       for s in range(len(SAE_LAYERS))))
         elif mix == "reads16":
             reads = ReadSpec((Read("bench0", 16),))
+        elif mix == "acts1":
+            acts = (ActPayload(0),)  # every position of the one declared site
         sp = make_sampling_params(max_tokens=args.gen, temperature=0.0, top_p=1.0, top_k=0, seed=None,
                                   stop=[], stop_token_ids=[], ignore_eos=True, spec=spec,
-                                  sae_index=sae_index, reads=reads, request_id=f"{mix}-{i}")
+                                  sae_index=sae_index, reads=reads, request_id=f"{mix}-{i}",
+                                  acts=acts)
         sp.detokenize = False
         return sp, make_prompt(prompt(i), spec)
 
@@ -207,9 +218,9 @@ async def run_block(model, saes, args, router, tp: int, mixes: list[str], plain:
         for with_sae, ms in ((False, plain), (True, mixes)):
             engines.append(build(model, saes if with_sae else None, args, tp))
             for mix in ms:
-                if mix == "reads16":
+                if mix in READING:
                     for i in range(args.requests + 8):
-                        router.register(f"reads16-{i}")
+                        router.register(f"{mix}-{i}")
                 runners[mix] = await mix_runner(engines[-1], mix, args)
         if calibrate:
             t0 = time.perf_counter()

@@ -137,7 +137,7 @@ def test_undeclared_hook_is_refused_naming_the_field(server):
 def test_http_activation_reads_base64(server, ref):
     client = server.openai()
     out = client.completions.create(
-        model="m", prompt=PROMPT, max_tokens=3, temperature=0.0,
+        model=str(server.model_dir), prompt=PROMPT, max_tokens=3, temperature=0.0,
         extra_body={"ignore_eos": True, "return_token_ids": True,
                     "activation_reads": [{"hook": RESID[2]},
                                          {"hook": RESID[0], "pool": "mean", "dtype": "float16"}]})
