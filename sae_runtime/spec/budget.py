@@ -27,6 +27,13 @@ halves, defined here once:
   of ``pool_chunk_rows`` rows (about ``POOL_CHUNK_BYTES``), never ``[rows, d_sae]`` at
   once.
 
+Raw activation reads (``sae_runtime.spec.activations``) take one row per selected token row
+at each site they read, a site at most once per request, so a step's rows at a site are at
+most ``max_num_batched_tokens`` (``step.act_reads``); per request they are capped in
+positions and bytes (``check_activations``, run once the prompt length is known) and in
+number (``DEFAULT_MAX_ACTIVATION_READS``), which bounds what the side channel carries and
+the server buffers.
+
 So the sum over any step of what admitted requests need is at most what the tables hold,
 by construction; the worker asserts it (``HookTables``) and ``tests/sae_runtime/
 test_step_fuzz.py`` drives random steps at the limits to show the asserts cannot fire.
