@@ -264,10 +264,10 @@ async def verify_hooks(cfg: ServerConfig, engine: Any, hooks: Hooks,
     reports = await hook_reports(engine)
     world = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
     expect = config_hash(worker_config_of(engine_settings(cfg, reads_addr, hooks)))
+    sites = activation_sites(cfg).names
     by_index = check_hooks(reports, expected_hooks(hooks), world_size=world,
-                           reads=bool(hooks.saes or hooks.banks or activation_sites(cfg).names),
-                           config_hash=expect,
-                           reads_addr=reads_addr)
+                           reads=bool(hooks.saes or hooks.banks or sites), config_hash=expect,
+                           reads_addr=reads_addr, act_sites=sites)
     if nodes.spans_nodes(cfg):
         for line in node_lines(reports):
             log.info("%s", line)
