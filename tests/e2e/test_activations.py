@@ -35,7 +35,7 @@ def ref(server):
 
 
 def close(got: np.ndarray, want: torch.Tensor, atol: float = TOL) -> None:
-    torch.testing.assert_close(torch.from_numpy(np.asarray(got, dtype=np.float32)),
+    torch.testing.assert_close(torch.from_numpy(np.array(got, dtype=np.float32)),
                                want.to(torch.float32), atol=atol, rtol=0)
 
 
