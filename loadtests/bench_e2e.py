@@ -11,7 +11,8 @@ configs), ``cond16`` (16 distinct configs, each a clamp inside a generation wind
 conditional on another feature of the same SAE), ``reads16`` (every request reads top-16),
 ``acts1`` (every request reads one layer's raw activations, ``blocks.15.hook_resid_post``,
 per token: ``activation_reads``; our engine declares that one site for every mix, so the
-other rows include its declared-but-unused op), ``sae4x16`` (16 configs, each clamping
+other rows include its declared-but-unused op; ``--act-sites all`` declares every layer's
+resid_post instead, so ``idle`` then measures 30 declared-but-unused sites), ``sae4x16`` (16 configs, each clamping
 one feature in each of the 4 SAEs), ``clamp64`` / ``clamp128`` (128 requests in one batch
 with 64 / 128 distinct configs). With ``--tp2`` (default when there are >= 2 CPUs) a second
 block runs plain TP=2 vs our TP=2 engine on clamp16 and reads16 (on a model of the same
@@ -110,6 +111,13 @@ def set_parallel_env(tp: int) -> None:
         os.environ[var] = value
 
 
+def act_sites(args) -> tuple[str, ...]:
+    """The activation sites our engine declares (``--act-sites``)."""
+    if args.act_sites == "all":
+        return tuple(f"blocks.{L}.hook_resid_post" for L in range(MODEL_CFG["num_hidden_layers"]))
+    return (ACT_SITE,)
+
+
 def build(model: Path, saes: list[Path] | None, args, tp: int = 1):
     from vllm import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -123,7 +131,7 @@ def build(model: Path, saes: list[Path] | None, args, tp: int = 1):
             WorkerConfig(
                 saes=tuple(SAEEntry(f"bench{i}", str(p)) for i, p in enumerate(saes)),
                 max_interventions=8, max_watch=0, reads_addr=args.reads_addr,
-                act_sites=(ACT_SITE,))))
+                act_sites=act_sites(args))))
     set_parallel_env(tp)
     return AsyncLLM.from_engine_args(AsyncEngineArgs(
         model=str(model), load_format="dummy", skip_tokenizer_init=True, dtype=args.model_dtype,
@@ -171,7 +179,7 @@ async def mix_runner(engine, mix: str, args):
         elif mix == "reads16":
             reads = ReadSpec((Read("bench0", 16),))
         elif mix == "acts1":
-            acts = (ActPayload(0),)  # every position of the one declared site
+            acts = (ActPayload(act_sites(args).index(ACT_SITE)),)  # every position
         sp = make_sampling_params(max_tokens=args.gen, temperature=0.0, top_p=1.0, top_k=0, seed=None,
                                   stop=[], stop_token_ids=[], ignore_eos=True, spec=spec,
                                   sae_index=sae_index, reads=reads, request_id=f"{mix}-{i}",
@@ -342,7 +350,8 @@ async def main_async(args) -> dict:
                  f"8 heads, since 9 do not split over 2 ranks), dummy {args.model_dtype} weights "
                  f"(chosen for this CPU), compiled mode",
         "sae": f"4 standard SAEs, d_sae {args.d_sae}, hooked after blocks "
-               f"{', '.join(map(str, SAE_LAYERS))}; single-SAE mixes use the block-15 one",
+               f"{', '.join(map(str, SAE_LAYERS))}; single-SAE mixes use the block-15 one; "
+               f"{len(act_sites(args))} declared activation site(s) (--act-sites {args.act_sites})",
         "workload": f"{args.requests} concurrent requests (128 for plain128/clamp64/clamp128) x "
                     f"{n} rounds per mix; plain vLLM and our engine alive side by side, every "
                     f"mix of both (plain too) interleaved round by round in rotating order "
@@ -376,6 +385,9 @@ def main() -> None:
     ap.add_argument("--mixes", default=",".join(MIXES),
                     help=f"comma-separated subset of {','.join(MIXES)} (the TP=2 block runs "
                          f"those of {','.join(TP2_MIXES)} among them)")
+    ap.add_argument("--act-sites", choices=["one", "all"], default="one",
+                    help="activation sites our engine declares: block 15's resid_post (one) or "
+                         "every block's (all: idle then shows their declared-but-unused cost)")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--d-sae", type=int, default=16384)
