@@ -18,9 +18,13 @@ import sys
 import grpc
 
 from clients.client import (
+    ACT_DTYPES,
+    ACT_POOLS,
     FINISH_NAMES,
     SteeringClient,
     ablate,
+    activation_read,
+    activations_of,
     add,
     clamp,
     collect,
@@ -301,16 +305,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report each generated token's logprob and its N most likely alternatives")
     g.add_argument("--prompt-logprobs", type=int, default=None, metavar="N",
                    help="report the prompt tokens' logprobs with N alternatives (JSON only)")
+    _activation_args(g)
     g.add_argument("--json", action="store_true", help="print one JSON object when done")
 
     e = sub.add_parser("encode", help="per-token and pooled feature activations of a prompt")
     esrc = e.add_mutually_exclusive_group(required=True)
     esrc.add_argument("--prompt", help="prompt text")
     esrc.add_argument("--prompt-ids", type=_ids, help="prompt token ids, e.g. 1,2,3")
-    e.add_argument("--sae", required=True, help="SAE id")
+    e.add_argument("--sae", help="SAE id (needed unless --activations is given)")
     e.add_argument("--top-k", type=int, default=0, help="strongest features per position")
     e.add_argument("--watch", dest="watch_features", action="append", type=int, default=[],
                    metavar="FEATURE", help="feature always reported (repeatable)")
+    _activation_args(e)
     e.add_argument("--json", action="store_true", help="print one JSON object")
 
     fp = sub.add_parser("features", help="look up labelled features")
@@ -327,6 +333,34 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("saes", help="list the server's SAEs (JSON)")
     sub.add_parser("info", help="describe the served model (JSON)")
     return p
+
+
+def _activation_args(p) -> None:
+    p.add_argument("--activations", action="append", default=[], metavar="HOOK",
+                   help="return the raw activation at HOOK (a site the server declares with "
+                        "--activation-hooks, e.g. blocks.1.hook_resid_post), taken after this "
+                        "request's edits; repeatable")
+    p.add_argument("--activations-pool", choices=sorted(ACT_POOLS), default="none",
+                   help="one row pooled over the positions instead of one per position")
+    p.add_argument("--activations-dtype", choices=sorted(ACT_DTYPES), default="f32",
+                   help="element type on the wire (the printed values are its float values)")
+
+
+def activation_reads_arg(args) -> list:
+    return [activation_read(h, pool=args.activations_pool, dtype=args.activations_dtype)
+            for h in args.activations]
+
+
+def _activations_json(msgs) -> list[dict]:
+    """``"activations"``: one entry per hook, ``positions`` and ``values`` row by row."""
+    values, positions = activations_of(msgs)
+    return [{"hook": h, "positions": positions[h], "values": v.tolist()} for h, v in values.items()]
+
+
+def _activation_lines(msgs) -> list[str]:
+    values, positions = activations_of(msgs)
+    return [f"activations {h}: {v.shape[0]} x {v.shape[1]} at positions {positions[h]}"
+            for h, v in values.items()]
 
 
 def condition_arg(text: str):
@@ -431,8 +465,11 @@ def _generate(client: SteeringClient, args) -> int:
         inline_vectors=[inline_vector(vals, layer, st, at=selector_arg(
             args.positions, args.exclude_ranges, args.token_ids, args.exclude_token_ids))
             for vals, layer, st in args.inline_vectors or ()],
+        activation_reads=activation_reads_arg(args),
     )
+    acts: list = []
     if args.json:
+        stream = _keep_activations(stream, acts)
         r = collect(stream)
         out = {
             "request_id": r.request_id, "text": r.text, "token_ids": r.token_ids,
@@ -446,6 +483,8 @@ def _generate(client: SteeringClient, args) -> int:
             out["logprobs"] = [_logprob_json(e) for e in r.logprobs]
         if args.prompt_logprobs is not None:
             out["prompt_logprobs"] = [_logprob_json(e) for e in r.prompt_logprobs]
+        if args.activations:
+            out["activations"] = _activations_json(acts)
         print(json.dumps(out))
         return 0
     finish = None
@@ -453,6 +492,7 @@ def _generate(client: SteeringClient, args) -> int:
     text = []
     logprob_lines = []
     for msg in stream:
+        acts.extend(msg.activations)
         if msg.HasField("guardrail"):
             trip = msg.guardrail
         logprob_lines += [_logprob_line(e) for e in msg.logprobs]
@@ -471,11 +511,19 @@ def _generate(client: SteeringClient, args) -> int:
         sys.stdout.write("\n")
     for line in logprob_lines:  # after the text, one line per generated token
         print(line)
+    for line in _activation_lines(acts):
+        print(line)
     if trip is not None:
         print(f"[guardrail {trip.guardrail}: {trip.sae}:{trip.feature} = {trip.value:.4g} at "
               f"position {trip.position}]", file=sys.stderr)
     print(f"[finish: {finish}]", file=sys.stderr)
     return 0
+
+
+def _keep_activations(stream, acts: list):
+    for msg in stream:
+        acts.extend(msg.activations)
+        yield msg
 
 
 def _trip_json(t) -> dict:
@@ -490,13 +538,22 @@ def _logprob_line(e) -> str:
 
 def _encode(client: SteeringClient, args) -> int:
     prompt = args.prompt if args.prompt is not None else args.prompt_ids
-    (res,) = client.encode([prompt], [read(args.sae, args.top_k, args.watch_features, "prompt")])
+    if not args.sae and not args.activations:
+        print("steer encode: give --sae or --activations", file=sys.stderr)
+        return 2
+    reads = [read(args.sae, args.top_k, args.watch_features, "prompt")] if args.sae else []
+    (res,) = client.encode([prompt], reads, activation_reads_arg(args))
     pooled = [{"sae": p.sae, "features": [{"index": f.index, "max": f.max, "mean": f.mean}
                                           for f in p.features]} for p in res.pooled]
     if args.json:
-        print(json.dumps({"token_ids": list(res.token_ids),
-                          "features": [_feature_json(f) for f in res.features], "pooled": pooled}))
+        out = {"token_ids": list(res.token_ids),
+               "features": [_feature_json(f) for f in res.features], "pooled": pooled}
+        if args.activations:
+            out["activations"] = _activations_json(res.activations)
+        print(json.dumps(out))
         return 0
+    for line in _activation_lines(res.activations):
+        print(line)
     for f in res.features:
         print(_feature_line(f))
     for p in pooled:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Union
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from steering.v1 import steering_pb2 as pb
@@ -198,6 +199,56 @@ def read(sae: str, top_k: int = 0, watch: Sequence[int] = (),
     return r
 
 
+ACT_POOLS = {"none": pb.ACTIVATION_POOL_NONE, "mean": pb.ACTIVATION_POOL_MEAN,
+             "max": pb.ACTIVATION_POOL_MAX, "last": pb.ACTIVATION_POOL_LAST}
+ACT_DTYPES = {"f32": pb.ACTIVATION_DTYPE_FLOAT32, "f16": pb.ACTIVATION_DTYPE_FLOAT16,
+              "bf16": pb.ACTIVATION_DTYPE_BFLOAT16}
+
+
+def activation_read(hook: str, *, pool: str = "none", dtype: str = "f32",
+                    at: pb.PositionSelector | None = None) -> pb.ActivationRead:
+    """Ask for the raw activation at ``hook`` (a declared SAELens hook name, e.g.
+    ``blocks.1.hook_resid_post``), per position or pooled (``mean``, ``max``, ``last``),
+    as ``f32``, ``f16`` or ``bf16``, at the positions of ``at`` (default every position)."""
+    r = pb.ActivationRead(hook=hook, pool=ACT_POOLS[pool], dtype=ACT_DTYPES[dtype])
+    if at is not None:
+        r.positions.CopyFrom(at)
+    return r
+
+
+def unpack(a: pb.Activations) -> np.ndarray:
+    """An ``Activations`` message's rows as float32 ``[rows, d]`` (bfloat16 is the top half
+    of a float32, so it widens exactly)."""
+    rows, d = (list(a.shape) + [0, 0])[:2]
+    if a.dtype == pb.ACTIVATION_DTYPE_FLOAT16:
+        v = np.frombuffer(a.data, dtype="<f2").astype(np.float32)
+    elif a.dtype == pb.ACTIVATION_DTYPE_BFLOAT16:
+        v = (np.frombuffer(a.data, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+    else:
+        v = np.frombuffer(a.data, dtype="<f4").astype(np.float32)
+    return v.reshape(rows, d)
+
+
+def activations_of(msgs) -> tuple[dict[str, np.ndarray], dict[str, list[int]]]:
+    """``Activations`` messages (a stream's, in order) as ``{hook: [rows, d]}`` and
+    ``{hook: positions}``; rows of one hook over several messages are concatenated."""
+    parts: dict[str, list[np.ndarray]] = {}
+    positions: dict[str, list[int]] = {}
+    for a in msgs:
+        parts.setdefault(a.hook, []).append(unpack(a))
+        positions.setdefault(a.hook, []).extend(a.positions)
+    return ({h: np.concatenate(p) if len(p) > 1 else p[0] for h, p in parts.items()}, positions)
+
+
+@dataclass
+class EncodedActivations:
+    """One Encode input's raw activations (``SteeringClient.encode_activations``)."""
+
+    token_ids: list[int]
+    activations: dict[str, np.ndarray]  # hook -> float32 [rows, d]
+    positions: dict[str, list[int]]  # hook -> the rows' positions (pooled: the pooled ones)
+
+
 @dataclass
 class GenerationResult:
     """A whole Generate stream, collected."""
@@ -212,6 +263,8 @@ class GenerationResult:
     logprobs: list[pb.PositionLogprobs] = field(default_factory=list)  # one per generated token
     prompt_logprobs: list[pb.PositionLogprobs] = field(default_factory=list)  # positions 1..n-1
     guardrail: pb.GuardrailTrip | None = None  # finish_reason "feature": what tripped, where
+    activations: dict[str, np.ndarray] = field(default_factory=dict)  # hook -> float32 [rows, d]
+    activation_positions: dict[str, list[int]] = field(default_factory=dict)  # hook -> positions
 
 
 class SteeringClient:
@@ -258,6 +311,7 @@ class SteeringClient:
         abort_when: Sequence[pb.Guardrail | pb.FeatureCondition] = (),
         vectors: Sequence[pb.VectorSteer] = (),
         inline_vectors: Sequence[pb.InlineVector] = (),
+        activation_reads: Sequence[pb.ActivationRead] = (),
     ) -> pb.GenerateRequest:
         """``logprobs=n``: each generated token's logprob and the n most likely alternatives;
         ``prompt_logprobs=n``: the same for prompt positions 1..n-1. ``abort_when``:
@@ -273,7 +327,8 @@ class SteeringClient:
         guards = [g if isinstance(g, pb.Guardrail) else guardrail(g) for g in abort_when]
         return pb.GenerateRequest(prompt=p, sampling=s, interventions=list(interventions),
                                   reads=list(reads), request_id=request_id, abort_when=guards,
-                                  vectors=list(vectors), inline_vectors=list(inline_vectors))
+                                  vectors=list(vectors), inline_vectors=list(inline_vectors),
+                                  activation_reads=list(activation_reads))
 
     def generate(self, prompt: PromptLike, **kw) -> Iterator[pb.GenerateResponse]:
         """Stream responses; cancel by calling ``.cancel()`` on the returned iterator.
@@ -287,11 +342,21 @@ class SteeringClient:
         """Run a whole generation and collect it."""
         return collect(self.generate(prompt, **kw))
 
-    def encode(self, inputs: Sequence[PromptLike],
-               reads: Sequence[pb.FeatureRead]) -> list[pb.EncodeResult]:
+    def encode(self, inputs: Sequence[PromptLike], reads: Sequence[pb.FeatureRead] = (),
+               activation_reads: Sequence[pb.ActivationRead] = ()) -> list[pb.EncodeResult]:
         """Per-token and pooled activations of each input (no generation)."""
-        req = pb.EncodeRequest(inputs=[_prompt(x) for x in inputs], reads=list(reads))
+        req = pb.EncodeRequest(inputs=[_prompt(x) for x in inputs], reads=list(reads),
+                               activation_reads=list(activation_reads))
         return list(self.stub.Encode(req, timeout=self.timeout, metadata=self.metadata).results)
+
+    def encode_activations(self, inputs: Sequence[PromptLike],
+                           activation_reads: Sequence[pb.ActivationRead]) -> list[EncodedActivations]:
+        """Each input's raw activations as numpy arrays (``r.activations[hook]``)."""
+        out = []
+        for r in self.encode(inputs, activation_reads=activation_reads):
+            acts, pos = activations_of(r.activations)
+            out.append(EncodedActivations(list(r.token_ids), acts, pos))
+        return out
 
     def get_feature(self, sae: str, index: int) -> pb.Feature:
         """A labelled feature's label and statistics."""
@@ -338,7 +403,9 @@ def _prompt(prompt: PromptLike) -> pb.Prompt:
 
 def collect(stream: Iterator[pb.GenerateResponse]) -> GenerationResult:
     out = GenerationResult()
+    acts: list[pb.Activations] = []
     for msg in stream:
+        acts.extend(msg.activations)
         out.request_id = msg.request_id
         out.text += msg.text
         out.token_ids.extend(msg.token_ids)
@@ -352,4 +419,5 @@ def collect(stream: Iterator[pb.GenerateResponse]) -> GenerationResult:
             out.usage = msg.usage
         if msg.HasField("guardrail"):
             out.guardrail = msg.guardrail
+    out.activations, out.activation_positions = activations_of(acts)
     return out

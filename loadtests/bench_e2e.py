@@ -8,7 +8,11 @@ from the same run (``plain`` for 32 requests, ``plain128`` for the 128-request m
 
 Mixes: ``idle`` (no edits), ``clamp1`` (one clamp config for all), ``clamp16`` (16 distinct
 configs), ``cond16`` (16 distinct configs, each a clamp inside a generation window and
-conditional on another feature of the same SAE), ``reads16`` (every request reads top-16), ``sae4x16`` (16 configs, each clamping
+conditional on another feature of the same SAE), ``reads16`` (every request reads top-16),
+``acts1`` (every request reads one layer's raw activations, ``blocks.15.hook_resid_post``,
+per token: ``activation_reads``; our engine declares that one site for every mix, so the
+other rows include its declared-but-unused op; ``--act-sites all`` declares every layer's
+resid_post instead, so ``idle`` then measures 30 declared-but-unused sites), ``sae4x16`` (16 configs, each clamping
 one feature in each of the 4 SAEs), ``clamp64`` / ``clamp128`` (128 requests in one batch
 with 64 / 128 distinct configs). With ``--tp2`` (default when there are >= 2 CPUs) a second
 block runs plain TP=2 vs our TP=2 engine on clamp16 and reads16 (on a model of the same
@@ -60,10 +64,13 @@ MODEL_CFG = {
 # same depth and MLP width with 8 heads (4 KV) of 64, so hidden 512.
 MODEL_CFG_TP2 = {**MODEL_CFG, "hidden_size": 512, "num_attention_heads": 8, "num_key_value_heads": 4}
 
-MIXES = ["idle", "clamp1", "clamp16", "cond16", "reads16", "sae4x16", "clamp64", "clamp128"]
+MIXES = ["idle", "clamp1", "clamp16", "cond16", "reads16", "acts1", "sae4x16", "clamp64",
+         "clamp128"]
 TP2_MIXES = ["clamp16", "reads16"]
 BIG = {"clamp64", "clamp128", "plain128"}  # 128 requests in one batch
 SAE_LAYERS = (15, 5, 10, 25)  # SAE i hooks blocks.{SAE_LAYERS[i]}.hook_resid_post
+ACT_SITE = "blocks.15.hook_resid_post"  # the activation site our engine declares (acts1)
+READING = ("reads16", "acts1")  # mixes whose requests the router must know
 SETTLE_S = 1.0  # idle pause before each timed round
 BIG_REQUESTS = 128
 
@@ -104,6 +111,13 @@ def set_parallel_env(tp: int) -> None:
         os.environ[var] = value
 
 
+def act_sites(args) -> tuple[str, ...]:
+    """The activation sites our engine declares (``--act-sites``)."""
+    if args.act_sites == "all":
+        return tuple(f"blocks.{L}.hook_resid_post" for L in range(MODEL_CFG["num_hidden_layers"]))
+    return (ACT_SITE,)
+
+
 def build(model: Path, saes: list[Path] | None, args, tp: int = 1):
     from vllm import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -116,7 +130,8 @@ def build(model: Path, saes: list[Path] | None, args, tp: int = 1):
         kw = dict(worker_extension_cls=WORKER_EXTENSION, additional_config=AdditionalConfig(
             WorkerConfig(
                 saes=tuple(SAEEntry(f"bench{i}", str(p)) for i, p in enumerate(saes)),
-                max_interventions=8, max_watch=0, reads_addr=args.reads_addr)))
+                max_interventions=8, max_watch=0, reads_addr=args.reads_addr,
+                act_sites=act_sites(args))))
     set_parallel_env(tp)
     return AsyncLLM.from_engine_args(AsyncEngineArgs(
         model=str(model), load_format="dummy", skip_tokenizer_init=True, dtype=args.model_dtype,
@@ -132,6 +147,7 @@ async def mix_runner(engine, mix: str, args):
 
     from sae_runtime.ops import Mode
     from sae_runtime.spec.interventions import Intervention, SteeringSpec
+    from sae_runtime.spec.payloads import ActPayload
     from sae_runtime.spec.reads import Read, ReadSpec
     from sae_runtime.vllm.engine import make_prompt, make_sampling_params
 
@@ -142,7 +158,7 @@ async def mix_runner(engine, mix: str, args):
         if mix.startswith("plain"):
             return SamplingParams(max_tokens=args.gen, ignore_eos=True, temperature=0.0, detokenize=False,
                                   output_kind=RequestOutputKind.DELTA), TokensPrompt(prompt_token_ids=prompt(i))
-        spec, reads = SteeringSpec(), None
+        spec, reads, acts = SteeringSpec(), None, ()
         if mix == "clamp1":
             spec = SteeringSpec((Intervention("bench0", 123, Mode.CLAMP, 4.0),))
         elif mix in ("clamp16", "clamp64", "clamp128"):
@@ -162,9 +178,12 @@ async def mix_runner(engine, mix: str, args):
                                       for s in range(len(SAE_LAYERS))))
         elif mix == "reads16":
             reads = ReadSpec((Read("bench0", 16),))
+        elif mix == "acts1":
+            acts = (ActPayload(act_sites(args).index(ACT_SITE)),)  # every position
         sp = make_sampling_params(max_tokens=args.gen, temperature=0.0, top_p=1.0, top_k=0, seed=None,
                                   stop=[], stop_token_ids=[], ignore_eos=True, spec=spec,
-                                  sae_index=sae_index, reads=reads, request_id=f"{mix}-{i}")
+                                  sae_index=sae_index, reads=reads, request_id=f"{mix}-{i}",
+                                  acts=acts)
         sp.detokenize = False
         return sp, make_prompt(prompt(i), spec)
 
@@ -207,9 +226,9 @@ async def run_block(model, saes, args, router, tp: int, mixes: list[str], plain:
         for with_sae, ms in ((False, plain), (True, mixes)):
             engines.append(build(model, saes if with_sae else None, args, tp))
             for mix in ms:
-                if mix == "reads16":
+                if mix in READING:
                     for i in range(args.requests + 8):
-                        router.register(f"reads16-{i}")
+                        router.register(f"{mix}-{i}")
                 runners[mix] = await mix_runner(engines[-1], mix, args)
         if calibrate:
             t0 = time.perf_counter()
@@ -331,7 +350,8 @@ async def main_async(args) -> dict:
                  f"8 heads, since 9 do not split over 2 ranks), dummy {args.model_dtype} weights "
                  f"(chosen for this CPU), compiled mode",
         "sae": f"4 standard SAEs, d_sae {args.d_sae}, hooked after blocks "
-               f"{', '.join(map(str, SAE_LAYERS))}; single-SAE mixes use the block-15 one",
+               f"{', '.join(map(str, SAE_LAYERS))}; single-SAE mixes use the block-15 one; "
+               f"{len(act_sites(args))} declared activation site(s) (--act-sites {args.act_sites})",
         "workload": f"{args.requests} concurrent requests (128 for plain128/clamp64/clamp128) x "
                     f"{n} rounds per mix; plain vLLM and our engine alive side by side, every "
                     f"mix of both (plain too) interleaved round by round in rotating order "
@@ -365,6 +385,9 @@ def main() -> None:
     ap.add_argument("--mixes", default=",".join(MIXES),
                     help=f"comma-separated subset of {','.join(MIXES)} (the TP=2 block runs "
                          f"those of {','.join(TP2_MIXES)} among them)")
+    ap.add_argument("--act-sites", choices=["one", "all"], default="one",
+                    help="activation sites our engine declares: block 15's resid_post (one) or "
+                         "every block's (all: idle then shows their declared-but-unused cost)")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--d-sae", type=int, default=16384)

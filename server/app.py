@@ -22,6 +22,7 @@ from sae_runtime.labels.store import FeatureLabels, load_beside
 from sae_runtime.loading import load_sae_config
 from sae_runtime.loading.vectors import Bank, build_banks
 from sae_runtime.saes.base import SAEConfig
+from sae_runtime.spec.activations import NO_SITES, DeclaredSites, declared_sites
 from sae_runtime.spec.budget import watch_width
 from sae_runtime.spec.vectors import VectorIndex
 from sae_runtime.step.config import placement
@@ -84,6 +85,21 @@ def vector_banks(cfg: ServerConfig) -> list[Bank]:
     d_model, n_layers = model_dims(cfg)
     return build_banks([(v.name, v.path) for v in cfg.vectors], d_model=d_model,
                        n_layers=n_layers, inline_layers=cfg.inline_vector_layers(n_layers))
+
+
+def activation_sites(cfg: ServerConfig) -> DeclaredSites:
+    """The sites ``--activation-hooks`` declares in the served model (checked before the
+    engine starts: the family must have hook support, every glob must select a site)."""
+    globs = cfg.activation_globs()
+    if not globs:
+        return NO_SITES
+    hf = _hf_config(cfg)
+    archs = getattr(hf, "architectures", None)
+    if family_of(archs) is None:
+        raise UnsupportedModelError(
+            f"{cfg.model}: architecture {archs} has no hook support; supported: {supported()}")
+    d_model, n_layers = model_dims(cfg)
+    return DeclaredSites(globs, declared_sites(globs, n_layers), d_model)
 
 
 def model_dims(cfg: ServerConfig) -> tuple[int, int]:
@@ -200,6 +216,7 @@ def engine_settings(cfg: ServerConfig, reads_addr: str | None, hooks: Hooks | No
         data_parallel_rpc_port=cfg.data_parallel_rpc_port,
         data_parallel_start_rank=cfg.data_parallel_start_rank,
         reads_lost_after_s=cfg.node_timeout_s if nodes.spans_nodes(cfg) else None,
+        act_sites=activation_sites(cfg).names,
     )
 
 
@@ -221,12 +238,15 @@ def check_reads_cap(cfg: ServerConfig, hooks: Hooks) -> None:
                          "SAE, --max-read-top-k, --max-watch); raise it")
 
 
-def read_limits(cfg: ServerConfig, hooks: Hooks, engine: Any) -> RecordLimits:
+def read_limits(cfg: ServerConfig, hooks: Hooks, engine: Any,
+                sites: DeclaredSites = NO_SITES) -> RecordLimits:
     """What a worker's read record may hold, from this server's caps and the engine (by
-    hook id: the SAEs, then the vector banks)."""
+    hook id: the SAEs, then the vector banks; activation records by declared site)."""
     return RecordLimits(d_sae=tuple(c.d_sae for c in hooks.configs.values()),
                         max_top_k=cfg.max_read_top_k, max_watch=watch_width(cfg.max_watch),
-                        max_positions=int(engine.model_config.max_model_len))
+                        max_positions=int(engine.model_config.max_model_len),
+                        act_sites=len(sites.names), act_width=sites.width,
+                        max_act_reads=cfg.max_activation_reads)
 
 
 def expected_hooks(hooks: Hooks) -> list[ExpectedHook]:
@@ -244,9 +264,10 @@ async def verify_hooks(cfg: ServerConfig, engine: Any, hooks: Hooks,
     reports = await hook_reports(engine)
     world = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
     expect = config_hash(worker_config_of(engine_settings(cfg, reads_addr, hooks)))
+    sites = activation_sites(cfg).names
     by_index = check_hooks(reports, expected_hooks(hooks), world_size=world,
-                           reads=bool(hooks.saes or hooks.banks), config_hash=expect,
-                           reads_addr=reads_addr)
+                           reads=bool(hooks.saes or hooks.banks or sites), config_hash=expect,
+                           reads_addr=reads_addr, act_sites=sites)
     if nodes.spans_nodes(cfg):
         for line in node_lines(reports):
             log.info("%s", line)
@@ -266,6 +287,9 @@ def limits_of(cfg: ServerConfig, vocab_size: int) -> Limits:
         max_read_top_k=cfg.max_read_top_k, max_watch=cfg.max_watch,
         max_encode_inputs=cfg.max_encode_inputs, max_prompt_tokens=cfg.max_prompt_tokens,
         max_new_tokens=cfg.max_new_tokens, max_logprobs=cfg.max_logprobs,
+        max_activation_reads=cfg.max_activation_reads,
+        max_activation_positions=cfg.max_activation_positions,
+        max_activation_bytes=cfg.max_activation_bytes,
     )
 
 
@@ -332,7 +356,8 @@ async def serve(cfg: ServerConfig) -> int:
     labels = load_labels(cfg, hooks.saes)  # a bad label file fails here, before the engine starts
     chat_template = load_chat_template(cfg.chat_template)  # so does a bad --chat-template
     auth = Auth(tuple(load_tokens(cfg.auth_tokens_file)), cfg.cache_salt_per_token)
-    has_hooks = bool(hooks.saes or hooks.banks)
+    sites = activation_sites(cfg)  # a glob that selects nothing fails here
+    has_hooks = bool(hooks.saes or hooks.banks or sites.names)
     nodes.check_layout(cfg, "serve", has_hooks)
     ranks = nodes.local_ranks(cfg)  # the workers on this node (all of them on one node)
     if cfg.distributed_executor_backend == "ray":
@@ -363,7 +388,7 @@ async def serve(cfg: ServerConfig) -> int:
     engine = start_engine(cfg, reads_addr, hooks, router.keys if router else None)
     started = time.monotonic() - t0
     if router is not None:
-        router.limits = read_limits(cfg, hooks, engine)
+        router.limits = read_limits(cfg, hooks, engine, sites)
     try:
         if router is not None and router.keys is not None and nodes.spans_nodes(cfg):
             await nodes.hand_over_keys(engine, router.keys)
@@ -385,6 +410,7 @@ async def serve(cfg: ServerConfig) -> int:
         max_distinct_configs=cfg.max_distinct_configs,
         max_stream_buffer_bytes=cfg.max_stream_buffer_bytes,
         vectors=VectorIndex.of(hooks.banks), guardrail_missing_read=cfg.guardrail_missing_read,
+        sites=sites,
     )
     await ports.grpc.start(core)
     _log_startup(cfg, engine, hooks.configs, ports.grpc.port, started, sae_dtypes, auth)
@@ -480,7 +506,7 @@ def run_node(cfg: ServerConfig) -> int:
     until its processes end (exit 1: a worker or engine died, or node 0 went away) or
     SIGTERM/SIGINT (exit 0)."""
     hooks = load_hooks(cfg)
-    has_hooks = bool(hooks.saes or hooks.banks)
+    has_hooks = bool(hooks.saes or hooks.banks or activation_sites(cfg).names)
     nodes.check_layout(cfg, "node", has_hooks)
     check_reads_cap(cfg, hooks)
     for line in nodes.network_env_defaults(cfg):

@@ -7,6 +7,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from sae_runtime.spec.budget import (
+    DEFAULT_MAX_ACTIVATION_BYTES,
+    DEFAULT_MAX_ACTIVATION_POSITIONS,
+    DEFAULT_MAX_ACTIVATION_READS,
+)
 from sae_runtime.step.config import DEFAULT_READS_MAX_MESSAGE_BYTES
 
 
@@ -66,6 +71,23 @@ class ServerConfig(BaseModel):
         default="", description="Layers that take per-request inline steering vectors "
         "(GenerateRequest.inline_vectors): 'all', or a comma list of 0-based blocks such as "
         "'10,12'. Each costs one hook op per step and 2 * max_num_seqs * d_model floats.")
+    activation_hooks: str = Field(
+        default="", description="Hook sites whose raw activations requests may read "
+        "(activation_reads), as comma-separated globs over SAELens names, e.g. "
+        "'blocks.*.hook_resid_post,blocks.3.hook_mlp_out' (sites: hook_resid_pre from block 1, "
+        "hook_resid_post, hook_attn_out, hook_mlp_out). Each declared site costs one op per "
+        "step and max_num_batched_tokens * d_model floats. Values are taken after the "
+        "request's own edits at that site and at earlier ones.")
+    max_activation_reads: int = Field(
+        default=DEFAULT_MAX_ACTIVATION_READS, ge=1, le=1024,
+        description="Most activation reads one request may carry (one per hook).")
+    max_activation_positions: int = Field(
+        default=DEFAULT_MAX_ACTIVATION_POSITIONS, ge=1,
+        description="Most positions one request's activation reads may copy, summed over its reads.")
+    max_activation_bytes: int = Field(
+        default=DEFAULT_MAX_ACTIVATION_BYTES, ge=1024,
+        description="Most bytes of float32 rows one request's activation reads may copy, summed "
+                    "over its reads, before pooling.")
     host: str = Field(default="127.0.0.1", description="Address to bind.")
     port: int = Field(default=50051, ge=0, le=65535, description="Port (0 picks a free one).")
     max_interventions: int = Field(
@@ -263,6 +285,10 @@ class ServerConfig(BaseModel):
         if v is not None and not (v.startswith("tcp://") or v.startswith("ipc://")):
             raise ValueError(f"--reads-address {v!r}: give tcp://HOST:PORT or ipc://PATH")
         return v
+
+    def activation_globs(self) -> tuple[str, ...]:
+        """``activation_hooks`` as globs."""
+        return tuple(g.strip() for g in self.activation_hooks.split(",") if g.strip())
 
     @field_validator("inline_vectors")
     @classmethod

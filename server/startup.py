@@ -23,6 +23,7 @@ from pathlib import Path
 
 from sae_runtime.errors import SteeringError
 from sae_runtime.hw import cpu_env_defaults
+from sae_runtime.spec.activations import parse_hook
 
 
 class StartupError(SteeringError):
@@ -139,15 +140,16 @@ def check_same_config(reports: Sequence[Mapping], config_hash: str | None,
 
 def check_hooks(reports: Sequence[Mapping], expected: Sequence[ExpectedHook], *,
                 world_size: int, reads: bool, config_hash: str | None = None,
-                reads_addr: str | None = None) -> dict[int, str]:
-    """Raise ``HookPlacementError`` unless every SAE is installed where it must be.
+                reads_addr: str | None = None, act_sites: Sequence[str] = ()) -> dict[int, str]:
+    """Raise ``HookPlacementError`` unless every SAE, and every declared activation site
+    (``act_sites``, hook names), is installed where it must be.
 
     ``world_size`` is tensor x pipeline parallel (the workers of one engine); with data
     parallelism more reports arrive, in whole multiples. ``config_hash`` / ``reads_addr``:
     what every worker must report (``check_same_config``). Returns each SAE index's
     compute dtype as the workers chose it (they agree, or this raises).
     """
-    if not expected:
+    if not expected and not act_sites:
         return {}
     if len(reports) < world_size or len(reports) % world_size:
         raise HookPlacementError(
@@ -197,10 +199,21 @@ def check_hooks(reports: Sequence[Mapping], expected: Sequence[ExpectedHook], *,
                     raise HookPlacementError(
                         f"SAE {e.sae_id!r}: workers chose different compute dtypes "
                         f"({dtypes[e.index]} and {h['dtype']})")
+    for name in act_sites:
+        layer, site = parse_hook(name) or (0, "")
+        block = layer - 1 if site == "resid_pre" else layer
+        for r in reports:
+            got = [a for a in r.get("act_sites", ()) if a["hook"] == name]
+            must = block in r.get("layers", ())
+            if must != bool(got):
+                raise HookPlacementError(
+                    f"activation site {name} is {'not ' if must else ''}installed on "
+                    f"{_where(r)}, which {'holds' if must else 'does not hold'} block {block}; "
+                    "refusing to serve")
     if reads:
         stages: dict[tuple, list] = {}
         for r in reports:
-            if r.get("hooks"):
+            if r.get("hooks") or r.get("act_sites"):
                 rk = r.get("ranks") or {}
                 stages.setdefault((rk.get("dp_rank", 0), rk.get("pp_rank", 0)), []).append(r)
         for (dp, pp), rs in stages.items():

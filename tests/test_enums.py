@@ -8,6 +8,7 @@ import pytest
 
 from sae_runtime.ops import Cond, Mode
 from sae_runtime.saes.base import Site
+from sae_runtime.spec.activations import ActDtype, ActPool
 from sae_runtime.spec.interventions import Scope
 from sae_runtime.spec.reads import ReadScope
 from sae_runtime.spec.selectors import Frame
@@ -24,6 +25,8 @@ PAIRS = [
     (ReadScope, "ReadScope", "READ_SCOPE_", None),
     (FinishReason, "FinishReason", "FINISH_REASON_", None),
     (Site, "HookSite", "HOOK_SITE_", None),
+    (ActPool, "ActivationPool", "ACTIVATION_POOL_", None),
+    (ActDtype, "ActivationDtype", "ACTIVATION_DTYPE_", None),
 ]
 
 
@@ -48,6 +51,9 @@ def test_http_names_are_the_member_names():
     for table, enum in ((names.SCOPES, Scope), (names.READ_SCOPES, ReadScope),
                         (names.FRAMES, Frame), (names.SITES, Site)):
         assert {k: v for k, v in table.items()} == {m.name.lower(): m for m in enum}
+    assert names.ACT_POOLS == {m.name.lower(): m for m in ActPool}
+    assert names.ACT_DTYPES == {"float32": ActDtype.FLOAT32, "float16": ActDtype.FLOAT16,
+                                "bfloat16": ActDtype.BFLOAT16}
     assert names.OPS == {"gt": Cond.GT, "lt": Cond.LT, ">": Cond.GT, "<": Cond.LT}
     # OpenAI's name for a guardrail's stop; the rest are the members' names
     assert names.FINISH == {FinishReason.LENGTH: "length", FinishReason.STOP: "stop",

@@ -27,6 +27,13 @@ halves, defined here once:
   of ``pool_chunk_rows`` rows (about ``POOL_CHUNK_BYTES``), never ``[rows, d_sae]`` at
   once.
 
+Raw activation reads (``sae_runtime.spec.activations``) take one row per selected token row
+at each site they read, a site at most once per request, so a step's rows at a site are at
+most ``max_num_batched_tokens`` (``step.act_reads``); per request they are capped in
+positions and bytes (``check_activations``, run once the prompt length is known) and in
+number (``DEFAULT_MAX_ACTIVATION_READS``), which bounds what the side channel carries and
+the server buffers.
+
 So the sum over any step of what admitted requests need is at most what the tables hold,
 by construction; the worker asserts it (``HookTables``) and ``tests/sae_runtime/
 test_step_fuzz.py`` drives random steps at the limits to show the asserts cannot fire.
@@ -34,7 +41,7 @@ test_step_fuzz.py`` drives random steps at the limits to show the asserts cannot
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -43,6 +50,7 @@ from sae_runtime.saes.base import SAEConfig
 from sae_runtime.spec.guardrails import MAX_GUARDRAILS, GuardSpec
 from sae_runtime.spec.interventions import SteeringSpec
 from sae_runtime.spec.reads import ReadSpec
+from sae_runtime.spec.selectors import Selector
 from sae_runtime.spec.vectors import is_bank
 
 EDIT_SLOTS_PER_REQUEST = 1
@@ -56,6 +64,15 @@ POOL_CHUNK_BYTES = 32 * 2**20
 """About this many bytes of dense ``[rows, d_sae]`` float32 latents per chunk of a pooled
 read (``pool_chunk_rows``); the same budget as the tiled read (``kernels.topk_read``)."""
 FLOAT_BYTES = 4  # pooled sums and maxima are float32
+DEFAULT_MAX_ACTIVATION_READS = 8
+"""Raw activation reads one request may have (``--max-activation-reads``; one per site)."""
+DEFAULT_MAX_ACTIVATION_POSITIONS = 4096
+"""Positions one request's raw activation reads may copy, summed over its reads
+(``--max-activation-positions``)."""
+DEFAULT_MAX_ACTIVATION_BYTES = 16 * 2**20
+"""Bytes of float32 rows one request's raw activation reads may copy, summed over its reads,
+before pooling (``--max-activation-bytes``): what the side channel carries and the server
+buffers for it."""
 
 
 def watch_width(max_watch: int) -> int:
@@ -110,6 +127,44 @@ class TableSizes:
         """Preallocated pooled-read buffers of one SAE: a sum and a max per pool slot, plus
         a sink row each for the step's rows that do not pool."""
         return 2 * (self.pool_slots + 1) * d_sae * FLOAT_BYTES
+
+
+def activation_rows(sel: Selector, prompt_len: int, total: int) -> int:
+    """Rows the worker copies for one activation read over positions ``[0, total)``: the
+    hull of its windows (``sae_runtime.step.act_reads``), token-id conditions ignored."""
+    wins = sel.windows(prompt_len)
+    if not wins:
+        return 0
+    lo, hi = wins[0][0], min(wins[-1][1], total)
+    return max(hi - lo, 0)
+
+
+class ActivationCaps(Protocol):
+    max_activation_reads: int
+    max_activation_positions: int
+    max_activation_bytes: int
+
+
+def check_activations(selectors: Sequence[Selector], width: int, prompt_len: int, total: int,
+                      caps: ActivationCaps, prefix: str = "activation_reads") -> int:
+    """Refuse activation reads whose rows (over positions ``[0, total)``: the prompt and
+    the most tokens the request may generate) go past the positions or bytes caps; names
+    the read that takes the sum past a cap. Returns the rows in all."""
+    rows = 0
+    for j, sel in enumerate(selectors):
+        rows += activation_rows(sel, prompt_len, total)
+        if rows > caps.max_activation_positions:
+            raise InvalidRequestError(
+                f"{prefix}[{j}].positions", f"the activation reads select up to {rows} "
+                f"positions; the server allows at most {caps.max_activation_positions} per "
+                "request (steerd serve --max-activation-positions); select fewer positions")
+        if rows * width * FLOAT_BYTES > caps.max_activation_bytes:
+            raise InvalidRequestError(
+                f"{prefix}[{j}]", f"the activation reads need up to "
+                f"{rows * width * FLOAT_BYTES} bytes ({rows} positions x {width} values x "
+                f"{FLOAT_BYTES}); the server allows at most {caps.max_activation_bytes} per "
+                "request (steerd serve --max-activation-bytes); select fewer positions")
+    return rows
 
 
 class RequestCaps(Protocol):

@@ -56,6 +56,15 @@ class ReadPayload(msgspec.Struct, array_like=True, frozen=True):
     positions: Selector = Selector()
 
 
+class ActPayload(msgspec.Struct, array_like=True, frozen=True):
+    """One raw activation read: the declared site's index (``WorkerConfig.act_sites``) and
+    the positions (the worker copies the rows of the hull of its windows; the server keeps
+    the selected ones and pools)."""
+
+    site: int
+    positions: Selector = Selector()
+
+
 class RequestPayload(msgspec.Struct, frozen=True, omit_defaults=True):
     """Everything the worker needs about one request."""
 
@@ -63,6 +72,7 @@ class RequestPayload(msgspec.Struct, frozen=True, omit_defaults=True):
     edits: tuple[EditPayload, ...] = ()
     reads: tuple[ReadPayload, ...] = ()
     pooled: bool = False  # the reads want per-sequence sums and maxima (Encode)
+    acts: tuple[ActPayload, ...] = ()  # raw activation reads
 
 
 _REQ_ENC = msgspec.msgpack.Encoder()

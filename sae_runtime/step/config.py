@@ -74,6 +74,9 @@ class WorkerConfig(msgspec.Struct, frozen=True):
     # engines across nodes: a worker exits when the server's tcp:// read socket has been
     # unreachable this long (its API node is gone); None: no watch (one node)
     reads_lost_after_s: float | None = None
+    # raw activation reads: the declared sites (SAELens hook names, ``spec.activations``), in
+    # server order (index == ``ActPayload.site``); each is one op in the compiled graph
+    act_sites: tuple[str, ...] = ()
 
 
 # How a worker reaches the server's read socket. None of it shapes the compiled graph, and

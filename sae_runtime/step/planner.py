@@ -51,6 +51,7 @@ import torch
 
 from sae_runtime.spec.payloads import EditPayload, RequestPayload
 from sae_runtime.spec.selectors import Selector
+from sae_runtime.step.act_reads import ActPlan
 from sae_runtime.step.edits import NO_CONDITION, NO_LATCH, POS_INF, Cond, edit_rows
 from sae_runtime.step.records import ReadRecord
 from sae_runtime.step.tables import HookTables, LatchLoad, row_spans
@@ -103,10 +104,11 @@ class RequestPlan:
     # [latched rows] (mutable: the planner writes each step's latch states back)
     inline: dict[int, np.ndarray] = field(default_factory=dict)  # hook id -> the request's
     # inline vector at that bank (float32 [d]); its edit rows name the bank's inline row
+    acts: tuple[ActPlan, ...] = ()  # raw activation reads (``act_reads.plan_acts``)
 
     @property
     def empty(self) -> bool:
-        return not self.edits and not self.reads
+        return not self.edits and not self.reads and not self.acts
 
     @property
     def needs_tokens(self) -> bool:
@@ -155,7 +157,7 @@ def _edit_table(items: list[EditPayload], prompt_len: int
 
 def compile_request(payload: RequestPayload | None, prompt_len: int) -> RequestPlan:
     """``payload`` (None: a plain request) as edit rows per hook and windowed reads."""
-    if payload is None or (not payload.edits and not payload.reads):
+    if payload is None or (not payload.edits and not payload.reads and not payload.acts):
         return EMPTY_PLAN
     by_hook: dict[int, list[EditPayload]] = {}
     for ed in payload.edits:
@@ -180,8 +182,13 @@ def compile_request(payload: RequestPayload | None, prompt_len: int) -> RequestP
         if wins:
             reads.append(ReadPlan(j, r.sae, r.top_k, tuple(r.watch), wins[0][0], wins[-1][1],
                                   wins))
+    acts = []
+    for j, a in enumerate(payload.acts):
+        wins = a.positions.windows(prompt_len)
+        if wins:
+            acts.append(ActPlan(j, a.site, wins[0][0], wins[-1][1]))
     return RequestPlan(payload.rid, prompt_len, edits, hulls, tuple(reads), payload.pooled,
-                       token_rules, latch_state, inline)
+                       token_rules, latch_state, inline, tuple(acts))
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,13 @@
-"""What a worker sends back: ``ReadRecord``, one request's reads of one SAE over consecutive
-positions in one step, worker -> server over the ZMQ side channel (a msgpack list of records
-per step)."""
+"""What a worker sends back, worker -> server over the ZMQ side channel (a msgpack list of
+records per step): ``ReadRecord``, one request's reads of one SAE over consecutive positions
+in one step, and ``ActRecord``, one request's raw activations at one declared site."""
 
 from __future__ import annotations
 
 import msgspec
 
 
-class ReadRecord(msgspec.Struct, frozen=True, omit_defaults=True):
+class ReadRecord(msgspec.Struct, frozen=True, omit_defaults=True, tag="r"):
     """Reads of ``n`` consecutive positions from ``pos0`` of one request's read ``read``
     (its index in ``RequestPayload.reads``; a request may read one SAE twice, e.g. its own
     read and a guardrail's), at SAE ``sae``.
@@ -31,5 +31,22 @@ class ReadRecord(msgspec.Struct, frozen=True, omit_defaults=True):
     pmax: bytes | None = None
 
 
+class ActRecord(msgspec.Struct, frozen=True, tag="a"):
+    """Raw activations of ``n`` consecutive positions from ``pos0`` of one request's
+    activation read ``read`` (its index in ``RequestPayload.acts``) at declared site
+    ``site``: ``data`` is little-endian float32 ``[n, d]``, row-major."""
+
+    rid: str
+    read: int
+    site: int
+    pos0: int
+    n: int
+    d: int
+    data: bytes
+
+
+Record = ReadRecord | ActRecord
+"""One entry of a step's message (tagged: ``type`` is "r" or "a")."""
+
 READ_ENCODER = msgspec.msgpack.Encoder()
-READ_DECODER = msgspec.msgpack.Decoder(list[ReadRecord])
+READ_DECODER = msgspec.msgpack.Decoder(list[Record])

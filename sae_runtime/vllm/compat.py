@@ -91,6 +91,7 @@ def graph_refusals(mode: str) -> list[str]:
 
 
 HOOK_OP = "sae_steer::sae_hook"
+ACT_OP = "sae_steer::act_read"  # a raw activation read's copy (a host row count, like reads)
 
 
 def on_cuda() -> bool:
@@ -126,7 +127,8 @@ def cuda_compilation_config() -> dict:
     """
     probe = CompilationConfig(mode=CompilationMode.VLLM_COMPILE)
     probe.set_splitting_ops_for_v1("allgather_reducescatter")
-    return {"cudagraph_mode": "PIECEWISE", "splitting_ops": [*probe.splitting_ops, HOOK_OP]}
+    return {"cudagraph_mode": "PIECEWISE",
+            "splitting_ops": [*probe.splitting_ops, HOOK_OP, ACT_OP]}
 
 
 # ---------------------------------------------------------------- parallel state (workers)

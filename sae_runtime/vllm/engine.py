@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sae_runtime.spec.interventions import SteeringSpec
-from sae_runtime.spec.payloads import EXTRA_ARGS_KEY, RequestPayload, encode_request
+from sae_runtime.spec.payloads import EXTRA_ARGS_KEY, ActPayload, RequestPayload, encode_request
 from sae_runtime.spec.reads import ReadSpec
 from sae_runtime.step.config import (
     DEFAULT_READS_MAX_MESSAGE_BYTES,
@@ -59,6 +59,7 @@ class EngineSettings:
     data_parallel_start_rank: int | None = None
     # engine nodes: how long a worker outlives an unreachable API node (None: no watch)
     reads_lost_after_s: float | None = None
+    act_sites: tuple[str, ...] = ()  # raw activation read sites (--activation-hooks), resolved
 
 
 def worker_config_of(s: EngineSettings) -> WorkerConfig:
@@ -67,7 +68,7 @@ def worker_config_of(s: EngineSettings) -> WorkerConfig:
         saes=tuple(SAEEntry(**e) for e in s.saes), max_interventions=s.max_interventions,
         max_watch=s.max_watch, reads_addr=s.reads_addr, sae_dtype=s.sae_dtype,
         reads_keys=s.reads_keys, reads_max_message_bytes=s.reads_max_message_bytes,
-        reads_lost_after_s=s.reads_lost_after_s)
+        reads_lost_after_s=s.reads_lost_after_s, act_sites=tuple(s.act_sites))
 
 
 def engine_args(s: EngineSettings) -> Any:
@@ -82,7 +83,7 @@ def engine_args(s: EngineSettings) -> Any:
     patched; on CPU vLLM builds V1 and captures no graphs.
     """
     extra: dict[str, Any] = {}
-    if s.saes and not s.enforce_eager and compat.on_cuda():
+    if (s.saes or s.act_sites) and not s.enforce_eager and compat.on_cuda():
         extra["compilation_config"] = compat.cuda_compilation_config()
     return compat.AsyncEngineArgs(
         model=s.model,
@@ -207,21 +208,24 @@ def make_sampling_params(
     spec: SteeringSpec, sae_index: dict[str, int],
     reads: ReadSpec | None = None, request_id: str = "",
     logprobs: int | None = None, prompt_logprobs: int | None = None,
+    acts: tuple[ActPayload, ...] = (),
 ) -> Any:
     """SamplingParams carrying the request's edits and reads to the worker.
 
     A request that reads prompt positions skips reading the prefix cache, so every prompt
     position is computed (and reported); it still writes the cache for others (vLLM does the
     same for prompt logprobs). So does a request with a latched conditional edit: its latch
-    must see every prompt position. ``logprobs`` / ``prompt_logprobs``: top-n alternatives per
+    must see every prompt position, and a raw activation read (``acts``) that may select
+    prompt positions. ``logprobs`` / ``prompt_logprobs``: top-n alternatives per
     generated / prompt token (vLLM's raw log-softmax), None for none.
     """
     rd = reads if reads is not None and reads.reads else None
     payload = None
-    if spec.interventions or rd is not None:
+    if spec.interventions or rd is not None or acts:
         payload = RequestPayload(rid=request_id, edits=spec.to_payload(sae_index),
                                  reads=rd.to_payload(sae_index) if rd else (),
-                                 pooled=rd.pooled if rd else False)
+                                 pooled=rd.pooled if rd else False, acts=tuple(acts))
+    acts_prompt = any(a.positions.may_select_prompt for a in acts)
     return compat.SamplingParams(
         max_tokens=max_tokens,
         temperature=temperature,
@@ -236,7 +240,7 @@ def make_sampling_params(
         output_kind=compat.RequestOutputKind.DELTA,
         extra_args={EXTRA_ARGS_KEY: encode_request(payload)} if payload else None,
         skip_reading_prefix_cache=True if (reads is not None and reads.wants_prompt)
-        or spec.latched else None,
+        or spec.latched or acts_prompt else None,
     )
 
 

@@ -1,6 +1,6 @@
 """Worker -> server transport for feature reads (ZMQ PUSH/PULL).
 
-One step's reads are a msgpack list of ``ReadRecord`` (the schema both ends import;
+One step's reads are a msgpack list of ``ReadRecord`` and ``ActRecord`` (the schema both ends import;
 ``server/core/reads.py`` decodes it). PUSH/PULL is ordered and loss-free; the send blocks when
 the server falls ``SNDHWM`` messages behind (backpressure instead of loss or unbounded
 memory).
@@ -28,7 +28,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from sae_runtime.step.config import DEFAULT_READS_MAX_MESSAGE_BYTES, ReadsKeys
-from sae_runtime.step.records import READ_ENCODER, ReadRecord
+from sae_runtime.step.records import READ_ENCODER, ActRecord, Record
 
 log = logging.getLogger("sae_runtime.side_channel")
 
@@ -45,9 +45,11 @@ def _array_header(n: int) -> bytes:
     return b"\xdd" + n.to_bytes(4, "big")
 
 
-def _split(rec: ReadRecord, size: int, cap: int) -> list[ReadRecord]:
+def _split(rec: Record, size: int, cap: int) -> list[Record]:
     """``rec`` (encoded ``size`` bytes) as records of consecutive positions that fit ``cap``;
     a pooled record's sum and max ride on its first piece. [] if one position cannot fit."""
+    if isinstance(rec, ActRecord):
+        return _split_act(rec, size, cap)
     per_pos = 4 * (2 * rec.k + rec.w)
     fixed = size - rec.n * per_pos + _RECORD_SLACK
     m = (cap - _ARRAY_HEADER - fixed) // per_pos if per_pos else rec.n
@@ -65,7 +67,20 @@ def _split(rec: ReadRecord, size: int, cap: int) -> list[ReadRecord]:
     return out
 
 
-def pack(records: list[ReadRecord], cap: int = DEFAULT_READS_MAX_MESSAGE_BYTES) -> list[bytes]:
+def _split_act(rec: ActRecord, size: int, cap: int) -> list[Record]:
+    per_pos = 4 * rec.d
+    fixed = size - rec.n * per_pos + _RECORD_SLACK
+    m = (cap - _ARRAY_HEADER - fixed) // per_pos if per_pos else rec.n
+    if m < 1:
+        log.error("an activation record of request %s needs %d bytes for one position, over "
+                  "the %d-byte message cap; dropped", rec.rid, fixed + per_pos, cap)
+        return []
+    return [msgspec.structs.replace(rec, pos0=rec.pos0 + j, n=min(m, rec.n - j),
+                                    data=rec.data[per_pos * j: per_pos * (j + min(m, rec.n - j))])
+            for j in range(0, rec.n, m)]
+
+
+def pack(records: list[Record], cap: int = DEFAULT_READS_MAX_MESSAGE_BYTES) -> list[bytes]:
     """``records`` as msgpack lists of at most ``cap`` bytes each, in order (what
     ``READ_DECODER`` reads back); a record over the cap is split by positions (``_split``)."""
     msgs: list[bytes] = []
@@ -182,7 +197,7 @@ class ReadPublisher:
                 self.on_lost()
                 return
 
-    def send(self, records: list[ReadRecord]) -> None:
+    def send(self, records: list[Record]) -> None:
         """Push one step's records (as several messages when they exceed the cap). Never
         raises: this runs inside the model's forward, where an exception kills the engine."""
         if self.needs_keys and self.keys is None:

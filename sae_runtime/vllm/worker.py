@@ -44,7 +44,9 @@ from sae_runtime.kernels import read_topk
 from sae_runtime.loading import load_sae, load_sae_config
 from sae_runtime.loading.vectors import Bank, bank_sae, build_banks
 from sae_runtime.ops import fold_norm_weight
+from sae_runtime.spec.activations import parse_hook
 from sae_runtime.spec.budget import TableSizes
+from sae_runtime.step.act_reads import ActSegment, ActSite, collect_acts, plan_acts
 from sae_runtime.step.config import ReadsKeys, check_placement, config_hash, worker_config
 from sae_runtime.step.planner import ReadSegment, collect_reads, plan_step
 from sae_runtime.step.tables import HookTables
@@ -67,8 +69,11 @@ SKIP_PATCH_ENV = "SAE_STEERING_TEST_SKIP_RUNNER_PATCH"
 class SteeringState:
     """All hooks of this worker, the compiled payloads of its requests, and the step's reads."""
 
-    def __init__(self, hooks: list[HookTables | None], publisher: ReadPublisher | None) -> None:
+    def __init__(self, hooks: list[HookTables | None], publisher: ReadPublisher | None,
+                 acts: list[ActSite | None] | None = None) -> None:
         self.hooks = hooks  # indexed like the server's SAE list: hook id == SAE index
+        self.acts = acts or []  # declared activation sites (None: another stage's block)
+        self.act_segments: list[ActSegment] = []
         self.publisher = publisher  # None: this rank does not publish reads
         # by vLLM request id, dropped when the request finishes (its latch states with it)
         self.plans = RequestPlans()
@@ -100,18 +105,27 @@ class SteeringState:
         # enter the all-gather alike (the decision reads the row counts).
         read_hooks = None if self.publisher is not None else set(_SHARDS) | _SPLIT_READS
         self.segments = plan_step(self.hooks, step, read_hooks)
+        # raw activations: replicated sites, so only the publishing rank copies them
+        if self.acts and self.publisher is not None and step.requests:
+            self.act_segments = plan_acts(self.acts, step.cols())
 
     def publish_reads(self) -> None:
         """Send this step's reads to the server, one record per segment."""
-        if not self.segments or self.publisher is None:
+        if (not self.segments and not self.act_segments) or self.publisher is None:
             return
         with compat.gpu_sync_allowed():  # the reads' device-to-host copies
-            records = collect_reads(self.hooks, self.segments)
+            records = collect_reads(self.hooks, self.segments) if self.segments else []
+            if self.act_segments:
+                records += collect_acts(self.acts, self.act_segments)
         if records:
             self.publisher.send(records)
 
     def end_step(self) -> None:
         self.segments = []
+        self.act_segments = []
+        for site in self.acts:
+            if site is not None:
+                site.clear()
         with compat.gpu_sync_allowed():  # waits for the step's table upload
             for hook in self.hooks:
                 if hook is not None:
@@ -184,6 +198,19 @@ def _sae_stash_fake(x: torch.Tensor, hook_id: int) -> torch.Tensor:
     return torch.empty_like(x)
 
 
+def _act_read(x: torch.Tensor, residual: torch.Tensor | None, site_id: int) -> torch.Tensor:
+    """A declared activation site: keep the step's planned rows of ``x`` (+ ``residual``:
+    the stream of a Llama-style layer) in the site's buffer (``act_reads.ActSite``); a copy
+    of ``x`` flows on (an op may not return its input), so the graph keeps the op in place."""
+    assert _STATE is not None, "act_read ran before the sites were installed"
+    _STATE.acts[site_id].copy(x, residual)
+    return x.clone()
+
+
+def _act_read_fake(x: torch.Tensor, residual: torch.Tensor | None, site_id: int) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
 _LIB = torch.library.Library("sae_steer", "FRAGMENT")  # kept alive for the op's lifetime
 
 
@@ -196,27 +223,37 @@ def _register_op() -> None:
     compat.direct_register_custom_op(
         "sae_stash", _sae_stash, mutates_args=[], fake_impl=_sae_stash_fake, target_lib=_LIB
     )
+    compat.direct_register_custom_op(
+        "act_read", _act_read, mutates_args=[], fake_impl=_act_read_fake, target_lib=_LIB
+    )
 
 
 # --------------------------------------------------------------------------- patches
 
 
-def _wrap_output(mod: torch.nn.Module, hook_ids: list[int], residual_tuple: bool) -> None:
-    """Pass ``mod``'s output through the op, once per hook id, in order."""
+def _wrap_output(mod: torch.nn.Module, hook_ids: list[int], residual_tuple: bool,
+                 act_ids: list[int] = ()) -> None:
+    """Pass ``mod``'s output through the op, once per hook id, in order; then through the
+    activation read op of each declared site there (so it sees the edits)."""
     orig = mod.forward
     ids = tuple(hook_ids)
+    acts = tuple(act_ids)
 
     if residual_tuple:
         def forward(*args, **kwargs):
             hidden_states, residual = orig(*args, **kwargs)
             for hook_id in ids:
                 hidden_states = torch.ops.sae_steer.sae_hook(hidden_states, residual, hook_id)
+            for site_id in acts:
+                hidden_states = torch.ops.sae_steer.act_read(hidden_states, residual, site_id)
             return hidden_states, residual
     else:
         def forward(*args, **kwargs):
             x = orig(*args, **kwargs)
             for hook_id in ids:
                 x = torch.ops.sae_steer.sae_hook(x, None, hook_id)
+            for site_id in acts:
+                x = torch.ops.sae_steer.act_read(x, None, site_id)
             return x
 
     mod.forward = forward
@@ -439,14 +476,37 @@ def install(runner) -> None:
         if split is not None:
             log.info("SAE %s: tp rank %d/%d reads features [%d, %d) of %d (tp_reads)",
                      entry.id, ranks["tp_rank"], tp, split.lo, split.hi, c.d_sae)
-    for (block, site), ids in targets.items():
+    # declared raw activation sites: one op each, after the SAE hooks of the same module
+    acts: list[ActSite | None] = []
+    act_report: list[dict] = []
+    act_targets: dict[tuple[int, str], list[int]] = {}
+    for name in cfg.act_sites:
+        parsed = parse_hook(name)
+        if parsed is None:
+            raise SAEFormatError(f"activation site {name!r} is not a readable hook name")
+        layer_no, kind = parsed
+        block = layer_no - 1 if kind == "resid_pre" else layer_no
+        if block not in all_layers:
+            raise SAEFormatError(f"activation site {name!r}: the model has blocks "
+                                 f"0..{max(all_layers)}")
+        if block not in layers:  # another pipeline stage holds this block
+            acts.append(None)
+            continue
+        site = "out" if kind in ("resid_post", "resid_pre") else kind
+        act_targets.setdefault((block, site), []).append(len(acts))
+        acts.append(ActSite(hidden, max_tokens, device))
+        act_report.append({"site": len(acts) - 1, "hook": name, "block": block})
+    for block, site in dict.fromkeys([*targets, *act_targets]):
+        ids = targets.get((block, site), [])
+        act_ids = act_targets.get((block, site), [])
         layer = layers[block]
         if site == "out":
-            _wrap_output(layer, ids, family.residual_tuple)
+            _wrap_output(layer, ids, family.residual_tuple, act_ids)
         elif site == "z":
             _wrap_input(layer.get_submodule(family.z), ids)
         else:
-            _wrap_output(layer.get_submodule(getattr(family, site)), ids, residual_tuple=False)
+            _wrap_output(layer.get_submodule(getattr(family, site)), ids, residual_tuple=False,
+                         act_ids=act_ids)
     # After the output wraps: where the MLP is also the mlp_out module (Llama), the stash
     # wraps the hook's wrapper, so the input is kept before the MLP and its hook run.
     for block, ids in stashes.items():
@@ -464,9 +524,10 @@ def install(runner) -> None:
                                  lost_after_s=cfg.reads_lost_after_s or 0.0)
     _SHARDS.update(shards)
     _SPLIT_READS.update(i for i, h in enumerate(hooks) if h is not None and h.read_split is not None)
-    _STATE = SteeringState(hooks, _CHANNEL if publish else None)
+    _STATE = SteeringState(hooks, _CHANNEL if publish else None, acts)
     vc = runner.vllm_config
-    _REPORT.update(ranks=ranks, layers=sorted(layers), hooks=report, installed=True,
+    _REPORT.update(ranks=ranks, layers=sorted(layers), hooks=report, act_sites=act_report,
+                   installed=True,
                    publishes=publish, node=compat.node_of(vc),
                    config_hash=config_hash(cfg), reads_addr=addr,
                    engine={"model": runner.model_config.model, "dtype": model_dtype,

@@ -9,10 +9,11 @@ import math
 
 import numpy as np
 
+from sae_runtime.spec.activations import ActivationRead, ActPool, pool_rows
 from sae_runtime.spec.guardrails import GuardSpec
 from sae_runtime.spec.reads import Read
-from server.core.reads import RequestReads
-from server.core.types import FeatureActivations, PooledActivations, PooledFeature
+from server.core.reads import RequestReads, act_key
+from server.core.types import ActivationRows, FeatureActivations, PooledActivations, PooledFeature
 
 log = logging.getLogger("steerd")
 
@@ -34,13 +35,21 @@ class ReadFeed:
     A guarded position whose hidden read never arrives (``wait_s`` passed) has no value: it
     passes the guardrails, or, with ``trip_missing`` (``--guardrail-missing-read trip``),
     trips the first guardrail watching it, with value NaN.
+
+    Raw activation reads (``acts``) ride along: ``take`` moves their rows of the positions
+    it hands out into ``activations`` (per position) or keeps them for pooling
+    (``activations(final=True)`` pools them).
     """
 
     def __init__(self, buf: RequestReads, reads: tuple[Read, ...], prompt: list[int],
                  shown: int | None = None, *, wait_s: float = READ_WAIT_S,
-                 trip_missing: bool = False) -> None:
+                 trip_missing: bool = False, acts: tuple[ActivationRead, ...] = ()) -> None:
         self.buf = buf
         self.reads = list(enumerate(reads))  # (read index, read)
+        self.acts = list(enumerate(acts))
+        # per activation read: the positions and rows taken and not yet handed out
+        self._act_pos: list[list[int]] = [[] for _ in acts]
+        self._act_rows: list[list[np.ndarray]] = [[] for _ in acts]
         self.shown = len(reads) if shown is None else shown
         self.prompt = prompt
         self.generated: list[int] = []
@@ -62,10 +71,16 @@ class ReadFeed:
         n, tok = len(self.prompt), self._token(p)
         return [(j, r) for j, r in self.reads if r.covers(p, n, tok)]
 
+    def _wanted_acts(self, p: int) -> list[int]:
+        """The activation reads whose selectors pick position ``p``."""
+        n, tok = len(self.prompt), self._token(p)
+        return [j for j, a in self.acts if a.selector.covers(p, n, tok)]
+
     def _expected(self, upto: int) -> dict[int, set[int]]:
         out = {}
         for p in range(self.next_pos, upto):
             want = {j for j, _ in self._wanted(p)}
+            want.update(act_key(j) for j in self._wanted_acts(p))
             if want:
                 out[p] = want
         return out
@@ -116,7 +131,9 @@ class ReadFeed:
             p = self.next_pos
             have = self.buf.by_pos.get(p, {})
             wanted = self._wanted(p)
-            if any(j not in have for j, _ in wanted) and not final:
+            acts = self._wanted_acts(p) if self.acts else ()
+            if not final and (any(j not in have for j, _ in wanted)
+                              or any(act_key(j) not in have for j in acts)):
                 break  # keep order: wait for this position
             tok = self._token(p)
             for j, r in wanted:
@@ -125,10 +142,33 @@ class ReadFeed:
                     f = FeatureActivations(p, tok, r.sae, pr.indices, pr.values, pr.watch)
                     size += f.nbytes()
                     out.append(f)
+            for j in acts:
+                row = have.get(act_key(j))
+                if row is not None:  # (a lost row is logged by wait_complete)
+                    self._act_pos[j].append(p)
+                    self._act_rows[j].append(row)
+                    size += 4 * row.size
             self.next_pos += 1
         # sent (and checked): a long stream keeps only what is unsent
         self.buf.forget_below(min(self.next_pos, self.next_guard) if self.shown < len(self.reads)
                               else self.next_pos)
+        return out
+
+    def activations(self, final: bool = False) -> list[ActivationRows]:
+        """The rows ``take`` has handed out since the last call, one entry per per-position
+        read with rows; with ``final``, also one pooled row per pooled read (an empty
+        ``[0, d]`` entry when none of its positions arrived)."""
+        out = []
+        for j, a in self.acts:
+            pos, rows = self._act_pos[j], self._act_rows[j]
+            if a.pool is ActPool.NONE:
+                if pos:
+                    out.append(ActivationRows(a.hook, pos, np.stack(rows), a.pool, a.dtype))
+                    self._act_pos[j], self._act_rows[j] = [], []
+            elif final:
+                values = pool_rows(np.stack(rows), a.pool) if rows else np.zeros((0, 0), np.float32)
+                out.append(ActivationRows(a.hook, pos, values, a.pool, a.dtype))
+                self._act_pos[j], self._act_rows[j] = [], []
         return out
 
     def pending(self, fed: int | None = None) -> bool:

@@ -42,7 +42,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from sae_runtime.step.config import DEFAULT_READS_MAX_MESSAGE_BYTES, ReadsKeys
-from sae_runtime.step.records import READ_DECODER, ReadRecord
+from sae_runtime.step.records import READ_DECODER, ActRecord, ReadRecord
 
 log = logging.getLogger("steerd.reads")
 
@@ -61,8 +61,15 @@ class Pooled:
     ranges: set[tuple[int, int]] = field(default_factory=set)
 
 
+def act_key(read: int) -> int:
+    """The ``RequestReads.by_pos`` key of activation read ``read``: keys below 0 are raw
+    activation rows (``ActRecord.read`` j is ``-1 - j``), the others feature reads."""
+    return -1 - read
+
+
 class RequestReads:
-    """Reads of one request: position -> read index (``ReadRecord.read``) -> PositionRead."""
+    """Reads of one request: position -> read index (``ReadRecord.read``) -> PositionRead,
+    and raw activation rows under ``act_key`` (a float32 ``[d]`` array)."""
 
     def __init__(self) -> None:
         self.by_pos: dict[int, dict[int, PositionRead]] = {}
@@ -89,6 +96,13 @@ class RequestReads:
                 p.ranges.add(rng)
                 p.total += psum
                 np.maximum(p.maximum, pmax, out=p.maximum)
+        self.changed.set()
+
+    def add_act(self, rec: ActRecord) -> None:
+        rows = np.frombuffer(rec.data, dtype="<f4").reshape(rec.n, rec.d)
+        key = act_key(rec.read)
+        for j in range(max(self.floor - rec.pos0, 0), rec.n):
+            self.by_pos.setdefault(rec.pos0 + j, {}).setdefault(key, rows[j])  # first one wins
         self.changed.set()
 
     def forget_below(self, pos: int) -> None:
@@ -125,12 +139,33 @@ class RecordLimits:
     max_watch: int
     max_positions: int  # the engine's max_model_len: every position is below it
     max_reads: int = 4096  # a request's read index (``ReadRecord.read``) is below it
+    act_sites: int = 0  # declared activation sites (``ActRecord.site`` is below it)
+    act_width: int = 0  # their width (the hidden size)
+    max_act_reads: int = 0  # a request's activation read index is below it
 
 
 def min_message_bytes(d_sae: tuple[int, ...], max_top_k: int, max_watch: int) -> int:
     """The smallest message cap that still carries one position of the largest read, pooled
     sums included (the publisher splits records by position, never below one)."""
     return 8 * max_top_k + 4 * max_watch + 8 * max(d_sae, default=0) + 4096
+
+
+def check_act_record(rec: ActRecord, lim: RecordLimits | None) -> str | None:
+    """Why an activation record is malformed (None: well formed): bytes that disagree with
+    ``n``/``d``, an unknown site, a width other than the sites', positions out of range."""
+    if rec.n < 1 or rec.d < 1 or rec.pos0 < 0 or rec.read < 0 or rec.site < 0:
+        return f"negative or empty shape (pos0 {rec.pos0}, n {rec.n}, d {rec.d})"
+    if len(rec.data) != 4 * rec.n * rec.d:
+        return f"{len(rec.data)} bytes disagree with n {rec.n}, d {rec.d}"
+    if lim is None:
+        return None
+    if rec.site >= lim.act_sites or rec.read >= lim.max_act_reads:
+        return f"activation site {rec.site} or read {rec.read} over the server's declared sites"
+    if rec.d != lim.act_width:
+        return f"activation width {rec.d}, the declared sites have {lim.act_width}"
+    if rec.pos0 + rec.n > lim.max_positions:
+        return f"positions {rec.pos0}..{rec.pos0 + rec.n - 1} beyond max_model_len {lim.max_positions}"
+    return None
 
 
 def check_record(rec: ReadRecord, lim: RecordLimits | None) -> str | None:
@@ -303,7 +338,7 @@ class ReadRouter:
                 self._drop("malformed", repr(e))
 
     def route(self, buf) -> None:
-        """Check and route one message (a msgpack list of ``ReadRecord``)."""
+        """Check and route one message (a msgpack list of ``ReadRecord`` / ``ActRecord``)."""
         if len(buf) > self.max_message_bytes:
             self._drop("oversized", f"{len(buf)} bytes > {self.max_message_bytes}")
             return
@@ -317,11 +352,15 @@ class ReadRouter:
             if reads is None:  # a finished/cancelled request's late step, or a made-up id
                 self._drop("unknown_request")
                 continue
-            why = check_record(rec, self.limits)
+            act = isinstance(rec, ActRecord)
+            why = check_act_record(rec, self.limits) if act else check_record(rec, self.limits)
             if why is not None:
                 self._drop("malformed", why)
                 continue
-            reads.add(rec)
+            if act:
+                reads.add_act(rec)
+            else:
+                reads.add(rec)
 
     async def _watch_handshakes(self) -> None:
         """Count peers refused at the handshake (no keys, wrong keys, not ZMTP at all)."""

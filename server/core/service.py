@@ -32,6 +32,8 @@ from sae_runtime.errors import (
 )
 from sae_runtime.labels import store as feats
 from sae_runtime.saes.base import SAEConfig, Site
+from sae_runtime.spec.activations import NO_SITES, ActivationRead, DeclaredSites
+from sae_runtime.spec.activations import to_payload as act_payload
 from sae_runtime.spec.interventions import SteeringSpec
 from sae_runtime.spec.reads import ReadSpec
 from sae_runtime.spec.vectors import VectorIndex
@@ -104,6 +106,7 @@ class Core:
         read_wait_s: float = READ_WAIT_S,
         guardrail_missing_read: str = "pass",
         on_engine_dead: Callable[[], None] | None = None,
+        sites: DeclaredSites = NO_SITES,
     ) -> None:
         if guardrail_missing_read not in GUARDRAIL_MISSING_READ:
             raise ValueError(f"guardrail_missing_read: one of {GUARDRAIL_MISSING_READ}")
@@ -117,6 +120,7 @@ class Core:
         self.limits = limits
         self.compiled = compiled
         self.router = router
+        self.sites = sites  # raw activation read sites (--activation-hooks)
         self.sae_dtypes = dict(sae_dtypes or {})  # SAE id -> compute dtype the workers chose
         self.on_engine_dead = on_engine_dead or (lambda: None)
         self.max_model_len = engine.model_config.max_model_len
@@ -205,7 +209,8 @@ class Core:
         """
         self.check_engine()
         self.check_room()
-        gen = validate.generation(req, saes=self.saes, limits=self.limits, vectors=self.vectors)
+        gen = validate.generation(req, saes=self.saes, limits=self.limits, vectors=self.vectors,
+                                  sites=self.sites)
         release = self.admit(gen.spec)
         try:
             ids = await self._tokens(gen.prompt, "prompt")
@@ -213,6 +218,8 @@ class Core:
                 room = max(self.max_model_len - len(ids), 1)
                 gen = gen.with_max_tokens(min(room, self.limits.max_new_tokens or room))
             validate.check_lengths(len(ids), gen.max_tokens, self.max_model_len, self.limits)
+            validate.activation_budget(gen.acts, len(ids), len(ids) + gen.max_tokens, self.sites,
+                                       self.limits)
         except BaseException:
             release()
             raise
@@ -369,15 +376,18 @@ class Core:
             stop_token_ids=list(gen.stop_token_ids), ignore_eos=gen.ignore_eos,
             spec=gen.spec, sae_index=self.hook_index, reads=reads, request_id=engine_id,
             logprobs=gen.logprobs, prompt_logprobs=gen.prompt_logprobs,
+            acts=act_payload(gen.acts, self.sites),
         )
         log.info("generate request_id=%s prompt_tokens=%d max_tokens=%d interventions=%d reads=%d",
                  shown_id, len(ids), gen.max_tokens, len(gen.spec.interventions),
                  len(gen.reads.reads), extra={"request_id": shown_id})
         if guards.guards and self.router is None:
             raise InvalidRequestError("abort_when", "this server has no read channel")
-        buf = self.router.register(engine_id) if reads and self.router else None
-        feed = (ReadFeed(buf, reads.reads, ids, shown=len(gen.reads.reads),
-                         wait_s=self.read_wait_s, trip_missing=self.trip_missing)
+        if gen.acts and self.router is None:
+            raise InvalidRequestError("activation_reads", "this server has no read channel")
+        buf = self.router.register(engine_id) if (reads or gen.acts) and self.router else None
+        feed = (ReadFeed(buf, reads.reads if reads else (), ids, shown=len(gen.reads.reads),
+                         wait_s=self.read_wait_s, trip_missing=self.trip_missing, acts=gen.acts)
                 if buf is not None else None)
         trip: GuardrailTrip | None = None
         sent_text = ""
@@ -432,6 +442,8 @@ class Core:
                         if finished:
                             await feed.wait_complete(shown_id)
                         msg.features = feed.take(final=finished)
+                    if gen.acts:
+                        msg.activations = feed.activations(final=finished or trip is not None)
                 if trip is not None:
                     msg.finish_reason = FinishReason.FEATURE
                     msg.guardrail = trip
@@ -446,12 +458,17 @@ class Core:
                     self.metrics.tokens.inc(n_gen)
                     if t_first is not None and n_gen > 1:
                         self.metrics.tpot.observe((time.perf_counter() - t_first) / (n_gen - 1))
+                # prompt-position rows are exempt from the outbox cap (``Outbox``)
+                exempt_acts = sum(a.values[0].nbytes if len(a.values) else 0
+                                  for a in msg.activations for p in a.positions if p < n_prompt
+                                  if a.values.shape[0] == len(a.positions))
                 if msg.features:
                     self.metrics.read_positions.inc(len({f.position for f in msg.features}))
-                    for piece in split(msg, part):
-                        yield piece, sum(f.nbytes() for f in piece.features if f.position < n_prompt)
+                    for i, piece in enumerate(split(msg, part)):
+                        yield piece, (sum(f.nbytes() for f in piece.features if f.position < n_prompt)
+                                      + (exempt_acts if i == 0 else 0))
                 else:
-                    yield msg, 0
+                    yield msg, exempt_acts
                 if trip is not None:
                     break  # leaving the loop aborts the engine request (``finally``)
         finally:
@@ -467,7 +484,8 @@ class Core:
         self.check_engine()
         self.check_room()
         reads = validate.encode_reads(req.reads, n_inputs=len(req.inputs), saes=self.saes,
-                                      limits=self.limits)
+                                      limits=self.limits, acts=req.activation_reads,
+                                      sites=self.sites)
         prompts_ = [validate.checked_prompt(p, f"inputs[{j}]", self.limits.vocab_size)
                     for j, p in enumerate(req.inputs)]
         release = self.admit(SteeringSpec())
@@ -476,24 +494,29 @@ class Core:
             for j, p in enumerate(prompts_):
                 toks = await self._tokens(p, f"inputs[{j}]")
                 validate.check_lengths(len(toks), 1, self.max_model_len, self.limits, f"inputs[{j}]")
+                validate.activation_budget(req.activation_reads, len(toks), len(toks), self.sites,
+                                           self.limits)
                 all_ids.append(toks)
-            results = await asyncio.gather(*(self._encode_one(ids, reads, caller) for ids in all_ids))
+            results = await asyncio.gather(*(self._encode_one(ids, reads, caller,
+                                                              req.activation_reads)
+                                             for ids in all_ids))
         finally:
             release()
         size = sum(f.nbytes() for r in results for f in r.features)
         size += sum(5 * len(r.token_ids) + sum(16 + 14 * len(p.features) for p in r.pooled)
-                    for r in results)
+                    + sum(a.nbytes() for a in r.activations) for r in results)
         if size > self.max_stream_buffer_bytes:
             self.metrics.rejected.labels("reply_bytes").inc()
             raise validate.reply_cap(self.max_stream_buffer_bytes, "Encode answer")
         return results
 
-    async def _encode_one(self, ids: list[int], reads: ReadSpec, caller: Caller) -> EncodeResult:
+    async def _encode_one(self, ids: list[int], reads: ReadSpec, caller: Caller,
+                          acts: tuple[ActivationRead, ...] = ()) -> EncodeResult:
         engine_id = uuid.uuid4().hex
         params = eng.make_sampling_params(
             max_tokens=1, temperature=0.0, top_p=1.0, top_k=0, seed=None, stop=[],
             stop_token_ids=[], ignore_eos=True, spec=SteeringSpec(), sae_index=self.hook_index,
-            reads=reads, request_id=engine_id,
+            reads=reads, request_id=engine_id, acts=act_payload(acts, self.sites),
         )
         if self.router is None:
             raise InvalidRequestError("reads", "this server has no read channel")
@@ -501,10 +524,11 @@ class Core:
         try:
             async for _ in self._run(ids, params, SteeringSpec(), engine_id, caller=caller):
                 pass
-            feed = ReadFeed(buf, reads.reads, ids, wait_s=self.read_wait_s)
+            feed = ReadFeed(buf, reads.reads, ids, wait_s=self.read_wait_s, acts=acts)
             await feed.wait_complete(engine_id, fed=len(ids))
             return EncodeResult(ids, feed.take(final=True, fed=len(ids)),
-                                [pooled(buf, r, j, len(ids)) for j, r in enumerate(reads.reads)])
+                                [pooled(buf, r, j, len(ids)) for j, r in enumerate(reads.reads)],
+                                feed.activations(final=True))
         finally:
             self.router.unregister(engine_id)
 
@@ -589,6 +613,10 @@ class Core:
             inline_vector_layers=tuple(sorted(self.vectors.inline)),
             max_inline_vectors=validate.MAX_INLINE_VECTORS if self.vectors.inline else 0,
             device=rt.device, model_runner=rt.model_runner, cudagraph_mode=rt.cudagraph_mode,
+            activation_hooks=self.sites.names,
+            max_activation_reads=lim.max_activation_reads if self.sites.names else 0,
+            max_activation_positions=lim.max_activation_positions if self.sites.names else 0,
+            max_activation_bytes=lim.max_activation_bytes if self.sites.names else 0,
         )
 
 
@@ -686,7 +714,8 @@ def split(chunk: Chunk, part: int) -> list[Chunk]:
         return [chunk]
     nxt = chunk.first_position + len(chunk.token_ids)
     out = [Chunk(chunk.request_id, chunk.token_ids, chunk.text, chunk.first_position,
-                 chunk.prompt_token_ids, chunk.logprobs, chunk.prompt_logprobs, groups[0])]
+                 chunk.prompt_token_ids, chunk.logprobs, chunk.prompt_logprobs, groups[0],
+                 activations=chunk.activations)]
     out += [Chunk(chunk.request_id, [], "", nxt, features=g) for g in groups[1:]]
     last = out[-1]
     last.finish_reason, last.guardrail, last.usage = chunk.finish_reason, chunk.guardrail, chunk.usage

@@ -10,12 +10,13 @@ core does that (``server.core.validate``), naming fields by the API's paths
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 
 import numpy as np
 
 from sae_runtime.saes.base import Site
+from sae_runtime.spec.activations import ActDtype, ActivationRead, ActPool
 from sae_runtime.spec.guardrails import Guardrail
 from sae_runtime.spec.interventions import Intervention
 from sae_runtime.spec.reads import Read
@@ -78,6 +79,7 @@ class GenerateRequest:
     vectors: tuple[NamedVector, ...] = ()
     inline_vectors: tuple[InlineVector, ...] = ()
     request_id: str = ""
+    activation_reads: tuple[ActivationRead, ...] = ()
     fit_max_tokens: bool = False
     """Unset ``max_tokens`` means whatever the context (and --max-new-tokens) allows, as in
     OpenAI's chat API; else ``DEFAULT_MAX_TOKENS``."""
@@ -87,6 +89,7 @@ class GenerateRequest:
 class EncodeRequest:
     inputs: tuple[Prompt | None, ...]
     reads: tuple[Read, ...]
+    activation_reads: tuple[ActivationRead, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,22 @@ class FeatureActivations:
 
 
 @dataclass(slots=True)
+class ActivationRows:
+    """Rows of one activation read: ``values [len(positions), d]`` float32 per position, or
+    ``[1, d]`` pooled over ``positions``; the doors pack them as ``dtype``."""
+
+    hook: str
+    positions: list[int]
+    values: np.ndarray  # float32 [rows, d]
+    pool: ActPool = ActPool.NONE
+    dtype: ActDtype = ActDtype.FLOAT32
+
+    def nbytes(self) -> int:
+        """About its encoded size (``Chunk.nbytes``)."""
+        return 16 + len(self.hook) + 5 * len(self.positions) + self.values.size * self.dtype.itemsize
+
+
+@dataclass(slots=True)
 class Usage:
     prompt_tokens: int
     completion_tokens: int
@@ -176,6 +195,7 @@ class Chunk:
     finish_reason: FinishReason | None = None
     guardrail: GuardrailTrip | None = None
     usage: Usage | None = None
+    activations: Sequence[ActivationRows] = ()
 
     def nbytes(self) -> int:
         """About the bytes this message takes on the wire (protobuf's encoding; JSON is
@@ -183,6 +203,7 @@ class Chunk:
         n = 16 + len(self.request_id) + 5 * (len(self.token_ids) + len(self.prompt_token_ids))
         n += len(self.text.encode()) if not self.text.isascii() else len(self.text)
         n += sum(f.nbytes() for f in self.features)
+        n += sum(a.nbytes() for a in self.activations)
         for lps in (self.logprobs, self.prompt_logprobs):
             for e in lps:
                 n += 28 + len(e.chosen.token) + sum(24 + len(t.token) for t in e.top)
@@ -198,7 +219,8 @@ def merge_chunks(chunks: list[Chunk]) -> Chunk:
                 "".join(c.text for c in chunks), first.first_position, first.prompt_token_ids,
                 [e for c in chunks for e in c.logprobs],
                 [e for c in chunks for e in c.prompt_logprobs],
-                [f for c in chunks for f in c.features])
+                [f for c in chunks for f in c.features],
+                activations=[a for c in chunks for a in c.activations])
     for c in chunks:
         if c.finish_reason is not None:
             out.finish_reason, out.guardrail, out.usage = c.finish_reason, c.guardrail, c.usage
@@ -223,6 +245,7 @@ class EncodeResult:
     token_ids: list[int]
     features: list[FeatureActivations]
     pooled: list[PooledActivations]
+    activations: list[ActivationRows] = field(default_factory=list)  # one per activation read
 
 
 @dataclass(frozen=True)
@@ -280,3 +303,7 @@ class ModelInfo:
     device: str = ""  # as the workers reported it at startup (``vllm.engine.runtime_info``)
     model_runner: str = ""  # "v1" or "v2"
     cudagraph_mode: str = ""  # vLLM's CUDA graph mode; "" on CPU
+    activation_hooks: tuple[str, ...] = ()  # the declared activation sites
+    max_activation_reads: int = 0
+    max_activation_positions: int = 0
+    max_activation_bytes: int = 0

@@ -18,6 +18,7 @@ from sae_runtime.errors import InvalidRequestError, ResourceLimitError
 from sae_runtime.ops import Mode
 from sae_runtime.saes.base import SAEConfig
 from sae_runtime.spec import budget
+from sae_runtime.spec.activations import NO_SITES, ActivationRead, DeclaredSites, validate_reads
 from sae_runtime.spec.guardrails import MAX_GUARDRAILS, GuardSpec
 from sae_runtime.spec.interventions import Intervention, SteeringSpec
 from sae_runtime.spec.reads import Read, ReadScope, ReadSpec
@@ -54,6 +55,9 @@ class Limits:
     max_new_tokens: int | None = None  # None: whatever the model length allows
     max_logprobs: int = DEFAULT_MAX_LOGPROBS
     max_guardrails: int = MAX_GUARDRAILS
+    max_activation_reads: int = budget.DEFAULT_MAX_ACTIVATION_READS
+    max_activation_positions: int = budget.DEFAULT_MAX_ACTIVATION_POSITIONS
+    max_activation_bytes: int = budget.DEFAULT_MAX_ACTIVATION_BYTES
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,7 @@ class Generation:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     guards: GuardSpec = GuardSpec()
+    acts: tuple[ActivationRead, ...] = ()  # raw activation reads (checked against the sites)
 
     def with_max_tokens(self, n: int) -> Generation:
         return replace(self, max_tokens=n)
@@ -87,8 +92,9 @@ def finite(field: str, v: float) -> float:
 
 
 def generation(req: GenerateRequest, *, saes: Mapping[str, SAEConfig], limits: Limits,
-               vectors: VectorIndex) -> Generation:
-    """Check ``req``; errors name the offending field."""
+               vectors: VectorIndex, sites: DeclaredSites = NO_SITES) -> Generation:
+    """Check ``req``; errors name the offending field. The activation reads' sizes depend
+    on the prompt's length: ``activation_budget`` checks them once it is known."""
     vocab_size = limits.vocab_size
     if len(req.request_id) > MAX_REQUEST_ID_LEN:
         raise InvalidRequestError(
@@ -148,11 +154,13 @@ def generation(req: GenerateRequest, *, saes: Mapping[str, SAEConfig], limits: L
     if edits != spec.interventions:
         spec = SteeringSpec(edits)
     budget.check_request(spec, reads, guards, saes, limits)
+    validate_reads(req.activation_reads, sites, max_reads=limits.max_activation_reads,
+                   vocab_size=vocab_size)
     return Generation(
         prompt=prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
         top_k=top_k, seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids,
         ignore_eos=req.ignore_eos, spec=spec, request_id=req.request_id, reads=reads, logprobs=req.logprobs,
-        prompt_logprobs=req.prompt_logprobs, guards=guards)
+        prompt_logprobs=req.prompt_logprobs, guards=guards, acts=req.activation_reads)
 
 
 def checked_prompt(prompt: Prompt | None, field: str, vocab_size: int) -> Prompt:
@@ -182,18 +190,30 @@ def checked_prompt(prompt: Prompt | None, field: str, vocab_size: int) -> Prompt
     return prompt
 
 
+def activation_budget(acts: tuple[ActivationRead, ...], prompt_len: int, total: int,
+                      sites: DeclaredSites, limits: Limits) -> None:
+    """Refuse activation reads over the per-request caps (``budget.check_activations``)
+    for a prompt of ``prompt_len`` tokens and positions ``[0, total)``."""
+    if acts:
+        budget.check_activations([a.selector for a in acts], sites.width, prompt_len, total,
+                                 limits)
+
+
 def encode_reads(reads: tuple[Read, ...], *, n_inputs: int, saes: Mapping[str, SAEConfig],
-                 limits: Limits) -> ReadSpec:
+                 limits: Limits, acts: tuple[ActivationRead, ...] = (),
+                 sites: DeclaredSites = NO_SITES) -> ReadSpec:
     """An Encode call's reads: pooled, over the whole prompt (scope and positions do not
-    apply), checked like Generate's."""
+    apply), checked like Generate's; and its activation reads, checked against ``sites``."""
     if not n_inputs:
         raise InvalidRequestError("inputs", "give at least one input")
     if n_inputs > limits.max_encode_inputs:
         raise InvalidRequestError(
             "inputs", f"{n_inputs} inputs given; the server allows at most "
             f"{limits.max_encode_inputs} per call")
-    if not reads:
-        raise InvalidRequestError("reads", "give at least one read")
+    if not reads and not acts:
+        raise InvalidRequestError("reads", "give at least one read (reads or activation_reads)")
+    validate_reads(acts, sites, max_reads=limits.max_activation_reads,
+                   vocab_size=limits.vocab_size)
     spec = ReadSpec(tuple(replace(r, scope=ReadScope.PROMPT, positions=None) for r in reads),
                     pooled=True)
     spec.validate(saes, max_top_k=limits.max_read_top_k, max_watch=limits.max_watch,

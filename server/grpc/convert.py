@@ -16,6 +16,7 @@ import numpy as np
 from sae_runtime.errors import InvalidRequestError
 from sae_runtime.labels import store as feats
 from sae_runtime.ops import Cond, Mode
+from sae_runtime.spec.activations import ActDtype, ActivationRead, ActPool, pack
 from sae_runtime.spec.guardrails import Guardrail
 from sae_runtime.spec.interventions import Condition, Intervention, Scope
 from sae_runtime.spec.reads import Read, ReadScope
@@ -96,6 +97,16 @@ def reads(items, field: str = "reads") -> tuple[Read, ...]:
         for j, r in enumerate(items))
 
 
+def activation_reads(items, field: str = "activation_reads") -> tuple[ActivationRead, ...]:
+    out = []
+    for j, a in enumerate(items):
+        f = f"{field}[{j}]"
+        pool = optional_enum(ActPool, a.pool, f"{f}.pool", "pool") or ActPool.NONE
+        dtype = optional_enum(ActDtype, a.dtype, f"{f}.dtype", "dtype") or ActDtype.FLOAT32
+        out.append(ActivationRead(a.hook, _positions(a, f), pool, dtype))
+    return tuple(out)
+
+
 def guardrails(items) -> tuple[Guardrail, ...]:
     out = []
     for j, g in enumerate(items):
@@ -128,13 +139,16 @@ def generate_request(req: pb.GenerateRequest) -> t.GenerateRequest:
                                             v.strength, _positions(v, f"inline_vectors[{j}]"))
                              for j, v in enumerate(req.inline_vectors)),
         request_id=req.request_id,
+        activation_reads=activation_reads(req.activation_reads),
     )
 
 
 def encode_request(req: pb.EncodeRequest) -> t.EncodeRequest:
-    """Encode reads take no scope or positions (they read the whole prompt)."""
+    """Encode reads take no scope or positions (they read the whole prompt); activation
+    reads select among the prompt's positions."""
     return t.EncodeRequest(tuple(prompt(p) for p in req.inputs),
-                           tuple(Read(r.sae, r.top_k, tuple(r.watch)) for r in req.reads))
+                           tuple(Read(r.sae, r.top_k, tuple(r.watch)) for r in req.reads),
+                           activation_reads(req.activation_reads))
 
 
 # ---------------------------------------------------------------------------- responses
@@ -155,6 +169,13 @@ def feature_activations(f: t.FeatureActivations) -> pb.FeatureActivations:
                                  watch_values=f.watch_values.tolist())
 
 
+def activations(a: t.ActivationRows) -> pb.Activations:
+    """Rows packed as little-endian ``dtype`` (``sae_runtime.spec.activations.pack``)."""
+    rows, d = (a.values.shape if a.values.ndim == 2 else (0, 0))
+    return pb.Activations(hook=a.hook, positions=a.positions, shape=[rows, d], dtype=int(a.dtype),
+                          data=pack(a.values, a.dtype), pool=int(a.pool))
+
+
 def chunk(c: t.Chunk) -> pb.GenerateResponse:
     """A chunk as a GenerateResponse (once per token per stream: kept lean; a repeated field
     given to the constructor costs more than an append)."""
@@ -169,6 +190,8 @@ def chunk(c: t.Chunk) -> pb.GenerateResponse:
         msg.prompt_token_ids.extend(c.prompt_token_ids)
     if c.features:
         msg.features.extend(feature_activations(f) for f in c.features)
+    if c.activations:
+        msg.activations.extend(activations(a) for a in c.activations)
     if c.logprobs:
         msg.logprobs.extend(_position_logprobs(c.logprobs))
     if c.prompt_logprobs:
@@ -193,7 +216,8 @@ def encode_result(r: t.EncodeResult) -> pb.EncodeResult:
         token_ids=r.token_ids, features=[feature_activations(f) for f in r.features],
         pooled=[pb.PooledActivations(sae=p.sae, features=[
             pb.PooledFeature(index=f.index, max=f.max, mean=f.mean) for f in p.features])
-            for p in r.pooled])
+            for p in r.pooled],
+        activations=[activations(a) for a in r.activations])
 
 
 def sae_info(s: t.SAEInfo) -> pb.SAEInfo:

@@ -16,12 +16,22 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from sae_runtime.errors import InvalidRequestError
+from sae_runtime.spec.activations import ActivationRead
 from sae_runtime.spec.guardrails import Guardrail
 from sae_runtime.spec.interventions import Condition, Intervention
 from sae_runtime.spec.reads import Read
 from sae_runtime.spec.selectors import GENERATION, Range, Selector
 from server.core import types as t
-from server.http.names import FRAMES, MODES, OPS, READ_SCOPES, SCOPES, literal
+from server.http.names import (
+    ACT_DTYPES,
+    ACT_POOLS,
+    FRAMES,
+    MODES,
+    OPS,
+    READ_SCOPES,
+    SCOPES,
+    literal,
+)
 
 U32 = 2**32
 I64 = {"ge": -(2**63), "lt": 2**63}
@@ -105,6 +115,15 @@ class ReadBody(_Strict):
     positions: PositionsBody | None = None
 
 
+class ActivationReadBody(_Strict):
+    """One of ``activation_reads``: the proto's ActivationRead with lower-case names."""
+
+    hook: str
+    positions: PositionsBody | None = None
+    pool: literal(ACT_POOLS) | None = None  # None: "none" (one row per position)
+    dtype: literal(ACT_DTYPES) | None = None  # None: "float32"
+
+
 class MessageBody(BaseModel):
     model_config = ConfigDict(extra="allow")  # name, tool_call_id, ... are ignored
     role: str
@@ -146,6 +165,7 @@ class CommonBody(BaseModel):
     abort_when: list[GuardrailBody] = Field(default_factory=list)
     vectors: list[VectorBody] = Field(default_factory=list)
     inline_vectors: list[InlineVectorBody] = Field(default_factory=list)
+    activation_reads: list[ActivationReadBody] = Field(default_factory=list)
 
 
 class CompletionBody(CommonBody):
@@ -284,6 +304,10 @@ def generate_request(body: CommonBody) -> t.GenerateRequest:
                                             v.strength, _positions(v, f"inline_vectors[{j}]"))
                              for j, v in enumerate(body.inline_vectors)),
         request_id=body.request_id,
+        activation_reads=tuple(
+            ActivationRead(a.hook, _positions(a, f"activation_reads[{j}]"),
+                           ACT_POOLS[a.pool or "none"], ACT_DTYPES[a.dtype or "float32"])
+            for j, a in enumerate(body.activation_reads)),
         fit_max_tokens=chat,
     )
 

@@ -8,6 +8,7 @@ from typing import Literal, TypeVar
 
 from sae_runtime.ops import Cond, Mode
 from sae_runtime.saes.base import Site
+from sae_runtime.spec.activations import ActDtype, ActPool
 from sae_runtime.spec.interventions import Scope
 from sae_runtime.spec.reads import ReadScope
 from sae_runtime.spec.selectors import Frame
@@ -26,6 +27,8 @@ SCOPES = names(Scope)
 READ_SCOPES = names(ReadScope)
 FRAMES = names(Frame)
 SITES = names(Site)
+ACT_POOLS = names(ActPool, skip=())
+ACT_DTYPES = names(ActDtype)
 OPS = {**names(Cond), ">": Cond.GT, "<": Cond.LT}
 FINISH = {r: r.name.lower() for r in FinishReason} | {FinishReason.FEATURE: "content_filter"}
 """OpenAI's names; a tripped guardrail is OpenAI's "content was cut by a filter"."""

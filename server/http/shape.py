@@ -4,12 +4,16 @@ JSON would print them)."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import time
 import uuid
 from typing import Any
 
+import numpy as np
+
 from sae_runtime.labels import store as feats
+from sae_runtime.spec.activations import ActPool, pack
 from server.core import types as t
 from server.http.bodies import ChatBody, CommonBody, CompletionBody
 from server.http.names import FINISH, SITES
@@ -19,6 +23,30 @@ def feature_activations(f: t.FeatureActivations) -> dict:
     return {"position": f.position, "token_id": f.token_id, "sae": f.sae,
             "indices": f.indices.tolist(), "values": f.values.tolist(),
             "watch_values": f.watch_values.tolist()}
+
+
+def activations(a: t.ActivationRows) -> dict:
+    """The proto's Activations as JSON: ``data`` is the packed little-endian values in
+    base64 (``sae_runtime.spec.activations.pack``), ``dtype`` and ``pool`` by name."""
+    rows, d = a.values.shape if a.values.ndim == 2 else (0, 0)
+    return {"hook": a.hook, "positions": list(a.positions), "shape": [rows, d],
+            "dtype": a.dtype.name.lower(), "pool": a.pool.name.lower(),
+            "data": base64.b64encode(pack(a.values, a.dtype)).decode()}
+
+
+def merged_activations(items: list[t.ActivationRows]) -> list[t.ActivationRows]:
+    """Per-position rows of one hook over several chunks as one entry (pooled ones as
+    they are), in first-seen order."""
+    out: dict[tuple[str, bool], t.ActivationRows] = {}
+    for a in items:
+        key = (a.hook, a.pool is ActPool.NONE)
+        prev = out.get(key)
+        if prev is None or not key[1]:
+            out[key] = a
+        else:
+            out[key] = t.ActivationRows(a.hook, [*prev.positions, *a.positions],
+                                        np.concatenate([prev.values, a.values]), a.pool, a.dtype)
+    return list(out.values())
 
 
 def _trip(g: t.GuardrailTrip) -> dict:
@@ -89,12 +117,15 @@ class Shaper:
                 c["prompt_token_ids"] = list(msg.prompt_token_ids)
         if self.body.reads:
             c["features"] = [feature_activations(f) for f in msg.features]
+        if self.body.activation_reads:
+            c["activations"] = [activations(a) for a in msg.activations]
         if self.body.prompt_logprobs is not None and msg.prompt_logprobs:
             c["prompt_logprobs"] = _chat_logprobs(msg.prompt_logprobs)
         return c
 
     def chunk(self, msg: t.Chunk, first: bool) -> dict | None:
-        if not (first or msg.token_ids or msg.text or msg.features or msg.finish_reason):
+        if not (first or msg.token_ids or msg.text or msg.features or msg.activations
+                or msg.finish_reason):
             return None
         out = {"id": self.id, "object": self.object + (".chunk" if self.chat else ""),
                "created": self.created, "model": self.model, "choices": [self._choice(msg, first)]}
@@ -131,6 +162,9 @@ class Shaper:
                 choice["prompt_token_ids"] = list(msgs[0].prompt_token_ids)
         if self.body.reads:
             choice["features"] = [feature_activations(f) for m in msgs for f in m.features]
+        if self.body.activation_reads:
+            choice["activations"] = [activations(a) for a in
+                                     merged_activations([a for m in msgs for a in m.activations])]
         if self.body.prompt_logprobs is not None:
             choice["prompt_logprobs"] = _chat_logprobs([e for m in msgs for e in m.prompt_logprobs])
         out = {"id": self.id, "object": self.object, "created": self.created, "model": self.model,

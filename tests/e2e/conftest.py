@@ -68,6 +68,8 @@ class Server:
 # Steering vectors of the shared server (tests/e2e/test_vectors.py): name -> (layers, seed)
 VECTORS = {"happy": ((1, 2), 11), "calm": ((0,), 12)}
 INLINE_LAYERS = "1,2"  # --inline-vectors of the shared server
+ACT_HOOKS = ("blocks.*.hook_resid_post,blocks.2.hook_resid_pre,blocks.0.hook_mlp_out,"
+             "blocks.0.hook_attn_out")  # --activation-hooks of the shared server
 
 
 def write_vector_files(d: Path) -> dict[str, Path]:
@@ -223,7 +225,7 @@ def _shared_server(request) -> Callable[[], Server]:
     return lambda: start_server(
         tiny_dir / "tiny-llama", sae_dirs, log_dir, "--chat-template", str(CHAT_TEMPLATE),
         *(a for name, path in vec.items() for a in ("--vector", f"{name}={path}")),
-        "--inline-vectors", INLINE_LAYERS, http=True)
+        "--inline-vectors", INLINE_LAYERS, "--activation-hooks", ACT_HOOKS, http=True)
 
 
 @early("default_server")

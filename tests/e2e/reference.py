@@ -90,49 +90,81 @@ class HFReference:
 
     def logits(self, ids: list[int], edits: list[Edit], prompt_len: int) -> torch.Tensor:
         """Logits [T, vocab] of the full sequence with the edits hooked in (server SAE order)."""
-        T = len(ids)
-        pos = torch.arange(T)
         with ExitStack() as stack:
-            for sid in self.order:
-                mine = [e for e in edits if e.sae == sid]
-                if not mine:
-                    continue
-                sae = self.saes[sid]
-                seen: dict[str, torch.Tensor] = {}
-                if sid in self.transcoders:  # keep the MLP input; edit the MLP output with it
-
-                    def grab(x, seen=seen):
-                        seen["x"] = x
-                        return x
-
-                    stack.enter_context(edit_site(self.model, *self.read_site(sid), grab))
-
-                def fn(h, sae=sae, mine=mine, seen=seen):  # h: [1, T, d]
-                    f = sae.encode(seen.get("x", h))
-                    delta = torch.zeros_like(h)
-                    for e in mine:
-                        a = f[..., e.feature]
-                        new = {CLAMP: torch.full_like(a, e.value), ABLATE: torch.zeros_like(a),
-                               SCALE: a * e.value, ADD: a + e.value}[e.mode]
-                        if e.at is not None:
-                            mask = torch.tensor([p in e.at for p in range(T)], dtype=torch.bool)
-                        elif e.scope == GENERATION_ONLY:
-                            mask = pos >= prompt_len
-                        else:
-                            mask = torch.ones(T, dtype=torch.bool)
-                        if e.when is not None:
-                            c, op, thr = e.when
-                            fc = f[0, :, c]
-                            ok = (fc > thr if op == ">" else fc < thr) & mask
-                            if e.latch:  # on from the first hit on (inside the window)
-                                ok = ok | (torch.cumsum(ok.long(), 0) > 0)
-                            mask = ok & mask
-                        delta = delta + ((new - a) * mask.to(a.dtype))[..., None] * sae.W_dec[e.feature]
-                    return h + delta
-
-                stack.enter_context(edit_site(self.model, *self.sites[sid], fn))
+            self._hook_edits(stack, edits, len(ids), prompt_len)
             with torch.no_grad():
                 return self.model(torch.tensor([ids])).logits[0]
+
+    def hidden(self, ids: list[int], hooks: list[str], edits: list[Edit] = (),
+               prompt_len: int = 0) -> dict[str, torch.Tensor]:
+        """Each of ``hooks`` (``blocks.L.hook_<resid_post|resid_pre|attn_out|mlp_out>``) as
+        [T, d], captured by plain forward hooks on HF's modules, registered after the
+        edits' hooks, so they see the edited values (the documented "after edits")."""
+        out: dict[str, torch.Tensor] = {}
+        blocks = self.model.model.layers
+        with ExitStack() as stack:
+            self._hook_edits(stack, list(edits), len(ids), prompt_len)
+            for name in hooks:
+                layer_s, site = _HOOK.match(name).groups()
+                layer = int(layer_s)
+                if site == "resid_pre":
+                    mod = blocks[layer - 1]
+                elif site == "attn_out":
+                    mod = blocks[layer].self_attn
+                elif site == "mlp_out":
+                    mod = blocks[layer].mlp
+                else:
+                    mod = blocks[layer]
+
+                def grab(module, inputs, output, name=name):
+                    out[name] = (output[0] if isinstance(output, tuple) else output)[0].detach().clone()
+
+                h = mod.register_forward_hook(grab)
+                stack.callback(h.remove)
+            with torch.no_grad():
+                self.model(torch.tensor([ids]))
+        return out
+
+    def _hook_edits(self, stack: ExitStack, edits: list[Edit], T: int, prompt_len: int) -> None:
+        pos = torch.arange(T)
+        for sid in self.order:
+            mine = [e for e in edits if e.sae == sid]
+            if not mine:
+                continue
+            sae = self.saes[sid]
+            seen: dict[str, torch.Tensor] = {}
+            if sid in self.transcoders:  # keep the MLP input; edit the MLP output with it
+
+                def grab(x, seen=seen):
+                    seen["x"] = x
+                    return x
+
+                stack.enter_context(edit_site(self.model, *self.read_site(sid), grab))
+
+            def fn(h, sae=sae, mine=mine, seen=seen):  # h: [1, T, d]
+                f = sae.encode(seen.get("x", h))
+                delta = torch.zeros_like(h)
+                for e in mine:
+                    a = f[..., e.feature]
+                    new = {CLAMP: torch.full_like(a, e.value), ABLATE: torch.zeros_like(a),
+                           SCALE: a * e.value, ADD: a + e.value}[e.mode]
+                    if e.at is not None:
+                        mask = torch.tensor([p in e.at for p in range(T)], dtype=torch.bool)
+                    elif e.scope == GENERATION_ONLY:
+                        mask = pos >= prompt_len
+                    else:
+                        mask = torch.ones(T, dtype=torch.bool)
+                    if e.when is not None:
+                        c, op, thr = e.when
+                        fc = f[0, :, c]
+                        ok = (fc > thr if op == ">" else fc < thr) & mask
+                        if e.latch:  # on from the first hit on (inside the window)
+                            ok = ok | (torch.cumsum(ok.long(), 0) > 0)
+                        mask = ok & mask
+                    delta = delta + ((new - a) * mask.to(a.dtype))[..., None] * sae.W_dec[e.feature]
+                return h + delta
+
+            stack.enter_context(edit_site(self.model, *self.sites[sid], fn))
 
 
 def check_teacher_forced(logits: torch.Tensor, prompt_len: int, generated: list[int],

@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 from google.protobuf.json_format import MessageToDict
 
-from clients.client import SteeringClient, clamp, read, when
+from clients.client import SteeringClient, activation_read, clamp, read, when
 from sae_runtime.labels.store import load_beside
 from sae_runtime.loading import load_sae_config
 from sae_runtime.loading.vectors import Bank
+from sae_runtime.spec.activations import DeclaredSites
 from sae_runtime.spec.vectors import VectorIndex
 from server.core.errors import Code, code_of, field_of
 from server.core.service import Core
@@ -44,6 +45,8 @@ SAE = "topics_l1"
 MODEL = str(EMBEDDED / "model")  # the logit effects read its unembedding
 BANK = Bank(0, ("v",), np.ones((1, 256), np.float32))
 build = SteeringClient.build_request
+SITES = DeclaredSites(("blocks.*.hook_resid_post",),
+                      ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post"), 256)
 
 
 def proto_dict(msg) -> dict:
@@ -58,8 +61,9 @@ def make_core(tok, labels=True) -> Core:
     engine = FakeEngine(tok, max_model_len=256, saes={SAE: EMBEDDED / "saes" / SAE},
                         router=router, vocab_size=len(tok), text_len=3)
     return Core(engine, model=MODEL, saes={SAE: cfg}, labels=lab, sae_dtypes={SAE: "float32"},
-                limits=Limits(max_interventions=8, vocab_size=len(tok)), compiled=True,
-                router=router, vectors=VectorIndex.of([BANK]))
+                limits=Limits(max_interventions=8, vocab_size=len(tok),
+                              max_activation_positions=100), compiled=True,
+                router=router, vectors=VectorIndex.of([BANK]), sites=SITES)
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +207,8 @@ def _http_body(req: pb.GenerateRequest) -> dict:
              "op": pb.Comparison.Name(c.op).removeprefix("COMPARISON_").lower()})
     for v in req.vectors:
         body.setdefault("vectors", []).append({"name": v.name, "strength": v.strength})
+    for a in req.activation_reads:
+        body.setdefault("activation_reads", []).append({"hook": a.hook})
     return body
 
 
@@ -264,6 +270,12 @@ REFUSALS = [
      "abort_when[0].condition.feature"),
     ("prompt ids", build([5, 10**6]), Code.INVALID_ARGUMENT, "prompt.token_ids.ids[1]"),
     ("max_tokens", build("x", max_tokens=300), Code.INVALID_ARGUMENT, "sampling.max_tokens"),
+    ("undeclared activation hook", build("x", activation_reads=[
+        activation_read("blocks.0.hook_resid_post"), activation_read("blocks.0.hook_mlp_out")]),
+     Code.INVALID_ARGUMENT, "activation_reads[1].hook"),
+    ("activation positions cap", build("x", max_tokens=120, activation_reads=[
+        activation_read("blocks.1.hook_resid_post")]),
+     Code.INVALID_ARGUMENT, "activation_reads[0].positions"),
 ]
 
 

@@ -138,3 +138,26 @@ def test_cpu_env_defaults_are_applied_only_where_unset():
     env = {}
     lines = apply_cpu_env_defaults(1, env)
     assert env["VLLM_CPU_KVCACHE_SPACE"].isdigit() and "set it to override" in lines[0]
+
+
+def test_activation_sites_must_be_on_every_rank_holding_their_block():
+    sites = ["blocks.1.hook_resid_post", "blocks.3.hook_resid_pre"]  # blocks 1 and 2
+
+    def with_sites(reps):
+        for r in reps:
+            r["act_sites"] = [{"site": i, "hook": h, "block": b}
+                              for i, (h, b) in enumerate(zip(sites, (1, 2), strict=True))
+                              if b in r["layers"]]
+        return reps
+
+    check_hooks(with_sites(tp2_pp2()), EXPECTED, world_size=4, reads=True, act_sites=sites)
+    reps = with_sites(tp2_pp2())
+    reps[3]["act_sites"] = []
+    with pytest.raises(HookPlacementError, match=r"blocks.3.hook_resid_pre is not installed on "
+                                                 r"worker tp 1/2, pp 1/2"):
+        check_hooks(reps, EXPECTED, world_size=4, reads=True, act_sites=sites)
+    # without SAEs the runner checks still run when sites are declared
+    reps = with_sites(tp2_pp2())
+    reps[0]["runner_patched"] = False
+    with pytest.raises(HookPlacementError, match="is not one sae_runtime patches"):
+        check_hooks(reps, [], world_size=4, reads=True, act_sites=sites)

@@ -58,6 +58,21 @@ class HookSite(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     HOOK_SITE_MLP_OUT: _ClassVar[HookSite]
     HOOK_SITE_Z: _ClassVar[HookSite]
     HOOK_SITE_MLP_IN: _ClassVar[HookSite]
+
+class ActivationPool(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ACTIVATION_POOL_UNSPECIFIED: _ClassVar[ActivationPool]
+    ACTIVATION_POOL_NONE: _ClassVar[ActivationPool]
+    ACTIVATION_POOL_MEAN: _ClassVar[ActivationPool]
+    ACTIVATION_POOL_MAX: _ClassVar[ActivationPool]
+    ACTIVATION_POOL_LAST: _ClassVar[ActivationPool]
+
+class ActivationDtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ACTIVATION_DTYPE_UNSPECIFIED: _ClassVar[ActivationDtype]
+    ACTIVATION_DTYPE_FLOAT32: _ClassVar[ActivationDtype]
+    ACTIVATION_DTYPE_FLOAT16: _ClassVar[ActivationDtype]
+    ACTIVATION_DTYPE_BFLOAT16: _ClassVar[ActivationDtype]
 INTERVENTION_MODE_UNSPECIFIED: InterventionMode
 INTERVENTION_MODE_CLAMP: InterventionMode
 INTERVENTION_MODE_ABLATE: InterventionMode
@@ -89,6 +104,15 @@ HOOK_SITE_ATTN_OUT: HookSite
 HOOK_SITE_MLP_OUT: HookSite
 HOOK_SITE_Z: HookSite
 HOOK_SITE_MLP_IN: HookSite
+ACTIVATION_POOL_UNSPECIFIED: ActivationPool
+ACTIVATION_POOL_NONE: ActivationPool
+ACTIVATION_POOL_MEAN: ActivationPool
+ACTIVATION_POOL_MAX: ActivationPool
+ACTIVATION_POOL_LAST: ActivationPool
+ACTIVATION_DTYPE_UNSPECIFIED: ActivationDtype
+ACTIVATION_DTYPE_FLOAT32: ActivationDtype
+ACTIVATION_DTYPE_FLOAT16: ActivationDtype
+ACTIVATION_DTYPE_BFLOAT16: ActivationDtype
 
 class Prompt(_message.Message):
     __slots__ = ("text", "token_ids", "messages")
@@ -253,7 +277,7 @@ class GuardrailTrip(_message.Message):
     def __init__(self, guardrail: _Optional[int] = ..., sae: _Optional[str] = ..., feature: _Optional[int] = ..., position: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "sampling", "interventions", "request_id", "reads", "abort_when", "vectors", "inline_vectors")
+    __slots__ = ("prompt", "sampling", "interventions", "request_id", "reads", "abort_when", "vectors", "inline_vectors", "activation_reads")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     INTERVENTIONS_FIELD_NUMBER: _ClassVar[int]
@@ -262,6 +286,7 @@ class GenerateRequest(_message.Message):
     ABORT_WHEN_FIELD_NUMBER: _ClassVar[int]
     VECTORS_FIELD_NUMBER: _ClassVar[int]
     INLINE_VECTORS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_READS_FIELD_NUMBER: _ClassVar[int]
     prompt: Prompt
     sampling: SamplingParams
     interventions: _containers.RepeatedCompositeFieldContainer[Intervention]
@@ -270,7 +295,8 @@ class GenerateRequest(_message.Message):
     abort_when: _containers.RepeatedCompositeFieldContainer[Guardrail]
     vectors: _containers.RepeatedCompositeFieldContainer[VectorSteer]
     inline_vectors: _containers.RepeatedCompositeFieldContainer[InlineVector]
-    def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., interventions: _Optional[_Iterable[_Union[Intervention, _Mapping]]] = ..., request_id: _Optional[str] = ..., reads: _Optional[_Iterable[_Union[FeatureRead, _Mapping]]] = ..., abort_when: _Optional[_Iterable[_Union[Guardrail, _Mapping]]] = ..., vectors: _Optional[_Iterable[_Union[VectorSteer, _Mapping]]] = ..., inline_vectors: _Optional[_Iterable[_Union[InlineVector, _Mapping]]] = ...) -> None: ...
+    activation_reads: _containers.RepeatedCompositeFieldContainer[ActivationRead]
+    def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., interventions: _Optional[_Iterable[_Union[Intervention, _Mapping]]] = ..., request_id: _Optional[str] = ..., reads: _Optional[_Iterable[_Union[FeatureRead, _Mapping]]] = ..., abort_when: _Optional[_Iterable[_Union[Guardrail, _Mapping]]] = ..., vectors: _Optional[_Iterable[_Union[VectorSteer, _Mapping]]] = ..., inline_vectors: _Optional[_Iterable[_Union[InlineVector, _Mapping]]] = ..., activation_reads: _Optional[_Iterable[_Union[ActivationRead, _Mapping]]] = ...) -> None: ...
 
 class FeatureRead(_message.Message):
     __slots__ = ("sae", "top_k", "watch", "scope", "positions")
@@ -333,7 +359,7 @@ class PositionLogprobs(_message.Message):
     def __init__(self, chosen: _Optional[_Union[Logprob, _Mapping]] = ..., top: _Optional[_Iterable[_Union[Logprob, _Mapping]]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "token_ids", "text", "first_position", "finish_reason", "usage", "prompt_token_ids", "features", "logprobs", "prompt_logprobs", "guardrail")
+    __slots__ = ("request_id", "token_ids", "text", "first_position", "finish_reason", "usage", "prompt_token_ids", "features", "logprobs", "prompt_logprobs", "guardrail", "activations")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -345,6 +371,7 @@ class GenerateResponse(_message.Message):
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     GUARDRAIL_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
@@ -356,15 +383,18 @@ class GenerateResponse(_message.Message):
     logprobs: _containers.RepeatedCompositeFieldContainer[PositionLogprobs]
     prompt_logprobs: _containers.RepeatedCompositeFieldContainer[PositionLogprobs]
     guardrail: GuardrailTrip
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., first_position: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., features: _Optional[_Iterable[_Union[FeatureActivations, _Mapping]]] = ..., logprobs: _Optional[_Iterable[_Union[PositionLogprobs, _Mapping]]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[PositionLogprobs, _Mapping]]] = ..., guardrail: _Optional[_Union[GuardrailTrip, _Mapping]] = ...) -> None: ...
+    activations: _containers.RepeatedCompositeFieldContainer[Activations]
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., first_position: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., features: _Optional[_Iterable[_Union[FeatureActivations, _Mapping]]] = ..., logprobs: _Optional[_Iterable[_Union[PositionLogprobs, _Mapping]]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[PositionLogprobs, _Mapping]]] = ..., guardrail: _Optional[_Union[GuardrailTrip, _Mapping]] = ..., activations: _Optional[_Iterable[_Union[Activations, _Mapping]]] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("inputs", "reads")
+    __slots__ = ("inputs", "reads", "activation_reads")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     READS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_READS_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedCompositeFieldContainer[Prompt]
     reads: _containers.RepeatedCompositeFieldContainer[FeatureRead]
-    def __init__(self, inputs: _Optional[_Iterable[_Union[Prompt, _Mapping]]] = ..., reads: _Optional[_Iterable[_Union[FeatureRead, _Mapping]]] = ...) -> None: ...
+    activation_reads: _containers.RepeatedCompositeFieldContainer[ActivationRead]
+    def __init__(self, inputs: _Optional[_Iterable[_Union[Prompt, _Mapping]]] = ..., reads: _Optional[_Iterable[_Union[FeatureRead, _Mapping]]] = ..., activation_reads: _Optional[_Iterable[_Union[ActivationRead, _Mapping]]] = ...) -> None: ...
 
 class PooledFeature(_message.Message):
     __slots__ = ("index", "max", "mean")
@@ -385,14 +415,16 @@ class PooledActivations(_message.Message):
     def __init__(self, sae: _Optional[str] = ..., features: _Optional[_Iterable[_Union[PooledFeature, _Mapping]]] = ...) -> None: ...
 
 class EncodeResult(_message.Message):
-    __slots__ = ("token_ids", "features", "pooled")
+    __slots__ = ("token_ids", "features", "pooled", "activations")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     POOLED_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     features: _containers.RepeatedCompositeFieldContainer[FeatureActivations]
     pooled: _containers.RepeatedCompositeFieldContainer[PooledActivations]
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., features: _Optional[_Iterable[_Union[FeatureActivations, _Mapping]]] = ..., pooled: _Optional[_Iterable[_Union[PooledActivations, _Mapping]]] = ...) -> None: ...
+    activations: _containers.RepeatedCompositeFieldContainer[Activations]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., features: _Optional[_Iterable[_Union[FeatureActivations, _Mapping]]] = ..., pooled: _Optional[_Iterable[_Union[PooledActivations, _Mapping]]] = ..., activations: _Optional[_Iterable[_Union[Activations, _Mapping]]] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
     __slots__ = ("results",)
@@ -445,7 +477,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model", "architecture", "num_layers", "hidden_size", "vocab_size", "max_model_len", "max_interventions", "dtype", "compiled", "max_read_top_k", "max_watch", "max_encode_inputs", "max_logprobs", "chat_template", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "distributed_executor_backend", "max_guardrails", "vectors", "inline_vector_layers", "max_inline_vectors", "device", "model_runner", "cudagraph_mode")
+    __slots__ = ("model", "architecture", "num_layers", "hidden_size", "vocab_size", "max_model_len", "max_interventions", "dtype", "compiled", "max_read_top_k", "max_watch", "max_encode_inputs", "max_logprobs", "chat_template", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "distributed_executor_backend", "max_guardrails", "vectors", "inline_vector_layers", "max_inline_vectors", "device", "model_runner", "cudagraph_mode", "activation_hooks", "max_activation_reads", "max_activation_positions", "max_activation_bytes")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -471,6 +503,10 @@ class GetModelInfoResponse(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MODEL_RUNNER_FIELD_NUMBER: _ClassVar[int]
     CUDAGRAPH_MODE_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_HOOKS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ACTIVATION_READS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ACTIVATION_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ACTIVATION_BYTES_FIELD_NUMBER: _ClassVar[int]
     model: str
     architecture: str
     num_layers: int
@@ -496,7 +532,11 @@ class GetModelInfoResponse(_message.Message):
     device: str
     model_runner: str
     cudagraph_mode: str
-    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_interventions: _Optional[int] = ..., dtype: _Optional[str] = ..., compiled: _Optional[bool] = ..., max_read_top_k: _Optional[int] = ..., max_watch: _Optional[int] = ..., max_encode_inputs: _Optional[int] = ..., max_logprobs: _Optional[int] = ..., chat_template: _Optional[bool] = ..., tensor_parallel_size: _Optional[int] = ..., pipeline_parallel_size: _Optional[int] = ..., data_parallel_size: _Optional[int] = ..., distributed_executor_backend: _Optional[str] = ..., max_guardrails: _Optional[int] = ..., vectors: _Optional[_Iterable[_Union[VectorInfo, _Mapping]]] = ..., inline_vector_layers: _Optional[_Iterable[int]] = ..., max_inline_vectors: _Optional[int] = ..., device: _Optional[str] = ..., model_runner: _Optional[str] = ..., cudagraph_mode: _Optional[str] = ...) -> None: ...
+    activation_hooks: _containers.RepeatedScalarFieldContainer[str]
+    max_activation_reads: int
+    max_activation_positions: int
+    max_activation_bytes: int
+    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_interventions: _Optional[int] = ..., dtype: _Optional[str] = ..., compiled: _Optional[bool] = ..., max_read_top_k: _Optional[int] = ..., max_watch: _Optional[int] = ..., max_encode_inputs: _Optional[int] = ..., max_logprobs: _Optional[int] = ..., chat_template: _Optional[bool] = ..., tensor_parallel_size: _Optional[int] = ..., pipeline_parallel_size: _Optional[int] = ..., data_parallel_size: _Optional[int] = ..., distributed_executor_backend: _Optional[str] = ..., max_guardrails: _Optional[int] = ..., vectors: _Optional[_Iterable[_Union[VectorInfo, _Mapping]]] = ..., inline_vector_layers: _Optional[_Iterable[int]] = ..., max_inline_vectors: _Optional[int] = ..., device: _Optional[str] = ..., model_runner: _Optional[str] = ..., cudagraph_mode: _Optional[str] = ..., activation_hooks: _Optional[_Iterable[str]] = ..., max_activation_reads: _Optional[int] = ..., max_activation_positions: _Optional[int] = ..., max_activation_bytes: _Optional[int] = ...) -> None: ...
 
 class GetFeatureRequest(_message.Message):
     __slots__ = ("sae", "index")
@@ -592,3 +632,31 @@ class SearchFeaturesResponse(_message.Message):
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     features: _containers.RepeatedCompositeFieldContainer[Feature]
     def __init__(self, features: _Optional[_Iterable[_Union[Feature, _Mapping]]] = ...) -> None: ...
+
+class ActivationRead(_message.Message):
+    __slots__ = ("hook", "positions", "pool", "dtype")
+    HOOK_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    hook: str
+    positions: PositionSelector
+    pool: ActivationPool
+    dtype: ActivationDtype
+    def __init__(self, hook: _Optional[str] = ..., positions: _Optional[_Union[PositionSelector, _Mapping]] = ..., pool: _Optional[_Union[ActivationPool, str]] = ..., dtype: _Optional[_Union[ActivationDtype, str]] = ...) -> None: ...
+
+class Activations(_message.Message):
+    __slots__ = ("hook", "positions", "shape", "dtype", "data", "pool")
+    HOOK_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    hook: str
+    positions: _containers.RepeatedScalarFieldContainer[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: ActivationDtype
+    data: bytes
+    pool: ActivationPool
+    def __init__(self, hook: _Optional[str] = ..., positions: _Optional[_Iterable[int]] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[ActivationDtype, str]] = ..., data: _Optional[bytes] = ..., pool: _Optional[_Union[ActivationPool, str]] = ...) -> None: ...

@@ -1,0 +1,169 @@
+"""Raw activation reads: which hook sites a server declares, what a request asks, how the
+values are packed.
+
+A server declares its readable sites at startup (``steerd serve --activation-hooks`` with
+globs over SAELens hook names, ``declared_sites``); each declared site costs one op in the
+compiled graph (``sae_runtime.vllm.worker``), whether a step reads it or not. A request's
+``ActivationRead`` names one declared site, a position selector, a pool and a dtype.
+
+Convention: the values are taken **after** this request's own edits (interventions and
+vectors) at that site and at every earlier site, i.e. what the rest of the model sees. The
+worker reads rows in float32; the server pools (``pool_rows``) and packs them
+(``pack``: little-endian, row-major; bfloat16 is float32's top half, rounded to nearest even).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+
+import numpy as np
+
+from sae_runtime.errors import InvalidRequestError
+from sae_runtime.spec.payloads import ActPayload
+from sae_runtime.spec.selectors import Selector
+
+SITES = ("resid_pre", "attn_out", "mlp_out", "resid_post")
+"""The sites activation reads serve (``blocks.L.hook_<site>``), in a block's forward order;
+``resid_pre`` of block 0 (the embeddings) is not one."""
+
+_HOOK = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_post|attn_out|mlp_out)$")
+
+
+class ActPool(IntEnum):
+    """Numbers match ``steering.v1.ActivationPool``."""
+
+    NONE = 1
+    MEAN = 2
+    MAX = 3
+    LAST = 4
+
+
+class ActDtype(IntEnum):
+    """Numbers match ``steering.v1.ActivationDtype``."""
+
+    FLOAT32 = 1
+    FLOAT16 = 2
+    BFLOAT16 = 3
+
+    @property
+    def itemsize(self) -> int:
+        return 4 if self is ActDtype.FLOAT32 else 2
+
+
+def parse_hook(name: str) -> tuple[int, str] | None:
+    """``(layer, site)`` of ``blocks.L.hook_<site>`` (a site of ``SITES``), else None."""
+    m = _HOOK.match(name)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+def declared_sites(globs: Sequence[str], n_layers: int) -> tuple[str, ...]:
+    """The hook names ``globs`` (``fnmatch`` patterns) select among the model's sites, in
+    layer then ``SITES`` order. Raises ``ValueError`` for a glob that selects nothing."""
+    names = [f"blocks.{layer}.hook_{site}" for layer in range(n_layers) for site in SITES
+             if not (site == "resid_pre" and layer == 0)]
+    out: dict[str, None] = {}
+    for g in globs:
+        hit = [n for n in names if fnmatch.fnmatchcase(n, g)]
+        if not hit:
+            raise ValueError(
+                f"--activation-hooks {g!r} selects no site; sites are blocks.L.hook_<site> "
+                f"with L in 0..{n_layers - 1} and site one of {', '.join(SITES)} "
+                "(resid_pre from block 1)")
+        out.update(dict.fromkeys(hit))
+    return tuple(n for n in names if n in out)
+
+
+@dataclass(frozen=True)
+class DeclaredSites:
+    """A server's readable sites: the ``--activation-hooks`` globs, the hook names they
+    select (index == ``ActPayload.site``) and the width of every one (the hidden size)."""
+
+    globs: tuple[str, ...] = ()
+    names: tuple[str, ...] = ()
+    width: int = 0
+
+    @property
+    def index(self) -> dict[str, int]:
+        return {n: i for i, n in enumerate(self.names)}
+
+
+NO_SITES = DeclaredSites()
+
+
+@dataclass(frozen=True)
+class ActivationRead:
+    hook: str
+    positions: Selector | None = None  # None: every position (Encode: every prompt position)
+    pool: ActPool = ActPool.NONE
+    dtype: ActDtype = ActDtype.FLOAT32
+
+    @property
+    def selector(self) -> Selector:
+        return self.positions if self.positions is not None else Selector()
+
+
+def validate_reads(reads: Sequence[ActivationRead], sites: DeclaredSites, *, max_reads: int,
+                   vocab_size: int = 2**31, prefix: str = "activation_reads") -> None:
+    """Check ``reads`` against the ``sites`` a server declared; errors name the field
+    (``activation_reads[1].hook``)."""
+    globs = sites.globs
+    if len(reads) > max_reads:
+        raise InvalidRequestError(prefix, f"{len(reads)} activation reads given; the server "
+                                  f"allows at most {max_reads} per request "
+                                  "(steerd serve --max-activation-reads)")
+    seen: dict[str, int] = {}
+    for j, r in enumerate(reads):
+        field = f"{prefix}[{j}]"
+        if r.hook not in sites.names:
+            declared = ", ".join(globs) if globs else "none (steerd serve --activation-hooks)"
+            raise InvalidRequestError(f"{field}.hook", f"hook {r.hook!r} is not readable on this "
+                                      f"server; declared: {declared}")
+        if r.hook in seen:
+            raise InvalidRequestError(f"{field}.hook", f"hook {r.hook!r} is already read by "
+                                      f"{prefix}[{seen[r.hook]}]; give one read per hook")
+        seen[r.hook] = j
+        if r.positions is not None:
+            r.positions.validate(f"{field}.positions", vocab_size)
+        if r.pool not in ActPool.__members__.values() or r.dtype not in ActDtype.__members__.values():
+            raise InvalidRequestError(field, "unknown pool or dtype")
+
+
+def to_payload(reads: Sequence[ActivationRead], sites: DeclaredSites) -> tuple[ActPayload, ...]:
+    """The reads as ``RequestPayload.acts`` (pooling and dtype stay with the server)."""
+    index = sites.index
+    return tuple(ActPayload(index[r.hook], r.selector) for r in reads)
+
+
+def pool_rows(rows: np.ndarray, pool: ActPool) -> np.ndarray:
+    """``rows [n, d]`` pooled to ``[1, d]`` (MEAN, MAX, LAST), or as they are (NONE)."""
+    if pool is ActPool.NONE:
+        return rows
+    if not len(rows):
+        return rows[:0]
+    if pool is ActPool.MEAN:
+        return rows.astype(np.float64).mean(axis=0, keepdims=True).astype(np.float32)
+    if pool is ActPool.MAX:
+        return rows.max(axis=0, keepdims=True)
+    return rows[-1:]
+
+
+def to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even; NaN stays NaN."""
+    u = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    nan = np.isnan(values)
+    return np.where(nan, (u >> 16) | 0x40, rounded).astype(np.uint16)
+
+
+def pack(values: np.ndarray, dtype: ActDtype) -> bytes:
+    """float32 ``values`` as little-endian bytes of ``dtype``, row-major."""
+    v = np.ascontiguousarray(values, dtype=np.float32)
+    if dtype is ActDtype.FLOAT16:
+        return v.astype("<f2").tobytes()
+    if dtype is ActDtype.BFLOAT16:
+        return to_bfloat16_bits(v).astype("<u2").tobytes()
+    return v.astype("<f4").tobytes()
