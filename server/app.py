@@ -19,7 +19,7 @@ from typing import Any
 from sae_runtime.errors import SAEFormatError, UnsupportedModelError
 from sae_runtime.hw import LOW_PRECISION, cpu_info
 from sae_runtime.labels.store import FeatureLabels, load_beside
-from sae_runtime.loading import load_sae_config
+from sae_runtime.loading import load_hook_config
 from sae_runtime.loading.vectors import Bank, build_banks
 from sae_runtime.saes.base import SAEConfig
 from sae_runtime.spec.budget import watch_width
@@ -39,6 +39,7 @@ from server.startup import (
     HookPlacementError,
     StartupError,
     apply_cpu_env_defaults,
+    check_clt_serving,
     check_hooks,
     load_tls,
     node_lines,
@@ -64,7 +65,7 @@ class Hooks:
 def load_hooks(cfg: ServerConfig) -> Hooks:
     """Read and check every SAE's config and the vector banks, and their fit to the model,
     before the engine starts."""
-    saes = {s.id: load_sae_config(s.path, s.hook_name) for s in cfg.saes}
+    saes = {s.id: load_hook_config(s.path, s.hook_name) for s in cfg.saes}
     banks = tuple(vector_banks(cfg))
     for b in banks:
         if b.id in saes:
@@ -344,6 +345,8 @@ async def serve(cfg: ServerConfig) -> int:
                 f"({'cpu' if _cpu_platform() else 'this device'}) has no Ray support in this "
                 "vLLM version; use mp (one node) or run on GPUs")
     nodes.check_pp_eager(cfg, _cpu_platform())
+    check_clt_serving(hooks.saes, cpu=_cpu_platform(), tp=cfg.tensor_parallel_size,
+                      pp=cfg.pipeline_parallel_size)
     check_reads_cap(cfg, hooks)
     metrics = Metrics()
     ports = bind_ports(cfg, auth, metrics)

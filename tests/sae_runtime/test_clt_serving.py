@@ -191,3 +191,33 @@ def test_a_clt_folder_is_one_hook_with_flat_features(folder, tmp_path, model_dir
     mid = make_clt(tmp_path / "mid", model_dir, input_hook="hook_resid_mid")
     with pytest.raises(SAEFormatError, match="cannot be served: input hook_resid_mid"):
         clt_hook_config(mid)
+
+
+def test_startup_refuses_a_clt_on_cuda_and_under_tp_or_pp(folder):
+    from server.app import Hooks
+    from server.startup import StartupError, check_clt_serving
+
+    saes = Hooks({"clt": load_hook_config(folder)}).saes
+    check_clt_serving(saes, cpu=True, tp=1, pp=1)  # served
+    with pytest.raises(StartupError, match=r"--sae clt: .*CPU path only so far"):
+        check_clt_serving(saes, cpu=False, tp=1, pp=1)
+    with pytest.raises(StartupError, match=r"--sae clt: .*--tensor-parallel-size 2"):
+        check_clt_serving(saes, cpu=True, tp=2, pp=1)
+    with pytest.raises(StartupError, match=r"--sae clt: .*--pipeline-parallel-size 2"):
+        check_clt_serving(saes, cpu=True, tp=1, pp=2)
+
+
+def test_a_condition_reads_the_edited_features_own_layer(folder):
+    from sae_runtime.errors import InvalidRequestError
+    from sae_runtime.spec.interventions import Condition, Intervention, SteeringSpec
+    from sae_runtime.step.edits import Cond
+
+    saes = {"clt": load_hook_config(folder)}
+    ok = Intervention("clt", F + 3, ops.Mode.CLAMP, 1.0, when=Condition("clt", F + 9, Cond.GT, 0.1))
+    SteeringSpec((ok,)).validate(saes, 8)
+    bad = Intervention("clt", F + 3, ops.Mode.CLAMP, 1.0, when=Condition("clt", 9, Cond.GT, 0.1))
+    with pytest.raises(InvalidRequestError, match="own layer") as e:
+        SteeringSpec((bad,)).validate(saes, 8)
+    assert e.value.field == "interventions[0].when.feature"
+    with pytest.raises(InvalidRequestError, match="out of range"):
+        SteeringSpec((Intervention("clt", LAYERS * F, ops.Mode.CLAMP, 1.0),)).validate(saes, 8)
