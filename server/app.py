@@ -469,7 +469,9 @@ def _log_startup(cfg, engine, configs, port, started_s, sae_dtypes, auth: Auth) 
     for sid, c in configs.items():
         log.info("SAE %s: format %s, architecture %s, site %s, layer %d, width %d, d_model %d, "
                  "dtype %s%s", sid, c.format, c.architecture, c.site, c.layer, c.d_sae, c.d_in,
-                 sae_dtypes.get(sid, "?"), f", k {c.k}" if c.k else "")
+                 sae_dtypes.get(sid, "?"), (f", k {c.k}" if c.k else "")
+                 + (f", cross-layer transcoder over blocks {list(c.clt_layers)} "
+                    f"({c.features_per_layer} features each, flat ids)" if c.clt_layers else ""))
         if c.model_name and not _same_model(c.model_name, cfg.model):
             log.warning("SAE %s was trained on %r, which differs from the served model %s",
                         sid, c.model_name, cfg.model)
