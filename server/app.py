@@ -156,6 +156,11 @@ def check_model_fit(cfg: ServerConfig, hooks: Hooks) -> None:
             raise SAEFormatError(
                 f"{src[sid]}: SAE {sid!r} hooks {c.hook_name}, but the model has blocks "
                 f"0..{n_layers - 1}")
+        if c.clt_layers and c.clt_layers[-1] >= n_layers:
+            raise SAEFormatError(
+                f"{src[sid]}: cross-layer transcoder {sid!r} spans blocks "
+                f"{c.clt_layers[0]}..{c.clt_layers[-1]}, but the model has blocks "
+                f"0..{n_layers - 1}")
         want = heads * head_dim if c.site == "z" else hidden
         if c.d_in != want:
             what = f"n_heads*head_dim ({heads}*{head_dim})" if c.site == "z" else "hidden size"

@@ -221,3 +221,16 @@ def test_a_condition_reads_the_edited_features_own_layer(folder):
     assert e.value.field == "interventions[0].when.feature"
     with pytest.raises(InvalidRequestError, match="out of range"):
         SteeringSpec((Intervention("clt", LAYERS * F, ops.Mode.CLAMP, 1.0),)).validate(saes, 8)
+
+
+def test_a_clt_longer_than_the_model_is_refused_before_the_engine(model_dir):
+    from pathlib import Path
+
+    from server.app import load_hooks
+    from server.config import SAESource, ServerConfig
+
+    embedded = Path(__file__).resolve().parents[2] / "server" / "embedded" / "saes" / "topics_clt"
+    cfg = ServerConfig(model=str(model_dir), saes=(SAESource(id="clt", path=embedded),))
+    with pytest.raises(SAEFormatError, match=r"'clt' spans blocks 0\.\.3, but the model has "
+                                             r"blocks 0\.\.2"):
+        load_hooks(cfg)
