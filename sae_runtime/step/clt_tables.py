@@ -41,6 +41,7 @@ parallelism (``server.startup.check_clt_serving``); the worker refuses too (``in
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from sae_runtime import ops, registry
@@ -73,6 +74,7 @@ class CLTHookTables(HookTables):
         self.pool_sum = torch.zeros(z.pool_slots + 1, n_feat, dtype=torch.float32, device=dev)
         self.pool_max = torch.full_like(self.pool_sum, -float("inf"))
         self.pool_chunk = pool_chunk_rows(n_feat)
+        self._step: tuple | None = None  # this step's host plan (``_step_plan``)
 
     def _busy(self) -> bool:
         return self.n_rows > 0 or self.n_read > 0
@@ -100,29 +102,49 @@ class CLTHookTables(HookTables):
                                     (e, live, p))
         return (feat - slot * F).clamp(0, F - 1), mode, val
 
+    def clear(self) -> None:
+        super().clear()
+        self._step = None
+
+    def _step_plan(self) -> tuple:
+        """``(placed, slots)`` of this step, computed once on the host: ``placed_edits`` of
+        the compacted rows and the slots the step's edit rows name (sorted)."""
+        if self._step is None:
+            k = max(self.edit_k, 1)
+            feats = self._np["edit_feature"][: self.n_edits]
+            self._step = (self.placed(k), np.unique(feats // self.F).tolist())
+        return self._step
+
     def apply_slot(self, h: torch.Tensor, slot: int) -> torch.Tensor:
-        """``h`` (slot ``slot``'s MLP output) plus this step's edits of slots ``<= slot``."""
+        """``h`` (slot ``slot``'s MLP output) plus this step's edits of slots ``<= slot``.
+
+        Host decisions (the step's edit rows are known before the forward): a slot before
+        the first edited one adds nothing; a slot no edit row names computes no
+        coefficients (the first edited slot writes the carry, later ones add to it)."""
         if slot == self.n_slots_clt - 1 and self.n_read:
             self._read_all()
         n = self.n_rows
         if n == 0:
             return h.clone()
-        view = self.views[slot]
+        placed, slots = self._step_plan()
+        if not slots or slots[0] > slot:
+            return h.clone()
         rows = self.rows[:n]
         k = max(self.edit_k, 1)
-        placed = self.placed(k)
-        x = self.stash[slot][rows].to(view.W_enc.dtype)
-        feat, mode, val = self._slot_edits(slot, rows, x, k, placed)
-        arch = registry.get(view.cfg.architecture)
-        union, inv = torch.unique(feat, return_inverse=True)
-        pre = (x @ view.W_enc[:, union] + view.b_enc[union]).gather(1, inv)  # [R, K]
-        act = arch.activate_columns(view, pre, feat, None, x)
-        coef = (ops.edited_values(mode, val.to(act.dtype), act) - act).to(torch.float32)
         carry = self.carry[:n, :k]
-        if slot == 0:
-            carry.copy_(coef)
-        else:
-            carry.add_(coef)
+        if slot in slots:
+            view = self.views[slot]
+            x = self.stash[slot][rows].to(view.W_enc.dtype)
+            feat, mode, val = self._slot_edits(slot, rows, x, k, placed)
+            arch = registry.get(view.cfg.architecture)
+            union, inv = torch.unique(feat, return_inverse=True)
+            pre = (x @ view.W_enc[:, union] + view.b_enc[union]).gather(1, inv)  # [R, K]
+            act = arch.activate_columns(view, pre, feat, None, x)
+            coef = (ops.edited_values(mode, val.to(act.dtype), act) - act).to(torch.float32)
+            if slot == slots[0]:
+                carry.copy_(coef)
+            else:
+                carry.add_(coef)
         flat = self.edits.feature[placed[0]]  # [R, K]
         reach = flat < (slot + 1) * self.F  # entries of slots <= slot
         c = torch.where(reach, carry, torch.zeros_like(carry))
