@@ -44,7 +44,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     clt = load_clt(FOLDER)
-    L, F, d, B = clt.cfg.n_layers, clt.cfg.d_sae, clt.cfg.d_in, args.batch
+    L, d, B = clt.cfg.n_layers, clt.cfg.d_in, args.batch
     g = torch.Generator().manual_seed(0)
     xs, hs = torch.randn(L, B, d, generator=g), torch.randn(L, B, d, generator=g)
     clt_t = CLTHookTables(clt, 64, 64, 16)
