@@ -19,7 +19,7 @@ from typing import Any
 from sae_runtime.errors import SAEFormatError, UnsupportedModelError
 from sae_runtime.hw import LOW_PRECISION, cpu_info
 from sae_runtime.labels.store import FeatureLabels, load_beside
-from sae_runtime.loading import load_sae_config
+from sae_runtime.loading import load_hook_config
 from sae_runtime.loading.vectors import Bank, build_banks
 from sae_runtime.saes.base import SAEConfig
 from sae_runtime.spec.activations import NO_SITES, DeclaredSites, declared_sites
@@ -40,6 +40,7 @@ from server.startup import (
     HookPlacementError,
     StartupError,
     apply_cpu_env_defaults,
+    check_clt_serving,
     check_hooks,
     load_tls,
     node_lines,
@@ -65,7 +66,7 @@ class Hooks:
 def load_hooks(cfg: ServerConfig) -> Hooks:
     """Read and check every SAE's config and the vector banks, and their fit to the model,
     before the engine starts."""
-    saes = {s.id: load_sae_config(s.path, s.hook_name) for s in cfg.saes}
+    saes = {s.id: load_hook_config(s.path, s.hook_name) for s in cfg.saes}
     banks = tuple(vector_banks(cfg))
     for b in banks:
         if b.id in saes:
@@ -170,6 +171,11 @@ def check_model_fit(cfg: ServerConfig, hooks: Hooks) -> None:
         if not 0 <= block < n_layers:
             raise SAEFormatError(
                 f"{src[sid]}: SAE {sid!r} hooks {c.hook_name}, but the model has blocks "
+                f"0..{n_layers - 1}")
+        if c.clt_layers and c.clt_layers[-1] >= n_layers:
+            raise SAEFormatError(
+                f"{src[sid]}: cross-layer transcoder {sid!r} spans blocks "
+                f"{c.clt_layers[0]}..{c.clt_layers[-1]}, but the model has blocks "
                 f"0..{n_layers - 1}")
         want = heads * head_dim if c.site == "z" else hidden
         if c.d_in != want:
@@ -369,6 +375,8 @@ async def serve(cfg: ServerConfig) -> int:
                 f"({'cpu' if _cpu_platform() else 'this device'}) has no Ray support in this "
                 "vLLM version; use mp (one node) or run on GPUs")
     nodes.check_pp_eager(cfg, _cpu_platform())
+    check_clt_serving(hooks.saes, cpu=_cpu_platform(), tp=cfg.tensor_parallel_size,
+                      pp=cfg.pipeline_parallel_size)
     check_reads_cap(cfg, hooks)
     metrics = Metrics()
     ports = bind_ports(cfg, auth, metrics)
@@ -492,7 +500,9 @@ def _log_startup(cfg, engine, configs, port, started_s, sae_dtypes, auth: Auth) 
     for sid, c in configs.items():
         log.info("SAE %s: format %s, architecture %s, site %s, layer %d, width %d, d_model %d, "
                  "dtype %s%s", sid, c.format, c.architecture, c.site, c.layer, c.d_sae, c.d_in,
-                 sae_dtypes.get(sid, "?"), f", k {c.k}" if c.k else "")
+                 sae_dtypes.get(sid, "?"), (f", k {c.k}" if c.k else "")
+                 + (f", cross-layer transcoder over blocks {list(c.clt_layers)} "
+                    f"({c.features_per_layer} features each, flat ids)" if c.clt_layers else ""))
         if c.model_name and not _same_model(c.model_name, cfg.model):
             log.warning("SAE %s was trained on %r, which differs from the served model %s",
                         sid, c.model_name, cfg.model)

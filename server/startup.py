@@ -54,6 +54,25 @@ def load_tls(cert: Path | None, key: Path | None,
                            f"{getattr(e, 'strerror', None) or getattr(e, 'reason', None) or e}") from None
 
 
+def check_clt_serving(saes: Mapping, *, cpu: bool, tp: int, pp: int) -> None:
+    """Refuse, before the engine starts, a cross-layer transcoder (``SAEConfig.clt_layers``)
+    where its serving path does not exist yet: on CUDA (the Triton / fixed-shape splice has
+    no cross-layer carry) and under tensor or pipeline parallelism (the carry and the slot
+    hooks live in one worker). ``saes``: id -> ``SAEConfig``."""
+    for sid, c in saes.items():
+        if not getattr(c, "clt_layers", ()):
+            continue
+        what = f"--sae {sid}: a cross-layer transcoder ({len(c.clt_layers)} layers)"
+        if not cpu:
+            raise StartupError(f"{what}: CLT serving runs on the CPU path only so far (the CUDA "
+                               "kernels have no cross-layer carry); serve it with the CPU build "
+                               "of steerd, or drop this --sae")
+        for flag, n in (("--tensor-parallel-size", tp), ("--pipeline-parallel-size", pp)):
+            if n > 1:
+                raise StartupError(f"{what}: not served with {flag} {n} yet (its slot hooks "
+                                   f"and carry live in one worker); use {flag} 1")
+
+
 class HookPlacementError(SteeringError):
     """A configured SAE is not installed where it must be; steerd refuses to serve."""
 

@@ -137,6 +137,9 @@ def unavailable_reason(cfg: SAEConfig, hidden_size: int) -> str:
     if cfg.site not in WRITES_STREAM:
         return (f"site {cfg.site} ({cfg.hook_name}) is not added to the residual stream directly, "
                 f"so its decoder rows have no direct logit effect")
+    if cfg.clt_layers:
+        return ("a cross-layer transcoder feature writes the MLP output of its layer and every "
+                "later one; it has no single direct logit effect")
     if cfg.d_in != hidden_size:
         return f"the SAE's d_in={cfg.d_in} differs from the model's hidden size {hidden_size}"
     return ""

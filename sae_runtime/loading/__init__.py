@@ -22,7 +22,9 @@ layers); ``load_clt`` reads them into ``sae_runtime.saes.clt.CLT`` (modules with
 | ``circuit_tracer`` | ``config.yaml`` (``cross_layer_transcoder``) + ``W_enc_{i}``/``W_dec_{i}.safetensors`` | ``circuit_tracer`` |
 | ``gemma_scope_2``  | ``params_layer_{i}.safetensors`` under ``clt/`` or ``crosscoder/`` | ``gemma_scope_2_clt`` |
 
-``load_sae`` on a CLT folder raises, saying so.
+``load_sae`` on a CLT folder raises, saying so; ``load_hook_config`` (what ``--sae`` reads)
+describes a CLT the server can serve as one hook with flat feature indices
+(``clt_hook_config``) and refuses the others naming why.
 """
 
 from __future__ import annotations
@@ -206,6 +208,47 @@ def load_clt_config(path: str | Path) -> CLTConfig:
     return fmt.read_clt_config(p)
 
 
+def load_hook_config(path: str | Path, hook_name: str | None = None) -> SAEConfig:
+    """The config a served ``--sae`` folder is hooked by: an SAE's (``load_sae_config``), or a
+    cross-layer transcoder described as one hook (``clt_hook_config``)."""
+    if is_clt(path):
+        if hook_name is not None:
+            raise SAEFormatError(f"{path}: a cross-layer transcoder hooks every layer it spans; "
+                                 f"drop the @{hook_name}")
+        return clt_hook_config(path)
+    return load_sae_config(path, hook_name)
+
+
+SERVED_CLT = "a circuit-tracer or Gemma Scope 2 CLT reading mlp.hook_in and writing hook_mlp_out"
+
+
+def clt_hook_config(path: str | Path) -> SAEConfig:
+    """A cross-layer transcoder as the server serves it: one hook whose ``d_sae`` features are
+    the flat indices ``slot * d_sae + index`` (``SAEConfig.clt_layers``). What the serving
+    path does not compute yet is refused, naming why."""
+    c = load_clt_config(path)
+    why = None
+    if c.kind != "clt":
+        why = "a multi-layer crosscoder (its outputs are residual states: serving it is not built)"
+    elif c.activation not in ("relu", "jumprelu"):
+        why = (f"activation {c.activation} (circuit-tracer's JumpReLU with a negative threshold "
+               "passes negative activations; the serving kernels gate with ReLU)")
+    elif c.input_site != "mlp_in":
+        why = f"input {c.input_hook or c.input_site} (served: the MLP input, mlp.hook_in)"
+    elif c.output_site != "mlp_out":
+        why = f"output {c.output_hook or c.output_site} (served: hook_mlp_out)"
+    if why is not None:
+        raise SAEFormatError(f"{path}: this cross-layer transcoder cannot be served: {why}; "
+                             f"served: {SERVED_CLT}")
+    first, last = c.layers[0], c.layers[-1]
+    return SAEConfig(
+        architecture="standard" if c.activation == "relu" else "jumprelu", d_in=c.d_in,
+        d_sae=c.n_features, hook_name=f"blocks.{first}.{c.input_hook or 'mlp.hook_in'}",
+        layer=first, site="mlp_out", model_name=c.model_name, dtype=c.dtype, format=c.format,
+        training_architecture="cross_layer_transcoder", input_site="mlp_in",
+        hook_name_out=f"blocks.{last}.{c.output_hook or 'hook_mlp_out'}", clt_layers=c.layers)
+
+
 def is_clt(path: str | Path) -> bool:
     """True when directory ``path`` holds a CLT or crosscoder (not an SAE)."""
     p = Path(path)
@@ -243,7 +286,7 @@ def _detect(path: str | Path) -> tuple[Path, SAEFormat]:
         if clt_fmt.detect_clt(p):
             raise SAEFormatError(
                 f"{p}: a cross-layer transcoder or crosscoder ({clt_fmt.NAME}), not an SAE: "
-                "load it with sae_runtime.loading.load_clt; serving CLTs is not implemented yet")
+                "load it with sae_runtime.loading.load_clt (the server serves it: load_hook_config)")
     expected = "; ".join(f"{fmt.LAYOUT} ({fmt.NAME})" for fmt in formats)
     raise SAEFormatError(f"{p}: no recognised SAE format; expected one of: {expected}")
 

@@ -223,7 +223,7 @@ def _set_plan(path: Path, hook_name: str | None) -> tuple[SAEConfig, Path]:
         raise SAEFormatError(
             f"{path}: a cross-layer transcoder (each layer's features write every later "
             "layer's MLP output), not an SAE or a per-layer transcoder: load it with "
-            "sae_runtime.loading.load_clt; serving CLTs is not implemented yet")
+            "sae_runtime.loading.load_clt (the server serves it: load_hook_config)")
     hook_in, hook_out = raw["feature_input_hook"], raw["feature_output_hook"]
     if hook_in == "hook_resid_mid":
         raise SAEFormatError(f"{path / CONFIG}: per-layer transcoders reading hook_resid_mid "

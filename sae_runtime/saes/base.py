@@ -133,6 +133,11 @@ class SAEConfig:
     transcoder."""
     hook_name_out: str = ""
     """A transcoder's output hook as its files name it (``blocks.L.hook_mlp_out``)."""
+    clt_layers: tuple[int, ...] = ()
+    """A served cross-layer transcoder (``sae_runtime.saes.clt``): the model block of each of
+    its slots (empty for an SAE). Then this config describes the whole CLT as one hook: its
+    ``d_sae`` features are the flat indices ``slot * features_per_layer + index``, ``layer``
+    is the first slot's block, and the per-slot math is ``clt.slot_sae``'s."""
 
     def __post_init__(self) -> None:
         if self.d_in <= 0 or self.d_sae <= 0:
@@ -144,6 +149,9 @@ class SAEConfig:
                 f"normalization must be one of {', '.join(NORMALIZATIONS)}, "
                 f"got {self.normalization!r}"
             )
+        if self.clt_layers and self.d_sae % len(self.clt_layers):
+            raise ValueError(f"a CLT's d_sae {self.d_sae} must be a multiple of its "
+                             f"{len(self.clt_layers)} layers")
         if self.input_site not in INPUT_SITES:
             raise ValueError(f"input_site must be one of {INPUT_SITES}, got {self.input_site!r}")
         if self.input_site:
@@ -155,6 +163,11 @@ class SAEConfig:
             if self.normalization != "none" or self.apply_b_dec_to_input:
                 raise ValueError("a transcoder must have normalization 'none' and "
                                  "apply_b_dec_to_input false (SAELens refuses both too)")
+
+    @property
+    def features_per_layer(self) -> int:
+        """A CLT's features per slot (``d_sae`` for an SAE)."""
+        return self.d_sae // len(self.clt_layers) if self.clt_layers else self.d_sae
 
     @property
     def transcoder(self) -> bool:

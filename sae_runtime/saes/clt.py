@@ -40,6 +40,8 @@ from typing import Literal
 
 import torch
 
+from sae_runtime.saes.base import SAE, SAEConfig
+
 Activation = Literal["relu", "jumprelu", "jumprelu_signed"]
 """How pre-activations become feature activations.
 
@@ -298,3 +300,38 @@ def _check_slots(clt: CLT, t: torch.Tensor, name: str) -> None:
     if t.shape[0] != clt.cfg.n_layers:
         raise ValueError(f"{name} must have one entry per slot ({clt.cfg.n_layers}), got "
                          f"{t.shape[0]}")
+
+
+# ---------------------------------------------------------------- serving views
+
+SLOT_ARCHITECTURES = {"relu": "standard", "jumprelu": "jumprelu"}
+"""The SAE architecture a slot's features are computed by, per ``Activation``.
+``jumprelu_signed`` has none (the SAE kernels gate with ``relu``)."""
+
+
+def slot_sae(clt: CLT, slot: int) -> SAE:
+    """Slot ``slot`` as an SAE: a transcoder of block ``layers[slot]`` whose encoder is the
+    slot's and whose decoder is its *own-layer* share ``W_dec[slot][:, 0]``. Its features
+    and an edit's coefficient ``f' - f`` are exactly the CLT's (``encode_layer``); the
+    serving kernels compute them with the SAE machinery. Shares the CLT's tensors."""
+    c = clt.cfg
+    arch = SLOT_ARCHITECTURES.get(c.activation)
+    if arch is None:
+        raise ValueError(f"a CLT with activation {c.activation!r} has no SAE view")
+    layer = c.layers[slot]
+    cfg = SAEConfig(architecture=arch, d_in=c.d_in, d_sae=c.d_sae,
+                    hook_name=f"blocks.{layer}.{c.input_hook or 'mlp.hook_in'}", layer=layer,
+                    site="mlp_out", model_name=c.model_name, dtype=c.dtype, format=c.format,
+                    training_architecture="cross_layer_transcoder", input_site="mlp_in",
+                    hook_name_out=f"blocks.{layer}.{c.output_hook or 'hook_mlp_out'}")
+    return SAE(cfg, W_enc=clt.W_enc[slot], W_dec=clt.W_dec[slot][:, 0], b_enc=clt.b_enc[slot],
+               b_dec=clt.b_dec[slot],
+               threshold=None if clt.threshold is None else clt.threshold[slot])
+
+
+def output_decoder(clt: CLT, slot: int) -> torch.Tensor:
+    """``[(slot + 1) * d_sae, d_in]``: what a unit change of each flat feature ``s * d_sae + j``
+    with ``s <= slot`` adds to output slot ``slot`` (``W_dec[s][j, slot - s]``). Row ``i`` is
+    flat feature ``i``, so the edits reaching one output slot are one gather of it (a copy:
+    the decoders, stored source-major, laid out output-major)."""
+    return torch.cat([clt.W_dec[s][:, slot - s] for s in range(slot + 1)]).contiguous()

@@ -149,6 +149,16 @@ class SteeringSpec:
                         f"{field}.when.sae",
                         f"a condition reads a feature of the edit's own SAE ({iv.sae!r}); "
                         f"got {iv.when.sae!r} (conditions on another hook are not supported)")
+                c = saes[iv.sae]
+                F = c.features_per_layer
+                if c.clt_layers and iv.when.feature // F != iv.feature // F:
+                    raise InvalidRequestError(
+                        f"{field}.when.feature",
+                        f"a condition on a cross-layer transcoder reads a feature of the edited "
+                        f"feature's own layer (flat ids {iv.feature // F * F}.."
+                        f"{iv.feature // F * F + F - 1}); got {iv.when.feature} (layer "
+                        f"{c.clt_layers[iv.when.feature // F]}, edit at layer "
+                        f"{c.clt_layers[iv.feature // F]})")
             elif iv.latch:
                 raise InvalidRequestError(f"{field}.latch", "latch needs a condition (when)")
 

@@ -36,9 +36,11 @@ class SAEEntry(msgspec.Struct, frozen=True):
 
 
 def placement(c) -> str:
-    """Where an SAE (an ``SAEConfig``) sits in the compiled graph: its site and block, and a
-    transcoder's input site, e.g. ``resid_post@1`` or ``mlp_out@0<mlp_in``."""
-    return f"{c.site}@{c.layer}" + (f"<{c.input_site}" if c.input_site else "")
+    """Where an SAE (an ``SAEConfig``) sits in the compiled graph: its site and block (a
+    cross-layer transcoder's blocks), and a transcoder's input site, e.g. ``resid_post@1``,
+    ``mlp_out@0<mlp_in`` or ``mlp_out@0,1,2,3<mlp_in``."""
+    blocks = ",".join(map(str, getattr(c, "clt_layers", ()))) or str(c.layer)
+    return f"{c.site}@{blocks}" + (f"<{c.input_site}" if c.input_site else "")
 
 
 def check_placement(entry: SAEEntry, c) -> None:

@@ -41,12 +41,14 @@ import torch
 from sae_runtime.errors import SAEFormatError, UnsupportedModelError
 from sae_runtime.hw import choose_sae_dtype
 from sae_runtime.kernels import read_topk
-from sae_runtime.loading import load_sae, load_sae_config
+from sae_runtime.loading import clt_hook_config, is_clt, load_clt, load_sae, load_sae_config
 from sae_runtime.loading.vectors import Bank, bank_sae, build_banks
 from sae_runtime.ops import fold_norm_weight
+from sae_runtime.saes.clt import decoder_bytes
 from sae_runtime.spec.activations import parse_hook
 from sae_runtime.spec.budget import TableSizes
 from sae_runtime.step.act_reads import ActSegment, ActSite, collect_acts, plan_acts
+from sae_runtime.step.clt_tables import CLTHookTables
 from sae_runtime.step.config import ReadsKeys, check_placement, config_hash, worker_config
 from sae_runtime.step.planner import ReadSegment, collect_reads, plan_step
 from sae_runtime.step.tables import HookTables
@@ -211,6 +213,23 @@ def _act_read_fake(x: torch.Tensor, residual: torch.Tensor | None, site_id: int)
     return torch.empty_like(x)
 
 
+def _sae_clt_stash(x: torch.Tensor, hook_id: int, slot: int) -> torch.Tensor:
+    """Slot ``slot`` of cross-layer transcoder ``hook_id``: its MLP input, kept for the
+    slot's ``sae_clt_hook`` (``CLTHookTables.stash_slot``)."""
+    assert _STATE is not None, "sae_clt_stash ran before SAEs were installed"
+    return _STATE.hooks[hook_id].stash_slot(x, slot)
+
+
+def _sae_clt_hook(h: torch.Tensor, hook_id: int, slot: int) -> torch.Tensor:
+    """Slot ``slot``'s MLP output plus the CLT's edits reaching it (``apply_slot``)."""
+    assert _STATE is not None, "sae_clt_hook ran before SAEs were installed"
+    return _STATE.hooks[hook_id].apply_slot(h, slot)
+
+
+def _sae_clt_fake(x: torch.Tensor, hook_id: int, slot: int) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
 _LIB = torch.library.Library("sae_steer", "FRAGMENT")  # kept alive for the op's lifetime
 
 
@@ -226,6 +245,12 @@ def _register_op() -> None:
     compat.direct_register_custom_op(
         "act_read", _act_read, mutates_args=[], fake_impl=_act_read_fake, target_lib=_LIB
     )
+    return torch.empty_like(x)
+
+
+    for name, fn in (("sae_clt_stash", _sae_clt_stash), ("sae_clt_hook", _sae_clt_hook)):
+        compat.direct_register_custom_op(name, fn, mutates_args=[], fake_impl=_sae_clt_fake,
+                                         target_lib=_LIB)
 
 
 # --------------------------------------------------------------------------- patches
@@ -414,8 +439,15 @@ def install(runner) -> None:
     report: list[dict] = []
     targets: dict[tuple[int, str], list[int]] = {}  # (block, site kind) -> hook ids, in order
     stashes: dict[int, list[int]] = {}  # block -> transcoder hook ids reading its MLP input
+    clts: list[tuple[int, tuple[int, ...]]] = []  # (hook id, blocks) of cross-layer transcoders
     for entry in cfg.saes:
         hook_id = len(hooks)
+        if entry.path and not entry.vectors and not entry.inline and is_clt(entry.path):
+            tables, rec = _install_clt(entry, runner, ranks, layers, device, model_dtype, cfg)
+            hooks.append(tables)
+            clts.append((hook_id, rec["clt_layers"]))
+            report.append({"sae": hook_id, **rec})
+            continue
         bank = _bank(entry, hidden) if entry.vectors or entry.inline else None
         c = bank.config() if bank is not None else load_sae_config(entry.path, entry.hook_name)
         check_placement(entry, c)
@@ -511,6 +543,8 @@ def install(runner) -> None:
     # wraps the hook's wrapper, so the input is kept before the MLP and its hook run.
     for block, ids in stashes.items():
         _wrap_input(layers[block].get_submodule(family.mlp_in), ids, op=_stash)
+    for hook_id, blocks in clts:  # outside the wraps above: the CLT sees the MLP's final output
+        _wrap_clt(layers, family, hook_id, blocks)
     addr = cfg.reads_addr
     publish = bool(addr) and ranks["tp_rank"] == 0
     # Across nodes every worker (publishing or not) holds a connection to the server's read
@@ -535,6 +569,60 @@ def install(runner) -> None:
                            "max_num_seqs": max_slots, "max_num_batched_tokens": max_tokens,
                            "enforce_eager": bool(runner.model_config.enforce_eager),
                            "seed": runner.model_config.seed})
+
+
+def _install_clt(entry, runner, ranks: dict, layers: dict, device: torch.device,
+                 model_dtype: str, cfg) -> tuple[CLTHookTables, dict]:
+    """Load the cross-layer transcoder of ``entry`` and build its tables
+    (``sae_runtime.step.clt_tables``); returns them and its hook report entry.
+
+    Served on the CPU (compact) path of one worker only: the carry between slots lives in
+    this process's memory and is computed by the compact kernels. The server refuses the
+    other cases at startup (``server.startup.check_clt_serving``); this repeats it so an
+    engine started another way never serves a CLT unsteered."""
+    c = clt_hook_config(entry.path)
+    check_placement(entry, c)
+    why = None
+    if device.type != "cpu":
+        why = f"the model runs on {device.type}; CLT serving runs on the CPU path only so far"
+    elif ranks["tp_size"] > 1 or ranks["pp_size"] > 1:
+        why = "tensor or pipeline parallelism (CLT serving runs on one worker only so far)"
+    missing = [b for b in c.clt_layers if b not in layers]
+    if why is None and missing:
+        why = f"the model has no block {missing[0]} on this worker"
+    if why is not None:
+        raise SAEFormatError(f"{entry.path}: cross-layer transcoder {entry.id!r} cannot be "
+                             f"served: {why}")
+    dtype_name, reason = choose_sae_dtype(cfg.sae_dtype, model_dtype, device.type)
+    dtype = getattr(torch, dtype_name)
+    clt = load_clt(entry.path, dtype).to(device)
+    sched = runner.scheduler_config
+    tables = CLTHookTables(clt, int(sched.max_num_batched_tokens), int(sched.max_num_seqs),
+                           cfg.max_interventions, cfg.max_watch,
+                           act_dtype=runner.model_config.dtype)
+    dec = decoder_bytes(clt.cfg, dtype)
+    log.info("SAE %s: cross-layer transcoder, %d layers x %d features (flat ids 0..%d), blocks "
+             "%s, %s (%s), decoder %.1f MiB; CPU compact path", entry.id, clt.cfg.n_layers,
+             clt.cfg.d_sae, c.d_sae - 1, list(c.clt_layers), dtype_name, reason, dec / 2**20)
+    return tables, {"id": entry.id, "block": c.layer, "site": c.site, "input_site": c.input_site,
+                    "dtype": dtype_name, "dtype_why": reason, "gemm": "torch", "sharded": False,
+                    "read_slice": None, "clt_layers": tuple(c.clt_layers),
+                    "decoder_bytes": dec}
+
+
+def _wrap_clt(layers: dict, family, hook_id: int, blocks: tuple[int, ...]) -> None:
+    """Per slot ``s``: ``sae_clt_hook`` on block ``blocks[s]``'s MLP output, then (outside it,
+    so the input is kept before the MLP and its hook run) ``sae_clt_stash`` on its MLP input."""
+    for slot, block in enumerate(blocks):
+        mlp_out = layers[block].get_submodule(family.mlp_out)
+        orig = mlp_out.forward
+
+        def forward(*args, _orig=orig, _slot=slot, **kwargs):
+            return torch.ops.sae_steer.sae_clt_hook(_orig(*args, **kwargs), hook_id, _slot)
+
+        mlp_out.forward = forward
+        _wrap_input(layers[block].get_submodule(family.mlp_in), [hook_id],
+                    op=lambda x, h, _slot=slot: torch.ops.sae_steer.sae_clt_stash(x, h, _slot))
 
 
 _REPORT: dict = {"installed": False}

@@ -668,7 +668,8 @@ def sae_info(sae_id: str, cfg: SAEConfig, dtype: str, labelled: bool) -> SAEInfo
         site=Site[cfg.site.upper()], layer=cfg.layer, d_sae=cfg.d_sae, d_in=cfg.d_in,
         dtype=dtype, model_name=cfg.model_name, k=cfg.k or 0,
         input_site=Site.MLP_IN if cfg.input_site else None,  # hook_name says which (proto)
-        hook_name_out=cfg.hook_name_out, labelled=labelled)
+        hook_name_out=cfg.hook_name_out, labelled=labelled, layers=tuple(cfg.clt_layers),
+        features_per_layer=cfg.features_per_layer if cfg.clt_layers else 0)
 
 
 def finish_reason_of(reason: str | None) -> FinishReason | None:

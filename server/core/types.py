@@ -266,6 +266,10 @@ class SAEInfo:
     input_site: Site | None
     hook_name_out: str
     labelled: bool
+    # a cross-layer transcoder: the block of each layer (slot), and its features per layer;
+    # its features are the flat ids ``slot * features_per_layer + index`` (d_sae in all)
+    layers: tuple[int, ...] = ()
+    features_per_layer: int = 0
 
 
 @dataclass(frozen=True)

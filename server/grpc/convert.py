@@ -224,7 +224,8 @@ def sae_info(s: t.SAEInfo) -> pb.SAEInfo:
     return pb.SAEInfo(id=s.id, format=s.format, architecture=s.architecture,
                       hook_name=s.hook_name, site=s.site, layer=s.layer, d_sae=s.d_sae,
                       d_in=s.d_in, dtype=s.dtype, model_name=s.model_name, k=s.k,
-                      input_site=s.input_site or 0, hook_name_out=s.hook_name_out)
+                      input_site=s.input_site or 0, hook_name_out=s.hook_name_out,
+                      layers=s.layers, features_per_layer=s.features_per_layer)
 
 
 def model_info(m: t.ModelInfo) -> pb.GetModelInfoResponse:

@@ -337,7 +337,8 @@ async function connect() {
     state.model = models.data[0].id;
     state.saes = saes.data;
     const desc = saes.data.map((s) => `${s.id} (${s.architecture}${s.k ? ` k=${s.k}` : ""}, ${s.d_sae} features, ` +
-      `layer ${s.layer}${s.labelled ? ", labelled" : ""})`).join("; ");
+      `${s.layers?.length ? `cross-layer, layers ${s.layers[0]}–${s.layers.at(-1)}` : `layer ${s.layer}`}` +
+      `${s.labelled ? ", labelled" : ""})`).join("; ");
     $("model-info").textContent = `${state.model} · ${desc || "no SAE"}`;
     $("search-sae").replaceChildren(el("option", { value: "" }, "all SAEs"),
       ...saes.data.filter((s) => s.labelled).map((s) => el("option", { value: s.id }, s.id)));

@@ -232,8 +232,9 @@ def _shared_server(request) -> Callable[[], Server]:
 def _default_server(request) -> Callable[[], Server]:
     embedded = Path(__file__).resolve().parents[2] / "server" / "embedded"
     log_dir = request.getfixturevalue("tmp_path_factory").mktemp("default")
-    return lambda: start_server(embedded / "model", {"topics_l1": embedded / "saes" / "topics_l1"},
-                                log_dir, http=True)
+    saes = {"topics_l1": embedded / "saes" / "topics_l1",
+            "topics_clt": embedded / "saes" / "topics_clt"}  # the CLT: tests/e2e/test_clt.py
+    return lambda: start_server(embedded / "model", saes, log_dir, http=True)
 
 
 @pytest.fixture(scope="session")
@@ -245,8 +246,9 @@ def server(request):
 
 @pytest.fixture(scope="session")
 def default_server(request):
-    """`steerd serve` on the embedded default (server/embedded: the 8-topic model and its
-    labelled SAE ``topics_l1``), gRPC and HTTP, shared by the files that need it."""
+    """`steerd serve` on the embedded default (server/embedded: the 8-topic model, its
+    labelled SAE ``topics_l1`` and its cross-layer transcoder ``topics_clt``), gRPC and
+    HTTP, shared by the files that need it."""
     srv = server_for("default_server", request)
     yield srv
     stop_server(srv)

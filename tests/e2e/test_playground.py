@@ -122,6 +122,10 @@ def test_playground_steers_and_shows_reads(default_server, browser, tmp_path):
     assert SAE in d.find_element(By.ID, "model-info").text
     assert "vectors@" not in d.find_element(By.ID, "model-info").text  # banks are not SAEs
 
+    from selenium.webdriver.support.select import Select
+
+    # the server also serves the labelled CLT topics_clt: search this SAE's labels only
+    Select(d.find_element(By.ID, "search-sae")).select_by_value(SAE)
     d.find_element(By.ID, "search").send_keys("ocean")
     d.find_element(By.ID, "search-go").click()
     _wait(d, lambda d: _testids(d, "search-result"), 30, "search results")
@@ -185,8 +189,6 @@ def test_playground_steers_and_shows_reads(default_server, browser, tmp_path):
     shown = [int(e.get_attribute("data-index")) for e in _testids(d, "top-feature")]
     want = next(f for f in api_plain["choices"][0]["features"] if f["position"] == p)
     assert shown == want["indices"] and len(shown) == TOP_K
-
-    from selenium.webdriver.support.select import Select
 
     Select(d.find_element(By.ID, "heatmap-source")).select_by_value("steered")
     api_steered = _post(base + "/v1/completions", {**body, "reads": reads, "interventions": clamp,

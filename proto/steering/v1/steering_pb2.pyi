@@ -437,7 +437,7 @@ class ListSAEsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SAEInfo(_message.Message):
-    __slots__ = ("id", "format", "architecture", "hook_name", "site", "layer", "d_sae", "d_in", "dtype", "model_name", "k", "input_site", "hook_name_out")
+    __slots__ = ("id", "format", "architecture", "hook_name", "site", "layer", "d_sae", "d_in", "dtype", "model_name", "k", "input_site", "hook_name_out", "layers", "features_per_layer")
     ID_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -451,6 +451,8 @@ class SAEInfo(_message.Message):
     K_FIELD_NUMBER: _ClassVar[int]
     INPUT_SITE_FIELD_NUMBER: _ClassVar[int]
     HOOK_NAME_OUT_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
     id: str
     format: str
     architecture: str
@@ -464,7 +466,9 @@ class SAEInfo(_message.Message):
     k: int
     input_site: HookSite
     hook_name_out: str
-    def __init__(self, id: _Optional[str] = ..., format: _Optional[str] = ..., architecture: _Optional[str] = ..., hook_name: _Optional[str] = ..., site: _Optional[_Union[HookSite, str]] = ..., layer: _Optional[int] = ..., d_sae: _Optional[int] = ..., d_in: _Optional[int] = ..., dtype: _Optional[str] = ..., model_name: _Optional[str] = ..., k: _Optional[int] = ..., input_site: _Optional[_Union[HookSite, str]] = ..., hook_name_out: _Optional[str] = ...) -> None: ...
+    layers: _containers.RepeatedScalarFieldContainer[int]
+    features_per_layer: int
+    def __init__(self, id: _Optional[str] = ..., format: _Optional[str] = ..., architecture: _Optional[str] = ..., hook_name: _Optional[str] = ..., site: _Optional[_Union[HookSite, str]] = ..., layer: _Optional[int] = ..., d_sae: _Optional[int] = ..., d_in: _Optional[int] = ..., dtype: _Optional[str] = ..., model_name: _Optional[str] = ..., k: _Optional[int] = ..., input_site: _Optional[_Union[HookSite, str]] = ..., hook_name_out: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., features_per_layer: _Optional[int] = ...) -> None: ...
 
 class ListSAEsResponse(_message.Message):
     __slots__ = ("saes",)
