@@ -245,9 +245,6 @@ def _register_op() -> None:
     compat.direct_register_custom_op(
         "act_read", _act_read, mutates_args=[], fake_impl=_act_read_fake, target_lib=_LIB
     )
-    return torch.empty_like(x)
-
-
     for name, fn in (("sae_clt_stash", _sae_clt_stash), ("sae_clt_hook", _sae_clt_hook)):
         compat.direct_register_custom_op(name, fn, mutates_args=[], fake_impl=_sae_clt_fake,
                                          target_lib=_LIB)
