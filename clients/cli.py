@@ -343,6 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="text kept with the vector; repeat for several")
     vu = vsub.add_parser("unload", help="unload a runtime-loaded vector (admin; --admin-token)")
     vu.add_argument("name")
+    vs = vsub.add_parser("save", help="save a vector the server holds as a self-describing GGUF "
+                                      "(llama.cpp control vector with model, width, hooks, date)")
+    vs.add_argument("name")
+    vs.add_argument("out", help="the .gguf file to write")
     return p
 
 
@@ -528,10 +532,18 @@ def _vectors(client: SteeringClient, args) -> int:
                 raise SystemExit(f"steer: --metadata {kv!r}: expected KEY=VALUE")
             meta[k] = v
         if args.file is not None:
-            v = client.load_vector(args.name, file=args.file, metadata=meta)
+            try:
+                v = client.load_vector(args.name, file=args.file, metadata=meta)
+            except OSError as e:
+                raise SystemExit(f"steer: --file {args.file}: {e}") from None
         else:
             v = client.load_vector(args.name, _values_json(args.values_json), metadata=meta)
         print(json.dumps(_vector_json(v)))
+    elif args.vectors_command == "save":
+        data = client.export_vector(args.name)
+        with open(args.out, "wb") as fh:
+            fh.write(data)
+        print(json.dumps({"name": args.name, "file": args.out, "bytes": len(data)}))
     else:
         print(json.dumps(_vector_json(client.unload_vector(args.name))))
     return 0

@@ -340,6 +340,12 @@ class SteeringClient:
         return self.stub.LoadVector(req, timeout=self.timeout,
                                     metadata=self.admin_metadata).vector
 
+    def export_vector(self, name: str) -> bytes:
+        """A vector the server holds as a self-describing llama.cpp control-vector GGUF
+        (its model id, hidden size, hook names, layer convention, method and date)."""
+        return self.stub.ExportVector(pb.ExportVectorRequest(name=name), timeout=self.timeout,
+                                      metadata=self.metadata).gguf
+
     def unload_vector(self, name: str) -> pb.VectorInfo:
         """Unload a runtime-loaded vector (admin): new requests may no longer name it;
         running ones keep it to their end."""

@@ -88,6 +88,15 @@ def vector_banks(cfg: ServerConfig) -> list[Bank]:
                        runtime_rows=cfg.max_runtime_vectors)
 
 
+def vector_values(banks) -> dict:
+    """The startup vectors' values: name -> {block: [d_model] float32}."""
+    out: dict = {}
+    for b in banks:
+        for i, name in enumerate(b.names):
+            out.setdefault(name, {})[b.layer] = b.matrix[i]
+    return out
+
+
 def model_dims(cfg: ServerConfig) -> tuple[int, int]:
     """(hidden size, number of blocks) of the served model."""
     hf = _hf_config(cfg)
@@ -388,7 +397,7 @@ async def serve(cfg: ServerConfig) -> int:
         max_distinct_configs=cfg.max_distinct_configs,
         max_stream_buffer_bytes=cfg.max_stream_buffer_bytes,
         vectors=VectorIndex.of(hooks.banks), guardrail_missing_read=cfg.guardrail_missing_read,
-        runtime_vectors=cfg.max_runtime_vectors,
+        runtime_vectors=cfg.max_runtime_vectors, vector_values=vector_values(hooks.banks),
         workers=cfg.tensor_parallel_size * cfg.pipeline_parallel_size * cfg.data_parallel_size,
     )
     await ports.grpc.start(core)

@@ -33,12 +33,14 @@ from sae_runtime.errors import (
     SAEFormatError,
     SteeringError,
     UnknownSAEError,
+    UnknownVectorError,
 )
 from sae_runtime.labels import store as feats
 from sae_runtime.loading.vectors import (
     UPLOAD_FORMATS,
     check_vector_metadata,
     load_vector_bytes,
+    write_vector_gguf,
 )
 from sae_runtime.saes.base import SAEConfig, Site
 from sae_runtime.spec.interventions import SteeringSpec
@@ -117,10 +119,12 @@ class Core:
         on_engine_dead: Callable[[], None] | None = None,
         runtime_vectors: int = 0,
         workers: int = 1,
+        vector_values: Mapping[str, Mapping[int, np.ndarray]] | None = None,
     ) -> None:
         """``runtime_vectors``: the rows each ``--runtime-vectors`` bank keeps
         (``--max-runtime-vectors``); ``workers``: how many workers (every rank of every
-        engine) must confirm a vector load."""
+        engine) must confirm a vector load; ``vector_values``: the startup vectors'
+        values by name and block (``ExportVector``)."""
         if guardrail_missing_read not in GUARDRAIL_MISSING_READ:
             raise ValueError(f"guardrail_missing_read: one of {GUARDRAIL_MISSING_READ}")
         self.engine = engine
@@ -128,6 +132,7 @@ class Core:
         self.saes = dict(saes)  # SAE id -> config; vector banks are not SAEs (``vectors``)
         self.runtime = RuntimeVectors(vectors or VectorIndex({}), runtime_vectors)
         self.workers = workers
+        self.vector_values = {n: dict(v) for n, v in (vector_values or {}).items()}
         # hook ids as the workers number them: the SAEs, then the vector banks
         self.hook_index = {sid: i for i, sid in enumerate([*self.saes, *self.vectors.banks])}
         self.labels = dict(labels or {})
@@ -669,7 +674,7 @@ class Core:
             log.exception("vector %r: the workers' write failed", req.name)
             raise InternalServerError(f"vector {req.name!r}: the workers could not write it") \
                 from None
-        v = self.runtime.commit(req.name, rows, tag_of(values), meta)
+        v = self.runtime.commit(req.name, rows, tag_of(values), meta, values)
         log.info("runtime vector %r loaded at blocks %s (rows %s)", req.name, sorted(rows),
                  [rows[k] for k in sorted(rows)])
         return self._info(v)
@@ -680,6 +685,32 @@ class Core:
         v = self.runtime.unload(name)
         log.info("runtime vector %r unloaded (%d running request(s) still use it)", name, v.users)
         return self._info(v)
+
+    async def export_vector(self, name: str) -> tuple[bytes, VectorInfo]:
+        """A vector requests may name as a self-describing GGUF (``write_vector_gguf``)."""
+        live = self.runtime.live.get(name)
+        values = live.values if live is not None else self.vector_values.get(name)
+        if values is None:
+            known = ", ".join(sorted(self.vectors.rows)) or "none"
+            raise UnknownVectorError("name", f"no steering vector named {name!r}; loaded: {known}")
+        if 0 in values:
+            raise InvalidRequestError("name", f"vector {name!r} has a block 0 row, which a "
+                                      "llama.cpp control vector cannot hold")
+        meta = live.metadata if live is not None else {}
+        d = self.engine.model_config.get_hidden_size()
+
+        def write() -> bytes:
+            import tempfile
+            from pathlib import Path
+
+            with tempfile.TemporaryDirectory(prefix="steerd-export-") as tmp:
+                p = write_vector_gguf(Path(tmp) / "v.gguf", values, model_id=self.model,
+                                      hidden_size=d, method=meta.get("method", ""))
+                return p.read_bytes()
+
+        data = await asyncio.to_thread(write)
+        info = self._info(live) if live is not None else VectorInfo(name, tuple(sorted(values)))
+        return data, info
 
     @staticmethod
     def _info(v: Loaded) -> VectorInfo:

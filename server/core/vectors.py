@@ -42,6 +42,7 @@ class Loaded:
     rows: dict[int, int]  # layer -> bank row
     tag: str
     metadata: dict[str, str] = field(default_factory=dict)
+    values: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> [d_model] float32
     users: int = 0
     gone: bool = False
 
@@ -129,10 +130,11 @@ class RuntimeVectors:
         self._give_back(rows)
 
     def commit(self, name: str, rows: Mapping[int, int], tag: str,
-               metadata: Mapping[str, str] | None = None) -> Loaded:
+               metadata: Mapping[str, str] | None = None,
+               values: Mapping[int, np.ndarray] | None = None) -> Loaded:
         """Publish a reserved, written vector: requests may name it from now on."""
         self.pending.discard(name)
-        v = Loaded(name, dict(rows), tag, dict(metadata or {}))
+        v = Loaded(name, dict(rows), tag, dict(metadata or {}), dict(values or {}))
         self.live[name] = v
         self._publish()
         return v

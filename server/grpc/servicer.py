@@ -173,3 +173,11 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
 
         return await self._unary("ListVectors", request, pb.ListVectorsRequest, context, work,
                                  pb.ListVectorsResponse())
+
+    async def ExportVector(self, request, context) -> pb.ExportVectorResponse:
+        async def work(req):
+            data, v = await self.core.export_vector(req.name)
+            return pb.ExportVectorResponse(gguf=data, vector=convert.vector_info(v))
+
+        return await self._unary("ExportVector", request, pb.ExportVectorRequest, context, work,
+                                 pb.ExportVectorResponse())

@@ -26,7 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from clients.client import vector
-from sae_runtime.loading.vectors import write_vector_gguf
+from sae_runtime.loading.vectors import read_vector_metadata, write_vector_gguf
 from tests.e2e.conftest import ADMIN_TOKEN, MAX_RUNTIME_VECTORS
 from tests.e2e.reference import check_teacher_forced
 from tests.e2e.test_vectors import hf_inline
@@ -229,5 +229,13 @@ def test_http_admin_routes_and_the_cli(server, admin):
         "name": "cli", "layers": [1], "runtime": True, "metadata": {"k": "v"}}
     assert "cli" in {v["name"] for v in steer("list")}
     assert greedy(server, [vector("cli", S)]).token_ids == web_tokens  # the same values
+    saved = server.log.parent / "cli_saved.gguf"
+    run = subprocess.run([exe, "--target", server.target, "vectors", "save", "cli", str(saved)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    meta = read_vector_metadata(saved)
+    assert (meta["model_id"], meta["hidden_size"]) == (str(server.model_dir), str(HIDDEN))
+    assert steer("load", "cli_file", "--file", str(saved))["layers"] == [1]
+    assert greedy(server, [vector("cli_file", S)]).token_ids == web_tokens
     assert steer("unload", "cli")["name"] == "cli"
     assert "cli" not in {v["name"] for v in steer("list")}

@@ -118,9 +118,12 @@ class RpcEngine(FakeEngine):
 
 
 def _core(tmp_path, engine=None) -> Core:
+    start = np.zeros(D, np.float32)
+    start[:] = 1.0
     return Core(engine or RpcEngine(step_s=0.01), model="/models/tiny", saes={}, compiled=False,
                 limits=Limits(max_interventions=8, vocab_size=100, max_read_top_k=64),
-                vectors=_index(tmp_path), runtime_vectors=ROWS)
+                vectors=_index(tmp_path), runtime_vectors=ROWS,
+                vector_values={"start": {1: start}})
 
 
 def _gen(name: str, n: int = 3) -> GenerateRequest:
@@ -274,3 +277,24 @@ def test_admin_calls_take_admin_tokens_only():
         with pytest.raises(UnauthenticatedError):
             auth.check_admin(bad)
     assert not auth.ok("Bearer root"), "an admin token must give no ordinary access"
+
+
+def test_export_writes_a_described_gguf_of_any_vector(tmp_path):
+    from sae_runtime.loading.vectors import load_vector_bytes
+
+    async def run():
+        core = _core(tmp_path)
+        v = np.linspace(-1, 1, D).astype(np.float32)
+        await core.load_vector(LoadVectorRequest("a", ((2, v),), metadata=(("method", "pca"),)))
+        data, info = await core.export_vector("a")
+        values, meta = load_vector_bytes(data, "gguf")
+        assert list(values) == [2] and np.array_equal(values[2], v) and info.runtime
+        assert (meta["model_id"], meta["hidden_size"], meta["method"]) == ("/models/tiny",
+                                                                           str(D), "pca")
+        data, info = await core.export_vector("start")
+        values, _ = load_vector_bytes(data, "gguf")
+        assert list(values) == [1] and (values[1] == 1.0).all() and not info.runtime
+        with pytest.raises(UnknownVectorError, match="^name: no steering vector named 'b'"):
+            await core.export_vector("b")
+
+    asyncio.run(run())

@@ -664,3 +664,17 @@ class ListVectorsResponse(_message.Message):
     VECTORS_FIELD_NUMBER: _ClassVar[int]
     vectors: _containers.RepeatedCompositeFieldContainer[VectorInfo]
     def __init__(self, vectors: _Optional[_Iterable[_Union[VectorInfo, _Mapping]]] = ...) -> None: ...
+
+class ExportVectorRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ExportVectorResponse(_message.Message):
+    __slots__ = ("gguf", "vector")
+    GGUF_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    gguf: bytes
+    vector: VectorInfo
+    def __init__(self, gguf: _Optional[bytes] = ..., vector: _Optional[_Union[VectorInfo, _Mapping]] = ...) -> None: ...

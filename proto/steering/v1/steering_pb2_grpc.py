@@ -80,6 +80,11 @@ class SteeringServiceStub:
                 request_serializer=steering_dot_v1_dot_steering__pb2.ListVectorsRequest.SerializeToString,
                 response_deserializer=steering_dot_v1_dot_steering__pb2.ListVectorsResponse.FromString,
                 _registered_method=True)
+        self.ExportVector = channel.unary_unary(
+                '/steering.v1.SteeringService/ExportVector',
+                request_serializer=steering_dot_v1_dot_steering__pb2.ExportVectorRequest.SerializeToString,
+                response_deserializer=steering_dot_v1_dot_steering__pb2.ExportVectorResponse.FromString,
+                _registered_method=True)
 
 
 class SteeringServiceServicer:
@@ -156,6 +161,14 @@ class SteeringServiceServicer:
     def ListVectors(self, request, context):
         """ListVectors lists the vectors requests may name: startup (--vector) and
         runtime-loaded ones (any caller; GetModelInfo.vectors holds the same).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportVector(self, request, context):
+        """ExportVector returns a vector requests may name as a self-describing
+        llama.cpp control-vector GGUF (any caller; `steer vectors save`).
         ---- end runtime vectors ---------------------------------------------------
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -209,6 +222,11 @@ def add_SteeringServiceServicer_to_server(servicer, server):
                     servicer.ListVectors,
                     request_deserializer=steering_dot_v1_dot_steering__pb2.ListVectorsRequest.FromString,
                     response_serializer=steering_dot_v1_dot_steering__pb2.ListVectorsResponse.SerializeToString,
+            ),
+            'ExportVector': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportVector,
+                    request_deserializer=steering_dot_v1_dot_steering__pb2.ExportVectorRequest.FromString,
+                    response_serializer=steering_dot_v1_dot_steering__pb2.ExportVectorResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -455,6 +473,33 @@ class SteeringService:
             '/steering.v1.SteeringService/ListVectors',
             steering_dot_v1_dot_steering__pb2.ListVectorsRequest.SerializeToString,
             steering_dot_v1_dot_steering__pb2.ListVectorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportVector(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/steering.v1.SteeringService/ExportVector',
+            steering_dot_v1_dot_steering__pb2.ExportVectorRequest.SerializeToString,
+            steering_dot_v1_dot_steering__pb2.ExportVectorResponse.FromString,
             options,
             channel_credentials,
             insecure,
