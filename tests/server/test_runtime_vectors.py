@@ -298,3 +298,29 @@ def test_export_writes_a_described_gguf_of_any_vector(tmp_path):
             await core.export_vector("b")
 
     asyncio.run(run())
+
+
+def test_a_runtime_vector_is_budgeted_as_a_startup_vector(tmp_path):
+    """One budget (``sae_runtime.spec.budget``): a runtime vector's edit rows on its bank
+    count exactly as a startup vector's at the same layer."""
+    from sae_runtime.spec.selectors import Frame, Range, Selector
+    from server.core import validate
+
+    async def run():
+        core = _core(tmp_path)
+        await core.load_vector(LoadVectorRequest("a", ((1, np.ones(D, np.float32)),)))
+        many = Selector(tuple(Range(Frame.ABSOLUTE, 2 * j, 2 * j + 1) for j in range(5)))
+        tight = Limits(max_interventions=4, vocab_size=100, max_read_top_k=64)
+        errors = []
+        for name in ("start", "a"):
+            req = GenerateRequest(prompt=Prompt(ids=[1, 2, 3]), max_tokens=2,
+                                  vectors=(NamedVector(name, 1.0, (1,), many),))
+            with pytest.raises(InvalidRequestError) as ei:
+                validate.generation(req, saes=core.saes, limits=tight, vectors=core.vectors)
+            errors.append(str(ei.value))
+            fits = GenerateRequest(prompt=Prompt(ids=[1, 2, 3]), max_tokens=2,
+                                   vectors=(NamedVector(name, 1.0, (1,), Selector(many.ranges[:4])),))
+            validate.generation(fits, saes=core.saes, limits=tight, vectors=core.vectors)
+        assert errors[0] == errors[1] and errors[0].startswith("vectors: the vectors at vectors@L1 need 5")
+
+    asyncio.run(run())
