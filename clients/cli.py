@@ -227,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=None, help="RPC deadline in seconds")
     p.add_argument("--token", default=os.environ.get("STEER_TOKEN"),
                    help="bearer token (default: $STEER_TOKEN)")
+    p.add_argument("--admin-token", default=os.environ.get("STEER_ADMIN_TOKEN"),
+                   help="admin bearer token for vectors load/unload (default: $STEER_ADMIN_TOKEN)")
     p.add_argument("--tls-ca", default=None, help="PEM CA that signed the server cert (enables TLS)")
     p.add_argument("--tls-cert", default=None, help="PEM client certificate (mutual TLS)")
     p.add_argument("--tls-key", default=None, help="PEM client key (mutual TLS)")
@@ -332,6 +334,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("saes", help="list the server's SAEs (JSON)")
     sub.add_parser("info", help="describe the served model (JSON)")
+
+    vp = sub.add_parser("vectors", help="list, load and unload steering vectors")
+    vsub = vp.add_subparsers(dest="vectors_command", required=True)
+    vsub.add_parser("list", help="the vectors requests may name (JSON)")
+    vl = vsub.add_parser("load", help="load a vector at run time (admin; --admin-token)")
+    vl.add_argument("name")
+    vsrc = vl.add_mutually_exclusive_group(required=True)
+    vsrc.add_argument("--file", help="a control-vector GGUF or a safetensors file")
+    vsrc.add_argument("--values-json", metavar="FILE",
+                      help='JSON {"<block>": [d_model floats], ...} (or {"vectors": {...}}, as '
+                           "steer vectors train --json prints it)")
+    vl.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
+                    help="text kept with the vector; repeat for several")
+    vu = vsub.add_parser("unload", help="unload a runtime-loaded vector (admin; --admin-token)")
+    vu.add_argument("name")
+    vs = vsub.add_parser("save", help="save a vector the server holds as a self-describing GGUF "
+                                      "(llama.cpp control vector with model, width, hooks, date)")
+    vs.add_argument("name")
+    vs.add_argument("out", help="the .gguf file to write")
     return p
 
 
@@ -423,13 +444,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with SteeringClient(args.target, timeout=args.timeout, token=args.token, tls_ca=args.tls_ca,
-                            tls_cert=args.tls_cert, tls_key=args.tls_key) as client:
+                            tls_cert=args.tls_cert, tls_key=args.tls_key,
+                            admin_token=args.admin_token) as client:
             if args.command == "generate":
                 return _generate(client, args)
             if args.command == "encode":
                 return _encode(client, args)
             if args.command == "features":
                 return _features(client, args)
+            if args.command == "vectors":
+                return _vectors(client, args)
             if args.command == "saes":
                 from google.protobuf.json_format import MessageToDict
 
@@ -524,6 +548,53 @@ def _keep_activations(stream, acts: list):
     for msg in stream:
         acts.extend(msg.activations)
         yield msg
+
+
+def _vector_json(v) -> dict:
+    return {"name": v.name, "layers": list(v.layers), "runtime": v.runtime,
+            "metadata": dict(v.metadata)}
+
+
+def _values_json(path: str) -> dict[int, list[float]]:
+    try:
+        with open(path) as fh:
+            obj = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"steer: {path}: cannot read JSON ({e})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("vectors"), dict):
+        obj = obj["vectors"]
+    try:
+        return {int(k): [float(x) for x in v] for k, v in obj.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise SystemExit(f'steer: {path}: expected {{"<block>": [floats], ...}}') from None
+
+
+def _vectors(client: SteeringClient, args) -> int:
+    if args.vectors_command == "list":
+        print(json.dumps([_vector_json(v) for v in client.list_vectors()], indent=1))
+    elif args.vectors_command == "load":
+        meta = {}
+        for kv in args.metadata:
+            k, sep, v = kv.partition("=")
+            if not sep or not k:
+                raise SystemExit(f"steer: --metadata {kv!r}: expected KEY=VALUE")
+            meta[k] = v
+        if args.file is not None:
+            try:
+                v = client.load_vector(args.name, file=args.file, metadata=meta)
+            except OSError as e:
+                raise SystemExit(f"steer: --file {args.file}: {e}") from None
+        else:
+            v = client.load_vector(args.name, _values_json(args.values_json), metadata=meta)
+        print(json.dumps(_vector_json(v)))
+    elif args.vectors_command == "save":
+        data = client.export_vector(args.name)
+        with open(args.out, "wb") as fh:
+            fh.write(data)
+        print(json.dumps({"name": args.name, "file": args.out, "bytes": len(data)}))
+    else:
+        print(json.dumps(_vector_json(client.unload_vector(args.name))))
+    return 0
 
 
 def _trip_json(t) -> dict:

@@ -270,14 +270,16 @@ class GenerationResult:
 class SteeringClient:
     """Blocking client. ``with SteeringClient("localhost:50051") as c: c.generate_text("hi")``.
 
-    ``token`` is sent as ``authorization: Bearer <token>``. ``tls_ca`` (PEM bytes or a path)
-    switches to TLS; add ``tls_cert``/``tls_key`` for mutual TLS.
+    ``token`` is sent as ``authorization: Bearer <token>``; ``admin_token`` instead of it
+    on admin calls (``load_vector``, ``unload_vector``: the server takes only its
+    ``--admin-tokens-file`` tokens there). ``tls_ca`` (PEM bytes or a path) switches to TLS;
+    add ``tls_cert``/``tls_key`` for mutual TLS.
     """
 
     def __init__(self, target: str, *, timeout: float | None = None,
                  channel: grpc.Channel | None = None, token: str | None = None,
                  tls_ca: bytes | str | None = None, tls_cert: bytes | str | None = None,
-                 tls_key: bytes | str | None = None) -> None:
+                 tls_key: bytes | str | None = None, admin_token: str | None = None) -> None:
         if channel is None:
             if tls_ca is not None:
                 creds = grpc.ssl_channel_credentials(
@@ -290,6 +292,8 @@ class SteeringClient:
         self.stub = pb_grpc.SteeringServiceStub(self.channel)
         self.timeout = timeout
         self.metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self.admin_metadata = ((("authorization", f"Bearer {admin_token}"),) if admin_token
+                               else self.metadata)
 
     def __enter__(self) -> SteeringClient:
         return self
@@ -375,6 +379,43 @@ class SteeringClient:
     def model_info(self) -> pb.GetModelInfoResponse:
         return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout,
                                       metadata=self.metadata)
+
+    def list_vectors(self) -> list[pb.VectorInfo]:
+        """The steering vectors requests may name: startup (--vector) and runtime-loaded."""
+        return list(self.stub.ListVectors(pb.ListVectorsRequest(), timeout=self.timeout,
+                                          metadata=self.metadata).vectors)
+
+    def load_vector(self, name: str, values: Mapping[int, Sequence[float]] | None = None, *,
+                    file: bytes | str | None = None, file_format: str | None = None,
+                    metadata: Mapping[str, str] | None = None) -> pb.VectorInfo:
+        """Load a steering vector at run time (admin): ``values`` ``{block: d_model floats}``
+        (lists, numpy arrays or tensors), or ``file`` (a GGUF / safetensors path or its
+        bytes; ``file_format`` "gguf" / "safetensors", from the path's suffix by default).
+        Returns once every worker holds it; requests may then name it."""
+        req = pb.LoadVectorRequest(name=name, metadata=dict(metadata or {}))
+        for layer, v in (values or {}).items():
+            req.layers.append(pb.LayerValues(layer=int(layer), values=[float(x) for x in v]))
+        if file is not None:
+            if isinstance(file, str):
+                file_format = file_format or file.rsplit(".", 1)[-1].lower()
+                with open(file, "rb") as fh:
+                    file = fh.read()
+            req.file = file
+            req.file_format = file_format or ""
+        return self.stub.LoadVector(req, timeout=self.timeout,
+                                    metadata=self.admin_metadata).vector
+
+    def export_vector(self, name: str) -> bytes:
+        """A vector the server holds as a self-describing llama.cpp control-vector GGUF
+        (its model id, hidden size, hook names, layer convention, method and date)."""
+        return self.stub.ExportVector(pb.ExportVectorRequest(name=name), timeout=self.timeout,
+                                      metadata=self.metadata).gguf
+
+    def unload_vector(self, name: str) -> pb.VectorInfo:
+        """Unload a runtime-loaded vector (admin): new requests may no longer name it;
+        running ones keep it to their end."""
+        return self.stub.UnloadVector(pb.UnloadVectorRequest(name=name), timeout=self.timeout,
+                                      metadata=self.admin_metadata).vector
 
     def health(self, service: str = "") -> str:
         """``SERVING``, ``NOT_SERVING``, ... for ``service`` ("" = the whole server)."""

@@ -31,6 +31,15 @@ class UnknownSAEError(SteeringError, LookupError):
         self.sae_id = sae_id
 
 
+class UnknownVectorError(SteeringError, LookupError):
+    """An admin call names a steering vector the server has not loaded (gRPC NOT_FOUND)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.description = message
+
+
 class NotLabelledError(SteeringError):
     """Feature labels were asked of an SAE that has none (gRPC FAILED_PRECONDITION)."""
 

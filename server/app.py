@@ -28,7 +28,7 @@ from sae_runtime.spec.vectors import VectorIndex
 from sae_runtime.step.config import placement
 from sae_runtime.vllm.families import block_of, family_of, supported
 from server import nodes
-from server.auth import Auth, load_tokens
+from server.auth import Auth, load_admin_tokens, load_tokens
 from server.config import ServerConfig
 from server.core.metrics import Metrics
 from server.core.reads import ReadRouter, RecordLimits, min_message_bytes
@@ -81,11 +81,22 @@ def load_hooks(cfg: ServerConfig) -> Hooks:
 def vector_banks(cfg: ServerConfig) -> list[Bank]:
     """The steering-vector banks of ``--vector`` and ``--inline-vectors`` (checked against
     the model), by layer; none without either."""
-    if not cfg.vectors and not cfg.inline_vectors:
+    if not cfg.vectors and not cfg.inline_vectors and not cfg.runtime_vectors:
         return []
     d_model, n_layers = model_dims(cfg)
     return build_banks([(v.name, v.path) for v in cfg.vectors], d_model=d_model,
-                       n_layers=n_layers, inline_layers=cfg.inline_vector_layers(n_layers))
+                       n_layers=n_layers, inline_layers=cfg.inline_vector_layers(n_layers),
+                       runtime_layers=cfg.runtime_vector_layers(n_layers),
+                       runtime_rows=cfg.max_runtime_vectors)
+
+
+def vector_values(banks) -> dict:
+    """The startup vectors' values: name -> {block: [d_model] float32}."""
+    out: dict = {}
+    for b in banks:
+        for i, name in enumerate(b.names):
+            out.setdefault(name, {})[b.layer] = b.matrix[i]
+    return out
 
 
 def activation_sites(cfg: ServerConfig) -> DeclaredSites:
@@ -127,7 +138,7 @@ def engine_sae_entries(cfg: ServerConfig, hooks: Hooks) -> list[dict]:
     return ([{"id": sid, "path": str(src[sid].path), "hook_name": src[sid].hook_name,
               "placement": placement(c)} for sid, c in hooks.saes.items()]
             + [{"id": b.id, "path": "", "vectors": files, "layer": b.layer, "inline": b.inline,
-                "placement": placement(b.config())} for b in hooks.banks])
+                "runtime": b.runtime, "placement": placement(b.config())} for b in hooks.banks])
 
 
 def load_labels(cfg: ServerConfig, saes: dict[str, SAEConfig]) -> dict[str, FeatureLabels]:
@@ -361,7 +372,8 @@ async def serve(cfg: ServerConfig) -> int:
     hooks = load_hooks(cfg)
     labels = load_labels(cfg, hooks.saes)  # a bad label file fails here, before the engine starts
     chat_template = load_chat_template(cfg.chat_template)  # so does a bad --chat-template
-    auth = Auth(tuple(load_tokens(cfg.auth_tokens_file)), cfg.cache_salt_per_token)
+    auth = Auth(tuple(load_tokens(cfg.auth_tokens_file)), cfg.cache_salt_per_token,
+                admin=tuple(load_admin_tokens(cfg.admin_tokens_file)))
     sites = activation_sites(cfg)  # a glob that selects nothing fails here
     has_hooks = bool(hooks.saes or hooks.banks or sites.names)
     nodes.check_layout(cfg, "serve", has_hooks)
@@ -419,6 +431,8 @@ async def serve(cfg: ServerConfig) -> int:
         max_stream_buffer_bytes=cfg.max_stream_buffer_bytes,
         vectors=VectorIndex.of(hooks.banks), guardrail_missing_read=cfg.guardrail_missing_read,
         sites=sites,
+        runtime_vectors=cfg.max_runtime_vectors, vector_values=vector_values(hooks.banks),
+        workers=cfg.tensor_parallel_size * cfg.pipeline_parallel_size * cfg.data_parallel_size,
     )
     await ports.grpc.start(core)
     _log_startup(cfg, engine, hooks.configs, ports.grpc.port, started, sae_dtypes, auth)

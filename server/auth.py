@@ -16,7 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sae_runtime.errors import SteeringError
+from server.core.errors import PermissionDeniedError, UnauthenticatedError
 from server.core.types import ANONYMOUS, Caller
+
+ADMIN_METHODS = ("LoadVector", "UnloadVector")
+"""Calls only admin tokens may make (``Auth.check_admin``); ordinary tokens are refused
+there, and admin tokens are not ordinary tokens."""
 
 
 class AuthConfigError(SteeringError):
@@ -45,6 +50,24 @@ def load_tokens(path: Path | None) -> list[bytes]:
     return [t.encode() for t in tokens]
 
 
+def load_admin_tokens(path: Path | None) -> list[bytes]:
+    """Admin tokens from ``path`` (one per line, # comments; ``--admin-tokens-file``); none
+    without a file: admin calls are then refused. A file with no token is an
+    ``AuthConfigError``."""
+    if path is None:
+        return []
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise AuthConfigError(f"--admin-tokens-file {path}: cannot read it: {e}") from None
+    tokens = [ln.strip() for ln in text.splitlines()
+              if ln.strip() and not ln.lstrip().startswith("#")]
+    if not tokens:
+        raise AuthConfigError(f"--admin-tokens-file {path}: holds no token (one per line; # "
+                              "starts a comment)")
+    return [t.encode() for t in tokens]
+
+
 def bearer_token(authorization: str) -> bytes | None:
     """The token of an ``authorization`` value ``Bearer <token>``; None for anything else."""
     scheme, _, token = authorization.partition(" ")
@@ -70,10 +93,22 @@ class Auth:
 
     tokens: tuple[bytes, ...] = ()
     salt_by_token: bool = True
+    admin: tuple[bytes, ...] = ()  # --admin-tokens-file: the only tokens admin calls take
 
     @property
     def on(self) -> bool:
         return bool(self.tokens)
+
+    def check_admin(self, authorization: str) -> None:
+        """Raise unless ``authorization`` carries an admin token: PERMISSION_DENIED when the
+        server has none (admin calls are off), UNAUTHENTICATED for a missing or wrong one.
+        Both doors call this one check for every admin call (``ADMIN_METHODS``)."""
+        if not self.admin:
+            raise PermissionDeniedError("admin calls are off on this server (steerd serve "
+                                        "--admin-tokens-file)")
+        if not bearer_ok(authorization, list(self.admin)):
+            raise UnauthenticatedError("admin calls need an admin bearer token (send "
+                                       "'authorization: Bearer <admin token>')")
 
     def ok(self, authorization: str) -> bool:
         return not self.tokens or bearer_ok(authorization, list(self.tokens))

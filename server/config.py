@@ -88,6 +88,15 @@ class ServerConfig(BaseModel):
         default=DEFAULT_MAX_ACTIVATION_BYTES, ge=1024,
         description="Most bytes of float32 rows one request's activation reads may copy, summed "
                     "over its reads, before pooling.")
+    runtime_vectors: str = Field(
+        default="", description="Layers that take steering vectors loaded at run time (the "
+        "LoadVector admin call; needs --admin-tokens-file): 'all', or a comma list of 0-based "
+        "blocks. Each keeps --max-runtime-vectors zero rows from engine start, so a load "
+        "recompiles nothing; a layer without a --vector or --inline-vectors bank costs one "
+        "hook op per step.")
+    max_runtime_vectors: int = Field(
+        default=8, ge=1, le=1024, description="Rows kept per --runtime-vectors layer: the most "
+        "vectors loaded at run time that hold a row at one layer at once (d_model floats each).")
     host: str = Field(default="127.0.0.1", description="Address to bind.")
     port: int = Field(default=50051, ge=0, le=65535, description="Port (0 picks a free one).")
     max_interventions: int = Field(
@@ -224,6 +233,13 @@ class ServerConfig(BaseModel):
                     "(comma-separated). Clients send 'authorization: Bearer <token>'. A file "
                     "with no token is a startup error.",
     )
+    admin_tokens_file: Path | None = Field(
+        default=None,
+        description="File with admin bearer tokens, one per line: only these may call the "
+                    "admin RPCs and routes (LoadVector, UnloadVector); with none, admin calls "
+                    "are refused. Admin tokens give no other access (ordinary calls take "
+                    "--auth-tokens-file's tokens when auth is on).",
+    )
     cache_salt_per_token: bool = Field(
         default=True,
         description="With auth on, salt every request's prefix cache by the caller's token, so "
@@ -290,19 +306,20 @@ class ServerConfig(BaseModel):
         """``activation_hooks`` as globs."""
         return tuple(g.strip() for g in self.activation_hooks.split(",") if g.strip())
 
-    @field_validator("inline_vectors")
+    @field_validator("inline_vectors", "runtime_vectors")
     @classmethod
-    def _inline_layers(cls, v: str) -> str:
+    def _vector_layers(cls, v: str, info) -> str:
+        flag = "--" + info.field_name.replace("_", "-")
         v = v.strip()
         if v in ("", "all"):
             return v
         try:
             layers = [int(x) for x in v.split(",")]
         except ValueError:
-            raise ValueError(f"--inline-vectors {v!r}: give 'all' or 0-based block numbers "
+            raise ValueError(f"{flag} {v!r}: give 'all' or 0-based block numbers "
                              "separated by commas, e.g. 10,12") from None
         if any(x < 0 for x in layers):
-            raise ValueError(f"--inline-vectors {v!r}: block numbers start at 0")
+            raise ValueError(f"{flag} {v!r}: block numbers start at 0")
         return ",".join(str(x) for x in sorted(set(layers)))
 
     def allowed_hosts(self) -> tuple[str, ...] | None:
@@ -319,11 +336,11 @@ class ServerConfig(BaseModel):
     def inline_vector_layers(self, n_layers: int) -> tuple[int, ...]:
         """The blocks that take inline vectors (``inline_vectors``) in a model of
         ``n_layers`` blocks; a block beyond the model is the loader's error to name."""
-        if not self.inline_vectors:
-            return ()
-        if self.inline_vectors == "all":
-            return tuple(range(n_layers))
-        return tuple(int(x) for x in self.inline_vectors.split(","))
+        return _layers(self.inline_vectors, n_layers)
+
+    def runtime_vector_layers(self, n_layers: int) -> tuple[int, ...]:
+        """The blocks that keep rows for runtime-loaded vectors (``runtime_vectors``)."""
+        return _layers(self.runtime_vectors, n_layers)
 
     @field_validator("saes")
     @classmethod
@@ -333,3 +350,11 @@ class ServerConfig(BaseModel):
         if dup:
             raise ValueError(f"duplicate SAE ids {sorted(dup)}; name them with NAME=PATH")
         return v
+
+
+def _layers(text: str, n_layers: int) -> tuple[int, ...]:
+    if not text:
+        return ()
+    if text == "all":
+        return tuple(range(n_layers))
+    return tuple(int(x) for x in text.split(","))

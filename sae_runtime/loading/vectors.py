@@ -27,6 +27,12 @@ residual output. A request's vector becomes an ADD edit of strength ``s`` on its
 layer's bank, so the edit is exactly ``s * v`` and everything edits have comes with it:
 per-request settings in one batch, position selectors, cache salts, the compiled op, TP/PP.
 
+Self-describing files: ``write_vector_gguf`` writes a llama.cpp control-vector GGUF (llama.cpp
+and repeng read it as any other: they ignore keys they do not know) whose metadata says what
+the vector is for (``META_KEYS``: hook names, layer convention, model id, hidden size,
+method, date). ``read_vector_metadata`` reads those keys back (empty for foreign files), and
+``check_vector_metadata`` refuses a described file made for another model or width.
+
 Inline vectors (``GenerateRequest.inline_vectors``: a request's own ``d_model`` floats at
 one layer) use the same banks: a layer named by ``--inline-vectors`` gets a bank (with or
 without named vectors) with one scratch decoder row per edit slot; each step the planner
@@ -37,6 +43,7 @@ ADD edit names that row, so the edit is exactly ``s * v`` again.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -93,6 +100,116 @@ def load_vector_file(path: str | Path) -> dict[int, np.ndarray]:
     return dict(sorted(out.items()))
 
 
+META_PREFIX = "steerd."
+META_KEYS = ("hook_names", "layer_convention", "model_id", "hidden_size", "method", "created")
+"""Metadata keys (``steerd.<key>``) of the GGUF files ``write_vector_gguf`` writes."""
+
+LAYER_CONVENTION = ("llama.cpp: direction.k is added to the output of block k (0-based), "
+                    "blocks.k.hook_resid_post, HF hidden_states[k + 1]")
+
+
+def write_vector_gguf(path: str | Path, vectors: Mapping[int, np.ndarray], *, model_id: str,
+                      hidden_size: int, method: str = "", created: str | None = None) -> Path:
+    """Write ``{layer: vector}`` as a llama.cpp control-vector GGUF (``direction.{layer}``,
+    the module doc's convention) with ``steerd.*`` metadata: the hook names, the layer
+    convention, ``model_id``, ``hidden_size``, ``method`` and ``created`` (UTC, ISO 8601;
+    now by default). Refuses vectors of another width than ``hidden_size`` or layer 0 (which
+    llama.cpp cannot hold)."""
+    import gguf
+
+    p = Path(path)
+    for layer, v in vectors.items():
+        if int(layer) <= 0:
+            raise SAEFormatError(f"{p}: layer {layer}: llama.cpp's control vectors start at "
+                                 "block 1 (direction.0 would be the embeddings)")
+        if np.asarray(v).shape != (hidden_size,):
+            raise SAEFormatError(f"{p}: the vector of layer {layer} has shape "
+                                 f"{np.asarray(v).shape}, the hidden size is {hidden_size}")
+    arch = "controlvector"
+    w = gguf.GGUFWriter(str(p), arch)
+    w.add_string(f"{arch}.model_hint", model_id)
+    w.add_uint32(f"{arch}.layer_count", len(vectors))
+    layers = sorted(int(k) for k in vectors)
+    w.add_string(META_PREFIX + "hook_names",
+                 ",".join(f"blocks.{k}.hook_resid_post" for k in layers))
+    w.add_string(META_PREFIX + "layer_convention", LAYER_CONVENTION)
+    w.add_string(META_PREFIX + "model_id", model_id)
+    w.add_uint32(META_PREFIX + "hidden_size", int(hidden_size))
+    w.add_string(META_PREFIX + "method", method)
+    w.add_string(META_PREFIX + "created", created or datetime.datetime.now(
+        datetime.timezone.utc).isoformat(timespec="seconds"))
+    for k in layers:
+        w.add_tensor(f"direction.{k}", np.asarray(vectors[k], dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return p
+
+
+def read_vector_metadata(path: str | Path) -> dict[str, str]:
+    """The ``steerd.*`` metadata of a GGUF vector file (keys without the prefix, values as
+    text); empty for a file that has none (llama.cpp's, repeng's) or another format."""
+    p = Path(path)
+    if p.suffix.lower() != ".gguf":
+        return {}
+    from gguf import GGUFReader
+
+    try:
+        r = GGUFReader(str(p))
+    except Exception as e:  # noqa: BLE001 - a broken file becomes one clear error
+        raise SAEFormatError(f"{p}: cannot read steering vectors: {e}") from None
+    out = {}
+    for key in META_KEYS:
+        f = r.fields.get(META_PREFIX + key)
+        if f is None:
+            continue
+        part = f.parts[f.data[0]]
+        out[key] = bytes(part).decode() if key != "hidden_size" else str(int(part[0]))
+    return out
+
+
+def model_name(model_id: str) -> str:
+    """The part of a model id two servers of one model share: its last path component
+    (``/models/Llama-3.1-8B`` and ``meta-llama/Llama-3.1-8B`` are one model)."""
+    return Path(model_id.rstrip("/")).name
+
+
+def check_vector_metadata(meta: Mapping[str, str], *, model_id: str, hidden_size: int,
+                          where: str) -> None:
+    """Refuse a described vector file (``read_vector_metadata``) made for another model
+    (``model_name`` differs) or hidden size; the message names both. A file without the keys
+    passes (its widths are still checked against the model when loaded)."""
+    theirs = meta.get("model_id")
+    if theirs and model_name(theirs) != model_name(model_id):
+        raise SAEFormatError(f"{where}: the vector was made for model {theirs!r}; this server "
+                             f"serves {model_id!r}")
+    width = meta.get("hidden_size")
+    if width and int(width) != int(hidden_size):
+        raise SAEFormatError(f"{where}: the vector was made for hidden size {width} (model "
+                             f"{theirs or '?'}); this server's model {model_id!r} has "
+                             f"{hidden_size}")
+
+
+UPLOAD_FORMATS = ("gguf", "safetensors")
+"""File formats a vector may be sent in at run time (``LoadVector.file``)."""
+
+
+def load_vector_bytes(data: bytes, fmt: str) -> tuple[dict[int, np.ndarray], dict[str, str]]:
+    """``({layer: vector}, steerd metadata)`` of a vector file's bytes in ``fmt`` (one of
+    ``UPLOAD_FORMATS``), read exactly as ``load_vector_file`` reads that file."""
+    import tempfile
+
+    if fmt not in UPLOAD_FORMATS:
+        raise SAEFormatError(f"format {fmt!r}: one of {', '.join(UPLOAD_FORMATS)}")
+    with tempfile.TemporaryDirectory(prefix="steerd-vector-") as d:
+        p = Path(d) / f"upload.{fmt}"
+        p.write_bytes(data)
+        values = load_vector_file(p)
+        meta = read_vector_metadata(p)
+    return values, meta
+
+
 def _layer(p: Path, key) -> int:
     m = _TRAILING_INT.search(str(key))
     if m is None:
@@ -147,35 +264,50 @@ def _gguf(p: Path) -> dict[int, np.ndarray]:
 class Bank:
     """The vectors of one layer: row ``i`` is ``names[i]``'s vector.
 
+    ``runtime``: rows after the named ones, zero at start, that vectors loaded while the
+    server runs (``LoadVector``, ``--runtime-vectors`` / ``--max-runtime-vectors``) are
+    written into (``runtime_rows``). They exist from install on, so a load changes no
+    table size and no compiled graph: it only writes decoder rows.
+
     ``inline``: the layer also takes per-request inline vectors (``--inline-vectors``). The
-    server sees one more row, ``inline_row`` (``len(names)``), which an inline vector's ADD
-    edit names; the worker's bank holds one scratch row per edit slot from there on
-    (``bank_sae(..., scratch=)``), and each step the planner writes each request's vector
-    into the row of the slot it got and points its edit there."""
+    server sees one more row, ``inline_row`` (after the named and runtime rows), which an
+    inline vector's ADD edit names; the worker's bank holds one scratch row per edit slot
+    from there on (``bank_sae(..., scratch=)``), and each step the planner writes each
+    request's vector into the row of the slot it got and points its edit there."""
 
     layer: int
     names: tuple[str, ...]
     matrix: np.ndarray  # [len(names), d_model] float32
     inline: bool = False
+    runtime: int = 0
 
     @property
     def id(self) -> str:
         return bank_id(self.layer)
 
     @property
+    def runtime_rows(self) -> range:
+        """The rows runtime-loaded vectors go into."""
+        return range(len(self.names), len(self.names) + self.runtime)
+
+    @property
     def inline_row(self) -> int:
-        return len(self.names)
+        return len(self.names) + self.runtime
 
     def config(self) -> SAEConfig:
         n, d = self.matrix.shape
-        return SAEConfig("standard", d, n + int(self.inline), f"blocks.{self.layer}.hook_resid_post",
-                         self.layer, "resid_post", apply_b_dec_to_input=False)
+        return SAEConfig("standard", d, n + self.runtime + int(self.inline),
+                         f"blocks.{self.layer}.hook_resid_post", self.layer, "resid_post",
+                         apply_b_dec_to_input=False)
 
 
 def build_banks(files: Sequence[tuple[str, str | Path]], *, d_model: int | None = None,
-                n_layers: int | None = None, inline_layers: Sequence[int] = ()) -> list[Bank]:
-    """Banks (by layer) of the named vector files, and of the layers that take inline vectors
-    (``inline_layers``; ``d_model`` is then required); checks sizes against the model."""
+                n_layers: int | None = None, inline_layers: Sequence[int] = (),
+                runtime_layers: Sequence[int] = (), runtime_rows: int = 0) -> list[Bank]:
+    """Banks (by layer) of the named vector files, of the layers that take inline vectors
+    (``inline_layers``) and of those that keep ``runtime_rows`` rows for vectors loaded at
+    run time (``runtime_layers``; ``d_model`` is required for either); checks sizes
+    against the model."""
     per_layer: dict[int, list[tuple[str, np.ndarray]]] = {}
     seen: set[str] = set()
     for name, path in files:
@@ -194,27 +326,31 @@ def build_banks(files: Sequence[tuple[str, str | Path]], *, d_model: int | None 
                                      f"blocks 0..{n_layers - 1}")
             per_layer.setdefault(layer, []).append((name, v))
     inline = set(inline_layers)
-    if inline and d_model is None:
-        raise ValueError("build_banks: inline layers need d_model")
-    for layer in sorted(inline):
-        if n_layers is not None and not 0 <= layer < n_layers:
-            raise SAEFormatError(f"--inline-vectors: layer {layer}, but the model has blocks "
-                                 f"0..{n_layers - 1}")
-        per_layer.setdefault(layer, [])
+    runtime = set(runtime_layers) if runtime_rows > 0 else set()
+    if (inline or runtime) and d_model is None:
+        raise ValueError("build_banks: inline and runtime layers need d_model")
+    for flag, layers in (("--inline-vectors", inline), ("--runtime-vectors", runtime)):
+        for layer in sorted(layers):
+            if n_layers is not None and not 0 <= layer < n_layers:
+                raise SAEFormatError(f"{flag}: layer {layer}, but the model has blocks "
+                                     f"0..{n_layers - 1}")
+            per_layer.setdefault(layer, [])
     width = d_model or 0
     return [Bank(layer, tuple(n for n, _ in items),
                  np.stack([v for _, v in items]) if items else np.zeros((0, width), np.float32),
-                 inline=layer in inline)
+                 inline=layer in inline, runtime=runtime_rows if layer in runtime else 0)
             for layer, items in sorted(per_layer.items())]
 
 
 def bank_sae(bank: Bank, scratch: int = 0) -> SAE:
     """The bank as a pseudo-SAE: zero encoder (every activation 0), decoder rows = vectors,
-    so an ADD edit of strength s on row i adds exactly ``s * v_i``. ``scratch``: zero rows
-    after the named ones, one per edit slot, for inline vectors (``Bank.inline``)."""
+    so an ADD edit of strength s on row i adds exactly ``s * v_i``. Then zero rows: the
+    runtime rows (``Bank.runtime_rows``) and ``scratch``, one per edit slot, for inline
+    vectors (``Bank.inline``)."""
     named = torch.from_numpy(bank.matrix.copy())
     d = named.shape[1]
-    W_dec = torch.cat([named, torch.zeros(scratch, d)]) if scratch else named
+    extra = bank.runtime + scratch
+    W_dec = torch.cat([named, torch.zeros(extra, d)]) if extra else named
     n = W_dec.shape[0]
     cfg = dataclasses.replace(bank.config(), d_sae=n)
     return SAE(cfg, W_enc=torch.zeros(d, n), W_dec=W_dec, b_enc=torch.zeros(n),

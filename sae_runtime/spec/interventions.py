@@ -87,6 +87,8 @@ class Intervention:
     latch: bool = False  # with ``when``: stays on once the condition has held
     vector: bytes | None = None  # an inline vector (float32 little-endian [d_model]) on a
     # vector bank's inline row: the ADD edit adds value * vector (``sae_runtime.loading.vectors``)
+    tag: str | None = None  # a runtime-loaded vector's digest (``VectorIndex.tags``): its row
+    # holds other values after an unload and a new load, so the cache salt must tell them apart
 
     @property
     def selector(self) -> Selector:
@@ -172,6 +174,8 @@ class SteeringSpec:
                 row.append([*iv.when.canonical(), bool(iv.latch)])
             if iv.vector is not None:
                 row.append(["vector", hashlib.sha256(iv.vector).hexdigest()])
+            if iv.tag is not None:
+                row.append(["tag", iv.tag])
             rows.append(row)
         return sorted(rows)
 

@@ -30,6 +30,7 @@ class SAEEntry(msgspec.Struct, frozen=True):
     vectors: tuple[tuple[str, str], ...] = ()
     layer: int = -1
     inline: bool = False  # the bank also takes inline vectors (``--inline-vectors``)
+    runtime: int = 0  # the bank keeps this many zero rows for vectors loaded at run time
     # where the server found this SAE hooks (``placement``; "" unchecked). It is part of the
     # compile-cache key, and a worker that loads the SAE elsewhere refuses to start.
     placement: str = ""

@@ -182,6 +182,12 @@ async def reads_keys_to_every_worker(engine: Any, keys: dict) -> list:
     return await compat.collective_rpc_every_engine(engine, "sae_reads_keys", (keys,))
 
 
+async def write_vectors(engine: Any, writes: list[tuple[int, int, bytes]]) -> list[dict]:
+    """``sae_write_vectors(writes)`` on every worker of every engine: runtime-loaded vectors
+    into their banks' rows (``worker.write_vector_rows``); one answer per worker."""
+    return await compat.collective_rpc_every_engine(engine, "sae_write_vectors", (writes,))
+
+
 on_cpu = compat.on_cpu
 ray_supported = compat.ray_supported
 engine_pings = compat.engine_pings

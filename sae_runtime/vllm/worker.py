@@ -445,7 +445,7 @@ def install(runner) -> None:
             clts.append((hook_id, rec["clt_layers"]))
             report.append({"sae": hook_id, **rec})
             continue
-        bank = _bank(entry, hidden) if entry.vectors or entry.inline else None
+        bank = _bank(entry, hidden) if entry.vectors or entry.inline or entry.runtime else None
         c = bank.config() if bank is not None else load_sae_config(entry.path, entry.hook_name)
         check_placement(entry, c)
         block = block_of(c.layer, c.site)
@@ -489,6 +489,8 @@ def install(runner) -> None:
         hooks.append(HookTables(sae, max_tokens, max_slots, max_feats, max_watch,
                                 act_dtype=runner.model_config.dtype,
                                 inline_row=bank.inline_row if scratch else None))
+        if bank is not None and bank.runtime:
+            _RUNTIME_ROWS[hook_id] = bank.runtime_rows
         if tp > 1 and cfg.reads_addr and bank is None:  # reads split by feature columns
             hooks[-1].read_split = _read_split(sae, ranks, gemm)
         split = hooks[-1].read_split
@@ -623,19 +625,53 @@ def _wrap_clt(layers: dict, family, hook_id: int, blocks: tuple[int, ...]) -> No
 
 
 _REPORT: dict = {"installed": False}
+_RUNTIME_ROWS: dict[int, range] = {}  # bank hook id -> its rows for runtime-loaded vectors
+
+
+def write_vector_rows(writes: list[tuple[int, int, bytes]]) -> list[int]:
+    """Write runtime-loaded vectors into their banks' decoder rows: each ``(hook id, row,
+    float32 little-endian [d_model])``; returns the hook ids this rank holds and wrote.
+
+    Every write is checked before any is made (a hook id that is not a bank with runtime
+    rows, a row outside them, a wrong length raise ``ValueError``, which ``collective_rpc``
+    hands to the server; nothing is written then). The rows are free when the server asks:
+    no request names them (``server.core.vectors``), so no step reads them while they
+    change. vLLM runs the call between steps, so no forward runs meanwhile either."""
+    assert _STATE is not None, "vector rows written before SAEs were installed"
+    checked = []
+    for hook_id, row, data in writes:
+        hook_id, row = int(hook_id), int(row)
+        if hook_id not in _RUNTIME_ROWS and not (0 <= hook_id < len(_STATE.hooks)
+                                                 and _STATE.hooks[hook_id] is None):
+            raise ValueError(f"hook {hook_id} is not a vector bank with runtime rows")
+        if hook_id not in _RUNTIME_ROWS:
+            continue  # another pipeline stage holds this bank
+        if row not in _RUNTIME_ROWS[hook_id]:
+            raise ValueError(f"hook {hook_id}: row {row} is not one of its runtime rows "
+                             f"{_RUNTIME_ROWS[hook_id]}")
+        hook = _STATE.hooks[hook_id]
+        v = np.frombuffer(data, dtype="<f4")
+        if v.shape != (hook.sae.cfg.d_in,):
+            raise ValueError(f"hook {hook_id}: a vector of {v.shape[0]} values, the bank is "
+                             f"{hook.sae.cfg.d_in} wide")
+        checked.append((hook, row, v))
+    for hook, row, v in checked:
+        hook.sae.W_dec[row].copy_(torch.from_numpy(v.copy()))
+    return sorted({int(h) for h, _, _ in writes if int(h) in _RUNTIME_ROWS})
 _CHANNEL: ReadPublisher | None = None  # this worker's connection to the server's read socket
 
 
 def _bank(entry, d_model: int) -> Bank:
     """The steering-vector bank of ``entry``: its layer's vectors, from every --vector file,
-    and whether it takes inline vectors (``--inline-vectors``; then it may have no named
+    whether it takes inline vectors (``--inline-vectors``) and how many rows it keeps for
+    vectors loaded at run time (``--runtime-vectors``; with either it may have no named
     vector)."""
     bank = _banks(tuple(map(tuple, entry.vectors))).get(entry.layer)
-    if bank is None and not entry.inline:
+    if bank is None and not (entry.inline or entry.runtime):
         raise SAEFormatError(f"no steering vector for layer {entry.layer} in {entry.vectors}")
     if bank is None:
-        return Bank(entry.layer, (), np.zeros((0, d_model), np.float32), inline=True)
-    return dataclasses.replace(bank, inline=entry.inline)
+        bank = Bank(entry.layer, (), np.zeros((0, d_model), np.float32))
+    return dataclasses.replace(bank, inline=entry.inline, runtime=entry.runtime)
 
 
 @functools.cache
@@ -680,6 +716,12 @@ class SteeringWorkerExtension:
         return {**_REPORT, **runtime_report(getattr(self, "model_runner", None)),
                 "split_reads": _SPLIT_COUNT["gathers"],
                 "reads_keys": _CHANNEL is not None and _CHANNEL.keys is not None}
+
+    def sae_write_vectors(self, writes: list) -> dict:
+        """Write runtime-loaded vectors into bank rows (``write_vector_rows``); the server's
+        ``LoadVector`` returns only when every rank answered. Returns this rank's ranks and
+        the hook ids it wrote."""
+        return {"ranks": _REPORT.get("ranks", {}), "written": write_vector_rows(writes)}
 
     def sae_reads_keys(self, keys: dict) -> bool:
         """Take the ``tcp://`` reads channel's CURVE keys from the API node (an engine node

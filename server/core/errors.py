@@ -19,6 +19,7 @@ from sae_runtime.errors import (
     ResourceLimitError,
     SteeringError,
     UnknownSAEError,
+    UnknownVectorError,
 )
 
 
@@ -41,13 +42,20 @@ class UnauthenticatedError(SteeringError):
     """The caller's bearer token is missing or wrong (``UNAUTHENTICATED``)."""
 
 
+class PermissionDeniedError(SteeringError):
+    """The caller may not make this call: an admin call without an admin token, or on a
+    server with no admin tokens (``PERMISSION_DENIED``)."""
+
+
 CODE_OF: dict[type[SteeringError], Code] = {
     InvalidRequestError: Code.INVALID_ARGUMENT,
     UnknownSAEError: Code.NOT_FOUND,
+    UnknownVectorError: Code.NOT_FOUND,
     ResourceLimitError: Code.RESOURCE_EXHAUSTED,
     NotLabelledError: Code.FAILED_PRECONDITION,
     NoChatTemplateError: Code.FAILED_PRECONDITION,
     UnauthenticatedError: Code.UNAUTHENTICATED,
+    PermissionDeniedError: Code.PERMISSION_DENIED,
     EngineUnavailableError: Code.UNAVAILABLE,
     InternalServerError: Code.INTERNAL,
 }

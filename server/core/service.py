@@ -22,15 +22,26 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from sae_runtime.errors import (
     EngineUnavailableError,
     InternalServerError,
     InvalidRequestError,
     NotLabelledError,
     ResourceLimitError,
+    SAEFormatError,
+    SteeringError,
     UnknownSAEError,
+    UnknownVectorError,
 )
 from sae_runtime.labels import store as feats
+from sae_runtime.loading.vectors import (
+    UPLOAD_FORMATS,
+    check_vector_metadata,
+    load_vector_bytes,
+    write_vector_gguf,
+)
 from sae_runtime.saes.base import SAEConfig, Site
 from sae_runtime.spec.activations import NO_SITES, ActivationRead, DeclaredSites
 from sae_runtime.spec.activations import to_payload as act_payload
@@ -52,6 +63,7 @@ from server.core.types import (
     FinishReason,
     GenerateRequest,
     GuardrailTrip,
+    LoadVectorRequest,
     Logprob,
     ModelInfo,
     PositionLogprobs,
@@ -60,6 +72,7 @@ from server.core.types import (
     VectorInfo,
 )
 from server.core.validate import Generation, Limits
+from server.core.vectors import MAX_METADATA, MAX_METADATA_LEN, Loaded, RuntimeVectors, tag_of
 
 log = logging.getLogger("steerd")
 
@@ -107,13 +120,22 @@ class Core:
         guardrail_missing_read: str = "pass",
         on_engine_dead: Callable[[], None] | None = None,
         sites: DeclaredSites = NO_SITES,
+        runtime_vectors: int = 0,
+        workers: int = 1,
+        vector_values: Mapping[str, Mapping[int, np.ndarray]] | None = None,
     ) -> None:
+        """``runtime_vectors``: the rows each ``--runtime-vectors`` bank keeps
+        (``--max-runtime-vectors``); ``workers``: how many workers (every rank of every
+        engine) must confirm a vector load; ``vector_values``: the startup vectors'
+        values by name and block (``ExportVector``)."""
         if guardrail_missing_read not in GUARDRAIL_MISSING_READ:
             raise ValueError(f"guardrail_missing_read: one of {GUARDRAIL_MISSING_READ}")
         self.engine = engine
         self.model = model
         self.saes = dict(saes)  # SAE id -> config; vector banks are not SAEs (``vectors``)
-        self.vectors = vectors or VectorIndex({})
+        self.runtime = RuntimeVectors(vectors or VectorIndex({}), runtime_vectors)
+        self.workers = workers
+        self.vector_values = {n: dict(v) for n, v in (vector_values or {}).items()}
         # hook ids as the workers number them: the SAEs, then the vector banks
         self.hook_index = {sid: i for i, sid in enumerate([*self.saes, *self.vectors.banks])}
         self.labels = dict(labels or {})
@@ -140,6 +162,11 @@ class Core:
         m.distinct_configs.set_function(lambda: len(self.configs))
         m.read_buffers.set_function(lambda: self.router.in_flight if self.router else 0)
         m.engine_requests.set_function(engine.get_num_unfinished_requests)
+
+    @property
+    def vectors(self) -> VectorIndex:
+        """The vectors requests may name now: the startup ones and the runtime-loaded ones."""
+        return self.runtime.index
 
     # ------------------------------------------------------------------ engine and admission
 
@@ -211,7 +238,19 @@ class Core:
         self.check_room()
         gen = validate.generation(req, saes=self.saes, limits=self.limits, vectors=self.vectors,
                                   sites=self.sites)
-        release = self.admit(gen.spec)
+        # In the same tick as the check: a vector unloaded from now on keeps its rows
+        # until this request ends (``server.core.vectors``).
+        unref = self.runtime.acquire(v.name for v in req.vectors)
+        try:
+            slot = self.admit(gen.spec)
+        except BaseException:
+            unref()
+            raise
+
+        def release() -> None:
+            slot()
+            unref()
+
         try:
             ids = await self._tokens(gen.prompt, "prompt")
             if gen.max_tokens is None:  # fit_max_tokens: what the context allows
@@ -609,15 +648,153 @@ class Core:
             data_parallel_size=par.data_parallel_size,
             distributed_executor_backend=str(par.distributed_executor_backend or ""),
             max_guardrails=lim.max_guardrails,
-            vectors=tuple(VectorInfo(n, tuple(sorted(ls))) for n, ls in self.vectors.rows.items()),
+            vectors=tuple(self.list_vectors()),
             inline_vector_layers=tuple(sorted(self.vectors.inline)),
             max_inline_vectors=validate.MAX_INLINE_VECTORS if self.vectors.inline else 0,
+            runtime_vector_layers=self.runtime.layers,
+            max_runtime_vectors=self.runtime.per_layer if self.runtime.layers else 0,
             device=rt.device, model_runner=rt.model_runner, cudagraph_mode=rt.cudagraph_mode,
             activation_hooks=self.sites.names,
             max_activation_reads=lim.max_activation_reads if self.sites.names else 0,
             max_activation_positions=lim.max_activation_positions if self.sites.names else 0,
             max_activation_bytes=lim.max_activation_bytes if self.sites.names else 0,
         )
+
+
+    # ------------------------------------------------------------------ runtime vectors
+
+    def list_vectors(self) -> list[VectorInfo]:
+        """Every vector requests may name: the startup ones, then the runtime-loaded ones."""
+        live = self.runtime.live
+        return [VectorInfo(n, tuple(sorted(ls)), n in live,
+                           tuple(sorted(live[n].metadata.items())) if n in live else ())
+                for n, ls in self.vectors.rows.items()]
+
+    async def load_vector(self, req: LoadVectorRequest) -> VectorInfo:
+        """Write a vector into free runtime rows on every worker, then let requests name it.
+
+        Returns only when every worker confirmed the write (each rank of a bank's stage
+        writes it; a worker that fails or is missing fails the load, and its rows are free
+        again). Errors name the request field: INVALID_ARGUMENT for a bad name, layer,
+        width, value or file; RESOURCE_EXHAUSTED when a layer has no free row."""
+        self.check_engine()
+        self.runtime.check_name(req.name)
+        values, meta, field = await self._vector_values(req)
+        rows = self.runtime.reserve(req.name, values, field)
+        banks = self.runtime.base.runtime
+        writes = [(self.hook_index[banks[k][0]], row, values[k].astype("<f4").tobytes())
+                  for k, row in rows.items()]
+        try:
+            answers = await eng.write_vectors(self.engine, writes)
+            wrote = {h for a in answers for h in a.get("written", ())}
+            missing = sorted({h for h, _, _ in writes} - wrote)
+            if len(answers) != self.workers or missing:
+                raise InternalServerError(
+                    f"vector {req.name!r}: {len(answers)} of {self.workers} workers answered "
+                    f"the load; banks nobody wrote: {missing}")
+        except BaseException as e:
+            self.runtime.cancel(req.name, rows)
+            if isinstance(e, SteeringError) or not isinstance(e, Exception):
+                raise
+            if type(e).__name__ == "EngineDeadError" or self.engine_dead:
+                self.on_engine_dead()
+                raise EngineUnavailableError("the engine stopped; retry later") from None
+            log.exception("vector %r: the workers' write failed", req.name)
+            raise InternalServerError(f"vector {req.name!r}: the workers could not write it") \
+                from None
+        v = self.runtime.commit(req.name, rows, tag_of(values), meta, values)
+        log.info("runtime vector %r loaded at blocks %s (rows %s)", req.name, sorted(rows),
+                 [rows[k] for k in sorted(rows)])
+        return self._info(v)
+
+    def unload_vector(self, name: str) -> VectorInfo:
+        """Make ``name`` unknown to new requests; running ones keep it to their end (its rows
+        are freed then)."""
+        v = self.runtime.unload(name)
+        log.info("runtime vector %r unloaded (%d running request(s) still use it)", name, v.users)
+        return self._info(v)
+
+    async def export_vector(self, name: str) -> tuple[bytes, VectorInfo]:
+        """A vector requests may name as a self-describing GGUF (``write_vector_gguf``)."""
+        live = self.runtime.live.get(name)
+        values = live.values if live is not None else self.vector_values.get(name)
+        if values is None:
+            known = ", ".join(sorted(self.vectors.rows)) or "none"
+            raise UnknownVectorError("name", f"no steering vector named {name!r}; loaded: {known}")
+        if 0 in values:
+            raise InvalidRequestError("name", f"vector {name!r} has a block 0 row, which a "
+                                      "llama.cpp control vector cannot hold")
+        meta = live.metadata if live is not None else {}
+        d = self.engine.model_config.get_hidden_size()
+
+        def write() -> bytes:
+            import tempfile
+            from pathlib import Path
+
+            with tempfile.TemporaryDirectory(prefix="steerd-export-") as tmp:
+                p = write_vector_gguf(Path(tmp) / "v.gguf", values, model_id=self.model,
+                                      hidden_size=d, method=meta.get("method", ""))
+                return p.read_bytes()
+
+        data = await asyncio.to_thread(write)
+        info = self._info(live) if live is not None else VectorInfo(name, tuple(sorted(values)))
+        return data, info
+
+    @staticmethod
+    def _info(v: Loaded) -> VectorInfo:
+        return VectorInfo(v.name, tuple(sorted(v.rows)), True, tuple(sorted(v.metadata.items())))
+
+    async def _vector_values(self, req: LoadVectorRequest
+                             ) -> tuple[dict[int, np.ndarray], dict[str, str], str]:
+        """The checked ``{layer: float32 [d_model]}`` of a load, its metadata, and the
+        field its layers came from (``layers`` or ``file``)."""
+        d, n_layers = self.engine.model_config.get_hidden_size(), \
+            self.engine.model_config.get_total_num_hidden_layers()
+        meta: dict[str, str] = {}
+        if len(req.metadata) > MAX_METADATA:
+            raise InvalidRequestError("metadata", f"{len(req.metadata)} entries; at most "
+                                      f"{MAX_METADATA}")
+        for k, v in req.metadata:
+            if len(k) > MAX_METADATA_LEN or len(v) > MAX_METADATA_LEN:
+                raise InvalidRequestError(f"metadata[{k[:40]!r}]", f"keys and values have at "
+                                          f"most {MAX_METADATA_LEN} characters")
+        if req.values and req.file:
+            raise InvalidRequestError("file", "give the values by layer or a file, not both")
+        if req.file:
+            field = "file"
+            if req.file_format not in UPLOAD_FORMATS:
+                raise InvalidRequestError("file_format", f"{req.file_format!r}: one of "
+                                          f"{', '.join(UPLOAD_FORMATS)}")
+            try:
+                got, meta = await asyncio.to_thread(load_vector_bytes, req.file, req.file_format)
+                check_vector_metadata(meta, model_id=self.model, hidden_size=d, where="file")
+            except SAEFormatError as e:
+                msg = str(e).split(": ", 1)[-1] if str(e).startswith("/") else str(e)
+                raise InvalidRequestError("file", msg.removeprefix("file: ")) from None
+            items = [(k, v, f"file: layer {k}") for k, v in got.items()]
+        elif req.values:
+            field = "layers"
+            items = [(k, np.asarray(v, dtype=np.float32), f"layers[{j}]")
+                     for j, (k, v) in enumerate(req.values)]
+        else:
+            raise InvalidRequestError("layers", "give the vector's values by layer, or a file")
+        values: dict[int, np.ndarray] = {}
+        for k, v, where in items:
+            f, what = (where.split(": ")[0], where.split(": ")[1] + ": ") if field == "file" \
+                else (where, "")
+            if not 0 <= k < n_layers:
+                raise InvalidRequestError(f if field == "file" else f"{f}.layer",
+                                          f"{what}block {k}; the model has blocks 0..{n_layers - 1}")
+            if k in values:
+                raise InvalidRequestError(f"{f}.layer", f"block {k} is given twice")
+            if v.shape != (d,):
+                raise InvalidRequestError(f if field == "file" else f"{f}.values",
+                                          f"{what}{v.size} values; the model's hidden size is {d}")
+            if not np.isfinite(v).all():
+                raise InvalidRequestError(f if field == "file" else f"{f}.values",
+                                          f"{what}values must be finite")
+            values[k] = v
+        return values, {**meta, **dict(req.metadata)}, field
 
 
 class Handover:

@@ -274,8 +274,29 @@ class SAEInfo:
 
 @dataclass(frozen=True)
 class VectorInfo:
+    """A steering vector requests may name: a startup one (``--vector``) or one loaded at
+    run time (``runtime``, with the metadata it was loaded with)."""
+
     name: str
     layers: tuple[int, ...]
+    runtime: bool = False
+    metadata: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class LoadVectorRequest:
+    """``LoadVector``: a name and either per-layer values or a vector file's bytes.
+
+    ``values``: ``(layer, float32 [d_model])`` pairs (field ``layers[j]``); ``file``: a
+    GGUF or safetensors file (``file_format``: "gguf" / "safetensors"); ``metadata``: free
+    text kept with the vector and shown by ``ListVectors`` (a described GGUF's own metadata
+    is added under its keys)."""
+
+    name: str
+    values: tuple[tuple[int, np.ndarray], ...] = ()
+    file: bytes = b""
+    file_format: str = ""
+    metadata: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -304,6 +325,8 @@ class ModelInfo:
     vectors: tuple[VectorInfo, ...]
     inline_vector_layers: tuple[int, ...]
     max_inline_vectors: int
+    runtime_vector_layers: tuple[int, ...] = ()  # blocks that take LoadVector (--runtime-vectors)
+    max_runtime_vectors: int = 0  # rows per such block
     device: str = ""  # as the workers reported it at startup (``vllm.engine.runtime_info``)
     model_runner: str = ""  # "v1" or "v2"
     cudagraph_mode: str = ""  # vLLM's CUDA graph mode; "" on CPU

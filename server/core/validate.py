@@ -233,7 +233,7 @@ def vector_edits(items: tuple[NamedVector, ...], index: VectorIndex, limits: Lim
     for j, v in enumerate(items):
         field = f"vectors[{j}]"
         if v.name not in index.rows:
-            known = ", ".join(sorted(index.rows)) or "none (steerd serve --vector NAME=PATH)"
+            known = ", ".join(sorted(index.rows)) or "none (steerd serve --vector NAME=PATH, LoadVector)"
             raise InvalidRequestError(f"{field}.name", f"unknown steering vector {v.name!r}; "
                                       f"loaded: {known}")
         if v.name in seen:
@@ -251,7 +251,8 @@ def vector_edits(items: tuple[NamedVector, ...], index: VectorIndex, limits: Lim
             v.positions.validate(f"{field}.positions", vocab_size)
         for layer in dict.fromkeys(want):
             bank, row = layers[layer]
-            out.append(Intervention(bank, row, Mode.ADD, strength, None, v.positions))
+            out.append(Intervention(bank, row, Mode.ADD, strength, None, v.positions,
+                                    tag=index.tags.get(v.name)))
     return tuple(out)
 
 

@@ -231,8 +231,21 @@ def sae_info(s: t.SAEInfo) -> pb.SAEInfo:
 def model_info(m: t.ModelInfo) -> pb.GetModelInfoResponse:
     fields = {f.name: getattr(m, f.name) for f in pb.GetModelInfoResponse.DESCRIPTOR.fields
               if f.name not in ("vectors",)}
-    return pb.GetModelInfoResponse(
-        **fields, vectors=[pb.VectorInfo(name=v.name, layers=v.layers) for v in m.vectors])
+    return pb.GetModelInfoResponse(**fields, vectors=[vector_info(v) for v in m.vectors])
+
+
+def vector_info(v: t.VectorInfo) -> pb.VectorInfo:
+    return pb.VectorInfo(name=v.name, layers=v.layers, runtime=v.runtime,
+                         metadata=dict(v.metadata))
+
+
+def load_vector_request(req: pb.LoadVectorRequest) -> t.LoadVectorRequest:
+    return t.LoadVectorRequest(
+        name=req.name,
+        values=tuple((int(lv.layer), np.asarray(lv.values, dtype=np.float32))
+                     for lv in req.layers),
+        file=bytes(req.file), file_format=req.file_format,
+        metadata=tuple(sorted(req.metadata.items())))
 
 
 def feature(f: feats.Feature) -> pb.Feature:

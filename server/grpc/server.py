@@ -9,7 +9,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server.auth import Auth
+from server.auth import ADMIN_METHODS, Auth
 from server.core.errors import Code
 from server.core.metrics import Metrics
 from server.grpc.servicer import DOOR, SteeringServicer
@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # the core imports vLLM: the port is bound before the engine 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SteeringService"].full_name
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 """Health checks and reflection stay open so load balancers and tools can probe the server."""
+ADMIN_PATHS = frozenset(f"/{SERVICE_NAME}/{m}" for m in ADMIN_METHODS)
 
 
 class GrpcDoor:
@@ -85,14 +86,15 @@ def add_servicer(servicer: SteeringServicer, server: grpc.aio.Server) -> None:
 
 class BearerAuth(grpc.aio.ServerInterceptor):
     """Refuse calls without an accepted bearer token (``server.auth``), but health and
-    reflection; the refusal is counted as UNAUTHENTICATED."""
+    reflection; the refusal is counted as UNAUTHENTICATED. Admin calls pass on to the
+    servicer, which takes admin tokens only (``Auth.check_admin``)."""
 
     def __init__(self, auth: Auth, metrics: Metrics) -> None:
         self.auth = auth
         self.metrics = metrics
 
     async def intercept_service(self, continuation, details):
-        if details.method.startswith(OPEN_SERVICES):
+        if details.method.startswith(OPEN_SERVICES) or details.method in ADMIN_PATHS:
             return await continuation(details)
         value = next((v for k, v in details.invocation_metadata or () if k == "authorization"), "")
         if self.auth.ok(value):

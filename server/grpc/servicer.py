@@ -145,3 +145,39 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
 
         return await self._unary("GetModelInfo", request, pb.GetModelInfoRequest, context, work,
                                  pb.GetModelInfoResponse())
+
+    # ---- runtime vectors: admin calls take admin tokens only (``Auth.check_admin``)
+
+    async def LoadVector(self, request, context) -> pb.LoadVectorResponse:
+        async def work(req):
+            self.auth.check_admin(authorization(context))
+            v = await self.core.load_vector(convert.load_vector_request(req))
+            return pb.LoadVectorResponse(vector=convert.vector_info(v))
+
+        return await self._unary("LoadVector", request, pb.LoadVectorRequest, context, work,
+                                 pb.LoadVectorResponse())
+
+    async def UnloadVector(self, request, context) -> pb.UnloadVectorResponse:
+        async def work(req):
+            self.auth.check_admin(authorization(context))
+            return pb.UnloadVectorResponse(
+                vector=convert.vector_info(self.core.unload_vector(req.name)))
+
+        return await self._unary("UnloadVector", request, pb.UnloadVectorRequest, context,
+                                 work, pb.UnloadVectorResponse())
+
+    async def ListVectors(self, request, context) -> pb.ListVectorsResponse:
+        async def work(req):
+            return pb.ListVectorsResponse(
+                vectors=[convert.vector_info(v) for v in self.core.list_vectors()])
+
+        return await self._unary("ListVectors", request, pb.ListVectorsRequest, context, work,
+                                 pb.ListVectorsResponse())
+
+    async def ExportVector(self, request, context) -> pb.ExportVectorResponse:
+        async def work(req):
+            data, v = await self.core.export_vector(req.name)
+            return pb.ExportVectorResponse(gguf=data, vector=convert.vector_info(v))
+
+        return await self._unary("ExportVector", request, pb.ExportVectorRequest, context, work,
+                                 pb.ExportVectorResponse())

@@ -7,6 +7,10 @@ browser playground, over the core.
   &limit=`` (``SearchFeatures``), ``GET /v1/features/{sae}/{index}`` (``GetFeature``),
   ``POST /v1/token_pieces`` with ``{"token_ids": [...]}`` (each id decoded on its own, so a
   page can label per-position reads);
+- ``GET /v1/vectors`` (``ListVectors``); admin, with an ``--admin-tokens-file`` token only:
+  ``POST /v1/admin/vectors`` with ``{"name", "layers": [{"layer", "values"}], "file" (base64),
+  "file_format", "metadata"}`` (``LoadVector``), ``DELETE /v1/admin/vectors/{name}``
+  (``UnloadVector``);
 - ``GET /`` and ``GET /playground/...``: the playground's static files, served without auth
   (they hold no data; the page sends its bearer token to the JSON routes).
 
@@ -24,6 +28,8 @@ Anything unexpected is a JSON 500 without detail.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import logging
 import time
@@ -33,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+import numpy as np
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -45,7 +52,7 @@ from sae_runtime.errors import InvalidRequestError, SteeringError
 from server.auth import Auth
 from server.core.errors import Code
 from server.core.metrics import Call, Metrics
-from server.core.types import Chunk
+from server.core.types import Chunk, LoadVectorRequest
 from server.http import bodies, shape
 from server.http.errors import HttpError, http_error
 
@@ -280,14 +287,17 @@ def build_app(core: Core, *, model: str, auth: Auth | None = None,
         return await generate(request, bodies.ChatBody)
 
     def json_route(path: str, method: str, fn: Callable[[Request], Awaitable[Any]],
-                   verbs: tuple[str, ...] = ("GET",)) -> Route:
-        """A JSON route over core method ``method`` (the metric's label)."""
+                   verbs: tuple[str, ...] = ("GET",), admin: bool = False) -> Route:
+        """A JSON route over core method ``method`` (the metric's label); ``admin``: it takes
+        admin tokens only (``Auth.check_admin``), not the ordinary ones."""
 
         async def endpoint(request: Request) -> Response:
             call = metrics.call(method, DOOR)
-            if not auth.ok(request.headers.get("authorization", "")):
+            if not admin and not auth.ok(request.headers.get("authorization", "")):
                 return fail(unauthorized(), call)
             try:
+                if admin:
+                    auth.check_admin(request.headers.get("authorization", ""))
                 out = await fn(request)
             except HttpError as e:
                 return fail(e, call)
@@ -337,6 +347,16 @@ def build_app(core: Core, *, model: str, auth: Auth | None = None,
                 raise InvalidRequestError(f"token_ids[{j}]", "must be a token id (an integer)")
         return {"pieces": core.token_pieces(ids)}
 
+    async def list_vectors(request: Request) -> dict:
+        return {"object": "list", "data": [shape.vector_info(v) for v in core.list_vectors()]}
+
+    async def load_vector(request: Request) -> dict:
+        return shape.vector_info(await core.load_vector(load_vector_body(
+            await read_json(request, limits))))
+
+    async def unload_vector(request: Request) -> dict:
+        return shape.vector_info(core.unload_vector(request.path_params["name"]))
+
     async def health(request: Request) -> Response:
         return Response(status_code=503 if core.engine_dead else 200)
 
@@ -363,10 +383,57 @@ def build_app(core: Core, *, model: str, auth: Auth | None = None,
         json_route("/v1/features/search", "SearchFeatures", search),
         json_route("/v1/features/{sae}/{index}", "GetFeature", feature),
         json_route("/v1/token_pieces", "TokenPieces", token_pieces, verbs=("POST",)),
+        json_route("/v1/vectors", "ListVectors", list_vectors),
+        json_route("/v1/admin/vectors", "LoadVector", load_vector, verbs=("POST",), admin=True),
+        json_route("/v1/admin/vectors/{name}", "UnloadVector", unload_vector,
+                   verbs=("DELETE",), admin=True),
         Route("/", index_page, methods=["GET"]),
         Mount("/playground", app=StaticFiles(directory=PLAYGROUND_DIR), name="playground"),
     ], exception_handlers={HTTPException: http_exception, Exception: server_error})
     return SameSite(app, limits)
+
+
+LOAD_VECTOR_FIELDS = ("name", "layers", "file", "file_format", "metadata")
+
+
+def load_vector_body(data: Any) -> LoadVectorRequest:
+    """``POST /v1/admin/vectors``'s body as the core's ``LoadVectorRequest``; the fields are
+    ``LoadVectorRequest``'s (``file`` base64), so the core's field paths name them."""
+    if not isinstance(data, dict):
+        raise InvalidRequestError("body", "give a JSON object")
+    for k in data:
+        if k not in LOAD_VECTOR_FIELDS:
+            raise InvalidRequestError(k, f"unknown field (known: {', '.join(LOAD_VECTOR_FIELDS)})")
+    name = data.get("name", "")
+    if not isinstance(name, str):
+        raise InvalidRequestError("name", "give a string")
+    layers = data.get("layers", [])
+    if not isinstance(layers, list):
+        raise InvalidRequestError("layers", 'give a list of {"layer", "values"}')
+    values = []
+    for j, lv in enumerate(layers):
+        if not isinstance(lv, dict) or set(lv) - {"layer", "values"}:
+            raise InvalidRequestError(f"layers[{j}]", 'give {"layer": int, "values": [floats]}')
+        layer, vals = lv.get("layer"), lv.get("values")
+        if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
+            raise InvalidRequestError(f"layers[{j}].layer", "give a block number (>= 0)")
+        if not isinstance(vals, list) or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals):
+            raise InvalidRequestError(f"layers[{j}].values", "give a list of numbers")
+        values.append((layer, np.asarray(vals, dtype=np.float32)))
+    file = data.get("file", "")
+    try:
+        raw = base64.b64decode(file, validate=True) if file else b""
+    except (binascii.Error, TypeError, ValueError):
+        raise InvalidRequestError("file", "give the file's bytes in base64") from None
+    fmt = data.get("file_format", "")
+    meta = data.get("metadata", {})
+    if not isinstance(fmt, str):
+        raise InvalidRequestError("file_format", "give a string")
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                             for k, v in meta.items()):
+        raise InvalidRequestError("metadata", "give an object of strings")
+    return LoadVectorRequest(name, tuple(values), raw, fmt, tuple(sorted(meta.items())))
 
 
 class SameSite:

@@ -206,3 +206,9 @@ def feature(f: feats.Feature) -> dict:
 def model_info(m: t.ModelInfo) -> dict:
     """``GetModelInfo`` as JSON."""
     return dataclasses.asdict(m)
+
+
+def vector_info(v) -> dict:
+    """A ``VectorInfo`` as JSON (``GET /v1/vectors``, the admin vector routes)."""
+    return {"name": v.name, "layers": list(v.layers), "runtime": v.runtime,
+            "metadata": dict(v.metadata)}

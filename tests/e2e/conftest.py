@@ -70,6 +70,9 @@ VECTORS = {"happy": ((1, 2), 11), "calm": ((0,), 12)}
 INLINE_LAYERS = "1,2"  # --inline-vectors of the shared server
 ACT_HOOKS = ("blocks.*.hook_resid_post,blocks.2.hook_resid_pre,blocks.0.hook_mlp_out,"
              "blocks.0.hook_attn_out")  # --activation-hooks of the shared server
+RUNTIME_LAYERS = "1,2"  # --runtime-vectors of the shared server (its banks: no new hook op)
+MAX_RUNTIME_VECTORS = 3
+ADMIN_TOKEN = "e2e-admin-token"  # the shared server's --admin-tokens-file holds this one
 
 
 def write_vector_files(d: Path) -> dict[str, Path]:
@@ -222,10 +225,15 @@ def _shared_server(request) -> Callable[[], Server]:
     sae_dirs = {sid: tiny_dir / "saes" / SAE_DIRS[sid] for sid in SAE_IDS}
     vec = write_vector_files(tmp.mktemp("vectors"))
     log_dir = tmp.mktemp("server")
+    admin = log_dir / "admin-tokens"
+    admin.write_text(ADMIN_TOKEN + "\n")
     return lambda: start_server(
         tiny_dir / "tiny-llama", sae_dirs, log_dir, "--chat-template", str(CHAT_TEMPLATE),
         *(a for name, path in vec.items() for a in ("--vector", f"{name}={path}")),
-        "--inline-vectors", INLINE_LAYERS, "--activation-hooks", ACT_HOOKS, http=True)
+        "--inline-vectors", INLINE_LAYERS, "--activation-hooks", ACT_HOOKS,
+        "--runtime-vectors", RUNTIME_LAYERS,
+        "--max-runtime-vectors", str(MAX_RUNTIME_VECTORS), "--admin-tokens-file", str(admin),
+        http=True)
 
 
 @early("default_server")

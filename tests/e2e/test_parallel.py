@@ -3,7 +3,8 @@
 One real steerd per layout (TP=2, PP=2) on the family Llama with SAEs at every site
 (resid_post, attn_out, mlp_out and the head-sharded attn.hook_z), checked against the
 independent HF + sae-lens reference exactly like the single-rank family tests, plus plain
-requests against plain vLLM at the same parallelism.
+requests against plain vLLM at the same parallelism, and a steering vector loaded at run
+time (``--runtime-vectors 1``: written on every rank, or on the stage holding block 1).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from clients.client import clamp, read
+from clients.client import clamp, read, vector
 from tests.e2e.conftest import (
+    ADMIN_TOKEN,
     MAX_BATCHED_TOKENS,
     MAX_MODEL_LEN,
     free_port,
@@ -26,7 +29,9 @@ from tests.e2e.conftest import (
     stop_server,
 )
 from tests.e2e.reference import CLAMP, Edit, HFReference, check_teacher_forced
+from tests.e2e.test_vectors import hf_inline
 from tests.fixtures.tiny import FAMILY_SAES, make_family_set
+from tests.vector_files import random_directions
 
 pytestmark = pytest.mark.e2e
 PROMPTS = [[5, 100, 200, 300, 45, 67, 12, 400], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17] * 7]
@@ -55,8 +60,11 @@ def layout(request, family_root, tmp_path_factory):
     if request.param == "ray_tp2" and not _ray_supported():
         pytest.skip("vLLM 0.32's CPU platform has no Ray executor (ray_device_key is empty); "
                     "steerd refuses ray there (test_startup.py), this layout runs on GPUs")
+    admin = log_dir / "admin-tokens"
+    admin.write_text(ADMIN_TOKEN + "\n")
     with ray_head(log_dir) if request.param == "ray_tp2" else contextlib.nullcontext():
-        srv = start_server(model, sae_dirs, log_dir, *LAYOUTS[request.param])
+        srv = start_server(model, sae_dirs, log_dir, *LAYOUTS[request.param],
+                           "--runtime-vectors", "1", "--admin-tokens-file", str(admin))
         ref = HFReference(model, sae_dirs, SITES)
         yield request.param, srv, ref
         stop_server(srv)
@@ -111,7 +119,7 @@ def test_startup_reports_every_rank(layout):
     kind, srv, _ = layout
     log = srv.log.read_text()
     # Each SAE: on both TP ranks (tp2), or on the one stage that holds its block (pp2).
-    installed = [ln for ln in log.splitlines() if " installed on " in ln]
+    installed = [ln for ln in log.splitlines() if " installed on " in ln and "vectors@" not in ln]
     assert len(installed) == len(SITES), log[-3000:]
     # every DP replica reports too: 2 ranks per SAE under dp2, like under tp2
     want = "installed on 1 rank(s)" if kind == "pp2" else "installed on 2 rank(s)"
@@ -185,3 +193,24 @@ def test_plain_requests_equal_plain_vllm_and_steering_is_per_request(layout, fam
     for p, toks in zip(PROMPTS, steered, strict=True):
         check_teacher_forced(ref.logits(p + toks, [Edit(site, feature, CLAMP, value)], len(p)),
                              len(p), toks)
+
+
+def test_a_vector_loaded_at_run_time_steers_on_every_rank(layout):
+    """LoadVector writes the row on every worker (both TP ranks; under PP the stage that
+    holds block 1) before it returns; the tokens match HF with the vector added after
+    block 1 by a forward hook."""
+    _, srv, ref = layout
+    dirs = random_directions((1,), ref.model.config.hidden_size, 51)
+    prompt = PROMPTS[0]
+    with srv.client(admin_token=ADMIN_TOKEN) as c:
+        c.load_vector("rt", dirs)
+        try:
+            out = c.generate_text(prompt, max_tokens=10, temperature=0.0, ignore_eos=True,
+                                  vectors=[vector("rt", 4.0)])
+        finally:
+            c.unload_vector("rt")
+    full = prompt + out.token_ids
+    steered = hf_inline(ref.model, full, [(torch.from_numpy(dirs[1]), 1, 4.0, None)])
+    check_teacher_forced(steered, len(prompt), out.token_ids)
+    moved = float((steered - hf_inline(ref.model, full, [])).abs().max())
+    assert moved > 1.0, f"the vector had no effect ({moved})"

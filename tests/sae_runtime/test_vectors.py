@@ -175,3 +175,67 @@ def test_the_planner_gives_each_request_its_inline_vector_in_its_own_scratch_row
         step = StepDescription([ScheduledRequest("a", 0, 4, 0, plans[0]),
                                 ScheduledRequest("b", 4, 8, 0, plans[1]),
                                 ScheduledRequest("c", 8, 12, 0, plans[2])], token_ids=tokens)
+
+
+# --------------------------------------------------------------------------- self-describing files
+
+
+def test_a_written_gguf_is_a_plain_control_vector_that_describes_itself(tmp_path):
+    from gguf import GGUFReader
+
+    from sae_runtime.loading.vectors import META_KEYS, read_vector_metadata, write_vector_gguf
+
+    dirs = random_directions([1, 3], D, seed=5)
+    p = write_vector_gguf(tmp_path / "v.gguf", dirs, model_id="/models/tiny-llama",
+                          hidden_size=D, method="mean_diff", created="2026-12-03T00:00:00+00:00")
+    r = GGUFReader(str(p))  # what llama.cpp reads: the architecture and direction.{k}
+    arch = r.fields["general.architecture"]
+    assert bytes(arch.parts[arch.data[0]]).decode() == "controlvector"
+    assert sorted(t.name for t in r.tensors) == ["direction.1", "direction.3"]
+    got = load_vector_file(p)
+    assert sorted(got) == [1, 3] and all(np.array_equal(got[k], dirs[k]) for k in dirs)
+    meta = read_vector_metadata(p)
+    assert set(meta) == set(META_KEYS)
+    assert meta["hook_names"] == "blocks.1.hook_resid_post,blocks.3.hook_resid_post"
+    assert (meta["model_id"], meta["hidden_size"], meta["method"], meta["created"]) == (
+        "/models/tiny-llama", str(D), "mean_diff", "2026-12-03T00:00:00+00:00")
+    assert "block k" in meta["layer_convention"]
+    with pytest.raises(SAEFormatError, match="start at block 1"):
+        write_vector_gguf(tmp_path / "z.gguf", {0: dirs[1]}, model_id="m", hidden_size=D)
+    with pytest.raises(SAEFormatError, match="the hidden size is 7"):
+        write_vector_gguf(tmp_path / "w.gguf", dirs, model_id="m", hidden_size=7)
+
+
+def test_a_described_file_for_another_model_or_width_is_refused_naming_both(tmp_path):
+    from sae_runtime.loading.vectors import (
+        check_vector_metadata,
+        read_vector_metadata,
+        write_vector_gguf,
+    )
+
+    p = write_vector_gguf(tmp_path / "v.gguf", random_directions([1], D, seed=6),
+                          model_id="org/tiny-llama", hidden_size=D)
+    meta = read_vector_metadata(p)
+    # the same model under another path or hub id passes
+    check_vector_metadata(meta, model_id="/srv/models/tiny-llama/", hidden_size=D, where="f")
+    with pytest.raises(SAEFormatError, match="f: the vector was made for model 'org/tiny-llama'; "
+                       "this server serves 'org/other'"):
+        check_vector_metadata(meta, model_id="org/other", hidden_size=D, where="f")
+    with pytest.raises(SAEFormatError, match=f"f: the vector was made for hidden size {D} .*"
+                       f"'org/tiny-llama' has {2 * D}"):
+        check_vector_metadata(meta, model_id="org/tiny-llama", hidden_size=2 * D, where="f")
+    foreign = write_gguf(tmp_path / "repeng.gguf", random_directions([1], D, seed=6))
+    assert read_vector_metadata(foreign) == {}  # llama.cpp's / repeng's: nothing to check
+    check_vector_metadata({}, model_id="anything", hidden_size=1, where="f")
+
+
+def test_runtime_rows_are_zero_rows_between_the_named_and_the_scratch_rows(tmp_path):
+    dirs = random_directions([2], D, seed=7)
+    (bank,) = build_banks([("a", write_gguf(tmp_path / "a.gguf", dirs))], d_model=D,
+                          inline_layers=[2], runtime_layers=[2], runtime_rows=3)
+    assert list(bank.runtime_rows) == [1, 2, 3] and bank.inline_row == 4
+    sae = bank_sae(bank, scratch=2)
+    assert sae.W_dec.shape == (6, D) and torch.equal(sae.W_dec[0], torch.from_numpy(dirs[2]))
+    assert not sae.W_dec[1:].any()
+    idx = VectorIndex.of([bank])
+    assert idx.runtime == {2: ("vectors@L2", range(1, 4))} and idx.inline == {2: ("vectors@L2", 4)}

@@ -255,12 +255,23 @@ class InlineVector(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ..., layer: _Optional[int] = ..., strength: _Optional[float] = ..., positions: _Optional[_Union[PositionSelector, _Mapping]] = ...) -> None: ...
 
 class VectorInfo(_message.Message):
-    __slots__ = ("name", "layers")
+    __slots__ = ("name", "layers", "runtime", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
     name: str
     layers: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ...) -> None: ...
+    runtime: bool
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., runtime: _Optional[bool] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class GuardrailTrip(_message.Message):
     __slots__ = ("guardrail", "sae", "feature", "position", "value")
@@ -481,7 +492,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model", "architecture", "num_layers", "hidden_size", "vocab_size", "max_model_len", "max_interventions", "dtype", "compiled", "max_read_top_k", "max_watch", "max_encode_inputs", "max_logprobs", "chat_template", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "distributed_executor_backend", "max_guardrails", "vectors", "inline_vector_layers", "max_inline_vectors", "device", "model_runner", "cudagraph_mode", "activation_hooks", "max_activation_reads", "max_activation_positions", "max_activation_bytes")
+    __slots__ = ("model", "architecture", "num_layers", "hidden_size", "vocab_size", "max_model_len", "max_interventions", "dtype", "compiled", "max_read_top_k", "max_watch", "max_encode_inputs", "max_logprobs", "chat_template", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "distributed_executor_backend", "max_guardrails", "vectors", "inline_vector_layers", "max_inline_vectors", "device", "model_runner", "cudagraph_mode", "activation_hooks", "max_activation_reads", "max_activation_positions", "max_activation_bytes", "runtime_vector_layers", "max_runtime_vectors")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -511,6 +522,8 @@ class GetModelInfoResponse(_message.Message):
     MAX_ACTIVATION_READS_FIELD_NUMBER: _ClassVar[int]
     MAX_ACTIVATION_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_ACTIVATION_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_VECTOR_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_RUNTIME_VECTORS_FIELD_NUMBER: _ClassVar[int]
     model: str
     architecture: str
     num_layers: int
@@ -540,7 +553,9 @@ class GetModelInfoResponse(_message.Message):
     max_activation_reads: int
     max_activation_positions: int
     max_activation_bytes: int
-    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_interventions: _Optional[int] = ..., dtype: _Optional[str] = ..., compiled: _Optional[bool] = ..., max_read_top_k: _Optional[int] = ..., max_watch: _Optional[int] = ..., max_encode_inputs: _Optional[int] = ..., max_logprobs: _Optional[int] = ..., chat_template: _Optional[bool] = ..., tensor_parallel_size: _Optional[int] = ..., pipeline_parallel_size: _Optional[int] = ..., data_parallel_size: _Optional[int] = ..., distributed_executor_backend: _Optional[str] = ..., max_guardrails: _Optional[int] = ..., vectors: _Optional[_Iterable[_Union[VectorInfo, _Mapping]]] = ..., inline_vector_layers: _Optional[_Iterable[int]] = ..., max_inline_vectors: _Optional[int] = ..., device: _Optional[str] = ..., model_runner: _Optional[str] = ..., cudagraph_mode: _Optional[str] = ..., activation_hooks: _Optional[_Iterable[str]] = ..., max_activation_reads: _Optional[int] = ..., max_activation_positions: _Optional[int] = ..., max_activation_bytes: _Optional[int] = ...) -> None: ...
+    runtime_vector_layers: _containers.RepeatedScalarFieldContainer[int]
+    max_runtime_vectors: int
+    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_interventions: _Optional[int] = ..., dtype: _Optional[str] = ..., compiled: _Optional[bool] = ..., max_read_top_k: _Optional[int] = ..., max_watch: _Optional[int] = ..., max_encode_inputs: _Optional[int] = ..., max_logprobs: _Optional[int] = ..., chat_template: _Optional[bool] = ..., tensor_parallel_size: _Optional[int] = ..., pipeline_parallel_size: _Optional[int] = ..., data_parallel_size: _Optional[int] = ..., distributed_executor_backend: _Optional[str] = ..., max_guardrails: _Optional[int] = ..., vectors: _Optional[_Iterable[_Union[VectorInfo, _Mapping]]] = ..., inline_vector_layers: _Optional[_Iterable[int]] = ..., max_inline_vectors: _Optional[int] = ..., device: _Optional[str] = ..., model_runner: _Optional[str] = ..., cudagraph_mode: _Optional[str] = ..., activation_hooks: _Optional[_Iterable[str]] = ..., max_activation_reads: _Optional[int] = ..., max_activation_positions: _Optional[int] = ..., max_activation_bytes: _Optional[int] = ..., runtime_vector_layers: _Optional[_Iterable[int]] = ..., max_runtime_vectors: _Optional[int] = ...) -> None: ...
 
 class GetFeatureRequest(_message.Message):
     __slots__ = ("sae", "index")
@@ -664,3 +679,74 @@ class Activations(_message.Message):
     data: bytes
     pool: ActivationPool
     def __init__(self, hook: _Optional[str] = ..., positions: _Optional[_Iterable[int]] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[ActivationDtype, str]] = ..., data: _Optional[bytes] = ..., pool: _Optional[_Union[ActivationPool, str]] = ...) -> None: ...
+
+class LayerValues(_message.Message):
+    __slots__ = ("layer", "values")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, layer: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class LoadVectorRequest(_message.Message):
+    __slots__ = ("name", "layers", "file", "file_format", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    FILE_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    layers: _containers.RepeatedCompositeFieldContainer[LayerValues]
+    file: bytes
+    file_format: str
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerValues, _Mapping]]] = ..., file: _Optional[bytes] = ..., file_format: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class LoadVectorResponse(_message.Message):
+    __slots__ = ("vector",)
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    vector: VectorInfo
+    def __init__(self, vector: _Optional[_Union[VectorInfo, _Mapping]] = ...) -> None: ...
+
+class UnloadVectorRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class UnloadVectorResponse(_message.Message):
+    __slots__ = ("vector",)
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    vector: VectorInfo
+    def __init__(self, vector: _Optional[_Union[VectorInfo, _Mapping]] = ...) -> None: ...
+
+class ListVectorsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListVectorsResponse(_message.Message):
+    __slots__ = ("vectors",)
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    vectors: _containers.RepeatedCompositeFieldContainer[VectorInfo]
+    def __init__(self, vectors: _Optional[_Iterable[_Union[VectorInfo, _Mapping]]] = ...) -> None: ...
+
+class ExportVectorRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ExportVectorResponse(_message.Message):
+    __slots__ = ("gguf", "vector")
+    GGUF_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    gguf: bytes
+    vector: VectorInfo
+    def __init__(self, gguf: _Optional[bytes] = ..., vector: _Optional[_Union[VectorInfo, _Mapping]] = ...) -> None: ...

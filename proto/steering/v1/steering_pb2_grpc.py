@@ -65,6 +65,26 @@ class SteeringServiceStub:
                 request_serializer=steering_dot_v1_dot_steering__pb2.SearchFeaturesRequest.SerializeToString,
                 response_deserializer=steering_dot_v1_dot_steering__pb2.SearchFeaturesResponse.FromString,
                 _registered_method=True)
+        self.LoadVector = channel.unary_unary(
+                '/steering.v1.SteeringService/LoadVector',
+                request_serializer=steering_dot_v1_dot_steering__pb2.LoadVectorRequest.SerializeToString,
+                response_deserializer=steering_dot_v1_dot_steering__pb2.LoadVectorResponse.FromString,
+                _registered_method=True)
+        self.UnloadVector = channel.unary_unary(
+                '/steering.v1.SteeringService/UnloadVector',
+                request_serializer=steering_dot_v1_dot_steering__pb2.UnloadVectorRequest.SerializeToString,
+                response_deserializer=steering_dot_v1_dot_steering__pb2.UnloadVectorResponse.FromString,
+                _registered_method=True)
+        self.ListVectors = channel.unary_unary(
+                '/steering.v1.SteeringService/ListVectors',
+                request_serializer=steering_dot_v1_dot_steering__pb2.ListVectorsRequest.SerializeToString,
+                response_deserializer=steering_dot_v1_dot_steering__pb2.ListVectorsResponse.FromString,
+                _registered_method=True)
+        self.ExportVector = channel.unary_unary(
+                '/steering.v1.SteeringService/ExportVector',
+                request_serializer=steering_dot_v1_dot_steering__pb2.ExportVectorRequest.SerializeToString,
+                response_deserializer=steering_dot_v1_dot_steering__pb2.ExportVectorResponse.FromString,
+                _registered_method=True)
 
 
 class SteeringServiceServicer:
@@ -118,6 +138,43 @@ class SteeringServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadVector(self, request, context):
+        """---- runtime vectors (issue 30 item 2) -------------------------------------
+        LoadVector writes a steering vector into rows every --runtime-vectors block
+        keeps from engine start (nothing recompiles) and returns once every worker
+        wrote it; from then on GenerateRequest.vectors may name it. Admin only
+        (an --admin-tokens-file token; PERMISSION_DENIED when the server has none).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadVector(self, request, context):
+        """UnloadVector makes a runtime-loaded vector unknown to new requests at once;
+        requests already running keep it, unchanged, to their end (its rows are
+        freed then). Admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListVectors(self, request, context):
+        """ListVectors lists the vectors requests may name: startup (--vector) and
+        runtime-loaded ones (any caller; GetModelInfo.vectors holds the same).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportVector(self, request, context):
+        """ExportVector returns a vector requests may name as a self-describing
+        llama.cpp control-vector GGUF (any caller; `steer vectors save`).
+        ---- end runtime vectors ---------------------------------------------------
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SteeringServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -150,6 +207,26 @@ def add_SteeringServiceServicer_to_server(servicer, server):
                     servicer.SearchFeatures,
                     request_deserializer=steering_dot_v1_dot_steering__pb2.SearchFeaturesRequest.FromString,
                     response_serializer=steering_dot_v1_dot_steering__pb2.SearchFeaturesResponse.SerializeToString,
+            ),
+            'LoadVector': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadVector,
+                    request_deserializer=steering_dot_v1_dot_steering__pb2.LoadVectorRequest.FromString,
+                    response_serializer=steering_dot_v1_dot_steering__pb2.LoadVectorResponse.SerializeToString,
+            ),
+            'UnloadVector': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadVector,
+                    request_deserializer=steering_dot_v1_dot_steering__pb2.UnloadVectorRequest.FromString,
+                    response_serializer=steering_dot_v1_dot_steering__pb2.UnloadVectorResponse.SerializeToString,
+            ),
+            'ListVectors': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVectors,
+                    request_deserializer=steering_dot_v1_dot_steering__pb2.ListVectorsRequest.FromString,
+                    response_serializer=steering_dot_v1_dot_steering__pb2.ListVectorsResponse.SerializeToString,
+            ),
+            'ExportVector': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportVector,
+                    request_deserializer=steering_dot_v1_dot_steering__pb2.ExportVectorRequest.FromString,
+                    response_serializer=steering_dot_v1_dot_steering__pb2.ExportVectorResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -315,6 +392,114 @@ class SteeringService:
             '/steering.v1.SteeringService/SearchFeatures',
             steering_dot_v1_dot_steering__pb2.SearchFeaturesRequest.SerializeToString,
             steering_dot_v1_dot_steering__pb2.SearchFeaturesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadVector(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/steering.v1.SteeringService/LoadVector',
+            steering_dot_v1_dot_steering__pb2.LoadVectorRequest.SerializeToString,
+            steering_dot_v1_dot_steering__pb2.LoadVectorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadVector(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/steering.v1.SteeringService/UnloadVector',
+            steering_dot_v1_dot_steering__pb2.UnloadVectorRequest.SerializeToString,
+            steering_dot_v1_dot_steering__pb2.UnloadVectorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListVectors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/steering.v1.SteeringService/ListVectors',
+            steering_dot_v1_dot_steering__pb2.ListVectorsRequest.SerializeToString,
+            steering_dot_v1_dot_steering__pb2.ListVectorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportVector(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/steering.v1.SteeringService/ExportVector',
+            steering_dot_v1_dot_steering__pb2.ExportVectorRequest.SerializeToString,
+            steering_dot_v1_dot_steering__pb2.ExportVectorResponse.FromString,
             options,
             channel_credentials,
             insecure,
