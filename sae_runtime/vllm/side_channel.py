@@ -47,37 +47,29 @@ def _array_header(n: int) -> bytes:
 
 def _split(rec: Record, size: int, cap: int) -> list[Record]:
     """``rec`` (encoded ``size`` bytes) as records of consecutive positions that fit ``cap``;
-    a pooled record's sum and max ride on its first piece. [] if one position cannot fit."""
-    if isinstance(rec, ActRecord):
-        return _split_act(rec, size, cap)
-    per_pos = 4 * (2 * rec.k + rec.w)
+    a pooled read record's sum and max ride on its first piece. [] if one position cannot
+    fit (logged: the record is dropped, the step's other records still go)."""
+    act = isinstance(rec, ActRecord)
+    per_pos = 4 * rec.d if act else 4 * (2 * rec.k + rec.w)  # bytes one position adds
     fixed = size - rec.n * per_pos + _RECORD_SLACK
     m = (cap - _ARRAY_HEADER - fixed) // per_pos if per_pos else rec.n
     if m < 1:
-        log.error("a read record of request %s needs %d bytes for one position, over the "
-                  "%d-byte message cap; dropped", rec.rid, fixed + per_pos, cap)
+        log.error("%s record of request %s needs %d bytes for one position, over the "
+                  "%d-byte message cap; dropped", "an activation" if act else "a read",
+                  rec.rid, fixed + per_pos, cap)
         return []
     out = []
     for j in range(0, rec.n, m):
         n = min(m, rec.n - j)
+        if act:
+            out.append(msgspec.structs.replace(
+                rec, pos0=rec.pos0 + j, n=n, data=rec.data[per_pos * j: per_pos * (j + n)]))
+            continue
         ik, iw = slice(4 * rec.k * j, 4 * rec.k * (j + n)), slice(4 * rec.w * j, 4 * rec.w * (j + n))
         out.append(msgspec.structs.replace(
             rec, pos0=rec.pos0 + j, n=n, idx=rec.idx[ik], val=rec.val[ik], wv=rec.wv[iw],
             psum=None if j else rec.psum, pmax=None if j else rec.pmax))
     return out
-
-
-def _split_act(rec: ActRecord, size: int, cap: int) -> list[Record]:
-    per_pos = 4 * rec.d
-    fixed = size - rec.n * per_pos + _RECORD_SLACK
-    m = (cap - _ARRAY_HEADER - fixed) // per_pos if per_pos else rec.n
-    if m < 1:
-        log.error("an activation record of request %s needs %d bytes for one position, over "
-                  "the %d-byte message cap; dropped", rec.rid, fixed + per_pos, cap)
-        return []
-    return [msgspec.structs.replace(rec, pos0=rec.pos0 + j, n=min(m, rec.n - j),
-                                    data=rec.data[per_pos * j: per_pos * (j + min(m, rec.n - j))])
-            for j in range(0, rec.n, m)]
 
 
 def pack(records: list[Record], cap: int = DEFAULT_READS_MAX_MESSAGE_BYTES) -> list[bytes]:
