@@ -22,7 +22,7 @@ from sae_runtime.labels.store import FeatureLabels, load_beside
 from sae_runtime.loading import load_hook_config
 from sae_runtime.loading.vectors import Bank, build_banks
 from sae_runtime.saes.base import SAEConfig
-from sae_runtime.spec.activations import NO_SITES, DeclaredSites, declared_sites
+from sae_runtime.spec.activations import NO_SITES, DeclaredSites
 from sae_runtime.spec.budget import watch_width
 from sae_runtime.spec.vectors import VectorIndex
 from sae_runtime.step.config import placement
@@ -111,7 +111,15 @@ def activation_sites(cfg: ServerConfig) -> DeclaredSites:
         raise UnsupportedModelError(
             f"{cfg.model}: architecture {archs} has no hook support; supported: {supported()}")
     d_model, n_layers = model_dims(cfg)
-    return DeclaredSites(globs, declared_sites(globs, n_layers), d_model)
+    heads, head_dim = attention_dims(hf)
+    return DeclaredSites.of(globs, n_layers, d_model, heads * head_dim)
+
+
+def attention_dims(hf) -> tuple[int, int]:
+    """(attention heads, head size) of an HF config: ``attn.hook_z`` is their product wide."""
+    hf = getattr(hf, "text_config", hf)
+    heads = int(hf.num_attention_heads)
+    return heads, int(getattr(hf, "head_dim", None) or hf.hidden_size // heads)
 
 
 def model_dims(cfg: ServerConfig) -> tuple[int, int]:
@@ -174,8 +182,7 @@ def check_model_fit(cfg: ServerConfig, hooks: Hooks) -> None:
             f"{cfg.model}: architecture {archs} has no SAE hook support; supported: {supported()}")
     hf = getattr(hf, "text_config", hf)
     n_layers, hidden = hf.num_hidden_layers, hf.hidden_size
-    heads = hf.num_attention_heads
-    head_dim = getattr(hf, "head_dim", None) or hidden // heads
+    heads, head_dim = attention_dims(hf)
     src = {s.id: s.path for s in cfg.saes} | {b.id: "--vector" for b in hooks.banks}
     for sid, c in hooks.configs.items():
         block = block_of(c.layer, c.site)
@@ -262,7 +269,7 @@ def read_limits(cfg: ServerConfig, hooks: Hooks, engine: Any,
     return RecordLimits(d_sae=tuple(c.d_sae for c in hooks.configs.values()),
                         max_top_k=cfg.max_read_top_k, max_watch=watch_width(cfg.max_watch),
                         max_positions=int(engine.model_config.max_model_len),
-                        act_sites=len(sites.names), act_width=sites.width,
+                        act_widths=sites.widths,
                         max_act_reads=cfg.max_activation_reads)
 
 
@@ -281,10 +288,11 @@ async def verify_hooks(cfg: ServerConfig, engine: Any, hooks: Hooks,
     reports = await hook_reports(engine)
     world = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
     expect = config_hash(worker_config_of(engine_settings(cfg, reads_addr, hooks)))
-    sites = activation_sites(cfg).names
+    sites = activation_sites(cfg)
     by_index = check_hooks(reports, expected_hooks(hooks), world_size=world,
-                           reads=bool(hooks.saes or hooks.banks or sites), config_hash=expect,
-                           reads_addr=reads_addr, act_sites=sites)
+                           reads=bool(hooks.saes or hooks.banks or sites.names),
+                           config_hash=expect, reads_addr=reads_addr, act_sites=sites.names,
+                           act_widths=sites.widths)
     if nodes.spans_nodes(cfg):
         for line in node_lines(reports):
             log.info("%s", line)

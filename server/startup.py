@@ -24,6 +24,7 @@ from pathlib import Path
 from sae_runtime.errors import SteeringError
 from sae_runtime.hw import cpu_env_defaults
 from sae_runtime.spec.activations import parse_hook
+from sae_runtime.vllm.families import block_of
 
 
 class StartupError(SteeringError):
@@ -159,9 +160,11 @@ def check_same_config(reports: Sequence[Mapping], config_hash: str | None,
 
 def check_hooks(reports: Sequence[Mapping], expected: Sequence[ExpectedHook], *,
                 world_size: int, reads: bool, config_hash: str | None = None,
-                reads_addr: str | None = None, act_sites: Sequence[str] = ()) -> dict[int, str]:
+                reads_addr: str | None = None, act_sites: Sequence[str] = (),
+                act_widths: Sequence[int] = ()) -> dict[int, str]:
     """Raise ``HookPlacementError`` unless every SAE, and every declared activation site
-    (``act_sites``, hook names), is installed where it must be.
+    (``act_sites``, hook names; ``act_widths``, when given, the width the server sized its
+    caps and record checks for), is installed where it must be.
 
     ``world_size`` is tensor x pipeline parallel (the workers of one engine); with data
     parallelism more reports arrive, in whole multiples. ``config_hash`` / ``reads_addr``:
@@ -218,9 +221,9 @@ def check_hooks(reports: Sequence[Mapping], expected: Sequence[ExpectedHook], *,
                     raise HookPlacementError(
                         f"SAE {e.sae_id!r}: workers chose different compute dtypes "
                         f"({dtypes[e.index]} and {h['dtype']})")
-    for name in act_sites:
+    for j, name in enumerate(act_sites):
         layer, site = parse_hook(name) or (0, "")
-        block = layer - 1 if site == "resid_pre" else layer
+        block = block_of(layer, site)
         for r in reports:
             got = [a for a in r.get("act_sites", ()) if a["hook"] == name]
             must = block in r.get("layers", ())
@@ -229,6 +232,10 @@ def check_hooks(reports: Sequence[Mapping], expected: Sequence[ExpectedHook], *,
                     f"activation site {name} is {'not ' if must else ''}installed on "
                     f"{_where(r)}, which {'holds' if must else 'does not hold'} block {block}; "
                     "refusing to serve")
+            if got and act_widths and got[0].get("width", act_widths[j]) != act_widths[j]:
+                raise HookPlacementError(
+                    f"activation site {name} is {got[0]['width']} wide on {_where(r)}; the "
+                    f"model config says {act_widths[j]}; refusing to serve")
     if reads:
         stages: dict[tuple, list] = {}
         for r in reports:

@@ -26,11 +26,24 @@ from sae_runtime.errors import InvalidRequestError
 from sae_runtime.spec.payloads import ActPayload
 from sae_runtime.spec.selectors import Selector
 
-SITES = ("resid_pre", "attn_out", "mlp_out", "resid_post")
-"""The sites activation reads serve (``blocks.L.hook_<site>``), in a block's forward order;
-``resid_pre`` of block 0 (the embeddings) is not one."""
+SITES = ("resid_pre", "z", "attn_out", "ln2_normalized", "mlp_out", "resid_post")
+"""The sites activation reads serve, in a block's forward order; ``resid_pre`` of block 0
+(the embeddings) is not one. ``z`` is the attention's per-head output before the output
+projection (heads concatenated, ``n_heads * head_dim`` wide); ``ln2_normalized`` the pre-MLP
+norm's normalised input before its weight (TransformerLens' ``ln2.hook_normalized``)."""
 
-_HOOK = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_post|attn_out|mlp_out)$")
+HOOK_SUFFIX = {"resid_pre": "hook_resid_pre", "z": "attn.hook_z", "attn_out": "hook_attn_out",
+               "ln2_normalized": "ln2.hook_normalized", "mlp_out": "hook_mlp_out",
+               "resid_post": "hook_resid_post"}
+"""Each site's SAELens / TransformerLens hook name after ``blocks.L.``."""
+
+_HOOK = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(v) for v in HOOK_SUFFIX.values())
+                   + r")$")
+_SITE_OF = {v: k for k, v in HOOK_SUFFIX.items()}
+
+
+def hook_name(layer: int, site: str) -> str:
+    return f"blocks.{layer}.{HOOK_SUFFIX[site]}"
 
 
 class ActPool(IntEnum):
@@ -55,24 +68,25 @@ class ActDtype(IntEnum):
 
 
 def parse_hook(name: str) -> tuple[int, str] | None:
-    """``(layer, site)`` of ``blocks.L.hook_<site>`` (a site of ``SITES``), else None."""
+    """``(layer, site)`` of a hook name (``blocks.L.hook_resid_post`` -> ``(L, "resid_post")``,
+    ``blocks.L.attn.hook_z`` -> ``(L, "z")``; a site of ``SITES``), else None."""
     m = _HOOK.match(name)
-    return (int(m.group(1)), m.group(2)) if m else None
+    return (int(m.group(1)), _SITE_OF[m.group(2)]) if m else None
 
 
 def declared_sites(globs: Sequence[str], n_layers: int) -> tuple[str, ...]:
     """The hook names ``globs`` (``fnmatch`` patterns) select among the model's sites, in
     layer then ``SITES`` order. Raises ``ValueError`` for a glob that selects nothing."""
-    names = [f"blocks.{layer}.hook_{site}" for layer in range(n_layers) for site in SITES
+    names = [hook_name(layer, site) for layer in range(n_layers) for site in SITES
              if not (site == "resid_pre" and layer == 0)]
     out: dict[str, None] = {}
     for g in globs:
         hit = [n for n in names if fnmatch.fnmatchcase(n, g)]
         if not hit:
             raise ValueError(
-                f"--activation-hooks {g!r} selects no site; sites are blocks.L.hook_<site> "
-                f"with L in 0..{n_layers - 1} and site one of {', '.join(SITES)} "
-                "(resid_pre from block 1)")
+                f"--activation-hooks {g!r} selects no site; sites are blocks.L.<hook> "
+                f"with L in 0..{n_layers - 1} and hook one of "
+                f"{', '.join(HOOK_SUFFIX.values())} (hook_resid_pre from block 1)")
         out.update(dict.fromkeys(hit))
     return tuple(n for n in names if n in out)
 
@@ -80,15 +94,27 @@ def declared_sites(globs: Sequence[str], n_layers: int) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class DeclaredSites:
     """A server's readable sites: the ``--activation-hooks`` globs, the hook names they
-    select (index == ``ActPayload.site``) and the width of every one (the hidden size)."""
+    select (index == ``ActPayload.site``) and the width of each (``widths[i]``: the hidden
+    size, or ``n_heads * head_dim`` at ``attn.hook_z``)."""
 
     globs: tuple[str, ...] = ()
     names: tuple[str, ...] = ()
-    width: int = 0
+    widths: tuple[int, ...] = ()
 
     @property
     def index(self) -> dict[str, int]:
         return {n: i for i, n in enumerate(self.names)}
+
+    def width(self, hook: str) -> int:
+        return self.widths[self.names.index(hook)]
+
+    @classmethod
+    def of(cls, globs: Sequence[str], n_layers: int, d_model: int, d_z: int) -> DeclaredSites:
+        """The sites ``globs`` select in a model of ``n_layers`` blocks, hidden size
+        ``d_model`` and ``d_z`` = heads x head size (``declared_sites``)."""
+        names = declared_sites(globs, n_layers)
+        return cls(tuple(globs), names,
+                   tuple(d_z if parse_hook(n)[1] == "z" else d_model for n in names))
 
 
 NO_SITES = DeclaredSites()

@@ -145,24 +145,27 @@ class ActivationCaps(Protocol):
     max_activation_bytes: int
 
 
-def check_activations(selectors: Sequence[Selector], width: int, prompt_len: int, total: int,
-                      caps: ActivationCaps, prefix: str = "activation_reads") -> int:
-    """Refuse activation reads whose rows (over positions ``[0, total)``: the prompt and
-    the most tokens the request may generate) go past the positions or bytes caps; names
-    the read that takes the sum past a cap. Returns the rows in all."""
-    rows = 0
-    for j, sel in enumerate(selectors):
-        rows += activation_rows(sel, prompt_len, total)
+def check_activations(selectors: Sequence[Selector], widths: Sequence[int], prompt_len: int,
+                      total: int, caps: ActivationCaps, prefix: str = "activation_reads") -> int:
+    """Refuse activation reads (read ``j``: positions ``selectors[j]`` of a site
+    ``widths[j]`` values wide) whose rows (over positions ``[0, total)``: the prompt and the
+    most tokens the request may generate) go past the positions or bytes caps; names the
+    read that takes the sum past a cap. Returns the rows in all."""
+    rows = size = 0
+    for j, (sel, width) in enumerate(zip(selectors, widths, strict=True)):
+        n = activation_rows(sel, prompt_len, total)
+        rows += n
+        size += n * width * FLOAT_BYTES
         if rows > caps.max_activation_positions:
             raise InvalidRequestError(
                 f"{prefix}[{j}].positions", f"the activation reads select up to {rows} "
                 f"positions; the server allows at most {caps.max_activation_positions} per "
                 "request (steerd serve --max-activation-positions); select fewer positions")
-        if rows * width * FLOAT_BYTES > caps.max_activation_bytes:
+        if size > caps.max_activation_bytes:
             raise InvalidRequestError(
-                f"{prefix}[{j}]", f"the activation reads need up to "
-                f"{rows * width * FLOAT_BYTES} bytes ({rows} positions x {width} values x "
-                f"{FLOAT_BYTES}); the server allows at most {caps.max_activation_bytes} per "
+                f"{prefix}[{j}]", f"the activation reads need up to {size} bytes "
+                f"({rows} positions of {FLOAT_BYTES}-byte values; this read's site is {width} "
+                f"values wide); the server allows at most {caps.max_activation_bytes} per "
                 "request (steerd serve --max-activation-bytes); select fewer positions")
     return rows
 

@@ -8,6 +8,13 @@ activation (the residual stream ``hidden + residual`` for a Llama-style layer's 
 the site's preallocated ``[max_tokens, d]`` float32 buffer; after the forward,
 ``collect_acts`` slices the buffer into one ``ActRecord`` per request and site.
 
+Two sites are not the op's input as it is: ``ln2.hook_normalized`` is read at the MLP's
+input, which is the pre-MLP norm's output ``x_hat * gain + bias``, and the site gives
+``x_hat`` back (``affine``: the norm's weight, Gemma's ``1 + weight`` included, and bias;
+``families.mlp_norm_affine``); ``attn.hook_z`` under tensor parallelism holds
+``n_heads / tp`` heads on each rank, so the op gathers the selected rows' columns over the
+TP group (``gather``), which every TP rank enters alike: all of them plan the rows.
+
 Sizes: a request reads a site at most once (``spec.activations.validate_reads``) and reads
 only its own token rows, so one step's rows at a site are at most ``max_num_batched_tokens``:
 the buffers are allocated once, at install, and nothing a request sends can overflow them.
@@ -15,7 +22,7 @@ the buffers are allocated once, at install, and nothing a request sends can over
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,8 +34,16 @@ from sae_runtime.step.records import ActRecord
 class ActSite:
     """One declared site's per-step rows and buffer (fixed addresses)."""
 
-    def __init__(self, d: int, max_tokens: int, device: torch.device) -> None:
-        self.d = d
+    def __init__(self, d: int, max_tokens: int, device: torch.device,
+                 affine: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                 gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.d = d  # the site's full width (``gather``: every rank's columns)
+        self.affine = None
+        if affine is not None:  # (1 / gain, bias), on the device in float32
+            gain, bias = affine
+            self.affine = (1.0 / gain.to(device, torch.float32),
+                           None if bias is None else bias.to(device, torch.float32))
+        self.gather = gather
         self.max_tokens = max_tokens
         self.rows_host = np.zeros(max_tokens, dtype=np.int64)
         self.rows = torch.zeros(max_tokens, dtype=torch.long, device=device)
@@ -49,6 +64,12 @@ class ActSite:
             v = x.index_select(0, rows)
             if residual is not None:
                 v = v + residual.index_select(0, rows)
+            if self.gather is not None:
+                v = self.gather(v.contiguous())
+            v = v.float()
+            if self.affine is not None:
+                inv_gain, bias = self.affine
+                v = (v - bias if bias is not None else v) * inv_gain
             self.buf[:n].copy_(v)
         self.ran = True
 

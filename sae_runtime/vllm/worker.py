@@ -72,9 +72,10 @@ class SteeringState:
     """All hooks of this worker, the compiled payloads of its requests, and the step's reads."""
 
     def __init__(self, hooks: list[HookTables | None], publisher: ReadPublisher | None,
-                 acts: list[ActSite | None] | None = None) -> None:
+                 acts: list[ActSite | None] | None = None, act_gather: bool = False) -> None:
         self.hooks = hooks  # indexed like the server's SAE list: hook id == SAE index
         self.acts = acts or []  # declared activation sites (None: another stage's block)
+        self.act_gather = act_gather  # a site gathers over TP: every rank plans the rows
         self.act_segments: list[ActSegment] = []
         self.publisher = publisher  # None: this rank does not publish reads
         # by vLLM request id, dropped when the request finishes (its latch states with it)
@@ -107,8 +108,9 @@ class SteeringState:
         # enter the all-gather alike (the decision reads the row counts).
         read_hooks = None if self.publisher is not None else set(_SHARDS) | _SPLIT_READS
         self.segments = plan_step(self.hooks, step, read_hooks)
-        # raw activations: replicated sites, so only the publishing rank copies them
-        if self.acts and self.publisher is not None and step.requests:
+        # raw activations: replicated sites, so only the publishing rank copies them, unless
+        # a site gathers its rows over the TP group (z), which every TP rank enters alike
+        if self.acts and (self.publisher is not None or self.act_gather) and step.requests:
             self.act_segments = plan_acts(self.acts, step.cols())
 
     def publish_reads(self) -> None:
@@ -281,11 +283,14 @@ def _wrap_output(mod: torch.nn.Module, hook_ids: list[int], residual_tuple: bool
     mod.forward = forward
 
 
-def _wrap_input(mod: torch.nn.Module, hook_ids: list[int], op=None) -> None:
+def _wrap_input(mod: torch.nn.Module, hook_ids: list[int], op=None,
+                act_ids: list[int] = ()) -> None:
     """Pass ``mod``'s first argument through ``op`` (the hook by default: hook_z) before
-    ``mod`` runs, once per hook id, in order."""
+    ``mod`` runs, once per hook id, in order; then through the activation read op of each
+    declared site there (so it sees the edits)."""
     orig = mod.forward
     ids = tuple(hook_ids)
+    acts = tuple(act_ids)
     if op is None:
         def op(x, hook_id):
             return torch.ops.sae_steer.sae_hook(x, None, hook_id)
@@ -293,6 +298,8 @@ def _wrap_input(mod: torch.nn.Module, hook_ids: list[int], op=None) -> None:
     def forward(x, *args, **kwargs):
         for hook_id in ids:
             x = op(x, hook_id)
+        for site_id in acts:
+            x = torch.ops.sae_steer.act_read(x, None, site_id)
         return orig(x, *args, **kwargs)
 
     mod.forward = forward
@@ -511,12 +518,13 @@ def install(runner) -> None:
     acts: list[ActSite | None] = []
     act_report: list[dict] = []
     act_targets: dict[tuple[int, str], list[int]] = {}
+    act_gather = False  # a site whose rows every TP rank gathers (z under TP)
     for name in cfg.act_sites:
         parsed = parse_hook(name)
         if parsed is None:
             raise SAEFormatError(f"activation site {name!r} is not a readable hook name")
         layer_no, kind = parsed
-        block = layer_no - 1 if kind == "resid_pre" else layer_no
+        block = block_of(layer_no, kind)
         if block not in all_layers:
             raise SAEFormatError(f"activation site {name!r}: the model has blocks "
                                  f"0..{max(all_layers)}")
@@ -524,9 +532,20 @@ def install(runner) -> None:
             acts.append(None)
             continue
         site = "out" if kind in ("resid_post", "resid_pre") else kind
+        width, affine, gather = hidden, None, None
+        if kind == "z":  # heads concatenated; under TP each rank holds n_heads / tp of them
+            o_proj = layers[block].get_submodule(family.z)
+            local = int(getattr(o_proj, "input_size_per_partition", 0)
+                        or getattr(o_proj, "in_features", 0) or hidden // tp)
+            width = local * tp
+            if tp > 1:
+                gather = functools.partial(compat.tp_all_gather, dim=-1)
+                act_gather = True
+        elif kind == "ln2_normalized":  # read at the MLP input: undo the norm's affine
+            affine = mlp_norm_affine(layers[block], family)
         act_targets.setdefault((block, site), []).append(len(acts))
-        acts.append(ActSite(hidden, max_tokens, device))
-        act_report.append({"site": len(acts) - 1, "hook": name, "block": block})
+        acts.append(ActSite(width, max_tokens, device, affine=affine, gather=gather))
+        act_report.append({"site": len(acts) - 1, "hook": name, "block": block, "width": width})
     for block, site in dict.fromkeys([*targets, *act_targets]):
         ids = targets.get((block, site), [])
         act_ids = act_targets.get((block, site), [])
@@ -534,7 +553,9 @@ def install(runner) -> None:
         if site == "out":
             _wrap_output(layer, ids, family.residual_tuple, act_ids)
         elif site == "z":
-            _wrap_input(layer.get_submodule(family.z), ids)
+            _wrap_input(layer.get_submodule(family.z), ids, act_ids=act_ids)
+        elif site == "ln2_normalized":
+            _wrap_input(layer.get_submodule(family.mlp_in), [], act_ids=act_ids)
         else:
             _wrap_output(layer.get_submodule(getattr(family, site)), ids, residual_tuple=False,
                          act_ids=act_ids)
@@ -557,7 +578,7 @@ def install(runner) -> None:
                                  lost_after_s=cfg.reads_lost_after_s or 0.0)
     _SHARDS.update(shards)
     _SPLIT_READS.update(i for i, h in enumerate(hooks) if h is not None and h.read_split is not None)
-    _STATE = SteeringState(hooks, _CHANNEL if publish else None, acts)
+    _STATE = SteeringState(hooks, _CHANNEL if publish else None, acts, act_gather)
     vc = runner.vllm_config
     _REPORT.update(ranks=ranks, layers=sorted(layers), hooks=report, act_sites=act_report,
                    installed=True,

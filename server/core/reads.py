@@ -139,8 +139,7 @@ class RecordLimits:
     max_watch: int
     max_positions: int  # the engine's max_model_len: every position is below it
     max_reads: int = 4096  # a request's read index (``ReadRecord.read``) is below it
-    act_sites: int = 0  # declared activation sites (``ActRecord.site`` is below it)
-    act_width: int = 0  # their width (the hidden size)
+    act_widths: tuple[int, ...] = ()  # width of each declared activation site (by ``ActRecord.site``)
     max_act_reads: int = 0  # a request's activation read index is below it
 
 
@@ -159,10 +158,10 @@ def check_act_record(rec: ActRecord, lim: RecordLimits | None) -> str | None:
         return f"{len(rec.data)} bytes disagree with n {rec.n}, d {rec.d}"
     if lim is None:
         return None
-    if rec.site >= lim.act_sites or rec.read >= lim.max_act_reads:
+    if rec.site >= len(lim.act_widths) or rec.read >= lim.max_act_reads:
         return f"activation site {rec.site} or read {rec.read} over the server's declared sites"
-    if rec.d != lim.act_width:
-        return f"activation width {rec.d}, the declared sites have {lim.act_width}"
+    if rec.d != lim.act_widths[rec.site]:
+        return f"activation width {rec.d}, declared site {rec.site} has {lim.act_widths[rec.site]}"
     if rec.pos0 + rec.n > lim.max_positions:
         return f"positions {rec.pos0}..{rec.pos0 + rec.n - 1} beyond max_model_len {lim.max_positions}"
     return None

@@ -195,8 +195,8 @@ def activation_budget(acts: tuple[ActivationRead, ...], prompt_len: int, total: 
     """Refuse activation reads over the per-request caps (``budget.check_activations``)
     for a prompt of ``prompt_len`` tokens and positions ``[0, total)``."""
     if acts:
-        budget.check_activations([a.selector for a in acts], sites.width, prompt_len, total,
-                                 limits)
+        budget.check_activations([a.selector for a in acts], [sites.width(a.hook) for a in acts],
+                                 prompt_len, total, limits)
 
 
 def encode_reads(reads: tuple[Read, ...], *, n_inputs: int, saes: Mapping[str, SAEConfig],

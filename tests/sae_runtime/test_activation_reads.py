@@ -20,6 +20,7 @@ from sae_runtime.spec.activations import (
     DeclaredSites,
     declared_sites,
     pack,
+    parse_hook,
     pool_rows,
     to_payload,
     validate_reads,
@@ -33,7 +34,7 @@ from sae_runtime.vllm.side_channel import pack as pack_messages
 
 SITES = DeclaredSites(("blocks.*.hook_resid_post", "blocks.0.hook_mlp_out"),
                       ("blocks.0.hook_mlp_out", "blocks.0.hook_resid_post",
-                       "blocks.1.hook_resid_post"), 8)
+                       "blocks.1.hook_resid_post"), (8, 8, 8))
 
 
 @dataclass(frozen=True)
@@ -77,12 +78,12 @@ def test_no_sites_declared_says_how_to_declare():
 def test_caps_count_rows_over_every_read_and_name_the_read_past_the_cap():
     prompt, total = 10, 30  # a prompt of 10 and 20 tokens to generate
     sels = [PROMPT, GENERATION, Selector()]
-    assert budget.check_activations(sels[:2], 8, prompt, total, Caps()) == 30
+    assert budget.check_activations(sels[:2], [8, 8], prompt, total, Caps()) == 30
     with pytest.raises(InvalidRequestError) as e:
-        budget.check_activations(sels, 8, prompt, total, Caps(max_activation_positions=50))
+        budget.check_activations(sels, [8, 8, 8], prompt, total, Caps(max_activation_positions=50))
     assert e.value.field == "activation_reads[2].positions" and "at most 50" in str(e.value)
     with pytest.raises(InvalidRequestError) as e:
-        budget.check_activations(sels, 8, prompt, total, Caps(max_activation_bytes=1000))
+        budget.check_activations(sels, [8, 8, 8], prompt, total, Caps(max_activation_bytes=1000))
     # 10 prompt rows x 8 floats = 320 bytes; + 20 generated rows = 960; + 30 rows > 1000
     assert e.value.field == "activation_reads[2]" and "1920 bytes" in str(e.value)
 
@@ -166,3 +167,48 @@ def test_worker_step_copies_each_requests_selected_rows_of_the_stream():
 def test_act_record_round_trips_msgpack():
     r = ActRecord("r", 1, 2, 3, 1, 2, np.array([1.5, 2.5], "<f4").tobytes())
     assert READ_DECODER.decode(msgspec.msgpack.encode([r])) == [r]
+
+
+def test_z_and_ln2_sites_have_their_saelens_names_and_widths():
+    names = declared_sites(["blocks.1.attn.hook_z", "blocks.1.ln2.hook_normalized",
+                            "blocks.1.hook_mlp_out"], 2)
+    # a block's forward order: z, then the pre-MLP norm, then the MLP output
+    assert names == ("blocks.1.attn.hook_z", "blocks.1.ln2.hook_normalized",
+                     "blocks.1.hook_mlp_out")
+    assert parse_hook("blocks.1.attn.hook_z") == (1, "z")
+    assert parse_hook("blocks.3.ln2.hook_normalized") == (3, "ln2_normalized")
+    assert parse_hook("blocks.3.hook_z") is None
+    sites = DeclaredSites.of(["blocks.*.attn.hook_z", "blocks.0.hook_resid_post"], 2, 8, 12)
+    assert sites.names == ("blocks.0.attn.hook_z", "blocks.0.hook_resid_post",
+                           "blocks.1.attn.hook_z")
+    assert sites.widths == (12, 8, 12)
+    # the bytes cap counts each read at its own site's width
+    reads = [Selector(), Selector()]
+    assert budget.check_activations(reads, [12, 8], 5, 5, Caps(max_activation_bytes=400)) == 10
+    with pytest.raises(InvalidRequestError, match="12 values wide"):
+        budget.check_activations(reads, [12, 12], 5, 5, Caps(max_activation_bytes=400))
+
+
+def test_ln2_site_gives_the_norms_input_before_its_weight_and_bias():
+    g = torch.Generator().manual_seed(0)
+    x_hat = torch.randn(6, 4, generator=g)
+    gain, bias = torch.rand(4, generator=g) + 0.5, torch.randn(4, generator=g)
+    site = ActSite(4, 8, torch.device("cpu"), affine=(gain, bias))
+    site.rows_host[:3] = [1, 4, 5]
+    site.n = 3
+    site.upload()
+    site.copy(x_hat * gain + bias, None)  # what the MLP sees: the norm's output
+    torch.testing.assert_close(site.buf[:3], x_hat[[1, 4, 5]])
+
+
+def test_gathered_site_keeps_every_ranks_columns_of_the_selected_rows():
+    full = torch.arange(5 * 6, dtype=torch.float32).reshape(5, 6)
+    rank0, rank1 = full[:, :3], full[:, 3:]  # two ranks' heads
+    site = ActSite(6, 8, torch.device("cpu"),
+                   gather=lambda rows: torch.cat([rows, rank1.index_select(0, site.rows[:site.n])],
+                                                 dim=-1))
+    site.rows_host[:2] = [0, 3]
+    site.n = 2
+    site.upload()
+    site.copy(rank0, None)
+    torch.testing.assert_close(site.buf[:2], full[[0, 3]])

@@ -46,7 +46,7 @@ MODEL = str(EMBEDDED / "model")  # the logit effects read its unembedding
 BANK = Bank(0, ("v",), np.ones((1, 256), np.float32))
 build = SteeringClient.build_request
 SITES = DeclaredSites(("blocks.*.hook_resid_post",),
-                      ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post"), 256)
+                      ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post"), (256, 256))
 
 
 def proto_dict(msg) -> dict:

@@ -126,8 +126,8 @@ def test_feed_hands_out_activation_rows_once_in_order_and_pools_at_the_end():
 def test_malformed_activation_records_are_named():
     from server.core.reads import RecordLimits, check_act_record
 
-    lim = RecordLimits(d_sae=(), max_top_k=1, max_watch=1, max_positions=10, act_sites=2,
-                       act_width=3, max_act_reads=4)
+    lim = RecordLimits(d_sae=(), max_top_k=1, max_watch=1, max_positions=10, act_widths=(3, 3),
+                       max_act_reads=4)
     good, _ = act(0, 2)
     assert check_act_record(good, lim) is None
     import msgspec
