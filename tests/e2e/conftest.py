@@ -69,7 +69,8 @@ class Server:
 VECTORS = {"happy": ((1, 2), 11), "calm": ((0,), 12)}
 INLINE_LAYERS = "1,2"  # --inline-vectors of the shared server
 ACT_HOOKS = ("blocks.*.hook_resid_post,blocks.2.hook_resid_pre,blocks.0.hook_mlp_out,"
-             "blocks.0.hook_attn_out")  # --activation-hooks of the shared server
+             "blocks.0.hook_attn_out,blocks.1.attn.hook_z,blocks.1.ln2.hook_normalized")
+# --activation-hooks of the shared server
 RUNTIME_LAYERS = "1,2"  # --runtime-vectors of the shared server (its banks: no new hook op)
 MAX_RUNTIME_VECTORS = 3
 ADMIN_TOKEN = "e2e-admin-token"  # the shared server's --admin-tokens-file holds this one

@@ -30,7 +30,8 @@ from tests.transcoder_refs import (
 
 CLAMP, ABLATE, SCALE, ADD = 1, 2, 3, 4
 ALL, GENERATION_ONLY = 1, 2
-_HOOK = re.compile(r"^blocks\.(\d+)\.(?:attn\.)?hook_(resid_post|resid_pre|attn_out|mlp_out|z)$")
+_HOOK = re.compile(
+    r"^blocks\.(\d+)\.(?:attn\.|ln2\.)?hook_(resid_post|resid_pre|attn_out|mlp_out|z|normalized)$")
 
 
 @dataclass(frozen=True)
@@ -97,9 +98,12 @@ class HFReference:
 
     def hidden(self, ids: list[int], hooks: list[str], edits: list[Edit] = (),
                prompt_len: int = 0) -> dict[str, torch.Tensor]:
-        """Each of ``hooks`` (``blocks.L.hook_<resid_post|resid_pre|attn_out|mlp_out>``) as
-        [T, d], captured by plain forward hooks on HF's modules, registered after the
-        edits' hooks, so they see the edited values (the documented "after edits")."""
+        """Each of ``hooks`` (``blocks.L.hook_<resid_post|resid_pre|attn_out|mlp_out>``,
+        ``blocks.L.attn.hook_z``, ``blocks.L.ln2.hook_normalized``) as [T, d], captured by
+        plain forward hooks on HF's modules, registered after the edits' hooks, so they see
+        the edited values (the documented "after edits"). ``z`` is the input of the
+        attention's ``o_proj``; ``ln2.hook_normalized`` is computed here from the input of
+        the pre-MLP RMSNorm (``x / sqrt(mean(x^2) + eps)``, before its weight)."""
         out: dict[str, torch.Tensor] = {}
         blocks = self.model.model.layers
         with ExitStack() as stack:
@@ -107,6 +111,20 @@ class HFReference:
             for name in hooks:
                 layer_s, site = _HOOK.match(name).groups()
                 layer = int(layer_s)
+                if site in ("z", "normalized"):
+                    block = blocks[layer]
+                    mod = block.self_attn.o_proj if site == "z" else block.post_attention_layernorm
+
+                    def grab_in(module, inputs, name=name, site=site):
+                        x = inputs[0][0].detach().float()
+                        if site == "normalized":
+                            eps = module.variance_epsilon
+                            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+                        out[name] = x.clone()
+
+                    h = mod.register_forward_pre_hook(grab_in)
+                    stack.callback(h.remove)
+                    continue
                 if site == "resid_pre":
                     mod = blocks[layer - 1]
                 elif site == "attn_out":

@@ -44,12 +44,14 @@ def test_model_info_lists_declared_hooks(server):
         info = c.model_info()
     assert list(info.activation_hooks) == [
         "blocks.0.hook_attn_out", "blocks.0.hook_mlp_out", "blocks.0.hook_resid_post",
-        "blocks.1.hook_resid_post", "blocks.2.hook_resid_pre", "blocks.2.hook_resid_post"]
+        "blocks.1.attn.hook_z", "blocks.1.ln2.hook_normalized", "blocks.1.hook_resid_post",
+        "blocks.2.hook_resid_pre", "blocks.2.hook_resid_post"]
     assert info.max_activation_reads > 0 and info.max_activation_bytes > 0
 
 
 def test_generate_streams_activations_matching_hf(server, ref):
-    hooks = [*RESID, "blocks.2.hook_resid_pre", "blocks.0.hook_mlp_out", "blocks.0.hook_attn_out"]
+    hooks = [*RESID, "blocks.2.hook_resid_pre", "blocks.0.hook_mlp_out", "blocks.0.hook_attn_out",
+             "blocks.1.attn.hook_z", "blocks.1.ln2.hook_normalized"]
     with server.client() as c:
         stream = list(c.generate(PROMPT, max_tokens=6, temperature=0.0, ignore_eos=True,
                                  activation_reads=[activation_read(h) for h in hooks]))
@@ -60,7 +62,7 @@ def test_generate_streams_activations_matching_hf(server, ref):
     for h in hooks:
         # every fed position exactly once, in order, across the stream's messages
         assert r.activation_positions[h] == fed, h
-        assert r.activations[h].shape == (len(fed), 128)
+        assert r.activations[h].shape == (len(fed), want[h].shape[-1])
         close(r.activations[h], want[h][:-1])
     # streamed with the tokens: some message after the first carries rows of generated positions
     later = [p for m in stream[1:] for a in m.activations for p in a.positions]
