@@ -16,9 +16,11 @@ be frozen into the trace or ignored) and wraps the model runner's ``load_model``
   (``sae_runtime.step.planner``, no vLLM) fill every hook's tables in place and upload them
   before each forward; after it, it publishes the reads and clears the tables.
 - Model Runner V2 (the CUDA default): ``add_requests`` keeps each new request's payload,
-  ``prepare_inputs`` describes the step from V2's ``InputBatch`` (``runner_v2``) and fills
-  the tables before any forward path runs, ``execute_model`` publishes the reads and clears
-  the tables.
+  ``gather_batch_req_state`` drops the uniform decode count of a step with reads so V2
+  runs it outside full graphs, ``prepare_inputs`` describes the step from V2's
+  ``InputBatch`` (``runner_v2``) and fills the tables before any forward path runs (a FULL
+  replay reads them as captured), ``execute_model`` publishes the reads and clears the
+  tables.
 
 The tables and the hook's computation are ``sae_runtime.step.tables.HookTables`` (no vLLM in
 there): preallocated once (fixed addresses, sized by the engine's token and sequence
@@ -47,11 +49,11 @@ from sae_runtime.ops import fold_norm_weight
 from sae_runtime.saes.clt import decoder_bytes
 from sae_runtime.spec.activations import parse_hook
 from sae_runtime.spec.budget import TableSizes
+from sae_runtime.step import tables as tables_mod
 from sae_runtime.step.act_reads import ActSegment, ActSite, collect_acts, plan_acts
 from sae_runtime.step.clt_tables import CLTHookTables
 from sae_runtime.step.config import ReadsKeys, check_placement, config_hash, worker_config
 from sae_runtime.step.planner import ReadSegment, collect_reads, plan_step
-from sae_runtime.step import tables as tables_mod
 from sae_runtime.step.tables import HookTables
 from sae_runtime.step.tp_reads import ReadSplit, shardable
 from sae_runtime.vllm import compat
