@@ -824,3 +824,33 @@ def test_a_step_with_reads_in_a_full_graph_is_refused_and_an_editing_one_is_not(
         state.end_step()
         world.after_step(sched)
         v2.after_step(world, sched)
+
+
+def test_the_workers_report_full_and_piecewise_served_under_v2_and_refused_under_v1():
+    """``runtime_report`` on the real runner classes under vLLM's default mode with our
+    split points: no refusal under V2, a refusal naming the fix under V1; the startup line
+    and ``GetModelInfo`` carry the mode."""
+    from vllm.config.compilation import CompilationConfig, CUDAGraphMode
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner as V1
+
+    from sae_runtime.vllm import compat, engine, worker
+
+    def fake(cls):
+        r = object.__new__(cls)
+        r.device = torch.device("cpu")
+        cc = CompilationConfig(cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE,
+                               splitting_ops=["vllm::unified_attention_with_output",
+                                              *compat.SPLIT_OPS])
+        r.vllm_config = types.SimpleNamespace(
+            compilation_config=cc, speculative_config=None,
+            parallel_config=types.SimpleNamespace(prefill_context_parallel_size=1,
+                                                  use_ubatching=False))
+        return r
+
+    v2, v1 = worker.runtime_report(fake(GPUModelRunner)), worker.runtime_report(fake(V1))
+    assert (v2["cudagraph_mode"], v2["refusals"]) == ("FULL_AND_PIECEWISE", [])
+    assert v1["cudagraph_mode"] == "FULL_AND_PIECEWISE"
+    assert len(v1["refusals"]) == 1 and "VLLM_USE_V2_MODEL_RUNNER=0" in v1["refusals"][0]
+    info = engine.RuntimeInfo.of([v2, v2])
+    assert info.cudagraph_mode == "FULL_AND_PIECEWISE" and info.model_runner == "v2"
+    assert "FULL_AND_PIECEWISE (decode steps that only edit replay full graphs" in info.line()
