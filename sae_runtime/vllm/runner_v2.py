@@ -4,7 +4,7 @@ the step planner.
 V2 has no ``_model_forward`` and no persistent batch; each step's batch is an
 ``InputBatch`` (``vllm/v1/worker/gpu/input_batch.py``) that ``prepare_inputs`` returns, in
 V2's order (``sort_batch_req_ids``: decodes first, then by ascending scheduled-token count).
-The worker wraps three methods of V2's ``GPUModelRunner`` (``worker._patch_runner_class_v2``):
+The worker wraps four methods of V2's ``GPUModelRunner`` (``worker._patch_runner_class_v2``):
 
 - ``add_requests`` (after it): ``RunnerV2.add`` keeps, per new request, what V2 itself
   does not keep: the sampling params (their ``extra_args`` carry the payload), the prompt
