@@ -62,6 +62,11 @@ def cudagraph_mode(runner) -> str:
     return "NONE" if mode is None else mode.name
 
 
+HOOK_OP = "sae_steer::sae_hook"
+ACT_OP = "sae_steer::act_read"  # a raw activation read's copy (a host row count, like reads)
+SPLIT_OPS = (HOOK_OP, ACT_OP)  # split points of piecewise graphs: they run eagerly there
+
+
 def is_full_graph(batch_desc) -> bool:
     """Whether V2 runs this step (its ``BatchExecutionDescriptor``) as a FULL graph replay."""
     from vllm.config.compilation import CUDAGraphMode
@@ -69,29 +74,51 @@ def is_full_graph(batch_desc) -> bool:
     return batch_desc.cg_mode == CUDAGraphMode.FULL
 
 
-def graph_refusals(mode: str) -> list[str]:
-    """Why the hook op cannot run correctly under CUDA graph mode ``mode`` (empty: it can).
+def graph_refusals(mode: str, runner_kind: str, splitting_ops=None) -> list[str]:
+    """Why the SAE ops cannot run correctly under CUDA graph mode ``mode`` with this model
+    runner (``"v1"`` / ``"v2"``) and these ``splitting_ops`` (empty list: they can).
 
-    Full graphs replay the op as captured, without its Python: reads (a row count known
-    only on the host) and host-side skips would be frozen (docs/gpu.md). Breakable CUDA
-    graphs ignore ``splitting_ops`` and capture the op into a segment.
+    A full graph replays the ops as captured, without their Python: edits are captured
+    whole (fixed-shape tables at fixed addresses, filled before the replay), but a step
+    with reads (SAE reads, raw activation reads: row counts known only on the host) must
+    not replay one. Per mode:
+
+    - ``NONE``: every op runs eagerly: fine.
+    - ``PIECEWISE``: fine when both ops are split points (they run eagerly between the
+      captured pieces); a piece that contained them would freeze them.
+    - ``FULL_AND_PIECEWISE`` / ``FULL_DECODE_ONLY``: decode steps replay full graphs, the
+      others run piecewise / eagerly. Under V2 a step with reads is routed out of the full
+      graph (the worker's ``gather_batch_req_state`` wrapper, ``runner_v2.leaves_full_graph``);
+      V1 has no such route, so under V1 these modes are refused (``build_engine`` passes
+      PIECEWISE when ``VLLM_USE_V2_MODEL_RUNNER=0``).
+    - ``FULL``: mixed and prefill steps replay full graphs too, so a step with reads has
+      nowhere to go: refused under both runners.
+
+    Breakable CUDA graphs ignore ``splitting_ops`` and capture the ops into a segment.
     """
     from vllm import envs
     from vllm.config.compilation import CUDAGraphMode
 
     why = []
     m = CUDAGraphMode[mode]
-    if m.has_full_cudagraphs():
-        why.append(f"CUDA graph mode {mode} replays full graphs, which would freeze the "
-                   "SAE hook (build_engine passes PIECEWISE with the hook as a split point)")
-    if m.has_piecewise_cudagraphs() and envs.VLLM_USE_BREAKABLE_CUDAGRAPH:
-        why.append("VLLM_USE_BREAKABLE_CUDAGRAPH=1 captures the SAE hook into graph "
-                   "segments (it ignores splitting_ops); set it to 0")
+    if m.mixed_mode() == CUDAGraphMode.FULL:
+        why.append(f"CUDA graph mode {mode} replays full graphs for mixed and prefill steps "
+                   "too, so a step with SAE or activation reads could not leave them; use "
+                   "FULL_AND_PIECEWISE (vLLM's default) or PIECEWISE")
+    elif m.has_full_cudagraphs() and runner_kind != "v2":
+        why.append(f"CUDA graph mode {mode} replays full graphs for decode steps, and only "
+                   "Model Runner V2 routes steps with reads out of them; under V1 "
+                   "(VLLM_USE_V2_MODEL_RUNNER=0, with which steerd passes PIECEWISE) use "
+                   "cudagraph_mode PIECEWISE")
+    if m.has_piecewise_cudagraphs():
+        if envs.VLLM_USE_BREAKABLE_CUDAGRAPH:
+            why.append("VLLM_USE_BREAKABLE_CUDAGRAPH=1 captures the SAE hook into graph "
+                       "segments (it ignores splitting_ops); set it to 0")
+        missing = [op for op in SPLIT_OPS if op not in (splitting_ops or ())]
+        if missing:
+            why.append(f"piecewise CUDA graphs would capture {', '.join(missing)} into a "
+                       "piece (not in splitting_ops; compat.cuda_compilation_config adds them)")
     return why
-
-
-HOOK_OP = "sae_steer::sae_hook"
-ACT_OP = "sae_steer::act_read"  # a raw activation read's copy (a host row count, like reads)
 
 
 def on_cuda() -> bool:
@@ -115,20 +142,36 @@ def ray_supported() -> bool:
     return bool(current_platform.ray_device_key)
 
 
-def cuda_compilation_config() -> dict:
-    """``compilation_config`` for a CUDA engine with SAE hooks.
+def v2_runner_expected() -> bool:
+    """Whether the engine will build Model Runner V2, as far as the engine side knows before
+    vLLM's config exists: unless ``VLLM_USE_V2_MODEL_RUNNER=0``. vLLM may still fall back
+    to V1 on its own (features V2 lacks); the worker then reports V1 under full graphs and
+    the startup check refuses, naming the variable that fixes it."""
+    from vllm import envs
 
-    vLLM's default CUDA mode (``FULL_AND_PIECEWISE``) captures decode steps in one full
-    CUDA graph, and Python inside a captured graph never runs again: the hook's reads (a
-    row count known only on the host) and its skip of unsteered steps would be frozen. So
-    the hook op joins vLLM's own splitting ops (its default list, taken from vLLM itself) and
-    graphs are piecewise: the pieces between hooks are still captured, the hook runs eagerly
-    between them (its splice is graph-safe anyway, ``sae_runtime.step.tables``).
+    return envs.VLLM_USE_V2_MODEL_RUNNER is not False
+
+
+def cuda_compilation_config(v2: bool) -> dict:
+    """``compilation_config`` for a CUDA engine with SAE hooks (``v2``: Model Runner V2).
+
+    Both ops (``SPLIT_OPS``) join vLLM's own splitting ops (its default list, taken from
+    vLLM itself), so wherever vLLM runs piecewise graphs the ops run eagerly between the
+    captured pieces and do their host-side work (reads, skips of unsteered work).
+
+    V2 keeps vLLM's default ``cudagraph_mode`` (``FULL_AND_PIECEWISE``): decode steps replay
+    full graphs with the ops captured in their fixed-shape form (``tables._capturing``:
+    tables at fixed device addresses, filled before the replay; padded and unsteered rows
+    a masked no-op), and a step with reads is routed to the piecewise graph
+    (``graph_refusals``, ``runner_v2.leaves_full_graph``). V1 cannot route a step, so it
+    gets ``PIECEWISE``: every step runs the ops eagerly.
     """
     probe = CompilationConfig(mode=CompilationMode.VLLM_COMPILE)
     probe.set_splitting_ops_for_v1("allgather_reducescatter")
-    return {"cudagraph_mode": "PIECEWISE",
-            "splitting_ops": [*probe.splitting_ops, HOOK_OP, ACT_OP]}
+    cfg: dict = {"splitting_ops": [*probe.splitting_ops, *SPLIT_OPS]}
+    if not v2:
+        cfg["cudagraph_mode"] = "PIECEWISE"
+    return cfg
 
 
 # ---------------------------------------------------------------- parallel state (workers)

@@ -75,16 +75,16 @@ def engine_args(s: EngineSettings) -> Any:
     """``AsyncEngineArgs`` with the SAE worker extension and its ``AdditionalConfig``: the
     API node's engine and every engine node's are built here alike.
 
-    On CUDA (compiled) with hooks, CUDA graphs are PIECEWISE and the hook op is a split
-    point, so it runs eagerly every step (``compat.cuda_compilation_config``; vLLM's
-    default FULL_AND_PIECEWISE would replay decode steps with the op frozen in, see
-    docs/gpu.md for what keeping full graphs needs). Without hooks vLLM keeps its default.
-    Either model runner (V2, the CUDA default, or V1 with VLLM_USE_V2_MODEL_RUNNER=0) is
-    patched; on CPU vLLM builds V1 and captures no graphs.
+    On CUDA (compiled) with hooks, the SAE ops are split points of vLLM's piecewise graphs
+    (``compat.cuda_compilation_config``). Model Runner V2 (the CUDA default) keeps vLLM's
+    default FULL_AND_PIECEWISE: decode steps that only edit replay full graphs with the ops
+    captured, steps with reads are routed to the piecewise graph (``runner_v2``). V1
+    (``VLLM_USE_V2_MODEL_RUNNER=0``) cannot route a step, so it gets PIECEWISE. Without
+    hooks vLLM keeps its default. On CPU vLLM builds V1 and captures no graphs.
     """
     extra: dict[str, Any] = {}
     if (s.saes or s.act_sites) and not s.enforce_eager and compat.on_cuda():
-        extra["compilation_config"] = compat.cuda_compilation_config()
+        extra["compilation_config"] = compat.cuda_compilation_config(compat.v2_runner_expected())
     return compat.AsyncEngineArgs(
         model=s.model,
         tokenizer=s.model,
@@ -161,6 +161,12 @@ class RuntimeInfo:
         """The startup line (``steerd: runtime: ...``)."""
         graphs = {"NONE": "none (eager or CPU)",
                   "PIECEWISE": "PIECEWISE (the SAE hook runs eagerly between captured pieces)",
+                  "FULL_AND_PIECEWISE": "FULL_AND_PIECEWISE (decode steps that only edit "
+                                        "replay full graphs with the SAE hook captured; "
+                                        "steps with reads run piecewise)",
+                  "FULL_DECODE_ONLY": "FULL_DECODE_ONLY (decode steps that only edit replay "
+                                      "full graphs with the SAE hook captured; the others "
+                                      "run eagerly)",
                   }.get(self.cudagraph_mode, self.cudagraph_mode)
         return (f"device {self.device}, model runner {self.model_runner} "
                 f"({self.runner_class}), CUDA graphs {graphs}")

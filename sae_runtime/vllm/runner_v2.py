@@ -4,7 +4,7 @@ the step planner.
 V2 has no ``_model_forward`` and no persistent batch; each step's batch is an
 ``InputBatch`` (``vllm/v1/worker/gpu/input_batch.py``) that ``prepare_inputs`` returns, in
 V2's order (``sort_batch_req_ids``: decodes first, then by ascending scheduled-token count).
-The worker wraps three methods of V2's ``GPUModelRunner`` (``worker._patch_runner_class_v2``):
+The worker wraps four methods of V2's ``GPUModelRunner`` (``worker._patch_runner_class_v2``):
 
 - ``add_requests`` (after it): ``RunnerV2.add`` keeps, per new request, what V2 itself
   does not keep: the sampling params (their ``extra_args`` carry the payload), the prompt
@@ -21,6 +21,24 @@ The worker wraps three methods of V2's ``GPUModelRunner`` (``worker._patch_runne
   before the model runs in all of them.
 - ``execute_model`` (around it): publishes the reads after the forward and clears the
   tables, as the V1 wrapper of ``_model_forward`` does.
+- ``gather_batch_req_state`` (after it): where V2 computes the step's uniform decode token
+  count, the one input by which its dispatch (``CudaGraphManager.dispatch``, through
+  ``dispatch_cg_and_sync_dp``) picks a FULL decode graph. A step in which a scheduled
+  request reads (``leaves_full_graph``) returns no uniform count, so V2 dispatches it
+  like a mixed step: the piecewise graph under ``FULL_AND_PIECEWISE`` (eager under
+  ``FULL_DECODE_ONLY``), where the ops are split points and run their Python. Under data
+  parallelism the ranks' counts are all-reduced and any disagreement gives none on every
+  rank, so all ranks leave together. TP ranks and PP stages decide alike: they hold the
+  same plans and the same schedule.
+
+Full graphs (``FULL_AND_PIECEWISE``, vLLM's CUDA default, kept): a decode step that only
+edits replays the graph as captured. The captured ops are their fixed-shape bodies
+(``tables._capturing``): they read only the tables, preallocated at fixed device
+addresses, which ``prepare_inputs``' wrapper fills and uploads on the step's stream before
+``run_fullgraph``; rows without an edit (padding, plain requests) are a masked no-op on
+the device, conditions and latches are evaluated and written on the device. Reads need
+the host (their row counts, ``k`` and watch lists vary per step, and the values go to the
+host right after), so their steps leave the full graph.
 
 Token ids (token-id selectors only): a row at a position below the request's
 ``prefill_len`` consumes a prefill token, known on the host; a row at or past it (a
@@ -41,7 +59,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sae_runtime.step.planner import ScheduledRequest, StepDescription
+from sae_runtime.step.planner import RequestPlan, ScheduledRequest, StepDescription
 from sae_runtime.vllm.runner_v1 import DeviceTokens, RequestPlans, TokenReader
 
 
@@ -80,6 +98,24 @@ class RunnerV2:
         self.plans.retain(live)
         for req_id in self.requests.keys() - live:
             del self.requests[req_id]
+
+    def leaves_full_graph(self, batch_req_state, req_states) -> bool:
+        """Whether the step V2's ``gather_batch_req_state`` just gathered has a request
+        that reads at one of its scheduled positions (``reads_in_rows``): such a step must
+        run where the ops run their Python (module doc). ``batch_req_state``: V2's
+        ``BatchReqState`` (``req_ids``, ``num_scheduled_tokens``, ``idx_mapping_np``);
+        ``req_states``: V2's ``RequestState`` (``num_computed_tokens_np``, updated for
+        this step by ``update_requests``, which runs before)."""
+        brs = batch_req_state
+        computed = req_states.num_computed_tokens_np[brs.idx_mapping_np]
+        for req_id, n, c in zip(brs.req_ids, brs.num_scheduled_tokens, computed, strict=True):
+            req = self.requests.get(req_id)
+            if req is None:
+                continue
+            plan = self.plans.get(req_id, req)
+            if (plan.reads or plan.acts) and reads_in_rows(plan, int(c), int(n)):
+                return True
+        return False
 
     def describe(self, input_batch, live: Collection[str]) -> StepDescription:
         """The step ``input_batch`` describes, in the planner's terms. ``live``: the request
@@ -123,6 +159,20 @@ class RunnerV2:
             for a, b in device_rows:
                 tokens[a:b] = dev[a:b]
         return tokens
+
+
+def reads_in_rows(plan: RequestPlan, pos0: int, n: int) -> bool:
+    """Whether ``plan`` reads (SAE reads or raw activation reads) at one of the positions
+    ``[pos0, pos0 + n)``: the rows the planner would give a read segment (its windows'
+    hull, as ``planner._plan_reads`` and ``act_reads.plan_acts`` clip them)."""
+    hi = pos0 + n
+    return any(r.pos_lo < hi and pos0 < r.pos_hi for r in plan.reads) or \
+        any(a.pos_lo < hi and pos0 < a.pos_hi for a in plan.acts)
+
+
+def step_reads(step: StepDescription) -> bool:
+    """Whether a described step reads anywhere (so it must not replay a full graph)."""
+    return any(reads_in_rows(sr.plan, sr.pos0, sr.end - sr.start) for sr in step.requests)
 
 
 def unsupported(vllm_config) -> list[str]:

@@ -41,6 +41,7 @@ CACHED_REQUEST = "vllm.v1.worker.gpu_input_batch:CachedRequestState"
 NEW_REQUEST = "vllm.v1.core.sched.output:NewRequestData"
 SCHED_OUTPUT = "vllm.v1.core.sched.output:SchedulerOutput"
 BATCH_DESC = "vllm.v1.worker.gpu.cudagraph_utils:BatchExecutionDescriptor"
+BATCH_REQ_STATE = "vllm.v1.worker.gpu.model_runner:BatchReqState"
 VLLM_CONFIG = "vllm.config.vllm:VllmConfig"
 MODEL_CONFIG = "vllm.config.model:ModelConfig"
 SCHED_CONFIG = "vllm.config.scheduler:SchedulerConfig"
@@ -203,11 +204,12 @@ SYMBOLS: tuple[Sym, ...] = (
     *_attrs(COMPILATION_CONFIG, "mode", "cudagraph_mode", "splitting_ops",
             "set_splitting_ops_for_v1"),
     *_attrs(COMPILATION_MODE, "VLLM_COMPILE"),
-    *_attrs(GRAPH_MODE, "FULL", "has_full_cudagraphs", "has_piecewise_cudagraphs"),
+    *_attrs(GRAPH_MODE, "FULL", "has_full_cudagraphs", "has_piecewise_cudagraphs",
+            "mixed_mode"),
     *_mod("vllm.utils.torch_utils", "direct_register_custom_op.mutates_args",
           "direct_register_custom_op.fake_impl", "direct_register_custom_op.target_lib",
           kind="param"),
-    *_mod("vllm.envs", "VLLM_USE_BREAKABLE_CUDAGRAPH"),
+    *_mod("vllm.envs", "VLLM_USE_BREAKABLE_CUDAGRAPH", "VLLM_USE_V2_MODEL_RUNNER"),
     *_mod("vllm._custom_ops", "_supports_onednn", "create_onednn_mm", "onednn_mm"),
     *_attrs(PLATFORM, "is_cuda", "is_cpu", "ray_device_key"),
     *_attrs(GROUP, "rank_in_group", "world_size", "all_gather"),
@@ -246,9 +248,12 @@ SYMBOLS: tuple[Sym, ...] = (
     *_attrs(CACHED_REQUEST, "num_prompt_tokens", runner="v1"),
     _typed(CACHED_REQUEST, "sampling_params", SAMPLING_PARAMS, runner="v1"),
     # ---------------------------------------------------------------- V2 runner
-    *_attrs(V2_RUNNER, "add_requests", "prepare_inputs", "execute_model", runner="v2"),
+    *_attrs(V2_RUNNER, "add_requests", "prepare_inputs", "execute_model",
+            "gather_batch_req_state", runner="v2"),
     _typed(V2_RUNNER, "req_states", REQUEST_STATE, runner="v2"),
-    *_attrs(REQUEST_STATE, "req_id_to_index", runner="v2"),
+    *_attrs(REQUEST_STATE, "req_id_to_index", "num_computed_tokens_np", runner="v2"),
+    # what gather_batch_req_state returns, read to route a step with reads out of full graphs
+    *_attrs(BATCH_REQ_STATE, "req_ids", "num_scheduled_tokens", "idx_mapping_np", runner="v2"),
     *_attrs(V2_BATCH, "req_ids", "num_reqs", "num_tokens", "query_start_loc_np",
             "num_computed_tokens_np", "prefill_len_np", "input_ids", runner="v2"),
     *_attrs(BATCH_DESC, "cg_mode", runner="v2"),
@@ -261,6 +266,8 @@ ROOTS: dict[str, tuple[str, ...]] = {
     "runner": RUNNERS,
     "input_batch": (V2_BATCH,),
     "batch_desc": (BATCH_DESC,),
+    "batch_req_state": (BATCH_REQ_STATE,),
+    "req_states": (REQUEST_STATE,),
     "scheduler_output": (SCHED_OUTPUT,),
     "nrd": (NEW_REQUEST,),
     "req": (CACHED_REQUEST,),  # V1's request state (V2Request mirrors its two fields)

@@ -16,9 +16,11 @@ be frozen into the trace or ignored) and wraps the model runner's ``load_model``
   (``sae_runtime.step.planner``, no vLLM) fill every hook's tables in place and upload them
   before each forward; after it, it publishes the reads and clears the tables.
 - Model Runner V2 (the CUDA default): ``add_requests`` keeps each new request's payload,
-  ``prepare_inputs`` describes the step from V2's ``InputBatch`` (``runner_v2``) and fills
-  the tables before any forward path runs, ``execute_model`` publishes the reads and clears
-  the tables.
+  ``gather_batch_req_state`` drops the uniform decode count of a step with reads so V2
+  runs it outside full graphs, ``prepare_inputs`` describes the step from V2's
+  ``InputBatch`` (``runner_v2``) and fills the tables before any forward path runs (a FULL
+  replay reads them as captured), ``execute_model`` publishes the reads and clears the
+  tables.
 
 The tables and the hook's computation are ``sae_runtime.step.tables.HookTables`` (no vLLM in
 there): preallocated once (fixed addresses, sized by the engine's token and sequence
@@ -47,6 +49,7 @@ from sae_runtime.ops import fold_norm_weight
 from sae_runtime.saes.clt import decoder_bytes
 from sae_runtime.spec.activations import parse_hook
 from sae_runtime.spec.budget import TableSizes
+from sae_runtime.step import tables as tables_mod
 from sae_runtime.step.act_reads import ActSegment, ActSite, collect_acts, plan_acts
 from sae_runtime.step.clt_tables import CLTHookTables
 from sae_runtime.step.config import ReadsKeys, check_placement, config_hash, worker_config
@@ -57,7 +60,7 @@ from sae_runtime.vllm import compat
 from sae_runtime.vllm.cpu_rng import patch_cpu_seeded_rewind
 from sae_runtime.vllm.families import LAYER_NAME, block_of, family_of, mlp_norm_affine, supported
 from sae_runtime.vllm.runner_v1 import DeviceTokens, RequestPlans, describe_step
-from sae_runtime.vllm.runner_v2 import RunnerV2, unsupported
+from sae_runtime.vllm.runner_v2 import RunnerV2, step_reads, unsupported
 from sae_runtime.vllm.side_channel import ReadPublisher, pid_exit
 
 log = logging.getLogger("sae_runtime.worker")
@@ -94,12 +97,14 @@ class SteeringState:
         """Fill every hook's tables for the batch V2's ``prepare_inputs`` just built."""
         with compat.gpu_sync_allowed():  # only token-id selectors at decode rows wait
             step = self.v2.describe(input_batch, runner.req_states.req_id_to_index.keys())
-        if step.requests and compat.is_full_graph(batch_desc):
-            # check_hooks refuses engines with FULL graphs, so this is configuration drift:
-            # the replay would run the op as captured (no reads, frozen host decisions).
+        if compat.is_full_graph(batch_desc) and step_reads(step):
+            # The gather_batch_req_state wrapper routes every step with reads out of full
+            # graphs, so this is drift (a V2 dispatch path it does not cover): the replay
+            # would run the ops as captured and the reads would never happen.
             raise RuntimeError(
-                "a steered step was dispatched to a FULL CUDA graph; SAE hooks need the op "
-                "to run outside full graphs (sae_runtime/vllm/compat.cuda_compilation_config)")
+                "a step with SAE or activation reads was dispatched to a FULL CUDA graph; "
+                "reads run only where the ops run eagerly (sae_runtime/vllm/runner_v2.py "
+                "leaves_full_graph)")
         self._plan(step)
 
     def _plan(self, step) -> None:
@@ -180,8 +185,10 @@ def _sae_hook(hidden_states: torch.Tensor, residual: torch.Tensor | None, hook_i
     if shard is None:
         return hook.apply(hidden_states, residual)
     # Sharded site: every TP rank sees the same batch, so the host counts (and with them
-    # this branch) agree on all ranks and the gather is entered by all or none.
-    if hook.n_rows == 0 and hook.n_read == 0:
+    # this branch) agree on all ranks and the gather is entered by all or none. Never in a
+    # capture: a full graph would freeze the skip (and leave out the collective) for
+    # every replay.
+    if hook.n_rows == 0 and hook.n_read == 0 and not tables_mod._capturing(hidden_states):
         return hidden_states.clone()
     full = compat.tp_all_gather(hidden_states.contiguous(), dim=-1)  # [T, n_heads * head_dim]
     return hook.apply(full, None)[:, shard.lo:shard.hi].contiguous()
@@ -343,18 +350,20 @@ def _patch_runner_class(cls: type) -> None:
     cls._sae_patched = True
 
 
-V2_WRAPPED = ("add_requests", "prepare_inputs", "execute_model")
+V2_WRAPPED = ("add_requests", "gather_batch_req_state", "prepare_inputs", "execute_model")
 """Model Runner V2 methods the worker wraps (each carries the ``_sae_wrapper`` mark)."""
 
 
 def _patch_runner_class_v2(cls: type) -> None:
     """Wrap Model Runner V2 (``runner_v2``): ``load_model`` installs the hooks,
-    ``add_requests`` keeps the new requests' payloads, ``prepare_inputs`` fills the tables
-    (before every forward path: FULL replay, piecewise, eager), ``execute_model`` publishes
-    the reads and clears the tables."""
+    ``add_requests`` keeps the new requests' payloads, ``gather_batch_req_state`` drops
+    the uniform decode count of a step with reads (so V2 dispatches it out of full graphs),
+    ``prepare_inputs`` fills the tables (before every forward path: FULL replay, piecewise,
+    eager), ``execute_model`` publishes the reads and clears the tables."""
     if "_sae_patched" in cls.__dict__:
         return
     orig_load, orig_add = cls.load_model, cls.add_requests
+    orig_gather = cls.gather_batch_req_state
     orig_prepare, orig_execute = cls.prepare_inputs, cls.execute_model
 
     @functools.wraps(orig_load)
@@ -368,6 +377,14 @@ def _patch_runner_class_v2(cls: type) -> None:
         if _STATE is not None:
             _STATE.v2.add(scheduler_output)
         return out
+
+    @functools.wraps(orig_gather)
+    def gather_batch_req_state(runner, *args, **kwargs):
+        batch_req_state, uniform = orig_gather(runner, *args, **kwargs)
+        if (_STATE is not None and batch_req_state is not None and uniform is not None
+                and _STATE.v2.leaves_full_graph(batch_req_state, runner.req_states)):
+            return batch_req_state, None
+        return batch_req_state, uniform
 
     @functools.wraps(orig_prepare)
     def prepare_inputs(runner, scheduler_output, batch_req_state, batch_desc, *args, **kwargs):
@@ -388,9 +405,10 @@ def _patch_runner_class_v2(cls: type) -> None:
         finally:
             _STATE.end_step()
 
-    for fn in (add_requests, prepare_inputs, execute_model):
+    for fn in (add_requests, gather_batch_req_state, prepare_inputs, execute_model):
         fn._sae_wrapper = True  # the startup check looks for these marks
     cls.load_model, cls.add_requests = load_model, add_requests
+    cls.gather_batch_req_state = gather_batch_req_state
     cls.prepare_inputs, cls.execute_model = prepare_inputs, execute_model
     cls._sae_patched = True
 
@@ -769,7 +787,9 @@ def runtime_report(runner) -> dict:
     refusals = []
     if runner is not None and kind == "v2":
         refusals += unsupported(runner.vllm_config)
-    refusals += compat.graph_refusals(mode)
+    if runner is not None:
+        cc = runner.vllm_config.compilation_config
+        refusals += compat.graph_refusals(mode, kind, getattr(cc, "splitting_ops", None))
     return {
         "device": dev_type,
         "device_name": torch.cuda.get_device_name(device) if dev_type == "cuda" else "cpu",

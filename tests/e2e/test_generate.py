@@ -182,7 +182,8 @@ def test_list_saes_and_model_info(server):
     assert (info.architecture, info.hidden_size, info.num_layers, info.vocab_size) == ("LlamaForCausalLM", 128, 3, 512)
     assert info.compiled and info.max_model_len == 256 and info.max_interventions == 8
     # what the workers reported: vLLM's CPU build runs Model Runner V1 and captures no CUDA
-    # graphs; on CUDA, V2 (vLLM's default) with piecewise graphs split at the hook
+    # graphs; on CUDA, V2 (vLLM's default) keeps vLLM's FULL_AND_PIECEWISE (steps with reads
+    # routed to the piecewise graph), V1 gets PIECEWISE split at the hook
     from sae_runtime.vllm.engine import on_cpu
 
     if on_cpu():
@@ -190,4 +191,4 @@ def test_list_saes_and_model_info(server):
     else:
         runner = "v1" if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "0" else "v2"
         assert info.device.startswith("cuda (") and info.model_runner == runner
-        assert info.cudagraph_mode == "PIECEWISE"
+        assert info.cudagraph_mode == ("FULL_AND_PIECEWISE" if runner == "v2" else "PIECEWISE")

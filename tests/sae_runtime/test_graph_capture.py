@@ -142,3 +142,52 @@ def test_graph_traced_once_replays_over_changing_tables(arch, is_transcoder, mon
         steered += int(not torch.equal(out, x[0]))
         fired += int((hook.latch_pos[:-1] < POS_INF).any())
     assert steered >= 3 and fired >= 1  # the steps did edit, and the latch did fire
+
+
+def test_sharded_z_site_keeps_its_gather_and_edits_in_a_capture(monkeypatch):
+    """A hook at ``z`` under TP (``worker._sae_hook`` with a ``_Shard``): outside a capture
+    a step with no rows skips the all-gather; a capture (vLLM captures with empty tables)
+    must not freeze that skip, or every replay would leave the edits (and the collective)
+    out. Traced once with empty tables, replayed over filled ones: equal to the hook applied
+    to the gathered ``z``, this rank's columns."""
+    pytest.importorskip("vllm")
+    import types
+
+    from sae_runtime.vllm import worker
+
+    sae = make_sae("jumprelu", False)
+    hook = HookTables(sae, T, MAX_SLOTS, MAX_FEATS, staged=True)
+    twin = HookTables(sae, T, MAX_SLOTS, MAX_FEATS, staged=False)
+    half = D_IN // 2
+    g = torch.Generator().manual_seed(5)
+    other = torch.randn(T, D_IN - half, generator=g)  # the other rank's heads
+    gathers = []
+
+    def gather(x, dim=-1):
+        gathers.append(tuple(x.shape))
+        return torch.cat([x, other], dim=dim)
+
+    monkeypatch.setattr(worker, "_STATE", types.SimpleNamespace(hooks=[hook]))
+    monkeypatch.setitem(worker._SHARDS, 0, worker._Shard(0, half))
+    monkeypatch.setattr(worker.compat, "tp_all_gather", gather)
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    h0 = torch.randn(T, half, generator=g)
+    worker._sae_hook(h0, None, 0)
+    assert gathers == []  # eager, no rows: skipped
+    with monkeypatch.context() as m:
+        m.setattr(tables_mod, "_capturing", lambda t: True)
+        graph = make_fx(lambda h: worker._sae_hook(h, None, 0))(h0)
+    assert gathers == [(T, half)]  # captured
+    rng = np.random.default_rng(4)
+    requests = make_requests(rng)
+    steered = 0
+    for _ in range(4):
+        step = schedule(rng, requests)
+        fill(hook, step)
+        fill(twin, step)
+        h = torch.randn(T, half, generator=g)
+        out = graph(h)
+        want = twin.apply(torch.cat([h, other], dim=-1), None)[:, :half]
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+        steered += int(not torch.equal(out, h))
+    assert steered >= 2

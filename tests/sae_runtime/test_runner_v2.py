@@ -31,6 +31,7 @@ from sae_runtime import ops
 from sae_runtime.spec.interventions import Scope
 from sae_runtime.spec.payloads import (
     EXTRA_ARGS_KEY,
+    ActPayload,
     CondPayload,
     EditPayload,
     ReadPayload,
@@ -83,10 +84,13 @@ PAYLOADS = {
     "d": RequestPayload(rid="d", edits=(EditPayload(1, 13, C, 4.0, GEN),),
                         reads=(ReadPayload(1, 3, (13,), ReadScope.GENERATION.selector),)),
     "e": None,  # plain
+    # a raw activation read of its generated positions (site 0), and an edit
+    "f": RequestPayload(rid="f", edits=(EditPayload(0, 3, A, 1.0, ALL),),
+                        acts=(ActPayload(0, GEN),)),
 }
 PROMPTS = {"a": [10, 11, 12, 13, 14], "b": list(range(100, 110)), "c": [100, 101, 102, 103],
-           "d": list(range(50, 58)), "e": [7, 8, 9]}
-SAMPLE_BASE = {"a": 210, "b": 220, "c": 200, "d": 230, "e": 240}  # k-th sampled token: base + k
+           "d": list(range(50, 58)), "e": [7, 8, 9], "f": [60, 61, 62, 63]}
+SAMPLE_BASE = {"a": 210, "b": 220, "c": 200, "d": 230, "e": 240, "f": 250}  # k-th sampled token: base + k
 
 # Per step: (scheduled tokens per request, in the V1 batch order; requests finished before
 # the step; requests preempted before the step).
@@ -231,7 +235,9 @@ class V2Sim:
             self.rs.num_computed_tokens_np[self.rs.req_id_to_index[r]] = n
         np.minimum(self.rs.num_computed_tokens_np, self.rs.prefill_len.np,
                    out=self.rs.num_computed_prefill_tokens)
-        brs, _ = GPUModelRunner.gather_batch_req_state(self.runner_like, so, dummy_run=False)
+        # the runner class's method as the worker patched it (a pass-through without _STATE)
+        brs, self.uniform = GPUModelRunner.gather_batch_req_state(self.runner_like, so, False)
+        self.brs, self.so = brs, so
         return self._input_batch(brs)
 
     def _input_batch(self, brs) -> InputBatch:
@@ -493,11 +499,17 @@ def test_the_worker_wraps_v2s_step_methods_in_order():
     calls = []
 
     class Runner:
+        req_states = "rs"
+
         def load_model(self):
             calls.append("load")
 
         def add_requests(self, so):
             calls.append("add")
+
+        def gather_batch_req_state(self, so, dummy_run):
+            calls.append("gather")
+            return ("brs", so), 1
 
         def prepare_inputs(self, so, brs, desc, n_loras):
             calls.append("prepare")
@@ -505,13 +517,19 @@ def test_the_worker_wraps_v2s_step_methods_in_order():
 
         def execute_model(self, so, fail=False):
             self.add_requests(so)
+            calls.append(("uniform", self.gather_batch_req_state(so, False)[1]))
             calls.append(("prepared", self.prepare_inputs(so, None, "desc", 0)))
             if fail:
                 raise ValueError("forward failed")
             return "out"
 
+    def route(brs, req_states):
+        calls.append(("route", brs, req_states))
+        return brs[1] == "reads"
+
     state = types.SimpleNamespace(
-        v2=types.SimpleNamespace(add=lambda so: calls.append(("captured", so))),
+        v2=types.SimpleNamespace(add=lambda so: calls.append(("captured", so)),
+                                 leaves_full_graph=route),
         prepare_step_v2=lambda runner, ib, desc: calls.append(("plan", ib, desc)),
         publish_reads=lambda: calls.append("publish"),
         end_step=lambda: calls.append("end"))
@@ -526,8 +544,12 @@ def test_the_worker_wraps_v2s_step_methods_in_order():
         worker._STATE = state
         calls.clear()
         assert r.execute_model("so") == "out"
-        assert calls == ["add", ("captured", "so"), "prepare", ("plan", "ib", "desc"),
+        assert calls == ["add", ("captured", "so"), "gather", ("route", ("brs", "so"), "rs"),
+                         ("uniform", 1), "prepare", ("plan", "ib", "desc"),
                          ("prepared", "ib"), "publish", "end"]
+        calls.clear()
+        r.execute_model("reads")  # a step with reads: no uniform decode count
+        assert ("uniform", None) in calls
         calls.clear()
         with pytest.raises(ValueError):
             r.execute_model("so", fail=True)
@@ -610,3 +632,225 @@ def test_v1_on_a_gpu_reads_token_ids_from_the_device():
     assert gpu.token_ids.tolist() == [100, 101, 102, 201] and calls == [4]
     cpu = describe_step(runner("cpu"), RequestPlans(), reader)
     assert cpu.token_ids is host and calls == [4]
+
+
+# ------------------------------------------------------------------ full CUDA graphs kept (V2)
+
+GRAPH_SIZES = [1, 2, 4, 8, 16, 32]
+
+
+def graph_manager(monkeypatch, mode: str):
+    """V2's own ``CudaGraphManager`` for ``mode``, its candidates built as on a GPU (only
+    the pipeline group, the graph pool and the breakable-graph switch stand in), marked
+    captured so that ``dispatch`` picks graphs."""
+    from vllm.config.compilation import CompilationConfig, CUDAGraphMode
+    from vllm.v1.worker.gpu import cudagraph_utils
+
+    monkeypatch.setattr(cudagraph_utils, "get_pp_group",
+                        lambda: types.SimpleNamespace(is_first_rank=True, is_last_rank=True))
+    monkeypatch.setattr(cudagraph_utils, "current_platform",
+                        types.SimpleNamespace(get_global_graph_pool=lambda: None))
+    monkeypatch.setattr(cudagraph_utils, "is_breakable_cudagraph_enabled", lambda: False)
+    cc = CompilationConfig(cudagraph_mode=mode, cudagraph_capture_sizes=GRAPH_SIZES,
+                           max_cudagraph_capture_size=GRAPH_SIZES[-1])
+    vc = types.SimpleNamespace(
+        scheduler_config=types.SimpleNamespace(max_num_seqs=MAX_REQS), compilation_config=cc,
+        parallel_config=types.SimpleNamespace(tensor_parallel_size=1, data_parallel_size=1),
+        speculative_config=None, cache_config=types.SimpleNamespace(use_kda_recoverssm=False))
+    mgr = cudagraph_utils.CudaGraphManager(vc, torch.device("cpu"), CUDAGraphMode[mode],
+                                           decode_query_len=1)
+    mgr._graphs_captured = True
+    return mgr
+
+
+def dispatch(mgr, so, brs, uniform):
+    """V2's ``execute_model`` from ``gather_batch_req_state`` to the batch descriptor, as
+    it calls ``dispatch_cg_and_sync_dp`` (one DP rank, no LoRA, no micro-batching)."""
+    from vllm.v1.worker.gpu.dp_utils import dispatch_cg_and_sync_dp
+
+    max_query_len = None if brs.has_prefill else max(so.num_scheduled_tokens.values())
+    desc, _ = dispatch_cg_and_sync_dp(mgr, len(so.num_scheduled_tokens), brs.num_tokens,
+                                      uniform, 1, 0, max_query_len=max_query_len,
+                                      uniform_decode=uniform == 1)
+    return desc
+
+
+# (scheduled tokens per request, the graph V2 runs the step in with the worker's wrapper,
+# without it)
+ROUTED = [
+    ({"a": 5, "b": 10, "d": 8, "e": 3, "f": 4}, "PIECEWISE", "PIECEWISE"),  # prefills
+    ({"a": 1, "b": 1, "e": 1}, "FULL", "FULL"),  # decodes that edit (b's prompt read is over)
+    ({"a": 1, "b": 1, "d": 1, "e": 1}, "PIECEWISE", "FULL"),  # d reads its generation
+    ({"a": 1, "e": 1, "f": 1}, "PIECEWISE", "FULL"),  # f's activation read of its generation
+    ({"a": 1, "b": 1, "f": 1, "d": 1, "e": 1}, "PIECEWISE", "FULL"),  # both
+    ({"e": 1, "a": 1, "b": 1}, "FULL", "FULL"),  # plain and steered decodes again
+]
+
+
+def test_v2_runs_a_decode_step_with_reads_piecewise_and_an_editing_one_full(monkeypatch):
+    """Under vLLM's default FULL_AND_PIECEWISE, V2's own ``gather_batch_req_state`` (as the
+    worker wraps it) and its own dispatch over its own graph candidates: a uniform decode
+    step in which a request reads (an SAE read or a raw activation read) runs the piecewise
+    graph, where the ops run their Python; one that only edits (or is plain) replays the
+    FULL graph. Without the wrapper V2 would replay FULL for the steps with reads.
+
+    For the FULL steps, the tables the adapter fills at ``prepare_inputs`` are what the
+    captured body (the op's fixed-shape path, ``tables._capturing``) reads: over the
+    graph's padded rows it gives the eager path's output on the real rows and leaves the
+    padding rows as they are."""
+    from sae_runtime.step import tables as tables_mod
+    from sae_runtime.vllm import worker
+
+    mgr = graph_manager(monkeypatch, "FULL_AND_PIECEWISE")
+    world = Logical()
+    adapter = RunnerV2(RequestPlans())
+    v2 = V2Sim(adapter, monkeypatch)
+    monkeypatch.setattr(worker, "_STATE", types.SimpleNamespace(v2=adapter))
+    unwrapped = GPUModelRunner.gather_batch_req_state.__wrapped__
+    eager_hooks, graph_hooks = _hooks(), _hooks()
+    full_steered = 0
+    for step, (sched, want, want_unwrapped) in enumerate(ROUTED):
+        world.before_step(sched, ())
+        ib = v2.step(world, sched, (), ())
+        desc = dispatch(mgr, v2.so, v2.brs, v2.uniform)
+        _, bare_uniform = unwrapped(v2.runner_like, v2.so, False)
+        bare = dispatch(mgr, v2.so, v2.brs, bare_uniform)
+        assert (desc.cg_mode.name, bare.cg_mode.name) == (want, want_unwrapped), step
+        step_desc = adapter.describe(ib, v2.rs.req_id_to_index.keys())
+        if want == "FULL":
+            T, padded = ib.num_tokens, desc.num_tokens
+            assert padded > T  # the graph's size: padding rows the body must leave alone
+            plan_step(eager_hooks, step_desc)
+            plan_step(graph_hooks, step_desc)
+            h, res = _activations(_rows(ib.req_ids, ib.query_start_loc_np,
+                                        ib.num_computed_tokens_np), T)
+            hp = torch.cat([h, torch.randn(padded - T, D_IN)])
+            rp = torch.cat([res, torch.randn(padded - T, D_IN)])
+            with monkeypatch.context() as m:
+                m.setattr(tables_mod, "_capturing", lambda t: True)
+                captured = [k.apply(hp, rp) for k in graph_hooks]
+            for k, got in zip(eager_hooks, captured, strict=True):
+                want_out = k.apply(h, res)
+                torch.testing.assert_close(got[:T], want_out, atol=1e-4, rtol=1e-4)
+                assert torch.equal(got[T:], hp[T:])
+                full_steered += int(not torch.equal(want_out, h))
+            for k in eager_hooks + graph_hooks:
+                k.clear()
+        world.after_step(sched)
+        v2.after_step(world, sched)
+    assert full_steered >= 2  # the FULL steps did edit
+
+
+@pytest.mark.parametrize("mode", ["NONE", "PIECEWISE", "FULL_DECODE_ONLY",
+                                  "FULL_AND_PIECEWISE", "FULL"])
+def test_graph_refusals_per_mode_match_v2s_dispatch(monkeypatch, mode):
+    """``compat.graph_refusals`` accepts a mode under V2 exactly when V2's own dispatch
+    never gives a step without a uniform decode count (what the wrapper makes of a step
+    with reads: a decode or a mixed step) a FULL graph; under V1, which cannot route a
+    step, only the modes without full graphs. The SAE ops must be split points wherever
+    graphs are piecewise; breakable graphs are refused."""
+    from sae_runtime.vllm import compat
+
+    split = list(compat.SPLIT_OPS)
+    reads_can_be_full = False
+    if mode != "NONE":
+        mgr = graph_manager(monkeypatch, mode)
+        for n in range(1, GRAPH_SIZES[-1] + 1):
+            for max_q in (1, None):  # a decode step with reads, a mixed step
+                so = types.SimpleNamespace(num_scheduled_tokens={i: 1 for i in range(n)})
+                brs = types.SimpleNamespace(has_prefill=max_q is None, num_tokens=n)
+                reads_can_be_full |= compat.is_full_graph(dispatch(mgr, so, brs, None))
+    assert (compat.graph_refusals(mode, "v2", split) == []) == (not reads_can_be_full)
+    v1 = compat.graph_refusals(mode, "v1", split)
+    assert (v1 == []) == (mode in ("NONE", "PIECEWISE")), v1
+    piecewise = mode in ("PIECEWISE", "FULL_AND_PIECEWISE")
+    missing = compat.graph_refusals(mode, "v2", split[:1])
+    assert any(compat.ACT_OP in why for why in missing) == piecewise
+    monkeypatch.setenv("VLLM_USE_BREAKABLE_CUDAGRAPH", "1")  # vllm.envs reads it per access
+    breakable = compat.graph_refusals(mode, "v2", split)
+    assert any("BREAKABLE" in why for why in breakable) == piecewise
+
+
+@pytest.mark.parametrize("v2", [True, False])
+def test_cuda_compilation_config_keeps_vllms_default_mode_under_v2_only(v2):
+    """V2: no ``cudagraph_mode`` (vLLM's default, FULL_AND_PIECEWISE at its default
+    optimisation level, stays); V1: PIECEWISE. Both: the SAE ops join vLLM's own split
+    points (its attention ops), so piecewise graphs run them eagerly."""
+    from vllm.config.compilation import CompilationConfig, CompilationMode
+    from vllm.config.vllm import OPTIMIZATION_LEVEL_TO_CONFIG, VllmConfig
+
+    from sae_runtime.vllm import compat
+
+    cfg = compat.cuda_compilation_config(v2)
+    cc = CompilationConfig(mode=CompilationMode.VLLM_COMPILE, **cfg)
+    cc.set_splitting_ops_for_v1("allgather_reducescatter")
+    assert compat.HOOK_OP in cc.splitting_ops and compat.ACT_OP in cc.splitting_ops
+    assert "vllm::unified_attention_with_output" in cc.splitting_ops
+    if v2:
+        assert cc.cudagraph_mode is None
+        level = VllmConfig.__dataclass_fields__["optimization_level"].default
+        default = OPTIMIZATION_LEVEL_TO_CONFIG[level]["compilation_config"]["cudagraph_mode"]
+        assert default.name == "FULL_AND_PIECEWISE"
+    else:
+        assert cc.cudagraph_mode.name == "PIECEWISE"
+    assert compat.graph_refusals("FULL_AND_PIECEWISE" if v2 else "PIECEWISE",
+                                 "v2" if v2 else "v1", cc.splitting_ops) == []
+
+
+def test_a_step_with_reads_in_a_full_graph_is_refused_and_an_editing_one_is_not(monkeypatch):
+    """``prepare_inputs``' wrapper: a FULL descriptor for a step that only edits plans the
+    tables (the captured body reads them); for a step with reads (drift: the routing was
+    bypassed) it raises rather than serve the reads empty."""
+    from vllm.config.compilation import CUDAGraphMode
+    from vllm.v1.worker.gpu.cudagraph_utils import BatchExecutionDescriptor
+
+    from sae_runtime.vllm import worker
+
+    world = Logical()
+    state = worker.SteeringState(_hooks(), publisher=None)
+    v2 = V2Sim(state.v2, monkeypatch)
+    full = BatchExecutionDescriptor(cg_mode=CUDAGraphMode.FULL, num_tokens=4, num_reqs=4,
+                                    uniform_token_count=1)
+    runner = types.SimpleNamespace(req_states=v2.rs)
+    for sched, want, _ in ROUTED[:3]:
+        world.before_step(sched, ())
+        ib = v2.step(world, sched, (), ())
+        if want == "FULL":
+            state.prepare_step_v2(runner, ib, full)
+            assert state.hooks[0].n_rows > 0  # planned: a's and b's edits
+        elif len(sched) < 5:  # a decode step with reads
+            with pytest.raises(RuntimeError, match="FULL CUDA graph"):
+                state.prepare_step_v2(runner, ib, full)
+        state.end_step()
+        world.after_step(sched)
+        v2.after_step(world, sched)
+
+
+def test_the_workers_report_full_and_piecewise_served_under_v2_and_refused_under_v1():
+    """``runtime_report`` on the real runner classes under vLLM's default mode with our
+    split points: no refusal under V2, a refusal naming the fix under V1; the startup line
+    and ``GetModelInfo`` carry the mode."""
+    from vllm.config.compilation import CompilationConfig, CUDAGraphMode
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner as V1
+
+    from sae_runtime.vllm import compat, engine, worker
+
+    def fake(cls):
+        r = object.__new__(cls)
+        r.device = torch.device("cpu")
+        cc = CompilationConfig(cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE,
+                               splitting_ops=["vllm::unified_attention_with_output",
+                                              *compat.SPLIT_OPS])
+        r.vllm_config = types.SimpleNamespace(
+            compilation_config=cc, speculative_config=None,
+            parallel_config=types.SimpleNamespace(prefill_context_parallel_size=1,
+                                                  use_ubatching=False))
+        return r
+
+    v2, v1 = worker.runtime_report(fake(GPUModelRunner)), worker.runtime_report(fake(V1))
+    assert (v2["cudagraph_mode"], v2["refusals"]) == ("FULL_AND_PIECEWISE", [])
+    assert v1["cudagraph_mode"] == "FULL_AND_PIECEWISE"
+    assert len(v1["refusals"]) == 1 and "VLLM_USE_V2_MODEL_RUNNER=0" in v1["refusals"][0]
+    info = engine.RuntimeInfo.of([v2, v2])
+    assert info.cudagraph_mode == "FULL_AND_PIECEWISE" and info.model_runner == "v2"
+    assert "FULL_AND_PIECEWISE (decode steps that only edit replay full graphs" in info.line()

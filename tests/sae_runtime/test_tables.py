@@ -246,7 +246,7 @@ def test_cuda_engine_keeps_the_hook_out_of_captured_graphs():
     ops and at the hook (a vLLM upgrade that changes either shows up here)."""
     from sae_runtime.vllm import compat, worker
 
-    cfg = compat.cuda_compilation_config()
+    cfg = compat.cuda_compilation_config(v2=False)
     assert hasattr(torch.ops.sae_steer, worker.compat.HOOK_OP.split("::")[1])
     cc = compat.CompilationConfig(mode=compat.CompilationMode.VLLM_COMPILE, **cfg)
     cc.set_splitting_ops_for_v1("allgather_reducescatter")

@@ -76,9 +76,9 @@ def test_a_worker_refusal_is_refused_with_its_reason():
     """What the worker found unsafe (full CUDA graphs, speculative decoding under V2)
     stops the server, with the worker's reason in the message."""
     reps = tp2_pp2()
-    reps[1]["refusals"] = ["CUDA graph mode FULL_AND_PIECEWISE replays full graphs"]
+    reps[1]["refusals"] = ["CUDA graph mode FULL replays full graphs"]
     with pytest.raises(HookPlacementError,
-                       match="tp 1/2, pp 0/2.*FULL_AND_PIECEWISE replays full graphs"):
+                       match="tp 1/2, pp 0/2.*FULL replays full graphs"):
         check_hooks(reps, EXPECTED, world_size=4, reads=True)
 
 
