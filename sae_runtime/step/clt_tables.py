@@ -35,8 +35,10 @@ slot's stash: per slot the top-k (ids offset to flat) and its watched ids, merge
 top-k over all ``L * F`` features; pooled reads (``Encode``) pool the dense flat latents.
 
 CPU (compact) path only: the tables are host memory (``staged`` False) and the row counts
-decide on the host. The server refuses a CLT on CUDA and under tensor or pipeline
-parallelism (``server.startup.check_clt_serving``); the worker refuses too (``install``).
+decide on the host. The server refuses a CLT on CUDA and under pipeline parallelism (the
+carry does not cross stages: ``server.startup.check_clt_serving``); the worker refuses too
+(``install``). Under tensor parallelism every rank holds these tables and computes the same
+edits (replicated MLP input, all-reduced MLP output); only the publishing rank reads.
 """
 
 from __future__ import annotations
