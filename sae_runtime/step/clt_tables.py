@@ -183,23 +183,6 @@ class CLTHookTables(HookTables):
             top_v, at = torch.cat(vals, 1).topk(k, dim=1)
             self.read_out = (top_v, torch.cat(idx, 1).gather(1, at), watch, None)
             return
-        dt = xs[0].dtype
-        vals = torch.empty(n, k, dtype=dt, device=rows.device)
-        idx = torch.empty(n, k, dtype=torch.int64, device=rows.device)
-        watch = torch.empty(n, watch_flat.shape[1], dtype=dt, device=rows.device)
-        psum, pmax = self.pool_sum, self.pool_max
-        for r in (slice(0, self.n_pool), slice(-1, None)):
-            psum[r].zero_()
-            pmax[r].fill_(-float("inf"))
-        pool = self.read_pool[:n]
-        for c0 in range(0, n, self.pool_chunk):
-            c = slice(c0, min(n, c0 + self.pool_chunk))
-            acts = torch.cat([ops.read_latents(self.views[s], xs[s][c], *(t[c] for t in edits[s]))
-                              for s in range(L)], 1)  # [chunk, L * F]
-            if k:
-                vals[c], idx[c] = acts.topk(k, dim=1)
-            watch[c] = acts.gather(1, watch_flat[c])
-            a32 = acts.to(torch.float32)
-            psum.index_add_(0, pool[c], a32)
-            pmax.scatter_reduce_(0, pool[c, None].expand_as(a32), a32, "amax")
-        self.read_out = (vals, idx, watch, (psum[: self.n_pool], pmax[: self.n_pool]))
+        self._pooled_read(n, k, watch_flat, xs[0].dtype, lambda c: torch.cat(
+            [ops.read_latents(self.views[s], xs[s][c], *(t[c] for t in edits[s]))
+             for s in range(L)], 1))  # [chunk, L * F]
