@@ -233,7 +233,8 @@ def test_a_clt_under_tensor_parallel_is_circuit_tracers_intervention_and_encode(
     position and equal circuit-tracer's ``encode``, flat ``slot * F + j``."""
     kind, srv, ref = layout
     if kind not in CLT_LAYOUTS:
-        pytest.skip("PP refuses a CLT at startup (test_clt_serving.py)")
+        pytest.skip("the CLT is served in the TP layouts only (PP refuses it at startup: "
+                    "test_clt_serving.py)")
     root, _ = family_root
     ct = clt_refs.ct_load_clt(root / "clt")
     F = ct.W_enc[0].shape[0]
