@@ -534,11 +534,11 @@ class HookTables:
                      latents: Callable[[slice], torch.Tensor]) -> None:
         """A step with a pooled read: ``latents(c)`` gives the dense, edited latents ``[len(c),
         width]`` of reading rows ``c`` (a slice of ``0..n``), asked for ``pool_chunk`` rows at a
-        time; each chunk gives its rows' top ``k`` and watched values (``watch_idx [n, w]``,
-        kept in ``dtype``)
-        and folds into ``pool_sum`` / ``pool_max`` by each row's pool slot (rows that do not
-        pool fold into the sink row, the last). Sets ``read_out``. Shared by the per-site
-        tables and ``CLTHookTables`` (whose width is every slot's features, flat)."""
+        time; each chunk gives its rows' top ``k`` and watched values (``watch_idx [n, w]``;
+        both kept in ``dtype``) and folds into ``pool_sum`` / ``pool_max`` by each row's pool
+        slot (rows that do not pool fold into the sink row, the last). Sets ``read_out``.
+        Shared by the per-site tables and ``CLTHookTables`` (whose width is every slot's
+        features, flat)."""
         dev = watch_idx.device
         vals = torch.empty(n, k, dtype=dtype, device=dev)
         idx = torch.empty(n, k, dtype=torch.int64, device=dev)
