@@ -3,6 +3,7 @@
 from clients.client import (
     EncodedActivations,
     GenerationResult,
+    LayerFeature,
     SteeringClient,
     ablate,
     absolute_range,
@@ -10,10 +11,12 @@ from clients.client import (
     add,
     clamp,
     conditional,
+    flat_feature,
     generation_range,
     guardrail,
     inline_vector,
     parse_condition,
+    parse_feature,
     parse_range,
     position_range,
     positions,
@@ -28,4 +31,5 @@ from clients.client import (
 __all__ = ["EncodedActivations", "GenerationResult", "SteeringClient", "absolute_range", "ablate",
            "activation_read", "add", "clamp",
            "conditional", "generation_range", "guardrail", "inline_vector", "parse_condition", "parse_range",
-           "position_range", "positions", "prompt_range", "read", "scale", "unpack", "vector", "when"]
+           "position_range", "positions", "prompt_range", "read", "scale", "unpack", "vector", "when",
+           "LayerFeature", "flat_feature", "parse_feature"]

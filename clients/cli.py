@@ -3,6 +3,11 @@
     steer --target localhost:50051 generate --prompt "the ocean" --max-tokens 20 \
         --clamp resid_l1:12=8.0 --json
 
+A feature is its flat index, or for a cross-layer transcoder ``LAYER/J`` (feature J of model
+layer LAYER, as an attribution graph names it: ``--clamp topics_clt:1/19=6``), converted
+to the flat index ``slot * features_per_layer + J`` with the SAE's ``ListSAEs`` entry
+(``resolve_features``).
+
 Values are passed through as typed; the server validates them, so every client gets the
 same rules. On an RPC error the exit status is 1 and stderr shows the status code name
 and the server's message.
@@ -21,6 +26,8 @@ from clients.client import (
     ACT_DTYPES,
     ACT_POOLS,
     FINISH_NAMES,
+    FeatureRef,
+    LayerFeature,
     SteeringClient,
     ablate,
     activation_read,
@@ -32,6 +39,7 @@ from clients.client import (
     guardrail,
     inline_vector,
     parse_condition,
+    parse_feature,
     parse_range,
     positions,
     read,
@@ -41,7 +49,8 @@ from clients.client import (
 
 
 def _edit(kind: str, with_value: bool):
-    """argparse type for ``SAE:FEATURE=VALUE`` (or ``SAE:FEATURE`` without a value)."""
+    """argparse type for ``SAE:FEATURE=VALUE`` (or ``SAE:FEATURE`` without a value);
+    ``FEATURE``: an index or a CLT's ``LAYER/J`` (``parse_feature``)."""
 
     def parse(text: str):
         head, eq, value = text.partition("=")
@@ -53,13 +62,13 @@ def _edit(kind: str, with_value: bool):
         if not colon or not sae:
             raise argparse.ArgumentTypeError(f"--{kind} {text!r}: expected SAE:FEATURE")
         try:
-            feat = int(feature)
+            feat = parse_feature(feature)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"--{kind} {text!r}: {e}") from None
+        try:
             val = float(value) if with_value else 0.0
         except ValueError:
-            raise argparse.ArgumentTypeError(f"--{kind} {text!r}: FEATURE must be an integer "
-                                             "and VALUE a number") from None
-        if feat < 0:
-            raise argparse.ArgumentTypeError(f"--{kind} {text!r}: FEATURE must be >= 0")
+            raise argparse.ArgumentTypeError(f"--{kind} {text!r}: VALUE must be a number") from None
         return (kind, sae, feat, val)
 
     return parse
@@ -81,6 +90,29 @@ def _sae_int(flag: str):
         return sae, v
 
     return parse
+
+
+def _sae_feature_ref(flag: str):
+    """argparse type for ``SAE:FEATURE``, ``FEATURE`` an index or a CLT's ``LAYER/J``."""
+
+    def parse(text: str) -> tuple[str, FeatureRef]:
+        sae, colon, feature = text.rpartition(":")
+        if not colon or not sae:
+            raise argparse.ArgumentTypeError(f"--{flag} {text!r}: expected SAE:FEATURE")
+        try:
+            return sae, parse_feature(feature)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"--{flag} {text!r}: {e}") from None
+
+    return parse
+
+
+def _feature_ref(text: str) -> FeatureRef:
+    """argparse type for a bare ``FEATURE`` (an index or a CLT's ``LAYER/J``)."""
+    try:
+        return parse_feature(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _range(text: str):
@@ -132,14 +164,15 @@ def _feature_line(f) -> str:
     return f"pos {f.position:>4} tok {f.token_id:>6}  {f.sae}: {tops}{watch}"
 
 
-def _sae_feature(text: str) -> tuple[str, int]:
+def _sae_feature(text: str) -> tuple[str, FeatureRef]:
     sae, colon, n = text.rpartition(":")
     try:
-        index = int(n)
+        index = parse_feature(n)
     except ValueError:
         index = -1
-    if not colon or not sae or index < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected SAE:INDEX, e.g. topics_l1:12")
+    if not colon or not sae or index == -1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected SAE:INDEX, e.g. topics_l1:12 (or "
+                                         "SAE:LAYER/J for a cross-layer transcoder)")
     return sae, index
 
 
@@ -234,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", default=None, help="PEM client key (mutual TLS)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="generate text, optionally steered")
+    g = sub.add_parser("generate", help="generate text, optionally steered",
+                       epilog="FEATURE: a feature index, or LAYER/J for feature J of layer LAYER "
+                              "of a cross-layer transcoder (e.g. --clamp topics_clt:1/19=6)")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-ids", type=_ids, help="prompt token ids, e.g. 1,2,3")
@@ -294,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guardrails also watch prompt positions (refuse before generating)")
     g.add_argument("--read", dest="read_topk", action="append", type=_sae_int("read"),
                    metavar="SAE:TOPK", help="stream the TOPK strongest features of SAE per position")
-    g.add_argument("--watch", dest="watch", action="append", type=_sae_int("watch"),
+    g.add_argument("--watch", dest="watch", action="append", type=_sae_feature_ref("watch"),
                    metavar="SAE:FEATURE", help="always report this feature per position (repeatable)")
     g.add_argument("--read-scope", choices=["all", "prompt", "generation"], default=None,
                    help="positions to read (default: all)")
@@ -316,8 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     esrc.add_argument("--prompt-ids", type=_ids, help="prompt token ids, e.g. 1,2,3")
     e.add_argument("--sae", help="SAE id (needed unless --activations is given)")
     e.add_argument("--top-k", type=int, default=0, help="strongest features per position")
-    e.add_argument("--watch", dest="watch_features", action="append", type=int, default=[],
-                   metavar="FEATURE", help="feature always reported (repeatable)")
+    e.add_argument("--watch", dest="watch_features", action="append", type=_feature_ref,
+                   default=[],
+                   metavar="FEATURE", help="feature always reported (repeatable; LAYER/J for a "
+                                           "cross-layer transcoder)")
     _activation_args(e)
     e.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -329,7 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     fs.add_argument("--limit", type=int, default=0, help="most results (server default 10, max 100)")
     fs.add_argument("--json", action="store_true", help="print a JSON list, best match first")
     fshow = fsub.add_parser("show", help="one feature's label, statistics and examples")
-    fshow.add_argument("feature", type=_sae_feature, metavar="SAE:INDEX", help="e.g. topics_l1:12")
+    fshow.add_argument("feature", type=_sae_feature, metavar="SAE:INDEX",
+                       help="e.g. topics_l1:12, or topics_clt:1/19 (a cross-layer transcoder's "
+                            "feature 19 of layer 1)")
     fshow.add_argument("--json", action="store_true", help="print one JSON object")
 
     sub.add_parser("saes", help="list the server's SAEs (JSON)")
@@ -384,11 +423,57 @@ def _activation_lines(msgs) -> list[str]:
             for h, v in values.items()]
 
 
+class _LayerCondition(str):
+    """A ``--when`` / ``--abort-when`` text that names a CLT feature as ``LAYER/J``: parsed
+    again once the client knows the SAE's layers (``resolve_features``)."""
+
+
 def condition_arg(text: str):
+    layered: list[LayerFeature] = []
+
+    def note(_sae: str, feature) -> int:
+        layered.append(feature)
+        return 0
+
     try:
-        return parse_condition(text)
+        cond = parse_condition(text, resolve=note)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    return _LayerCondition(text) if layered else cond
+
+
+def resolve_features(client: SteeringClient, args) -> None:
+    """Replace every ``LAYER/J`` feature of ``args`` (edits, ``--watch``, ``--when``,
+    ``--abort-when``, ``encode --watch``, ``features show``) with its flat index
+    (``SteeringClient.flat_feature``: one ``ListSAEs`` when any is given). Raises
+    ``ValueError`` naming the flag when a feature does not resolve."""
+
+    def flat(flag: str, sae: str, f: FeatureRef) -> int:
+        try:
+            return client.flat_feature(sae, f)
+        except ValueError as e:
+            raise ValueError(f"{flag}: {e}") from None
+
+    def cond(flag: str, c):
+        if not isinstance(c, _LayerCondition):
+            return c
+        return parse_condition(str(c), resolve=lambda sae, f: flat(flag, sae, f))
+
+    if getattr(args, "edits", None):
+        args.edits = [(k, sae, flat(f"--{k}", sae, f), v) for k, sae, f, v in args.edits]
+    if getattr(args, "watch", None):
+        args.watch = [(sae, flat("--watch", sae, f)) for sae, f in args.watch]
+    if getattr(args, "when", None) is not None:
+        args.when = cond("--when", args.when)
+    if getattr(args, "abort_when", None):
+        args.abort_when = [cond("--abort-when", c) for c in args.abort_when]
+    if getattr(args, "watch_features", None):
+        if any(isinstance(f, LayerFeature) for f in args.watch_features) and not args.sae:
+            raise ValueError("--watch LAYER/J needs --sae (the cross-layer transcoder)")
+        args.watch_features = [flat("--watch", args.sae, f) for f in args.watch_features]
+    if getattr(args, "feature", None) is not None:
+        sae, f = args.feature
+        args.feature = (sae, flat("feature", sae, f))
 
 
 def interventions_arg(edits, scope: str | None, at=None, cond=None, latch: bool = False):
@@ -446,6 +531,11 @@ def main(argv: list[str] | None = None) -> int:
         with SteeringClient(args.target, timeout=args.timeout, token=args.token, tls_ca=args.tls_ca,
                             tls_cert=args.tls_cert, tls_key=args.tls_key,
                             admin_token=args.admin_token) as client:
+            try:
+                resolve_features(client, args)
+            except ValueError as e:
+                print(f"steer: {e}", file=sys.stderr)
+                return 2
             if args.command == "generate":
                 return _generate(client, args)
             if args.command == "encode":

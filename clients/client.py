@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal, NamedTuple, Union
 
 import grpc
 import numpy as np
@@ -135,14 +135,78 @@ def when(sae: str, feature: int, op: str, threshold: float) -> pb.FeatureConditi
     return pb.FeatureCondition(sae=sae, feature=feature, op=_OPS[op], threshold=threshold)
 
 
-def parse_condition(text: str) -> pb.FeatureCondition:
-    """``SAE:FEATURE>THRESHOLD`` (or ``<``) -> a FeatureCondition (the CLI's form)."""
+class LayerFeature(NamedTuple):
+    """Feature ``index`` of model layer ``layer`` of a cross-layer transcoder, as an
+    attribution graph names it (written ``L/J``). The server takes one flat index per
+    feature, ``slot * features_per_layer + index`` (``slot``: the layer's position in the
+    CLT's ``SAEInfo.layers``); ``flat_feature`` converts."""
+
+    layer: int
+    index: int
+
+    def __str__(self) -> str:
+        return f"{self.layer}/{self.index}"
+
+
+FeatureRef = Union[int, LayerFeature]
+"""A feature as a user names it: a flat index, or a CLT's ``LayerFeature``."""
+
+
+def parse_feature(text: str) -> FeatureRef:
+    """``J`` (a flat feature index) or ``L/J`` (feature ``J`` of layer ``L`` of a
+    cross-layer transcoder); raises ``ValueError`` on anything else or a negative number."""
+    layer, slash, index = text.strip().rpartition("/")
+    try:
+        j = int(index)
+        lay = int(layer) if slash else 0
+    except ValueError:
+        raise ValueError(f"feature {text!r}: expected an index J or LAYER/J (a cross-layer "
+                         "transcoder's feature J of layer LAYER)") from None
+    if j < 0 or lay < 0:
+        raise ValueError(f"feature {text!r}: numbers must be >= 0")
+    return LayerFeature(lay, j) if slash else j
+
+
+def flat_feature(info: pb.SAEInfo, feature: FeatureRef) -> int:
+    """The flat index the server takes for ``feature`` of the SAE ``info`` describes
+    (``ListSAEs`` / ``GetModelInfo``): an ``int`` as it is; a ``LayerFeature`` ``L/J`` of a
+    cross-layer transcoder is ``slot * features_per_layer + J`` with ``slot`` the position
+    of block ``L`` in ``info.layers``. Raises ``ValueError`` naming the SAE when ``info`` is
+    not a CLT, ``L`` is none of its layers, or ``J`` is not below ``features_per_layer``."""
+    if not isinstance(feature, LayerFeature):
+        return int(feature)
+    layers, F = list(info.layers), info.features_per_layer
+    if not layers or not F:
+        raise ValueError(f"feature {feature} of SAE {info.id!r}: LAYER/J addresses a cross-layer "
+                         f"transcoder's feature, and {info.id!r} is not one (give its index)")
+    if feature.layer not in layers:
+        raise ValueError(f"feature {feature} of SAE {info.id!r}: layer {feature.layer} is not "
+                         f"one of its layers {layers}")
+    if feature.index >= F:
+        raise ValueError(f"feature {feature} of SAE {info.id!r}: index {feature.index} is out of "
+                         f"range (it has {F} features per layer: 0..{F - 1})")
+    return layers.index(feature.layer) * F + feature.index
+
+
+def parse_condition(text: str, resolve: Callable[[str, FeatureRef], int] | None = None
+                    ) -> pb.FeatureCondition:
+    """``SAE:FEATURE>THRESHOLD`` (or ``<``) -> a FeatureCondition (the CLI's form).
+
+    ``FEATURE`` is a flat index or, for a cross-layer transcoder, ``L/J``
+    (``parse_feature``), which needs ``resolve`` (``SteeringClient.flat_feature``)."""
     import re
 
-    m = re.fullmatch(r"\s*([^:<>\s]+):(\d+)\s*([<>])\s*([-+0-9.eE]+|nan|inf)\s*", text)
+    m = re.fullmatch(r"\s*([^:<>\s]+):(\d+(?:/\d+)?)\s*([<>])\s*([-+0-9.eE]+|nan|inf)\s*",
+                     text)
     if m is None:
         raise ValueError(f"expected SAE:FEATURE>THRESHOLD or SAE:FEATURE<THRESHOLD, got {text!r}")
-    return when(m.group(1), int(m.group(2)), m.group(3), float(m.group(4)))
+    feature = parse_feature(m.group(2))
+    if isinstance(feature, LayerFeature):
+        if resolve is None:
+            raise ValueError(f"{text!r}: a LAYER/J feature needs the SAE's layers (pass resolve, "
+                             "e.g. SteeringClient.flat_feature)")
+        feature = resolve(m.group(1), feature)
+    return when(m.group(1), feature, m.group(3), float(m.group(4)))
 
 
 def conditional(iv: pb.Intervention, condition: pb.FeatureCondition, *,
@@ -290,6 +354,7 @@ class SteeringClient:
                 channel = grpc.insecure_channel(target)
         self.channel = channel
         self.stub = pb_grpc.SteeringServiceStub(self.channel)
+        self._sae_infos: dict[str, pb.SAEInfo] | None = None  # ListSAEs, for flat_feature
         self.timeout = timeout
         self.metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.admin_metadata = ((("authorization", f"Bearer {admin_token}"),) if admin_token
@@ -375,6 +440,21 @@ class SteeringClient:
     def list_saes(self) -> list[pb.SAEInfo]:
         return list(self.stub.ListSAEs(pb.ListSAEsRequest(), timeout=self.timeout,
                                        metadata=self.metadata).saes)
+
+    def flat_feature(self, sae: str, feature: FeatureRef) -> int:
+        """The flat index of ``feature`` of ``sae`` (``flat_feature``): an ``int`` as it is;
+        a ``LayerFeature`` (``L/J``, a cross-layer transcoder's feature J of layer L, as an
+        attribution graph names it) converted with the SAE's ``ListSAEs`` entry (fetched
+        once per client). Raises ``ValueError`` for an SAE the server does not serve, a
+        non-CLT SAE, or a layer or index out of range."""
+        if not isinstance(feature, LayerFeature):
+            return int(feature)
+        if self._sae_infos is None:
+            self._sae_infos = {s.id: s for s in self.list_saes()}
+        if sae not in self._sae_infos:
+            raise ValueError(f"feature {feature} of SAE {sae!r}: the server serves no SAE "
+                             f"{sae!r} (it serves {sorted(self._sae_infos)})")
+        return flat_feature(self._sae_infos[sae], feature)
 
     def model_info(self) -> pb.GetModelInfoResponse:
         return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout,

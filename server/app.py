@@ -395,8 +395,7 @@ async def serve(cfg: ServerConfig) -> int:
                 f"({'cpu' if _cpu_platform() else 'this device'}) has no Ray support in this "
                 "vLLM version; use mp (one node) or run on GPUs")
     nodes.check_pp_eager(cfg, _cpu_platform())
-    check_clt_serving(hooks.saes, cpu=_cpu_platform(), tp=cfg.tensor_parallel_size,
-                      pp=cfg.pipeline_parallel_size)
+    check_clt_serving(hooks.saes, cpu=_cpu_platform(), pp=cfg.pipeline_parallel_size)
     check_reads_cap(cfg, hooks)
     metrics = Metrics()
     ports = bind_ports(cfg, auth, metrics)

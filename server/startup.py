@@ -55,11 +55,14 @@ def load_tls(cert: Path | None, key: Path | None,
                            f"{getattr(e, 'strerror', None) or getattr(e, 'reason', None) or e}") from None
 
 
-def check_clt_serving(saes: Mapping, *, cpu: bool, tp: int, pp: int) -> None:
+def check_clt_serving(saes: Mapping, *, cpu: bool, pp: int) -> None:
     """Refuse, before the engine starts, a cross-layer transcoder (``SAEConfig.clt_layers``)
     where its serving path does not exist yet: on CUDA (the Triton / fixed-shape splice has
-    no cross-layer carry) and under tensor or pipeline parallelism (the carry and the slot
-    hooks live in one worker). ``saes``: id -> ``SAEConfig``."""
+    no cross-layer carry) and under pipeline parallelism (the carry of a source slot's edit
+    coefficients is a buffer of one worker: it would have to cross to the stage holding the
+    later slots). Tensor parallelism is served: the MLP input and the all-reduced MLP output
+    are replicated, so every TP rank computes the same carry and edits. ``saes``: id ->
+    ``SAEConfig``."""
     for sid, c in saes.items():
         if not getattr(c, "clt_layers", ()):
             continue
@@ -68,10 +71,12 @@ def check_clt_serving(saes: Mapping, *, cpu: bool, tp: int, pp: int) -> None:
             raise StartupError(f"{what}: CLT serving runs on the CPU path only so far (the CUDA "
                                "kernels have no cross-layer carry); serve it with the CPU build "
                                "of steerd, or drop this --sae")
-        for flag, n in (("--tensor-parallel-size", tp), ("--pipeline-parallel-size", pp)):
-            if n > 1:
-                raise StartupError(f"{what}: not served with {flag} {n} yet (its slot hooks "
-                                   f"and carry live in one worker); use {flag} 1")
+        if pp > 1:
+            raise StartupError(f"{what}: not served with --pipeline-parallel-size {pp} (the "
+                               "carry of a layer's feature edits into every later layer's MLP "
+                               "output is one worker's buffer and does not cross pipeline "
+                               "stages); use --pipeline-parallel-size 1 (tensor parallelism "
+                               "is served)")
 
 
 class HookPlacementError(SteeringError):

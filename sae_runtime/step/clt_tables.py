@@ -35,8 +35,10 @@ slot's stash: per slot the top-k (ids offset to flat) and its watched ids, merge
 top-k over all ``L * F`` features; pooled reads (``Encode``) pool the dense flat latents.
 
 CPU (compact) path only: the tables are host memory (``staged`` False) and the row counts
-decide on the host. The server refuses a CLT on CUDA and under tensor or pipeline
-parallelism (``server.startup.check_clt_serving``); the worker refuses too (``install``).
+decide on the host. The server refuses a CLT on CUDA and under pipeline parallelism (the
+carry does not cross stages: ``server.startup.check_clt_serving``); the worker refuses too
+(``install``). Under tensor parallelism every rank holds these tables and computes the same
+edits (replicated MLP input, all-reduced MLP output); only the publishing rank reads.
 """
 
 from __future__ import annotations
@@ -181,23 +183,6 @@ class CLTHookTables(HookTables):
             top_v, at = torch.cat(vals, 1).topk(k, dim=1)
             self.read_out = (top_v, torch.cat(idx, 1).gather(1, at), watch, None)
             return
-        dt = xs[0].dtype
-        vals = torch.empty(n, k, dtype=dt, device=rows.device)
-        idx = torch.empty(n, k, dtype=torch.int64, device=rows.device)
-        watch = torch.empty(n, watch_flat.shape[1], dtype=dt, device=rows.device)
-        psum, pmax = self.pool_sum, self.pool_max
-        for r in (slice(0, self.n_pool), slice(-1, None)):
-            psum[r].zero_()
-            pmax[r].fill_(-float("inf"))
-        pool = self.read_pool[:n]
-        for c0 in range(0, n, self.pool_chunk):
-            c = slice(c0, min(n, c0 + self.pool_chunk))
-            acts = torch.cat([ops.read_latents(self.views[s], xs[s][c], *(t[c] for t in edits[s]))
-                              for s in range(L)], 1)  # [chunk, L * F]
-            if k:
-                vals[c], idx[c] = acts.topk(k, dim=1)
-            watch[c] = acts.gather(1, watch_flat[c])
-            a32 = acts.to(torch.float32)
-            psum.index_add_(0, pool[c], a32)
-            pmax.scatter_reduce_(0, pool[c, None].expand_as(a32), a32, "amax")
-        self.read_out = (vals, idx, watch, (psum[: self.n_pool], pmax[: self.n_pool]))
+        self._pooled_read(n, k, watch_flat, xs[0].dtype, lambda c: torch.cat(
+            [ops.read_latents(self.views[s], xs[s][c], *(t[c] for t in edits[s]))
+             for s in range(L)], 1))  # [chunk, L * F]

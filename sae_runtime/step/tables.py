@@ -57,6 +57,7 @@ host waits for the previous upload before it writes the host tables again (``cle
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -526,9 +527,22 @@ class HookTables:
             vals, idx, watch = read(x, feat, mode, val, k, watch_idx)
             self.read_out = (vals, idx, watch, None)
             return
-        vals = torch.empty(n, k, dtype=x.dtype, device=x.device)
-        idx = torch.empty(n, k, dtype=torch.int64, device=x.device)
-        watch = torch.empty(n, watch_idx.shape[1], dtype=x.dtype, device=x.device)
+        self._pooled_read(n, k, watch_idx, x.dtype, lambda c: ops.read_latents(
+            self.sae, x[c], feat[c], mode[c], val[c]))
+
+    def _pooled_read(self, n: int, k: int, watch_idx: torch.Tensor, dtype: torch.dtype,
+                     latents: Callable[[slice], torch.Tensor]) -> None:
+        """A step with a pooled read: ``latents(c)`` gives the dense, edited latents ``[len(c),
+        width]`` of reading rows ``c`` (a slice of ``0..n``), asked for ``pool_chunk`` rows at a
+        time; each chunk gives its rows' top ``k`` and watched values (``watch_idx [n, w]``;
+        both kept in ``dtype``) and folds into ``pool_sum`` / ``pool_max`` by each row's pool
+        slot (rows that do not pool fold into the sink row, the last). Sets ``read_out``.
+        Shared by the per-site tables and ``CLTHookTables`` (whose width is every slot's
+        features, flat)."""
+        dev = watch_idx.device
+        vals = torch.empty(n, k, dtype=dtype, device=dev)
+        idx = torch.empty(n, k, dtype=torch.int64, device=dev)
+        watch = torch.empty(n, watch_idx.shape[1], dtype=dtype, device=dev)
         psum, pmax = self.pool_sum, self.pool_max
         for r in (slice(0, self.n_pool), slice(-1, None)):  # this step's pools and the sink
             psum[r].zero_()
@@ -536,7 +550,7 @@ class HookTables:
         pool = self.read_pool[:n]
         for c0 in range(0, n, self.pool_chunk):
             c = slice(c0, min(n, c0 + self.pool_chunk))
-            acts = ops.read_latents(self.sae, x[c], feat[c], mode[c], val[c])  # [chunk, d_sae]
+            acts = latents(c)  # [chunk, width]
             if k:
                 vals[c], idx[c] = acts.topk(k, dim=1)
             watch[c] = acts.gather(1, watch_idx[c])

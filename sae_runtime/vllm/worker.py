@@ -614,17 +614,20 @@ def _install_clt(entry, runner, ranks: dict, layers: dict, device: torch.device,
     """Load the cross-layer transcoder of ``entry`` and build its tables
     (``sae_runtime.step.clt_tables``); returns them and its hook report entry.
 
-    Served on the CPU (compact) path of one worker only: the carry between slots lives in
-    this process's memory and is computed by the compact kernels. The server refuses the
-    other cases at startup (``server.startup.check_clt_serving``); this repeats it so an
-    engine started another way never serves a CLT unsteered."""
+    Served on the CPU (compact) path and one pipeline stage: the carry between slots lives
+    in this process's memory and is computed by the compact kernels. Under tensor
+    parallelism every rank holds the whole CLT and computes the same edits: the MLP input is
+    replicated and the hook sees the MLP output after its all-reduce (as a transcoder's);
+    only the publishing rank (TP rank 0) plans and computes reads (``SteeringState._plan``).
+    The server refuses the other cases at startup (``server.startup.check_clt_serving``);
+    this repeats it so an engine started another way never serves a CLT unsteered."""
     c = clt_hook_config(entry.path)
     check_placement(entry, c)
     why = None
     if device.type != "cpu":
         why = f"the model runs on {device.type}; CLT serving runs on the CPU path only so far"
-    elif ranks["tp_size"] > 1 or ranks["pp_size"] > 1:
-        why = "tensor or pipeline parallelism (CLT serving runs on one worker only so far)"
+    elif ranks["pp_size"] > 1:
+        why = "pipeline parallelism (the carry into later layers does not cross stages)"
     missing = [b for b in c.clt_layers if b not in layers]
     if why is None and missing:
         why = f"the model has no block {missing[0]} on this worker"

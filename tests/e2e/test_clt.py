@@ -12,7 +12,10 @@ MLP inputs, flattened ``slot * F + index``.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -117,3 +120,53 @@ def test_a_condition_on_another_layer_is_refused(default_server, ref):
         c.generate_text([1, 2, 3], interventions=[iv], max_tokens=2)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "interventions[0].when.feature" in e.value.details()
+
+
+def _logprobs(out) -> list[tuple]:
+    return [(e.chosen.token_id, e.chosen.logprob, tuple((t.token_id, t.logprob) for t in e.top))
+            for e in out.logprobs]
+
+
+def test_plain_requests_beside_clt_clamps_are_bit_identical_to_alone(default_server, ref):
+    """One concurrent batch: two plain requests and two CLT-clamped ones (a layer-0 and a
+    layer-1 feature) on the same prompts. The plain ones' tokens and logprobs equal the same
+    requests run alone, bit for bit (the carry and the slot hooks touch only the rows that
+    edit); the clamped ones are steered."""
+    _, tok, _, _, F, labels = ref
+    (j0, v0), (j1, v1) = _ocean(labels, F, 0), _ocean(labels, F, 1)
+    prompts = [tok(t)["input_ids"] for t in (TEXT, "The weather this morning was")]
+    kw = dict(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=3)
+    with default_server.client() as c:
+        alone = [c.generate_text(p, **kw) for p in prompts]
+        with ThreadPoolExecutor(4) as pool:
+            plain = [pool.submit(c.generate_text, p, **kw) for p in prompts]
+            steered = [pool.submit(c.generate_text, p, interventions=[clamp(CLT, j, v)], **kw)
+                       for p, (j, v) in zip(prompts, ((j0, v0), (j1, v1)), strict=True)]
+            plain, steered = [f.result() for f in plain], [f.result() for f in steered]
+    for a, p, s in zip(alone, plain, steered, strict=True):
+        assert p.token_ids == a.token_ids
+        assert len(a.logprobs) == len(a.token_ids) and _logprobs(p) == _logprobs(a)
+        assert s.token_ids != a.token_ids, "a CLT clamp must steer its own request"
+
+
+def test_the_cli_takes_a_feature_as_layer_slash_index(default_server, ref):
+    """``--clamp topics_clt:1/J=V`` (feature J of layer 1, as an attribution graph names it)
+    is the flat feature ``F + J``: the same tokens as the client's clamp of ``F + J``, and
+    ``--watch topics_clt:1/J`` reads it at its clamp value."""
+    _, tok, _, _, F, labels = ref
+    j1, v1 = _ocean(labels, F, 1)
+    prompt = tok(TEXT)["input_ids"]
+    with default_server.client() as c:
+        want = c.generate_text(prompt, max_tokens=8, temperature=0.0,
+                               interventions=[clamp(CLT, j1, v1)])
+    cmd = [sys.executable, "-m", "clients.cli", "--target", default_server.target, "generate",
+           "--prompt-ids", ",".join(map(str, prompt)), "--max-tokens", "8", "--temperature", "0",
+           "--clamp", f"{CLT}:1/{j1 - F}={v1}", "--watch", f"{CLT}:1/{j1 - F}", "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["token_ids"] == want.token_ids
+    assert all(f["watch_values"] == [pytest.approx(v1, rel=1e-5)] for f in out["features"])
+    bad = [*cmd[:6], "--prompt-ids", "1,2", "--clamp", f"topics_l1:1/{j1 - F}=1"]
+    r = subprocess.run(bad, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "is not one (give its index)" in r.stderr, r.stderr

@@ -5,6 +5,9 @@ One real steerd per layout (TP=2, PP=2) on the family Llama with SAEs at every s
 independent HF + sae-lens reference exactly like the single-rank family tests, plus plain
 requests against plain vLLM at the same parallelism, and a steering vector loaded at run
 time (``--runtime-vectors 1``: written on every rank, or on the stage holding block 1).
+Under TP=2 the engine also serves a cross-layer transcoder over blocks 0..2 (``clt``, written
+with circuit-tracer's own classes; PP refuses CLTs at startup), checked against
+circuit-tracer's intervention and encode on HF.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import pytest
 import torch
 
 from clients.client import clamp, read, vector
+from sae_runtime.labels.hf_sites import site_activations
+from tests import clt_refs
 from tests.e2e.conftest import (
     ADMIN_TOKEN,
     MAX_BATCHED_TOKENS,
@@ -30,7 +35,7 @@ from tests.e2e.conftest import (
 )
 from tests.e2e.reference import CLAMP, Edit, HFReference, check_teacher_forced
 from tests.e2e.test_vectors import hf_inline
-from tests.fixtures.tiny import FAMILY_SAES, make_family_set
+from tests.fixtures.tiny import FAMILY_SAES, LAYERS, make_clt, make_family_set
 from tests.vector_files import random_directions
 
 pytestmark = pytest.mark.e2e
@@ -43,12 +48,15 @@ LAYOUTS = {"tp2": ("--tensor-parallel-size", "2"), "pp2": ("--pipeline-parallel-
 # dependency) run in `make test-parallel-extra`.
 EXTRA = {"dp2", "ray_tp2"}
 PARAMS = [pytest.param(k, marks=pytest.mark.parallel_extra) if k in EXTRA else k for k in LAYOUTS]
+CLT = "clt"
+CLT_LAYOUTS = {"tp2", "ray_tp2"}  # the layouts that also serve the CLT (PP refuses it)
 
 
 @pytest.fixture(scope="module")
 def family_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("parallel")
     model = make_family_set(root, "llama")
+    make_clt(root / "clt", model)
     return root, model
 
 
@@ -56,6 +64,7 @@ def family_root(tmp_path_factory):
 def layout(request, family_root, tmp_path_factory):
     root, model = family_root
     sae_dirs = {name: root / "saes" / name for name in SITES}
+    served = {**sae_dirs, CLT: root / "clt"} if request.param in CLT_LAYOUTS else sae_dirs
     log_dir = tmp_path_factory.mktemp(request.param)
     if request.param == "ray_tp2" and not _ray_supported():
         pytest.skip("vLLM 0.32's CPU platform has no Ray executor (ray_device_key is empty); "
@@ -63,7 +72,7 @@ def layout(request, family_root, tmp_path_factory):
     admin = log_dir / "admin-tokens"
     admin.write_text(ADMIN_TOKEN + "\n")
     with ray_head(log_dir) if request.param == "ray_tp2" else contextlib.nullcontext():
-        srv = start_server(model, sae_dirs, log_dir, *LAYOUTS[request.param],
+        srv = start_server(model, served, log_dir, *LAYOUTS[request.param],
                            "--runtime-vectors", "1", "--admin-tokens-file", str(admin))
         ref = HFReference(model, sae_dirs, SITES)
         yield request.param, srv, ref
@@ -120,7 +129,7 @@ def test_startup_reports_every_rank(layout):
     log = srv.log.read_text()
     # Each SAE: on both TP ranks (tp2), or on the one stage that holds its block (pp2).
     installed = [ln for ln in log.splitlines() if " installed on " in ln and "vectors@" not in ln]
-    assert len(installed) == len(SITES), log[-3000:]
+    assert len(installed) == len(SITES) + (kind in CLT_LAYOUTS), log[-3000:]
     # every DP replica reports too: 2 ranks per SAE under dp2, like under tp2
     want = "installed on 1 rank(s)" if kind == "pp2" else "installed on 2 rank(s)"
     assert all(want in ln for ln in installed), installed
@@ -214,3 +223,47 @@ def test_a_vector_loaded_at_run_time_steers_on_every_rank(layout):
     check_teacher_forced(steered, len(prompt), out.token_ids)
     moved = float((steered - hf_inline(ref.model, full, [])).abs().max())
     assert moved > 1.0, f"the vector had no effect ({moved})"
+
+
+@torch.no_grad()
+def test_a_clt_under_tensor_parallel_is_circuit_tracers_intervention_and_encode(layout, family_root):
+    """Both TP ranks hold the CLT and add the same edit to the all-reduced MLP outputs: a
+    clamp of a layer-0 feature is teacher-forced equal to circuit-tracer's intervention on
+    HF (it writes blocks 0, 1 and 2), and reads (TP rank 0 alone publishes) arrive once per
+    position and equal circuit-tracer's ``encode``, flat ``slot * F + j``."""
+    kind, srv, ref = layout
+    if kind not in CLT_LAYOUTS:
+        pytest.skip("the CLT is served in the TP layouts only (PP refuses it at startup: "
+                    "test_clt_serving.py)")
+    root, _ = family_root
+    ct = clt_refs.ct_load_clt(root / "clt")
+    F = ct.W_enc[0].shape[0]
+    prompt = PROMPTS[0]
+    ids = torch.tensor(prompt)
+    xs = torch.stack([site_activations(ref.model, ids[None], s, "mlp_in")[0]
+                      for s in range(LAYERS)])
+    acts0 = ct.encode(xs)[0]  # [T, F] at layer 0
+    j = int(acts0.sum(0).argmax())
+    value = 5.0 * float(acts0[:, j].max())
+    watch = [j, F + 3, 2 * F + 7]
+    with srv.client() as c:
+        out = c.generate_text(prompt, max_tokens=10, temperature=0.0, ignore_eos=True,
+                              interventions=[clamp(CLT, j, value)])
+        plain = c.generate_text(prompt, max_tokens=6, temperature=0.0, ignore_eos=True,
+                                reads=[read(CLT, top_k=5, watch=watch)])
+    full = torch.tensor(prompt + out.token_ids)
+    steered = clt_refs.hf_clt_steered_logits(ref.model, full, ct, [(0, j, value)], LAYERS)
+    check_teacher_forced(steered, len(prompt), out.token_ids)
+    moved = float((steered - ref.logits(prompt + out.token_ids, [], len(prompt))).abs().max())
+    assert moved > 1.0, f"the CLT clamp had no effect ({moved})"
+    full = torch.tensor(prompt + plain.token_ids)
+    xs = torch.stack([site_activations(ref.model, full[None], s, "mlp_in")[0]
+                      for s in range(LAYERS)])
+    flat = ct.encode(xs).permute(1, 0, 2).reshape(len(full), LAYERS * F)  # [T, L * F]
+    seen = [f.position for f in plain.features]
+    assert seen == sorted(set(seen)) and len(seen) == len(full) - 1, seen
+    for f in plain.features:
+        want = flat[f.position]
+        assert list(f.values) == pytest.approx(want.topk(5).values.tolist(), abs=1e-4)
+        assert all(abs(float(want[i]) - v) <= 1e-4 for i, v in zip(f.indices, f.values, strict=True))
+        assert list(f.watch_values) == pytest.approx(want[watch].tolist(), abs=1e-4)

@@ -181,6 +181,39 @@ def test_plain_rows_and_padding_get_nothing_and_reads_are_the_flat_encode(folder
     assert np.allclose(wv[:, 1], 2.5)
 
 
+@torch.no_grad()
+def test_pooled_reads_are_circuit_tracers_flat_latents_summed_and_maxed(folder):
+    """Two pooled reads (``Encode``) and a plain one in one step, folded ``pool_chunk`` rows
+    at a time (the chunk loop ``HookTables`` shares): per pool the sums and maxima over its
+    rows of circuit-tracer's ``encode`` flattened ``slot * F + j``; top-k and watch values
+    per row as well."""
+    clt, ct = load_clt(folder), clt_refs.ct_load_clt(folder)
+    g = torch.Generator().manual_seed(8)
+    T, d = 20, clt.cfg.d_in
+    xs = torch.randn(LAYERS, T, d, generator=g)
+    tables = _tables(clt)
+    tables.pool_chunk = 3
+    tables.clear()
+    segs = [tables.add_read_rows(0, 7, 3, (3, F + 5), pooled=True),
+            tables.add_read_rows(7, 10, 2, (), pooled=False),
+            tables.add_read_rows(10, 20, 4, (2 * F + 1,), pooled=True)]
+    assert [p for _, p in segs] == [0, -1, 1]
+    for s in range(LAYERS):
+        tables.stash_slot(xs[s], s)
+        tables.apply_slot(xs[s], s)
+    vals, _, watch, (psum, pmax) = tables.read_out_host()
+    flat = ct.encode(xs).permute(1, 0, 2).reshape(T, LAYERS * F)  # [T, L * F]
+    for (off, pool), (lo, hi), k, w in zip(segs, [(0, 7), (7, 10), (10, 20)], [3, 2, 4],
+                                           [[3, F + 5], [], [2 * F + 1]], strict=True):
+        dense = flat[lo:hi]
+        sl = slice(off, off + hi - lo)
+        torch.testing.assert_close(vals[sl, :k], dense.topk(k, dim=1).values, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(watch[sl, : len(w)], dense[:, w], atol=1e-5, rtol=1e-5)
+        if pool >= 0:
+            torch.testing.assert_close(psum[pool], dense.sum(0), atol=1e-4, rtol=1e-5)
+            torch.testing.assert_close(pmax[pool], dense.max(0).values, atol=1e-5, rtol=1e-5)
+
+
 def test_a_clt_folder_is_one_hook_with_flat_features(folder, tmp_path, model_dir):
     c = load_hook_config(folder)
     assert (c.d_sae, c.clt_layers, c.features_per_layer, c.layer, c.site, c.input_site) == (
@@ -193,18 +226,17 @@ def test_a_clt_folder_is_one_hook_with_flat_features(folder, tmp_path, model_dir
         clt_hook_config(mid)
 
 
-def test_startup_refuses_a_clt_on_cuda_and_under_tp_or_pp(folder):
+def test_startup_refuses_a_clt_on_cuda_and_under_pp(folder):
     from server.app import Hooks
     from server.startup import StartupError, check_clt_serving
 
     saes = Hooks({"clt": load_hook_config(folder)}).saes
-    check_clt_serving(saes, cpu=True, tp=1, pp=1)  # served
+    check_clt_serving(saes, cpu=True, pp=1)  # served (at any TP size: test_parallel.py)
     with pytest.raises(StartupError, match=r"--sae clt: .*CPU path only so far"):
-        check_clt_serving(saes, cpu=False, tp=1, pp=1)
-    with pytest.raises(StartupError, match=r"--sae clt: .*--tensor-parallel-size 2"):
-        check_clt_serving(saes, cpu=True, tp=2, pp=1)
-    with pytest.raises(StartupError, match=r"--sae clt: .*--pipeline-parallel-size 2"):
-        check_clt_serving(saes, cpu=True, tp=1, pp=2)
+        check_clt_serving(saes, cpu=False, pp=1)
+    with pytest.raises(StartupError, match=r"--sae clt: .*--pipeline-parallel-size 2 .*does "
+                                           r"not cross pipeline stages"):
+        check_clt_serving(saes, cpu=True, pp=2)
 
 
 def test_a_condition_reads_the_edited_features_own_layer(folder):
