@@ -20,6 +20,7 @@ from clients.client import (
     prompt_range,
     read,
     scale,
+    trained_json,
     unpack,
     vector,
     when,
@@ -28,4 +29,4 @@ from clients.client import (
 __all__ = ["EncodedActivations", "GenerationResult", "SteeringClient", "absolute_range", "ablate",
            "activation_read", "add", "clamp",
            "conditional", "generation_range", "guardrail", "inline_vector", "parse_condition", "parse_range",
-           "position_range", "positions", "prompt_range", "read", "scale", "unpack", "vector", "when"]
+           "position_range", "positions", "prompt_range", "read", "scale", "trained_json", "unpack", "vector", "when"]
