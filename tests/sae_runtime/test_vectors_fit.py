@@ -93,16 +93,16 @@ def test_separation_on_separable_data_and_the_holdout_split():
 
 
 def test_held_out_accuracy_is_scored_on_examples_the_fit_did_not_see():
-    # The held-out examples (4, 9, 14, 19) carry the opposite label's offset: a fit that saw
-    # them would still call them right on the training threshold; the held-out score must not.
-    g = np.random.default_rng(6)
-    e0 = np.eye(D)[0]
-    pos, neg = g.normal(0, 0.1, (20, D)) + e0, g.normal(0, 0.1, (20, D)) - e0
+    # Training examples separate along e0; the held-out ones (4, 9, 14, 19) lie the other
+    # way on e0 but far apart on e1. A fit that saw them would lean to e1 and call them
+    # right; one that did not (the contract) calls every one of them wrong.
+    e0, e1 = np.eye(D)[0], np.eye(D)[1]
+    pos, neg = np.tile(e0, (20, 1)), np.tile(-e0, (20, 1))
     held = holdout_mask(20)
-    pos[held], neg[held] = pos[held] - 2 * e0, neg[held] + 2 * e0
-    s = separation(fit(pos, neg, Method.MEAN_DIFF), pos, neg, Method.MEAN_DIFF)
-    assert s.held_out == 8 and s.held_out_accuracy == 0.0
-    assert s.accuracy == pytest.approx(32 / 40)
+    pos[held], neg[held] = -0.5 * e0 + 10 * e1, 0.5 * e0 - 10 * e1
+    for method in Method:
+        s = separation(fit(pos, neg, method), pos, neg, method)
+        assert s.held_out == 8 and s.held_out_accuracy == 0.0, method
 
 
 def test_too_few_to_hold_out():
