@@ -94,3 +94,17 @@ def test_training_needs_an_ordinary_token_and_registering_an_admin_one():
     Auth().check_call("", admin=False)  # auth off: anyone may train
     with pytest.raises(PermissionDeniedError):
         Auth().check_call("", admin=True)  # no admin tokens: registering is off
+
+
+def test_an_encode_pass_error_names_the_train_field():
+    from server.core.service import _train_field
+
+    fields = ["positive[2]", "negative[0]"]
+
+    def f(field):
+        return _train_field(InvalidRequestError(field, "x"), fields).field
+
+    assert f("inputs[1].token_ids[3]") == "negative[0].token_ids[3]"
+    assert f("inputs[0]") == "positive[2]"
+    assert f("activation_reads[1].positions.ranges[0]") == "positions.ranges[0]"
+    assert f("activation_reads[2]") == "layers[2]"
