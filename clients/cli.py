@@ -336,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("saes", help="list the server's SAEs (JSON)")
     sub.add_parser("info", help="describe the served model (JSON)")
 
-    vp = sub.add_parser("vectors", help="list, load and unload steering vectors")
+    vp = sub.add_parser("vectors", help="list, load, unload, save and train steering vectors")
     vsub = vp.add_subparsers(dest="vectors_command", required=True)
     vsub.add_parser("list", help="the vectors requests may name (JSON)")
     vl = vsub.add_parser("load", help="load a vector at run time (admin; --admin-token)")
