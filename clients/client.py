@@ -335,7 +335,7 @@ class SteeringClient:
     """Blocking client. ``with SteeringClient("localhost:50051") as c: c.generate_text("hi")``.
 
     ``token`` is sent as ``authorization: Bearer <token>``; ``admin_token`` instead of it
-    on admin calls (``load_vector``, ``unload_vector``: the server takes only its
+    on admin calls (``load_vector``, ``unload_vector``, ``train_vector(register=True)``: the server takes only its
     ``--admin-tokens-file`` tokens there). ``tls_ca`` (PEM bytes or a path) switches to TLS;
     add ``tls_cert``/``tls_key`` for mutual TLS.
     """
@@ -491,6 +491,29 @@ class SteeringClient:
         return self.stub.ExportVector(pb.ExportVectorRequest(name=name), timeout=self.timeout,
                                       metadata=self.metadata).gguf
 
+    def train_vector(self, name: str, positive: Sequence[PromptLike],
+                     negative: Sequence[PromptLike], layers: Sequence[int], *,
+                     method: str = "mean_diff", position: str = "last",
+                     positions: pb.PositionSelector | None = None, normalize: bool = False,
+                     register: bool = False,
+                     metadata: Mapping[str, str] | None = None) -> pb.TrainVectorResponse:
+        """Fit a steering vector from contrastive prompts on the server's own activations
+        at ``blocks.L.hook_resid_post`` of each of ``layers``: ``method`` "mean_diff" (CAA)
+        or "pca" (repeng's, pairs), each prompt's ``position`` "last" or "mean" over
+        ``positions``. With ``register`` (admin: sent with ``admin_token``) the server
+        loads it as a runtime vector named ``name``. ``trained_json`` turns the answer
+        into ``{"name", "vectors", "stats"}``."""
+        req = pb.TrainVectorRequest(
+            name=name, positive=[_prompt(p) for p in positive],
+            negative=[_prompt(p) for p in negative], layers=[int(x) for x in layers],
+            method=pb.VectorMethod.Value(f"VECTOR_METHOD_{method.upper()}"),
+            position=pb.TrainPosition.Value(f"TRAIN_POSITION_{position.upper()}"),
+            normalize=normalize, register=register, metadata=dict(metadata or {}))
+        if positions is not None:
+            req.positions.CopyFrom(positions)
+        return self.stub.TrainVector(req, timeout=self.timeout,
+                                     metadata=self.admin_metadata if register else self.metadata)
+
     def unload_vector(self, name: str) -> pb.VectorInfo:
         """Unload a runtime-loaded vector (admin): new requests may no longer name it;
         running ones keep it to their end."""
@@ -502,6 +525,27 @@ class SteeringClient:
         stub = health_pb2_grpc.HealthStub(self.channel)
         resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
+def trained_json(r: pb.TrainVectorResponse) -> dict:
+    """A ``TrainVector`` answer as ``POST /v1/vectors/train`` shapes it: ``{"name",
+    "vectors": {"<layer>": [floats]}, "stats": {"<layer>": {...}}, "vector"}`` (a NaN
+    held-out accuracy, when nothing was held out, is None)."""
+    import math
+
+    return {
+        "name": r.name,
+        "vectors": {str(lv.layer): list(lv.values) for lv in r.layers},
+        "stats": {str(s.layer): {"mean_positive": s.mean_positive,
+                                 "mean_negative": s.mean_negative, "accuracy": s.accuracy,
+                                 "held_out_accuracy": (s.held_out_accuracy
+                                                       if math.isfinite(s.held_out_accuracy)
+                                                       else None),
+                                 "held_out": s.held_out} for s in r.stats},
+        "vector": ({"name": r.vector.name, "layers": list(r.vector.layers),
+                    "runtime": r.vector.runtime, "metadata": dict(r.vector.metadata)}
+                   if r.HasField("vector") else None),
+    }
 
 
 def _pem(x: bytes | str | None) -> bytes | None:

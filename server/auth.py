@@ -22,6 +22,11 @@ from server.core.types import ANONYMOUS, Caller
 ADMIN_METHODS = ("LoadVector", "UnloadVector")
 """Calls only admin tokens may make (``Auth.check_admin``); ordinary tokens are refused
 there, and admin tokens are not ordinary tokens."""
+MIXED_METHODS = ("TrainVector",)
+"""Calls whose token depends on the request (``Auth.check_call``): ``TrainVector`` with
+``register`` loads a vector, an admin call; without it, it only reads activations (what
+``Encode`` reveals), an ordinary one. The doors let them through their token check and
+the method checks."""
 
 
 class AuthConfigError(SteeringError):
@@ -109,6 +114,15 @@ class Auth:
         if not bearer_ok(authorization, list(self.admin)):
             raise UnauthenticatedError("admin calls need an admin bearer token (send "
                                        "'authorization: Bearer <admin token>')")
+
+    def check_call(self, authorization: str, admin: bool) -> None:
+        """``check_admin`` for an admin call, else the ordinary check (UNAUTHENTICATED): for
+        ``MIXED_METHODS``, which the doors' own token checks let through."""
+        if admin:
+            self.check_admin(authorization)
+        elif not self.ok(authorization):
+            raise UnauthenticatedError("missing or invalid bearer token (send "
+                                       "'authorization: Bearer <token>')")
 
     def ok(self, authorization: str) -> bool:
         return not self.tokens or bearer_ok(authorization, list(self.tokens))

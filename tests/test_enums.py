@@ -12,7 +12,8 @@ from sae_runtime.spec.activations import ActDtype, ActPool
 from sae_runtime.spec.interventions import Scope
 from sae_runtime.spec.reads import ReadScope
 from sae_runtime.spec.selectors import Frame
-from server.core.types import FinishReason
+from sae_runtime.training.vectors_fit import Method
+from server.core.types import FinishReason, TrainPosition
 from server.http import names
 from steering.v1 import steering_pb2 as pb
 
@@ -27,6 +28,8 @@ PAIRS = [
     (Site, "HookSite", "HOOK_SITE_", None),
     (ActPool, "ActivationPool", "ACTIVATION_POOL_", None),
     (ActDtype, "ActivationDtype", "ACTIVATION_DTYPE_", None),
+    (Method, "VectorMethod", "VECTOR_METHOD_", None),
+    (TrainPosition, "TrainPosition", "TRAIN_POSITION_", None),
 ]
 
 

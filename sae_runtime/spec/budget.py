@@ -280,3 +280,40 @@ def check_request(spec: SteeringSpec, reads: ReadSpec, guards: GuardSpec,
             raise InvalidRequestError("abort_when", f"the guardrails on {sae!r} watch "
                                       f"{n.watch[sae]} features; at most {ww}")
     return n
+
+
+MAX_TRAIN_PROMPTS = 256
+"""Prompts on each side (positive, negative) of one ``TrainVector`` call; each is one input
+of the call's Encode passes (``max_encode_inputs`` at a time)."""
+MAX_TRAIN_LAYERS = 8
+"""Layers one ``TrainVector`` call fits; each is one activation read of its Encode passes,
+so at most ``--max-activation-reads`` too."""
+
+
+def check_train(n_pos: int, n_neg: int, layers: Sequence[int], *, paired: bool,
+                max_reads: int) -> None:
+    """Refuse a ``TrainVector`` call past the caps (module doc), naming the field: at least
+    one and at most ``MAX_TRAIN_PROMPTS`` prompts a side, as many on each side when
+    ``paired`` (PCA), at least one and at most ``min(MAX_TRAIN_LAYERS, max_reads)`` layers,
+    none twice."""
+    for name, n in (("positive", n_pos), ("negative", n_neg)):
+        if not n:
+            raise InvalidRequestError(name, "give at least one prompt")
+        if n > MAX_TRAIN_PROMPTS:
+            raise InvalidRequestError(name, f"{n} prompts given; the server allows at most "
+                                      f"{MAX_TRAIN_PROMPTS} per side")
+    if paired and n_pos != n_neg:
+        raise InvalidRequestError("negative", f"PCA takes pairs (positive[i] with negative[i]): "
+                                  f"{n_pos} positives, {n_neg} negatives")
+    cap = min(MAX_TRAIN_LAYERS, max_reads)
+    if not layers:
+        raise InvalidRequestError("layers", "give at least one layer")
+    if len(layers) > cap:
+        raise InvalidRequestError("layers", f"{len(layers)} layers given; the server allows at "
+                                  f"most {cap} per call (one activation read each; steerd "
+                                  "serve --max-activation-reads)")
+    seen: set[int] = set()
+    for j, layer in enumerate(layers):
+        if layer in seen:
+            raise InvalidRequestError(f"layers[{j}]", f"layer {layer} is given twice")
+        seen.add(layer)

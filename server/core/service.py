@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import uuid
 from collections import Counter
@@ -43,11 +44,13 @@ from sae_runtime.loading.vectors import (
     write_vector_gguf,
 )
 from sae_runtime.saes.base import SAEConfig, Site
-from sae_runtime.spec.activations import NO_SITES, ActivationRead, DeclaredSites
+from sae_runtime.spec import budget
+from sae_runtime.spec.activations import NO_SITES, ActivationRead, ActPool, DeclaredSites
 from sae_runtime.spec.activations import to_payload as act_payload
 from sae_runtime.spec.interventions import SteeringSpec
 from sae_runtime.spec.reads import ReadSpec
 from sae_runtime.spec.vectors import VectorIndex
+from sae_runtime.training import vectors_fit
 from sae_runtime.vllm import engine as eng
 from server.core import prompts, validate
 from server.core.feed import READ_WAIT_S, ReadFeed, pooled
@@ -68,11 +71,22 @@ from server.core.types import (
     ModelInfo,
     PositionLogprobs,
     SAEInfo,
+    TrainedLayer,
+    TrainPosition,
+    TrainVectorRequest,
+    TrainVectorResult,
     Usage,
     VectorInfo,
 )
 from server.core.validate import Generation, Limits
-from server.core.vectors import MAX_METADATA, MAX_METADATA_LEN, Loaded, RuntimeVectors, tag_of
+from server.core.vectors import (
+    MAX_METADATA,
+    MAX_METADATA_LEN,
+    MAX_NAME_LEN,
+    Loaded,
+    RuntimeVectors,
+    tag_of,
+)
 
 log = logging.getLogger("steerd")
 
@@ -740,6 +754,98 @@ class Core:
         info = self._info(live) if live is not None else VectorInfo(name, tuple(sorted(values)))
         return data, info
 
+    async def train_vector(self, req: TrainVectorRequest,
+                           caller: Caller = ANONYMOUS) -> TrainVectorResult:
+        """Fit a steering vector from contrastive prompts on this engine's own activations
+        (``sae_runtime.training.vectors_fit``), and with ``register`` load it as a runtime
+        vector (``load_vector``) so the next request can name it.
+
+        Each prompt's activation at ``blocks.L.hook_resid_post`` (the output of block L,
+        the ``--vector`` convention) of every requested layer, pooled LAST or MEAN over
+        ``positions``, comes from ``Encode`` passes of ``max_encode_inputs`` prompts with
+        one activation read per layer. Errors name the request's fields (``positive[3]``,
+        ``layers[1]``); a layer whose site is not declared (``--activation-hooks``) or, with
+        ``register``, that takes no runtime vectors (``--runtime-vectors``) is refused
+        before any pass runs."""
+        self.check_engine()
+        try:
+            method = vectors_fit.Method(req.method)
+        except ValueError:
+            raise InvalidRequestError("method", f"{req.method}: MEAN_DIFF or PCA") from None
+        if req.position not in TrainPosition.__members__.values():
+            raise InvalidRequestError("position", f"{req.position}: LAST or MEAN")
+        if req.register:
+            self.runtime.check_name(req.name)
+        elif len(req.name) > MAX_NAME_LEN:
+            raise InvalidRequestError("name", f"at most {MAX_NAME_LEN} characters")
+        budget.check_train(len(req.positive), len(req.negative), req.layers,
+                           paired=method is vectors_fit.Method.PCA,
+                           max_reads=self.limits.max_activation_reads)
+        n_layers = self.engine.model_config.get_total_num_hidden_layers()
+        hooks = []
+        for j, layer in enumerate(req.layers):
+            if not 0 <= layer < n_layers:
+                raise InvalidRequestError(f"layers[{j}]", f"block {layer}; the model has "
+                                          f"blocks 0..{n_layers - 1}")
+            hook = f"blocks.{layer}.hook_resid_post"
+            if hook not in self.sites.names:
+                declared = ", ".join(self.sites.globs) or "none"
+                raise InvalidRequestError(f"layers[{j}]", f"{hook} is not readable on this "
+                                          f"server (steerd serve --activation-hooks; "
+                                          f"declared: {declared})")
+            if req.register and layer not in self.runtime.layers:
+                raise InvalidRequestError(f"layers[{j}]", f"block {layer} takes no runtime "
+                                          f"vectors, so the vector cannot be registered; "
+                                          f"blocks that do: {list(self.runtime.layers)} "
+                                          "(steerd serve --runtime-vectors)")
+            hooks.append(hook)
+        if req.positions is not None:
+            req.positions.validate("positions", self.limits.vocab_size)
+        pool = ActPool.MEAN if req.position is TrainPosition.MEAN else ActPool.LAST
+        acts = tuple(ActivationRead(h, req.positions, pool) for h in hooks)
+        fields = [f"positive[{i}]" for i in range(len(req.positive))] + \
+            [f"negative[{i}]" for i in range(len(req.negative))]
+        prompts_ = [*req.positive, *req.negative]
+        rows: list[list[np.ndarray]] = []  # per prompt, per layer: [d]
+        step = max(1, self.limits.max_encode_inputs)
+        for lo in range(0, len(prompts_), step):
+            part = tuple(prompts_[lo:lo + step])
+            try:
+                results = await self.encode(EncodeRequest(part, (), acts), caller)
+            except InvalidRequestError as e:
+                raise _train_field(e, fields[lo:]) from None
+            for j, r in enumerate(results):
+                if any(a.values.shape[0] != 1 for a in r.activations):
+                    raise InvalidRequestError(fields[lo + j], f"the positions select none of "
+                                              f"its {len(r.token_ids)} tokens")
+                rows.append([a.values[0] for a in r.activations])
+        n_pos = len(req.positive)
+        out = []
+        for k, layer in enumerate(req.layers):
+            h = np.stack([r[k] for r in rows]).astype(np.float64)  # [n_pos + n_neg, d]
+            pos, neg = h[:n_pos], h[n_pos:]
+            v, sep = await asyncio.to_thread(self._fit, pos, neg, method, req.normalize)
+            out.append(TrainedLayer(layer, v, sep.mean_positive, sep.mean_negative,
+                                    sep.accuracy, sep.held_out_accuracy, sep.held_out))
+        log.info("trained vector %r (%s, %s) at blocks %s from %d+%d prompts; held-out "
+                 "accuracy %s", req.name, method.name, req.position.name, list(req.layers),
+                 n_pos, len(req.negative), [round(t.held_out_accuracy, 3) for t in out])
+        info = None
+        if req.register:
+            meta = {"method": method.name.lower(), "position": req.position.name.lower(),
+                    "trained_from": f"{n_pos} positive, {len(req.negative)} negative prompts",
+                    **dict(req.metadata)}
+            info = await self.load_vector(LoadVectorRequest(
+                req.name, tuple((t.layer, t.values) for t in out),
+                metadata=tuple(sorted(meta.items()))))
+        return TrainVectorResult(req.name, tuple(out), info)
+
+    @staticmethod
+    def _fit(pos: np.ndarray, neg: np.ndarray, method: vectors_fit.Method,
+             normalize: bool) -> tuple[np.ndarray, vectors_fit.Separation]:
+        v = vectors_fit.fit(pos, neg, method, normalize)
+        return v, vectors_fit.separation(v, pos, neg, method, normalize)
+
     @staticmethod
     def _info(v: Loaded) -> VectorInfo:
         return VectorInfo(v.name, tuple(sorted(v.rows)), True, tuple(sorted(v.metadata.items())))
@@ -795,6 +901,20 @@ class Core:
                                           f"{what}values must be finite")
             values[k] = v
         return values, {**meta, **dict(req.metadata)}, field
+
+
+def _train_field(e: InvalidRequestError, fields: list[str]) -> InvalidRequestError:
+    """An Encode pass's error with ``TrainVector``'s field: ``inputs[j]`` is the j-th prompt
+    of the pass (``fields``), ``activation_reads[k].positions`` is ``positions``,
+    ``activation_reads[k]`` the k-th layer."""
+    f = e.field
+    m = re.match(r"inputs\[(\d+)\](.*)", f)
+    if m:
+        f = fields[int(m.group(1))] + m.group(2)
+    elif (m := re.match(r"activation_reads\[(\d+)\](.*)", f)):
+        f = "positions" + m.group(2).removeprefix(".positions") if ".positions" in m.group(2) \
+            else f"layers[{m.group(1)}]"
+    return InvalidRequestError(f, e.description)
 
 
 class Handover:

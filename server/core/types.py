@@ -299,6 +299,54 @@ class LoadVectorRequest:
     metadata: tuple[tuple[str, str], ...] = ()
 
 
+class TrainPosition(IntEnum):
+    """Which activation of a prompt a vector is trained on; numbers match
+    ``steering.v1.TrainPosition``."""
+
+    LAST = 1  # the last (selected) position's
+    MEAN = 2  # the mean over the selected positions
+
+
+@dataclass(frozen=True)
+class TrainVectorRequest:
+    """``TrainVector``: contrastive prompts, the layers and the method
+    (``sae_runtime.training.vectors_fit``); ``positions`` selects the prompt positions
+    the activation is taken over (None: all); ``register`` loads the result as a runtime
+    vector named ``name`` (admin only)."""
+
+    name: str
+    positive: tuple[Prompt | None, ...]
+    negative: tuple[Prompt | None, ...]
+    layers: tuple[int, ...]
+    method: int = 1  # ``vectors_fit.Method``
+    position: TrainPosition = TrainPosition.LAST
+    positions: Selector | None = None
+    normalize: bool = False
+    register: bool = False
+    metadata: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class TrainedLayer:
+    """One layer of a trained vector, with its separation statistics
+    (``vectors_fit.Separation``)."""
+
+    layer: int
+    values: np.ndarray  # [d_model] float32
+    mean_positive: float
+    mean_negative: float
+    accuracy: float
+    held_out_accuracy: float
+    held_out: int
+
+
+@dataclass(frozen=True)
+class TrainVectorResult:
+    name: str
+    layers: tuple[TrainedLayer, ...]
+    vector: VectorInfo | None = None  # with ``register``: the loaded vector
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What ``GetModelInfo`` reports: the model, the engine and every cap."""

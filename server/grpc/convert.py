@@ -248,6 +248,32 @@ def load_vector_request(req: pb.LoadVectorRequest) -> t.LoadVectorRequest:
         metadata=tuple(sorted(req.metadata.items())))
 
 
+def train_vector_request(req: pb.TrainVectorRequest) -> t.TrainVectorRequest:
+    """UNSPECIFIED method and position are MEAN_DIFF and LAST."""
+    return t.TrainVectorRequest(
+        name=req.name, positive=tuple(prompt(p) for p in req.positive),
+        negative=tuple(prompt(p) for p in req.negative), layers=tuple(int(x) for x in req.layers),
+        method=req.method or pb.VECTOR_METHOD_MEAN_DIFF,
+        position=enum_of(t.TrainPosition, req.position or pb.TRAIN_POSITION_LAST, "position",
+                         "position"),
+        positions=selector(req.positions, "positions") if req.HasField("positions") else None,
+        normalize=req.normalize, register=req.register,
+        metadata=tuple(sorted(req.metadata.items())))
+
+
+def train_vector_response(r: t.TrainVectorResult) -> pb.TrainVectorResponse:
+    out = pb.TrainVectorResponse(
+        name=r.name,
+        layers=[pb.LayerValues(layer=x.layer, values=x.values.tolist()) for x in r.layers],
+        stats=[pb.TrainedLayerStats(layer=x.layer, mean_positive=x.mean_positive,
+                                    mean_negative=x.mean_negative, accuracy=x.accuracy,
+                                    held_out_accuracy=x.held_out_accuracy, held_out=x.held_out)
+               for x in r.layers])
+    if r.vector is not None:
+        out.vector.CopyFrom(vector_info(r.vector))
+    return out
+
+
 def feature(f: feats.Feature) -> pb.Feature:
     return pb.Feature(
         sae=f.sae, index=f.index, label=f.label, density=f.density,

@@ -9,7 +9,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server.auth import ADMIN_METHODS, Auth
+from server.auth import ADMIN_METHODS, MIXED_METHODS, Auth
 from server.core.errors import Code
 from server.core.metrics import Metrics
 from server.grpc.servicer import DOOR, SteeringServicer
@@ -22,7 +22,8 @@ if TYPE_CHECKING:  # the core imports vLLM: the port is bound before the engine 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SteeringService"].full_name
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 """Health checks and reflection stay open so load balancers and tools can probe the server."""
-ADMIN_PATHS = frozenset(f"/{SERVICE_NAME}/{m}" for m in ADMIN_METHODS)
+ADMIN_PATHS = frozenset(f"/{SERVICE_NAME}/{m}" for m in (*ADMIN_METHODS, *MIXED_METHODS))
+"""Calls the interceptor lets through: the servicer checks their tokens (``server.auth``)."""
 
 
 class GrpcDoor:
@@ -87,7 +88,8 @@ def add_servicer(servicer: SteeringServicer, server: grpc.aio.Server) -> None:
 class BearerAuth(grpc.aio.ServerInterceptor):
     """Refuse calls without an accepted bearer token (``server.auth``), but health and
     reflection; the refusal is counted as UNAUTHENTICATED. Admin calls pass on to the
-    servicer, which takes admin tokens only (``Auth.check_admin``)."""
+    servicer, which takes admin tokens only (``Auth.check_admin``), as do the calls whose
+    token depends on the request (``MIXED_METHODS``: ``Auth.check_call``)."""
 
     def __init__(self, auth: Auth, metrics: Metrics) -> None:
         self.auth = auth

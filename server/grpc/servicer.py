@@ -181,3 +181,13 @@ class SteeringServicer(pb_grpc.SteeringServiceServicer):
 
         return await self._unary("ExportVector", request, pb.ExportVectorRequest, context, work,
                                  pb.ExportVectorResponse())
+
+    async def TrainVector(self, request, context) -> pb.TrainVectorResponse:
+        async def work(req):
+            self.auth.check_call(authorization(context), admin=req.register)
+            r = await self.core.train_vector(convert.train_vector_request(req),
+                                             self._caller(context))
+            return convert.train_vector_response(r)
+
+        return await self._unary("TrainVector", request, pb.TrainVectorRequest, context, work,
+                                 pb.TrainVectorResponse())

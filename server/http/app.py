@@ -10,7 +10,9 @@ browser playground, over the core.
 - ``GET /v1/vectors`` (``ListVectors``); admin, with an ``--admin-tokens-file`` token only:
   ``POST /v1/admin/vectors`` with ``{"name", "layers": [{"layer", "values"}], "file" (base64),
   "file_format", "metadata"}`` (``LoadVector``), ``DELETE /v1/admin/vectors/{name}``
-  (``UnloadVector``);
+  (``UnloadVector``); ``POST /v1/vectors/train`` with the proto's TrainVectorRequest fields
+  (``TrainVector``; prompts as text or token id lists, ``"method": "mean_diff"|"pca"``,
+  ``"position": "last"|"mean"``): any caller, but with ``"register": true`` an admin token;
 - ``GET /`` and ``GET /playground/...``: the playground's static files, served without auth
   (they hold no data; the page sends its bearer token to the JSON routes).
 
@@ -287,13 +289,15 @@ def build_app(core: Core, *, model: str, auth: Auth | None = None,
         return await generate(request, bodies.ChatBody)
 
     def json_route(path: str, method: str, fn: Callable[[Request], Awaitable[Any]],
-                   verbs: tuple[str, ...] = ("GET",), admin: bool = False) -> Route:
+                   verbs: tuple[str, ...] = ("GET",), admin: bool = False,
+                   own_auth: bool = False) -> Route:
         """A JSON route over core method ``method`` (the metric's label); ``admin``: it takes
-        admin tokens only (``Auth.check_admin``), not the ordinary ones."""
+        admin tokens only (``Auth.check_admin``), not the ordinary ones; ``own_auth``: ``fn``
+        checks the token itself (``server.auth.MIXED_METHODS``)."""
 
         async def endpoint(request: Request) -> Response:
             call = metrics.call(method, DOOR)
-            if not admin and not auth.ok(request.headers.get("authorization", "")):
+            if not admin and not own_auth and not auth.ok(request.headers.get("authorization", "")):
                 return fail(unauthorized(), call)
             try:
                 if admin:
@@ -354,6 +358,19 @@ def build_app(core: Core, *, model: str, auth: Auth | None = None,
         return shape.vector_info(await core.load_vector(load_vector_body(
             await read_json(request, limits))))
 
+    async def train_vector(request: Request) -> dict:
+        data = await read_json(request, limits)
+        try:
+            body = bodies.TrainVectorBody.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
+            raise InvalidRequestError(param or "body", err["msg"]) from None
+        auth.check_call(request.headers.get("authorization", ""), admin=body.register_)
+        caller = auth.caller(request.headers.get("authorization", ""))
+        return shape.trained_vector(await core.train_vector(bodies.train_vector_request(body),
+                                                            caller))
+
     async def unload_vector(request: Request) -> dict:
         return shape.vector_info(core.unload_vector(request.path_params["name"]))
 
@@ -387,6 +404,8 @@ def build_app(core: Core, *, model: str, auth: Auth | None = None,
         json_route("/v1/admin/vectors", "LoadVector", load_vector, verbs=("POST",), admin=True),
         json_route("/v1/admin/vectors/{name}", "UnloadVector", unload_vector,
                    verbs=("DELETE",), admin=True),
+        json_route("/v1/vectors/train", "TrainVector", train_vector, verbs=("POST",),
+                   own_auth=True),
         Route("/", index_page, methods=["GET"]),
         Mount("/playground", app=StaticFiles(directory=PLAYGROUND_DIR), name="playground"),
     ], exception_handlers={HTTPException: http_exception, Exception: server_error})

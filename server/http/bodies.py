@@ -30,6 +30,8 @@ from server.http.names import (
     OPS,
     READ_SCOPES,
     SCOPES,
+    TRAIN_POSITIONS,
+    VECTOR_METHODS,
     literal,
 )
 
@@ -168,6 +170,22 @@ class CommonBody(BaseModel):
     activation_reads: list[ActivationReadBody] = Field(default_factory=list)
 
 
+class TrainVectorBody(_Strict):
+    """``POST /v1/vectors/train``: the proto's TrainVectorRequest; a prompt is text or a list
+    of token ids."""
+
+    name: str = ""
+    positive: list[str | list[int]]
+    negative: list[str | list[int]]
+    layers: list[int]
+    method: literal(VECTOR_METHODS) = "mean_diff"
+    position: literal(TRAIN_POSITIONS) = "last"
+    positions: PositionsBody | None = None
+    normalize: bool = False
+    register_: bool = Field(default=False, alias="register")  # BaseModel has a ``register``
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
 class CompletionBody(CommonBody):
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = Field(default=None, ge=0, lt=U32)
@@ -252,6 +270,23 @@ def selector(body: PositionsBody, field: str) -> Selector:
 
 def _positions(body, field: str) -> Selector | None:
     return selector(body.positions, f"{field}.positions") if body.positions is not None else None
+
+
+def train_vector_request(body: TrainVectorBody) -> t.TrainVectorRequest:
+    """The body as the core's ``TrainVectorRequest`` (its field paths are the body's)."""
+
+    def prompts(items: list, field: str) -> tuple[t.Prompt, ...]:
+        return tuple(t.Prompt(text=p) if isinstance(p, str) else
+                     t.Prompt(ids=_ids(p, f"{field}[{j}]")) for j, p in enumerate(items))
+
+    return t.TrainVectorRequest(
+        name=body.name, positive=prompts(body.positive, "positive"),
+        negative=prompts(body.negative, "negative"),
+        layers=_ids(body.layers, "layers", "must be a layer >= 0"),
+        method=int(VECTOR_METHODS[body.method]), position=TRAIN_POSITIONS[body.position],
+        positions=selector(body.positions, "positions") if body.positions is not None else None,
+        normalize=body.normalize, register=body.register_,
+        metadata=tuple(sorted(body.metadata.items())))
 
 
 def _condition(c: ConditionBody) -> Condition:

@@ -12,7 +12,8 @@ from sae_runtime.spec.activations import ActDtype, ActPool
 from sae_runtime.spec.interventions import Scope
 from sae_runtime.spec.reads import ReadScope
 from sae_runtime.spec.selectors import Frame
-from server.core.types import FinishReason
+from sae_runtime.training.vectors_fit import Method
+from server.core.types import FinishReason, TrainPosition
 
 E = TypeVar("E", bound=IntEnum)
 
@@ -29,6 +30,8 @@ FRAMES = names(Frame)
 SITES = names(Site)
 ACT_POOLS = names(ActPool, skip=())
 ACT_DTYPES = names(ActDtype)
+VECTOR_METHODS = names(Method)
+TRAIN_POSITIONS = names(TrainPosition)
 OPS = {**names(Cond), ">": Cond.GT, "<": Cond.LT}
 FINISH = {r: r.name.lower() for r in FinishReason} | {FinishReason.FEATURE: "content_filter"}
 """OpenAI's names; a tripped guardrail is OpenAI's "content was cut by a filter"."""

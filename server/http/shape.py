@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import math
 import time
 import uuid
 from typing import Any
@@ -212,3 +213,22 @@ def vector_info(v) -> dict:
     """A ``VectorInfo`` as JSON (``GET /v1/vectors``, the admin vector routes)."""
     return {"name": v.name, "layers": list(v.layers), "runtime": v.runtime,
             "metadata": dict(v.metadata)}
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def trained_vector(r) -> dict:
+    """A ``TrainVectorResult`` as JSON (``POST /v1/vectors/train``; ``steer vectors train
+    --json`` prints the same): ``{"name", "vectors": {"<layer>": [floats]}, "stats":
+    {"<layer>": {...}}, "vector": VectorInfo or null}``; a NaN statistic is null."""
+    return {
+        "name": r.name,
+        "vectors": {str(x.layer): x.values.tolist() for x in r.layers},
+        "stats": {str(x.layer): {"mean_positive": x.mean_positive,
+                                 "mean_negative": x.mean_negative, "accuracy": x.accuracy,
+                                 "held_out_accuracy": _finite(x.held_out_accuracy),
+                                 "held_out": x.held_out} for x in r.layers},
+        "vector": vector_info(r.vector) if r.vector is not None else None,
+    }

@@ -263,6 +263,15 @@ def default_server(request):
     stop_server(srv)
 
 
+@pytest.fixture(scope="session")
+def hf(server):
+    """The shared server's model in HF ``transformers``, fp32 (the steering references)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(server.model_dir, dtype=torch.float32).eval()
+
+
 def _wait_http(srv: Server, deadline: float) -> None:
     """The HTTP front end starts just after gRPC reports SERVING; wait for its listener."""
     while time.monotonic() < deadline:

@@ -21,7 +21,6 @@ import grpc
 import httpx
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from clients.client import (
     absolute_range,
@@ -36,8 +35,8 @@ from clients.client import (
 )
 from tests.e2e.conftest import MAX_BATCHED_TOKENS, MAX_INTERVENTIONS, SAE_IDS
 from tests.e2e.reference import ADD, CLAMP, Edit, HFReference, check_teacher_forced
+from tests.e2e.steering_ref import directions, hf_inline
 from tests.e2e.test_reads import TOL, check_against, ref_latents
-from tests.e2e.test_vectors import directions, hf_inline
 
 pytestmark = pytest.mark.e2e
 
@@ -48,11 +47,6 @@ SAE = "resid_l1"
 @pytest.fixture(scope="module")
 def ref(server):
     return HFReference(server.model_dir, server.sae_dirs, SAE_IDS)
-
-
-@pytest.fixture(scope="module")
-def hf(server):
-    return AutoModelForCausalLM.from_pretrained(server.model_dir, dtype=torch.float32).eval()
 
 
 def serving(server) -> None:

@@ -34,7 +34,7 @@ from tests.e2e.conftest import (
     stop_server,
 )
 from tests.e2e.reference import CLAMP, Edit, HFReference, check_teacher_forced
-from tests.e2e.test_vectors import hf_inline
+from tests.e2e.steering_ref import hf_inline
 from tests.fixtures.tiny import FAMILY_SAES, LAYERS, make_clt, make_family_set
 from tests.vector_files import random_directions
 

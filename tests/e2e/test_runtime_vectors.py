@@ -23,28 +23,16 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from clients.client import vector
 from sae_runtime.loading.vectors import read_vector_metadata, write_vector_gguf
 from tests.e2e.conftest import ADMIN_TOKEN, MAX_RUNTIME_VECTORS
 from tests.e2e.reference import check_teacher_forced
-from tests.e2e.test_vectors import hf_inline
+from tests.e2e.steering_ref import PROMPT, N, P, S, greedy, hf_inline
 from tests.fixtures.tiny import HIDDEN
 from tests.vector_files import random_directions
 
 pytestmark = pytest.mark.e2e
-
-PROMPT = [5, 100, 200, 300, 45, 67, 12, 400, 100, 77]
-P = len(PROMPT)
-N = 10
-S = 4.0
-
-
-@pytest.fixture(scope="module")
-def hf(server):
-    return AutoModelForCausalLM.from_pretrained(server.model_dir, dtype=torch.float32).eval()
-
 
 @pytest.fixture
 def admin(server):
@@ -54,12 +42,6 @@ def admin(server):
         for v in c.list_vectors():
             if v.runtime:
                 c.unload_vector(v.name)
-
-
-def greedy(server, vectors=(), prompt=PROMPT, n=N):
-    with server.client() as c:
-        return c.generate_text(prompt, max_tokens=n, temperature=0.0, ignore_eos=True,
-                               vectors=list(vectors))
 
 
 def check_against_hf(hf, out, dirs: dict[int, np.ndarray], strength: float):

@@ -19,31 +19,13 @@ import grpc
 import httpx
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from clients.client import generation_range, positions, vector
-from tests.e2e.conftest import VECTORS
 from tests.e2e.reference import check_teacher_forced
+from tests.e2e.steering_ref import PROMPT, N, P, S, directions, greedy, hf_inline
 from tests.fixtures.tiny import HIDDEN
-from tests.vector_files import random_directions
 
 pytestmark = pytest.mark.e2e
-
-PROMPT = [5, 100, 200, 300, 45, 67, 12, 400, 100, 77]
-P = len(PROMPT)
-N = 10
-S = 4.0
-
-
-@pytest.fixture(scope="module")
-def hf(server):
-    return AutoModelForCausalLM.from_pretrained(server.model_dir, dtype=torch.float32).eval()
-
-
-def directions(name: str) -> dict[int, torch.Tensor]:
-    layers, seed = VECTORS[name]
-    return {k: torch.from_numpy(v) for k, v in random_directions(layers, HIDDEN, seed).items()}
-
 
 def hf_logits(hf, ids, adds: list[tuple[str, float, tuple[int, ...] | None, set[int] | None]]):
     """Logits with ``strength * v[k]`` of each named vector added to block k's output
@@ -51,12 +33,6 @@ def hf_logits(hf, ids, adds: list[tuple[str, float, tuple[int, ...] | None, set[
     return hf_inline(hf, ids, [(v, k, strength, at) for name, strength, layers, at in adds
                                for k, v in directions(name).items()
                                if layers is None or k in layers])
-
-
-def greedy(server, vectors=(), prompt=PROMPT, n=N, **kw):
-    with server.client() as c:
-        return c.generate_text(prompt, max_tokens=n, temperature=0.0, ignore_eos=True,
-                               vectors=list(vectors), **kw)
 
 
 def test_model_info_lists_the_vectors_and_list_saes_hides_the_banks(server):
@@ -176,24 +152,6 @@ def _rand(seed: int, scale: float = 1.0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     v = torch.randn(HIDDEN, generator=g)
     return v / v.norm() * scale
-
-
-def hf_inline(hf, ids, adds: list[tuple[torch.Tensor, int, float, set[int] | None]]):
-    """Logits with ``strength * v`` added to block ``layer``'s output (at: None = all): a
-    plain forward hook on ``model.model.layers[layer]``."""
-    T = len(ids)
-    with ExitStack() as stack:
-        for v, layer, strength, at in adds:
-            mask = torch.tensor([at is None or p in at for p in range(T)], dtype=torch.float32)
-
-            def hook(mod, args, out, v=v, mask=mask, strength=strength):
-                h = out[0] if isinstance(out, tuple) else out
-                h = h + strength * mask[None, :, None] * v
-                return (h, *out[1:]) if isinstance(out, tuple) else h
-
-            stack.enter_context(hf.model.layers[layer].register_forward_hook(hook))
-        with torch.no_grad():
-            return hf(torch.tensor([ids])).logits[0]
 
 
 def test_model_info_lists_the_inline_layers(server):

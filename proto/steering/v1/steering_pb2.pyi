@@ -73,6 +73,18 @@ class ActivationDtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ACTIVATION_DTYPE_FLOAT32: _ClassVar[ActivationDtype]
     ACTIVATION_DTYPE_FLOAT16: _ClassVar[ActivationDtype]
     ACTIVATION_DTYPE_BFLOAT16: _ClassVar[ActivationDtype]
+
+class VectorMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    VECTOR_METHOD_UNSPECIFIED: _ClassVar[VectorMethod]
+    VECTOR_METHOD_MEAN_DIFF: _ClassVar[VectorMethod]
+    VECTOR_METHOD_PCA: _ClassVar[VectorMethod]
+
+class TrainPosition(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRAIN_POSITION_UNSPECIFIED: _ClassVar[TrainPosition]
+    TRAIN_POSITION_LAST: _ClassVar[TrainPosition]
+    TRAIN_POSITION_MEAN: _ClassVar[TrainPosition]
 INTERVENTION_MODE_UNSPECIFIED: InterventionMode
 INTERVENTION_MODE_CLAMP: InterventionMode
 INTERVENTION_MODE_ABLATE: InterventionMode
@@ -113,6 +125,12 @@ ACTIVATION_DTYPE_UNSPECIFIED: ActivationDtype
 ACTIVATION_DTYPE_FLOAT32: ActivationDtype
 ACTIVATION_DTYPE_FLOAT16: ActivationDtype
 ACTIVATION_DTYPE_BFLOAT16: ActivationDtype
+VECTOR_METHOD_UNSPECIFIED: VectorMethod
+VECTOR_METHOD_MEAN_DIFF: VectorMethod
+VECTOR_METHOD_PCA: VectorMethod
+TRAIN_POSITION_UNSPECIFIED: TrainPosition
+TRAIN_POSITION_LAST: TrainPosition
+TRAIN_POSITION_MEAN: TrainPosition
 
 class Prompt(_message.Message):
     __slots__ = ("text", "token_ids", "messages")
@@ -750,3 +768,62 @@ class ExportVectorResponse(_message.Message):
     gguf: bytes
     vector: VectorInfo
     def __init__(self, gguf: _Optional[bytes] = ..., vector: _Optional[_Union[VectorInfo, _Mapping]] = ...) -> None: ...
+
+class TrainVectorRequest(_message.Message):
+    __slots__ = ("name", "positive", "negative", "layers", "method", "position", "positions", "normalize", "register", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    POSITIVE_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZE_FIELD_NUMBER: _ClassVar[int]
+    REGISTER_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    positive: _containers.RepeatedCompositeFieldContainer[Prompt]
+    negative: _containers.RepeatedCompositeFieldContainer[Prompt]
+    layers: _containers.RepeatedScalarFieldContainer[int]
+    method: VectorMethod
+    position: TrainPosition
+    positions: PositionSelector
+    normalize: bool
+    register: bool
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., positive: _Optional[_Iterable[_Union[Prompt, _Mapping]]] = ..., negative: _Optional[_Iterable[_Union[Prompt, _Mapping]]] = ..., layers: _Optional[_Iterable[int]] = ..., method: _Optional[_Union[VectorMethod, str]] = ..., position: _Optional[_Union[TrainPosition, str]] = ..., positions: _Optional[_Union[PositionSelector, _Mapping]] = ..., normalize: _Optional[bool] = ..., register: _Optional[bool] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class TrainedLayerStats(_message.Message):
+    __slots__ = ("layer", "mean_positive", "mean_negative", "accuracy", "held_out_accuracy", "held_out")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    MEAN_POSITIVE_FIELD_NUMBER: _ClassVar[int]
+    MEAN_NEGATIVE_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    HELD_OUT_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    HELD_OUT_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    mean_positive: float
+    mean_negative: float
+    accuracy: float
+    held_out_accuracy: float
+    held_out: int
+    def __init__(self, layer: _Optional[int] = ..., mean_positive: _Optional[float] = ..., mean_negative: _Optional[float] = ..., accuracy: _Optional[float] = ..., held_out_accuracy: _Optional[float] = ..., held_out: _Optional[int] = ...) -> None: ...
+
+class TrainVectorResponse(_message.Message):
+    __slots__ = ("name", "layers", "stats", "vector")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    layers: _containers.RepeatedCompositeFieldContainer[LayerValues]
+    stats: _containers.RepeatedCompositeFieldContainer[TrainedLayerStats]
+    vector: VectorInfo
+    def __init__(self, name: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerValues, _Mapping]]] = ..., stats: _Optional[_Iterable[_Union[TrainedLayerStats, _Mapping]]] = ..., vector: _Optional[_Union[VectorInfo, _Mapping]] = ...) -> None: ...

@@ -85,6 +85,11 @@ class SteeringServiceStub:
                 request_serializer=steering_dot_v1_dot_steering__pb2.ExportVectorRequest.SerializeToString,
                 response_deserializer=steering_dot_v1_dot_steering__pb2.ExportVectorResponse.FromString,
                 _registered_method=True)
+        self.TrainVector = channel.unary_unary(
+                '/steering.v1.SteeringService/TrainVector',
+                request_serializer=steering_dot_v1_dot_steering__pb2.TrainVectorRequest.SerializeToString,
+                response_deserializer=steering_dot_v1_dot_steering__pb2.TrainVectorResponse.FromString,
+                _registered_method=True)
 
 
 class SteeringServiceServicer:
@@ -169,6 +174,18 @@ class SteeringServiceServicer:
     def ExportVector(self, request, context):
         """ExportVector returns a vector requests may name as a self-describing
         llama.cpp control-vector GGUF (any caller; `steer vectors save`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TrainVector(self, request, context):
+        """TrainVector fits a steering vector from contrastive prompts on this
+        engine's own activations (Encode passes with activation reads at
+        blocks.L.hook_resid_post) and returns it with separation statistics; with
+        register it is loaded as LoadVector loads one. Without register any caller
+        may train (it reveals what Encode's activation reads reveal); with register
+        it is an admin call (an --admin-tokens-file token).
         ---- end runtime vectors ---------------------------------------------------
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -227,6 +244,11 @@ def add_SteeringServiceServicer_to_server(servicer, server):
                     servicer.ExportVector,
                     request_deserializer=steering_dot_v1_dot_steering__pb2.ExportVectorRequest.FromString,
                     response_serializer=steering_dot_v1_dot_steering__pb2.ExportVectorResponse.SerializeToString,
+            ),
+            'TrainVector': grpc.unary_unary_rpc_method_handler(
+                    servicer.TrainVector,
+                    request_deserializer=steering_dot_v1_dot_steering__pb2.TrainVectorRequest.FromString,
+                    response_serializer=steering_dot_v1_dot_steering__pb2.TrainVectorResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -500,6 +522,33 @@ class SteeringService:
             '/steering.v1.SteeringService/ExportVector',
             steering_dot_v1_dot_steering__pb2.ExportVectorRequest.SerializeToString,
             steering_dot_v1_dot_steering__pb2.ExportVectorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrainVector(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/steering.v1.SteeringService/TrainVector',
+            steering_dot_v1_dot_steering__pb2.TrainVectorRequest.SerializeToString,
+            steering_dot_v1_dot_steering__pb2.TrainVectorResponse.FromString,
             options,
             channel_credentials,
             insecure,
