@@ -362,10 +362,10 @@ def main() -> None:
         out += ["Rows come from more than one run (column `run`); each row's ratio is to the "
                 "plain row of its own run, measured side by side with it. Run A is the full "
                 "`make bench` run, later runs added rows (`bench_e2e --add-to`):", ""]
-        out += [run_line(r, x) for r, x in zip(runs, letters)]
+        out += [run_line(r, x) for r, x in zip(runs, letters, strict=True)]
         out += ["", "| run | row | tokens/s | ratio to plain | TPOT p50 (ms) | TPOT p99 (ms) | "
                 "TPOT p99 / plain |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-        for r, x in zip(runs, letters):
+        for r, x in zip(runs, letters, strict=True):
             out += e2e_rows(r, x)
     else:
         out += [f"Command: `{e2e.get('command', 'python -m loadtests.bench_e2e')}`"
@@ -386,8 +386,8 @@ def main() -> None:
     if extra:
         out += [""] + [f"Run {x}'s plain drift (second half of its plain rounds / first): "
                        + ", ".join(f"{k} {v:.3f}" for k, v in r.get("plain_drift_all", {}).items())
-                       + "." for r, x in zip(runs[1:], letters[1:])]
-        out += [""] + [f"Where run {x} stands: " + targets_line(r) for r, x in zip(runs, letters)]
+                       + "." for r, x in zip(runs[1:], letters[1:], strict=True)]
+        out += [""] + [f"Where run {x} stands: " + targets_line(r) for r, x in zip(runs, letters, strict=True)]
     else:
         out += ["", "Where this run stands: " + targets_line(e2e)]
     out += ["", "Targets: every clamp mix ≥ 0.95, reads16, acts1 (raw activation reads) and "
