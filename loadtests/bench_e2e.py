@@ -175,9 +175,9 @@ def build(model: Path, eng: Engine, args, tp: int = 1, load_format: str = "dummy
         enable_prefix_caching=False, seed=0, disable_log_stats=True, tensor_parallel_size=tp, **kw))
 
 
-async def mix_runner(engine, eng: Engine, mix: str, args, vocab: int = MODEL_CFG["vocab_size"]):
-    """Warm ``engine`` (``eng``'s) up on ``mix``; returns a coroutine function that runs one
-    round. Prompt token ids stay below ``vocab``."""
+def request_params(mix: str, i: int, eng: Engine, args, vocab: int = MODEL_CFG["vocab_size"]):
+    """Request ``i`` of ``mix`` on ``eng``: (SamplingParams, prompt). Prompt token ids stay
+    below ``vocab``."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
@@ -188,49 +188,49 @@ async def mix_runner(engine, eng: Engine, mix: str, args, vocab: int = MODEL_CFG
     from sae_runtime.spec.reads import Read, ReadSpec
     from sae_runtime.vllm.engine import make_prompt, make_sampling_params
 
+    prompt = [(i * 131 + j * 7) % (vocab - 20) + 10 for j in range(args.prompt)]
+    if mix.startswith("plain") or mix == "clt_plain":
+        return SamplingParams(max_tokens=args.gen, ignore_eos=True, temperature=0.0, detokenize=False,
+                              output_kind=RequestOutputKind.DELTA), TokensPrompt(prompt_token_ids=prompt)
+    spec, reads, acts = SteeringSpec(), None, ()
+    if mix == "clamp1":
+        spec = SteeringSpec((Intervention("bench0", 123, Mode.CLAMP, 4.0),))
+    elif mix in ("clamp16", "clamp64", "clamp128"):
+        n_cfg = int(mix.removeprefix("clamp"))
+        spec = SteeringSpec((Intervention("bench0", 1000 + (i % n_cfg), Mode.CLAMP, 4.0),))
+    elif mix == "cond16":
+        from sae_runtime.spec.interventions import Condition
+        from sae_runtime.spec.selectors import Frame, Range, Selector
+        from sae_runtime.step.edits import Cond
+
+        window = Selector((Range(Frame.GENERATION, 0, args.gen // 2 + (i % 16)),))
+        spec = SteeringSpec((Intervention(
+            "bench0", 1000 + (i % 16), Mode.CLAMP, 4.0, positions=window,
+            when=Condition("bench0", 3000 + (i % 16), Cond.GT, 0.0)),))
+    elif mix == "sae4x16":
+        spec = SteeringSpec(tuple(Intervention(f"bench{s}", 1000 + 16 * s + (i % 16), Mode.CLAMP, 4.0)
+                                  for s in range(len(SAE_LAYERS))))
+    elif mix == "reads16":
+        reads = ReadSpec((Read("bench0", 16),))
+    elif mix == "acts1" and i % 2 == 0 and i // 2 < ACT_READERS:
+        acts = (ActPayload(eng.act_sites.index(ACT_SITE)),)  # every position
+    elif mix == "clt_clamp16":
+        spec = SteeringSpec((Intervention(CLT, clt_feature(i % 16), Mode.CLAMP, 4.0),))
+    sp = make_sampling_params(max_tokens=args.gen, temperature=0.0, top_p=1.0, top_k=0, seed=None,
+                              stop=[], stop_token_ids=[], ignore_eos=True, spec=spec,
+                              sae_index={name: k for k, name in enumerate(eng.saes or ())},
+                              reads=reads, request_id=f"{mix}-{i}", acts=acts)
+    sp.detokenize = False
+    return sp, make_prompt(prompt, spec)
+
+
+async def mix_runner(engine, eng: Engine, mix: str, args, vocab: int = MODEL_CFG["vocab_size"]):
+    """Warm ``engine`` (``eng``'s) up on ``mix``; returns a coroutine function that runs one
+    round (``request_params`` for each request)."""
     n_requests = BIG_REQUESTS if mix in BIG else args.requests
-    sae_index = {name: i for i, name in enumerate(eng.saes or ())}
-
-    def params(i: int):
-        if mix.startswith("plain") or mix == "clt_plain":
-            return SamplingParams(max_tokens=args.gen, ignore_eos=True, temperature=0.0, detokenize=False,
-                                  output_kind=RequestOutputKind.DELTA), TokensPrompt(prompt_token_ids=prompt(i))
-        spec, reads, acts = SteeringSpec(), None, ()
-        if mix == "clamp1":
-            spec = SteeringSpec((Intervention("bench0", 123, Mode.CLAMP, 4.0),))
-        elif mix in ("clamp16", "clamp64", "clamp128"):
-            n_cfg = int(mix.removeprefix("clamp"))
-            spec = SteeringSpec((Intervention("bench0", 1000 + (i % n_cfg), Mode.CLAMP, 4.0),))
-        elif mix == "cond16":
-            from sae_runtime.spec.interventions import Condition
-            from sae_runtime.spec.selectors import Frame, Range, Selector
-            from sae_runtime.step.edits import Cond
-
-            window = Selector((Range(Frame.GENERATION, 0, args.gen // 2 + (i % 16)),))
-            spec = SteeringSpec((Intervention(
-                "bench0", 1000 + (i % 16), Mode.CLAMP, 4.0, positions=window,
-                when=Condition("bench0", 3000 + (i % 16), Cond.GT, 0.0)),))
-        elif mix == "sae4x16":
-            spec = SteeringSpec(tuple(Intervention(f"bench{s}", 1000 + 16 * s + (i % 16), Mode.CLAMP, 4.0)
-                                      for s in range(len(SAE_LAYERS))))
-        elif mix == "reads16":
-            reads = ReadSpec((Read("bench0", 16),))
-        elif mix == "acts1" and i % 2 == 0 and i // 2 < ACT_READERS:
-            acts = (ActPayload(eng.act_sites.index(ACT_SITE)),)  # every position
-        elif mix == "clt_clamp16":
-            spec = SteeringSpec((Intervention(CLT, clt_feature(i % 16), Mode.CLAMP, 4.0),))
-        sp = make_sampling_params(max_tokens=args.gen, temperature=0.0, top_p=1.0, top_k=0, seed=None,
-                                  stop=[], stop_token_ids=[], ignore_eos=True, spec=spec,
-                                  sae_index=sae_index, reads=reads, request_id=f"{mix}-{i}",
-                                  acts=acts)
-        sp.detokenize = False
-        return sp, make_prompt(prompt(i), spec)
-
-    def prompt(i: int) -> list[int]:
-        return [(i * 131 + j * 7) % (vocab - 20) + 10 for j in range(args.prompt)]
 
     async def one(i: int):
-        sp, p = params(i)
+        sp, p = request_params(mix, i, eng, args, vocab)
         times = []
         async for out in engine.generate(p, sp, f"{mix}-{i}-{time.monotonic_ns()}"):
             times += [time.perf_counter()] * len(out.outputs[0].token_ids)
@@ -252,6 +252,19 @@ def summarise(rounds: list[tuple[float, list[float]]]) -> dict:
     tpot = sorted(x for _, ts in rounds for x in ts)
     return {"tok_s": statistics.median(rates), "tok_s_rounds": rates,
             "tpot_ms_p50": statistics.median(tpot), "tpot_ms_p99": tpot[min(len(tpot) - 1, int(0.99 * len(tpot)))]}
+
+
+def tp1_engines(mixes: list[str], saes: list[Path]) -> list[Engine]:
+    """The first block's engines, all alive at once: plain vLLM, our main engine (the 4 SAEs,
+    block 15's resid_post declared) for the mixes of it, and one more engine of ours for each
+    of ``sites0`` / ``sites30`` (the same SAEs, no / every activation site declared)."""
+    main = [m for m in mixes if m not in CLT_MIXES and m not in SITES_MIXES]
+    engs = [Engine(["plain", "plain128"] if BIG & set(mixes) else ["plain"])]
+    if main:
+        engs.append(Engine(main, bench_saes(saes), (ACT_SITE,)))
+    engs += [Engine([m], bench_saes(saes), all_sites() if sites is None else sites)
+             for m, sites in SITES_MIXES.items() if m in mixes]
+    return engs
 
 
 def clt_feature(cfg: int) -> int:
@@ -382,12 +395,8 @@ async def main_async(args) -> dict:
     args.reads_addr = router.addr
     rounds: dict[str, list] = {}
     load0 = os.getloadavg()
-    main = [m for m in args.mixes if m not in CLT_MIXES and m not in SITES_MIXES]
-    plain = ["plain", "plain128"] if BIG & set(args.mixes) else ["plain"]
-    engs = [Engine(plain), Engine(main, bench_saes(saes), (ACT_SITE,))] if main else [Engine(plain)]
-    engs += [Engine([m], bench_saes(saes), all_sites() if sites is None else sites)
-             for m, sites in SITES_MIXES.items() if m in args.mixes]
-    await run_block(model, engs, args, router, 1, rounds, calibrate=not args.fixed_rounds)
+    await run_block(model, tp1_engines(args.mixes, saes), args, router, 1, rounds,
+                    calibrate=not args.fixed_rounds)
     if args.tp2:
         model2, saes2 = make_artifacts(root / "tp2", args.d_sae, args.model_dtype, MODEL_CFG_TP2)
         await run_block(model2, [Engine(["plain"]), Engine(args.tp2_mixes, bench_saes(saes2), (ACT_SITE,))],
