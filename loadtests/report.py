@@ -362,7 +362,8 @@ def main() -> None:
         out += ["Rows come from more than one run (column `run`); each row's ratio is to the "
                 "plain row of its own run, measured side by side with it. Run A is the full "
                 "`make bench` run, later runs added rows (`bench_e2e --add-to`):", ""]
-        out += [run_line(r, x) for r, x in zip(runs, letters, strict=True)]
+        out += [run_line(r, x) + "".join(" " + n for n in r.get("notes", []))
+                for r, x in zip(runs, letters, strict=True)]
         out += ["", "| run | row | tokens/s | ratio to plain | TPOT p50 (ms) | TPOT p99 (ms) | "
                 "TPOT p99 / plain |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
         for r, x in zip(runs, letters, strict=True):
