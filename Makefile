@@ -136,13 +136,19 @@ soak: default-artifacts
 # machine (model dtype by native bf16 support; rounds, and on slow machines shorter
 # generations, from a calibration round to fit BENCH_E2E_MIN minutes) and records the CPU;
 # the kernel grid is the full one (d_sae 16k/65k/131k x k 32/64/128 x tokens 1/64/512);
-# BENCH_KERNEL_FLAGS=--quick trims it. The e2e half starts four engines (plain and ours,
-# alive side by side with their rounds interleaved; at TP=1 and TP=2): 23.7 min on a 2-core
-# AVX2-only EPYC, where the starts and warm-ups take most of it. BENCH_E2E_FLAGS adds bench_e2e options
-# (e.g. --mixes clamp16,reads16 --rounds 4 for a longer look at two mixes).
+# BENCH_KERNEL_FLAGS=--quick trims it. The e2e half runs three blocks, each with its engines
+# alive side by side and their rounds interleaved: TP=1 (plain vLLM, our engine with 4 SAEs
+# for the steering/read/acts1 mixes, and two more of ours with no / every layer's resid_post
+# declared: sites0/sites30, the declared-but-unused activation sites' cost), TP=2 (plain and
+# ours), and the embedded default model with its CLT (clt_plain and clt_clamp16): eight engine
+# starts, which take most of the time on a 2-core AVX2-only EPYC (23.7 min with the first
+# four; the full set is not timed yet). BENCH_E2E_FLAGS adds bench_e2e options (e.g. --mixes
+# clamp16,reads16 --rounds 4 for a longer look at two mixes). A subset run by hand,
+# `python -m loadtests.bench_e2e --mixes ... --add-to docs/benchmarks.json`, keeps the full
+# run's rows and adds its own beside them (the report marks each row's run).
 BENCH_KERNEL_FLAGS ?=
 BENCH_E2E_FLAGS ?=
-BENCH_E2E_MIN ?= 20
+BENCH_E2E_MIN ?= 26
 bench: setup
 	$(BIN)/python -m loadtests.bench_e2e --budget-min $(BENCH_E2E_MIN) $(BENCH_E2E_FLAGS) --out docs/benchmarks.json
 	$(BIN)/python -m loadtests.bench_kernels $(BENCH_KERNEL_FLAGS) --out docs/benchmarks_kernels.json
