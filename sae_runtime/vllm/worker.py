@@ -553,8 +553,8 @@ def install(runner) -> None:
         width, affine, gather = hidden, None, None
         if kind == "z":  # heads concatenated; under TP each rank holds n_heads / tp of them
             o_proj = layers[block].get_submodule(family.z)
-            local = int(getattr(o_proj, "input_size_per_partition", 0)
-                        or getattr(o_proj, "in_features", 0) or hidden // tp)
+            # the startup check compares this width with the model config's heads x head size
+            local = int(getattr(o_proj, "input_size_per_partition", hidden // tp))
             width = local * tp
             if tp > 1:
                 gather = functools.partial(compat.tp_all_gather, dim=-1)

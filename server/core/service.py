@@ -813,7 +813,7 @@ class Core:
             try:
                 results = await self.encode(EncodeRequest(part, (), acts), caller)
             except InvalidRequestError as e:
-                raise _train_field(e, fields[lo:]) from None
+                raise train_field(e, fields[lo:]) from None
             for j, r in enumerate(results):
                 if any(a.values.shape[0] != 1 for a in r.activations):
                     raise InvalidRequestError(fields[lo + j], f"the positions select none of "
@@ -903,7 +903,7 @@ class Core:
         return values, {**meta, **dict(req.metadata)}, field
 
 
-def _train_field(e: InvalidRequestError, fields: list[str]) -> InvalidRequestError:
+def train_field(e: InvalidRequestError, fields: list[str]) -> InvalidRequestError:
     """An Encode pass's error with ``TrainVector``'s field: ``inputs[j]`` is the j-th prompt
     of the pass (``fields``), ``activation_reads[k].positions`` is ``positions``,
     ``activation_reads[k]`` the k-th layer."""

@@ -117,7 +117,7 @@ class RpcEngine(FakeEngine):
         return [{"ranks": {}, "written": sorted({h for h, _, _ in writes})}]
 
 
-def _core(tmp_path, engine=None) -> Core:
+def vectors_core(tmp_path, engine=None) -> Core:
     start = np.zeros(D, np.float32)
     start[:] = 1.0
     return Core(engine or RpcEngine(step_s=0.01), model="/models/tiny", saes={}, compiled=False,
@@ -133,7 +133,7 @@ def _gen(name: str, n: int = 3) -> GenerateRequest:
 
 def test_load_writes_every_row_then_requests_may_name_it(tmp_path):
     async def run():
-        core = _core(tmp_path)
+        core = vectors_core(tmp_path)
         v1, v2 = np.full(D, 0.5, np.float32), np.arange(D, dtype=np.float32)
         info = await core.load_vector(LoadVectorRequest("ocean", ((2, v2), (1, v1)),
                                                         metadata=(("method", "caa"),)))
@@ -161,7 +161,7 @@ def test_load_writes_every_row_then_requests_may_name_it(tmp_path):
 
 def test_unload_while_a_request_runs_keeps_its_rows_to_its_end(tmp_path):
     async def run():
-        core = _core(tmp_path)
+        core = vectors_core(tmp_path)
         await core.load_vector(LoadVectorRequest("a", ((1, np.ones(D, np.float32)),)))
         stream = await core.generate(_gen("a", n=30))
         first = await anext(stream)
@@ -179,7 +179,7 @@ def test_unload_while_a_request_runs_keeps_its_rows_to_its_end(tmp_path):
 
 def test_a_reused_row_gets_another_cache_salt(tmp_path):
     async def run():
-        core = _core(tmp_path)
+        core = vectors_core(tmp_path)
         from server.core import validate
 
         def salt():
@@ -199,7 +199,7 @@ def test_a_reused_row_gets_another_cache_salt(tmp_path):
 
 def test_load_errors_name_the_field_and_give_the_rows_back(tmp_path):
     async def run():
-        core = _core(tmp_path)
+        core = vectors_core(tmp_path)
         ok = np.ones(D, np.float32)
         cases = [
             (LoadVectorRequest("x"), "layers: give the vector's values"),
@@ -227,7 +227,7 @@ def test_load_errors_name_the_field_and_give_the_rows_back(tmp_path):
 
 def test_a_described_file_for_another_model_or_width_is_refused(tmp_path):
     async def run():
-        core = _core(tmp_path)
+        core = vectors_core(tmp_path)
         v = {1: np.ones(D, np.float32)}
         other = write_vector_gguf(tmp_path / "o.gguf", v, model_id="meta-llama/Llama-3.1-8B",
                                   hidden_size=D)
@@ -257,7 +257,7 @@ def test_a_failed_worker_write_frees_the_rows(tmp_path):
             raise RuntimeError("rank 1 is gone")
 
     async def run():
-        core = _core(tmp_path, Failing())
+        core = vectors_core(tmp_path, Failing())
         from sae_runtime.errors import InternalServerError
 
         with pytest.raises(InternalServerError, match="could not write"):
@@ -283,7 +283,7 @@ def test_export_writes_a_described_gguf_of_any_vector(tmp_path):
     from sae_runtime.loading.vectors import load_vector_bytes
 
     async def run():
-        core = _core(tmp_path)
+        core = vectors_core(tmp_path)
         v = np.linspace(-1, 1, D).astype(np.float32)
         await core.load_vector(LoadVectorRequest("a", ((2, v),), metadata=(("method", "pca"),)))
         data, info = await core.export_vector("a")
@@ -307,7 +307,7 @@ def test_a_runtime_vector_is_budgeted_as_a_startup_vector(tmp_path):
     from server.core import validate
 
     async def run():
-        core = _core(tmp_path)
+        core = vectors_core(tmp_path)
         await core.load_vector(LoadVectorRequest("a", ((1, np.ones(D, np.float32)),)))
         many = Selector(tuple(Range(Frame.ABSOLUTE, 2 * j, 2 * j + 1) for j in range(5)))
         tight = Limits(max_interventions=4, vocab_size=100, max_read_top_k=64)

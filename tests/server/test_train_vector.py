@@ -16,7 +16,7 @@ from server.core.types import Prompt, TrainPosition, TrainVectorRequest
 from server.grpc import convert
 from server.http import bodies
 from steering.v1 import steering_pb2 as pb
-from tests.server.test_runtime_vectors import _core
+from tests.server.test_runtime_vectors import vectors_core
 
 SITES = DeclaredSites(("blocks.1.hook_resid_post", "blocks.3.hook_resid_post"),
                       ("blocks.1.hook_resid_post", "blocks.3.hook_resid_post"), 256)
@@ -42,7 +42,7 @@ def _req(**kw) -> TrainVectorRequest:
     ({"layers": (1, 1)}, r"^layers\[1\]: layer 1 is given twice"),
 ])
 def test_refusals_name_the_field_before_any_pass(tmp_path, kw, msg):
-    core = _core(tmp_path)
+    core = vectors_core(tmp_path)
     core.sites = SITES
     with pytest.raises(InvalidRequestError, match=msg):
         asyncio.run(core.train_vector(_req(**kw)))
@@ -50,7 +50,7 @@ def test_refusals_name_the_field_before_any_pass(tmp_path, kw, msg):
 
 
 def test_no_declared_sites(tmp_path):
-    core = _core(tmp_path)
+    core = vectors_core(tmp_path)
     with pytest.raises(InvalidRequestError, match=r"^layers\[0\]: .*declared: none"):
         asyncio.run(core.train_vector(_req()))
 
@@ -97,12 +97,12 @@ def test_training_needs_an_ordinary_token_and_registering_an_admin_one():
 
 
 def test_an_encode_pass_error_names_the_train_field():
-    from server.core.service import _train_field
+    from server.core.service import train_field
 
     fields = ["positive[2]", "negative[0]"]
 
     def f(field):
-        return _train_field(InvalidRequestError(field, "x"), fields).field
+        return train_field(InvalidRequestError(field, "x"), fields).field
 
     assert f("inputs[1].token_ids[3]") == "negative[0].token_ids[3]"
     assert f("inputs[0]") == "positive[2]"
