@@ -75,8 +75,8 @@ class ServerConfig(BaseModel):
         default="", description="Hook sites whose raw activations requests may read "
         "(activation_reads), as comma-separated globs over SAELens names, e.g. "
         "'blocks.*.hook_resid_post,blocks.3.hook_mlp_out' (sites: hook_resid_pre from block 1, "
-        "hook_resid_post, hook_attn_out, hook_mlp_out). Each declared site costs one op per "
-        "step and max_num_batched_tokens * d_model floats. Values are taken after the "
+        "attn.hook_z, hook_attn_out, ln2.hook_normalized, hook_mlp_out, hook_resid_post). "
+        "Each declared site costs one op per step and max_num_batched_tokens * width floats. Values are taken after the "
         "request's own edits at that site and at earlier ones.")
     max_activation_reads: int = Field(
         default=DEFAULT_MAX_ACTIVATION_READS, ge=1, le=1024,
