@@ -45,7 +45,7 @@ from sae_runtime.loading.vectors import (
 )
 from sae_runtime.saes.base import SAEConfig, Site
 from sae_runtime.spec import budget
-from sae_runtime.spec.activations import NO_SITES, ActivationRead, ActPool, DeclaredSites
+from sae_runtime.spec.activations import NO_SITES, ActivationRead, ActPool, DeclaredSites, hook_name
 from sae_runtime.spec.activations import to_payload as act_payload
 from sae_runtime.spec.interventions import SteeringSpec
 from sae_runtime.spec.reads import ReadSpec
@@ -787,7 +787,7 @@ class Core:
             if not 0 <= layer < n_layers:
                 raise InvalidRequestError(f"layers[{j}]", f"block {layer}; the model has "
                                           f"blocks 0..{n_layers - 1}")
-            hook = f"blocks.{layer}.hook_resid_post"
+            hook = hook_name(layer, "resid_post")
             if hook not in self.sites.names:
                 declared = ", ".join(self.sites.globs) or "none"
                 raise InvalidRequestError(f"layers[{j}]", f"{hook} is not readable on this "

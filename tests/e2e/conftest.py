@@ -253,6 +253,17 @@ def server(request):
     stop_server(srv, drain_check=True)
 
 
+@pytest.fixture
+def admin(server):
+    """A client of the shared server whose admin calls carry ``ADMIN_TOKEN``; unloads the
+    runtime vectors the test loaded."""
+    with server.client(admin_token=ADMIN_TOKEN) as c:
+        yield c
+        for v in c.list_vectors():
+            if v.runtime:
+                c.unload_vector(v.name)
+
+
 @pytest.fixture(scope="session")
 def default_server(request):
     """`steerd serve` on the embedded default (server/embedded: the 8-topic model, its

@@ -34,16 +34,6 @@ from tests.vector_files import random_directions
 
 pytestmark = pytest.mark.e2e
 
-@pytest.fixture
-def admin(server):
-    """A client whose admin calls carry the admin token; unloads what the test loaded."""
-    with server.client(admin_token=ADMIN_TOKEN) as c:
-        yield c
-        for v in c.list_vectors():
-            if v.runtime:
-                c.unload_vector(v.name)
-
-
 def check_against_hf(hf, out, dirs: dict[int, np.ndarray], strength: float):
     full = PROMPT + out.token_ids
     logits = hf_inline(hf, full, [(torch.from_numpy(v), k, strength, None)

@@ -44,15 +44,6 @@ def tok(server):
     return AutoTokenizer.from_pretrained(server.model_dir)
 
 
-@pytest.fixture
-def admin(server):
-    with server.client(admin_token=ADMIN_TOKEN) as c:
-        yield c
-        for v in c.list_vectors():
-            if v.runtime:
-                c.unload_vector(v.name)
-
-
 def hf_acts(hf, tok, texts, layers, position="last") -> dict[int, torch.Tensor]:
     """``[n, d]`` float64 per layer: each text's block-L output at its last token (or the
     mean over its tokens), captured by a forward hook on ``model.model.layers[L]``."""
