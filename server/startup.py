@@ -251,6 +251,12 @@ def check_hooks(reports: Sequence[Mapping], expected: Sequence[ExpectedHook], *,
                 raise HookPlacementError(
                     f"{what} is {got[0]['width']} wide on {_where(r)}; the "
                     f"model config says {act_widths[j]}; refusing to serve")
+    for r in reports:
+        extra = [a for a in r.get("act_sites", ()) if a.get("site", 0) >= len(wanted)]
+        if extra:
+            raise HookPlacementError(
+                f"{_where(r)} installed activation site {extra[0]['site']} "
+                f"({extra[0]['hook']}), which this server does not declare; refusing to serve")
     if reads:
         stages: dict[tuple, list] = {}
         for r in reports:
