@@ -425,6 +425,13 @@ def _activation_args(p) -> None:
                    help="return the raw activation at HOOK (a site the server declares with "
                         "--activation-hooks, e.g. blocks.1.hook_resid_post), taken after this "
                         "request's edits; repeatable")
+    p.add_argument("--activations-before-edits", action="append", default=[], metavar="HOOK",
+                   help="return the raw activation at HOOK taken before this request's edits "
+                        "at that site (still after its edits at earlier sites); repeatable, "
+                        "and a HOOK may also be given to --activations (the server must edit "
+                        "there: steer info lists them as activation_hooks_with_edits); printed as HOOK@before, in "
+                        "--json with \"before_edits\": true; --activations-pool and "
+                        "--activations-dtype apply to these too")
     p.add_argument("--activations-pool", choices=sorted(ACT_POOLS), default="none",
                    help="one row pooled over the positions instead of one per position")
     p.add_argument("--activations-dtype", choices=sorted(ACT_DTYPES), default="f32",
@@ -432,20 +439,32 @@ def _activation_args(p) -> None:
 
 
 def activation_reads_arg(args) -> list:
-    return [activation_read(h, pool=args.activations_pool, dtype=args.activations_dtype)
-            for h in args.activations]
+    """``--activations`` (after edits), then ``--activations-before-edits``."""
+    return [activation_read(h, pool=args.activations_pool, dtype=args.activations_dtype,
+                            before_edits=before)
+            for before, hooks in ((False, args.activations),
+                                  (True, args.activations_before_edits))
+            for h in hooks]
 
 
 def _activations_json(msgs) -> list[dict]:
-    """``"activations"``: one entry per hook, ``positions`` and ``values`` row by row."""
-    values, positions = activations_of(msgs)
-    return [{"hook": h, "positions": positions[h], "values": v.tolist()} for h, v in values.items()]
+    """``"activations"``: one entry per read, ``positions`` and ``values`` row by row; a
+    ``--activations-before-edits`` read has ``"before_edits": true``."""
+    out = []
+    for before in (False, True):
+        values, positions = activations_of(msgs, before_edits=before)
+        out += [{"hook": h, "positions": positions[h], "values": v.tolist(),
+                 **({"before_edits": True} if before else {})} for h, v in values.items()]
+    return out
 
 
 def _activation_lines(msgs) -> list[str]:
-    values, positions = activations_of(msgs)
-    return [f"activations {h}: {v.shape[0]} x {v.shape[1]} at positions {positions[h]}"
-            for h, v in values.items()]
+    out = []
+    for before in (False, True):
+        values, positions = activations_of(msgs, before_edits=before)
+        out += [f"activations {h}{'@before' if before else ''}: {v.shape[0]} x {v.shape[1]} "
+                f"at positions {positions[h]}" for h, v in values.items()]
+    return out
 
 
 class _LayerCondition(str):
@@ -632,7 +651,7 @@ def _generate(client: SteeringClient, args) -> int:
             out["logprobs"] = [_logprob_json(e) for e in r.logprobs]
         if args.prompt_logprobs is not None:
             out["prompt_logprobs"] = [_logprob_json(e) for e in r.prompt_logprobs]
-        if args.activations:
+        if args.activations or args.activations_before_edits:
             out["activations"] = _activations_json(acts)
         print(json.dumps(out))
         return 0
@@ -776,7 +795,7 @@ def _logprob_line(e) -> str:
 
 def _encode(client: SteeringClient, args) -> int:
     prompt = args.prompt if args.prompt is not None else args.prompt_ids
-    if not args.sae and not args.activations:
+    if not args.sae and not args.activations and not args.activations_before_edits:
         print("steer encode: give --sae or --activations", file=sys.stderr)
         return 2
     reads = [read(args.sae, args.top_k, args.watch_features, "prompt")] if args.sae else []
@@ -786,7 +805,7 @@ def _encode(client: SteeringClient, args) -> int:
     if args.json:
         out = {"token_ids": list(res.token_ids),
                "features": [_feature_json(f) for f in res.features], "pooled": pooled}
-        if args.activations:
+        if args.activations or args.activations_before_edits:
             out["activations"] = _activations_json(res.activations)
         print(json.dumps(out))
         return 0

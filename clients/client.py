@@ -270,11 +270,15 @@ ACT_DTYPES = {"f32": pb.ACTIVATION_DTYPE_FLOAT32, "f16": pb.ACTIVATION_DTYPE_FLO
 
 
 def activation_read(hook: str, *, pool: str = "none", dtype: str = "f32",
-                    at: pb.PositionSelector | None = None) -> pb.ActivationRead:
+                    at: pb.PositionSelector | None = None,
+                    before_edits: bool = False) -> pb.ActivationRead:
     """Ask for the raw activation at ``hook`` (a declared SAELens hook name, e.g.
     ``blocks.1.hook_resid_post``), per position or pooled (``mean``, ``max``, ``last``),
-    as ``f32``, ``f16`` or ``bf16``, at the positions of ``at`` (default every position)."""
-    r = pb.ActivationRead(hook=hook, pool=ACT_POOLS[pool], dtype=ACT_DTYPES[dtype])
+    as ``f32``, ``f16`` or ``bf16``, at the positions of ``at`` (default every position);
+    after this request's edits at that site, or before them with ``before_edits`` (the
+    results keep those apart: ``activations_before[hook]``)."""
+    r = pb.ActivationRead(hook=hook, pool=ACT_POOLS[pool], dtype=ACT_DTYPES[dtype],
+                          before_edits=before_edits)
     if at is not None:
         r.positions.CopyFrom(at)
     return r
@@ -293,12 +297,16 @@ def unpack(a: pb.Activations) -> np.ndarray:
     return v.reshape(rows, d)
 
 
-def activations_of(msgs) -> tuple[dict[str, np.ndarray], dict[str, list[int]]]:
+def activations_of(msgs, before_edits: bool = False) -> tuple[dict[str, np.ndarray],
+                                                             dict[str, list[int]]]:
     """``Activations`` messages (a stream's, in order) as ``{hook: [rows, d]}`` and
-    ``{hook: positions}``; rows of one hook over several messages are concatenated."""
+    ``{hook: positions}``; rows of one hook over several messages are concatenated. Only
+    the reads after edits, or only those before (``before_edits``)."""
     parts: dict[str, list[np.ndarray]] = {}
     positions: dict[str, list[int]] = {}
     for a in msgs:
+        if a.before_edits != before_edits:
+            continue
         parts.setdefault(a.hook, []).append(unpack(a))
         positions.setdefault(a.hook, []).extend(a.positions)
     return ({h: np.concatenate(p) if len(p) > 1 else p[0] for h, p in parts.items()}, positions)
@@ -311,6 +319,9 @@ class EncodedActivations:
     token_ids: list[int]
     activations: dict[str, np.ndarray]  # hook -> float32 [rows, d]
     positions: dict[str, list[int]]  # hook -> the rows' positions (pooled: the pooled ones)
+    # the before_edits reads, the same way
+    activations_before: dict[str, np.ndarray] = field(default_factory=dict)
+    positions_before: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -329,6 +340,9 @@ class GenerationResult:
     guardrail: pb.GuardrailTrip | None = None  # finish_reason "feature": what tripped, where
     activations: dict[str, np.ndarray] = field(default_factory=dict)  # hook -> float32 [rows, d]
     activation_positions: dict[str, list[int]] = field(default_factory=dict)  # hook -> positions
+    # the before_edits reads, the same way (a hook may be read both ways)
+    activations_before: dict[str, np.ndarray] = field(default_factory=dict)
+    activation_positions_before: dict[str, list[int]] = field(default_factory=dict)
 
 
 class SteeringClient:
@@ -420,11 +434,13 @@ class SteeringClient:
 
     def encode_activations(self, inputs: Sequence[PromptLike],
                            activation_reads: Sequence[pb.ActivationRead]) -> list[EncodedActivations]:
-        """Each input's raw activations as numpy arrays (``r.activations[hook]``)."""
+        """Each input's raw activations as numpy arrays (``r.activations[hook]``; the
+        ``before_edits`` reads in ``r.activations_before[hook]``)."""
         out = []
         for r in self.encode(inputs, activation_reads=activation_reads):
             acts, pos = activations_of(r.activations)
-            out.append(EncodedActivations(list(r.token_ids), acts, pos))
+            before, pos_before = activations_of(r.activations, before_edits=True)
+            out.append(EncodedActivations(list(r.token_ids), acts, pos, before, pos_before))
         return out
 
     def get_feature(self, sae: str, index: int) -> pb.Feature:
@@ -585,4 +601,5 @@ def collect(stream: Iterator[pb.GenerateResponse]) -> GenerationResult:
         if msg.HasField("guardrail"):
             out.guardrail = msg.guardrail
     out.activations, out.activation_positions = activations_of(acts)
+    out.activations_before, out.activation_positions_before = activations_of(acts, True)
     return out

@@ -22,7 +22,7 @@ from sae_runtime.labels.store import FeatureLabels, load_beside
 from sae_runtime.loading import load_hook_config
 from sae_runtime.loading.vectors import Bank, build_banks
 from sae_runtime.saes.base import SAEConfig
-from sae_runtime.spec.activations import NO_SITES, DeclaredSites
+from sae_runtime.spec.activations import NO_SITES, DeclaredSites, edit_positions
 from sae_runtime.spec.budget import watch_width
 from sae_runtime.spec.vectors import VectorIndex
 from sae_runtime.step.config import placement
@@ -99,9 +99,11 @@ def vector_values(banks) -> dict:
     return out
 
 
-def activation_sites(cfg: ServerConfig) -> DeclaredSites:
+def activation_sites(cfg: ServerConfig, hooks: Hooks | None = None) -> DeclaredSites:
     """The sites ``--activation-hooks`` declares in the served model (checked before the
-    engine starts: the family must have hook support, every glob must select a site)."""
+    engine starts: the family must have hook support, every glob must select a site), with
+    a before-edits twin at each one where a hook of ``hooks`` edits
+    (``spec.activations.edit_positions``; none without ``hooks``)."""
     globs = cfg.activation_globs()
     if not globs:
         return NO_SITES
@@ -112,7 +114,8 @@ def activation_sites(cfg: ServerConfig) -> DeclaredSites:
             f"{cfg.model}: architecture {archs} has no hook support; supported: {supported()}")
     d_model, n_layers = model_dims(cfg)
     heads, head_dim = attention_dims(hf)
-    return DeclaredSites.of(globs, n_layers, d_model, heads * head_dim)
+    edits = edit_positions(hooks.configs.values()) if hooks is not None else ()
+    return DeclaredSites.of(globs, n_layers, d_model, heads * head_dim, edits)
 
 
 def attention_dims(hf) -> tuple[int, int]:
@@ -209,9 +212,11 @@ def engine_settings(cfg: ServerConfig, reads_addr: str | None, hooks: Hooks | No
     ``steerd node`` build it here, so an engine node cannot drift from the API node."""
     from sae_runtime.vllm.engine import EngineSettings  # imports vLLM
 
+    hooks = hooks if hooks is not None else load_hooks(cfg)
+    sites = activation_sites(cfg, hooks)
     return EngineSettings(
         model=cfg.model,
-        saes=engine_sae_entries(cfg, hooks if hooks is not None else load_hooks(cfg)),
+        saes=engine_sae_entries(cfg, hooks),
         max_interventions=cfg.max_interventions,
         max_watch=cfg.max_watch,  # the watch tables' width: sae_runtime.spec.budget.watch_width
         sae_dtype=cfg.sae_dtype,
@@ -240,7 +245,8 @@ def engine_settings(cfg: ServerConfig, reads_addr: str | None, hooks: Hooks | No
         data_parallel_rpc_port=cfg.data_parallel_rpc_port,
         data_parallel_start_rank=cfg.data_parallel_start_rank,
         reads_lost_after_s=cfg.node_timeout_s if nodes.spans_nodes(cfg) else None,
-        act_sites=activation_sites(cfg).names,
+        act_sites=sites.names,
+        act_twins=sites.twins,
     )
 
 
@@ -269,7 +275,7 @@ def read_limits(cfg: ServerConfig, hooks: Hooks, engine: Any,
     return RecordLimits(d_sae=tuple(c.d_sae for c in hooks.configs.values()),
                         max_top_k=cfg.max_read_top_k, max_watch=watch_width(cfg.max_watch),
                         max_positions=int(engine.model_config.max_model_len),
-                        act_widths=sites.widths,
+                        act_widths=sites.site_widths,
                         max_act_reads=cfg.max_activation_reads)
 
 
@@ -288,11 +294,11 @@ async def verify_hooks(cfg: ServerConfig, engine: Any, hooks: Hooks,
     reports = await hook_reports(engine)
     world = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
     expect = config_hash(worker_config_of(engine_settings(cfg, reads_addr, hooks)))
-    sites = activation_sites(cfg)
+    sites = activation_sites(cfg, hooks)
     by_index = check_hooks(reports, expected_hooks(hooks), world_size=world,
                            reads=bool(hooks.saes or hooks.banks or sites.names),
                            config_hash=expect, reads_addr=reads_addr, act_sites=sites.names,
-                           act_widths=sites.widths)
+                           act_widths=sites.widths, act_twins=sites.twins)
     if nodes.spans_nodes(cfg):
         for line in node_lines(reports):
             log.info("%s", line)
@@ -382,7 +388,7 @@ async def serve(cfg: ServerConfig) -> int:
     chat_template = load_chat_template(cfg.chat_template)  # so does a bad --chat-template
     auth = Auth(tuple(load_tokens(cfg.auth_tokens_file)), cfg.cache_salt_per_token,
                 admin=tuple(load_admin_tokens(cfg.admin_tokens_file)))
-    sites = activation_sites(cfg)  # a glob that selects nothing fails here
+    sites = activation_sites(cfg, hooks)  # a glob that selects nothing fails here
     has_hooks = bool(hooks.saes or hooks.banks or sites.names)
     nodes.check_layout(cfg, "serve", has_hooks)
     ranks = nodes.local_ranks(cfg)  # the workers on this node (all of them on one node)

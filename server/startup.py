@@ -166,10 +166,11 @@ def check_same_config(reports: Sequence[Mapping], config_hash: str | None,
 def check_hooks(reports: Sequence[Mapping], expected: Sequence[ExpectedHook], *,
                 world_size: int, reads: bool, config_hash: str | None = None,
                 reads_addr: str | None = None, act_sites: Sequence[str] = (),
-                act_widths: Sequence[int] = ()) -> dict[int, str]:
+                act_widths: Sequence[int] = (), act_twins: Sequence[int] = ()) -> dict[int, str]:
     """Raise ``HookPlacementError`` unless every SAE, and every declared activation site
     (``act_sites``, hook names; ``act_widths``, when given, the width the server sized its
-    caps and record checks for), is installed where it must be.
+    caps and record checks for) and before-edits twin (``act_twins``: indices of
+    ``act_sites``; twin k is site ``len(act_sites) + k``), is installed where it must be.
 
     ``world_size`` is tensor x pipeline parallel (the workers of one engine); with data
     parallelism more reports arrive, in whole multiples. ``config_hash`` / ``reads_addr``:
@@ -226,21 +227,36 @@ def check_hooks(reports: Sequence[Mapping], expected: Sequence[ExpectedHook], *,
                     raise HookPlacementError(
                         f"SAE {e.sae_id!r}: workers chose different compute dtypes "
                         f"({dtypes[e.index]} and {h['dtype']})")
-    for j, name in enumerate(act_sites):
+    wanted = [(j, j, False) for j in range(len(act_sites))]
+    wanted += [(len(act_sites) + k, j, True) for k, j in enumerate(act_twins)]
+    for sid, j, before in wanted:
+        name = act_sites[j]
+        what = f"activation site {name}" + (" (its before-edits twin)" if before else "")
         layer, site = parse_hook(name) or (0, "")
         block = block_of(layer, site)
         for r in reports:
-            got = [a for a in r.get("act_sites", ()) if a["hook"] == name]
+            got = [a for a in r.get("act_sites", ()) if a["hook"] == name
+                   and bool(a.get("before_edits", False)) == before]
             must = block in r.get("layers", ())
             if must != bool(got):
                 raise HookPlacementError(
-                    f"activation site {name} is {'not ' if must else ''}installed on "
+                    f"{what} is {'not ' if must else ''}installed on "
                     f"{_where(r)}, which {'holds' if must else 'does not hold'} block {block}; "
+                    "refusing to serve")
+            if got and got[0].get("site", sid) != sid:
+                raise HookPlacementError(
+                    f"{what} is worker site {got[0]['site']} on {_where(r)}, expected {sid}; "
                     "refusing to serve")
             if got and act_widths and got[0].get("width", act_widths[j]) != act_widths[j]:
                 raise HookPlacementError(
-                    f"activation site {name} is {got[0]['width']} wide on {_where(r)}; the "
+                    f"{what} is {got[0]['width']} wide on {_where(r)}; the "
                     f"model config says {act_widths[j]}; refusing to serve")
+    for r in reports:
+        extra = [a for a in r.get("act_sites", ()) if a.get("site", 0) >= len(wanted)]
+        if extra:
+            raise HookPlacementError(
+                f"{_where(r)} installed activation site {extra[0]['site']} "
+                f"({extra[0]['hook']}), which this server does not declare; refusing to serve")
     if reads:
         stages: dict[tuple, list] = {}
         for r in reports:

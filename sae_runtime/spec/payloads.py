@@ -57,7 +57,8 @@ class ReadPayload(msgspec.Struct, array_like=True, frozen=True):
 
 
 class ActPayload(msgspec.Struct, array_like=True, frozen=True):
-    """One raw activation read: the declared site's index (``WorkerConfig.act_sites``) and
+    """One raw activation read: the worker site's index (``WorkerConfig.act_sites``, then its
+    before-edits twins: ``spec.activations.DeclaredSites.site_id``) and
     the positions (the worker copies the rows of the hull of its windows; the server keeps
     the selected ones and pools)."""
 

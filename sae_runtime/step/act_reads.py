@@ -1,8 +1,10 @@
 """Raw activation reads in the worker's step: one ``ActSite`` per declared site. No vLLM here.
 
 Each declared site (``WorkerConfig.act_sites``) has one op in the compiled graph
-(``sae_steer::act_read``, after the SAE hooks at the same module, so after this request's
-edits there). Before a forward, ``plan_acts`` writes the token rows each reading request
+(``sae_steer::act_read``, after the edit hooks at the same module, so after this request's
+edits there); a declared site where the server's hooks edit also has a before-edits twin
+(``WorkerConfig.act_twins``: site ``len(act_sites) + k``, the same width and read), one more
+op placed before those hooks. Before a forward, ``plan_acts`` writes the token rows each reading request
 wants at each site into the site's preallocated row list; the op copies those rows of the
 activation (the residual stream ``hidden + residual`` for a Llama-style layer's output) into
 the site's preallocated ``[max_tokens, d]`` float32 buffer; after the forward,
@@ -15,7 +17,8 @@ input, which is the pre-MLP norm's output ``x_hat * gain + bias``, and the site 
 ``n_heads / tp`` heads on each rank, so the op gathers the selected rows' columns over the
 TP group (``gather``), which every TP rank enters alike: all of them plan the rows.
 
-Sizes: a request reads a site at most once (``spec.activations.validate_reads``) and reads
+Sizes: a request reads a site at most once (``spec.activations.validate_reads``: one read
+per hook and ``before_edits``, and both ways only where the hook has a twin) and reads
 only its own token rows, so one step's rows at a site are at most ``max_num_batched_tokens``:
 the buffers are allocated once, at install, and nothing a request sends can overflow them.
 """

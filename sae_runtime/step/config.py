@@ -80,6 +80,10 @@ class WorkerConfig(msgspec.Struct, frozen=True):
     # raw activation reads: the declared sites (SAELens hook names, ``spec.activations``), in
     # server order (index == ``ActPayload.site``); each is one op in the compiled graph
     act_sites: tuple[str, ...] = ()
+    # the declared sites (indices into act_sites) with a before-edits twin, decided by the
+    # server (``spec.activations.twin_sites``): twin k is site ``len(act_sites) + k``, one
+    # more op each, placed before the edit hooks at its site's module
+    act_twins: tuple[int, ...] = ()
 
 
 # How a worker reaches the server's read socket. None of it shapes the compiled graph, and

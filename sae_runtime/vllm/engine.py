@@ -60,6 +60,7 @@ class EngineSettings:
     # engine nodes: how long a worker outlives an unreachable API node (None: no watch)
     reads_lost_after_s: float | None = None
     act_sites: tuple[str, ...] = ()  # raw activation read sites (--activation-hooks), resolved
+    act_twins: tuple[int, ...] = ()  # of those, the sites with a before-edits twin
 
 
 def worker_config_of(s: EngineSettings) -> WorkerConfig:
@@ -68,7 +69,8 @@ def worker_config_of(s: EngineSettings) -> WorkerConfig:
         saes=tuple(SAEEntry(**e) for e in s.saes), max_interventions=s.max_interventions,
         max_watch=s.max_watch, reads_addr=s.reads_addr, sae_dtype=s.sae_dtype,
         reads_keys=s.reads_keys, reads_max_message_bytes=s.reads_max_message_bytes,
-        reads_lost_after_s=s.reads_lost_after_s, act_sites=tuple(s.act_sites))
+        reads_lost_after_s=s.reads_lost_after_s, act_sites=tuple(s.act_sites),
+        act_twins=tuple(s.act_twins))
 
 
 def engine_args(s: EngineSettings) -> Any:

@@ -30,6 +30,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from sae_runtime.spec.activations import site_position
+
 
 @dataclass(frozen=True)
 class Family:
@@ -71,8 +73,9 @@ def family_of(architectures: list[str] | None) -> Family | None:
 
 
 def block_of(layer: int, site: str) -> int:
-    """Decoder layer whose module hosts an SAE at (layer, site)."""
-    return layer - 1 if site == "resid_pre" else layer
+    """Decoder layer whose module hosts an SAE at (layer, site)
+    (``spec.activations.site_position``: resid_pre of L is block L-1's output)."""
+    return site_position(layer, site).block
 
 
 def mlp_norm_affine(layer, family: Family):

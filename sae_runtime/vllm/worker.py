@@ -263,16 +263,22 @@ def _register_op() -> None:
 
 
 def _wrap_output(mod: torch.nn.Module, hook_ids: list[int], residual_tuple: bool,
-                 act_ids: list[int] = ()) -> None:
-    """Pass ``mod``'s output through the op, once per hook id, in order; then through the
-    activation read op of each declared site there (so it sees the edits)."""
+                 act_ids: list[int] = (), twin_ids: list[int] = (),
+                 clt_slots: list[tuple[int, int]] = ()) -> None:
+    """Pass ``mod``'s output through the activation read op of each before-edits twin
+    there (``twin_ids``: before any edit), then the SAE hook op once per hook id, in order,
+    then each cross-layer transcoder slot writing there (``clt_slots``: (hook id, slot)),
+    then the read op of each declared site there (``act_ids``: after every edit)."""
     orig = mod.forward
-    ids = tuple(hook_ids)
-    acts = tuple(act_ids)
+    ids, acts, twins, clt = tuple(hook_ids), tuple(act_ids), tuple(twin_ids), tuple(clt_slots)
 
     if residual_tuple:
+        assert not clt, "a cross-layer transcoder writes an MLP output, not a block's"
+
         def forward(*args, **kwargs):
             hidden_states, residual = orig(*args, **kwargs)
+            for site_id in twins:
+                hidden_states = torch.ops.sae_steer.act_read(hidden_states, residual, site_id)
             for hook_id in ids:
                 hidden_states = torch.ops.sae_steer.sae_hook(hidden_states, residual, hook_id)
             for site_id in acts:
@@ -281,8 +287,12 @@ def _wrap_output(mod: torch.nn.Module, hook_ids: list[int], residual_tuple: bool
     else:
         def forward(*args, **kwargs):
             x = orig(*args, **kwargs)
+            for site_id in twins:
+                x = torch.ops.sae_steer.act_read(x, None, site_id)
             for hook_id in ids:
                 x = torch.ops.sae_steer.sae_hook(x, None, hook_id)
+            for hook_id, slot in clt:
+                x = torch.ops.sae_steer.sae_clt_hook(x, hook_id, slot)
             for site_id in acts:
                 x = torch.ops.sae_steer.act_read(x, None, site_id)
             return x
@@ -291,18 +301,20 @@ def _wrap_output(mod: torch.nn.Module, hook_ids: list[int], residual_tuple: bool
 
 
 def _wrap_input(mod: torch.nn.Module, hook_ids: list[int], op=None,
-                act_ids: list[int] = ()) -> None:
-    """Pass ``mod``'s first argument through ``op`` (the hook by default: hook_z) before
-    ``mod`` runs, once per hook id, in order; then through the activation read op of each
-    declared site there (so it sees the edits)."""
+                act_ids: list[int] = (), twin_ids: list[int] = ()) -> None:
+    """Pass ``mod``'s first argument, before ``mod`` runs, through the activation read op of
+    each before-edits twin there (``twin_ids``), then ``op`` (the hook by default: hook_z)
+    once per hook id, in order, then the read op of each declared site there (``act_ids``:
+    after the edits)."""
     orig = mod.forward
-    ids = tuple(hook_ids)
-    acts = tuple(act_ids)
+    ids, acts, twins = tuple(hook_ids), tuple(act_ids), tuple(twin_ids)
     if op is None:
         def op(x, hook_id):
             return torch.ops.sae_steer.sae_hook(x, None, hook_id)
 
     def forward(x, *args, **kwargs):
+        for site_id in twins:
+            x = torch.ops.sae_steer.act_read(x, None, site_id)
         for hook_id in ids:
             x = op(x, hook_id)
         for site_id in acts:
@@ -310,6 +322,46 @@ def _wrap_input(mod: torch.nn.Module, hook_ids: list[int], op=None,
         return orig(x, *args, **kwargs)
 
     mod.forward = forward
+
+
+def wrap_sites(layers: dict, family, targets: dict[tuple[int, str], list[int]],
+               act_targets: dict[tuple[int, str], list[int]] | None = None,
+               twin_targets: dict[tuple[int, str], list[int]] | None = None,
+               stashes: dict[int, list[int]] | None = None,
+               clts: list[tuple[int, tuple[int, ...]]] = ()) -> None:
+    """Wrap the decoder blocks ``layers`` (block -> module) of ``family``: at each
+    (block, site kind) its before-edits twins' reads, its SAE hooks (``targets``), at
+    ``mlp_out`` the cross-layer transcoder slots writing there (``clts``: (hook id, blocks)),
+    then its declared sites' reads (``act_targets``: after every edit at the module); then
+    the transcoders' and CLTs' input stashes at the MLP input."""
+    act_targets, twin_targets, stashes = act_targets or {}, twin_targets or {}, stashes or {}
+    clt_at: dict[int, list[tuple[int, int]]] = {}  # block -> (CLT hook id, slot) writing there
+    for hook_id, blocks in clts:
+        for slot, block in enumerate(blocks):
+            clt_at.setdefault(block, []).append((hook_id, slot))
+    keys = [*targets, *act_targets, *twin_targets, *((b, "mlp_out") for b in clt_at)]
+    for block, site in dict.fromkeys(keys):
+        ids = targets.get((block, site), [])
+        act_ids = act_targets.get((block, site), [])
+        twin_ids = twin_targets.get((block, site), [])
+        layer = layers[block]
+        if site == "out":
+            _wrap_output(layer, ids, family.residual_tuple, act_ids, twin_ids)
+        elif site == "z":
+            _wrap_input(layer.get_submodule(family.z), ids, act_ids=act_ids, twin_ids=twin_ids)
+        elif site == "ln2_normalized":
+            _wrap_input(layer.get_submodule(family.mlp_in), [], act_ids=act_ids,
+                        twin_ids=twin_ids)
+        else:
+            _wrap_output(layer.get_submodule(getattr(family, site)), ids, residual_tuple=False,
+                         act_ids=act_ids, twin_ids=twin_ids,
+                         clt_slots=clt_at.get(block, []) if site == "mlp_out" else [])
+    # After the output wraps: where the MLP is also the mlp_out module (Llama), the stash
+    # wraps the hook's wrapper, so the input is kept before the MLP and its hook run.
+    for block, ids in stashes.items():
+        _wrap_input(layers[block].get_submodule(family.mlp_in), ids, op=_stash)
+    for hook_id, blocks in clts:
+        _wrap_clt_stash(layers, family, hook_id, blocks)
 
 
 def _stash(x: torch.Tensor, hook_id: int) -> torch.Tensor:
@@ -532,10 +584,13 @@ def install(runner) -> None:
         if split is not None:
             log.info("SAE %s: tp rank %d/%d reads features [%d, %d) of %d (tp_reads)",
                      entry.id, ranks["tp_rank"], tp, split.lo, split.hi, c.d_sae)
-    # declared raw activation sites: one op each, after the SAE hooks of the same module
+    # declared raw activation sites: one op each, after the edit hooks of the same module;
+    # a twin (cfg.act_twins, the server's choice) one more, before them
     acts: list[ActSite | None] = []
     act_report: list[dict] = []
     act_targets: dict[tuple[int, str], list[int]] = {}
+    twin_targets: dict[tuple[int, str], list[int]] = {}
+    made: dict[int, tuple] = {}  # declared site -> (block, wrap, width, affine, gather)
     act_gather = False  # a site whose rows every TP rank gathers (z under TP)
     for name in cfg.act_sites:
         parsed = parse_hook(name)
@@ -561,28 +616,24 @@ def install(runner) -> None:
                 act_gather = True
         elif kind == "ln2_normalized":  # read at the MLP input: undo the norm's affine
             affine = mlp_norm_affine(layers[block], family)
+        made[len(acts)] = (block, site, width, affine, gather)
         act_targets.setdefault((block, site), []).append(len(acts))
         acts.append(ActSite(width, max_tokens, device, affine=affine, gather=gather))
-        act_report.append({"site": len(acts) - 1, "hook": name, "block": block, "width": width})
-    for block, site in dict.fromkeys([*targets, *act_targets]):
-        ids = targets.get((block, site), [])
-        act_ids = act_targets.get((block, site), [])
-        layer = layers[block]
-        if site == "out":
-            _wrap_output(layer, ids, family.residual_tuple, act_ids)
-        elif site == "z":
-            _wrap_input(layer.get_submodule(family.z), ids, act_ids=act_ids)
-        elif site == "ln2_normalized":
-            _wrap_input(layer.get_submodule(family.mlp_in), [], act_ids=act_ids)
-        else:
-            _wrap_output(layer.get_submodule(getattr(family, site)), ids, residual_tuple=False,
-                         act_ids=act_ids)
-    # After the output wraps: where the MLP is also the mlp_out module (Llama), the stash
-    # wraps the hook's wrapper, so the input is kept before the MLP and its hook run.
-    for block, ids in stashes.items():
-        _wrap_input(layers[block].get_submodule(family.mlp_in), ids, op=_stash)
-    for hook_id, blocks in clts:  # outside the wraps above: the CLT sees the MLP's final output
-        _wrap_clt(layers, family, hook_id, blocks)
+        act_report.append({"site": len(acts) - 1, "hook": name, "block": block, "width": width,
+                           "before_edits": False})
+    for k, i in enumerate(cfg.act_twins):
+        if not 0 <= i < len(cfg.act_sites):
+            raise SAEFormatError(f"activation twin {k} names site {i}; "
+                                 f"{len(cfg.act_sites)} sites are declared")
+        if i not in made:  # another pipeline stage holds its block
+            acts.append(None)
+            continue
+        block, site, width, affine, gather = made[i]
+        twin_targets.setdefault((block, site), []).append(len(acts))
+        acts.append(ActSite(width, max_tokens, device, affine=affine, gather=gather))
+        act_report.append({"site": len(acts) - 1, "hook": cfg.act_sites[i], "block": block,
+                           "width": width, "before_edits": True})
+    wrap_sites(layers, family, targets, act_targets, twin_targets, stashes, clts)
     addr = cfg.reads_addr
     publish = bool(addr) and ranks["tp_rank"] == 0
     # Across nodes every worker (publishing or not) holds a connection to the server's read
@@ -651,17 +702,12 @@ def _install_clt(entry, runner, ranks: dict, layers: dict, device: torch.device,
                     "decoder_bytes": dec}
 
 
-def _wrap_clt(layers: dict, family, hook_id: int, blocks: tuple[int, ...]) -> None:
-    """Per slot ``s``: ``sae_clt_hook`` on block ``blocks[s]``'s MLP output, then (outside it,
-    so the input is kept before the MLP and its hook run) ``sae_clt_stash`` on its MLP input."""
+def _wrap_clt_stash(layers: dict, family, hook_id: int, blocks: tuple[int, ...]) -> None:
+    """Per slot ``s``: ``sae_clt_stash`` on block ``blocks[s]``'s MLP input (outside the
+    output wraps, so the input is kept before the MLP and its hooks run). The slot's
+    ``sae_clt_hook`` on the MLP output is one of ``_wrap_output``'s ops (``wrap_sites``), so
+    the reads at ``hook_mlp_out`` run after it (and the twins before it)."""
     for slot, block in enumerate(blocks):
-        mlp_out = layers[block].get_submodule(family.mlp_out)
-        orig = mlp_out.forward
-
-        def forward(*args, _orig=orig, _slot=slot, **kwargs):
-            return torch.ops.sae_steer.sae_clt_hook(_orig(*args, **kwargs), hook_id, _slot)
-
-        mlp_out.forward = forward
         _wrap_input(layers[block].get_submodule(family.mlp_in), [hook_id],
                     op=lambda x, h, _slot=slot: torch.ops.sae_steer.sae_clt_stash(x, h, _slot))
 

@@ -163,11 +163,12 @@ class ReadFeed:
             pos, rows = self._act_pos[j], self._act_rows[j]
             if a.pool is ActPool.NONE:
                 if pos:
-                    out.append(ActivationRows(a.hook, pos, np.stack(rows), a.pool, a.dtype))
+                    out.append(ActivationRows(a.hook, pos, np.stack(rows), a.pool, a.dtype,
+                                              a.before_edits))
                     self._act_pos[j], self._act_rows[j] = [], []
             elif final:
                 values = pool_rows(np.stack(rows), a.pool) if rows else np.zeros((0, 0), np.float32)
-                out.append(ActivationRows(a.hook, pos, values, a.pool, a.dtype))
+                out.append(ActivationRows(a.hook, pos, values, a.pool, a.dtype, a.before_edits))
                 self._act_pos[j], self._act_rows[j] = [], []
         return out
 

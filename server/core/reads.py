@@ -139,7 +139,9 @@ class RecordLimits:
     max_watch: int
     max_positions: int  # the engine's max_model_len: every position is below it
     max_reads: int = 4096  # a request's read index (``ReadRecord.read``) is below it
-    act_widths: tuple[int, ...] = ()  # width of each declared activation site (by ``ActRecord.site``)
+    # width of each worker activation site (by ``ActRecord.site``): the declared sites, then
+    # their before-edits twins (``DeclaredSites.site_widths``)
+    act_widths: tuple[int, ...] = ()
     max_act_reads: int = 0  # a request's activation read index is below it
 
 

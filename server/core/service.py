@@ -669,6 +669,7 @@ class Core:
             max_runtime_vectors=self.runtime.per_layer if self.runtime.layers else 0,
             device=rt.device, model_runner=rt.model_runner, cudagraph_mode=rt.cudagraph_mode,
             activation_hooks=self.sites.names,
+            activation_hooks_with_edits=self.sites.twin_hooks,
             max_activation_reads=lim.max_activation_reads if self.sites.names else 0,
             max_activation_positions=lim.max_activation_positions if self.sites.names else 0,
             max_activation_bytes=lim.max_activation_bytes if self.sites.names else 0,

@@ -155,10 +155,11 @@ class ActivationRows:
     values: np.ndarray  # float32 [rows, d]
     pool: ActPool = ActPool.NONE
     dtype: ActDtype = ActDtype.FLOAT32
+    before_edits: bool = False  # the read's ``before_edits``
 
     def nbytes(self) -> int:
         """About its encoded size (``Chunk.nbytes``)."""
-        return 16 + len(self.hook) + 5 * len(self.positions) + self.values.size * self.dtype.itemsize
+        return 18 + len(self.hook) + 5 * len(self.positions) + self.values.size * self.dtype.itemsize
 
 
 @dataclass(slots=True)
@@ -379,6 +380,8 @@ class ModelInfo:
     model_runner: str = ""  # "v1" or "v2"
     cudagraph_mode: str = ""  # vLLM's CUDA graph mode; "" on CPU
     activation_hooks: tuple[str, ...] = ()  # the declared activation sites
+    # of those, the ones where an edit hook sits: a before-edits read differs there
+    activation_hooks_with_edits: tuple[str, ...] = ()
     max_activation_reads: int = 0
     max_activation_positions: int = 0
     max_activation_bytes: int = 0

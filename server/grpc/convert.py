@@ -103,7 +103,7 @@ def activation_reads(items, field: str = "activation_reads") -> tuple[Activation
         f = f"{field}[{j}]"
         pool = optional_enum(ActPool, a.pool, f"{f}.pool", "pool") or ActPool.NONE
         dtype = optional_enum(ActDtype, a.dtype, f"{f}.dtype", "dtype") or ActDtype.FLOAT32
-        out.append(ActivationRead(a.hook, _positions(a, f), pool, dtype))
+        out.append(ActivationRead(a.hook, _positions(a, f), pool, dtype, a.before_edits))
     return tuple(out)
 
 
@@ -173,7 +173,8 @@ def activations(a: t.ActivationRows) -> pb.Activations:
     """Rows packed as little-endian ``dtype`` (``sae_runtime.spec.activations.pack``)."""
     rows, d = (a.values.shape if a.values.ndim == 2 else (0, 0))
     return pb.Activations(hook=a.hook, positions=a.positions, shape=[rows, d], dtype=int(a.dtype),
-                          data=pack(a.values, a.dtype), pool=int(a.pool))
+                          data=pack(a.values, a.dtype), pool=int(a.pool),
+                          before_edits=a.before_edits)
 
 
 def chunk(c: t.Chunk) -> pb.GenerateResponse:

@@ -124,6 +124,7 @@ class ActivationReadBody(_Strict):
     positions: PositionsBody | None = None
     pool: literal(ACT_POOLS) | None = None  # None: "none" (one row per position)
     dtype: literal(ACT_DTYPES) | None = None  # None: "float32"
+    before_edits: bool = False  # before this request's edits at the site
 
 
 class MessageBody(BaseModel):
@@ -341,7 +342,8 @@ def generate_request(body: CommonBody) -> t.GenerateRequest:
         request_id=body.request_id,
         activation_reads=tuple(
             ActivationRead(a.hook, _positions(a, f"activation_reads[{j}]"),
-                           ACT_POOLS[a.pool or "none"], ACT_DTYPES[a.dtype or "float32"])
+                           ACT_POOLS[a.pool or "none"], ACT_DTYPES[a.dtype or "float32"],
+                           a.before_edits)
             for j, a in enumerate(body.activation_reads)),
         fit_max_tokens=chat,
     )

@@ -32,21 +32,23 @@ def activations(a: t.ActivationRows) -> dict:
     rows, d = a.values.shape if a.values.ndim == 2 else (0, 0)
     return {"hook": a.hook, "positions": list(a.positions), "shape": [rows, d],
             "dtype": a.dtype.name.lower(), "pool": a.pool.name.lower(),
+            "before_edits": a.before_edits,
             "data": base64.b64encode(pack(a.values, a.dtype)).decode()}
 
 
 def merged_activations(items: list[t.ActivationRows]) -> list[t.ActivationRows]:
-    """Per-position rows of one hook over several chunks as one entry (pooled ones as
-    they are), in first-seen order."""
-    out: dict[tuple[str, bool], t.ActivationRows] = {}
+    """Per-position rows of one read (hook and before_edits) over several chunks as one
+    entry (pooled ones as they are), in first-seen order."""
+    out: dict[tuple[str, bool, bool], t.ActivationRows] = {}
     for a in items:
-        key = (a.hook, a.pool is ActPool.NONE)
+        key = (a.hook, a.before_edits, a.pool is ActPool.NONE)
         prev = out.get(key)
-        if prev is None or not key[1]:
+        if prev is None or not key[2]:
             out[key] = a
         else:
             out[key] = t.ActivationRows(a.hook, [*prev.positions, *a.positions],
-                                        np.concatenate([prev.values, a.values]), a.pool, a.dtype)
+                                        np.concatenate([prev.values, a.values]), a.pool, a.dtype,
+                                        a.before_edits)
     return list(out.values())
 
 

@@ -4,12 +4,16 @@ The shared server declares ``ACT_HOOKS`` (``--activation-hooks``, tests/e2e/conf
 The reference is the fp32 HF model with plain forward hooks on its modules
 (``HFReference.hidden``); a steered request's reference adds the same edit with an HF hook
 (sae-lens's SAE math, ``HFReference``), registered before the capture, so it sees the edited
-values: the documented "after this request's edits" convention.
+values: the documented "after this request's edits" convention. A ``before_edits`` read's
+reference is the same forward with only the request's edits at earlier sites (an edit at
+block L's output changes nothing up to that output, so the values there are the ones the
+site's own edits start from).
 """
 
 from __future__ import annotations
 
 import base64
+import concurrent.futures as cf
 import json
 import subprocess
 import sys
@@ -166,3 +170,124 @@ def test_cli_encode_json(server, ref):
     assert entry["hook"] == RESID[1] and entry["positions"] == list(range(len(PROMPT)))
     want = ref.hidden(PROMPT, [RESID[1]])[RESID[1]].max(0, keepdim=True).values
     close(np.array(entry["values"]), want)
+
+
+# ---------------------------------------------------------------------------- before edits
+# Hooks on the shared server: tk edits block 0's output, resid_l1 and jr block 1's, the
+# vector banks blocks 0-2's outputs; nothing edits hook_mlp_out, hook_attn_out, z or ln2.
+EDITED = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.2.hook_resid_pre",
+          "blocks.2.hook_resid_post"]
+
+
+def test_model_info_lists_the_hooks_with_edits(server):
+    with server.client() as c:
+        info = c.model_info()
+    assert sorted(info.activation_hooks_with_edits) == sorted(EDITED)
+
+
+def test_before_edits_reads_the_site_without_this_requests_edit_there(server, ref):
+    """An earlier-site clamp (tk, block 0) and one at the read site (resid_l1, block 1):
+    block 1's output before edits is HF with the block-0 edit only, after edits HF with
+    both; ``blocks.2.hook_resid_pre`` is the same position (block 1's output)."""
+    early, late = Edit("tk", 3, CLAMP, 6.0), Edit("resid_l1", 9, CLAMP, 12.0)
+    reads = [activation_read(RESID[1]), activation_read(RESID[1], before_edits=True),
+             activation_read("blocks.2.hook_resid_pre", before_edits=True),
+             activation_read(RESID[0], before_edits=True), activation_read(RESID[0])]
+    with server.client() as c:
+        r = c.generate_text(PROMPT, max_tokens=5, temperature=0.0, ignore_eos=True,
+                            interventions=[clamp("tk", 3, 6.0), clamp("resid_l1", 9, 12.0)],
+                            activation_reads=reads)
+    full = PROMPT + r.token_ids
+    both = ref.hidden(full, RESID[:2], [early, late], len(PROMPT))
+    earlier = ref.hidden(full, RESID[:2], [early], len(PROMPT))
+    plain = ref.hidden(full, RESID[:2])
+    fed = list(range(len(full) - 1))
+    assert r.activation_positions_before[RESID[1]] == r.activation_positions[RESID[1]] == fed
+    close(r.activations[RESID[1]], both[RESID[1]][:-1])
+    close(r.activations_before[RESID[1]], earlier[RESID[1]][:-1])
+    close(r.activations_before["blocks.2.hook_resid_pre"], earlier[RESID[1]][:-1])
+    close(r.activations_before[RESID[0]], plain[RESID[0]][:-1])
+    close(r.activations[RESID[0]], both[RESID[0]][:-1])
+    # each edit moves what it should: the site's own edit separates before from after, the
+    # earlier one reaches the before values
+    assert (both[RESID[1]] - earlier[RESID[1]]).abs().max() > 1e-1
+    assert (earlier[RESID[1]] - plain[RESID[1]]).abs().max() > 1e-1
+    assert (both[RESID[0]] - plain[RESID[0]]).abs().max() > 1e-1
+
+
+def test_before_and_after_reads_of_requests_in_one_batch(server, ref):
+    """Concurrent requests, each with its own block-1 clamp and its own read (before edits
+    for even i, after for odd i, both for i = 0) of block 1's output: each one's rows are its
+    own reference's."""
+    n = 6
+    prompts = [[(31 * i + 7 * j) % 500 + 3 for j in range(6 + 5 * i)] for i in range(n)]
+
+    def run(i):
+        reads = [activation_read(RESID[1], before_edits=i % 2 == 0)]
+        if i == 0:
+            reads.append(activation_read(RESID[1]))
+        edits = [clamp("tk", i, 5.0), clamp("resid_l1", 10 + i, 10.0)]
+        with server.client() as c:
+            return c.generate_text(prompts[i], max_tokens=6, temperature=0.0, ignore_eos=True,
+                                   interventions=edits, activation_reads=reads)
+
+    with cf.ThreadPoolExecutor(n) as pool:
+        results = list(pool.map(run, range(n)))
+    for i, r in enumerate(results):
+        full = prompts[i] + r.token_ids
+        early = [Edit("tk", i, CLAMP, 5.0)]
+        both = ref.hidden(full, [RESID[1]], [*early, Edit("resid_l1", 10 + i, CLAMP, 10.0)],
+                          len(prompts[i]))[RESID[1]][:-1]
+        earlier = ref.hidden(full, [RESID[1]], early, len(prompts[i]))[RESID[1]][:-1]
+        if i % 2 == 0:
+            assert r.activation_positions_before[RESID[1]] == list(range(len(full) - 1))
+            close(r.activations_before[RESID[1]], earlier)
+        if i % 2 == 1 or i == 0:
+            assert r.activation_positions[RESID[1]] == list(range(len(full) - 1))
+            close(r.activations[RESID[1]], both)
+        if i % 2 == 1:
+            assert r.activations_before == {}
+
+
+def test_before_and_after_where_nothing_edits_is_refused_naming_the_field(server, ref):
+    hook = "blocks.0.hook_mlp_out"
+    with server.client() as c, pytest.raises(grpc.RpcError) as e:
+        c.generate_text(PROMPT, max_tokens=2, activation_reads=[
+            activation_read(hook), activation_read(hook, before_edits=True)])
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "activation_reads[1].before_edits" in e.value.details()
+    assert "nothing edits blocks.0.hook_mlp_out" in e.value.details()
+    # alone, a before-edits read there gives the (same) after-edits values
+    with server.client() as c:
+        (r,) = c.encode_activations([PROMPT], [activation_read(hook, before_edits=True)])
+    close(r.activations_before[hook], ref.hidden(PROMPT, [hook])[hook])
+
+
+def test_http_and_cli_mark_before_edits_reads(server, ref):
+    out = server.openai().completions.create(
+        model=str(server.model_dir), prompt=PROMPT, max_tokens=3, temperature=0.0,
+        extra_body={"ignore_eos": True, "return_token_ids": True,
+                    "interventions": [{"sae": "resid_l1", "feature": 9, "value": 12.0,
+                                       "mode": "clamp"}],
+                    "activation_reads": [{"hook": RESID[1]},
+                                         {"hook": RESID[1], "before_edits": True}]})
+    choice = out.choices[0].model_dump()
+    full = PROMPT + choice["token_ids"]
+    after, before = choice["activations"]
+    assert (after["before_edits"], before["before_edits"]) == (False, True)
+    rows = {e["before_edits"]: np.frombuffer(base64.b64decode(e["data"]), "<f4").reshape(e["shape"])
+            for e in (after, before)}
+    close(rows[False], ref.hidden(full, [RESID[1]], [Edit("resid_l1", 9, CLAMP, 12.0)],
+                                  len(PROMPT))[RESID[1]][:-1])
+    close(rows[True], ref.hidden(full, [RESID[1]])[RESID[1]][:-1])
+    cmd = [sys.executable, "-m", "clients.cli", "--target", server.target, "generate",
+           "--prompt-ids", ",".join(map(str, PROMPT)), "--max-tokens", "3", "--temperature", "0",
+           "--clamp", "resid_l1:9=12.0", "--activations", RESID[1],
+           "--activations-before-edits", RESID[1], "--json"]
+    res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                    timeout=120).stdout)
+    a, b = res["activations"]
+    assert a["hook"] == b["hook"] == RESID[1]
+    assert "before_edits" not in a and b["before_edits"] is True
+    full = PROMPT + res["token_ids"]
+    close(np.array(b["values"]), ref.hidden(full, [RESID[1]])[RESID[1]][:-1])

@@ -5,6 +5,7 @@ name the field), packing against torch/numpy, pooling, and the worker's step (pl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import msgspec
 import numpy as np
@@ -18,11 +19,16 @@ from sae_runtime.spec.activations import (
     ActivationRead,
     ActPool,
     DeclaredSites,
+    SitePosition,
     declared_sites,
+    edit_positions,
+    hook_position,
     pack,
     parse_hook,
     pool_rows,
+    site_position,
     to_payload,
+    twin_sites,
     validate_reads,
 )
 from sae_runtime.spec.payloads import RequestPayload
@@ -212,3 +218,84 @@ def test_gathered_site_keeps_every_ranks_columns_of_the_selected_rows():
     site.upload()
     site.copy(rank0, None)
     torch.testing.assert_close(site.buf[:2], full[[0, 3]])
+
+
+# ---------------------------------------------------------------------------- before edits
+
+# A server that hooks an SAE at blocks.2.hook_resid_pre (block 1's output), a transcoder
+# writing blocks.0.hook_mlp_out and a cross-layer transcoder writing mlp_out of blocks 1, 2.
+EDITS = edit_positions([
+    SimpleNamespace(layer=2, site="resid_pre", clt_layers=()),
+    SimpleNamespace(layer=0, site="mlp_out", clt_layers=()),
+    SimpleNamespace(layer=1, site="mlp_out", clt_layers=(1, 2)),
+])
+TWINNED = DeclaredSites.of(["blocks.*.hook_resid_post", "blocks.*.hook_mlp_out",
+                            "blocks.1.attn.hook_z"], 3, 8, 12, EDITS)
+
+
+def test_positions_merge_resid_pre_with_the_previous_blocks_output():
+    assert site_position(2, "resid_pre") == site_position(1, "resid_post") == SitePosition(1, "out")
+    assert hook_position("blocks.2.hook_resid_pre") == hook_position("blocks.1.hook_resid_post")
+    assert hook_position("blocks.1.attn.hook_z") == SitePosition(1, "z")
+    assert hook_position("blocks.0.ln2.hook_normalized") == SitePosition(0, "ln2_normalized")
+    assert site_position(0, "mlp_out") != site_position(0, "attn_out")
+    with pytest.raises(ValueError):
+        hook_position("blocks.0.hook_mlp_in")
+
+
+def test_edit_positions_of_saes_transcoders_and_clts():
+    # the SAE at resid_pre 2 edits block 1's output; the CLT (its own layer 1) every block
+    # it writes, not its first block's output or resid_post
+    assert EDITS == {SitePosition(1, "out"), SitePosition(0, "mlp_out"),
+                     SitePosition(1, "mlp_out"), SitePosition(2, "mlp_out")}
+
+
+def test_twins_sit_where_hooks_edit_and_get_the_ids_after_the_declared_sites():
+    assert TWINNED.names == ("blocks.0.hook_mlp_out", "blocks.0.hook_resid_post",
+                             "blocks.1.attn.hook_z", "blocks.1.hook_mlp_out",
+                             "blocks.1.hook_resid_post", "blocks.2.hook_mlp_out",
+                             "blocks.2.hook_resid_post")
+    assert TWINNED.twins == (0, 3, 4, 5)  # mlp_out 0, 1, 2 and block 1's output
+    assert TWINNED.twins == twin_sites(TWINNED.names, EDITS)
+    assert TWINNED.twin_hooks == ("blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out",
+                                  "blocks.1.hook_resid_post", "blocks.2.hook_mlp_out")
+    n = len(TWINNED.names)
+    assert TWINNED.site_id("blocks.1.hook_resid_post") == 4
+    assert TWINNED.site_id("blocks.1.hook_resid_post", before_edits=True) == n + 2
+    assert TWINNED.site_id("blocks.0.hook_mlp_out", before_edits=True) == n
+    # nothing edits z or block 0's output: a before-edits read is the site itself
+    assert TWINNED.site_id("blocks.1.attn.hook_z", before_edits=True) == 2
+    assert TWINNED.site_id("blocks.0.hook_resid_post", before_edits=True) == 1
+    assert TWINNED.site_widths == (8, 8, 12, 8, 8, 8, 8, 8, 8, 8, 8)
+    z_twin = DeclaredSites.of(["blocks.1.attn.hook_z"], 2, 8, 12, {SitePosition(1, "z")})
+    assert z_twin.twins == (0,) and z_twin.site_widths == (12, 12)
+    assert DeclaredSites.of(["blocks.*.hook_resid_post"], 3, 8, 12).twins == ()
+
+
+def test_payload_maps_each_read_to_its_worker_site():
+    reads = (ActivationRead("blocks.1.hook_resid_post", before_edits=True),
+             ActivationRead("blocks.1.hook_resid_post"),
+             ActivationRead("blocks.2.hook_mlp_out", PROMPT, before_edits=True),
+             ActivationRead("blocks.1.attn.hook_z", before_edits=True))
+    validate_reads(reads, TWINNED, max_reads=8)
+    n = len(TWINNED.names)
+    assert [(a.site, a.positions) for a in to_payload(reads, TWINNED)] == [
+        (n + 2, Selector()), (4, Selector()), (n + 3, PROMPT), (2, Selector())]
+
+
+@pytest.mark.parametrize("reads, field, words", [
+    ((ActivationRead("blocks.1.hook_resid_post", before_edits=True),
+      ActivationRead("blocks.1.hook_resid_post", before_edits=True)),
+     "activation_reads[1].hook", "before edits is already read by activation_reads[0]"),
+    ((ActivationRead("blocks.0.hook_resid_post"),
+      ActivationRead("blocks.0.hook_resid_post", before_edits=True)),
+     "activation_reads[1].before_edits", "nothing edits blocks.0.hook_resid_post"),
+    ((ActivationRead("blocks.1.attn.hook_z", before_edits=True),
+      ActivationRead("blocks.0.hook_mlp_out"), ActivationRead("blocks.1.attn.hook_z")),
+     "activation_reads[0].before_edits", "activation_reads[2] reads it after edits"),
+])
+def test_before_edits_refusals_name_the_field(reads, field, words):
+    with pytest.raises(InvalidRequestError) as e:
+        validate_reads(reads, TWINNED, max_reads=8)
+    assert e.value.field == field
+    assert words in str(e.value)

@@ -5,7 +5,8 @@ engine live in tests/e2e.
 ``FakeEngine`` emits one token per step (``step_s`` apart) until ``max_tokens``; with a
 ``FakeRouter`` it also delivers the reads a request asks for (``RequestPayload.reads``), as
 the worker would: prompt positions with the first step, then one generated position per
-step, each read's values a deterministic function of (position, feature).
+step, each read's values a deterministic function of (position, feature), each activation
+read's rows one of (worker site, position) (``act_rows``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 
 from sae_runtime.spec.payloads import decode_request
 from sae_runtime.step.config import AdditionalConfig, SAEEntry, WorkerConfig
-from sae_runtime.step.records import ReadRecord
+from sae_runtime.step.records import ActRecord, ReadRecord
 from server.core.reads import RequestReads
 
 
@@ -45,13 +46,20 @@ def read_value(position: int, feature: int) -> float:
     return float((position * 7 + feature * 3) % 11) - 2.0
 
 
+def act_rows(site: int, positions, d: int) -> np.ndarray:
+    """What the fake worker copies at worker activation site ``site`` (a declared site or a
+    before-edits twin, ``DeclaredSites.site_id``) for ``positions``: ``[n, d]`` float32."""
+    pos = np.asarray(list(positions), dtype=np.float32)[:, None]
+    return (1000.0 * site + pos + np.arange(d, dtype=np.float32)[None, :] / d).astype(np.float32)
+
+
 class FakeEngine:
     """What the core reads of an AsyncLLM, and a scripted ``generate``."""
 
     def __init__(self, tokenizer=None, *, max_model_len: int = 100_000, step_s: float = 0.001,
                  fail_after: int | None = None, text_len: int = 100, vocab_size: int = 100,
                  saes: dict[str, Path] | None = None, router: FakeRouter | None = None,
-                 d_sae: int = 1024) -> None:
+                 d_sae: int = 1024, act_d: int = 256) -> None:
         self.model_config = SimpleNamespace(
             max_model_len=max_model_len, hf_config=SimpleNamespace(architectures=["LlamaForCausalLM"]),
             dtype="torch.float32", get_total_num_hidden_layers=lambda: 4,
@@ -70,6 +78,7 @@ class FakeEngine:
         self.fail_after = fail_after
         self.router = router
         self.d_sae = d_sae
+        self.act_d = act_d  # every activation site's width
         self.aborted: list[str] = []
         self.prompts: list[dict] = []
         self.steps = 0
@@ -102,6 +111,9 @@ class FakeEngine:
                              **({"psum": vals.sum(0).tobytes(), "pmax": vals.max(0).tobytes()}
                                 if payload.pooled else {}))
             buf.add(rec)
+        for j, a in enumerate(payload.acts):  # every position's row; the server selects
+            buf.add_act(ActRecord(rid=payload.rid, read=j, site=a.site, pos0=pos0, n=len(pos),
+                                  d=self.act_d, data=act_rows(a.site, pos, self.act_d).tobytes()))
 
     async def generate(self, prompt, params, request_id):
         self.running += 1

@@ -11,6 +11,7 @@ so requests that name the bank as an SAE are refused alike everywhere.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import json
 from pathlib import Path
@@ -21,11 +22,11 @@ import numpy as np
 import pytest
 from google.protobuf.json_format import MessageToDict
 
-from clients.client import SteeringClient, activation_read, clamp, read, when
+from clients.client import SteeringClient, activation_read, activations_of, clamp, read, when
 from sae_runtime.labels.store import load_beside
 from sae_runtime.loading import load_sae_config
 from sae_runtime.loading.vectors import Bank
-from sae_runtime.spec.activations import DeclaredSites
+from sae_runtime.spec.activations import DeclaredSites, edit_positions
 from sae_runtime.spec.vectors import VectorIndex
 from server.core.errors import Code, code_of, field_of
 from server.core.service import Core
@@ -38,15 +39,17 @@ from server.http import names
 from server.http.app import build_app
 from steering.v1 import steering_pb2 as pb
 from steering.v1 import steering_pb2_grpc as pb_grpc
-from tests.server.engines import FakeEngine, FakeRouter
+from tests.server.engines import FakeEngine, FakeRouter, act_rows
 
 EMBEDDED = Path(__file__).resolve().parents[2] / "server" / "embedded"
 SAE = "topics_l1"
 MODEL = str(EMBEDDED / "model")  # the logit effects read its unembedding
 BANK = Bank(0, ("v",), np.ones((1, 256), np.float32))
 build = SteeringClient.build_request
-SITES = DeclaredSites(("blocks.*.hook_resid_post",),
-                      ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post"), (256, 256))
+HOOKS = tuple(f"blocks.{L}.hook_resid_post" for L in range(3))
+# the bank edits block 0's output and the SAE block 1's: those two sites have twins (worker
+# sites 3 and 4), block 2's has none (test_declared_sites_twin_where_the_sae_and_bank_edit)
+SITES = DeclaredSites(("blocks.*.hook_resid_post",), HOOKS, (256,) * 3, (0, 1))
 
 
 def proto_dict(msg) -> dict:
@@ -209,7 +212,8 @@ def _http_body(req: pb.GenerateRequest) -> dict:
     for v in req.vectors:
         body.setdefault("vectors", []).append({"name": v.name, "strength": v.strength})
     for a in req.activation_reads:
-        body.setdefault("activation_reads", []).append({"hook": a.hook})
+        body.setdefault("activation_reads", []).append(
+            {"hook": a.hook, **({"before_edits": True} if a.before_edits else {})})
     return body
 
 
@@ -254,6 +258,76 @@ def test_generate_is_the_same_through_both_doors(tok, name):
     assert got[-1].usage.completion_tokens == last.usage.completion_tokens == len(toks)
 
 
+# ---------------------------------------------------------------------------- activation reads
+
+
+def test_declared_sites_twin_where_the_sae_and_bank_edit():
+    cfg = load_sae_config(EMBEDDED / "saes" / SAE)  # blocks.1.hook_resid_post
+    assert SITES == DeclaredSites.of(("blocks.*.hook_resid_post",), 3, 256, 256,
+                                     edit_positions([cfg, BANK.config()]))
+
+
+def test_before_and_after_edits_reads_are_told_apart_through_both_doors(tok):
+    """One request reads block 1's output after and before edits (its twin, worker site
+    4) and block 2's before edits (no twin: its own site 2); the fake worker's rows say
+    which site each came from (``engines.act_rows``)."""
+    reads = [activation_read(HOOKS[1]), activation_read(HOOKS[1], before_edits=True),
+             activation_read(HOOKS[2], before_edits=True)]
+    req = build([5, 6, 7], max_tokens=3, activation_reads=reads)
+    core = make_core(tok)
+
+    async def calls(d):
+        want = [c async for c in await core.generate(convert.generate_request(req))]
+        got = [m async for m in d.stub.Generate(req)]
+        res = await d.http.post("/v1/completions", json={**_http_body(req), "stream": False})
+        enc = await d.stub.Encode(pb.EncodeRequest(inputs=[pb.Prompt(token_ids=pb.TokenIds(
+            ids=[5, 6, 7]))], activation_reads=reads))
+        return want, got, res, enc
+
+    want, got, res, enc = run(core, calls)
+    fed = list(range(3 + 3 - 1))
+    expect = {(HOOKS[1], False): 1, (HOOKS[1], True): 4, (HOOKS[2], True): 2}  # -> worker site
+    core_rows = {}
+    for c in want:
+        for a in c.activations:
+            core_rows.setdefault((a.hook, a.before_edits), []).append(a.values)
+    assert core_rows.keys() == expect.keys()
+    for key, site in expect.items():
+        np.testing.assert_array_equal(np.concatenate(core_rows[key]), act_rows(site, fed, 256))
+    # gRPC: the flag comes back on each entry; the client keeps the two apart
+    msgs = [a for m in got for a in m.activations]
+    after, after_pos = activations_of(msgs)
+    before, before_pos = activations_of(msgs, before_edits=True)
+    assert list(after) == [HOOKS[1]] and sorted(before) == [HOOKS[1], HOOKS[2]]
+    assert after_pos[HOOKS[1]] == before_pos[HOOKS[1]] == fed
+    np.testing.assert_array_equal(after[HOOKS[1]], act_rows(1, fed, 256))
+    np.testing.assert_array_equal(before[HOOKS[1]], act_rows(4, fed, 256))
+    np.testing.assert_array_equal(before[HOOKS[2]], act_rows(2, fed, 256))
+    # HTTP: one entry per read, "before_edits" on each
+    assert res.status_code == 200, res.text
+    entries = res.json()["choices"][0]["activations"]
+    assert [(e["hook"], e["before_edits"]) for e in entries] == list(expect)
+    for e, site in zip(entries, expect.values(), strict=True):
+        rows = np.frombuffer(base64.b64decode(e["data"]), "<f4").reshape(e["shape"])
+        np.testing.assert_array_equal(rows, act_rows(site, fed, 256))
+    # Encode: the same sites for the prompt's positions
+    (r,) = enc.results
+    assert [(a.hook, a.before_edits) for a in r.activations] == list(expect)
+    b, _ = activations_of(r.activations, before_edits=True)
+    np.testing.assert_array_equal(b[HOOKS[1]], act_rows(4, [0, 1, 2], 256))
+
+
+def test_model_info_names_the_hooks_with_edits(tok):
+    core = make_core(tok)
+
+    async def calls(d):
+        return await d.stub.GetModelInfo(pb.GetModelInfoRequest())
+
+    info = run(core, calls)
+    assert list(info.activation_hooks) == list(HOOKS)
+    assert list(info.activation_hooks_with_edits) == list(HOOKS[:2])
+
+
 # ---------------------------------------------------------------------------- refusals
 
 REFUSALS = [
@@ -273,6 +347,13 @@ REFUSALS = [
     ("max_tokens", build("x", max_tokens=300), Code.INVALID_ARGUMENT, "sampling.max_tokens"),
     ("undeclared activation hook", build("x", activation_reads=[
         activation_read("blocks.0.hook_resid_post"), activation_read("blocks.0.hook_mlp_out")]),
+     Code.INVALID_ARGUMENT, "activation_reads[1].hook"),
+    ("activation read both ways where nothing edits", build("x", activation_reads=[
+        activation_read(HOOKS[2]), activation_read(HOOKS[0], before_edits=True),
+        activation_read(HOOKS[2], before_edits=True)]),
+     Code.INVALID_ARGUMENT, "activation_reads[2].before_edits"),
+    ("activation read twice before edits", build("x", activation_reads=[
+        activation_read(HOOKS[1], before_edits=True), activation_read(HOOKS[1], before_edits=True)]),
      Code.INVALID_ARGUMENT, "activation_reads[1].hook"),
     ("activation positions cap", build("x", max_tokens=120, activation_reads=[
         activation_read("blocks.1.hook_resid_post")]),

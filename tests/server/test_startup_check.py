@@ -161,3 +161,33 @@ def test_activation_sites_must_be_on_every_rank_holding_their_block():
     reps[0]["runner_patched"] = False
     with pytest.raises(HookPlacementError, match="is not one sae_runtime patches"):
         check_hooks(reps, [], world_size=4, reads=True, act_sites=sites)
+
+
+def test_before_edits_twins_must_be_installed_as_their_own_sites():
+    sites = ["blocks.1.hook_resid_post", "blocks.3.hook_resid_pre"]  # blocks 1 and 2
+    blocks = (1, 2)
+
+    def with_sites(reps, twins=(1,)):
+        for r in reps:
+            r["act_sites"] = [{"site": i, "hook": h, "block": b, "width": 8,
+                               "before_edits": False}
+                              for i, (h, b) in enumerate(zip(sites, blocks, strict=True))
+                              if b in r["layers"]]
+            r["act_sites"] += [{"site": len(sites) + k, "hook": sites[j], "block": blocks[j],
+                                "width": 8, "before_edits": True}
+                               for k, j in enumerate(twins) if blocks[j] in r["layers"]]
+        return reps
+
+    kw = dict(world_size=4, reads=True, act_sites=sites, act_widths=(8, 8), act_twins=(1,))
+    check_hooks(with_sites(tp2_pp2()), EXPECTED, **kw)
+    # a worker built without the twin (an older config) refuses to serve
+    with pytest.raises(HookPlacementError, match=r"blocks.3.hook_resid_pre \(its before-edits "
+                                                 r"twin\) is not installed on worker tp 0/2"):
+        check_hooks(with_sites(tp2_pp2(), twins=()), EXPECTED, **kw)
+    # twins at other site ids than the server maps the reads to
+    with pytest.raises(HookPlacementError, match="is worker site 3 on .*, expected 2"):
+        check_hooks(with_sites(tp2_pp2(), twins=(0, 1)), EXPECTED, **{**kw, "act_twins": (1, 0)})
+    # a twin the server did not ask for
+    with pytest.raises(HookPlacementError, match="installed activation site 3 "
+                                                 r"\(blocks.3.hook_resid_pre\), which"):
+        check_hooks(with_sites(tp2_pp2(), twins=(0, 1)), EXPECTED, **{**kw, "act_twins": (0,)})

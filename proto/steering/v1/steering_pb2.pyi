@@ -510,7 +510,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model", "architecture", "num_layers", "hidden_size", "vocab_size", "max_model_len", "max_interventions", "dtype", "compiled", "max_read_top_k", "max_watch", "max_encode_inputs", "max_logprobs", "chat_template", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "distributed_executor_backend", "max_guardrails", "vectors", "inline_vector_layers", "max_inline_vectors", "device", "model_runner", "cudagraph_mode", "activation_hooks", "max_activation_reads", "max_activation_positions", "max_activation_bytes", "runtime_vector_layers", "max_runtime_vectors")
+    __slots__ = ("model", "architecture", "num_layers", "hidden_size", "vocab_size", "max_model_len", "max_interventions", "dtype", "compiled", "max_read_top_k", "max_watch", "max_encode_inputs", "max_logprobs", "chat_template", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "distributed_executor_backend", "max_guardrails", "vectors", "inline_vector_layers", "max_inline_vectors", "device", "model_runner", "cudagraph_mode", "activation_hooks", "max_activation_reads", "max_activation_positions", "max_activation_bytes", "activation_hooks_with_edits", "runtime_vector_layers", "max_runtime_vectors")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -540,6 +540,7 @@ class GetModelInfoResponse(_message.Message):
     MAX_ACTIVATION_READS_FIELD_NUMBER: _ClassVar[int]
     MAX_ACTIVATION_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_ACTIVATION_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_HOOKS_WITH_EDITS_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_VECTOR_LAYERS_FIELD_NUMBER: _ClassVar[int]
     MAX_RUNTIME_VECTORS_FIELD_NUMBER: _ClassVar[int]
     model: str
@@ -571,9 +572,10 @@ class GetModelInfoResponse(_message.Message):
     max_activation_reads: int
     max_activation_positions: int
     max_activation_bytes: int
+    activation_hooks_with_edits: _containers.RepeatedScalarFieldContainer[str]
     runtime_vector_layers: _containers.RepeatedScalarFieldContainer[int]
     max_runtime_vectors: int
-    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_interventions: _Optional[int] = ..., dtype: _Optional[str] = ..., compiled: _Optional[bool] = ..., max_read_top_k: _Optional[int] = ..., max_watch: _Optional[int] = ..., max_encode_inputs: _Optional[int] = ..., max_logprobs: _Optional[int] = ..., chat_template: _Optional[bool] = ..., tensor_parallel_size: _Optional[int] = ..., pipeline_parallel_size: _Optional[int] = ..., data_parallel_size: _Optional[int] = ..., distributed_executor_backend: _Optional[str] = ..., max_guardrails: _Optional[int] = ..., vectors: _Optional[_Iterable[_Union[VectorInfo, _Mapping]]] = ..., inline_vector_layers: _Optional[_Iterable[int]] = ..., max_inline_vectors: _Optional[int] = ..., device: _Optional[str] = ..., model_runner: _Optional[str] = ..., cudagraph_mode: _Optional[str] = ..., activation_hooks: _Optional[_Iterable[str]] = ..., max_activation_reads: _Optional[int] = ..., max_activation_positions: _Optional[int] = ..., max_activation_bytes: _Optional[int] = ..., runtime_vector_layers: _Optional[_Iterable[int]] = ..., max_runtime_vectors: _Optional[int] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_interventions: _Optional[int] = ..., dtype: _Optional[str] = ..., compiled: _Optional[bool] = ..., max_read_top_k: _Optional[int] = ..., max_watch: _Optional[int] = ..., max_encode_inputs: _Optional[int] = ..., max_logprobs: _Optional[int] = ..., chat_template: _Optional[bool] = ..., tensor_parallel_size: _Optional[int] = ..., pipeline_parallel_size: _Optional[int] = ..., data_parallel_size: _Optional[int] = ..., distributed_executor_backend: _Optional[str] = ..., max_guardrails: _Optional[int] = ..., vectors: _Optional[_Iterable[_Union[VectorInfo, _Mapping]]] = ..., inline_vector_layers: _Optional[_Iterable[int]] = ..., max_inline_vectors: _Optional[int] = ..., device: _Optional[str] = ..., model_runner: _Optional[str] = ..., cudagraph_mode: _Optional[str] = ..., activation_hooks: _Optional[_Iterable[str]] = ..., max_activation_reads: _Optional[int] = ..., max_activation_positions: _Optional[int] = ..., max_activation_bytes: _Optional[int] = ..., activation_hooks_with_edits: _Optional[_Iterable[str]] = ..., runtime_vector_layers: _Optional[_Iterable[int]] = ..., max_runtime_vectors: _Optional[int] = ...) -> None: ...
 
 class GetFeatureRequest(_message.Message):
     __slots__ = ("sae", "index")
@@ -671,32 +673,36 @@ class SearchFeaturesResponse(_message.Message):
     def __init__(self, features: _Optional[_Iterable[_Union[Feature, _Mapping]]] = ...) -> None: ...
 
 class ActivationRead(_message.Message):
-    __slots__ = ("hook", "positions", "pool", "dtype")
+    __slots__ = ("hook", "positions", "pool", "dtype", "before_edits")
     HOOK_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_EDITS_FIELD_NUMBER: _ClassVar[int]
     hook: str
     positions: PositionSelector
     pool: ActivationPool
     dtype: ActivationDtype
-    def __init__(self, hook: _Optional[str] = ..., positions: _Optional[_Union[PositionSelector, _Mapping]] = ..., pool: _Optional[_Union[ActivationPool, str]] = ..., dtype: _Optional[_Union[ActivationDtype, str]] = ...) -> None: ...
+    before_edits: bool
+    def __init__(self, hook: _Optional[str] = ..., positions: _Optional[_Union[PositionSelector, _Mapping]] = ..., pool: _Optional[_Union[ActivationPool, str]] = ..., dtype: _Optional[_Union[ActivationDtype, str]] = ..., before_edits: _Optional[bool] = ...) -> None: ...
 
 class Activations(_message.Message):
-    __slots__ = ("hook", "positions", "shape", "dtype", "data", "pool")
+    __slots__ = ("hook", "positions", "shape", "dtype", "data", "pool", "before_edits")
     HOOK_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_EDITS_FIELD_NUMBER: _ClassVar[int]
     hook: str
     positions: _containers.RepeatedScalarFieldContainer[int]
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: ActivationDtype
     data: bytes
     pool: ActivationPool
-    def __init__(self, hook: _Optional[str] = ..., positions: _Optional[_Iterable[int]] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[ActivationDtype, str]] = ..., data: _Optional[bytes] = ..., pool: _Optional[_Union[ActivationPool, str]] = ...) -> None: ...
+    before_edits: bool
+    def __init__(self, hook: _Optional[str] = ..., positions: _Optional[_Iterable[int]] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[ActivationDtype, str]] = ..., data: _Optional[bytes] = ..., pool: _Optional[_Union[ActivationPool, str]] = ..., before_edits: _Optional[bool] = ...) -> None: ...
 
 class LayerValues(_message.Message):
     __slots__ = ("layer", "values")
