@@ -25,6 +25,7 @@ the buffers are allocated once, at install, and nothing a request sends can over
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -32,6 +33,8 @@ import numpy as np
 import torch
 
 from sae_runtime.step.records import ActRecord
+
+log = logging.getLogger(__name__)
 
 
 class ActSite:
@@ -120,8 +123,15 @@ def plan_acts(sites: Sequence[ActSite | None], cols) -> list[ActSegment]:
             if b <= a:
                 continue
             m = site.n
-            # at most max_tokens rows in all: one read per site per request (module doc)
-            assert m + (b - a) <= site.max_tokens
+            # at most max_tokens rows in all: one read per site per request (module doc).
+            # Should a payload ever break that (server validation drift), its rows are
+            # dropped here with an error logged: an engine must not die for one request.
+            if m + (b - a) > site.max_tokens:
+                log.error("activation read %d of request %s: site %d has no room for %d more "
+                          "rows this step (%d of %d used); its rows are dropped (one read per "
+                          "site per request was not kept)", ap.index, plan.rid, ap.site,
+                          b - a, m, site.max_tokens)
+                continue
             site.rows_host[m: m + (b - a)] = np.arange(a, b)
             site.n = m + (b - a)
             out.append(ActSegment(plan.rid, ap.index, ap.site, m, b - a, pos0 + a - start))

@@ -299,3 +299,23 @@ def test_before_edits_refusals_name_the_field(reads, field, words):
         validate_reads(reads, TWINNED, max_reads=8)
     assert e.value.field == field
     assert words in str(e.value)
+
+
+def test_a_payload_reading_one_site_twice_loses_its_rows_not_the_engine(caplog):
+    """Validation keeps one read per worker site per request; a payload that breaks it
+    (drift) must not raise in the worker's step: the rows that do not fit are dropped, with
+    an error logged, and the other request's rows still come back."""
+    d, max_tokens = 4, 6
+    sites = [ActSite(d, max_tokens, torch.device("cpu"))]
+    names = DeclaredSites((), ("blocks.0.hook_resid_post",), (d,))
+    twice = RequestPayload(rid="x", acts=to_payload([ActivationRead("blocks.0.hook_resid_post")] * 2,
+                                                     names))
+    plan_x = compile_request(twice, 4)
+    plan_y = compile_request(RequestPayload(rid="y", acts=to_payload(
+        [ActivationRead("blocks.0.hook_resid_post")], names)), 2)
+    cols = StepColumns(["x", "y"], [plan_x, plan_y], np.array([0, 4]), np.array([4, 6]),
+                       np.array([0, 0]))
+    with caplog.at_level("ERROR"):
+        segs = plan_acts(sites, cols)
+    assert [(s.rid, s.index, s.n) for s in segs] == [("x", 0, 4), ("y", 0, 2)]
+    assert "no room" in caplog.text
