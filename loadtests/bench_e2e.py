@@ -20,7 +20,9 @@ it carries one idle activation-read op. ``sites0`` and ``sites30`` measure that 
 explicitly: plain traffic (no edits, no reads) on two more engines of ours, identical to the
 main one (same 4 SAEs) except that ``sites0`` declares no activation site and ``sites30``
 every layer's ``blocks.*.hook_resid_post``; all alive in the same block, interleaved with
-the rest. The JSON's ``act_sites_cost`` gives (sites0 - sites30) / plain (30 declared,
+the rest. Where an SAE edits a declared site (blocks 5, 10, 15, 25 here) the server adds a
+before-edits twin op there (``docs/api.md``), so ``sites30`` runs 34 idle ops a step and the
+main engine 2 (block 15's site and its twin). The JSON's ``act_sites_cost`` gives (sites0 - sites30) / plain (30 declared,
 unused sites; target < 0.02) and (sites0 - idle) / plain (the one site every other row
 carries).
 
