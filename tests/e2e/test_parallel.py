@@ -8,21 +8,29 @@ time (``--runtime-vectors 1``: written on every rank, or on the stage holding bl
 Under TP=2 the engine also serves a cross-layer transcoder over blocks 0..2 (``clt``, written
 with circuit-tracer's own classes; PP refuses CLTs at startup), checked against
 circuit-tracer's intervention and encode on HF.
+Every layout also declares raw activation sites (``ACT_HOOKS``, ``--activation-hooks``) on
+both PP stages, the head-sharded ``attn.hook_z`` (gathered over the TP group) among them,
+checked against plain forward hooks on the HF model (``HFReference.hidden``). The family
+model's pre-MLP norm weights are not ones (tests/fixtures/tiny.py), so ``ln2.hook_normalized``
+(read at the MLP input and divided by that weight) is checked with a real division.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import contextlib
+import itertools
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from clients.client import clamp, read, vector
+from clients.client import activation_read, clamp, collect, read, vector
 from sae_runtime.labels.hf_sites import site_activations
 from tests import clt_refs
 from tests.e2e.conftest import (
@@ -50,6 +58,16 @@ EXTRA = {"dp2", "ray_tp2"}
 PARAMS = [pytest.param(k, marks=pytest.mark.parallel_extra) if k in EXTRA else k for k in LAYOUTS]
 CLT = "clt"
 CLT_LAYOUTS = {"tp2", "ray_tp2"}  # the layouts that also serve the CLT (PP refuses it)
+# Raw activation sites of every layout (--activation-hooks). The 3 blocks split [0, 1] | [2]
+# under PP=2 (resid_pre of 2 is block 1's output: stage 0); z is head-sharded under TP=2.
+ACT_HOOKS = ("blocks.*.hook_resid_post,blocks.0.attn.hook_z,blocks.2.attn.hook_z,"
+             "blocks.2.hook_resid_pre,blocks.1.hook_attn_out,blocks.0.hook_mlp_out,"
+             "blocks.1.ln2.hook_normalized")
+HOOKS = [*(f"blocks.{L}.hook_resid_post" for L in range(LAYERS)), "blocks.0.attn.hook_z",
+         "blocks.2.attn.hook_z", "blocks.2.hook_resid_pre", "blocks.1.hook_attn_out",
+         "blocks.0.hook_mlp_out", "blocks.1.ln2.hook_normalized"]
+Z = ["blocks.0.attn.hook_z", "blocks.2.attn.hook_z"]
+ACT_TOL = 1e-4  # fp32, as tests/e2e/test_activations.py
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +91,9 @@ def layout(request, family_root, tmp_path_factory):
     admin.write_text(ADMIN_TOKEN + "\n")
     with ray_head(log_dir) if request.param == "ray_tp2" else contextlib.nullcontext():
         srv = start_server(model, served, log_dir, *LAYOUTS[request.param],
-                           "--runtime-vectors", "1", "--admin-tokens-file", str(admin))
+                           "--runtime-vectors", "1", "--admin-tokens-file", str(admin),
+                           "--activation-hooks", ACT_HOOKS,
+                           "--max-activation-reads", str(len(HOOKS)))  # one request reads all
         ref = HFReference(model, sae_dirs, SITES)
         yield request.param, srv, ref
         stop_server(srv)
@@ -186,7 +206,6 @@ def test_plain_requests_equal_plain_vllm_and_steering_is_per_request(layout, fam
     site = "z"  # the sharded site: a steered neighbour in the same batch must not leak
     feature = int(ref.latents(PROMPTS[0], site).sum(0).argmax())
     value = 10.0 * float(ref.activation(PROMPTS[0], site).norm(dim=-1).mean())
-    import concurrent.futures as cf
 
     def gen(prompt, ivs):
         with srv.client() as c:
@@ -267,3 +286,116 @@ def test_a_clt_under_tensor_parallel_is_circuit_tracers_intervention_and_encode(
         assert list(f.values) == pytest.approx(want.topk(5).values.tolist(), abs=1e-4)
         assert all(abs(float(want[i]) - v) <= 1e-4 for i, v in zip(f.indices, f.values, strict=True))
         assert list(f.watch_values) == pytest.approx(want[watch].tolist(), abs=1e-4)
+
+
+# ----------------------------------------------------------------- raw activation reads
+
+
+def _close(got: np.ndarray, want: torch.Tensor, what: str) -> None:
+    torch.testing.assert_close(torch.from_numpy(np.array(got, dtype=np.float32)),
+                               want.to(torch.float32), atol=ACT_TOL, rtol=0, msg=lambda m: f"{what}: {m}")
+
+
+def _generate(srv, prompt, **kw):
+    with srv.client() as c:
+        return c.generate_text(prompt, temperature=0.0, ignore_eos=True, **kw)
+
+
+def _stage_of(log: str, sae: str) -> str:
+    (line,) = [ln for ln in log.splitlines() if f"SAE {sae} installed on " in ln]
+    return line.split("dp/pp/tp: ")[1].split("/")[1]
+
+
+def test_model_info_lists_the_declared_activation_sites(layout):
+    kind, srv, ref = layout
+    with srv.client() as c:
+        info = c.model_info()
+    assert sorted(info.activation_hooks) == sorted(HOOKS), list(info.activation_hooks)
+    assert info.max_activation_reads == len(HOOKS)
+    if kind == "pp2":  # blocks 0, 1 on stage 0 and block 2 on stage 1: sites on both stages
+        log = srv.log.read_text()
+        assert (_stage_of(log, "resid"), _stage_of(log, "z")) == ("0", "1")
+
+
+def test_activation_reads_per_token_match_hf_on_every_stage(layout):
+    """Two prompts in one batch (the 77-token one chunked over two steps), every declared
+    site: each fed position once, in order, equal to HF's activations."""
+    _, srv, ref = layout
+    cfg = ref.model.config
+    # the division by the pre-MLP norm's weight is exercised: that weight is not ones
+    w = ref.model.model.layers[1].post_attention_layernorm.weight.detach()
+    assert float((w - 1).abs().max()) > 0.1
+    reads = [activation_read(h) for h in HOOKS]
+    with cf.ThreadPoolExecutor(len(PROMPTS)) as ex:
+        outs = list(ex.map(lambda p: _generate(srv, p, max_tokens=4, activation_reads=reads),
+                           PROMPTS))
+    for prompt, out in zip(PROMPTS, outs, strict=True):
+        full = prompt + out.token_ids
+        want = ref.hidden(full, HOOKS)
+        fed = list(range(len(full) - 1))  # the last generated token is never fed
+        assert sorted(out.activations) == sorted(HOOKS)
+        for h in HOOKS:
+            assert out.activation_positions[h] == fed, h
+            assert out.activations[h].shape == (len(fed), want[h].shape[-1]), h
+            _close(out.activations[h], want[h][:-1], h)
+        for h in Z:  # every head, gathered under TP
+            assert out.activations[h].shape[1] == cfg.num_attention_heads * cfg.head_dim == 128
+        np.testing.assert_array_equal(out.activations["blocks.2.hook_resid_pre"],
+                                      out.activations["blocks.1.hook_resid_post"])
+
+
+def test_z_gathers_the_reading_rows_beside_a_non_reader_and_after_edits(layout):
+    """A non-reading request runs first (its rows lead every batch), then three requests that
+    read z: plain, with a clamp at block 1's residual SAE (before both... no: after block 0,
+    before block 2's z), and with a clamp at block 2's z SAE itself. Under TP every rank
+    plans the reading rows and gathers their heads; each value equals HF's o_proj input with
+    the same edit as a forward hook."""
+    _, srv, ref = layout
+    prompt = PROMPTS[0]
+    edits = {}
+    for sid in ("resid", "z"):
+        feature = int(ref.latents(prompt, sid).sum(0).argmax())
+        value = 10.0 * float(ref.activation(prompt, sid).norm(dim=-1).mean())
+        edits[sid] = Edit(sid, feature, CLAMP, value)
+    z_reads = [activation_read(h) for h in Z]
+    with srv.client() as cb:
+        stream = cb.generate(PROMPTS[1], max_tokens=48, temperature=0.0, ignore_eos=True)
+        first = next(stream)  # the non-reader is running before the readers arrive
+        with cf.ThreadPoolExecutor(3) as ex:
+            futs = {name: ex.submit(_generate, srv, prompt, max_tokens=6, activation_reads=z_reads,
+                                    interventions=[clamp(e.sae, e.feature, e.value)] if e else [])
+                    for name, e in (("plain", None), ("resid", edits["resid"]),
+                                    ("z", edits["z"]))}
+            outs = {k: f.result() for k, f in futs.items()}
+        b = collect(itertools.chain([first], stream))
+    # the non-reader: no activations, and its tokens are HF's (no leak from the edits)
+    assert b.activations == {}
+    check_teacher_forced(ref.logits(PROMPTS[1] + b.token_ids, [], len(PROMPTS[1])),
+                         len(PROMPTS[1]), b.token_ids)
+    for name, out in outs.items():
+        full = prompt + out.token_ids
+        mine = [edits[name]] if name in edits else []
+        want = ref.hidden(full, Z, mine, len(prompt))
+        plain = ref.hidden(full, Z)
+        for h in Z:
+            assert out.activation_positions[h] == list(range(len(full) - 1)), (name, h)
+            assert out.activations[h].shape == (len(full) - 1, 128), (name, h)
+            _close(out.activations[h], want[h][:-1], f"{name} {h}")
+        # block 0 is before either edit; block 2's z is after both
+        _close(out.activations[Z[0]], plain[Z[0]][:-1], f"{name} {Z[0]} unedited")
+        if mine:
+            moved = float((want[Z[1]] - plain[Z[1]]).abs().max())
+            assert moved > 1e-2, f"the {name} clamp does not reach {Z[1]} ({moved})"
+
+
+def test_encode_pooled_mean_matches_hf(layout):
+    _, srv, ref = layout
+    with srv.client() as c:
+        res = c.encode_activations(PROMPTS, [activation_read(h, pool="mean") for h in HOOKS])
+    for prompt, r in zip(PROMPTS, res, strict=True):
+        assert r.token_ids == prompt
+        want = ref.hidden(prompt, HOOKS)
+        for h in HOOKS:
+            assert r.positions[h] == list(range(len(prompt))), h
+            assert r.activations[h].shape == (1, want[h].shape[-1]), h
+            _close(r.activations[h], want[h].mean(0, keepdim=True), h)
