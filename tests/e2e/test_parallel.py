@@ -346,10 +346,11 @@ def test_activation_reads_per_token_match_hf_on_every_stage(layout):
 
 def test_z_gathers_the_reading_rows_beside_a_non_reader_and_after_edits(layout):
     """A non-reading request runs first (its rows lead every batch), then three requests that
-    read z: plain, with a clamp at block 1's residual SAE (before both... no: after block 0,
-    before block 2's z), and with a clamp at block 2's z SAE itself. Under TP every rank
-    plans the reading rows and gathers their heads; each value equals HF's o_proj input with
-    the same edit as a forward hook."""
+    read z: plain, with a clamp at block 1's residual SAE (after block 0's z, before block
+    2's), and with a clamp at block 2's z SAE itself. Under TP every rank plans the reading
+    rows and gathers their heads; each value equals HF's o_proj input with the same edit as
+    a forward hook. Each also reads block 2's z before edits (its twin, gathered the same
+    way): the z clamp's own edit is left out there, the residual clamp's is kept."""
     _, srv, ref = layout
     prompt = PROMPTS[0]
     edits = {}
@@ -357,7 +358,7 @@ def test_z_gathers_the_reading_rows_beside_a_non_reader_and_after_edits(layout):
         feature = int(ref.latents(prompt, sid).sum(0).argmax())
         value = 10.0 * float(ref.activation(prompt, sid).norm(dim=-1).mean())
         edits[sid] = Edit(sid, feature, CLAMP, value)
-    z_reads = [activation_read(h) for h in Z]
+    z_reads = [*(activation_read(h) for h in Z), activation_read(Z[1], before_edits=True)]
     with srv.client() as cb:
         stream = cb.generate(PROMPTS[1], max_tokens=48, temperature=0.0, ignore_eos=True)
         first = next(stream)  # the non-reader is running before the readers arrive
@@ -383,6 +384,10 @@ def test_z_gathers_the_reading_rows_beside_a_non_reader_and_after_edits(layout):
             _close(out.activations[h], want[h][:-1], f"{name} {h}")
         # block 0 is before either edit; block 2's z is after both
         _close(out.activations[Z[0]], plain[Z[0]][:-1], f"{name} {Z[0]} unedited")
+        # before edits at block 2's z: every edit but one there (the z clamp's)
+        before = plain if name == "z" else want
+        assert out.activation_positions_before[Z[1]] == list(range(len(full) - 1)), name
+        _close(out.activations_before[Z[1]], before[Z[1]][:-1], f"{name} {Z[1]} before edits")
         if mine:
             moved = float((want[Z[1]] - plain[Z[1]]).abs().max())
             assert moved > 1e-2, f"the {name} clamp does not reach {Z[1]} ({moved})"
