@@ -429,9 +429,9 @@ def _activation_args(p) -> None:
                    help="return the raw activation at HOOK taken before this request's edits "
                         "at that site (still after its edits at earlier sites); repeatable, "
                         "and a HOOK may also be given to --activations (the server must edit "
-                        "there: steer info lists them as activation_hooks_with_edits); printed as HOOK@before, in "
-                        "--json with \"before_edits\": true; --activations-pool and "
-                        "--activations-dtype apply to these too")
+                        "there: steer info lists them as activation_hooks_with_edits); "
+                        "printed as HOOK@before, in --json with \"before_edits\": true; "
+                        "--activations-pool and --activations-dtype apply to these too")
     p.add_argument("--activations-pool", choices=sorted(ACT_POOLS), default="none",
                    help="one row pooled over the positions instead of one per position")
     p.add_argument("--activations-dtype", choices=sorted(ACT_DTYPES), default="f32",
@@ -447,24 +447,26 @@ def activation_reads_arg(args) -> list:
             for h in hooks]
 
 
+def _activation_entries(msgs):
+    """``(hook, before_edits, values [rows, d], positions)`` per read: the reads after
+    edits, then those before."""
+    for before in (False, True):
+        values, positions = activations_of(msgs, before_edits=before)
+        for h, v in values.items():
+            yield h, before, v, positions[h]
+
+
 def _activations_json(msgs) -> list[dict]:
     """``"activations"``: one entry per read, ``positions`` and ``values`` row by row; a
     ``--activations-before-edits`` read has ``"before_edits": true``."""
-    out = []
-    for before in (False, True):
-        values, positions = activations_of(msgs, before_edits=before)
-        out += [{"hook": h, "positions": positions[h], "values": v.tolist(),
-                 **({"before_edits": True} if before else {})} for h, v in values.items()]
-    return out
+    return [{"hook": h, "positions": pos, "values": v.tolist(),
+             **({"before_edits": True} if before else {})}
+            for h, before, v, pos in _activation_entries(msgs)]
 
 
 def _activation_lines(msgs) -> list[str]:
-    out = []
-    for before in (False, True):
-        values, positions = activations_of(msgs, before_edits=before)
-        out += [f"activations {h}{'@before' if before else ''}: {v.shape[0]} x {v.shape[1]} "
-                f"at positions {positions[h]}" for h, v in values.items()]
-    return out
+    return [f"activations {h}{'@before' if before else ''}: {v.shape[0]} x {v.shape[1]} "
+            f"at positions {pos}" for h, before, v, pos in _activation_entries(msgs)]
 
 
 class _LayerCondition(str):
